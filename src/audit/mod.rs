@@ -1,0 +1,198 @@
+//! The tamper-evident audit log. Every security-relevant action is appended
+//! with actor, action, target and outcome (never a secret: tokens are named by
+//! HMAC). Each entry holds the SHA-256 of the previous entry, and an HMAC of
+//! its own hash under the keyring's audit key, so editing, deleting or
+//! reordering a row breaks verification at that row.
+//!
+//! Appends go through one writer task that commits whatever has queued up in
+//! one transaction (group commit), so auditing does not cap throughput. The
+//! log fails closed: [`AuditLog::record`] returns only after the entry is
+//! committed, and callers perform their operation only if it succeeded.
+
+mod verify;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ring::digest;
+use tokio::sync::{mpsc, oneshot};
+
+pub use verify::{VerifyReport, verify_chain};
+
+use crate::crypto::{KeyringProvider, MacPurpose};
+use crate::domain::{Timestamp, VaultError};
+use crate::store::{AuditDraft, Store};
+
+/// The most entries committed in one group.
+const MAX_GROUP: usize = 512;
+
+/// Who performed an action, as the audit log names them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    /// The authenticated identity (SPIFFE id, DNS name, API key name, `system`).
+    pub identity: String,
+    /// The role the policy gave it.
+    pub role: String,
+}
+
+impl Actor {
+    /// The vault itself (background jobs, start-up).
+    pub fn system() -> Self {
+        Self {
+            identity: "tokenvault".to_owned(),
+            role: "system".to_owned(),
+        }
+    }
+
+    /// A local operator running an offline command (`tokenvault keys init`).
+    pub fn local_operator() -> Self {
+        let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+        Self {
+            identity: format!("local:{user}"),
+            role: "operator".to_owned(),
+        }
+    }
+}
+
+/// How an audited action ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// It happened.
+    Ok,
+    /// Authorization refused it.
+    Denied,
+    /// It was attempted and failed.
+    Failed,
+}
+
+impl Outcome {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Denied => "denied",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+struct Job {
+    draft: AuditDraft,
+    reply: oneshot::Sender<Result<i64, String>>,
+}
+
+/// Handle to the audit writer. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    jobs: mpsc::Sender<Job>,
+    fault: Arc<AtomicBool>,
+}
+
+impl AuditLog {
+    /// Starts the writer task on the current runtime.
+    pub fn start(store: Arc<dyn Store>, keyring: Arc<dyn KeyringProvider>) -> Self {
+        let (jobs, rx) = mpsc::channel(8 * MAX_GROUP);
+        let fault = Arc::new(AtomicBool::new(false));
+        tokio::spawn(writer(store, keyring, rx, fault.clone()));
+        Self { jobs, fault }
+    }
+
+    /// Appends an entry and waits until it is committed. An error means the
+    /// entry is not in the log, and the caller must not perform the action.
+    pub async fn record(
+        &self,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+        outcome: Outcome,
+        detail: impl Into<String>,
+    ) -> Result<i64, VaultError> {
+        let draft = AuditDraft {
+            at: Timestamp::now(),
+            actor: actor.identity.clone(),
+            role: actor.role.clone(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            outcome: outcome.as_str().to_owned(),
+            detail: detail.into(),
+        };
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job { draft, reply })
+            .await
+            .map_err(|_| VaultError::AuditUnavailable("audit writer stopped".to_owned()))?;
+        match rx.await {
+            Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(e)) => Err(VaultError::AuditUnavailable(e)),
+            Err(_) => Err(VaultError::AuditUnavailable(
+                "audit writer stopped".to_owned(),
+            )),
+        }
+    }
+
+    /// Fault injection for tests and drills: while set, every append fails as
+    /// if the database refused it.
+    pub fn inject_failure(&self, fail: bool) {
+        self.fault.store(fail, Ordering::SeqCst);
+    }
+}
+
+async fn writer(
+    store: Arc<dyn Store>,
+    keyring: Arc<dyn KeyringProvider>,
+    mut rx: mpsc::Receiver<Job>,
+    fault: Arc<AtomicBool>,
+) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_GROUP);
+    while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
+        let drafts: Vec<AuditDraft> = batch.iter().map(|j| j.draft.clone()).collect();
+        let result = if fault.load(Ordering::SeqCst) {
+            Err("injected audit failure".to_owned())
+        } else {
+            let sealer = |seq: i64, prev: &[u8], d: &AuditDraft| {
+                let hash = entry_hash(seq, prev, d);
+                let mac = keyring.mac(MacPurpose::AuditChain, &hash).to_vec();
+                (hash, mac)
+            };
+            store
+                .audit_append(&drafts, &sealer)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match result {
+            Ok(seqs) => {
+                for (job, seq) in batch.drain(..).zip(seqs) {
+                    let _ = job.reply.send(Ok(seq));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, entries = batch.len(), "audit append failed; operations refused");
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// The SHA-256 of an entry: an unambiguous (length-prefixed) encoding of its
+/// sequence number, the previous hash and every field.
+pub fn entry_hash(seq: i64, prev_hash: &[u8], d: &AuditDraft) -> Vec<u8> {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(b"tokenvault-audit-v1\0");
+    ctx.update(&seq.to_be_bytes());
+    ctx.update(&d.at.as_micros().to_be_bytes());
+    for field in [
+        prev_hash,
+        d.actor.as_bytes(),
+        d.role.as_bytes(),
+        d.action.as_bytes(),
+        d.target.as_bytes(),
+        d.outcome.as_bytes(),
+        d.detail.as_bytes(),
+    ] {
+        ctx.update(&(field.len() as u64).to_be_bytes());
+        ctx.update(field);
+    }
+    ctx.finish().as_ref().to_vec()
+}

@@ -1,0 +1,185 @@
+//! The command line: `tokenvault serve`, and the offline `tokenvault keys …`
+//! commands that need no running server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::audit::{Actor, Outcome};
+use crate::config::{Config, ConfigError, KeyringProviderKind};
+use crate::crypto::{KeyringProvider, LocalKeyring};
+use crate::grpc::Authenticator;
+use crate::vault::Vault;
+
+/// tokenvault: the Google OAuth token vault.
+#[derive(Debug, Parser)]
+#[command(name = "tokenvault", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the vault (gRPC and HTTP listeners) until SIGINT/SIGTERM.
+    Serve {
+        /// TOML configuration file; `TOKENVAULT_*` variables override it.
+        #[arg(long, env = "TOKENVAULT_CLI_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Offline key management.
+    Keys {
+        /// The key command.
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+/// `tokenvault keys …`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create the local keyring file (mode 0600) with key version 1.
+    Init {
+        /// TOML configuration file.
+        #[arg(long, env = "TOKENVAULT_CLI_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Generate an API key for an identity and print the config entry holding its hash.
+    NewApiKey {
+        /// The identity the key authenticates as (e.g. `crm-backend`).
+        identity: String,
+    },
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("tokenvault: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn load(config: Option<&std::path::Path>) -> Result<Config, String> {
+    Config::load(config).map_err(|e: ConfigError| e.to_string())
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve { config } => {
+            let config = load(config.as_deref())?;
+            config.prepare_data_dir().map_err(|e| e.to_string())?;
+            crate::telemetry::init(&config.log);
+            runtime()?.block_on(async {
+                first_start_keyring(&config).await?;
+                crate::server::serve(&config)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }
+        Command::Keys {
+            command: KeysCommand::Init { config },
+        } => {
+            let config = load(config.as_deref())?;
+            config.prepare_data_dir().map_err(|e| e.to_string())?;
+            crate::telemetry::init(&config.log);
+            runtime()?.block_on(keys_init(&config))
+        }
+        Command::Keys {
+            command: KeysCommand::NewApiKey { identity },
+        } => {
+            let key = crate::crypto::random_token(32).map_err(|e| e.to_string())?;
+            println!("API key for {identity} (shown once; give it to the caller):");
+            println!("  {}", key.expose());
+            println!();
+            println!("Add to the vault's configuration:");
+            println!("  [[auth.api_keys]]");
+            println!("  identity = {identity:?}");
+            println!(
+                "  sha256 = \"{}\"",
+                Authenticator::hash_api_key(key.expose())
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `tokenvault keys init`: creates the keyring, registers version 1 and
+/// audits the creation.
+async fn keys_init(config: &Config) -> Result<(), String> {
+    if config.keyring.provider != KeyringProviderKind::Local {
+        return Err(
+            "keys init creates a local keyring; keyring.provider is not \"local\"".to_owned(),
+        );
+    }
+    let path = config.keyring_path();
+    LocalKeyring::init(&path).map_err(|e| e.to_string())?;
+    let vault = Vault::open(config).await.map_err(|e| e.to_string())?;
+    vault
+        .audit()
+        .record(
+            &Actor::local_operator(),
+            "keys.init",
+            "kek:v1",
+            Outcome::Ok,
+            path.display().to_string(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    vault.shutdown().await;
+    println!(
+        "created keyring {} with key version v1 (mode 0600); back it up separately from the database",
+        path.display()
+    );
+    Ok(())
+}
+
+/// On the embedded default, the first start creates the local keyring — but
+/// only when the database has never seen a key, so that a lost keyring is
+/// reported instead of silently replaced.
+async fn first_start_keyring(config: &Config) -> Result<(), String> {
+    if config.keyring.provider != KeyringProviderKind::Local || config.keyring_path().exists() {
+        return Ok(());
+    }
+    let store = crate::store::open(&config.database_url())
+        .await
+        .map_err(|e| e.to_string())?;
+    let known = store.kek_list().await.map_err(|e| e.to_string())?;
+    store.close().await;
+    if !known.is_empty() {
+        return Err(format!(
+            "keyring.path: {} is missing, but the database uses {} key version(s); restore the keyring from its backup",
+            config.keyring_path().display(),
+            known.len()
+        ));
+    }
+    let keyring = LocalKeyring::init(config.keyring_path()).map_err(|e| e.to_string())?;
+    tracing::warn!(path = %config.keyring_path().display(), provider = keyring.kind(), "created a new local keyring on first start; back it up separately from the database");
+    let vault = Vault::open(config).await.map_err(|e| e.to_string())?;
+    vault
+        .audit()
+        .record(
+            &Actor::system(),
+            "keys.init",
+            "kek:v1",
+            Outcome::Ok,
+            "first start",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    vault.shutdown().await;
+    Ok(())
+}

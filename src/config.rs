@@ -1,0 +1,590 @@
+//! Configuration: a TOML file plus `TOKENVAULT_*` environment variables, with
+//! the flat names of the design contract for the settings every deployment
+//! touches (`grpc_addr`, `http_addr`, `data_dir`, `database_url`) and sections
+//! for the rest (`TOKENVAULT_<SECTION>__<KEY>`). Unknown keys are errors.
+//! Every error is one line naming the setting and what is wrong with it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// Environment variables with this prefix configure the server.
+pub const ENV_PREFIX: &str = "TOKENVAULT_";
+
+/// Environment variables with this prefix configure the command-line clients
+/// (`tokenvault admin`) and are ignored by the server configuration.
+pub const CLI_ENV_PREFIX: &str = "TOKENVAULT_CLI_";
+
+/// A configuration problem, rendered as one line naming the setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The setting (`grpc_addr`, `keyring.path`, `config file`).
+    pub setting: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(setting: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            setting: setting.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "configuration error: {}: {}", self.setting, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A secret configuration value: zeroized on drop, redacted in `Debug`, never
+/// serialised back out.
+#[derive(Clone, Default)]
+pub struct SecretValue(Zeroizing<String>);
+
+impl<'de> Deserialize<'de> for SecretValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| Self(Zeroizing::new(s)))
+    }
+}
+
+impl SecretValue {
+    /// The secret, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether a value was given.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "[redacted]"
+        })
+    }
+}
+
+impl Serialize for SecretValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "[redacted]" })
+    }
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address (OAuth callback, RISC, metrics, health).
+    pub http_addr: SocketAddr,
+    /// Directory for the SQLite file and the local keyring.
+    pub data_dir: PathBuf,
+    /// `sqlite:…` or `postgres://…`; default: SQLite in `data_dir`.
+    pub database_url: Option<String>,
+    /// Logging.
+    pub log: LogConfig,
+    /// Key-encryption keys.
+    pub keyring: KeyringConfig,
+    /// TLS for both listeners.
+    pub tls: TlsConfig,
+    /// Server behaviour.
+    pub server: ServerConfig,
+    /// Caller identities and roles.
+    pub auth: AuthConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./tokenvault-data"),
+            database_url: None,
+            log: LogConfig::default(),
+            keyring: KeyringConfig::default(),
+            tls: TlsConfig::default(),
+            server: ServerConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter directive (`info`, `tokenvault=debug,sqlx=warn`).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Which keyring provider holds the KEKs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyringProviderKind {
+    /// A keyring file (`tokenvault keys init`), mode 0600.
+    Local,
+    /// Key versions given base64 in environment variables.
+    Env,
+}
+
+/// `[keyring]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyringConfig {
+    /// `local` or `env`.
+    pub provider: KeyringProviderKind,
+    /// Local keyring file; default `<data_dir>/keyring.json`.
+    pub path: Option<PathBuf>,
+    /// Env provider: `1:BASE64,2:BASE64` (32-byte keys).
+    pub keys: SecretValue,
+    /// Env provider: the MAC root key, base64 of 32 bytes.
+    pub mac_key: SecretValue,
+    /// A KEK older than this many days as primary marks rotation overdue.
+    pub max_kek_age_days: u32,
+    /// DEKs rewrapped per transaction during rotation.
+    pub rotation_batch_size: u32,
+    /// Pause between rotation batches (milliseconds), to bound database load.
+    pub rotation_batch_pause_ms: u64,
+}
+
+impl Default for KeyringConfig {
+    fn default() -> Self {
+        Self {
+            provider: KeyringProviderKind::Local,
+            path: None,
+            keys: SecretValue::default(),
+            mac_key: SecretValue::default(),
+            max_kek_age_days: 30,
+            rotation_batch_size: 500,
+            rotation_batch_pause_ms: 0,
+        }
+    }
+}
+
+/// `[tls]`: server certificate, and client CAs for mTLS.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the server.
+    pub key_file: Option<PathBuf>,
+    /// PEM bundle of CAs whose client certificates are accepted (mTLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether a server certificate is configured.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() && self.key_file.is_some()
+    }
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// How long shutdown waits for in-flight calls.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_grace_seconds: 30,
+        }
+    }
+}
+
+/// `[auth]`: who may call, and in which role.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// API keys (accepted from loopback peers only), stored as SHA-256 hashes.
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Identity → role (`app`, `worker`, `admin`, `auditor`).
+    pub roles: std::collections::BTreeMap<String, String>,
+}
+
+/// One API key entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The identity the key authenticates as.
+    pub identity: String,
+    /// Lowercase hex SHA-256 of the key (`tokenvault keys hash-api-key`).
+    pub sha256: String,
+}
+
+impl Config {
+    /// Loads defaults, then the TOML file (if given), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Config::load`], with an explicit environment (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            std::fs::File::open(path).map_err(|e| {
+                ConfigError::new(
+                    "config file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(EnvProvider::new(env));
+        let config: Config = figment.extract().map_err(first_error)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The effective database URL.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("tokenvault.db").display()),
+        }
+    }
+
+    /// The effective local keyring path.
+    pub fn keyring_path(&self) -> PathBuf {
+        self.keyring
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keyring.json"))
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.database_url {
+            crate::store::validate_url(url).map_err(|p| ConfigError::new("database_url", p))?;
+        }
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "tls.key_file",
+                    "missing: tls.cert_file is set",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "tls.cert_file",
+                    "missing: tls.key_file is set",
+                ));
+            }
+            _ => {}
+        }
+        for (name, path) in [
+            ("tls.cert_file", &self.tls.cert_file),
+            ("tls.key_file", &self.tls.key_file),
+            ("tls.client_ca_file", &self.tls.client_ca_file),
+        ] {
+            if let Some(p) = path {
+                std::fs::File::open(p).map_err(|e| {
+                    ConfigError::new(name, format!("cannot read {}: {e}", p.display()))
+                })?;
+            }
+        }
+        if !self.tls.enabled() {
+            for (name, addr) in [("grpc_addr", self.grpc_addr), ("http_addr", self.http_addr)] {
+                if !addr.ip().is_loopback() {
+                    return Err(ConfigError::new(
+                        name,
+                        format!(
+                            "{addr} is not a loopback address; listening beyond loopback requires [tls] cert_file and key_file"
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.keyring.max_kek_age_days == 0 {
+            return Err(ConfigError::new(
+                "keyring.max_kek_age_days",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=10_000).contains(&self.keyring.rotation_batch_size) {
+            return Err(ConfigError::new(
+                "keyring.rotation_batch_size",
+                "must be 1..=10000",
+            ));
+        }
+        if self.keyring.provider == KeyringProviderKind::Env && self.keyring.keys.is_empty() {
+            return Err(ConfigError::new(
+                "keyring.keys",
+                "required with provider = \"env\" (set TOKENVAULT_KEYRING__KEYS)",
+            ));
+        }
+        for (i, key) in self.auth.api_keys.iter().enumerate() {
+            if key.sha256.len() != 64 || hex::decode(&key.sha256).is_err() {
+                return Err(ConfigError::new(
+                    format!("auth.api_keys[{i}].sha256"),
+                    "must be 64 hex digits (the SHA-256 of the key)",
+                ));
+            }
+        }
+        for (identity, role) in &self.auth.roles {
+            if !matches!(role.as_str(), "app" | "worker" | "admin" | "auditor") {
+                return Err(ConfigError::new(
+                    format!("auth.roles.\"{identity}\""),
+                    format!("unknown role {role:?}; expected app, worker, admin or auditor"),
+                ));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::new("log.level", format!("not a valid filter ({e})")))?;
+        Ok(())
+    }
+
+    /// Creates `data_dir` (mode 0700) if needed and checks it is writable.
+    pub fn prepare_data_dir(&self) -> Result<(), ConfigError> {
+        let dir = &self.data_dir;
+        let err = |e: std::io::Error| {
+            ConfigError::new("data_dir", format!("cannot use {}: {e}", dir.display()))
+        };
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode_private()
+                .create(dir)
+                .map_err(err)?;
+        }
+        let probe = dir.join(".write-probe");
+        std::fs::write(&probe, b"").map_err(err)?;
+        std::fs::remove_file(&probe).map_err(err)?;
+        Ok(())
+    }
+}
+
+/// Sets mode 0700 on directories the vault creates.
+trait PrivateDir {
+    fn mode_private(&mut self) -> &mut Self;
+}
+
+impl PrivateDir for std::fs::DirBuilder {
+    fn mode_private(&mut self) -> &mut Self {
+        use std::os::unix::fs::DirBuilderExt;
+        self.mode(0o700)
+    }
+}
+
+/// Renders the first figment error as one line naming the setting.
+fn first_error(err: figment::Error) -> ConfigError {
+    let err = err
+        .into_iter()
+        .next()
+        .expect("a figment error holds at least one error");
+    let mut setting = err.path.join(".");
+    let problem = match &err.kind {
+        figment::error::Kind::UnknownField(field, _) => {
+            // figment's path already ends with the unknown key when it has one.
+            if !setting.ends_with(field.as_str()) {
+                setting = if setting.is_empty() {
+                    field.clone()
+                } else {
+                    format!("{setting}.{field}")
+                };
+            }
+            "unknown setting".to_owned()
+        }
+        kind => kind.to_string(),
+    };
+    let source = err
+        .metadata
+        .as_ref()
+        .map(|m| format!(" (from {})", m.name))
+        .unwrap_or_default();
+    if setting.is_empty() {
+        setting = "config".to_owned();
+    }
+    ConfigError::new(setting, format!("{problem}{source}"))
+}
+
+/// The `TOKENVAULT_*` variables as a figment provider: `TOKENVAULT_GRPC_ADDR`
+/// sets `grpc_addr`, `TOKENVAULT_KEYRING__PATH` sets `keyring.path`.
+struct EnvProvider {
+    vars: Vec<(String, String)>,
+}
+
+impl EnvProvider {
+    fn new(env: impl IntoIterator<Item = (String, String)>) -> Self {
+        let vars = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !k.starts_with(CLI_ENV_PREFIX))
+            .collect();
+        Self { vars }
+    }
+}
+
+impl Provider for EnvProvider {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("TOKENVAULT_* environment variables")
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut root = Dict::new();
+        for (key, raw) in &self.vars {
+            let path: Vec<String> = key[ENV_PREFIX.len()..]
+                .split("__")
+                .map(str::to_ascii_lowercase)
+                .collect();
+            let value: Value = raw.parse().unwrap_or_else(|_| Value::from(raw.clone()));
+            insert_path(&mut root, &path, value);
+        }
+        Ok(Profile::Default.collect(root))
+    }
+}
+
+fn insert_path(dict: &mut Dict, path: &[String], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = dict
+                .entry(first.clone())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, inner) = entry {
+                insert_path(inner, rest, value);
+            } else {
+                let mut inner = Dict::new();
+                insert_path(&mut inner, rest, value);
+                *entry = Value::from(inner);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn load_toml(toml: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenvault.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load_from(Some(&path), env(vars))
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_loopback_setup() {
+        let c = Config::load_from(None, env(&[])).unwrap();
+        assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.database_url(), "sqlite://./tokenvault-data/tokenvault.db");
+        assert_eq!(
+            c.keyring_path(),
+            PathBuf::from("./tokenvault-data/keyring.json")
+        );
+    }
+
+    #[test]
+    fn environment_overrides_file_with_flat_and_sectioned_names() {
+        let c = load_toml(
+            "grpc_addr = \"127.0.0.1:1\"\n[keyring]\nmax_kek_age_days = 10\n",
+            &[
+                ("TOKENVAULT_GRPC_ADDR", "127.0.0.1:2"),
+                ("TOKENVAULT_KEYRING__ROTATION_BATCH_SIZE", "64"),
+                ("TOKENVAULT_CLI_ENDPOINT", "ignored by the server"),
+                ("OTHER", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.grpc_addr.port(), 2);
+        assert_eq!(c.keyring.max_kek_age_days, 10);
+        assert_eq!(c.keyring.rotation_batch_size, 64);
+    }
+
+    #[test]
+    fn unknown_keys_are_one_line_errors_naming_the_setting() {
+        let e = load_toml("[keyring]\nrotaton_batch_size = 3\n", &[]).unwrap_err();
+        assert_eq!(e.setting, "keyring.rotaton_batch_size", "{e}");
+        let e = load_toml("", &[("TOKENVAULT_GRPC_ADRR", "127.0.0.1:1")]).unwrap_err();
+        assert_eq!(e.setting, "grpc_adrr", "{e}");
+        assert!(!e.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn bad_values_name_their_setting() {
+        let e = load_toml("database_url = \"mysql://x\"\n", &[]).unwrap_err();
+        assert_eq!(e.setting, "database_url");
+        let e = load_toml("grpc_addr = \"not an address\"\n", &[]).unwrap_err();
+        assert_eq!(e.setting, "grpc_addr", "{e}");
+        let e = load_toml("grpc_addr = \"0.0.0.0:50051\"\n", &[]).unwrap_err();
+        assert_eq!(e.setting, "grpc_addr");
+        assert!(e.problem.contains("loopback"), "{e}");
+        let e = Config::load_from(Some(Path::new("/nonexistent/tv.toml")), env(&[])).unwrap_err();
+        assert_eq!(e.setting, "config file");
+    }
+
+    #[test]
+    fn the_sample_configuration_is_valid_and_lists_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tokenvault.example.toml");
+        let sample = Config::load_from(Some(&path), env(&[])).unwrap();
+        let defaults = Config::default();
+        assert_eq!(format!("{sample:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let c = Config::load_from(
+            None,
+            env(&[("TOKENVAULT_KEYRING__MAC_KEY", "c2VjcmV0LW1hYy1rZXk=")]),
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("c2VjcmV0"));
+        assert_eq!(c.keyring.mac_key.expose(), "c2VjcmV0LW1hYy1rZXk=");
+    }
+}

@@ -1,0 +1,112 @@
+//! The one transport-agnostic error type of the vault. Transports convert it
+//! in exactly one place each (`grpc::status`, `http`), which decides what the
+//! caller may see. No variant ever carries token, key or secret bytes.
+
+use std::borrow::Cow;
+
+use crate::crypto::CryptoError;
+
+/// Everything that can go wrong in a vault operation.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// The caller sent a value that does not parse; nothing was changed.
+    #[error("invalid {field}: {message}")]
+    InvalidArgument {
+        /// The request field, as named in the API.
+        field: &'static str,
+        /// What is wrong with it.
+        message: Cow<'static, str>,
+    },
+
+    /// The named object does not exist (or the caller may not know it does).
+    #[error("{what} {id} not found")]
+    NotFound {
+        /// The kind of object.
+        what: &'static str,
+        /// Its identifier as the caller gave it.
+        id: String,
+    },
+
+    /// The request is well-formed but the object's state does not allow it
+    /// (a destroyed key, a connection that is not active, a rotation running).
+    #[error("{0}")]
+    FailedPrecondition(Cow<'static, str>),
+
+    /// The caller presented no usable identity.
+    #[error("{0}")]
+    Unauthenticated(Cow<'static, str>),
+
+    /// The caller's identity is not granted this operation by the policy.
+    #[error("{0}")]
+    PermissionDenied(Cow<'static, str>),
+
+    /// A dependency (database, keyring, Google) cannot be reached right now;
+    /// retrying later may succeed.
+    #[error("{0}")]
+    Unavailable(Cow<'static, str>),
+
+    /// The audit entry could not be written, so the operation was not performed.
+    #[error("audit log unavailable, operation not performed: {0}")]
+    AuditUnavailable(String),
+
+    /// Sealed data or a wrapped key failed to open. Never carries the bytes.
+    #[error("stored secret could not be decrypted: {0}")]
+    Crypto(#[from] CryptoError),
+
+    /// The RPC is part of the contract but this build does not serve it yet.
+    #[error("{0} is not implemented by this server")]
+    Unimplemented(&'static str),
+
+    /// A storage failure that is not a dependency outage (constraint, decode).
+    #[error("storage error: {0}")]
+    Storage(String),
+
+    /// A broken invariant inside the vault.
+    #[error("internal error: {0}")]
+    Internal(Cow<'static, str>),
+}
+
+impl VaultError {
+    /// Shorthand for an invalid-argument error naming its field.
+    pub fn invalid(field: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::InvalidArgument {
+            field,
+            message: message.into(),
+        }
+    }
+
+    /// Shorthand for a not-found error.
+    pub fn not_found(what: &'static str, id: impl std::fmt::Display) -> Self {
+        Self::NotFound {
+            what,
+            id: id.to_string(),
+        }
+    }
+
+    /// Shorthand for a failed precondition.
+    pub fn precondition(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::FailedPrecondition(message.into())
+    }
+}
+
+impl From<sqlx::Error> for VaultError {
+    fn from(err: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match &err {
+            E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Tls(_) => {
+                Self::Unavailable(format!("database unavailable: {err}").into())
+            }
+            E::Database(db) => {
+                // Connection-level failures surface as database errors on Postgres
+                // (57P01 admin shutdown, 57P03 cannot connect now, 08xxx).
+                let code = db.code().unwrap_or_default();
+                if code.starts_with("08") || code.starts_with("57P") || code == "53300" {
+                    Self::Unavailable(format!("database unavailable: {}", db.message()).into())
+                } else {
+                    Self::Storage(db.message().to_owned())
+                }
+            }
+            _ => Self::Storage(err.to_string()),
+        }
+    }
+}

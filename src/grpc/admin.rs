@@ -1,0 +1,337 @@
+//! `tokenvault.v1.AdminService` (roles admin and auditor). Every call is
+//! audited; auditors may only read.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::Context;
+use super::auth::{Caller, Role};
+use super::convert::{self, PageToken};
+use crate::audit::{Outcome, verify_chain};
+use crate::crypto::KekVersion;
+use crate::domain::{AccountId, ConnectionId, TenantId, VaultError};
+use crate::proto::v1 as pb;
+use crate::store::{AuditFilter, ConnectionFilter};
+
+pub(super) struct Admin(pub Arc<Context>);
+
+const READERS: &[Role] = &[Role::Admin, Role::Auditor];
+const ADMIN: &[Role] = &[Role::Admin];
+
+impl Admin {
+    /// Authorizes, then records the call itself in the audit log (fail-closed).
+    async fn begin<T>(
+        &self,
+        request: &Request<T>,
+        rpc: &'static str,
+        roles: &[Role],
+        target: &str,
+    ) -> Result<Caller, Status> {
+        let caller = self
+            .0
+            .auth
+            .authorize(&self.0.vault, request, rpc, roles)
+            .await?;
+        self.0
+            .vault
+            .audit()
+            .record(&caller.actor(), "admin.call", target, Outcome::Ok, rpc)
+            .await?;
+        Ok(caller)
+    }
+}
+
+fn kek_version(v: u32) -> Result<KekVersion, VaultError> {
+    KekVersion::new(v).ok_or_else(|| VaultError::invalid("version", "must be at least 1"))
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for Admin {
+    async fn list_connections(
+        &self,
+        request: Request<pb::AdminListConnectionsRequest>,
+    ) -> Result<Response<pb::AdminListConnectionsResponse>, Status> {
+        self.begin(
+            &request,
+            "AdminService.ListConnections",
+            READERS,
+            "connections",
+        )
+        .await?;
+        let req = request.get_ref();
+        let filter = ConnectionFilter {
+            tenant: req.tenant_id.as_deref().map(TenantId::parse).transpose()?,
+            account: req
+                .account_id
+                .as_deref()
+                .map(AccountId::parse)
+                .transpose()?,
+            integration: req.integration.map(convert::integration).transpose()?,
+            include_deleted: req.include_deleted || req.status.is_some(),
+        };
+        let status = req.status.map(convert::connection_status).transpose()?;
+        let key = format!("{filter:?}{status:?}{:?}", req.google_subject);
+        let page = PageToken::request(req.page_size, &req.page_token, &key)?;
+        let records = self.0.vault.store().connection_list(&filter, &page).await?;
+        let next = PageToken::next(
+            &page,
+            records.len(),
+            records.last().map(|c| c.id.as_str()),
+            &key,
+        );
+        let mut out = Vec::with_capacity(records.len());
+        for c in records.iter().filter(|c| {
+            status.is_none_or(|s| c.status == s)
+                && req
+                    .google_subject
+                    .as_deref()
+                    .is_none_or(|g| c.google_subject.as_deref() == Some(g))
+        }) {
+            let secrets = self.0.vault.store().secrets_get(&c.id).await?;
+            out.push(pb::ConnectionDetail {
+                connection: Some(convert::connection(
+                    c,
+                    secrets.as_ref().and_then(|s| s.access_expires_at),
+                )),
+                kek_version: secrets.as_ref().map_or(0, |s| s.kek_version.get()),
+                has_refresh_token: secrets.as_ref().is_some_and(|s| s.refresh_token.is_some()),
+                open_leases: 0,
+            });
+        }
+        Ok(Response::new(pb::AdminListConnectionsResponse {
+            connections: out,
+            next_page_token: next,
+        }))
+    }
+
+    async fn get_connection(
+        &self,
+        request: Request<pb::GetConnectionRequest>,
+    ) -> Result<Response<pb::ConnectionDetail>, Status> {
+        let target = request.get_ref().connection_id.clone();
+        self.begin(&request, "AdminService.GetConnection", READERS, &target)
+            .await?;
+        let id = ConnectionId::parse(&target)?;
+        let c = self.0.vault.connection_get(&id).await?;
+        let secrets = self.0.vault.store().secrets_get(&id).await?;
+        Ok(Response::new(pb::ConnectionDetail {
+            connection: Some(convert::connection(
+                &c,
+                secrets.as_ref().and_then(|s| s.access_expires_at),
+            )),
+            kek_version: secrets.as_ref().map_or(0, |s| s.kek_version.get()),
+            has_refresh_token: secrets.as_ref().is_some_and(|s| s.refresh_token.is_some()),
+            open_leases: 0,
+        }))
+    }
+
+    async fn revoke_connection(
+        &self,
+        request: Request<pb::RevokeConnectionRequest>,
+    ) -> Result<Response<pb::DeletionReceipt>, Status> {
+        let rpc = "AdminService.RevokeConnection";
+        self.0
+            .auth
+            .authorize(&self.0.vault, &request, rpc, ADMIN)
+            .await?;
+        Err(VaultError::Unimplemented(rpc).into())
+    }
+
+    async fn delete_account(
+        &self,
+        request: Request<pb::DeleteAccountRequest>,
+    ) -> Result<Response<pb::DeletionReceipt>, Status> {
+        let rpc = "AdminService.DeleteAccount";
+        self.0
+            .auth
+            .authorize(&self.0.vault, &request, rpc, ADMIN)
+            .await?;
+        Err(VaultError::Unimplemented(rpc).into())
+    }
+
+    async fn get_deletion_receipt(
+        &self,
+        request: Request<pb::GetDeletionReceiptRequest>,
+    ) -> Result<Response<pb::DeletionReceipt>, Status> {
+        let rpc = "AdminService.GetDeletionReceipt";
+        self.0
+            .auth
+            .authorize(&self.0.vault, &request, rpc, READERS)
+            .await?;
+        Err(VaultError::Unimplemented(rpc).into())
+    }
+
+    async fn list_deletion_receipts(
+        &self,
+        request: Request<pb::ListDeletionReceiptsRequest>,
+    ) -> Result<Response<pb::ListDeletionReceiptsResponse>, Status> {
+        let rpc = "AdminService.ListDeletionReceipts";
+        self.0
+            .auth
+            .authorize(&self.0.vault, &request, rpc, READERS)
+            .await?;
+        Err(VaultError::Unimplemented(rpc).into())
+    }
+
+    async fn key_status(
+        &self,
+        request: Request<pb::KeyStatusRequest>,
+    ) -> Result<Response<pb::KeyStatusResponse>, Status> {
+        self.begin(&request, "AdminService.KeyStatus", READERS, "keys")
+            .await?;
+        let status = self.0.vault.keys().status().await?;
+        Ok(Response::new(convert::key_status(&status)))
+    }
+
+    async fn rotate_keys(
+        &self,
+        request: Request<pb::RotateKeysRequest>,
+    ) -> Result<Response<pb::RotationProgress>, Status> {
+        let caller = self
+            .begin(&request, "AdminService.RotateKeys", ADMIN, "keys")
+            .await?;
+        let run = self.0.vault.keys().rotate(&caller.actor()).await?;
+        Ok(Response::new(convert::rotation(&run)))
+    }
+
+    async fn retire_key(
+        &self,
+        request: Request<pb::RetireKeyRequest>,
+    ) -> Result<Response<pb::KeyVersionInfo>, Status> {
+        let version = kek_version(request.get_ref().version)?;
+        let caller = self
+            .begin(
+                &request,
+                "AdminService.RetireKey",
+                ADMIN,
+                &format!("kek:{version}"),
+            )
+            .await?;
+        self.0.vault.keys().retire(version, &caller.actor()).await?;
+        let status = self.0.vault.keys().status().await?;
+        let info = status
+            .versions
+            .iter()
+            .find(|v| v.record.version == version)
+            .ok_or_else(|| VaultError::not_found("key version", version))?;
+        Ok(Response::new(convert::key_version(info)))
+    }
+
+    async fn destroy_key(
+        &self,
+        request: Request<pb::DestroyKeyRequest>,
+    ) -> Result<Response<pb::KeyVersionInfo>, Status> {
+        let version = kek_version(request.get_ref().version)?;
+        let caller = self
+            .begin(
+                &request,
+                "AdminService.DestroyKey",
+                ADMIN,
+                &format!("kek:{version}"),
+            )
+            .await?;
+        self.0
+            .vault
+            .keys()
+            .destroy(version, &caller.actor())
+            .await?;
+        let status = self.0.vault.keys().status().await?;
+        let info = status
+            .versions
+            .iter()
+            .find(|v| v.record.version == version)
+            .ok_or_else(|| VaultError::not_found("key version", version))?;
+        Ok(Response::new(convert::key_version(info)))
+    }
+
+    async fn key_report(
+        &self,
+        request: Request<pb::KeyReportRequest>,
+    ) -> Result<Response<pb::KeyReportResponse>, Status> {
+        self.begin(&request, "AdminService.KeyReport", READERS, "keys")
+            .await?;
+        let status = self.0.vault.keys().status().await?;
+        Ok(Response::new(convert::key_report(&status)))
+    }
+
+    async fn query_audit(
+        &self,
+        request: Request<pb::QueryAuditRequest>,
+    ) -> Result<Response<pb::QueryAuditResponse>, Status> {
+        self.begin(&request, "AdminService.QueryAudit", READERS, "audit")
+            .await?;
+        let req = request.get_ref();
+        let outcome = match req.outcome.map(pb::AuditOutcome::try_from) {
+            None => None,
+            Some(Ok(pb::AuditOutcome::Success)) => Some("ok".to_owned()),
+            Some(Ok(pb::AuditOutcome::Denied)) => Some("denied".to_owned()),
+            Some(Ok(pb::AuditOutcome::Failure)) => Some("failed".to_owned()),
+            Some(_) => return Err(VaultError::invalid("outcome", "unknown or unspecified").into()),
+        };
+        let mut filter = AuditFilter {
+            actor: req.actor.clone(),
+            action_prefix: req.action.clone(),
+            target: req.target.clone(),
+            since: req.since.as_ref().map(convert::from_ts),
+            until: req.until.as_ref().map(convert::from_ts),
+            outcome,
+            before_seq: None,
+            after_seq: req.after_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX)),
+            ascending: !req.newest_first,
+        };
+        let key = format!("{filter:?}");
+        let page = PageToken::request(req.page_size, &req.page_token, &key)?;
+        if let Some(after) = &page.after {
+            let seq: i64 = after
+                .parse()
+                .map_err(|_| VaultError::invalid("page_token", "malformed"))?;
+            if filter.ascending {
+                filter.after_seq = Some(filter.after_seq.map_or(seq, |a| a.max(seq)));
+            } else {
+                filter.before_seq = Some(seq);
+            }
+        }
+        let rows = self
+            .0
+            .vault
+            .store()
+            .audit_query(&filter, page.limit)
+            .await?;
+        let (last_seq, _) = self.0.vault.store().audit_head().await?;
+        let last = rows.last().map(|r| r.seq.to_string());
+        Ok(Response::new(pb::QueryAuditResponse {
+            entries: rows.iter().map(convert::audit_entry).collect(),
+            next_page_token: PageToken::next(&page, rows.len(), last.as_deref(), &key),
+            last_seq: u64::try_from(last_seq).unwrap_or(0),
+        }))
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        self.begin(&request, "AdminService.VerifyAudit", READERS, "audit")
+            .await?;
+        let req = request.get_ref();
+        let from = req
+            .from_seq
+            .map_or(1, |s| i64::try_from(s).unwrap_or(i64::MAX));
+        let to = req.to_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+        let vault = &self.0.vault;
+        let report =
+            verify_chain(vault.store().as_ref(), vault.keyring().as_ref(), from, to).await?;
+        let (head, _) = vault.store().audit_head().await?;
+        Ok(Response::new(pb::VerifyAuditResponse {
+            ok: report.ok(),
+            entries_checked: report.entries_checked,
+            first_broken_seq: report
+                .first_broken_seq
+                .map(|s| u64::try_from(s).unwrap_or(0)),
+            detail: report.detail,
+            from_seq: u64::try_from(from.max(1)).unwrap_or(0),
+            to_seq: u64::try_from(to.unwrap_or(head).min(head)).unwrap_or(0),
+            checkpoints_verified: 0,
+        }))
+    }
+}

@@ -1,0 +1,138 @@
+//! `tokenvault.v1.ConnectionService` (role app).
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::Context;
+use super::auth::Role;
+use super::convert::{self, PageToken};
+use crate::domain::{AccountId, ConnectionId, TenantId, VaultError};
+use crate::proto::v1 as pb;
+use crate::store::ConnectionFilter;
+
+pub(super) struct Connections(pub Arc<Context>);
+
+const APP: &[Role] = &[Role::App];
+
+#[tonic::async_trait]
+impl pb::connection_service_server::ConnectionService for Connections {
+    async fn begin_authorization(
+        &self,
+        request: Request<pb::BeginAuthorizationRequest>,
+    ) -> Result<Response<pb::BeginAuthorizationResponse>, Status> {
+        let rpc = "ConnectionService.BeginAuthorization";
+        self.0
+            .auth
+            .authorize(&self.0.vault, &request, rpc, APP)
+            .await?;
+        Err(VaultError::Unimplemented(rpc).into())
+    }
+
+    async fn complete_authorization(
+        &self,
+        request: Request<pb::CompleteAuthorizationRequest>,
+    ) -> Result<Response<pb::Connection>, Status> {
+        let rpc = "ConnectionService.CompleteAuthorization";
+        self.0
+            .auth
+            .authorize(&self.0.vault, &request, rpc, APP)
+            .await?;
+        Err(VaultError::Unimplemented(rpc).into())
+    }
+
+    async fn get_connection(
+        &self,
+        request: Request<pb::GetConnectionRequest>,
+    ) -> Result<Response<pb::Connection>, Status> {
+        let rpc = "ConnectionService.GetConnection";
+        self.0
+            .auth
+            .authorize(&self.0.vault, &request, rpc, APP)
+            .await?;
+        let id = ConnectionId::parse(&request.get_ref().connection_id)?;
+        let record = self.0.vault.connection_get(&id).await?;
+        let expires = self
+            .0
+            .vault
+            .store()
+            .secrets_get(&id)
+            .await?
+            .and_then(|s| s.access_expires_at);
+        Ok(Response::new(convert::connection(&record, expires)))
+    }
+
+    async fn list_connections(
+        &self,
+        request: Request<pb::ListConnectionsRequest>,
+    ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
+        let rpc = "ConnectionService.ListConnections";
+        self.0
+            .auth
+            .authorize(&self.0.vault, &request, rpc, APP)
+            .await?;
+        let req = request.get_ref();
+        let filter = ConnectionFilter {
+            tenant: Some(TenantId::parse(&req.tenant_id)?),
+            account: req
+                .account_id
+                .as_deref()
+                .map(AccountId::parse)
+                .transpose()?,
+            integration: req.integration.map(convert::integration).transpose()?,
+            include_deleted: req.include_deleted,
+        };
+        let key = format!("{filter:?}");
+        let page = PageToken::request(req.page_size, &req.page_token, &key)?;
+        let records = self.0.vault.store().connection_list(&filter, &page).await?;
+        let next = PageToken::next(
+            &page,
+            records.len(),
+            records.last().map(|c| c.id.as_str()),
+            &key,
+        );
+        Ok(Response::new(pb::ListConnectionsResponse {
+            connections: records
+                .iter()
+                .map(|c| convert::connection(c, None))
+                .collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn disconnect(
+        &self,
+        request: Request<pb::DisconnectRequest>,
+    ) -> Result<Response<pb::DeletionReceipt>, Status> {
+        let rpc = "ConnectionService.Disconnect";
+        self.0
+            .auth
+            .authorize(&self.0.vault, &request, rpc, APP)
+            .await?;
+        Err(VaultError::Unimplemented(rpc).into())
+    }
+
+    async fn delete_account(
+        &self,
+        request: Request<pb::DeleteAccountRequest>,
+    ) -> Result<Response<pb::DeletionReceipt>, Status> {
+        let rpc = "ConnectionService.DeleteAccount";
+        self.0
+            .auth
+            .authorize(&self.0.vault, &request, rpc, APP)
+            .await?;
+        Err(VaultError::Unimplemented(rpc).into())
+    }
+
+    async fn get_deletion_receipt(
+        &self,
+        request: Request<pb::GetDeletionReceiptRequest>,
+    ) -> Result<Response<pb::DeletionReceipt>, Status> {
+        let rpc = "ConnectionService.GetDeletionReceipt";
+        self.0
+            .auth
+            .authorize(&self.0.vault, &request, rpc, APP)
+            .await?;
+        Err(VaultError::Unimplemented(rpc).into())
+    }
+}

@@ -1,0 +1,290 @@
+//! Conversions between domain records and protobuf messages, and parsing of
+//! request fields into domain types (each error names its field).
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ring::digest;
+
+use crate::domain::{ConnectionStatus, Integration, KeyState, Timestamp, VaultError};
+use crate::proto::v1 as pb;
+use crate::store::{AuditRow, ConnectionRecord, PageRequest, RotationRun};
+use crate::vault::{KeyStatus, VersionStatus};
+
+/// Default and maximum page sizes of list RPCs.
+const DEFAULT_PAGE: i64 = 100;
+const MAX_PAGE: i64 = 1000;
+
+/// A protobuf timestamp.
+pub fn ts(t: Timestamp) -> prost_types::Timestamp {
+    let (seconds, nanos) = t.seconds_nanos();
+    prost_types::Timestamp { seconds, nanos }
+}
+
+/// An optional protobuf timestamp.
+pub fn opt_ts(t: Option<Timestamp>) -> Option<prost_types::Timestamp> {
+    t.map(ts)
+}
+
+/// A protobuf timestamp as a domain timestamp.
+pub fn from_ts(t: &prost_types::Timestamp) -> Timestamp {
+    Timestamp::from_micros(
+        t.seconds
+            .saturating_mul(1_000_000)
+            .saturating_add(i64::from(t.nanos) / 1_000),
+    )
+}
+
+/// Parses a required integration enum value.
+pub fn integration(value: i32) -> Result<Integration, VaultError> {
+    match pb::Integration::try_from(value) {
+        Ok(pb::Integration::Calendar) => Ok(Integration::Calendar),
+        Ok(pb::Integration::Email) => Ok(Integration::Email),
+        _ => Err(VaultError::invalid(
+            "integration",
+            "must be INTEGRATION_CALENDAR or INTEGRATION_EMAIL",
+        )),
+    }
+}
+
+/// The protobuf value of an integration.
+pub fn integration_pb(i: Integration) -> pb::Integration {
+    match i {
+        Integration::Calendar => pb::Integration::Calendar,
+        Integration::Email => pb::Integration::Email,
+    }
+}
+
+fn status_pb(s: ConnectionStatus) -> pb::ConnectionStatus {
+    match s {
+        ConnectionStatus::Active => pb::ConnectionStatus::Active,
+        ConnectionStatus::InsufficientScope => pb::ConnectionStatus::InsufficientScope,
+        ConnectionStatus::Suspended => pb::ConnectionStatus::Suspended,
+        ConnectionStatus::RevokedUpstream => pb::ConnectionStatus::RevokedUpstream,
+        ConnectionStatus::Deleted => pb::ConnectionStatus::Deleted,
+    }
+}
+
+/// Parses a connection status filter value.
+pub fn connection_status(value: i32) -> Result<ConnectionStatus, VaultError> {
+    match pb::ConnectionStatus::try_from(value) {
+        Ok(pb::ConnectionStatus::Active) => Ok(ConnectionStatus::Active),
+        Ok(pb::ConnectionStatus::InsufficientScope) => Ok(ConnectionStatus::InsufficientScope),
+        Ok(pb::ConnectionStatus::Suspended) => Ok(ConnectionStatus::Suspended),
+        Ok(pb::ConnectionStatus::RevokedUpstream) => Ok(ConnectionStatus::RevokedUpstream),
+        Ok(pb::ConnectionStatus::Deleted) => Ok(ConnectionStatus::Deleted),
+        _ => Err(VaultError::invalid(
+            "status",
+            "unknown or unspecified connection status",
+        )),
+    }
+}
+
+/// A connection as the API shows it (never a token).
+pub fn connection(c: &ConnectionRecord, token_expires_at: Option<Timestamp>) -> pb::Connection {
+    pb::Connection {
+        connection_id: c.id.to_string(),
+        tenant_id: c.tenant.to_string(),
+        account_id: c.account.to_string(),
+        integration: integration_pb(c.integration) as i32,
+        google_subject: c.google_subject.clone().unwrap_or_default(),
+        google_email: c.google_email.clone().unwrap_or_default(),
+        granted_scopes: c.granted_scopes.to_strings(),
+        missing_scopes: Vec::new(),
+        status: status_pb(c.status) as i32,
+        created_at: Some(ts(c.created_at)),
+        updated_at: Some(ts(c.updated_at)),
+        token_expires_at: opt_ts(token_expires_at),
+        deleted_at: opt_ts(c.deleted_at),
+        deletion_receipt_id: String::new(),
+    }
+}
+
+fn key_state_pb(s: KeyState) -> pb::KeyState {
+    match s {
+        KeyState::Primary => pb::KeyState::Primary,
+        KeyState::Active => pb::KeyState::Active,
+        KeyState::Retired => pb::KeyState::Retired,
+        KeyState::Destroyed => pb::KeyState::Destroyed,
+    }
+}
+
+/// One key version.
+pub fn key_version(v: &VersionStatus) -> pb::KeyVersionInfo {
+    let r = &v.record;
+    pb::KeyVersionInfo {
+        version: r.version.get(),
+        state: key_state_pb(r.state) as i32,
+        created_at: Some(ts(r.created_at)),
+        primary_since: opt_ts(r.primary_since),
+        primary_until: opt_ts(r.primary_until),
+        retired_at: opt_ts(r.retired_at),
+        destroyed_at: opt_ts(r.destroyed_at),
+        dek_count: u64::try_from(v.dek_count).unwrap_or(0),
+    }
+}
+
+/// One rotation run.
+pub fn rotation(r: &RotationRun) -> pb::RotationProgress {
+    let state = match r.state.as_str() {
+        "running" => pb::RotationState::Running,
+        "completed" => pb::RotationState::Completed,
+        _ => pb::RotationState::Failed,
+    };
+    pb::RotationProgress {
+        run_id: r.run_id.clone(),
+        target_version: r.target_version.get(),
+        state: state as i32,
+        started_at: Some(ts(r.started_at)),
+        finished_at: opt_ts(r.finished_at),
+        rewrapped: u64::try_from(r.rewrapped).unwrap_or(0),
+        total: u64::try_from(r.total).unwrap_or(0),
+        started_by: r.actor.clone(),
+        last_error: r.last_error.clone().unwrap_or_default(),
+    }
+}
+
+/// The `KeyStatus` response.
+pub fn key_status(s: &KeyStatus) -> pb::KeyStatusResponse {
+    pb::KeyStatusResponse {
+        provider: s.provider.to_owned(),
+        primary_version: s.primary.get(),
+        versions: s.versions.iter().map(key_version).collect(),
+        rotation: s.rotation.as_ref().map(rotation),
+        oldest_version_in_use: s.oldest_in_use.get(),
+        oldest_in_use_age_seconds: i64::try_from(s.oldest_in_use_age.as_secs()).unwrap_or(i64::MAX),
+        max_kek_age_days: s.max_kek_age_days,
+        rotation_overdue: s.rotation_overdue,
+    }
+}
+
+/// The `KeyReport` response.
+pub fn key_report(s: &KeyStatus) -> pb::KeyReportResponse {
+    let age_days = s.oldest_in_use_age.as_secs() / 86_400;
+    let policy_detail = if s.rotation_overdue {
+        format!(
+            "not met: {} is still in use and is {age_days} days old (policy: at most {} days)",
+            s.oldest_in_use, s.max_kek_age_days
+        )
+    } else {
+        format!(
+            "met: the oldest version in use, {}, is {age_days} days old (policy: at most {} days)",
+            s.oldest_in_use, s.max_kek_age_days
+        )
+    };
+    let mut rotations: Vec<_> = s.rotations.iter().map(rotation).collect();
+    rotations.reverse();
+    pb::KeyReportResponse {
+        generated_at: Some(ts(Timestamp::now())),
+        provider: s.provider.to_owned(),
+        primary_version: s.primary.get(),
+        versions: s.versions.iter().map(key_version).collect(),
+        rotations,
+        oldest_version_in_use: s.oldest_in_use.get(),
+        oldest_in_use_age_seconds: i64::try_from(s.oldest_in_use_age.as_secs()).unwrap_or(i64::MAX),
+        max_kek_age_days: s.max_kek_age_days,
+        policy_met: !s.rotation_overdue,
+        policy_detail,
+    }
+}
+
+/// Audit outcome names ↔ protobuf.
+pub fn outcome_pb(o: &str) -> pb::AuditOutcome {
+    match o {
+        "ok" => pb::AuditOutcome::Success,
+        "denied" => pb::AuditOutcome::Denied,
+        "failed" => pb::AuditOutcome::Failure,
+        _ => pb::AuditOutcome::Unspecified,
+    }
+}
+
+/// One audit entry.
+pub fn audit_entry(r: &AuditRow) -> pb::AuditEntry {
+    pb::AuditEntry {
+        seq: u64::try_from(r.seq).unwrap_or(0),
+        at: Some(ts(r.draft.at)),
+        actor: r.draft.actor.clone(),
+        role: r.draft.role.clone(),
+        action: r.draft.action.clone(),
+        target: r.draft.target.clone(),
+        outcome: outcome_pb(&r.draft.outcome) as i32,
+        detail: r.draft.detail.clone(),
+        prev_hash: r.prev_hash.clone(),
+        entry_hash: r.entry_hash.clone(),
+        mac: r.mac.clone(),
+    }
+}
+
+/// Opaque keyset page tokens bound to the filters they were issued for.
+pub struct PageToken;
+
+impl PageToken {
+    /// Parses `page_size` and `page_token` into a page request. `filters`
+    /// describes the request's filters; a token issued for others is refused.
+    pub fn request(page_size: i32, token: &str, filters: &str) -> Result<PageRequest, VaultError> {
+        let limit = match i64::from(page_size) {
+            n if n < 0 => return Err(VaultError::invalid("page_size", "must not be negative")),
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let after = if token.is_empty() {
+            None
+        } else {
+            let raw = URL_SAFE_NO_PAD
+                .decode(token)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| VaultError::invalid("page_token", "malformed"))?;
+            let (fp, after) = raw
+                .split_once('|')
+                .ok_or_else(|| VaultError::invalid("page_token", "malformed"))?;
+            if fp != Self::fingerprint(filters) {
+                return Err(VaultError::invalid(
+                    "page_token",
+                    "was issued for different filters",
+                ));
+            }
+            Some(after.to_owned())
+        };
+        Ok(PageRequest { after, limit })
+    }
+
+    /// The token for the page after `last`, or empty when the page was not full.
+    pub fn next(page: &PageRequest, returned: usize, last: Option<&str>, filters: &str) -> String {
+        match last {
+            Some(last) if returned as i64 >= page.limit => {
+                URL_SAFE_NO_PAD.encode(format!("{}|{last}", Self::fingerprint(filters)))
+            }
+            _ => String::new(),
+        }
+    }
+
+    fn fingerprint(filters: &str) -> String {
+        let d = digest::digest(&digest::SHA256, filters.as_bytes());
+        hex::encode(&d.as_ref()[..8])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_are_bound_to_their_filters() {
+        let page = PageToken::request(2, "", "tenant=a").unwrap();
+        let next = PageToken::next(&page, 2, Some("conn_x"), "tenant=a");
+        assert!(!next.is_empty());
+        let again = PageToken::request(2, &next, "tenant=a").unwrap();
+        assert_eq!(again.after.as_deref(), Some("conn_x"));
+        assert!(PageToken::request(2, &next, "tenant=b").is_err());
+        assert!(PageToken::request(2, "%%%", "tenant=a").is_err());
+        assert!(PageToken::request(-1, "", "").is_err());
+        assert_eq!(PageToken::request(5000, "", "").unwrap().limit, MAX_PAGE);
+        assert_eq!(PageToken::next(&page, 1, Some("conn_x"), "tenant=a"), "");
+    }
+
+    #[test]
+    fn timestamps_round_trip_through_protobuf() {
+        let t = Timestamp::from_micros(1_700_000_000_123_456);
+        assert_eq!(from_ts(&ts(t)), t);
+    }
+}

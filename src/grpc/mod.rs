@@ -1,0 +1,76 @@
+//! The gRPC transport: thin handlers that authenticate the caller, parse the
+//! request into domain types, call the vault and convert the result. Errors
+//! become `tonic::Status` in one place (`status.rs`).
+
+mod admin;
+pub mod auth;
+mod connection;
+pub mod convert;
+mod events;
+mod lease;
+mod status;
+
+use std::sync::Arc;
+
+use tonic::service::Routes;
+
+use crate::proto::v1::admin_service_server::AdminServiceServer;
+use crate::proto::v1::connection_service_server::ConnectionServiceServer;
+use crate::proto::v1::event_service_server::EventServiceServer;
+use crate::proto::v1::lease_service_server::LeaseServiceServer;
+use crate::vault::Vault;
+
+pub use auth::{Authenticator, Caller, Role};
+
+/// What every handler needs.
+pub struct Context {
+    /// The vault.
+    pub vault: Arc<Vault>,
+    /// Caller authentication and roles.
+    pub auth: Authenticator,
+}
+
+/// The largest request the server decodes (bytes).
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+/// The four `tokenvault.v1` services, health and reflection, as routes.
+pub fn routes<H>(
+    ctx: Arc<Context>,
+    health: tonic_health::pb::health_server::HealthServer<H>,
+) -> Result<Routes, tonic_reflection::server::Error>
+where
+    H: tonic_health::pb::health_server::Health,
+{
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let mut routes = Routes::builder();
+    routes
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            ConnectionServiceServer::new(connection::Connections(ctx.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            LeaseServiceServer::new(lease::Leases(ctx.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            EventServiceServer::new(events::Events(ctx.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            AdminServiceServer::new(admin::Admin(ctx)).max_decoding_message_size(MAX_REQUEST_BYTES),
+        );
+    Ok(routes.routes())
+}
+
+/// The service names health checking reports on.
+pub const SERVICE_NAMES: [&str; 4] = [
+    "tokenvault.v1.ConnectionService",
+    "tokenvault.v1.LeaseService",
+    "tokenvault.v1.EventService",
+    "tokenvault.v1.AdminService",
+];

@@ -1,0 +1,229 @@
+//! Running the service: binds the gRPC and HTTP listeners, serves until told
+//! to stop, and shuts down gracefully — health turns NOT_SERVING, listeners
+//! stop accepting, in-flight calls drain (up to the configured grace period),
+//! then background work stops and the database pool closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::grpc::{self, Authenticator, Context};
+use crate::vault::Vault;
+
+/// How often the health reporter re-checks the database and keyring.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A server that failed to start, with a one-line reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
+/// A started server.
+pub struct RunningServer {
+    /// Where gRPC listens.
+    pub grpc_addr: SocketAddr,
+    /// Where HTTP listens.
+    pub http_addr: SocketAddr,
+    /// The vault behind it.
+    pub vault: Arc<Vault>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    grace: Duration,
+}
+
+impl RunningServer {
+    /// Stops accepting, drains in-flight calls, then stops background work.
+    pub async fn shutdown(self) {
+        self.stop.send_replace(true);
+        let drain = async {
+            for t in self.tasks {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(self.grace, drain).await.is_err() {
+            tracing::warn!(grace = ?self.grace, "in-flight calls did not finish within the grace period");
+        }
+        self.vault.shutdown().await;
+        tracing::info!("tokenvault stopped");
+    }
+}
+
+/// Opens the vault from configuration and starts both listeners.
+pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
+    let vault = Vault::open(config)
+        .await
+        .map_err(|e| StartError(format!("cannot open the vault: {e}")))?;
+    start_with(config, vault).await
+}
+
+/// Starts both listeners for an opened vault.
+pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningServer, StartError> {
+    let grpc_listener = TcpListener::bind(config.grpc_addr).await.map_err(|e| {
+        StartError(format!(
+            "grpc_addr: cannot listen on {}: {e}",
+            config.grpc_addr
+        ))
+    })?;
+    let http_listener = TcpListener::bind(config.http_addr).await.map_err(|e| {
+        StartError(format!(
+            "http_addr: cannot listen on {}: {e}",
+            config.http_addr
+        ))
+    })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|e| StartError(e.to_string()))?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|e| StartError(e.to_string()))?;
+
+    let (stop, _) = watch::channel(false);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let ctx = Arc::new(Context {
+        vault: vault.clone(),
+        auth: Authenticator::new(&config.auth),
+    });
+    let routes = grpc::routes(ctx, health_service)
+        .map_err(|e| StartError(format!("cannot build reflection service: {e}")))?;
+
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .tcp_nodelay(true);
+    if config.tls.enabled() {
+        builder = builder
+            .tls_config(tls_config(config)?)
+            .map_err(|e| StartError(format!("tls: {e}")))?;
+    }
+    let grpc_task = {
+        let mut stop = stop.subscribe();
+        let router = builder.add_routes(routes);
+        tokio::spawn(async move {
+            let incoming = TcpListenerStream::new(grpc_listener);
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        })
+    };
+    let http_task = {
+        let mut stop = stop.subscribe();
+        let app = crate::http::router(vault.clone());
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(http_listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        })
+    };
+    let health_task = tokio::spawn(report_health(
+        vault.clone(),
+        health_reporter,
+        stop.subscribe(),
+    ));
+
+    tracing::info!(%grpc_addr, %http_addr, backend = vault.store().backend().as_str(), tls = config.tls.enabled(), "tokenvault serving");
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        vault,
+        stop,
+        tasks: vec![grpc_task, http_task, health_task],
+        grace: Duration::from_secs(config.server.shutdown_grace_seconds),
+    })
+}
+
+fn tls_config(config: &Config) -> Result<ServerTlsConfig, StartError> {
+    let read = |name: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| StartError(format!("{name}: cannot read {}: {e}", path.display())))
+    };
+    let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) else {
+        return Err(StartError(
+            "tls: cert_file and key_file are required".to_owned(),
+        ));
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("tls.cert_file", cert)?,
+        read("tls.key_file", key)?,
+    ));
+    if let Some(ca) = &config.tls.client_ca_file {
+        tls = tls.client_ca_root(Certificate::from_pem(read("tls.client_ca_file", ca)?));
+    }
+    Ok(tls)
+}
+
+/// Keeps gRPC health in step with the vault's: SERVING while the database and
+/// keyring work, NOT_SERVING otherwise and once shutdown begins.
+async fn report_health(
+    vault: Arc<Vault>,
+    reporter: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    let set = |status: ServingStatus| {
+        let reporter = reporter.clone();
+        async move {
+            reporter.set_service_status("", status).await;
+            for name in grpc::SERVICE_NAMES {
+                reporter.set_service_status(name, status).await;
+            }
+        }
+    };
+    loop {
+        let status = match vault.health().await {
+            Ok(()) => ServingStatus::Serving,
+            Err(e) => {
+                tracing::warn!(error = %e, "vault unhealthy");
+                ServingStatus::NotServing
+            }
+        };
+        set(status).await;
+        tokio::select! {
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    set(ServingStatus::NotServing).await;
+}
+
+/// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+pub async fn serve(config: &Config) -> Result<(), StartError> {
+    let server = start(config).await?;
+    wait_for_signal().await;
+    tracing::info!("shutdown requested; draining in-flight calls");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

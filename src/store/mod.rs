@@ -1,0 +1,206 @@
+//! Storage behind one trait, with one implementation per backend: SQLite (the
+//! embedded default) and PostgreSQL (production, shared by replicas). Both
+//! implementations share their SQL text (`sql_common.rs`); methods are named
+//! resource-first and every method that changes several rows does so in one
+//! transaction.
+
+mod postgres;
+mod records;
+mod sqlite;
+
+use std::str::FromStr;
+
+use async_trait::async_trait;
+
+pub use postgres::PostgresStore;
+pub use records::*;
+pub use sqlite::SqliteStore;
+
+use crate::crypto::KekVersion;
+use crate::domain::{ConnectionId, Timestamp, VaultError};
+
+/// Result alias for storage calls.
+pub type StoreResult<T> = Result<T, VaultError>;
+
+/// Which database engine a store runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// One SQLite file (the embedded default).
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+impl Backend {
+    /// The name used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// Computes an audit entry's hash and MAC given the previous entry; supplied by
+/// the audit component so that the store never holds the audit key.
+pub type AuditSealer<'a> = &'a (dyn Fn(i64, &[u8], &AuditDraft) -> (Vec<u8>, Vec<u8>) + Sync);
+
+/// Everything the vault persists.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The engine behind this store.
+    fn backend(&self) -> Backend;
+
+    /// Checks that the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Closes the pool, waiting for checked-out connections.
+    async fn close(&self);
+
+    // ----- key-encryption-key versions -------------------------------------------------
+
+    /// Every KEK version the database knows, oldest first.
+    async fn kek_list(&self) -> StoreResult<Vec<KekRecord>>;
+
+    /// Records a version whose material the keyring holds; no-op if known. The
+    /// first version registered becomes primary. `key_check` is a known value
+    /// wrapped by the version, checked at every start.
+    async fn kek_register(
+        &self,
+        version: KekVersion,
+        created_at: Timestamp,
+        key_check: &[u8],
+    ) -> StoreResult<()>;
+
+    /// Makes `version` primary; the previous primary becomes active.
+    async fn kek_promote(&self, version: KekVersion, at: Timestamp) -> StoreResult<()>;
+
+    /// Marks a version retired or destroyed, refusing (FailedPrecondition) while
+    /// any DEK, pending authorization or rotation still references it.
+    async fn kek_set_state(
+        &self,
+        version: KekVersion,
+        state: crate::domain::KeyState,
+        at: Timestamp,
+    ) -> StoreResult<()>;
+
+    /// How many wrapped DEKs reference each version (connections and pending
+    /// authorizations).
+    async fn dek_count_by_version(&self) -> StoreResult<Vec<(KekVersion, i64)>>;
+
+    // ----- connections and their sealed secrets -------------------------------------
+
+    /// Inserts a connection with its secrets, replacing (deleting) any live
+    /// connection of the same tenant, account and integration. Returns the id
+    /// of the replaced connection, if any.
+    async fn connection_upsert(
+        &self,
+        connection: &ConnectionRecord,
+        secrets: &SecretsRecord,
+    ) -> StoreResult<Option<ConnectionId>>;
+
+    /// One connection by id, tombstones included.
+    async fn connection_get(&self, id: &ConnectionId) -> StoreResult<Option<ConnectionRecord>>;
+
+    /// Connections matching a filter, ordered by id, after `page.after`.
+    async fn connection_list(
+        &self,
+        filter: &ConnectionFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Vec<ConnectionRecord>>;
+
+    /// The wrapped DEK and sealed tokens of a live connection.
+    async fn secrets_get(&self, id: &ConnectionId) -> StoreResult<Option<SecretsRecord>>;
+
+    // ----- key rotation -------------------------------------------------------------
+
+    /// Starts a rotation run; fails with FailedPrecondition if one is running.
+    async fn rotation_insert(&self, run: &RotationRun) -> StoreResult<()>;
+
+    /// The running rotation, if any.
+    async fn rotation_running(&self) -> StoreResult<Option<RotationRun>>;
+
+    /// Every rotation run, newest first.
+    async fn rotation_list(&self) -> StoreResult<Vec<RotationRun>>;
+
+    /// Up to `limit` wrapped DEKs not on `target`, ordered by connection id,
+    /// after `after`.
+    async fn dek_batch_not_on(
+        &self,
+        target: KekVersion,
+        after: Option<&ConnectionId>,
+        limit: i64,
+    ) -> StoreResult<Vec<WrappedDekRow>>;
+
+    /// Replaces wrapped DEKs in one transaction, each only if it is still the
+    /// one that was read (compare-and-swap), and adds the count to the run's
+    /// progress. Returns how many rows were replaced.
+    async fn dek_rewrap(&self, run_id: &str, rewraps: &[Rewrap]) -> StoreResult<u64>;
+
+    /// Marks a run finished with a final state (and why, if it failed).
+    async fn rotation_finish(
+        &self,
+        run_id: &str,
+        state: &str,
+        error: Option<&str>,
+        at: Timestamp,
+    ) -> StoreResult<()>;
+
+    // ----- audit log ---------------------------------------------------------------
+
+    /// Appends entries to the hash chain in one transaction, serialised against
+    /// every other appender (on every replica). Returns the assigned sequence
+    /// numbers.
+    async fn audit_append(
+        &self,
+        drafts: &[AuditDraft],
+        sealer: AuditSealer<'_>,
+    ) -> StoreResult<Vec<i64>>;
+
+    /// Audit entries in sequence order within `[from_seq, to_seq]`, at most `limit`.
+    async fn audit_range(
+        &self,
+        from_seq: i64,
+        to_seq: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<AuditRow>>;
+
+    /// Audit entries matching a filter, in the filter's order.
+    async fn audit_query(&self, filter: &AuditFilter, limit: i64) -> StoreResult<Vec<AuditRow>>;
+
+    /// The chain head: last sequence number and hash (0 and empty when empty).
+    async fn audit_head(&self) -> StoreResult<(i64, Vec<u8>)>;
+}
+
+/// Opens the store named by a database URL and applies migrations.
+pub async fn open(database_url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
+    if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(
+            PostgresStore::connect(database_url).await?,
+        ))
+    } else if database_url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(
+            SqliteStore::connect(database_url).await?,
+        ))
+    } else {
+        Err(VaultError::invalid(
+            "database_url",
+            "must start with sqlite: or postgres://",
+        ))
+    }
+}
+
+/// Validates a database URL without connecting (for configuration checks).
+pub fn validate_url(database_url: &str) -> Result<(), String> {
+    if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+        sqlx::postgres::PgConnectOptions::from_str(database_url)
+            .map(drop)
+            .map_err(|e| format!("not a valid PostgreSQL URL ({e})"))
+    } else if database_url.starts_with("sqlite:") {
+        sqlx::sqlite::SqliteConnectOptions::from_str(database_url)
+            .map(drop)
+            .map_err(|e| format!("not a valid SQLite URL ({e})"))
+    } else {
+        Err("must start with sqlite: or postgres://".to_owned())
+    }
+}

@@ -1,0 +1,220 @@
+//! Plain records exchanged with the store. Sealed bytes are opaque here: only
+//! `crypto` can open them.
+
+use crate::crypto::KekVersion;
+use crate::domain::{
+    AccountId, ConnectionId, ConnectionStatus, Integration, KeyState, ScopeSet, TenantId, Timestamp,
+};
+
+/// A connection row (tombstones have no subject, email or scopes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionRecord {
+    /// The connection id.
+    pub id: ConnectionId,
+    /// Owning tenant.
+    pub tenant: TenantId,
+    /// Owning account.
+    pub account: AccountId,
+    /// Which integration.
+    pub integration: Integration,
+    /// Google's stable subject id (`sub`).
+    pub google_subject: Option<String>,
+    /// The Google account's email.
+    pub google_email: Option<String>,
+    /// Scopes Google actually granted.
+    pub granted_scopes: ScopeSet,
+    /// Current status.
+    pub status: ConnectionStatus,
+    /// Why the status was last changed.
+    pub status_reason: Option<String>,
+    /// Creation time.
+    pub created_at: Timestamp,
+    /// Last change.
+    pub updated_at: Timestamp,
+    /// When it was deleted.
+    pub deleted_at: Option<Timestamp>,
+}
+
+/// The sealed secrets of a live connection.
+#[derive(Clone, PartialEq)]
+pub struct SecretsRecord {
+    /// The connection.
+    pub connection_id: ConnectionId,
+    /// The KEK version that wrapped the DEK.
+    pub kek_version: KekVersion,
+    /// The wrapped DEK.
+    pub wrapped_dek: Vec<u8>,
+    /// The sealed access token.
+    pub access_token: Option<Vec<u8>>,
+    /// When the access token expires.
+    pub access_expires_at: Option<Timestamp>,
+    /// The sealed refresh token.
+    pub refresh_token: Option<Vec<u8>>,
+    /// Last change.
+    pub updated_at: Timestamp,
+}
+
+impl std::fmt::Debug for SecretsRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Sealed bytes are not secret on their own, but nothing gains from printing them.
+        f.debug_struct("SecretsRecord")
+            .field("connection_id", &self.connection_id)
+            .field("kek_version", &self.kek_version)
+            .field("access_expires_at", &self.access_expires_at)
+            .field("has_refresh_token", &self.refresh_token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A KEK version's lifecycle.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KekRecord {
+    /// The version.
+    pub version: KekVersion,
+    /// Its state.
+    pub state: KeyState,
+    /// When the key was created.
+    pub created_at: Timestamp,
+    /// When it last became primary.
+    pub primary_since: Option<Timestamp>,
+    /// When it last stopped being primary.
+    pub primary_until: Option<Timestamp>,
+    /// When it was retired.
+    pub retired_at: Option<Timestamp>,
+    /// When its material was destroyed.
+    pub destroyed_at: Option<Timestamp>,
+    /// A zero key wrapped by this version (not secret).
+    pub key_check: Vec<u8>,
+}
+
+/// A key rotation run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RotationRun {
+    /// Run id.
+    pub run_id: String,
+    /// The version every DEK is rewrapped to.
+    pub target_version: KekVersion,
+    /// Start.
+    pub started_at: Timestamp,
+    /// End.
+    pub finished_at: Option<Timestamp>,
+    /// DEKs to rewrap when the run started.
+    pub total: i64,
+    /// DEKs rewrapped so far.
+    pub rewrapped: i64,
+    /// `running`, `completed` or `failed`.
+    pub state: String,
+    /// Who started it.
+    pub actor: String,
+    /// Why it failed.
+    pub last_error: Option<String>,
+}
+
+/// A wrapped DEK read for rewrapping.
+#[derive(Clone, Debug)]
+pub struct WrappedDekRow {
+    /// Owning connection.
+    pub connection_id: ConnectionId,
+    /// Tenant (part of the DEK's associated data).
+    pub tenant: TenantId,
+    /// Account (part of the DEK's associated data).
+    pub account: AccountId,
+    /// Current KEK version.
+    pub kek_version: KekVersion,
+    /// Current wrapped bytes.
+    pub wrapped_dek: Vec<u8>,
+}
+
+/// A compare-and-swap replacement of one wrapped DEK.
+#[derive(Clone, Debug)]
+pub struct Rewrap {
+    /// Connection.
+    pub connection_id: ConnectionId,
+    /// Version that was read.
+    pub old_version: KekVersion,
+    /// Bytes that were read.
+    pub old_wrapped: Vec<u8>,
+    /// New version.
+    pub new_version: KekVersion,
+    /// New wrapped bytes.
+    pub new_wrapped: Vec<u8>,
+}
+
+/// Filters for listing connections.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionFilter {
+    /// Only this tenant.
+    pub tenant: Option<TenantId>,
+    /// Only this account (with tenant).
+    pub account: Option<AccountId>,
+    /// Only this integration.
+    pub integration: Option<Integration>,
+    /// Include deleted tombstones.
+    pub include_deleted: bool,
+}
+
+/// Keyset pagination: items after `after`, at most `limit`.
+#[derive(Clone, Debug)]
+pub struct PageRequest {
+    /// The last id of the previous page.
+    pub after: Option<String>,
+    /// Page size.
+    pub limit: i64,
+}
+
+/// An audit entry before it is chained.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditDraft {
+    /// When it happened.
+    pub at: Timestamp,
+    /// Who did it (identity).
+    pub actor: String,
+    /// The actor's role.
+    pub role: String,
+    /// What was done (`lease.grant`, `key.rotate.start`, …).
+    pub action: String,
+    /// What it was done to.
+    pub target: String,
+    /// `ok`, `denied`, `failed`.
+    pub outcome: String,
+    /// Free-form detail, never a secret (tokens named by HMAC).
+    pub detail: String,
+}
+
+/// A stored audit entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditRow {
+    /// Position in the chain, from 1.
+    pub seq: i64,
+    /// The entry.
+    pub draft: AuditDraft,
+    /// Hash of the previous entry.
+    pub prev_hash: Vec<u8>,
+    /// This entry's hash.
+    pub entry_hash: Vec<u8>,
+    /// HMAC of the entry hash under the audit key.
+    pub mac: Vec<u8>,
+}
+
+/// Filters for querying the audit log.
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    /// Exact actor.
+    pub actor: Option<String>,
+    /// Action prefix (`lease.` matches every lease action).
+    pub action_prefix: Option<String>,
+    /// Exact target.
+    pub target: Option<String>,
+    /// At or after.
+    pub since: Option<Timestamp>,
+    /// Before.
+    pub until: Option<Timestamp>,
+    /// Exact outcome (`ok`, `denied`, `failed`).
+    pub outcome: Option<String>,
+    /// Only entries with seq below this.
+    pub before_seq: Option<i64>,
+    /// Only entries with seq above this.
+    pub after_seq: Option<i64>,
+    /// Oldest first instead of newest first.
+    pub ascending: bool,
+}

@@ -1,0 +1,656 @@
+// The store implementation shared by both backends. It is `include!`d by
+// `sqlite.rs` and `postgres.rs`, each of which defines:
+//   type Db; struct Store type `Self` with `pool`; const BACKEND; const LOCKING: &str
+//   (" FOR UPDATE" on Postgres, "" on SQLite, whose write transactions are
+//   serialised); and `begin_write()` returning (guard, transaction).
+// SQL uses `$N` placeholders in ascending order of first use, which both
+// drivers bind by number.
+
+use sqlx::Row as _;
+
+use crate::crypto::KekVersion;
+use crate::domain::{
+    AccountId, ConnectionId, ConnectionStatus, Integration, KeyState, ScopeSet, TenantId,
+    Timestamp, VaultError,
+};
+use crate::store::{
+    AuditDraft, AuditFilter, AuditRow, AuditSealer, Backend, ConnectionFilter, ConnectionRecord,
+    KekRecord, PageRequest, Rewrap, RotationRun, SecretsRecord, StoreResult, WrappedDekRow,
+};
+
+type Row = <Db as sqlx::Database>::Row;
+
+fn kek_from_db(v: i64) -> StoreResult<KekVersion> {
+    u32::try_from(v)
+        .ok()
+        .and_then(KekVersion::new)
+        .ok_or_else(|| VaultError::Storage(format!("kek version {v} out of range")))
+}
+
+fn kek_to_db(v: KekVersion) -> i64 {
+    i64::from(v.get())
+}
+
+fn ts(v: i64) -> Timestamp {
+    Timestamp::from_micros(v)
+}
+
+fn opt_ts(v: Option<i64>) -> Option<Timestamp> {
+    v.map(Timestamp::from_micros)
+}
+
+fn stored<T>(parsed: Result<T, VaultError>, column: &str) -> StoreResult<T> {
+    parsed.map_err(|e| VaultError::Storage(format!("column {column} holds an invalid value: {e}")))
+}
+
+const CONNECTION_COLUMNS: &str = "connection_id, tenant_id, account_id, integration, google_subject, \
+     google_email, granted_scopes, status, status_reason, created_at, updated_at, deleted_at";
+
+fn connection_from_row(row: &Row) -> StoreResult<ConnectionRecord> {
+    Ok(ConnectionRecord {
+        id: ConnectionId::from_stored(row.try_get("connection_id")?),
+        tenant: TenantId::from_stored(row.try_get("tenant_id")?),
+        account: AccountId::from_stored(row.try_get("account_id")?),
+        integration: stored(
+            Integration::parse(row.try_get::<&str, _>("integration")?),
+            "integration",
+        )?,
+        google_subject: row.try_get("google_subject")?,
+        google_email: row.try_get("google_email")?,
+        granted_scopes: stored(
+            ScopeSet::parse_spaced(row.try_get::<&str, _>("granted_scopes")?),
+            "granted_scopes",
+        )?,
+        status: stored(
+            ConnectionStatus::parse(row.try_get::<&str, _>("status")?),
+            "status",
+        )?,
+        status_reason: row.try_get("status_reason")?,
+        created_at: ts(row.try_get("created_at")?),
+        updated_at: ts(row.try_get("updated_at")?),
+        deleted_at: opt_ts(row.try_get("deleted_at")?),
+    })
+}
+
+fn secrets_from_row(row: &Row) -> StoreResult<SecretsRecord> {
+    Ok(SecretsRecord {
+        connection_id: ConnectionId::from_stored(row.try_get("connection_id")?),
+        kek_version: kek_from_db(row.try_get("kek_version")?)?,
+        wrapped_dek: row.try_get("wrapped_dek")?,
+        access_token: row.try_get("access_token")?,
+        access_expires_at: opt_ts(row.try_get("access_expires_at")?),
+        refresh_token: row.try_get("refresh_token")?,
+        updated_at: ts(row.try_get("updated_at")?),
+    })
+}
+
+fn kek_from_row(row: &Row) -> StoreResult<KekRecord> {
+    Ok(KekRecord {
+        version: kek_from_db(row.try_get("version")?)?,
+        state: stored(KeyState::parse(row.try_get::<&str, _>("state")?), "state")?,
+        created_at: ts(row.try_get("created_at")?),
+        primary_since: opt_ts(row.try_get("primary_since")?),
+        primary_until: opt_ts(row.try_get("primary_until")?),
+        retired_at: opt_ts(row.try_get("retired_at")?),
+        destroyed_at: opt_ts(row.try_get("destroyed_at")?),
+        key_check: row.try_get("key_check")?,
+    })
+}
+
+fn rotation_from_row(row: &Row) -> StoreResult<RotationRun> {
+    Ok(RotationRun {
+        run_id: row.try_get("run_id")?,
+        target_version: kek_from_db(row.try_get("target_version")?)?,
+        started_at: ts(row.try_get("started_at")?),
+        finished_at: opt_ts(row.try_get("finished_at")?),
+        total: row.try_get("total")?,
+        rewrapped: row.try_get("rewrapped")?,
+        state: row.try_get("state")?,
+        actor: row.try_get("actor")?,
+        last_error: row.try_get("last_error")?,
+    })
+}
+
+fn audit_from_row(row: &Row) -> StoreResult<AuditRow> {
+    Ok(AuditRow {
+        seq: row.try_get("seq")?,
+        draft: AuditDraft {
+            at: ts(row.try_get("at")?),
+            actor: row.try_get("actor")?,
+            role: row.try_get("role")?,
+            action: row.try_get("action")?,
+            target: row.try_get("target")?,
+            outcome: row.try_get("outcome")?,
+            detail: row.try_get("detail")?,
+        },
+        prev_hash: row.try_get("prev_hash")?,
+        entry_hash: row.try_get("entry_hash")?,
+        mac: row.try_get("mac")?,
+    })
+}
+
+/// Builds `SELECT ... WHERE` text for the dynamic filters; every value is bound.
+struct Filter {
+    sql: String,
+    binds: Vec<FilterValue>,
+}
+
+enum FilterValue {
+    Text(String),
+    Int(i64),
+}
+
+impl Filter {
+    fn new(base: &str) -> Self {
+        Self {
+            sql: format!("{base} WHERE 1 = 1"),
+            binds: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, clause: &str, value: FilterValue) {
+        self.binds.push(value);
+        // `clause` contains a single `?`, replaced by the next numbered placeholder.
+        let n = self.binds.len();
+        self.sql.push_str(" AND ");
+        self.sql.push_str(&clause.replace('?', &format!("${n}")));
+    }
+
+    fn query(&self) -> sqlx::query::Query<'_, Db, <Db as sqlx::Database>::Arguments> {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(self.sql.clone()));
+        for b in &self.binds {
+            q = match b {
+                FilterValue::Text(s) => q.bind(s.as_str()),
+                FilterValue::Int(i) => q.bind(*i),
+            };
+        }
+        q
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::store::Store for StoreImpl {
+    fn backend(&self) -> Backend {
+        BACKEND
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn kek_list(&self) -> StoreResult<Vec<KekRecord>> {
+        let rows = sqlx::query("SELECT * FROM kek_versions ORDER BY version")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(kek_from_row).collect()
+    }
+
+    async fn kek_register(
+        &self,
+        version: KekVersion,
+        created_at: Timestamp,
+        key_check: &[u8],
+    ) -> StoreResult<()> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let has_primary: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM kek_versions WHERE state = 'primary'")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let state = if has_primary.is_some() { "active" } else { "primary" };
+        let primary_since = has_primary.is_none().then(|| Timestamp::now().as_micros());
+        sqlx::query(
+            "INSERT INTO kek_versions (version, state, created_at, primary_since, key_check) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(kek_to_db(version))
+        .bind(state)
+        .bind(created_at.as_micros())
+        .bind(primary_since)
+        .bind(key_check)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn kek_promote(&self, version: KekVersion, at: Timestamp) -> StoreResult<()> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM kek_versions WHERE version = $1")
+                .bind(kek_to_db(version))
+                .fetch_optional(&mut *tx)
+                .await?;
+        match state.as_deref() {
+            None => return Err(VaultError::not_found("key version", version)),
+            Some("primary") => return Ok(()),
+            Some("active") => {}
+            Some(other) => {
+                return Err(VaultError::precondition(format!(
+                    "key version {version} is {other} and cannot become primary"
+                )));
+            }
+        }
+        sqlx::query(
+            "UPDATE kek_versions SET state = 'active', primary_until = $1 WHERE state = 'primary'",
+        )
+        .bind(at.as_micros())
+        .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE kek_versions SET state = 'primary', primary_since = $1 WHERE version = $2",
+        )
+        .bind(at.as_micros())
+        .bind(kek_to_db(version))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn kek_set_state(&self, version: KekVersion, state: KeyState, at: Timestamp) -> StoreResult<()> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let current: Option<String> = sqlx::query_scalar(LOCK_KEK_VERSION)
+            .bind(kek_to_db(version))
+            .fetch_optional(&mut *tx)
+            .await?;
+        let current = match current {
+            None => return Err(VaultError::not_found("key version", version)),
+            Some(s) => stored(KeyState::parse(&s), "state")?,
+        };
+        let allowed = matches!(
+            (current, state),
+            (KeyState::Active, KeyState::Retired)
+                | (KeyState::Active, KeyState::Destroyed)
+                | (KeyState::Retired, KeyState::Destroyed)
+        );
+        if current == state {
+            return Ok(());
+        }
+        if !allowed {
+            return Err(VaultError::precondition(format!(
+                "key version {version} is {current}; it cannot become {state}"
+            )));
+        }
+        let refs: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM connection_secrets WHERE kek_version = $1) \
+                  + (SELECT COUNT(*) FROM authorization_states WHERE kek_version = $1) \
+                  + (SELECT COUNT(*) FROM rotation_runs WHERE target_version = $1 AND state = 'running')",
+        )
+        .bind(kek_to_db(version))
+        .fetch_one(&mut *tx)
+        .await?;
+        if refs > 0 {
+            return Err(VaultError::precondition(format!(
+                "key version {version} still wraps {refs} data keys; rotate first"
+            )));
+        }
+        let sql = match state {
+            KeyState::Retired => "UPDATE kek_versions SET state = 'retired', retired_at = $1 WHERE version = $2",
+            _ => "UPDATE kek_versions SET state = 'destroyed', destroyed_at = $1 WHERE version = $2",
+        };
+        sqlx::query(sql)
+            .bind(at.as_micros())
+            .bind(kek_to_db(version))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn dek_count_by_version(&self) -> StoreResult<Vec<(KekVersion, i64)>> {
+        let rows = sqlx::query(
+            "SELECT kek_version, COUNT(*) AS n FROM ( \
+                 SELECT kek_version FROM connection_secrets \
+                 UNION ALL SELECT kek_version FROM authorization_states \
+             ) refs GROUP BY kek_version ORDER BY kek_version",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((kek_from_db(r.try_get("kek_version")?)?, r.try_get("n")?)))
+            .collect()
+    }
+
+    async fn connection_upsert(
+        &self,
+        c: &ConnectionRecord,
+        s: &SecretsRecord,
+    ) -> StoreResult<Option<ConnectionId>> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let old: Option<String> = sqlx::query_scalar(LOCK_LIVE_CONNECTION)
+            .bind(c.tenant.as_str())
+            .bind(c.account.as_str())
+            .bind(c.integration.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(old_id) = &old {
+            // Replacing: the old DEK and tokens are destroyed, the row becomes a tombstone.
+            sqlx::query("DELETE FROM connection_secrets WHERE connection_id = $1")
+                .bind(old_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "UPDATE connections SET status = 'deleted', status_reason = 'replaced', \
+                 google_subject = NULL, google_email = NULL, granted_scopes = '', \
+                 updated_at = $1, deleted_at = $1 WHERE connection_id = $2",
+            )
+            .bind(c.created_at.as_micros())
+            .bind(old_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO connections (connection_id, tenant_id, account_id, integration, \
+             google_subject, google_email, granted_scopes, status, status_reason, created_at, \
+             updated_at, deleted_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(c.id.as_str())
+        .bind(c.tenant.as_str())
+        .bind(c.account.as_str())
+        .bind(c.integration.as_str())
+        .bind(c.google_subject.as_deref())
+        .bind(c.google_email.as_deref())
+        .bind(c.granted_scopes.to_spaced())
+        .bind(c.status.as_str())
+        .bind(c.status_reason.as_deref())
+        .bind(c.created_at.as_micros())
+        .bind(c.updated_at.as_micros())
+        .bind(c.deleted_at.map(Timestamp::as_micros))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO connection_secrets (connection_id, kek_version, wrapped_dek, \
+             access_token, access_expires_at, refresh_token, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(s.connection_id.as_str())
+        .bind(kek_to_db(s.kek_version))
+        .bind(s.wrapped_dek.as_slice())
+        .bind(s.access_token.as_deref())
+        .bind(s.access_expires_at.map(Timestamp::as_micros))
+        .bind(s.refresh_token.as_deref())
+        .bind(s.updated_at.as_micros())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(old.map(ConnectionId::from_stored))
+    }
+
+    async fn connection_get(&self, id: &ConnectionId) -> StoreResult<Option<ConnectionRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONNECTION_COLUMNS} FROM connections WHERE connection_id = $1"
+        )))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(connection_from_row).transpose()
+    }
+
+    async fn connection_list(
+        &self,
+        filter: &ConnectionFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Vec<ConnectionRecord>> {
+        let mut f = Filter::new(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"));
+        if let Some(t) = &filter.tenant {
+            f.push("tenant_id = ?", FilterValue::Text(t.as_str().to_owned()));
+        }
+        if let Some(a) = &filter.account {
+            f.push("account_id = ?", FilterValue::Text(a.as_str().to_owned()));
+        }
+        if let Some(i) = filter.integration {
+            f.push("integration = ?", FilterValue::Text(i.as_str().to_owned()));
+        }
+        if !filter.include_deleted {
+            f.push("status <> ?", FilterValue::Text("deleted".to_owned()));
+        }
+        if let Some(after) = &page.after {
+            f.push("connection_id > ?", FilterValue::Text(after.clone()));
+        }
+        f.sql.push_str(" ORDER BY connection_id");
+        f.binds.push(FilterValue::Int(page.limit));
+        f.sql.push_str(&format!(" LIMIT ${}", f.binds.len()));
+        let rows = f.query().fetch_all(&self.pool).await?;
+        rows.iter().map(connection_from_row).collect()
+    }
+
+    async fn secrets_get(&self, id: &ConnectionId) -> StoreResult<Option<SecretsRecord>> {
+        let row = sqlx::query("SELECT * FROM connection_secrets WHERE connection_id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(secrets_from_row).transpose()
+    }
+
+    async fn rotation_insert(&self, run: &RotationRun) -> StoreResult<()> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let running: Option<String> =
+            sqlx::query_scalar("SELECT run_id FROM rotation_runs WHERE state = 'running'")
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(id) = running {
+            return Err(VaultError::precondition(format!(
+                "rotation {id} is still running"
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO rotation_runs (run_id, target_version, started_at, finished_at, total, \
+             rewrapped, state, actor) VALUES ($1, $2, $3, NULL, $4, 0, 'running', $5)",
+        )
+        .bind(&run.run_id)
+        .bind(kek_to_db(run.target_version))
+        .bind(run.started_at.as_micros())
+        .bind(run.total)
+        .bind(&run.actor)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                VaultError::precondition("another rotation is already running")
+            }
+            _ => e.into(),
+        })?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn rotation_running(&self) -> StoreResult<Option<RotationRun>> {
+        let row = sqlx::query("SELECT * FROM rotation_runs WHERE state = 'running'")
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(rotation_from_row).transpose()
+    }
+
+    async fn rotation_list(&self) -> StoreResult<Vec<RotationRun>> {
+        let rows = sqlx::query("SELECT * FROM rotation_runs ORDER BY started_at DESC, run_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(rotation_from_row).collect()
+    }
+
+    async fn dek_batch_not_on(
+        &self,
+        target: KekVersion,
+        after: Option<&ConnectionId>,
+        limit: i64,
+    ) -> StoreResult<Vec<WrappedDekRow>> {
+        let rows = sqlx::query(
+            "SELECT s.connection_id, c.tenant_id, c.account_id, s.kek_version, s.wrapped_dek \
+             FROM connection_secrets s JOIN connections c ON c.connection_id = s.connection_id \
+             WHERE s.kek_version <> $1 AND s.connection_id > $2 \
+             ORDER BY s.connection_id LIMIT $3",
+        )
+        .bind(kek_to_db(target))
+        .bind(after.map(ConnectionId::as_str).unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(WrappedDekRow {
+                    connection_id: ConnectionId::from_stored(r.try_get("connection_id")?),
+                    tenant: TenantId::from_stored(r.try_get("tenant_id")?),
+                    account: AccountId::from_stored(r.try_get("account_id")?),
+                    kek_version: kek_from_db(r.try_get("kek_version")?)?,
+                    wrapped_dek: r.try_get("wrapped_dek")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn dek_rewrap(&self, run_id: &str, rewraps: &[Rewrap]) -> StoreResult<u64> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let mut changed = 0u64;
+        for r in rewraps {
+            changed += sqlx::query(
+                "UPDATE connection_secrets SET kek_version = $1, wrapped_dek = $2 \
+                 WHERE connection_id = $3 AND kek_version = $4 AND wrapped_dek = $5",
+            )
+            .bind(kek_to_db(r.new_version))
+            .bind(r.new_wrapped.as_slice())
+            .bind(r.connection_id.as_str())
+            .bind(kek_to_db(r.old_version))
+            .bind(r.old_wrapped.as_slice())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        sqlx::query(
+            "UPDATE rotation_runs SET rewrapped = rewrapped + $1 WHERE run_id = $2 AND state = 'running'",
+        )
+        .bind(i64::try_from(changed).unwrap_or(i64::MAX))
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    async fn rotation_finish(
+        &self,
+        run_id: &str,
+        state: &str,
+        error: Option<&str>,
+        at: Timestamp,
+    ) -> StoreResult<()> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE rotation_runs SET state = $1, last_error = $2, finished_at = $3 \
+             WHERE run_id = $4 AND state = 'running'",
+        )
+        .bind(state)
+        .bind(error)
+        .bind(at.as_micros())
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_append(
+        &self,
+        drafts: &[AuditDraft],
+        sealer: AuditSealer<'_>,
+    ) -> StoreResult<Vec<i64>> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let head = sqlx::query(LOCK_AUDIT_HEAD).fetch_optional(&mut *tx).await?;
+        let (mut seq, mut prev): (i64, Vec<u8>) = match &head {
+            Some(r) => (r.try_get("seq")?, r.try_get("entry_hash")?),
+            None => return Err(VaultError::Internal("audit_head row missing".into())),
+        };
+        let mut seqs = Vec::with_capacity(drafts.len());
+        for d in drafts {
+            seq += 1;
+            let (hash, mac) = sealer(seq, &prev, d);
+            sqlx::query(
+                "INSERT INTO audit_log (seq, at, actor, role, action, target, outcome, detail, \
+                 prev_hash, entry_hash, mac) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(seq)
+            .bind(d.at.as_micros())
+            .bind(&d.actor)
+            .bind(&d.role)
+            .bind(&d.action)
+            .bind(&d.target)
+            .bind(&d.outcome)
+            .bind(&d.detail)
+            .bind(prev.as_slice())
+            .bind(hash.as_slice())
+            .bind(mac.as_slice())
+            .execute(&mut *tx)
+            .await?;
+            prev = hash;
+            seqs.push(seq);
+        }
+        sqlx::query("UPDATE audit_head SET seq = $1, entry_hash = $2 WHERE id = 1")
+        .bind(seq)
+        .bind(prev.as_slice())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(seqs)
+    }
+
+    async fn audit_range(&self, from_seq: i64, to_seq: i64, limit: i64) -> StoreResult<Vec<AuditRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM audit_log WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(from_seq)
+        .bind(to_seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn audit_query(&self, filter: &AuditFilter, limit: i64) -> StoreResult<Vec<AuditRow>> {
+        let mut f = Filter::new("SELECT * FROM audit_log");
+        if let Some(a) = &filter.actor {
+            f.push("actor = ?", FilterValue::Text(a.clone()));
+        }
+        if let Some(p) = &filter.action_prefix {
+            // Range scan instead of LIKE so no pattern characters need escaping.
+            f.push("action >= ?", FilterValue::Text(p.clone()));
+            f.push("action < ?", FilterValue::Text(format!("{p}\u{10FFFF}")));
+        }
+        if let Some(t) = &filter.target {
+            f.push("target = ?", FilterValue::Text(t.clone()));
+        }
+        if let Some(s) = filter.since {
+            f.push("at >= ?", FilterValue::Int(s.as_micros()));
+        }
+        if let Some(u) = filter.until {
+            f.push("at < ?", FilterValue::Int(u.as_micros()));
+        }
+        if let Some(o) = &filter.outcome {
+            f.push("outcome = ?", FilterValue::Text(o.clone()));
+        }
+        if let Some(b) = filter.before_seq {
+            f.push("seq < ?", FilterValue::Int(b));
+        }
+        if let Some(a) = filter.after_seq {
+            f.push("seq > ?", FilterValue::Int(a));
+        }
+        f.sql.push_str(if filter.ascending { " ORDER BY seq" } else { " ORDER BY seq DESC" });
+        f.binds.push(FilterValue::Int(limit));
+        f.sql.push_str(&format!(" LIMIT ${}", f.binds.len()));
+        let rows = f.query().fetch_all(&self.pool).await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn audit_head(&self) -> StoreResult<(i64, Vec<u8>)> {
+        let row = sqlx::query("SELECT seq, entry_hash FROM audit_head WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok((r.try_get("seq")?, r.try_get("entry_hash")?)),
+            None => Err(VaultError::Internal("audit_head row missing".into())),
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! The SQLite store: one database file in WAL mode, the embedded default.
+//! SQLite allows one writer at a time, so write transactions are serialised
+//! in-process (and begin `IMMEDIATE`) instead of failing with `SQLITE_BUSY`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use tokio::sync::{Mutex, MutexGuard};
+
+type Db = sqlx::Sqlite;
+type StoreImpl = SqliteStore;
+const BACKEND: Backend = Backend::Sqlite;
+
+// SQLite has no row locks; the serialised write transaction is the lock.
+const LOCK_KEK_VERSION: &str = "SELECT state FROM kek_versions WHERE version = $1";
+const LOCK_LIVE_CONNECTION: &str = "SELECT connection_id FROM connections \
+     WHERE tenant_id = $1 AND account_id = $2 AND integration = $3 AND status <> 'deleted'";
+const LOCK_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// A store on one SQLite file.
+pub struct SqliteStore {
+    pool: sqlx::SqlitePool,
+    write_lock: Mutex<()>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url` and applies migrations.
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| {
+                VaultError::invalid("database_url", format!("not a valid SQLite URL ({e})"))
+            })?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a deletion that returned must survive a power cut.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .min_connections(1)
+            .connect_with(options)
+            .await?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| VaultError::Storage(format!("applying SQLite migrations: {e}")))?;
+        Ok(Self {
+            pool,
+            write_lock: Mutex::new(()),
+        })
+    }
+
+    async fn begin_write(
+        &self,
+    ) -> StoreResult<(MutexGuard<'_, ()>, sqlx::Transaction<'static, Db>)> {
+        let guard = self.write_lock.lock().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok((guard, tx))
+    }
+}
+
+include!("sql_common.rs");

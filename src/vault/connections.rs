@@ -1,0 +1,170 @@
+//! Storing a connection's tokens (sealed under a fresh per-connection DEK) and
+//! the read path that opens them again.
+
+use crate::audit::Actor;
+use crate::crypto::{DekContext, SecretString, TokenContext, TokenKind, WrappedDek, open, seal};
+use crate::domain::{
+    AccountId, ConnectionId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp,
+    VaultError,
+};
+use crate::store::{ConnectionRecord, SecretsRecord};
+
+use super::Vault;
+
+/// A connection about to be stored, with its plaintext tokens.
+pub struct NewConnection {
+    /// Owning tenant.
+    pub tenant: TenantId,
+    /// Owning account.
+    pub account: AccountId,
+    /// Which integration.
+    pub integration: Integration,
+    /// Google subject.
+    pub google_subject: String,
+    /// Google email.
+    pub google_email: String,
+    /// Scopes Google granted.
+    pub granted_scopes: ScopeSet,
+    /// Initial status (ACTIVE or INSUFFICIENT_SCOPE).
+    pub status: ConnectionStatus,
+    /// The access token.
+    pub access_token: SecretString,
+    /// When it expires.
+    pub access_expires_at: Timestamp,
+    /// The refresh token, if Google sent one.
+    pub refresh_token: Option<SecretString>,
+}
+
+impl std::fmt::Debug for NewConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewConnection")
+            .field("tenant", &self.tenant)
+            .field("account", &self.account)
+            .field("integration", &self.integration)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An opened access token and its expiry.
+#[derive(Debug)]
+pub struct OpenedToken {
+    /// The connection it belongs to.
+    pub connection: ConnectionRecord,
+    /// The plaintext access token (zeroized on drop, redacted in Debug).
+    pub access_token: SecretString,
+    /// When it expires.
+    pub expires_at: Option<Timestamp>,
+}
+
+fn dek_context(c: &ConnectionRecord) -> DekContext<'_> {
+    DekContext {
+        tenant: c.tenant.as_str(),
+        account: c.account.as_str(),
+        connection: c.id.as_str(),
+    }
+}
+
+fn token_context(c: &ConnectionRecord, kind: TokenKind) -> TokenContext<'_> {
+    TokenContext {
+        tenant: c.tenant.as_str(),
+        account: c.account.as_str(),
+        connection: c.id.as_str(),
+        kind,
+    }
+}
+
+impl Vault {
+    /// Stores a new connection: a fresh DEK wrapped by the primary KEK, both
+    /// tokens sealed under it, replacing (and destroying) any live connection
+    /// of the same tenant, account and integration.
+    pub async fn connection_store(
+        &self,
+        new: NewConnection,
+        _actor: &Actor,
+    ) -> Result<ConnectionRecord, VaultError> {
+        let now = Timestamp::now();
+        let record = ConnectionRecord {
+            id: ConnectionId::generate(),
+            tenant: new.tenant,
+            account: new.account,
+            integration: new.integration,
+            google_subject: Some(new.google_subject),
+            google_email: Some(new.google_email),
+            granted_scopes: new.granted_scopes,
+            status: new.status,
+            status_reason: None,
+            created_at: now,
+            updated_at: now,
+            deleted_at: None,
+        };
+        let (dek, wrapped) = self.keys().new_dek(&dek_context(&record)).await?;
+        let access = seal(
+            &dek,
+            &token_context(&record, TokenKind::Access),
+            new.access_token.expose().as_bytes(),
+        )?;
+        let refresh = match &new.refresh_token {
+            Some(t) => Some(seal(
+                &dek,
+                &token_context(&record, TokenKind::Refresh),
+                t.expose().as_bytes(),
+            )?),
+            None => None,
+        };
+        let secrets = SecretsRecord {
+            connection_id: record.id.clone(),
+            kek_version: wrapped.kek_version,
+            wrapped_dek: wrapped.bytes,
+            access_token: Some(access),
+            access_expires_at: Some(new.access_expires_at),
+            refresh_token: refresh,
+            updated_at: now,
+        };
+        self.store().connection_upsert(&record, &secrets).await?;
+        Ok(record)
+    }
+
+    /// One connection by id.
+    pub async fn connection_get(&self, id: &ConnectionId) -> Result<ConnectionRecord, VaultError> {
+        self.store()
+            .connection_get(id)
+            .await?
+            .ok_or_else(|| VaultError::not_found("connection", id))
+    }
+
+    /// Opens a live connection's access token: unwraps its DEK and opens the
+    /// sealed token. Decryption failures surface as `VaultError::Crypto` and
+    /// change nothing.
+    pub async fn access_token_open(&self, id: &ConnectionId) -> Result<OpenedToken, VaultError> {
+        let connection = self.connection_get(id).await?;
+        let secrets = self.store().secrets_get(id).await?.ok_or_else(|| {
+            VaultError::precondition(format!(
+                "connection {id} holds no tokens ({})",
+                connection.status
+            ))
+        })?;
+        let wrapped = WrappedDek {
+            kek_version: secrets.kek_version,
+            bytes: secrets.wrapped_dek,
+        };
+        let dek = self
+            .keys()
+            .open_dek(&wrapped, &dek_context(&connection))
+            .await?;
+        let sealed = secrets.access_token.ok_or_else(|| {
+            VaultError::precondition(format!("connection {id} holds no access token"))
+        })?;
+        let plain = open(
+            &dek,
+            &token_context(&connection, TokenKind::Access),
+            &sealed,
+        )?;
+        let access_token = plain.into_secret_string()?;
+        Ok(OpenedToken {
+            connection,
+            access_token,
+            expires_at: secrets.access_expires_at,
+        })
+    }
+}

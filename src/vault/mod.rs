@@ -1,0 +1,105 @@
+//! Use cases: what the vault does, independent of the transport that asked.
+//! A [`Vault`] owns the store, the keyring handle and the audit log; gRPC,
+//! HTTP and CLI handlers only parse, authorize and call in here.
+
+mod connections;
+mod keys;
+
+use std::sync::Arc;
+
+pub use connections::{NewConnection, OpenedToken};
+pub use keys::{KeyManager, KeyStatus, VersionStatus};
+
+use crate::audit::AuditLog;
+use crate::config::{Config, KeyringProviderKind};
+use crate::crypto::{EnvKeyring, KeyringProvider, LocalKeyring};
+use crate::domain::VaultError;
+use crate::store::{self, Store};
+
+/// The vault: every use case hangs off this.
+pub struct Vault {
+    store: Arc<dyn Store>,
+    keyring: Arc<dyn KeyringProvider>,
+    audit: AuditLog,
+    keys: KeyManager,
+}
+
+impl Vault {
+    /// Opens the store (applying migrations) and the keyring named by the
+    /// configuration, registers key versions, and resumes an interrupted
+    /// rotation. Must run inside a Tokio runtime.
+    pub async fn open(config: &Config) -> Result<Arc<Self>, VaultError> {
+        let keyring = open_keyring(config)?;
+        let store = store::open(&config.database_url()).await?;
+        Self::from_parts(store, keyring, config).await
+    }
+
+    /// Builds a vault from an opened store and keyring.
+    pub async fn from_parts(
+        store: Arc<dyn Store>,
+        keyring: Arc<dyn KeyringProvider>,
+        config: &Config,
+    ) -> Result<Arc<Self>, VaultError> {
+        let audit = AuditLog::start(store.clone(), keyring.clone());
+        let keys = KeyManager::new(
+            store.clone(),
+            keyring.clone(),
+            audit.clone(),
+            &config.keyring,
+        );
+        keys.sync().await?;
+        let vault = Arc::new(Self {
+            store,
+            keyring,
+            audit,
+            keys,
+        });
+        vault.keys.resume_rotation().await?;
+        Ok(vault)
+    }
+
+    /// The store (for transports that page through records).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The keyring handle (MACs only; it never hands out keys).
+    pub fn keyring(&self) -> &Arc<dyn KeyringProvider> {
+        &self.keyring
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Key management: status, rotation, retirement.
+    pub fn keys(&self) -> &KeyManager {
+        &self.keys
+    }
+
+    /// Whether the vault can serve: the database answers and the primary key
+    /// can wrap.
+    pub async fn health(&self) -> Result<(), VaultError> {
+        self.store.ping().await?;
+        self.keys.check_primary().await
+    }
+
+    /// Stops background work and closes the database pool.
+    pub async fn shutdown(&self) {
+        self.keys.stop();
+        self.store.close().await;
+    }
+}
+
+/// Opens the configured keyring provider.
+pub fn open_keyring(config: &Config) -> Result<Arc<dyn KeyringProvider>, VaultError> {
+    let keyring: Arc<dyn KeyringProvider> = match config.keyring.provider {
+        KeyringProviderKind::Local => Arc::new(LocalKeyring::open(config.keyring_path())?),
+        KeyringProviderKind::Env => Arc::new(EnvKeyring::from_values(
+            config.keyring.keys.expose(),
+            config.keyring.mac_key.expose(),
+        )?),
+    };
+    Ok(keyring)
+}

@@ -1,0 +1,9 @@
+//! The one integration-test binary: every behaviour test runs against the
+//! real server over TCP, on SQLite and on PostgreSQL.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod foundation;
+mod serve_cli;
+mod store_contract;
