@@ -99,6 +99,13 @@ pub trait Store: Send + Sync + 'static {
         secrets: &SecretsRecord,
     ) -> StoreResult<Option<ConnectionId>>;
 
+    /// Inserts many new connections with their secrets in one transaction
+    /// (bulk import and seeding). Fails if any collides with a live connection.
+    async fn connection_import(
+        &self,
+        rows: &[(ConnectionRecord, SecretsRecord)],
+    ) -> StoreResult<()>;
+
     /// One connection by id, tombstones included.
     async fn connection_get(&self, id: &ConnectionId) -> StoreResult<Option<ConnectionRecord>>;
 

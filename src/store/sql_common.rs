@@ -168,6 +168,47 @@ impl Filter {
     }
 }
 
+async fn insert_connection(
+    tx: &mut sqlx::Transaction<'static, Db>,
+    c: &ConnectionRecord,
+    s: &SecretsRecord,
+) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO connections (connection_id, tenant_id, account_id, integration, \
+             google_subject, google_email, granted_scopes, status, status_reason, created_at, \
+             updated_at, deleted_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(c.id.as_str())
+        .bind(c.tenant.as_str())
+        .bind(c.account.as_str())
+        .bind(c.integration.as_str())
+        .bind(c.google_subject.as_deref())
+        .bind(c.google_email.as_deref())
+        .bind(c.granted_scopes.to_spaced())
+        .bind(c.status.as_str())
+        .bind(c.status_reason.as_deref())
+        .bind(c.created_at.as_micros())
+        .bind(c.updated_at.as_micros())
+        .bind(c.deleted_at.map(Timestamp::as_micros))
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO connection_secrets (connection_id, kek_version, wrapped_dek, \
+             access_token, access_expires_at, refresh_token, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(s.connection_id.as_str())
+        .bind(kek_to_db(s.kek_version))
+        .bind(s.wrapped_dek.as_slice())
+        .bind(s.access_token.as_deref())
+        .bind(s.access_expires_at.map(Timestamp::as_micros))
+        .bind(s.refresh_token.as_deref())
+        .bind(s.updated_at.as_micros())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl crate::store::Store for StoreImpl {
     fn backend(&self) -> Backend {
@@ -264,9 +305,7 @@ impl crate::store::Store for StoreImpl {
         };
         let allowed = matches!(
             (current, state),
-            (KeyState::Active, KeyState::Retired)
-                | (KeyState::Active, KeyState::Destroyed)
-                | (KeyState::Retired, KeyState::Destroyed)
+            (KeyState::Active, KeyState::Retired) | (KeyState::Retired, KeyState::Destroyed)
         );
         if current == state {
             return Ok(());
@@ -344,41 +383,18 @@ impl crate::store::Store for StoreImpl {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query(
-            "INSERT INTO connections (connection_id, tenant_id, account_id, integration, \
-             google_subject, google_email, granted_scopes, status, status_reason, created_at, \
-             updated_at, deleted_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(c.id.as_str())
-        .bind(c.tenant.as_str())
-        .bind(c.account.as_str())
-        .bind(c.integration.as_str())
-        .bind(c.google_subject.as_deref())
-        .bind(c.google_email.as_deref())
-        .bind(c.granted_scopes.to_spaced())
-        .bind(c.status.as_str())
-        .bind(c.status_reason.as_deref())
-        .bind(c.created_at.as_micros())
-        .bind(c.updated_at.as_micros())
-        .bind(c.deleted_at.map(Timestamp::as_micros))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO connection_secrets (connection_id, kek_version, wrapped_dek, \
-             access_token, access_expires_at, refresh_token, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(s.connection_id.as_str())
-        .bind(kek_to_db(s.kek_version))
-        .bind(s.wrapped_dek.as_slice())
-        .bind(s.access_token.as_deref())
-        .bind(s.access_expires_at.map(Timestamp::as_micros))
-        .bind(s.refresh_token.as_deref())
-        .bind(s.updated_at.as_micros())
-        .execute(&mut *tx)
-        .await?;
+        insert_connection(&mut tx, c, s).await?;
         tx.commit().await?;
         Ok(old.map(ConnectionId::from_stored))
+    }
+
+    async fn connection_import(&self, rows: &[(ConnectionRecord, SecretsRecord)]) -> StoreResult<()> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        for (c, s) in rows {
+            insert_connection(&mut tx, c, s).await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn connection_get(&self, id: &ConnectionId) -> StoreResult<Option<ConnectionRecord>> {

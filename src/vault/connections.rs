@@ -83,6 +83,31 @@ impl Vault {
         new: NewConnection,
         _actor: &Actor,
     ) -> Result<ConnectionRecord, VaultError> {
+        let (record, secrets) = self.connection_seal(new).await?;
+        self.store().connection_upsert(&record, &secrets).await?;
+        Ok(record)
+    }
+
+    /// Stores many new connections in one transaction (bulk import of tokens
+    /// from a previous system, and seeding for tests and benchmarks). Each
+    /// gets its own DEK; none may collide with a live connection.
+    pub async fn connection_import(
+        &self,
+        batch: Vec<NewConnection>,
+    ) -> Result<Vec<ConnectionRecord>, VaultError> {
+        let mut rows = Vec::with_capacity(batch.len());
+        for new in batch {
+            rows.push(self.connection_seal(new).await?);
+        }
+        self.store().connection_import(&rows).await?;
+        Ok(rows.into_iter().map(|(c, _)| c).collect())
+    }
+
+    /// Mints the record and seals the tokens under a fresh DEK.
+    async fn connection_seal(
+        &self,
+        new: NewConnection,
+    ) -> Result<(ConnectionRecord, SecretsRecord), VaultError> {
         let now = Timestamp::now();
         let record = ConnectionRecord {
             id: ConnectionId::generate(),
@@ -121,8 +146,7 @@ impl Vault {
             refresh_token: refresh,
             updated_at: now,
         };
-        self.store().connection_upsert(&record, &secrets).await?;
-        Ok(record)
+        Ok((record, secrets))
     }
 
     /// One connection by id.

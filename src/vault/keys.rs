@@ -243,14 +243,13 @@ impl KeyManager {
     }
 
     /// Starts an online rotation: a new KEK version becomes primary and every
-    /// DEK is rewrapped in the background. Returns the run.
+    /// DEK is rewrapped in the background. Returns the run; while one is
+    /// running, returns that one instead of starting another.
     pub async fn rotate(&self, actor: &Actor) -> Result<RotationRun, VaultError> {
         let i = &self.inner;
         if let Some(run) = i.store.rotation_running().await? {
-            return Err(VaultError::precondition(format!(
-                "rotation {} to {} is still running ({} of {} rewrapped)",
-                run.run_id, run.target_version, run.rewrapped, run.total
-            )));
+            // One rotation at a time: asking again reports the running one.
+            return Ok(run);
         }
         let current = self.primary().await?;
         i.audit
@@ -335,7 +334,8 @@ impl KeyManager {
         self.set_state(version, KeyState::Retired, actor).await
     }
 
-    /// Destroys a version's key material. Refused while any DEK references it.
+    /// Destroys a retired version's key material. Refused while any DEK
+    /// references it.
     pub async fn destroy(
         &self,
         version: KekVersion,
@@ -367,18 +367,18 @@ impl KeyManager {
         i.audit
             .record(actor, action, &target, Outcome::Ok, "")
             .await?;
-        i.store
-            .kek_set_state(version, state, Timestamp::now())
-            .await?;
         if state == KeyState::Destroyed {
+            // Material first: a retired version wraps nothing and nothing new can
+            // reference it, so if recording the state fails, a retry finishes it.
             match i.keyring.destroy_version(version).await {
                 Ok(()) | Err(CryptoError::UnknownKeyVersion(_)) => {}
-                Err(CryptoError::Unsupported(msg)) => {
-                    tracing::warn!(%version, "{msg}");
-                }
+                Err(CryptoError::Unsupported(msg)) => return Err(VaultError::precondition(msg)),
                 Err(e) => return Err(e.into()),
             }
         }
+        i.store
+            .kek_set_state(version, state, Timestamp::now())
+            .await?;
         tracing::info!(%version, %state, actor = %actor.identity, "key version state changed");
         i.store
             .kek_list()
@@ -405,6 +405,12 @@ impl KeyManager {
         }
         if rec.state == state {
             return Ok(());
+        }
+        if state == KeyState::Destroyed && rec.state != KeyState::Retired {
+            return Err(VaultError::precondition(format!(
+                "key version {version} is {}; retire it before destroying it",
+                rec.state
+            )));
         }
         let refs: i64 = self
             .inner

@@ -4,6 +4,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod encryption;
 mod foundation;
-mod serve_cli;
+mod rotation;
+pub mod serve_cli;
 mod store_contract;

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod logs;
+pub mod raw;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -70,7 +71,7 @@ impl As {
 
 /// Adds `authorization: Bearer <key>` to every call.
 #[derive(Clone)]
-pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+pub struct Bearer(pub Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {

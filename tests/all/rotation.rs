@@ -1,0 +1,372 @@
+//! Online key rotation: 10,000 connections rewrapped while reads continue,
+//! retire and destroy refused while a version is in use, and a rotation that
+//! survives SIGKILL of the server.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokenvault::crypto::SecretString;
+use tokenvault::domain::{
+    AccountId, ConnectionId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp,
+};
+use tokenvault::proto::v1 as pb;
+use tokenvault::vault::{NewConnection, Vault};
+use tonic::Code;
+
+use crate::both_backends;
+use crate::serve_cli::ServeProcess;
+use crate::support::{As, Backend, Bearer, spawn_vault, test_config};
+
+const CONNECTIONS: usize = 10_000;
+
+/// The token each seeded connection holds.
+fn token_of(i: usize) -> String {
+    format!("ya29.rotation-{i}")
+}
+
+/// Imports `n` connections through the vault's bulk path, 1,000 per transaction.
+async fn import(vault: &Vault, n: usize) -> Vec<ConnectionId> {
+    let scopes = ScopeSet::parse_spaced("https://www.googleapis.com/auth/calendar.events").unwrap();
+    let mut ids = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let batch = chunk
+            .iter()
+            .map(|&i| NewConnection {
+                tenant: TenantId::parse("load").unwrap(),
+                account: AccountId::parse(&format!("user{i}")).unwrap(),
+                integration: Integration::Calendar,
+                google_subject: format!("sub{i}"),
+                google_email: format!("user{i}@example.test"),
+                granted_scopes: scopes.clone(),
+                status: ConnectionStatus::Active,
+                access_token: SecretString::new(token_of(i)),
+                access_expires_at: Timestamp::now().plus(Duration::from_secs(3600)),
+                refresh_token: None,
+            })
+            .collect();
+        ids.extend(
+            vault
+                .connection_import(batch)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| c.id),
+        );
+    }
+    ids
+}
+
+async fn wait_for_completion(
+    admin: &mut pb::admin_service_client::AdminServiceClient<crate::support::Authed>,
+    limit: Duration,
+) -> pb::KeyStatusResponse {
+    let deadline = Instant::now() + limit;
+    loop {
+        let status = admin
+            .key_status(pb::KeyStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let rotation = status.rotation.clone().expect("a rotation");
+        if rotation.state == pb::RotationState::Completed as i32 {
+            return status;
+        }
+        assert_ne!(
+            rotation.state,
+            pb::RotationState::Failed as i32,
+            "{}",
+            rotation.last_error
+        );
+        assert!(
+            Instant::now() < deadline,
+            "rotation did not finish: {rotation:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn rotation_rewraps_every_dek_while_reads_continue(backend: Backend) {
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let ids = Arc::new(import(&tv.vault, CONNECTIONS).await);
+    let mut admin = tv.admin(As::Admin);
+
+    // Readers keep opening tokens through the vault's read path.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (reads, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let readers: Vec<_> = (0..4)
+        .map(|r| {
+            let (vault, ids, stop, reads, failures) = (
+                tv.vault.clone(),
+                ids.clone(),
+                stop.clone(),
+                reads.clone(),
+                failures.clone(),
+            );
+            tokio::spawn(async move {
+                let mut i = r * 997;
+                while !stop.load(Ordering::Relaxed) {
+                    i = (i + 7919) % ids.len();
+                    match vault.access_token_open(&ids[i]).await {
+                        Ok(t) if t.access_token.expose() == token_of(i) => {}
+                        other => {
+                            eprintln!("read {i} failed: {:?}", other.map(|t| t.expires_at));
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let run = admin
+        .rotate_keys(pb::RotateKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run.target_version, 2);
+    assert_eq!(run.total, CONNECTIONS as u64);
+    // Asking again while it runs reports the same run.
+    let again = admin
+        .rotate_keys(pb::RotateKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    if again.state == pb::RotationState::Running as i32 {
+        assert_eq!(again.run_id, run.run_id);
+    }
+    let reads_before = reads.load(Ordering::Relaxed);
+    let status = wait_for_completion(&mut admin, Duration::from_secs(300)).await;
+    let reads_during = reads.load(Ordering::Relaxed) - reads_before;
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "reads failed during rotation"
+    );
+    assert!(reads_during > 0, "reads continued during the rotation");
+    eprintln!("{backend:?}: {reads_during} reads during rotation, zero failures");
+
+    assert_eq!(status.primary_version, 2);
+    let count = |v: u32| {
+        status
+            .versions
+            .iter()
+            .find(|k| k.version == v)
+            .unwrap()
+            .dek_count
+    };
+    assert_eq!(count(1), 0);
+    assert_eq!(count(2), CONNECTIONS as u64);
+    let rotation = status.rotation.unwrap();
+    assert_eq!(rotation.rewrapped, CONNECTIONS as u64);
+    assert_eq!(status.oldest_version_in_use, 2);
+    assert!(!status.rotation_overdue);
+
+    // The primary cannot be retired; v1, now unused, can — then destroyed.
+    let err = admin
+        .retire_key(pb::RetireKeyRequest { version: 2 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = admin
+        .destroy_key(pb::DestroyKeyRequest { version: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "destroy requires retirement first"
+    );
+    let v1 = admin
+        .retire_key(pb::RetireKeyRequest { version: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v1.state, pb::KeyState::Retired as i32);
+    let v1 = admin
+        .destroy_key(pb::DestroyKeyRequest { version: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v1.state, pb::KeyState::Destroyed as i32);
+    let keyring: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tv.keyring_path()).unwrap()).unwrap();
+    let versions: Vec<u64> = keyring["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [2], "v1's material is gone from the keyring");
+    for i in (0..CONNECTIONS).step_by(499) {
+        assert_eq!(
+            tv.vault
+                .access_token_open(&ids[i])
+                .await
+                .unwrap()
+                .access_token
+                .expose(),
+            token_of(i)
+        );
+    }
+
+    let actions: Vec<String> = admin
+        .query_audit(pb::QueryAuditRequest {
+            action: Some("keys.".into()),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| format!("{}:{}", e.action, e.outcome))
+        .collect();
+    for want in [
+        "keys.rotate.start:1",
+        "keys.rotate.complete:1",
+        "keys.retire:1",
+        "keys.destroy:1",
+    ] {
+        assert!(
+            actions.iter().any(|a| a == want),
+            "{want} not audited: {actions:?}"
+        );
+    }
+    let report = admin
+        .verify_audit(pb::VerifyAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.ok, "{report:?}");
+}
+both_backends!(
+    rotation_under_load,
+    rotation_rewraps_every_dek_while_reads_continue
+);
+
+/// A configuration file for a `tokenvault serve` child process.
+fn write_config(dir: &std::path::Path, database_url: &str) -> std::path::PathBuf {
+    let config = test_config(dir, database_url);
+    let mut text = format!(
+        "data_dir = {:?}\ndatabase_url = {:?}\n[keyring]\nrotation_batch_size = 100\nrotation_batch_pause_ms = 25\n",
+        dir.display().to_string(),
+        database_url
+    );
+    text.push_str("[auth.roles]\n");
+    for (identity, role) in &config.auth.roles {
+        text.push_str(&format!("{identity:?} = {role:?}\n"));
+    }
+    for key in &config.auth.api_keys {
+        text.push_str(&format!(
+            "[[auth.api_keys]]\nidentity = {:?}\nsha256 = {:?}\n",
+            key.identity, key.sha256
+        ));
+    }
+    let path = dir.join("tokenvault.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn admin_client(
+    addr: &str,
+) -> pb::admin_service_client::AdminServiceClient<crate::support::Authed> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = Bearer(Some(format!("Bearer {}", As::Admin.key()).parse().unwrap()));
+    pb::admin_service_client::AdminServiceClient::with_interceptor(channel, bearer)
+}
+
+async fn a_rotation_killed_midway_resumes_after_restart(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(database_url) = crate::support::fresh_database(backend, dir.path()).await else {
+        return;
+    };
+    let config_path = write_config(dir.path(), &database_url);
+    let config = tokenvault::config::Config::load_from(Some(&config_path), Vec::new()).unwrap();
+    tokenvault::crypto::LocalKeyring::init(config.keyring_path()).unwrap();
+    let seeded = Vault::open(&config).await.unwrap();
+    let ids = import(&seeded, CONNECTIONS).await;
+    seeded.shutdown().await;
+
+    let config_arg = config_path.display().to_string();
+    let mut first = ServeProcess::start(dir.path(), &["--config", &config_arg], &[]);
+    let mut admin = admin_client(&first.grpc_addr).await;
+    let run = admin
+        .rotate_keys(pb::RotateKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let progress = admin
+            .key_status(pb::KeyStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .rotation
+            .unwrap();
+        assert_eq!(
+            progress.state,
+            pb::RotationState::Running as i32,
+            "finished before the kill; slow it down"
+        );
+        if progress.rewrapped >= 1000 {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(admin);
+    first.signal("KILL");
+    first.wait(Duration::from_secs(10));
+
+    let mut second = ServeProcess::start(dir.path(), &["--config", &config_arg], &[]);
+    let mut admin = admin_client(&second.grpc_addr).await;
+    let status = wait_for_completion(&mut admin, Duration::from_secs(120)).await;
+    let rotation = status.rotation.unwrap();
+    assert_eq!(rotation.run_id, run.run_id, "the same run resumed");
+    assert_eq!(
+        rotation.rewrapped, CONNECTIONS as u64,
+        "every DEK counted once"
+    );
+    let on = |v: u32| {
+        status
+            .versions
+            .iter()
+            .find(|k| k.version == v)
+            .unwrap()
+            .dek_count
+    };
+    assert_eq!((on(1), on(2)), (0, CONNECTIONS as u64));
+    assert!(second.log_text().contains("resuming key rotation"));
+    drop(admin);
+    second.signal("TERM");
+    assert!(second.wait(Duration::from_secs(30)).success());
+
+    let check = Vault::open(&config).await.unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let opened = check
+            .access_token_open(id)
+            .await
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(opened.access_token.expose(), token_of(i));
+    }
+    check.shutdown().await;
+}
+both_backends!(
+    rotation_survives_sigkill,
+    a_rotation_killed_midway_resumes_after_restart
+);

@@ -1,0 +1,141 @@
+//! Direct access to a test vault's database, bypassing the vault: for
+//! tampering with stored ciphertexts and for scanning everything at rest.
+
+use sqlx::Row as _;
+
+use super::{Backend, TestVault};
+
+/// The stored secret columns of one connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretRow {
+    pub kek_version: i64,
+    pub wrapped_dek: Vec<u8>,
+    pub access_token: Option<Vec<u8>>,
+    pub refresh_token: Option<Vec<u8>>,
+}
+
+/// A second, independent connection pool on the vault's database.
+pub enum RawDb {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+const SELECT: &str = "SELECT kek_version, wrapped_dek, access_token, refresh_token \
+                      FROM connection_secrets WHERE connection_id = $1";
+const UPDATE: &str = "UPDATE connection_secrets SET kek_version = $1, wrapped_dek = $2, \
+                      access_token = $3, refresh_token = $4 WHERE connection_id = $5";
+
+impl RawDb {
+    pub async fn open(tv: &TestVault) -> Self {
+        Self::open_url(tv.backend, &tv.database_url).await
+    }
+
+    pub async fn open_url(backend: Backend, url: &str) -> Self {
+        match backend {
+            Backend::Sqlite => RawDb::Sqlite(sqlx::SqlitePool::connect(url).await.unwrap()),
+            Backend::Postgres => RawDb::Postgres(sqlx::PgPool::connect(url).await.unwrap()),
+        }
+    }
+
+    pub async fn secret_row(&self, connection_id: &str) -> Option<SecretRow> {
+        macro_rules! get {
+            ($pool:expr) => {{
+                let row = sqlx::query(SELECT)
+                    .bind(connection_id)
+                    .fetch_optional($pool)
+                    .await
+                    .unwrap();
+                row.map(|r| SecretRow {
+                    kek_version: r.get(0),
+                    wrapped_dek: r.get(1),
+                    access_token: r.get(2),
+                    refresh_token: r.get(3),
+                })
+            }};
+        }
+        match self {
+            RawDb::Sqlite(p) => get!(p),
+            RawDb::Postgres(p) => get!(p),
+        }
+    }
+
+    pub async fn set_secret_row(&self, connection_id: &str, row: &SecretRow) {
+        macro_rules! set {
+            ($pool:expr) => {{
+                let n = sqlx::query(UPDATE)
+                    .bind(row.kek_version)
+                    .bind(&row.wrapped_dek)
+                    .bind(&row.access_token)
+                    .bind(&row.refresh_token)
+                    .bind(connection_id)
+                    .execute($pool)
+                    .await
+                    .unwrap()
+                    .rows_affected();
+                assert_eq!(n, 1, "no secrets row for {connection_id}");
+            }};
+        }
+        match self {
+            RawDb::Sqlite(p) => set!(p),
+            RawDb::Postgres(p) => set!(p),
+        }
+    }
+
+    /// Runs one statement.
+    pub async fn execute(&self, sql: &str) {
+        match self {
+            RawDb::Sqlite(p) => {
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .execute(p)
+                    .await
+                    .unwrap();
+            }
+            RawDb::Postgres(p) => {
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .execute(p)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Every column of every row of every PostgreSQL table, as text (bytea as hex).
+    pub async fn postgres_dump(&self) -> String {
+        let RawDb::Postgres(pool) = self else {
+            panic!("postgres_dump on SQLite")
+        };
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public'",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        assert!(
+            tables.len() >= 10,
+            "expected the vault's tables, got {tables:?}"
+        );
+        let mut out = String::new();
+        for t in tables {
+            let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT row_to_json(t)::text FROM \"{t}\" t"
+            )))
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            for r in rows {
+                out.push_str(&t);
+                out.push(' ');
+                out.push_str(&r);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    pub async fn close(self) {
+        match self {
+            RawDb::Sqlite(p) => p.close().await,
+            RawDb::Postgres(p) => p.close().await,
+        }
+    }
+}
