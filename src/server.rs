@@ -133,6 +133,9 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
             }
         })
     };
+    // The first status is set before start returns, so no caller ever sees
+    // "service not registered"; the task keeps it current.
+    set_health(&health_reporter, check_health(&vault).await).await;
     let health_task = tokio::spawn(report_health(
         vault.clone(),
         health_reporter,
@@ -177,30 +180,31 @@ async fn report_health(
     reporter: tonic_health::server::HealthReporter,
     mut stop: watch::Receiver<bool>,
 ) {
-    let set = |status: ServingStatus| {
-        let reporter = reporter.clone();
-        async move {
-            reporter.set_service_status("", status).await;
-            for name in grpc::SERVICE_NAMES {
-                reporter.set_service_status(name, status).await;
-            }
-        }
-    };
     loop {
-        let status = match vault.health().await {
-            Ok(()) => ServingStatus::Serving,
-            Err(e) => {
-                tracing::warn!(error = %e, "vault unhealthy");
-                ServingStatus::NotServing
-            }
-        };
-        set(status).await;
         tokio::select! {
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
             _ = stop.wait_for(|s| *s) => break,
         }
+        set_health(&reporter, check_health(&vault).await).await;
     }
-    set(ServingStatus::NotServing).await;
+    set_health(&reporter, ServingStatus::NotServing).await;
+}
+
+async fn check_health(vault: &Vault) -> ServingStatus {
+    match vault.health().await {
+        Ok(()) => ServingStatus::Serving,
+        Err(e) => {
+            tracing::warn!(error = %e, "vault unhealthy");
+            ServingStatus::NotServing
+        }
+    }
+}
+
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for name in grpc::SERVICE_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
 }
 
 /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
