@@ -71,6 +71,12 @@ impl SecretValue {
     }
 }
 
+impl From<String> for SecretValue {
+    fn from(s: String) -> Self {
+        Self(Zeroizing::new(s))
+    }
+}
+
 impl fmt::Debug for SecretValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(if self.0.is_empty() {
@@ -109,6 +115,10 @@ pub struct Config {
     pub server: ServerConfig,
     /// Caller identities and roles.
     pub auth: AuthConfig,
+    /// Google OAuth client and endpoints.
+    pub google: GoogleConfig,
+    /// Token leases.
+    pub lease: LeaseConfig,
 }
 
 impl Default for Config {
@@ -123,6 +133,8 @@ impl Default for Config {
             tls: TlsConfig::default(),
             server: ServerConfig::default(),
             auth: AuthConfig::default(),
+            google: GoogleConfig::default(),
+            lease: LeaseConfig::default(),
         }
     }
 }
@@ -231,6 +243,89 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             shutdown_grace_seconds: 30,
+        }
+    }
+}
+
+/// `[google]`: the OAuth client registered in the Google Cloud project, and
+/// Google's endpoints (defaults: the real ones).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GoogleConfig {
+    /// OAuth client id.
+    pub client_id: String,
+    /// OAuth client secret.
+    pub client_secret: SecretValue,
+    /// Where Google redirects the browser: this vault's `GET /oauth/callback`.
+    pub redirect_uri: String,
+    /// Where the callback sends the browser afterwards, with `status`,
+    /// `connection_id` or `error` appended; unset: a short page.
+    pub return_url: Option<String>,
+    /// Authorization endpoint.
+    pub auth_uri: String,
+    /// Token endpoint.
+    pub token_uri: String,
+    /// Revocation endpoint.
+    pub revoke_uri: String,
+    /// OpenID Connect userinfo endpoint.
+    pub userinfo_uri: String,
+    /// JWKS of the id_token signing keys.
+    pub jwks_uri: String,
+    /// Accepted id_token issuers.
+    pub issuers: Vec<String>,
+    /// Scopes requested for the CALENDAR integration (plus `openid email`).
+    pub calendar_scopes: Vec<String>,
+    /// Scopes requested for the EMAIL integration (plus `openid email`).
+    pub email_scopes: Vec<String>,
+    /// TCP connect timeout for calls to Google.
+    pub connect_timeout_ms: u64,
+    /// Timeout of one HTTP request to Google.
+    pub request_timeout_ms: u64,
+    /// How long a lease may wait for a refresh (retries included) when the
+    /// caller set no shorter deadline.
+    pub refresh_deadline_ms: u64,
+}
+
+impl Default for GoogleConfig {
+    fn default() -> Self {
+        Self {
+            client_id: String::new(),
+            client_secret: SecretValue::default(),
+            redirect_uri: "http://127.0.0.1:8080/oauth/callback".to_owned(),
+            return_url: None,
+            auth_uri: "https://accounts.google.com/o/oauth2/v2/auth".to_owned(),
+            token_uri: "https://oauth2.googleapis.com/token".to_owned(),
+            revoke_uri: "https://oauth2.googleapis.com/revoke".to_owned(),
+            userinfo_uri: "https://openidconnect.googleapis.com/v1/userinfo".to_owned(),
+            jwks_uri: "https://www.googleapis.com/oauth2/v3/certs".to_owned(),
+            issuers: vec![
+                "https://accounts.google.com".to_owned(),
+                "accounts.google.com".to_owned(),
+            ],
+            calendar_scopes: vec!["https://www.googleapis.com/auth/calendar.events".to_owned()],
+            email_scopes: vec!["https://www.googleapis.com/auth/gmail.modify".to_owned()],
+            connect_timeout_ms: 2_000,
+            request_timeout_ms: 5_000,
+            refresh_deadline_ms: 10_000,
+        }
+    }
+}
+
+/// `[lease]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// The longest lease granted, whatever the token's remaining lifetime.
+    pub max_ttl_seconds: u64,
+    /// `min_valid_seconds` when a request leaves it at 0.
+    pub default_min_valid_seconds: u32,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            max_ttl_seconds: 900,
+            default_min_valid_seconds: 60,
         }
     }
 }
@@ -357,6 +452,42 @@ impl Config {
             return Err(ConfigError::new(
                 "keyring.keys",
                 "required with provider = \"env\" (set TOKENVAULT_KEYRING__KEYS)",
+            ));
+        }
+        for (name, value) in [
+            ("google.redirect_uri", &self.google.redirect_uri),
+            ("google.auth_uri", &self.google.auth_uri),
+            ("google.token_uri", &self.google.token_uri),
+            ("google.revoke_uri", &self.google.revoke_uri),
+            ("google.userinfo_uri", &self.google.userinfo_uri),
+            ("google.jwks_uri", &self.google.jwks_uri),
+        ] {
+            match oauth2::url::Url::parse(value) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                Ok(_) => return Err(ConfigError::new(name, "must be an http(s) URL")),
+                Err(e) => return Err(ConfigError::new(name, format!("not a URL ({e})"))),
+            }
+        }
+        if !self.google.client_id.is_empty() && self.google.client_secret.is_empty() {
+            return Err(ConfigError::new(
+                "google.client_secret",
+                "required with google.client_id (set TOKENVAULT_GOOGLE__CLIENT_SECRET)",
+            ));
+        }
+        for (name, scopes) in [
+            ("google.calendar_scopes", &self.google.calendar_scopes),
+            ("google.email_scopes", &self.google.email_scopes),
+        ] {
+            if scopes.is_empty() {
+                return Err(ConfigError::new(name, "must name at least one scope"));
+            }
+            crate::domain::ScopeSet::parse(scopes.iter().map(String::as_str))
+                .map_err(|e| ConfigError::new(name, e.to_string()))?;
+        }
+        if self.lease.max_ttl_seconds == 0 {
+            return Err(ConfigError::new(
+                "lease.max_ttl_seconds",
+                "must be at least 1",
             ));
         }
         for (i, key) in self.auth.api_keys.iter().enumerate() {

@@ -7,9 +7,11 @@ use tonic::{Request, Response, Status};
 use super::Context;
 use super::auth::Role;
 use super::convert::{self, PageToken};
+use crate::crypto::SecretString;
 use crate::domain::{AccountId, ConnectionId, TenantId, VaultError};
 use crate::proto::v1 as pb;
 use crate::store::ConnectionFilter;
+use crate::vault::{Completer, Completion};
 
 pub(super) struct Connections(pub Arc<Context>);
 
@@ -22,11 +24,29 @@ impl pb::connection_service_server::ConnectionService for Connections {
         request: Request<pb::BeginAuthorizationRequest>,
     ) -> Result<Response<pb::BeginAuthorizationResponse>, Status> {
         let rpc = "ConnectionService.BeginAuthorization";
-        self.0
+        let caller = self
+            .0
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
-        Err(VaultError::Unimplemented(rpc).into())
+        let req = request.get_ref();
+        let tenant = TenantId::parse(&req.tenant_id)?;
+        let account = AccountId::parse(&req.account_id)?;
+        let integration = convert::integration(req.integration)?;
+        let hint = req
+            .login_hint
+            .as_deref()
+            .map(convert::login_hint)
+            .transpose()?;
+        let begun = self
+            .0
+            .vault
+            .authorization_begin(&caller.actor(), tenant, account, integration, hint)
+            .await?;
+        Ok(Response::new(pb::BeginAuthorizationResponse {
+            authorization_url: begun.url,
+            state_expires_at: Some(convert::ts(begun.expires_at)),
+        }))
     }
 
     async fn complete_authorization(
@@ -34,11 +54,49 @@ impl pb::connection_service_server::ConnectionService for Connections {
         request: Request<pb::CompleteAuthorizationRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
         let rpc = "ConnectionService.CompleteAuthorization";
-        self.0
+        let caller = self
+            .0
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
-        Err(VaultError::Unimplemented(rpc).into())
+        let req = request.into_inner();
+        let tenant = (!req.tenant_id.is_empty())
+            .then(|| TenantId::parse(&req.tenant_id))
+            .transpose()?;
+        let account = (!req.account_id.is_empty())
+            .then(|| AccountId::parse(&req.account_id))
+            .transpose()?;
+        let completion = match req.outcome {
+            Some(pb::complete_authorization_request::Outcome::Code(code)) => {
+                if code.len() > 2048 {
+                    return Err(VaultError::invalid("code", "longer than 2048 bytes").into());
+                }
+                Completion::Code(SecretString::new(code))
+            }
+            Some(pb::complete_authorization_request::Outcome::Error(e)) => {
+                Completion::Error(e.error, e.error_description)
+            }
+            None => return Err(VaultError::invalid("outcome", "set code or error").into()),
+        };
+        let actor = caller.actor();
+        let completer = Completer::Caller {
+            actor: &actor,
+            tenant: tenant.as_ref(),
+            account: account.as_ref(),
+        };
+        let record = self
+            .0
+            .vault
+            .authorization_complete(completer, &req.state, completion)
+            .await?;
+        let expires = self
+            .0
+            .vault
+            .store()
+            .secrets_get(&record.id)
+            .await?
+            .and_then(|s| s.access_expires_at);
+        Ok(Response::new(convert::connection(&record, expires)))
     }
 
     async fn get_connection(

@@ -214,6 +214,49 @@ pub fn audit_entry(r: &AuditRow) -> pb::AuditEntry {
     }
 }
 
+/// Parses an optional `login_hint` (an email or Google subject).
+pub fn login_hint(value: &str) -> Result<&str, VaultError> {
+    if value.is_empty() || value.len() > 320 || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(VaultError::invalid(
+            "login_hint",
+            "must be 1..=320 printable ASCII characters",
+        ));
+    }
+    Ok(value)
+}
+
+/// The call's deadline: the client's `grpc-timeout`, capped at `max`.
+pub fn deadline(
+    metadata: &tonic::metadata::MetadataMap,
+    max: std::time::Duration,
+) -> std::time::Instant {
+    let requested = metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    let budget = requested.map_or(max, |r| r.min(max));
+    std::time::Instant::now() + budget
+}
+
+/// `grpc-timeout` is digits followed by a unit: H, M, S, m, u or n.
+fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Opaque keyset page tokens bound to the filters they were issued for.
 pub struct PageToken;
 
@@ -280,6 +323,16 @@ mod tests {
         assert!(PageToken::request(-1, "", "").is_err());
         assert_eq!(PageToken::request(5000, "", "").unwrap().limit, MAX_PAGE);
         assert_eq!(PageToken::next(&page, 1, Some("conn_x"), "tenant=a"), "");
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_with_their_units() {
+        use std::time::Duration;
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
     }
 
     #[test]

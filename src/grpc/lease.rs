@@ -6,8 +6,12 @@ use tonic::{Request, Response, Status};
 
 use super::Context;
 use super::auth::Role;
-use crate::domain::VaultError;
+use std::time::Duration;
+
+use super::convert;
+use crate::domain::{ConnectionId, Purpose, ScopeSet, VaultError};
 use crate::proto::v1 as pb;
+use crate::vault::LeaseRequest;
 
 pub(super) struct Leases(pub Arc<Context>);
 
@@ -20,11 +24,45 @@ impl pb::lease_service_server::LeaseService for Leases {
         request: Request<pb::LeaseTokenRequest>,
     ) -> Result<Response<pb::LeaseTokenResponse>, Status> {
         let rpc = "LeaseService.LeaseToken";
-        self.0
+        let caller = self
+            .0
             .auth
             .authorize(&self.0.vault, &request, rpc, WORKER)
             .await?;
-        Err(VaultError::Unimplemented(rpc).into())
+        let deadline = convert::deadline(request.metadata(), self.0.vault.refresh_deadline());
+        let req = request.get_ref();
+        let min_valid = match req.min_valid_seconds {
+            0 => self.0.vault.default_min_valid(),
+            n if n > 3000 => {
+                return Err(VaultError::invalid(
+                    "min_valid_seconds",
+                    "must be at most 3000 (Google tokens live one hour)",
+                )
+                .into());
+            }
+            n => Duration::from_secs(u64::from(n)),
+        };
+        let lease = self
+            .0
+            .vault
+            .lease_token(
+                &caller.actor(),
+                LeaseRequest {
+                    connection: ConnectionId::parse(&req.connection_id)?,
+                    purpose: Purpose::parse(&req.purpose)?,
+                    scopes: ScopeSet::parse(req.scopes.iter().map(String::as_str))?,
+                    min_valid,
+                    deadline,
+                },
+            )
+            .await?;
+        Ok(Response::new(pb::LeaseTokenResponse {
+            lease_id: lease.lease_id.to_string(),
+            access_token: lease.access_token.expose().to_owned(),
+            token_expires_at: Some(convert::ts(lease.token_expires_at)),
+            lease_expires_at: Some(convert::ts(lease.lease_expires_at)),
+            granted_scopes: lease.scopes.to_strings(),
+        }))
     }
 
     async fn release_lease(

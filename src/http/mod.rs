@@ -1,19 +1,25 @@
-//! The HTTP side port: `GET /healthz` for load balancers (and, as the other
-//! issues land, the OAuth callback, the RISC receiver and metrics).
+//! The HTTP side port: `GET /healthz` for load balancers and
+//! `GET /oauth/callback`, Google's redirect target (as the other issues land,
+//! also the RISC receiver and metrics).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 
-use crate::vault::Vault;
+use crate::crypto::SecretString;
+use crate::domain::VaultError;
+use crate::vault::{Completer, Completion, Vault};
 
 /// Builds the HTTP router.
 pub fn router(vault: Arc<Vault>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/oauth/callback", get(oauth_callback))
         .with_state(vault)
 }
 
@@ -25,5 +31,67 @@ async fn healthz(State(vault): State<Arc<Vault>>) -> (StatusCode, String) {
             tracing::warn!(error = %e, "health check failed");
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n".to_owned())
         }
+    }
+}
+
+/// Google's redirect: completes the authorization, then sends the browser to
+/// the configured return URL with the outcome (or shows a short page).
+async fn oauth_callback(
+    State(vault): State<Arc<Vault>>,
+    Query(mut params): Query<HashMap<String, String>>,
+) -> Response {
+    let state = params.remove("state").unwrap_or_default();
+    let completion = match (params.remove("code"), params.remove("error")) {
+        (_, Some(error)) => Completion::Error(
+            error,
+            params.remove("error_description").unwrap_or_default(),
+        ),
+        (Some(code), None) => Completion::Code(SecretString::new(code)),
+        (None, None) => Completion::Code(SecretString::new(String::new())),
+    };
+    let outcome = vault
+        .authorization_complete(Completer::Browser, &state, completion)
+        .await;
+    let (status, query, page) = match &outcome {
+        Ok(c) => (
+            StatusCode::OK,
+            format!(
+                "status=connected&connection_id={}&integration={}",
+                c.id, c.integration
+            ),
+            "Connected. You can close this window.".to_owned(),
+        ),
+        Err(e) => {
+            let (code, reason) = match e {
+                VaultError::InvalidArgument { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+                VaultError::FailedPrecondition(_) => (StatusCode::BAD_REQUEST, "access_denied"),
+                VaultError::Unavailable(_) | VaultError::AuditUnavailable(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
+                }
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+            };
+            (
+                code,
+                format!("status=error&error={reason}"),
+                format!("The connection failed ({reason})."),
+            )
+        }
+    };
+    match vault.return_url() {
+        Some(base) => {
+            let sep = if base.contains('?') { '&' } else { '?' };
+            (
+                StatusCode::SEE_OTHER,
+                [(header::LOCATION, format!("{base}{sep}{query}"))],
+            )
+                .into_response()
+        }
+        None => (
+            status,
+            Html(format!(
+                "<!doctype html><title>tokenvault</title><p>{page}</p>\n"
+            )),
+        )
+            .into_response(),
     }
 }

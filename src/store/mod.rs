@@ -119,6 +119,72 @@ pub trait Store: Send + Sync + 'static {
     /// The wrapped DEK and sealed tokens of a live connection.
     async fn secrets_get(&self, id: &ConnectionId) -> StoreResult<Option<SecretsRecord>>;
 
+    /// The live connection of an account's integration, if any.
+    async fn connection_live(
+        &self,
+        tenant: &crate::domain::TenantId,
+        account: &crate::domain::AccountId,
+        integration: crate::domain::Integration,
+    ) -> StoreResult<Option<ConnectionRecord>>;
+
+    /// Whether the vault holds a refresh token on a live connection of this
+    /// account (optionally: linked to this Google email).
+    async fn refresh_token_held(
+        &self,
+        tenant: &crate::domain::TenantId,
+        account: &crate::domain::AccountId,
+        google_email: Option<&str>,
+    ) -> StoreResult<bool>;
+
+    /// Marks a connection REVOKED_UPSTREAM and destroys its secrets in one
+    /// transaction (the user revoked access at Google). False if it was not live.
+    async fn connection_revoke_upstream(
+        &self,
+        id: &ConnectionId,
+        at: Timestamp,
+    ) -> StoreResult<bool>;
+
+    // ----- OAuth authorization states ------------------------------------------------
+
+    /// Records a pending authorization.
+    async fn authz_insert(&self, state: &AuthzStateRecord) -> StoreResult<()>;
+
+    /// Consumes a state: single use, atomically.
+    async fn authz_consume(&self, state_hash: &[u8], at: Timestamp) -> StoreResult<AuthzConsume>;
+
+    /// Deletes states that expired before `before`; returns how many.
+    async fn authz_purge(&self, before: Timestamp) -> StoreResult<u64>;
+
+    // ----- refresh single-flight -----------------------------------------------------
+
+    /// Takes the refresh lock of a connection unless someone holds an unexpired
+    /// one; returns the fencing token.
+    async fn refresh_lock_acquire(
+        &self,
+        id: &ConnectionId,
+        holder: &str,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> StoreResult<Option<i64>>;
+
+    /// Releases a refresh lock this holder still holds.
+    async fn refresh_lock_release(
+        &self,
+        id: &ConnectionId,
+        holder: &str,
+        fence: i64,
+    ) -> StoreResult<()>;
+
+    /// Stores refreshed tokens if this holder still holds the lock with this
+    /// fence; false (nothing written) otherwise.
+    async fn secrets_refresh(
+        &self,
+        id: &ConnectionId,
+        holder: &str,
+        fence: i64,
+        tokens: &RefreshedTokens<'_>,
+    ) -> StoreResult<bool>;
+
     // ----- key rotation -------------------------------------------------------------
 
     /// Starts a rotation run; fails with FailedPrecondition if one is running.

@@ -16,6 +16,9 @@ const LOCK_LIVE_CONNECTION: &str = "SELECT connection_id FROM connections \
      FOR UPDATE";
 const LOCK_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1 FOR UPDATE";
 
+const LOCK_REFRESH: &str = "SELECT fence FROM refresh_locks \
+     WHERE connection_id = $1 AND holder = $2 AND fence = $3 FOR UPDATE";
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
 /// A store on a PostgreSQL database.

@@ -218,3 +218,66 @@ pub struct AuditFilter {
     /// Oldest first instead of newest first.
     pub ascending: bool,
 }
+
+/// A pending OAuth authorization (state stored hashed, verifier sealed).
+#[derive(Clone, PartialEq)]
+pub struct AuthzStateRecord {
+    /// HMAC of the state value.
+    pub state_hash: Vec<u8>,
+    /// Tenant it was begun for.
+    pub tenant: TenantId,
+    /// Account it was begun for.
+    pub account: AccountId,
+    /// Integration it was begun for.
+    pub integration: Integration,
+    /// Identity that began it.
+    pub caller: String,
+    /// KEK version of the wrapped DEK.
+    pub kek_version: KekVersion,
+    /// DEK sealing the verifier.
+    pub wrapped_dek: Vec<u8>,
+    /// The sealed PKCE verifier.
+    pub sealed_verifier: Vec<u8>,
+    /// When it was begun.
+    pub created_at: Timestamp,
+    /// When it expires.
+    pub expires_at: Timestamp,
+    /// When it was used.
+    pub consumed_at: Option<Timestamp>,
+}
+
+impl std::fmt::Debug for AuthzStateRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthzStateRecord")
+            .field("tenant", &self.tenant)
+            .field("account", &self.account)
+            .field("integration", &self.integration)
+            .field("caller", &self.caller)
+            .field("expires_at", &self.expires_at)
+            .field("consumed_at", &self.consumed_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The outcome of consuming an authorization state.
+#[derive(Debug)]
+pub enum AuthzConsume {
+    /// First use: now consumed.
+    Consumed(AuthzStateRecord),
+    /// Already used before.
+    Replayed(AuthzStateRecord),
+    /// No such state.
+    Unknown,
+}
+
+/// Tokens written by a refresh.
+pub struct RefreshedTokens<'a> {
+    /// New sealed access token.
+    pub access_token: &'a [u8],
+    /// Its expiry.
+    pub access_expires_at: Timestamp,
+    /// New sealed refresh token, when Google rotated it.
+    pub refresh_token: Option<&'a [u8]>,
+    /// When.
+    pub at: Timestamp,
+}

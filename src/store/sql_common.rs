@@ -14,6 +14,7 @@ use crate::domain::{
     Timestamp, VaultError,
 };
 use crate::store::{
+    AuthzConsume, AuthzStateRecord, RefreshedTokens,
     AuditDraft, AuditFilter, AuditRow, AuditSealer, Backend, ConnectionFilter, ConnectionRecord,
     KekRecord, PageRequest, Rewrap, RotationRun, SecretsRecord, StoreResult, WrappedDekRow,
 };
@@ -94,6 +95,25 @@ fn kek_from_row(row: &Row) -> StoreResult<KekRecord> {
         retired_at: opt_ts(row.try_get("retired_at")?),
         destroyed_at: opt_ts(row.try_get("destroyed_at")?),
         key_check: row.try_get("key_check")?,
+    })
+}
+
+fn authz_from_row(row: &Row) -> StoreResult<AuthzStateRecord> {
+    Ok(AuthzStateRecord {
+        state_hash: row.try_get("state_hash")?,
+        tenant: TenantId::from_stored(row.try_get("tenant_id")?),
+        account: AccountId::from_stored(row.try_get("account_id")?),
+        integration: stored(
+            Integration::parse(row.try_get::<&str, _>("integration")?),
+            "integration",
+        )?,
+        caller: row.try_get("caller")?,
+        kek_version: kek_from_db(row.try_get("kek_version")?)?,
+        wrapped_dek: row.try_get("wrapped_dek")?,
+        sealed_verifier: row.try_get("sealed_verifier")?,
+        created_at: ts(row.try_get("created_at")?),
+        expires_at: ts(row.try_get("expires_at")?),
+        consumed_at: opt_ts(row.try_get("consumed_at")?),
     })
 }
 
@@ -192,6 +212,10 @@ async fn insert_connection(
         .bind(c.deleted_at.map(Timestamp::as_micros))
         .execute(&mut **tx)
         .await?;
+    insert_secrets(tx, s).await
+}
+
+async fn insert_secrets(tx: &mut sqlx::Transaction<'static, Db>, s: &SecretsRecord) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO connection_secrets (connection_id, kek_version, wrapped_dek, \
              access_token, access_expires_at, refresh_token, updated_at) \
@@ -367,6 +391,30 @@ impl crate::store::Store for StoreImpl {
             .bind(c.integration.as_str())
             .fetch_optional(&mut *tx)
             .await?;
+        if old.as_deref() == Some(c.id.as_str()) {
+            // Reconnecting the same Google account: new tokens under a new DEK
+            // replace the old ones in place; the connection keeps its id.
+            sqlx::query(
+                "UPDATE connections SET google_subject = $1, google_email = $2, granted_scopes = $3, \
+                 status = $4, status_reason = $5, updated_at = $6 WHERE connection_id = $7",
+            )
+            .bind(c.google_subject.as_deref())
+            .bind(c.google_email.as_deref())
+            .bind(c.granted_scopes.to_spaced())
+            .bind(c.status.as_str())
+            .bind(c.status_reason.as_deref())
+            .bind(c.updated_at.as_micros())
+            .bind(c.id.as_str())
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM connection_secrets WHERE connection_id = $1")
+                .bind(c.id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            insert_secrets(&mut tx, s).await?;
+            tx.commit().await?;
+            return Ok(None);
+        }
         if let Some(old_id) = &old {
             // Replacing: the old DEK and tokens are destroyed, the row becomes a tombstone.
             sqlx::query("DELETE FROM connection_secrets WHERE connection_id = $1")
@@ -441,6 +489,198 @@ impl crate::store::Store for StoreImpl {
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(secrets_from_row).transpose()
+    }
+
+    async fn connection_live(
+        &self,
+        tenant: &TenantId,
+        account: &AccountId,
+        integration: Integration,
+    ) -> StoreResult<Option<ConnectionRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONNECTION_COLUMNS} FROM connections \
+             WHERE tenant_id = $1 AND account_id = $2 AND integration = $3 AND status <> 'deleted'"
+        )))
+        .bind(tenant.as_str())
+        .bind(account.as_str())
+        .bind(integration.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(connection_from_row).transpose()
+    }
+
+    async fn refresh_token_held(
+        &self,
+        tenant: &TenantId,
+        account: &AccountId,
+        google_email: Option<&str>,
+    ) -> StoreResult<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM connections c JOIN connection_secrets s \
+             ON s.connection_id = c.connection_id \
+             WHERE c.tenant_id = $1 AND c.account_id = $2 AND c.status <> 'deleted' \
+             AND s.refresh_token IS NOT NULL AND ($3 IS NULL OR c.google_email = $3)",
+        )
+        .bind(tenant.as_str())
+        .bind(account.as_str())
+        .bind(google_email)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+
+    async fn connection_revoke_upstream(&self, id: &ConnectionId, at: Timestamp) -> StoreResult<bool> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query("DELETE FROM connection_secrets WHERE connection_id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let n = sqlx::query(
+            "UPDATE connections SET status = 'revoked_upstream', status_reason = 'user_revoked_at_google', \
+             google_subject = NULL, google_email = NULL, granted_scopes = '', updated_at = $1, \
+             deleted_at = $1 WHERE connection_id = $2 AND status NOT IN ('deleted', 'revoked_upstream')",
+        )
+        .bind(at.as_micros())
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("DELETE FROM refresh_locks WHERE connection_id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    async fn authz_insert(&self, a: &AuthzStateRecord) -> StoreResult<()> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO authorization_states (state_hash, tenant_id, account_id, integration, caller, \
+             kek_version, wrapped_dek, sealed_verifier, created_at, expires_at, consumed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL)",
+        )
+        .bind(a.state_hash.as_slice())
+        .bind(a.tenant.as_str())
+        .bind(a.account.as_str())
+        .bind(a.integration.as_str())
+        .bind(&a.caller)
+        .bind(kek_to_db(a.kek_version))
+        .bind(a.wrapped_dek.as_slice())
+        .bind(a.sealed_verifier.as_slice())
+        .bind(a.created_at.as_micros())
+        .bind(a.expires_at.as_micros())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn authz_consume(&self, state_hash: &[u8], at: Timestamp) -> StoreResult<AuthzConsume> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let first = sqlx::query(
+            "UPDATE authorization_states SET consumed_at = $1 \
+             WHERE state_hash = $2 AND consumed_at IS NULL RETURNING *",
+        )
+        .bind(at.as_micros())
+        .bind(state_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let result = match first {
+            Some(row) => AuthzConsume::Consumed(authz_from_row(&row)?),
+            None => {
+                let again = sqlx::query("SELECT * FROM authorization_states WHERE state_hash = $1")
+                    .bind(state_hash)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                match again {
+                    Some(row) => AuthzConsume::Replayed(authz_from_row(&row)?),
+                    None => AuthzConsume::Unknown,
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(result)
+    }
+
+    async fn authz_purge(&self, before: Timestamp) -> StoreResult<u64> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let n = sqlx::query("DELETE FROM authorization_states WHERE expires_at < $1")
+            .bind(before.as_micros())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn refresh_lock_acquire(
+        &self,
+        id: &ConnectionId,
+        holder: &str,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> StoreResult<Option<i64>> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let fence: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO refresh_locks (connection_id, holder, fence, expires_at) VALUES ($1, $2, 1, $3) \
+             ON CONFLICT (connection_id) DO UPDATE SET holder = excluded.holder, \
+             fence = refresh_locks.fence + 1, expires_at = excluded.expires_at \
+             WHERE refresh_locks.expires_at < $4 RETURNING fence",
+        )
+        .bind(id.as_str())
+        .bind(holder)
+        .bind(expires_at.as_micros())
+        .bind(now.as_micros())
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(fence)
+    }
+
+    async fn refresh_lock_release(&self, id: &ConnectionId, holder: &str, fence: i64) -> StoreResult<()> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query("UPDATE refresh_locks SET expires_at = 0 WHERE connection_id = $1 AND holder = $2 AND fence = $3")
+            .bind(id.as_str())
+            .bind(holder)
+            .bind(fence)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn secrets_refresh(
+        &self,
+        id: &ConnectionId,
+        holder: &str,
+        fence: i64,
+        t: &RefreshedTokens<'_>,
+    ) -> StoreResult<bool> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let held: Option<i64> = sqlx::query_scalar(LOCK_REFRESH)
+            .bind(id.as_str())
+            .bind(holder)
+            .bind(fence)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if held.is_none() {
+            return Ok(false);
+        }
+        let n = sqlx::query(
+            "UPDATE connection_secrets SET access_token = $1, access_expires_at = $2, \
+             refresh_token = COALESCE($3, refresh_token), updated_at = $4 WHERE connection_id = $5",
+        )
+        .bind(t.access_token)
+        .bind(t.access_expires_at.as_micros())
+        .bind(t.refresh_token)
+        .bind(t.at.as_micros())
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
     }
 
     async fn rotation_insert(&self, run: &RotationRun) -> StoreResult<()> {

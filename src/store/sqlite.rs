@@ -18,6 +18,9 @@ const LOCK_LIVE_CONNECTION: &str = "SELECT connection_id FROM connections \
      WHERE tenant_id = $1 AND account_id = $2 AND integration = $3 AND status <> 'deleted'";
 const LOCK_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1";
 
+const LOCK_REFRESH: &str = "SELECT fence FROM refresh_locks \
+     WHERE connection_id = $1 AND holder = $2 AND fence = $3";
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// A store on one SQLite file.

@@ -57,7 +57,7 @@ pub struct OpenedToken {
     pub expires_at: Option<Timestamp>,
 }
 
-fn dek_context(c: &ConnectionRecord) -> DekContext<'_> {
+pub(super) fn dek_context(c: &ConnectionRecord) -> DekContext<'_> {
     DekContext {
         tenant: c.tenant.as_str(),
         account: c.account.as_str(),
@@ -83,8 +83,21 @@ impl Vault {
         new: NewConnection,
         _actor: &Actor,
     ) -> Result<ConnectionRecord, VaultError> {
-        let (record, secrets) = self.connection_seal(new).await?;
+        self.connection_store_as(new, None).await
+    }
+
+    /// As [`Vault::connection_store`], reusing `id` when the same Google
+    /// account reconnects (its tokens and DEK are replaced in place).
+    pub(super) async fn connection_store_as(
+        &self,
+        new: NewConnection,
+        id: Option<ConnectionId>,
+    ) -> Result<ConnectionRecord, VaultError> {
+        let (mut record, secrets) = self.connection_seal(new, id).await?;
         self.store().connection_upsert(&record, &secrets).await?;
+        if let Some(current) = self.store().connection_get(&record.id).await? {
+            record = current;
+        }
         Ok(record)
     }
 
@@ -97,7 +110,7 @@ impl Vault {
     ) -> Result<Vec<ConnectionRecord>, VaultError> {
         let mut rows = Vec::with_capacity(batch.len());
         for new in batch {
-            rows.push(self.connection_seal(new).await?);
+            rows.push(self.connection_seal(new, None).await?);
         }
         self.store().connection_import(&rows).await?;
         Ok(rows.into_iter().map(|(c, _)| c).collect())
@@ -107,10 +120,11 @@ impl Vault {
     async fn connection_seal(
         &self,
         new: NewConnection,
+        id: Option<ConnectionId>,
     ) -> Result<(ConnectionRecord, SecretsRecord), VaultError> {
         let now = Timestamp::now();
         let record = ConnectionRecord {
-            id: ConnectionId::generate(),
+            id: id.unwrap_or_else(ConnectionId::generate),
             tenant: new.tenant,
             account: new.account,
             integration: new.integration,

@@ -2,18 +2,23 @@
 //! A [`Vault`] owns the store, the keyring handle and the audit log; gRPC,
 //! HTTP and CLI handlers only parse, authorize and call in here.
 
+mod authorize;
 mod connections;
 mod keys;
+mod lease;
 
 use std::sync::Arc;
 
+pub use authorize::{BeginOutcome, Completer, Completion, STATE_TTL};
 pub use connections::{NewConnection, OpenedToken};
 pub use keys::{KeyManager, KeyStatus, VersionStatus};
+pub use lease::{Lease, LeaseRequest};
 
 use crate::audit::AuditLog;
-use crate::config::{Config, KeyringProviderKind};
+use crate::config::{Config, GoogleConfig, KeyringProviderKind, LeaseConfig};
 use crate::crypto::{EnvKeyring, KeyringProvider, LocalKeyring};
 use crate::domain::VaultError;
+use crate::google::GoogleClient;
 use crate::store::{self, Store};
 
 /// The vault: every use case hangs off this.
@@ -22,6 +27,17 @@ pub struct Vault {
     keyring: Arc<dyn KeyringProvider>,
     audit: AuditLog,
     keys: KeyManager,
+    google: Option<GoogleClient>,
+    settings: Settings,
+    refresh_gates: lease::RefreshGates,
+    /// Names this process as a refresh-lock holder.
+    instance_id: String,
+}
+
+/// The configuration the use cases read.
+struct Settings {
+    google: GoogleConfig,
+    lease: LeaseConfig,
 }
 
 impl Vault {
@@ -48,11 +64,23 @@ impl Vault {
             &config.keyring,
         );
         keys.sync().await?;
+        let google = if config.google.client_id.is_empty() {
+            None
+        } else {
+            Some(GoogleClient::new(&config.google)?)
+        };
         let vault = Arc::new(Self {
             store,
             keyring,
             audit,
             keys,
+            google,
+            settings: Settings {
+                google: config.google.clone(),
+                lease: config.lease.clone(),
+            },
+            refresh_gates: lease::RefreshGates::default(),
+            instance_id: format!("vault-{}", uuid::Uuid::new_v4()),
         });
         vault.keys.resume_rotation().await?;
         Ok(vault)
@@ -76,6 +104,28 @@ impl Vault {
     /// Key management: status, rotation, retirement.
     pub fn keys(&self) -> &KeyManager {
         &self.keys
+    }
+
+    /// The Google client; FailedPrecondition when none is configured.
+    pub fn google(&self) -> Result<&GoogleClient, VaultError> {
+        self.google.as_ref().ok_or_else(|| {
+            VaultError::precondition("no Google OAuth client configured (google.client_id)")
+        })
+    }
+
+    /// How long a lease may wait for a refresh.
+    pub fn refresh_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.settings.google.refresh_deadline_ms)
+    }
+
+    /// `min_valid_seconds` when a request leaves it at 0.
+    pub fn default_min_valid(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.settings.lease.default_min_valid_seconds))
+    }
+
+    /// Where the OAuth callback sends the browser afterwards.
+    pub fn return_url(&self) -> Option<&str> {
+        self.settings.google.return_url.as_deref()
     }
 
     /// Whether the vault can serve: the database answers and the primary key

@@ -164,12 +164,12 @@ async fn unimplemented_rpcs_name_themselves(backend: Backend) {
     };
     let err = tv
         .leases(As::Worker)
-        .lease_token(pb::LeaseTokenRequest::default())
+        .release_lease(pb::ReleaseLeaseRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
     assert!(
-        err.message().contains("LeaseService.LeaseToken"),
+        err.message().contains("LeaseService.ReleaseLease"),
         "{}",
         err.message()
     );

@@ -6,6 +6,8 @@ mod support;
 
 mod encryption;
 mod foundation;
+mod google_sim;
+mod oauth;
 mod rotation;
 pub mod serve_cli;
 mod store_contract;

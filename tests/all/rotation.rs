@@ -254,27 +254,15 @@ both_backends!(
     rotation_rewraps_every_dek_while_reads_continue
 );
 
-/// A configuration file for a `tokenvault serve` child process.
+/// A configuration file for a `tokenvault serve` child process whose
+/// rotation is slowed down enough to be killed midway.
 fn write_config(dir: &std::path::Path, database_url: &str) -> std::path::PathBuf {
     let config = test_config(dir, database_url);
-    let mut text = format!(
-        "data_dir = {:?}\ndatabase_url = {:?}\n[keyring]\nrotation_batch_size = 100\nrotation_batch_pause_ms = 25\n",
-        dir.display().to_string(),
-        database_url
-    );
-    text.push_str("[auth.roles]\n");
-    for (identity, role) in &config.auth.roles {
-        text.push_str(&format!("{identity:?} = {role:?}\n"));
-    }
-    for key in &config.auth.api_keys {
-        text.push_str(&format!(
-            "[[auth.api_keys]]\nidentity = {:?}\nsha256 = {:?}\n",
-            key.identity, key.sha256
-        ));
-    }
-    let path = dir.join("tokenvault.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    crate::support::write_config_file(
+        dir,
+        &config,
+        "[keyring]\nrotation_batch_size = 100\nrotation_batch_pause_ms = 25\n",
+    )
 }
 
 async fn admin_client(

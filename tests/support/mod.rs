@@ -300,3 +300,177 @@ pub async fn seed_connection(
         .await
         .expect("store connection")
 }
+
+/// The OAuth client the simulator registers and the vault uses in tests.
+pub const CLIENT_ID: &str = "tokenvault-test.apps.googleusercontent.com";
+pub const CLIENT_SECRET: &str = "GOCSPX-test-client-secret";
+/// An opaque registered redirect URI; tests deliver the redirect to the
+/// vault's real callback address themselves.
+pub const REDIRECT_URI: &str = "http://127.0.0.1:8080/oauth/callback";
+pub const CALENDAR_SCOPE: &str = "https://www.googleapis.com/auth/calendar.events";
+pub const GMAIL_SCOPE: &str = "https://www.googleapis.com/auth/gmail.modify";
+
+/// Starts a Google simulator with the test client registered.
+pub async fn start_google() -> tokenvault::google::sim::GoogleSim {
+    use tokenvault::google::sim::{GoogleSim, SimClient, SimConfig};
+    GoogleSim::start(SimConfig {
+        clients: vec![SimClient {
+            client_id: CLIENT_ID.to_owned(),
+            client_secret: CLIENT_SECRET.to_owned(),
+            redirect_uris: vec![REDIRECT_URI.to_owned()],
+        }],
+        ..Default::default()
+    })
+    .await
+    .expect("start Google simulator")
+}
+
+/// Points a configuration at the simulator.
+pub fn use_google(config: &mut Config, sim: &tokenvault::google::sim::GoogleSim) {
+    config.google.client_id = CLIENT_ID.to_owned();
+    config.google.client_secret = CLIENT_SECRET.to_owned().into();
+    config.google.redirect_uri = REDIRECT_URI.to_owned();
+    config.google.auth_uri = sim.auth_uri();
+    config.google.token_uri = sim.token_uri();
+    config.google.revoke_uri = sim.revoke_uri();
+    config.google.userinfo_uri = sim.userinfo_uri();
+    config.google.jwks_uri = sim.jwks_uri();
+    config.google.request_timeout_ms = 2_000;
+    config.google.refresh_deadline_ms = 3_000;
+}
+
+/// A vault wired to a fresh Google simulator.
+pub async fn spawn_vault_with_google(
+    backend: Backend,
+    adjust: impl FnOnce(&mut Config),
+) -> Option<(TestVault, tokenvault::google::sim::GoogleSim)> {
+    let sim = start_google().await;
+    let tv = spawn_vault_with(backend, |c| {
+        use_google(c, &sim);
+        adjust(c);
+    })
+    .await?;
+    Some((tv, sim))
+}
+
+/// Follows an authorization URL the way a browser would, to the simulator
+/// and back: returns the query Google appended to the redirect URI.
+pub async fn follow_authorization(url: &str) -> String {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = http.get(url).send().await.expect("reach the simulator");
+    assert_eq!(
+        resp.status().as_u16(),
+        302,
+        "authorization endpoint answered {}",
+        resp.status()
+    );
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let (base, query) = location.split_once('?').expect("redirect with a query");
+    assert_eq!(base, REDIRECT_URI);
+    query.to_owned()
+}
+
+/// Delivers Google's redirect to the vault's `GET /oauth/callback`; returns
+/// the HTTP status and body.
+pub async fn deliver_callback(tv: &TestVault, query: &str) -> (u16, String) {
+    let resp = reqwest::get(format!("http://{}/oauth/callback?{query}", tv.http_addr))
+        .await
+        .expect("reach the vault's callback");
+    (
+        resp.status().as_u16(),
+        resp.text().await.unwrap_or_default(),
+    )
+}
+
+/// One query parameter's value.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    oauth2::url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Connects a Google account end to end (begin → simulator → callback) and
+/// returns the new connection.
+pub async fn connect(
+    tv: &TestVault,
+    tenant: &str,
+    account: &str,
+    integration: tokenvault::proto::v1::Integration,
+) -> tokenvault::proto::v1::Connection {
+    use tokenvault::proto::v1 as pb;
+    let begun = tv
+        .connections(As::App)
+        .begin_authorization(pb::BeginAuthorizationRequest {
+            tenant_id: tenant.into(),
+            account_id: account.into(),
+            integration: integration as i32,
+            login_hint: None,
+        })
+        .await
+        .expect("begin authorization")
+        .into_inner();
+    let query = follow_authorization(&begun.authorization_url).await;
+    let (status, body) = deliver_callback(tv, &query).await;
+    assert_eq!(status, 200, "callback failed: {body}");
+    let list = tv
+        .connections(As::App)
+        .list_connections(pb::ListConnectionsRequest {
+            tenant_id: tenant.into(),
+            account_id: Some(account.into()),
+            integration: Some(integration as i32),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    list.connections
+        .into_iter()
+        .next()
+        .expect("a connection after the callback")
+}
+
+/// Writes a TOML configuration file for a `tokenvault serve` child process:
+/// the data directory, database, API keys and roles and Google settings of
+/// `config`, followed by `extra` (more TOML sections).
+pub fn write_config_file(dir: &std::path::Path, config: &Config, extra: &str) -> PathBuf {
+    let mut text = format!(
+        "data_dir = {:?}\ndatabase_url = {:?}\n",
+        config.data_dir.display().to_string(),
+        config.database_url.clone().unwrap_or_default()
+    );
+    let g = &config.google;
+    if !g.client_id.is_empty() {
+        text.push_str(&format!(
+            "[google]\nclient_id = {:?}\nclient_secret = {:?}\nredirect_uri = {:?}\nauth_uri = {:?}\n\
+             token_uri = {:?}\nrevoke_uri = {:?}\nuserinfo_uri = {:?}\njwks_uri = {:?}\n\
+             request_timeout_ms = {}\nrefresh_deadline_ms = {}\n",
+            g.client_id,
+            g.client_secret.expose(),
+            g.redirect_uri,
+            g.auth_uri,
+            g.token_uri,
+            g.revoke_uri,
+            g.userinfo_uri,
+            g.jwks_uri,
+            g.request_timeout_ms,
+            g.refresh_deadline_ms
+        ));
+    }
+    text.push_str(extra);
+    text.push_str("\n[auth.roles]\n");
+    for (identity, role) in &config.auth.roles {
+        text.push_str(&format!("{identity:?} = {role:?}\n"));
+    }
+    for key in &config.auth.api_keys {
+        text.push_str(&format!(
+            "[[auth.api_keys]]\nidentity = {:?}\nsha256 = {:?}\n",
+            key.identity, key.sha256
+        ));
+    }
+    let path = dir.join("tokenvault.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}

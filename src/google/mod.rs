@@ -1,0 +1,10 @@
+//! Google: the OAuth 2.0 client the vault uses (authorization URL with PKCE,
+//! code exchange, refresh, revocation), id_token verification against
+//! Google's JWKS, and a simulator of Google for tests and dev mode.
+
+mod client;
+mod jwt;
+pub mod sim;
+
+pub use client::{GoogleClient, GoogleError, TokenGrant};
+pub use jwt::{IdClaims, JwksCache, JwtError};

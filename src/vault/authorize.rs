@@ -1,0 +1,384 @@
+//! Connecting a Google account: `BeginAuthorization` builds Google's URL
+//! (code flow, offline access, PKCE S256, a single-use state stored hashed and
+//! bound to tenant, account, integration and caller); completion — from the
+//! OAuth callback or `CompleteAuthorization` — consumes the state, exchanges
+//! the code, verifies the id_token and stores only the scopes Google granted.
+
+use std::time::Duration;
+
+use oauth2::{PkceCodeChallenge, PkceCodeVerifier};
+
+use crate::audit::{Actor, Outcome};
+use crate::crypto::{
+    DekContext, MacPurpose, SecretString, TokenContext, TokenKind, WrappedDek, open, random_token,
+    seal,
+};
+use crate::domain::{
+    AccountId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp, VaultError,
+};
+use crate::store::{AuthzConsume, AuthzStateRecord, ConnectionRecord};
+
+use super::{NewConnection, Vault};
+
+/// How long a state stays valid.
+pub const STATE_TTL: Duration = Duration::from_secs(600);
+
+/// What `BeginAuthorization` returns.
+pub struct BeginOutcome {
+    /// Google's authorization URL (contains the state: treat as sensitive).
+    pub url: String,
+    /// When the state expires.
+    pub expires_at: Timestamp,
+}
+
+/// How Google's redirect came back.
+pub enum Completion {
+    /// The authorization code.
+    Code(SecretString),
+    /// Google's error (`access_denied`, …) and description.
+    Error(String, String),
+}
+
+/// Who completes an authorization.
+pub enum Completer<'a> {
+    /// The product backend via `CompleteAuthorization`: must be the caller
+    /// that began it; tenant and account, when given, must match.
+    Caller {
+        /// The caller.
+        actor: &'a Actor,
+        /// Tenant the caller expects.
+        tenant: Option<&'a TenantId>,
+        /// Account the caller expects.
+        account: Option<&'a AccountId>,
+    },
+    /// Google's redirect to `GET /oauth/callback`: the state is the capability.
+    Browser,
+}
+
+fn verifier_context(state_hash: &[u8]) -> String {
+    format!("authz-{}", hex::encode(&state_hash[..16]))
+}
+
+impl Vault {
+    /// The scopes requested for an integration: its configured set plus `openid email`.
+    pub fn requested_scopes(&self, integration: Integration) -> Vec<String> {
+        let mut scopes = vec!["openid".to_owned(), "email".to_owned()];
+        scopes.extend(self.required_scopes(integration).to_strings());
+        scopes
+    }
+
+    /// The scopes an integration requires.
+    pub fn required_scopes(&self, integration: Integration) -> ScopeSet {
+        let list = match integration {
+            Integration::Calendar => &self.settings.google.calendar_scopes,
+            Integration::Email => &self.settings.google.email_scopes,
+        };
+        // Validated with the rest of the configuration.
+        ScopeSet::parse(list.iter().map(String::as_str)).unwrap_or_default()
+    }
+
+    /// Starts connecting a Google account.
+    pub async fn authorization_begin(
+        &self,
+        actor: &Actor,
+        tenant: TenantId,
+        account: AccountId,
+        integration: Integration,
+        login_hint: Option<&str>,
+    ) -> Result<BeginOutcome, VaultError> {
+        let google = self.google()?;
+        let state = random_token(32)?;
+        let state_hash = self
+            .keyring()
+            .mac(MacPurpose::StateHash, state.expose().as_bytes())
+            .to_vec();
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let verifier = SecretString::new(verifier.secret().to_owned());
+        let ctx_id = verifier_context(&state_hash);
+        let dctx = DekContext {
+            tenant: tenant.as_str(),
+            account: account.as_str(),
+            connection: &ctx_id,
+        };
+        let (dek, wrapped) = self.keys().new_dek(&dctx).await?;
+        let sealed_verifier = seal(
+            &dek,
+            &dctx.token(TokenKind::PkceVerifier),
+            verifier.expose().as_bytes(),
+        )?;
+        let prompt_consent = !self
+            .store()
+            .refresh_token_held(&tenant, &account, login_hint)
+            .await?;
+        let now = Timestamp::now();
+        let record = AuthzStateRecord {
+            state_hash,
+            tenant: tenant.clone(),
+            account: account.clone(),
+            integration,
+            caller: actor.identity.clone(),
+            kek_version: wrapped.kek_version,
+            wrapped_dek: wrapped.bytes,
+            sealed_verifier,
+            created_at: now,
+            expires_at: now.plus(STATE_TTL),
+            consumed_at: None,
+        };
+        self.audit()
+            .record(
+                actor,
+                "oauth.begin",
+                &format!("{tenant}/{account}"),
+                Outcome::Ok,
+                format!("integration={integration} prompt_consent={prompt_consent}"),
+            )
+            .await?;
+        self.store().authz_insert(&record).await?;
+        let url = google.authorization_url(
+            &self.requested_scopes(integration),
+            state.expose(),
+            challenge,
+            login_hint,
+            prompt_consent,
+        );
+        Ok(BeginOutcome {
+            url,
+            expires_at: record.expires_at,
+        })
+    }
+
+    /// Completes an authorization. Every refusal is audited and stores nothing.
+    pub async fn authorization_complete(
+        &self,
+        completer: Completer<'_>,
+        state: &str,
+        completion: Completion,
+    ) -> Result<ConnectionRecord, VaultError> {
+        let google = self.google()?;
+        let audit_actor = match &completer {
+            Completer::Caller { actor, .. } => (*actor).clone(),
+            Completer::Browser => Actor {
+                identity: "browser".to_owned(),
+                role: "oauth-callback".to_owned(),
+            },
+        };
+        let refuse = |target: String, detail: String, err: VaultError| {
+            let audit = self.audit().clone();
+            let actor = audit_actor.clone();
+            async move {
+                audit
+                    .record(&actor, "oauth.complete", &target, Outcome::Failed, detail)
+                    .await?;
+                Err::<ConnectionRecord, VaultError>(err)
+            }
+        };
+        let bad_state = || VaultError::invalid("state", "unknown, expired or already used");
+        if state.is_empty() || state.len() > 512 {
+            return refuse("-".into(), "malformed state".into(), bad_state()).await;
+        }
+        let state_hash = self
+            .keyring()
+            .mac(MacPurpose::StateHash, state.as_bytes())
+            .to_vec();
+        let now = Timestamp::now();
+        let rec = match self.store().authz_consume(&state_hash, now).await? {
+            AuthzConsume::Consumed(rec) => rec,
+            AuthzConsume::Replayed(rec) => {
+                let target = format!("{}/{}", rec.tenant, rec.account);
+                return refuse(target, "state replayed".into(), bad_state()).await;
+            }
+            AuthzConsume::Unknown => {
+                return refuse("-".into(), "unknown state".into(), bad_state()).await;
+            }
+        };
+        let target = format!("{}/{}", rec.tenant, rec.account);
+        if rec.expires_at < now {
+            return refuse(target, "state expired".into(), bad_state()).await;
+        }
+        if let Completer::Caller {
+            actor,
+            tenant,
+            account,
+        } = &completer
+        {
+            let mismatch = actor.identity != rec.caller
+                || tenant.is_some_and(|t| *t != rec.tenant)
+                || account.is_some_and(|a| *a != rec.account);
+            if mismatch {
+                return refuse(
+                    target,
+                    "state bound to another caller, tenant or account".into(),
+                    bad_state(),
+                )
+                .await;
+            }
+        }
+        let code = match completion {
+            Completion::Code(code) if !code.is_empty() => code,
+            Completion::Code(_) => {
+                return refuse(
+                    target,
+                    "missing code".into(),
+                    VaultError::invalid("code", "missing"),
+                )
+                .await;
+            }
+            Completion::Error(error, _) => {
+                let error: String = error
+                    .chars()
+                    .filter(|c| c.is_ascii_graphic())
+                    .take(64)
+                    .collect();
+                return refuse(
+                    target,
+                    format!("google error {error}"),
+                    VaultError::precondition(format!(
+                        "Google returned {error}; nothing was connected"
+                    )),
+                )
+                .await;
+            }
+        };
+
+        // Open the PKCE verifier sealed at begin.
+        let ctx_id = verifier_context(&rec.state_hash);
+        let dctx = DekContext {
+            tenant: rec.tenant.as_str(),
+            account: rec.account.as_str(),
+            connection: &ctx_id,
+        };
+        let wrapped = WrappedDek {
+            kek_version: rec.kek_version,
+            bytes: rec.wrapped_dek.clone(),
+        };
+        let dek = self.keys().open_dek(&wrapped, &dctx).await?;
+        let verifier = open(
+            &dek,
+            &dctx.token(TokenKind::PkceVerifier),
+            &rec.sealed_verifier,
+        )?
+        .into_secret_string()?;
+        let verifier = PkceCodeVerifier::new(verifier.expose().to_owned());
+
+        let grant = match google.exchange_code(code.expose(), verifier.secret()).await {
+            Ok(g) => g,
+            Err(crate::google::GoogleError::InvalidGrant) => {
+                return refuse(
+                    target,
+                    "code rejected by Google (invalid_grant)".into(),
+                    VaultError::invalid("code", "Google rejected the authorization code"),
+                )
+                .await;
+            }
+            Err(e) if e.retryable() => {
+                return refuse(
+                    target,
+                    format!("exchange failed: {e}"),
+                    VaultError::Unavailable(e.to_string().into()),
+                )
+                .await;
+            }
+            Err(e) => {
+                return refuse(
+                    target,
+                    format!("exchange refused: {e}"),
+                    VaultError::precondition(e.to_string()),
+                )
+                .await;
+            }
+        };
+        let Some(id_token) = grant.id_token.as_deref() else {
+            return refuse(
+                target,
+                "no id_token".into(),
+                VaultError::Unavailable("Google sent no id_token".into()),
+            )
+            .await;
+        };
+        let claims = match google.verify_id_token(id_token).await {
+            Ok(c) => c,
+            Err(e) => {
+                return refuse(
+                    target,
+                    format!("id_token refused: {e}"),
+                    VaultError::Unavailable(format!("id_token verification failed: {e}").into()),
+                )
+                .await;
+            }
+        };
+        let granted = match &grant.scope {
+            Some(s) => ScopeSet::parse_spaced(s)?,
+            None => ScopeSet::parse(
+                self.requested_scopes(rec.integration)
+                    .iter()
+                    .map(String::as_str),
+            )?,
+        };
+        let required = self.required_scopes(rec.integration);
+        let status = if granted.covers(&required) {
+            ConnectionStatus::Active
+        } else {
+            ConnectionStatus::InsufficientScope
+        };
+        // Reconnecting the same Google account keeps the connection (and the
+        // refresh token, when Google sends no new one).
+        let existing = self
+            .store()
+            .connection_live(&rec.tenant, &rec.account, rec.integration)
+            .await?
+            .filter(|c| c.google_subject.as_deref() == Some(claims.subject.as_str()));
+        let refresh_token = match (grant.refresh_token, &existing) {
+            (Some(t), _) => Some(t),
+            (None, Some(c)) => self.refresh_token_open(c).await?,
+            (None, None) => None,
+        };
+        self.audit()
+            .record(
+                &audit_actor,
+                "oauth.complete",
+                &target,
+                Outcome::Ok,
+                format!(
+                    "integration={} status={status} scopes={} refresh_token={}",
+                    rec.integration,
+                    granted.to_spaced(),
+                    refresh_token.is_some()
+                ),
+            )
+            .await?;
+        let new = NewConnection {
+            tenant: rec.tenant,
+            account: rec.account,
+            integration: rec.integration,
+            google_subject: claims.subject,
+            google_email: claims.email,
+            granted_scopes: granted,
+            status,
+            access_token: grant.access_token,
+            access_expires_at: grant.expires_at,
+            refresh_token,
+        };
+        self.connection_store_as(new, existing.map(|c| c.id)).await
+    }
+
+    /// Opens a live connection's refresh token.
+    pub(super) async fn refresh_token_open(
+        &self,
+        connection: &ConnectionRecord,
+    ) -> Result<Option<SecretString>, VaultError> {
+        let Some(secrets) = self.store().secrets_get(&connection.id).await? else {
+            return Ok(None);
+        };
+        let Some(sealed) = secrets.refresh_token else {
+            return Ok(None);
+        };
+        let dctx = super::connections::dek_context(connection);
+        let wrapped = WrappedDek {
+            kek_version: secrets.kek_version,
+            bytes: secrets.wrapped_dek,
+        };
+        let dek = self.keys().open_dek(&wrapped, &dctx).await?;
+        let tctx: TokenContext<'_> = dctx.token(TokenKind::Refresh);
+        Ok(Some(open(&dek, &tctx, &sealed)?.into_secret_string()?))
+    }
+}

@@ -1,0 +1,361 @@
+//! The lease token path: find the connection, check it is ACTIVE and that
+//! Google granted the requested scopes, open its access token, refresh it
+//! when it would not stay valid long enough, and hand it out for at most the
+//! token's remaining life (and the configured maximum).
+//!
+//! Refresh is single-flight per connection: inside a process concurrent
+//! leases queue on one gate, and across replicas the first to take the
+//! database lock row (with a fencing token) calls Google while the others
+//! wait for its result. A failed refresh never loses or overwrites the
+//! stored refresh token; `invalid_grant` marks the connection
+//! REVOKED_UPSTREAM and destroys its tokens.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use ring::rand::SecureRandom as _;
+
+use crate::audit::{Actor, Outcome};
+use crate::crypto::{SecretString, TokenKind, WrappedDek, fingerprint, open, seal};
+use crate::domain::{
+    ConnectionId, ConnectionStatus, LeaseId, Purpose, ScopeSet, Timestamp, VaultError,
+};
+use crate::google::GoogleError;
+use crate::store::{ConnectionRecord, RefreshedTokens};
+
+use super::Vault;
+use super::connections::dek_context;
+
+/// How often a waiter looks for another replica's refresh result.
+const REFRESH_POLL: Duration = Duration::from_millis(25);
+
+/// A lease request, parsed.
+#[derive(Debug)]
+pub struct LeaseRequest {
+    /// The connection.
+    pub connection: ConnectionId,
+    /// The stated purpose.
+    pub purpose: Purpose,
+    /// The scopes the worker needs.
+    pub scopes: ScopeSet,
+    /// The token must stay valid at least this long.
+    pub min_valid: Duration,
+    /// When the caller stops waiting.
+    pub deadline: Instant,
+}
+
+/// A granted lease.
+#[derive(Debug)]
+pub struct Lease {
+    /// Lease id.
+    pub lease_id: LeaseId,
+    /// The access token.
+    pub access_token: SecretString,
+    /// When the token expires.
+    pub token_expires_at: Timestamp,
+    /// When the lease ends.
+    pub lease_expires_at: Timestamp,
+    /// The scopes leased.
+    pub scopes: ScopeSet,
+}
+
+/// Per-connection refresh gates of this process.
+#[derive(Default)]
+pub(super) struct RefreshGates {
+    gates: Mutex<HashMap<ConnectionId, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl RefreshGates {
+    fn gate(&self, id: &ConnectionId) -> Arc<tokio::sync::Mutex<()>> {
+        // A poisoned map only means another thread panicked mid-insert; the map is still usable.
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = gates.get(id).and_then(Weak::upgrade) {
+            return g;
+        }
+        if gates.len() > 1024 {
+            gates.retain(|_, w| w.strong_count() > 0);
+        }
+        let g = Arc::new(tokio::sync::Mutex::new(()));
+        gates.insert(id.clone(), Arc::downgrade(&g));
+        g
+    }
+}
+
+fn jitter(max: Duration) -> Duration {
+    let mut b = [0u8; 4];
+    let _ = crate::crypto::rng().fill(&mut b);
+    let frac = f64::from(u32::from_be_bytes(b)) / f64::from(u32::MAX);
+    max.mul_f64(frac)
+}
+
+impl Vault {
+    /// Leases a connection's access token.
+    pub async fn lease_token(&self, actor: &Actor, req: LeaseRequest) -> Result<Lease, VaultError> {
+        let conn = self.connection_get(&req.connection).await?;
+        if conn.status != ConnectionStatus::Active {
+            return Err(VaultError::precondition(format!(
+                "connection {} is {}; it cannot be leased",
+                conn.id, conn.status
+            )));
+        }
+        if req.scopes.is_empty() {
+            return Err(VaultError::invalid("scopes", "name at least one scope"));
+        }
+        if !conn.granted_scopes.covers(&req.scopes) {
+            let missing: Vec<&str> = conn
+                .granted_scopes
+                .missing_from(&req.scopes)
+                .map(|s| s.as_str())
+                .collect();
+            return Err(VaultError::precondition(format!(
+                "Google did not grant {} for connection {}",
+                missing.join(" "),
+                conn.id
+            )));
+        }
+        let (token, expires_at) = self
+            .fresh_access_token(&conn, req.min_valid, req.deadline)
+            .await?;
+        let now = Timestamp::now();
+        let max = now.plus(Duration::from_secs(self.settings.lease.max_ttl_seconds));
+        let lease = Lease {
+            lease_id: LeaseId::generate(),
+            token_expires_at: expires_at,
+            lease_expires_at: expires_at.min(max),
+            scopes: req.scopes,
+            access_token: token,
+        };
+        let fp = fingerprint(
+            self.keyring().as_ref(),
+            lease.access_token.expose().as_bytes(),
+        );
+        self.audit()
+            .record(
+                actor,
+                "lease.grant",
+                conn.id.as_str(),
+                Outcome::Ok,
+                format!(
+                    "lease={} purpose={} scopes={} token={fp}",
+                    lease.lease_id,
+                    req.purpose,
+                    lease.scopes.to_spaced()
+                ),
+            )
+            .await?;
+        Ok(lease)
+    }
+
+    /// Opens the stored access token and its expiry.
+    async fn access_open(
+        &self,
+        conn: &ConnectionRecord,
+    ) -> Result<Option<(SecretString, Timestamp, Timestamp)>, VaultError> {
+        let Some(secrets) = self.store().secrets_get(&conn.id).await? else {
+            return Ok(None);
+        };
+        let (Some(sealed), Some(expires)) = (&secrets.access_token, secrets.access_expires_at)
+        else {
+            return Ok(None);
+        };
+        let dctx = dek_context(conn);
+        let dek = self
+            .keys()
+            .open_dek(
+                &WrappedDek {
+                    kek_version: secrets.kek_version,
+                    bytes: secrets.wrapped_dek.clone(),
+                },
+                &dctx,
+            )
+            .await?;
+        let token = open(&dek, &dctx.token(TokenKind::Access), sealed)?.into_secret_string()?;
+        Ok(Some((token, expires, secrets.updated_at)))
+    }
+
+    /// An access token valid for at least `min_valid`, refreshing (once,
+    /// across every caller and replica) when needed.
+    async fn fresh_access_token(
+        &self,
+        conn: &ConnectionRecord,
+        min_valid: Duration,
+        deadline: Instant,
+    ) -> Result<(SecretString, Timestamp), VaultError> {
+        let started = Timestamp::now();
+        let want = started.plus(min_valid);
+        if let Some((token, expires, _)) = self.access_open(conn).await?
+            && expires >= want
+        {
+            return Ok((token, expires));
+        }
+        let gate = self.refresh_gates.gate(&conn.id);
+        let _turn = tokio::time::timeout_at(deadline.into(), gate.lock())
+            .await
+            .map_err(|_| {
+                VaultError::Unavailable("token refresh did not finish within the deadline".into())
+            })?;
+        loop {
+            match self.access_open(conn).await? {
+                // Refreshed by someone else while we waited: take their result.
+                Some((token, expires, updated)) if expires >= want || updated > started => {
+                    return Ok((token, expires));
+                }
+                Some(_) => {}
+                None => {
+                    let now = self.connection_get(&conn.id).await?;
+                    return Err(VaultError::precondition(format!(
+                        "connection {} is {}; it cannot be leased",
+                        conn.id, now.status
+                    )));
+                }
+            }
+            let now = Timestamp::now();
+            let lock_until = now.plus(
+                Duration::from_millis(self.settings.google.refresh_deadline_ms)
+                    + Duration::from_secs(5),
+            );
+            if let Some(fence) = self
+                .store()
+                .refresh_lock_acquire(&conn.id, &self.instance_id, now, lock_until)
+                .await?
+            {
+                let result = self.refresh_holding(conn, fence, deadline).await;
+                if !matches!(result, Err(VaultError::FailedPrecondition(_))) {
+                    self.store()
+                        .refresh_lock_release(&conn.id, &self.instance_id, fence)
+                        .await?;
+                }
+                return result;
+            }
+            if Instant::now() + REFRESH_POLL >= deadline {
+                return Err(VaultError::Unavailable(
+                    "a token refresh in progress elsewhere did not finish within the deadline"
+                        .into(),
+                ));
+            }
+            tokio::time::sleep(REFRESH_POLL).await;
+        }
+    }
+
+    /// Refreshes while holding the lock with `fence`, retrying transient
+    /// failures with backoff and jitter until the deadline.
+    async fn refresh_holding(
+        &self,
+        conn: &ConnectionRecord,
+        fence: i64,
+        deadline: Instant,
+    ) -> Result<(SecretString, Timestamp), VaultError> {
+        let google = self.google()?;
+        let refresh = self.refresh_token_open(conn).await?.ok_or_else(|| {
+            VaultError::precondition(format!(
+                "connection {} holds no refresh token and its access token expired; reconnect it",
+                conn.id
+            ))
+        })?;
+        let mut backoff = Duration::from_millis(100);
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let outcome = tokio::time::timeout(remaining, google.refresh(refresh.expose())).await;
+            let err = match outcome {
+                Ok(Ok(grant)) => {
+                    let secrets = self.store().secrets_get(&conn.id).await?.ok_or_else(|| {
+                        VaultError::precondition(format!(
+                            "connection {} was deleted during refresh",
+                            conn.id
+                        ))
+                    })?;
+                    let dctx = dek_context(conn);
+                    let dek = self
+                        .keys()
+                        .open_dek(
+                            &WrappedDek {
+                                kek_version: secrets.kek_version,
+                                bytes: secrets.wrapped_dek,
+                            },
+                            &dctx,
+                        )
+                        .await?;
+                    let access = seal(
+                        &dek,
+                        &dctx.token(TokenKind::Access),
+                        grant.access_token.expose().as_bytes(),
+                    )?;
+                    let new_refresh = match &grant.refresh_token {
+                        Some(r) => Some(seal(
+                            &dek,
+                            &dctx.token(TokenKind::Refresh),
+                            r.expose().as_bytes(),
+                        )?),
+                        None => None,
+                    };
+                    let stored = self
+                        .store()
+                        .secrets_refresh(
+                            &conn.id,
+                            &self.instance_id,
+                            fence,
+                            &RefreshedTokens {
+                                access_token: &access,
+                                access_expires_at: grant.expires_at,
+                                refresh_token: new_refresh.as_deref(),
+                                at: Timestamp::now(),
+                            },
+                        )
+                        .await?;
+                    if !stored {
+                        // Our lock expired and another holder took over: its
+                        // result stands, ours is discarded.
+                        tracing::warn!(connection = %conn.id, "refresh lock lost; discarding this refresh");
+                    }
+                    tracing::info!(connection = %conn.id, attempts, "access token refreshed");
+                    return Ok((grant.access_token, grant.expires_at));
+                }
+                Ok(Err(GoogleError::InvalidGrant)) => {
+                    self.revoked_at_google(conn).await?;
+                    return Err(VaultError::precondition(format!(
+                        "the user revoked access at Google; connection {} is now revoked_upstream",
+                        conn.id
+                    )));
+                }
+                Ok(Err(e)) if e.retryable() => e.to_string(),
+                Ok(Err(e)) => {
+                    return Err(VaultError::Unavailable(
+                        format!("Google refused the refresh: {e}").into(),
+                    ));
+                }
+                Err(_) => "timed out".to_owned(),
+            };
+            let wait = backoff + jitter(backoff / 2);
+            if Instant::now() + wait >= deadline {
+                tracing::warn!(connection = %conn.id, attempts, error = %err, "refresh failed within the deadline");
+                return Err(VaultError::Unavailable(
+                    format!("Google did not refresh the token within the deadline ({attempts} attempts; last: {err})").into(),
+                ));
+            }
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// The user revoked access at Google (`invalid_grant` on refresh): the
+    /// connection becomes REVOKED_UPSTREAM and its tokens and DEK are destroyed.
+    pub async fn revoked_at_google(&self, conn: &ConnectionRecord) -> Result<(), VaultError> {
+        self.audit()
+            .record(
+                &Actor::system(),
+                "connection.revoked_upstream",
+                conn.id.as_str(),
+                Outcome::Ok,
+                "invalid_grant on refresh: user_revoked_at_google",
+            )
+            .await?;
+        self.store()
+            .connection_revoke_upstream(&conn.id, Timestamp::now())
+            .await?;
+        tracing::info!(connection = %conn.id, "user revoked access at Google; tokens destroyed");
+        Ok(())
+    }
+}
