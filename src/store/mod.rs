@@ -196,14 +196,18 @@ pub trait Store: Send + Sync + 'static {
     /// Every rotation run, newest first.
     async fn rotation_list(&self) -> StoreResult<Vec<RotationRun>>;
 
-    /// Up to `limit` wrapped DEKs not on `target`, ordered by connection id,
-    /// after `after`.
-    async fn dek_batch_not_on(
+    /// How many wrapped DEKs are not on `target` (an index range count).
+    async fn dek_count_not_on(&self, target: KekVersion) -> StoreResult<i64>;
+
+    /// Scans the next `limit` wrapped DEKs in connection-id order after
+    /// `after`; returns those not on `target` and the last id scanned (None
+    /// at the end).
+    async fn dek_batch_scan(
         &self,
         target: KekVersion,
         after: Option<&ConnectionId>,
         limit: i64,
-    ) -> StoreResult<Vec<WrappedDekRow>>;
+    ) -> StoreResult<(Vec<WrappedDekRow>, Option<ConnectionId>)>;
 
     /// Replaces wrapped DEKs in one transaction, each only if it is still the
     /// one that was read (compare-and-swap), and adds the count to the run's

@@ -729,52 +729,99 @@ impl crate::store::Store for StoreImpl {
         rows.iter().map(rotation_from_row).collect()
     }
 
-    async fn dek_batch_not_on(
+    async fn dek_count_not_on(&self, target: KekVersion) -> StoreResult<i64> {
+        // Two index ranges (not `<>`, which no index serves).
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM connection_secrets WHERE kek_version < $1 OR kek_version > $1",
+        )
+        .bind(kek_to_db(target))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn dek_batch_scan(
         &self,
         target: KekVersion,
         after: Option<&ConnectionId>,
         limit: i64,
-    ) -> StoreResult<Vec<WrappedDekRow>> {
+    ) -> StoreResult<(Vec<WrappedDekRow>, Option<ConnectionId>)> {
+        // A primary-key range scan: `kek_version <> $1` can use no index, so
+        // filtering in SQL would scan (and sort) every remaining row per batch.
         let rows = sqlx::query(
             "SELECT s.connection_id, c.tenant_id, c.account_id, s.kek_version, s.wrapped_dek \
              FROM connection_secrets s JOIN connections c ON c.connection_id = s.connection_id \
-             WHERE s.kek_version <> $1 AND s.connection_id > $2 \
-             ORDER BY s.connection_id LIMIT $3",
+             WHERE s.connection_id > $1 ORDER BY s.connection_id LIMIT $2",
         )
-        .bind(kek_to_db(target))
         .bind(after.map(ConnectionId::as_str).unwrap_or(""))
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(WrappedDekRow {
-                    connection_id: ConnectionId::from_stored(r.try_get("connection_id")?),
-                    tenant: TenantId::from_stored(r.try_get("tenant_id")?),
-                    account: AccountId::from_stored(r.try_get("account_id")?),
-                    kek_version: kek_from_db(r.try_get("kek_version")?)?,
-                    wrapped_dek: r.try_get("wrapped_dek")?,
-                })
-            })
-            .collect()
+        let last = match rows.last() {
+            Some(r) => Some(ConnectionId::from_stored(r.try_get("connection_id")?)),
+            None => None,
+        };
+        let mut out = Vec::new();
+        for r in &rows {
+            let version = kek_from_db(r.try_get("kek_version")?)?;
+            if version == target {
+                continue;
+            }
+            out.push(WrappedDekRow {
+                connection_id: ConnectionId::from_stored(r.try_get("connection_id")?),
+                tenant: TenantId::from_stored(r.try_get("tenant_id")?),
+                account: AccountId::from_stored(r.try_get("account_id")?),
+                kek_version: version,
+                wrapped_dek: r.try_get("wrapped_dek")?,
+            });
+        }
+        Ok((out, last))
     }
 
     async fn dek_rewrap(&self, run_id: &str, rewraps: &[Rewrap]) -> StoreResult<u64> {
+        // One set-based compare-and-swap per chunk instead of a statement per
+        // row: each row changes only if it still holds what was read.
+        const CHUNK: usize = 50;
         let (_guard, mut tx) = self.begin_write().await?;
         let mut changed = 0u64;
-        for r in rewraps {
-            changed += sqlx::query(
-                "UPDATE connection_secrets SET kek_version = $1, wrapped_dek = $2 \
-                 WHERE connection_id = $3 AND kek_version = $4 AND wrapped_dek = $5",
-            )
-            .bind(kek_to_db(r.new_version))
-            .bind(r.new_wrapped.as_slice())
-            .bind(r.connection_id.as_str())
-            .bind(kek_to_db(r.old_version))
-            .bind(r.old_wrapped.as_slice())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        for chunk in rewraps.chunks(CHUNK) {
+            let mut rows = String::with_capacity(chunk.len() * 48);
+            for i in 0..chunk.len() {
+                let p = i * 5;
+                if i == 0 {
+                    rows.push_str(&format!(
+                        "SELECT ${} AS id, ${} AS ov, ${} AS ow, ${} AS nv, ${} AS nw",
+                        p + 1,
+                        p + 2,
+                        p + 3,
+                        p + 4,
+                        p + 5
+                    ));
+                } else {
+                    rows.push_str(&format!(
+                        " UNION ALL SELECT ${}, ${}, ${}, ${}, ${}",
+                        p + 1,
+                        p + 2,
+                        p + 3,
+                        p + 4,
+                        p + 5
+                    ));
+                }
+            }
+            let sql = format!(
+                "UPDATE connection_secrets AS s SET kek_version = v.nv, wrapped_dek = v.nw \
+                 FROM ({rows}) AS v \
+                 WHERE s.connection_id = v.id AND s.kek_version = v.ov AND s.wrapped_dek = v.ow"
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(r.connection_id.as_str())
+                    .bind(kek_to_db(r.old_version))
+                    .bind(r.old_wrapped.as_slice())
+                    .bind(kek_to_db(r.new_version))
+                    .bind(r.new_wrapped.as_slice());
+            }
+            changed += q.execute(&mut *tx).await?.rows_affected();
         }
         sqlx::query(
             "UPDATE rotation_runs SET rewrapped = rewrapped + $1 WHERE run_id = $2 AND state = 'running'",

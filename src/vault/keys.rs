@@ -450,9 +450,18 @@ impl KeyManager {
         let actor = Actor::system();
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.rewrap_pass(&run).await {
-                Ok(0) => break,
-                Ok(_) => backoff = Duration::from_millis(100),
+            // Passes repeat until no DEK is left on another version: a DEK
+            // created by a replica that read the old primary just before the
+            // switch may land behind the first pass.
+            let step = async {
+                if i.store.dek_count_not_on(run.target_version).await? == 0 {
+                    return Ok(true);
+                }
+                self.rewrap_pass(&run).await.map(|_| false)
+            };
+            match step.await {
+                Ok(true) => break,
+                Ok(false) => backoff = Duration::from_millis(100),
                 Err(VaultError::Unavailable(e)) => {
                     tracing::warn!(run = %run.run_id, error = %e, "rotation paused; database unavailable");
                     tokio::time::sleep(backoff).await;
@@ -505,18 +514,21 @@ impl KeyManager {
     }
 
     /// One pass over every DEK not yet on the target; returns how many it
-    /// rewrapped (0 means the run is done).
+    /// rewrapped.
     async fn rewrap_pass(&self, run: &RotationRun) -> Result<u64, VaultError> {
         let i = &self.inner;
         let mut after = None;
         let mut done = 0u64;
         loop {
-            let batch = i
+            let (batch, last) = i
                 .store
-                .dek_batch_not_on(run.target_version, after.as_ref(), i.batch_size)
+                .dek_batch_scan(run.target_version, after.as_ref(), i.batch_size)
                 .await?;
-            let Some(last) = batch.last() else { break };
-            after = Some(last.connection_id.clone());
+            let Some(last) = last else { break };
+            after = Some(last);
+            if batch.is_empty() {
+                continue;
+            }
             let mut rewraps = Vec::with_capacity(batch.len());
             for row in &batch {
                 let ctx = DekContext {
