@@ -66,6 +66,7 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
 
 /// Starts both listeners for an opened vault.
 pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningServer, StartError> {
+    crate::telemetry::metrics();
     let grpc_listener = TcpListener::bind(config.grpc_addr).await.map_err(|e| {
         StartError(format!(
             "grpc_addr: cannot listen on {}: {e}",
@@ -174,18 +175,26 @@ fn tls_config(config: &Config) -> Result<ServerTlsConfig, StartError> {
 }
 
 /// Keeps gRPC health in step with the vault's: SERVING while the database and
-/// keyring work, NOT_SERVING otherwise and once shutdown begins.
+/// keyring work, NOT_SERVING otherwise and once shutdown begins. Every
+/// minute it also runs the vault's housekeeping.
 async fn report_health(
     vault: Arc<Vault>,
     reporter: tonic_health::server::HealthReporter,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
             _ = stop.wait_for(|s| *s) => break,
         }
         set_health(&reporter, check_health(&vault).await).await;
+        ticks += 1;
+        if ticks.is_multiple_of(12)
+            && let Err(e) = vault.maintenance().await
+        {
+            tracing::warn!(error = %e, "maintenance failed");
+        }
     }
     set_health(&reporter, ServingStatus::NotServing).await;
 }

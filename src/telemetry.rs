@@ -1,6 +1,11 @@
-//! Tracing set-up: human-readable or JSON lines on stderr, filtered by the
-//! configured level (overridable with `RUST_LOG`).
+//! Tracing set-up (human-readable or JSON lines on stderr, filtered by the
+//! configured level, overridable with `RUST_LOG`) and the Prometheus metrics
+//! recorder behind `GET /metrics`. Metrics never carry tokens, keys or
+//! identifiers of people: labels are purposes, outcomes and key versions.
 
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -22,4 +27,62 @@ pub fn init(log: &LogConfig) {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process-wide Prometheus recorder (installed on first use). `None` if
+/// another recorder was installed first (then `/metrics` says so).
+pub fn metrics() -> Option<&'static PrometheusHandle> {
+    METRICS
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok().map(|()| {
+                describe();
+                handle
+            })
+        })
+        .as_ref()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        "tokenvault_lease_grants_total",
+        "Leases granted, by purpose."
+    );
+    describe_counter!(
+        "tokenvault_lease_denials_total",
+        "Leases refused, by purpose and reason."
+    );
+    describe_counter!(
+        "tokenvault_refresh_total",
+        "Token refreshes by outcome (ok, invalid_grant, unavailable)."
+    );
+    describe_gauge!(
+        "tokenvault_kek_primary_version",
+        "The primary key-encryption-key version."
+    );
+    describe_gauge!(
+        "tokenvault_kek_deks",
+        "Wrapped DEKs per key-encryption-key version."
+    );
+    describe_gauge!(
+        "tokenvault_kek_oldest_in_use_age_seconds",
+        "Age of the oldest key version still wrapping a DEK."
+    );
+    describe_gauge!(
+        "tokenvault_kek_rotation_overdue",
+        "1 when the oldest key version in use is older than keyring.max_kek_age_days."
+    );
+    describe_gauge!(
+        "tokenvault_rotation_rewrapped",
+        "DEKs rewrapped by the latest rotation run."
+    );
+    describe_gauge!(
+        "tokenvault_rotation_total",
+        "DEKs the latest rotation run has to rewrap."
+    );
+    describe_gauge!("tokenvault_rotation_running", "1 while a rotation runs.");
 }

@@ -1,6 +1,6 @@
 //! The HTTP side port: `GET /healthz` for load balancers and
-//! `GET /oauth/callback`, Google's redirect target (as the other issues land,
-//! also the RISC receiver and metrics).
+//! `GET /oauth/callback`, Google's redirect target, and `GET /metrics`
+//! (Prometheus); the RISC receiver lands with the deletion cascade.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +20,7 @@ pub fn router(vault: Arc<Vault>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/oauth/callback", get(oauth_callback))
+        .route("/metrics", get(metrics))
         .with_state(vault)
 }
 
@@ -32,6 +33,48 @@ async fn healthz(State(vault): State<Arc<Vault>>) -> (StatusCode, String) {
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n".to_owned())
         }
     }
+}
+
+/// Prometheus text exposition. Key-state gauges are computed at scrape time.
+async fn metrics(State(vault): State<Arc<Vault>>) -> Response {
+    let Some(handle) = crate::telemetry::metrics() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder unavailable\n",
+        )
+            .into_response();
+    };
+    match vault.keys().status().await {
+        Ok(status) => {
+            metrics::gauge!("tokenvault_kek_primary_version").set(f64::from(status.primary.get()));
+            for v in &status.versions {
+                metrics::gauge!("tokenvault_kek_deks", "version" => v.record.version.to_string())
+                    .set(v.dek_count as f64);
+            }
+            metrics::gauge!("tokenvault_kek_oldest_in_use_age_seconds")
+                .set(status.oldest_in_use_age.as_secs_f64());
+            metrics::gauge!("tokenvault_kek_rotation_overdue").set(if status.rotation_overdue {
+                1.0
+            } else {
+                0.0
+            });
+            if let Some(r) = &status.rotation {
+                metrics::gauge!("tokenvault_rotation_rewrapped").set(r.rewrapped as f64);
+                metrics::gauge!("tokenvault_rotation_total").set(r.total as f64);
+                metrics::gauge!("tokenvault_rotation_running").set(if r.state == "running" {
+                    1.0
+                } else {
+                    0.0
+                });
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "key status unavailable for metrics"),
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
 }
 
 /// Google's redirect: completes the authorization, then sends the browser to

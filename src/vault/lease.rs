@@ -92,6 +92,26 @@ fn jitter(max: Duration) -> Duration {
 impl Vault {
     /// Leases a connection's access token.
     pub async fn lease_token(&self, actor: &Actor, req: LeaseRequest) -> Result<Lease, VaultError> {
+        let purpose = req.purpose.to_string();
+        let result = self.lease_token_inner(actor, req).await;
+        if let Err(e) = &result {
+            let reason = match e {
+                VaultError::FailedPrecondition(_) => "precondition",
+                VaultError::NotFound { .. } => "not_found",
+                VaultError::Unavailable(_) | VaultError::AuditUnavailable(_) => "unavailable",
+                _ => "other",
+            };
+            metrics::counter!("tokenvault_lease_denials_total", "purpose" => purpose, "reason" => reason)
+                .increment(1);
+        }
+        result
+    }
+
+    async fn lease_token_inner(
+        &self,
+        actor: &Actor,
+        req: LeaseRequest,
+    ) -> Result<Lease, VaultError> {
         let conn = self.connection_get(&req.connection).await?;
         if conn.status != ConnectionStatus::Active {
             return Err(VaultError::precondition(format!(
@@ -310,10 +330,13 @@ impl Vault {
                         // result stands, ours is discarded.
                         tracing::warn!(connection = %conn.id, "refresh lock lost; discarding this refresh");
                     }
+                    metrics::counter!("tokenvault_refresh_total", "outcome" => "ok").increment(1);
                     tracing::info!(connection = %conn.id, attempts, "access token refreshed");
                     return Ok((grant.access_token, grant.expires_at));
                 }
                 Ok(Err(GoogleError::InvalidGrant)) => {
+                    metrics::counter!("tokenvault_refresh_total", "outcome" => "invalid_grant")
+                        .increment(1);
                     self.revoked_at_google(conn).await?;
                     return Err(VaultError::precondition(format!(
                         "the user revoked access at Google; connection {} is now revoked_upstream",
@@ -330,6 +353,8 @@ impl Vault {
             };
             let wait = backoff + jitter(backoff / 2);
             if Instant::now() + wait >= deadline {
+                metrics::counter!("tokenvault_refresh_total", "outcome" => "unavailable")
+                    .increment(1);
                 tracing::warn!(connection = %conn.id, attempts, error = %err, "refresh failed within the deadline");
                 return Err(VaultError::Unavailable(
                     format!("Google did not refresh the token within the deadline ({attempts} attempts; last: {err})").into(),

@@ -135,6 +135,18 @@ impl Vault {
         self.keys.check_primary().await
     }
 
+    /// Periodic housekeeping: deletes OAuth states that expired.
+    pub async fn maintenance(&self) -> Result<(), VaultError> {
+        let purged = self
+            .store
+            .authz_purge(crate::domain::Timestamp::now())
+            .await?;
+        if purged > 0 {
+            tracing::debug!(purged, "expired authorization states deleted");
+        }
+        Ok(())
+    }
+
     /// Stops background work and closes the database pool.
     pub async fn shutdown(&self) {
         self.keys.stop();

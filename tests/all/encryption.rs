@@ -290,3 +290,122 @@ both_backends!(
     nothing_in_plaintext,
     no_token_or_key_is_at_rest_or_in_the_logs
 );
+
+async fn the_env_keyring_serves_and_refuses_what_it_cannot_do(backend: Backend) {
+    let generated = tokenvault::crypto::EnvKeyring::generate_values().unwrap();
+    let (keys, mac) = (
+        generated.keys.expose().to_owned(),
+        generated.mac_root_key.expose().to_owned(),
+    );
+    let Some(tv) = crate::support::spawn_vault_with(backend, |c| {
+        c.keyring.provider = tokenvault::config::KeyringProviderKind::Env;
+        c.keyring.keys = keys.into();
+        c.keyring.mac_key = mac.into();
+    })
+    .await
+    else {
+        return;
+    };
+    assert!(
+        !tv.keyring_path().exists(),
+        "no keyring file with the env provider"
+    );
+    let access = unique("ya29.env");
+    let c = seed_connection(&tv.vault, "env", "u1", Integration::Calendar, &access, None).await;
+    assert_eq!(
+        tv.vault
+            .access_token_open(&c.id)
+            .await
+            .unwrap()
+            .access_token
+            .expose(),
+        access
+    );
+    let mut admin = tv.admin(crate::support::As::Admin);
+    let status = admin
+        .key_status(tokenvault::proto::v1::KeyStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.provider, "env");
+    // The env keyring holds no newer version, and cannot create one.
+    let err = admin
+        .rotate_keys(tokenvault::proto::v1::RotateKeysRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("newer"), "{}", err.message());
+}
+both_backends!(
+    env_keyring,
+    the_env_keyring_serves_and_refuses_what_it_cannot_do
+);
+
+async fn an_overdue_rotation_shows_in_key_status_and_metrics(backend: Backend) {
+    let Some(tv) =
+        crate::support::spawn_vault_with(backend, |c| c.keyring.max_kek_age_days = 30).await
+    else {
+        return;
+    };
+    seed_connection(
+        &tv.vault,
+        "age",
+        "u1",
+        Integration::Calendar,
+        &unique("ya29.age"),
+        None,
+    )
+    .await;
+    let mut admin = tv.admin(crate::support::As::Auditor);
+    let fresh = admin
+        .key_status(tokenvault::proto::v1::KeyStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!fresh.rotation_overdue);
+    let metrics = crate::foundation::reqwest_like_get(tv.http_addr, "/metrics").await;
+    assert!(
+        metrics.contains("tokenvault_kek_rotation_overdue 0"),
+        "{metrics}"
+    );
+
+    // Version 1 was created 31 days ago.
+    let raw = RawDb::open(&tv).await;
+    raw.execute(&format!(
+        "UPDATE kek_versions SET created_at = created_at - {} WHERE version = 1",
+        31i64 * 86_400 * 1_000_000
+    ))
+    .await;
+    raw.close().await;
+    let old = admin
+        .key_status(tokenvault::proto::v1::KeyStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(old.rotation_overdue);
+    assert!(old.oldest_in_use_age_seconds >= 31 * 86_400);
+    let report = admin
+        .key_report(tokenvault::proto::v1::KeyReportRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!report.policy_met);
+    assert!(
+        report.policy_detail.starts_with("not met"),
+        "{}",
+        report.policy_detail
+    );
+    let metrics = crate::foundation::reqwest_like_get(tv.http_addr, "/metrics").await;
+    assert!(
+        metrics.contains("tokenvault_kek_rotation_overdue 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tokenvault_kek_deks{version=\"v1\"} 1"),
+        "{metrics}"
+    );
+}
+both_backends!(
+    overdue_rotation,
+    an_overdue_rotation_shows_in_key_status_and_metrics
+);

@@ -225,7 +225,9 @@ pub async fn spawn_vault_with(
     let database_url = fresh_database(backend, dir.path()).await?;
     let mut config = test_config(dir.path(), &database_url);
     adjust(&mut config);
-    if !config.keyring_path().exists() {
+    if config.keyring.provider == tokenvault::config::KeyringProviderKind::Local
+        && !config.keyring_path().exists()
+    {
         LocalKeyring::init(config.keyring_path()).expect("init keyring");
     }
     let server = tokenvault::server::start(&config)
