@@ -39,18 +39,24 @@ CREATE UNIQUE INDEX connections_live
 CREATE INDEX connections_by_account ON connections (tenant_id, account_id, connection_id);
 CREATE INDEX connections_by_subject ON connections (google_subject) WHERE google_subject IS NOT NULL;
 
--- The per-connection DEK (wrapped by a KEK version) and the tokens sealed with
--- it. Deleting this row is what destroys a connection's tokens.
+-- The per-connection DEK, wrapped by a KEK version. Kept apart from the sealed
+-- tokens so that a key rotation rewrites only these narrow rows.
+CREATE TABLE connection_deks (
+    connection_id  TEXT PRIMARY KEY REFERENCES connections (connection_id),
+    kek_version    BIGINT NOT NULL REFERENCES kek_versions (version),
+    wrapped_dek    BLOB NOT NULL
+);
+CREATE INDEX connection_deks_by_kek ON connection_deks (kek_version, connection_id);
+
+-- The tokens sealed with the connection's DEK. Deleting this row and the DEK
+-- row is what destroys a connection's tokens.
 CREATE TABLE connection_secrets (
-    connection_id       TEXT PRIMARY KEY REFERENCES connections (connection_id),
-    kek_version         BIGINT NOT NULL REFERENCES kek_versions (version),
-    wrapped_dek         BLOB NOT NULL,
+    connection_id       TEXT PRIMARY KEY REFERENCES connection_deks (connection_id),
     access_token        BLOB,
     access_expires_at   BIGINT,
     refresh_token       BLOB,
     updated_at          BIGINT NOT NULL
 );
-CREATE INDEX connection_secrets_by_kek ON connection_secrets (kek_version, connection_id);
 
 -- Pending OAuth authorizations: the state is stored hashed, the PKCE verifier sealed.
 CREATE TABLE authorization_states (

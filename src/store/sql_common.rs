@@ -215,21 +215,37 @@ async fn insert_connection(
     insert_secrets(tx, s).await
 }
 
+/// Destroys a connection's sealed tokens and its wrapped DEK.
+async fn delete_secrets(tx: &mut sqlx::Transaction<'static, Db>, id: &str) -> StoreResult<()> {
+    sqlx::query("DELETE FROM connection_secrets WHERE connection_id = $1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("DELETE FROM connection_deks WHERE connection_id = $1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 async fn insert_secrets(tx: &mut sqlx::Transaction<'static, Db>, s: &SecretsRecord) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO connection_secrets (connection_id, kek_version, wrapped_dek, \
-             access_token, access_expires_at, refresh_token, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
+    sqlx::query("INSERT INTO connection_deks (connection_id, kek_version, wrapped_dek) VALUES ($1, $2, $3)")
         .bind(s.connection_id.as_str())
         .bind(kek_to_db(s.kek_version))
         .bind(s.wrapped_dek.as_slice())
-        .bind(s.access_token.as_deref())
-        .bind(s.access_expires_at.map(Timestamp::as_micros))
-        .bind(s.refresh_token.as_deref())
-        .bind(s.updated_at.as_micros())
         .execute(&mut **tx)
         .await?;
+    sqlx::query(
+        "INSERT INTO connection_secrets (connection_id, access_token, access_expires_at, \
+         refresh_token, updated_at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(s.connection_id.as_str())
+    .bind(s.access_token.as_deref())
+    .bind(s.access_expires_at.map(Timestamp::as_micros))
+    .bind(s.refresh_token.as_deref())
+    .bind(s.updated_at.as_micros())
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -340,7 +356,7 @@ impl crate::store::Store for StoreImpl {
             )));
         }
         let refs: i64 = sqlx::query_scalar(
-            "SELECT (SELECT COUNT(*) FROM connection_secrets WHERE kek_version = $1) \
+            "SELECT (SELECT COUNT(*) FROM connection_deks WHERE kek_version = $1) \
                   + (SELECT COUNT(*) FROM authorization_states WHERE kek_version = $1) \
                   + (SELECT COUNT(*) FROM rotation_runs WHERE target_version = $1 AND state = 'running')",
         )
@@ -368,7 +384,7 @@ impl crate::store::Store for StoreImpl {
     async fn dek_count_by_version(&self) -> StoreResult<Vec<(KekVersion, i64)>> {
         let rows = sqlx::query(
             "SELECT kek_version, COUNT(*) AS n FROM ( \
-                 SELECT kek_version FROM connection_secrets \
+                 SELECT kek_version FROM connection_deks \
                  UNION ALL SELECT kek_version FROM authorization_states \
              ) refs GROUP BY kek_version ORDER BY kek_version",
         )
@@ -407,20 +423,14 @@ impl crate::store::Store for StoreImpl {
             .bind(c.id.as_str())
             .execute(&mut *tx)
             .await?;
-            sqlx::query("DELETE FROM connection_secrets WHERE connection_id = $1")
-                .bind(c.id.as_str())
-                .execute(&mut *tx)
-                .await?;
+            delete_secrets(&mut tx, c.id.as_str()).await?;
             insert_secrets(&mut tx, s).await?;
             tx.commit().await?;
             return Ok(None);
         }
         if let Some(old_id) = &old {
             // Replacing: the old DEK and tokens are destroyed, the row becomes a tombstone.
-            sqlx::query("DELETE FROM connection_secrets WHERE connection_id = $1")
-                .bind(old_id)
-                .execute(&mut *tx)
-                .await?;
+            delete_secrets(&mut tx, old_id).await?;
             sqlx::query(
                 "UPDATE connections SET status = 'deleted', status_reason = 'replaced', \
                  google_subject = NULL, google_email = NULL, granted_scopes = '', \
@@ -484,7 +494,12 @@ impl crate::store::Store for StoreImpl {
     }
 
     async fn secrets_get(&self, id: &ConnectionId) -> StoreResult<Option<SecretsRecord>> {
-        let row = sqlx::query("SELECT * FROM connection_secrets WHERE connection_id = $1")
+        let row = sqlx::query(
+            "SELECT s.connection_id, d.kek_version, d.wrapped_dek, s.access_token, \
+             s.access_expires_at, s.refresh_token, s.updated_at \
+             FROM connection_secrets s JOIN connection_deks d ON d.connection_id = s.connection_id \
+             WHERE s.connection_id = $1",
+        )
             .bind(id.as_str())
             .fetch_optional(&self.pool)
             .await?;
@@ -531,10 +546,7 @@ impl crate::store::Store for StoreImpl {
 
     async fn connection_revoke_upstream(&self, id: &ConnectionId, at: Timestamp) -> StoreResult<bool> {
         let (_guard, mut tx) = self.begin_write().await?;
-        sqlx::query("DELETE FROM connection_secrets WHERE connection_id = $1")
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await?;
+        delete_secrets(&mut tx, id.as_str()).await?;
         let n = sqlx::query(
             "UPDATE connections SET status = 'revoked_upstream', status_reason = 'user_revoked_at_google', \
              google_subject = NULL, google_email = NULL, granted_scopes = '', updated_at = $1, \
@@ -732,7 +744,7 @@ impl crate::store::Store for StoreImpl {
     async fn dek_count_not_on(&self, target: KekVersion) -> StoreResult<i64> {
         // Two index ranges (not `<>`, which no index serves).
         Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM connection_secrets WHERE kek_version < $1 OR kek_version > $1",
+            "SELECT COUNT(*) FROM connection_deks WHERE kek_version < $1 OR kek_version > $1",
         )
         .bind(kek_to_db(target))
         .fetch_one(&self.pool)
@@ -748,9 +760,9 @@ impl crate::store::Store for StoreImpl {
         // A primary-key range scan: `kek_version <> $1` can use no index, so
         // filtering in SQL would scan (and sort) every remaining row per batch.
         let rows = sqlx::query(
-            "SELECT s.connection_id, c.tenant_id, c.account_id, s.kek_version, s.wrapped_dek \
-             FROM connection_secrets s JOIN connections c ON c.connection_id = s.connection_id \
-             WHERE s.connection_id > $1 ORDER BY s.connection_id LIMIT $2",
+            "SELECT d.connection_id, c.tenant_id, c.account_id, d.kek_version, d.wrapped_dek \
+             FROM connection_deks d JOIN connections c ON c.connection_id = d.connection_id \
+             WHERE d.connection_id > $1 ORDER BY d.connection_id LIMIT $2",
         )
         .bind(after.map(ConnectionId::as_str).unwrap_or(""))
         .bind(limit)
@@ -808,9 +820,9 @@ impl crate::store::Store for StoreImpl {
                 }
             }
             let sql = format!(
-                "UPDATE connection_secrets AS s SET kek_version = v.nv, wrapped_dek = v.nw \
+                "UPDATE connection_deks AS d SET kek_version = v.nv, wrapped_dek = v.nw \
                  FROM ({rows}) AS v \
-                 WHERE s.connection_id = v.id AND s.kek_version = v.ov AND s.wrapped_dek = v.ow"
+                 WHERE d.connection_id = v.id AND d.kek_version = v.ov AND d.wrapped_dek = v.ow"
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for r in chunk {

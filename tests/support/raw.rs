@@ -20,10 +20,13 @@ pub enum RawDb {
     Postgres(sqlx::PgPool),
 }
 
-const SELECT: &str = "SELECT kek_version, wrapped_dek, access_token, refresh_token \
-                      FROM connection_secrets WHERE connection_id = $1";
-const UPDATE: &str = "UPDATE connection_secrets SET kek_version = $1, wrapped_dek = $2, \
-                      access_token = $3, refresh_token = $4 WHERE connection_id = $5";
+const SELECT: &str = "SELECT d.kek_version, d.wrapped_dek, s.access_token, s.refresh_token \
+                      FROM connection_secrets s JOIN connection_deks d \
+                      ON d.connection_id = s.connection_id WHERE s.connection_id = $1";
+const UPDATE_DEK: &str =
+    "UPDATE connection_deks SET kek_version = $1, wrapped_dek = $2 WHERE connection_id = $3";
+const UPDATE_TOKENS: &str =
+    "UPDATE connection_secrets SET access_token = $1, refresh_token = $2 WHERE connection_id = $3";
 
 impl RawDb {
     pub async fn open(tv: &TestVault) -> Self {
@@ -62,9 +65,16 @@ impl RawDb {
     pub async fn set_secret_row(&self, connection_id: &str, row: &SecretRow) {
         macro_rules! set {
             ($pool:expr) => {{
-                let n = sqlx::query(UPDATE)
+                let n = sqlx::query(UPDATE_DEK)
                     .bind(row.kek_version)
                     .bind(&row.wrapped_dek)
+                    .bind(connection_id)
+                    .execute($pool)
+                    .await
+                    .unwrap()
+                    .rows_affected();
+                assert_eq!(n, 1, "no DEK row for {connection_id}");
+                let n = sqlx::query(UPDATE_TOKENS)
                     .bind(&row.access_token)
                     .bind(&row.refresh_token)
                     .bind(connection_id)
