@@ -42,6 +42,19 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// One version as KeyStatus reports it.
+    async fn key_version_info(&self, version: KekVersion) -> Result<pb::KeyVersionInfo, Status> {
+        let status = self.0.vault.keys().status().await?;
+        let info = status
+            .versions
+            .iter()
+            .find(|v| v.record.version == version)
+            .ok_or_else(|| VaultError::not_found("key version", version))?;
+        Ok(convert::key_version(info))
+    }
+}
+
 fn kek_version(v: u32) -> Result<KekVersion, VaultError> {
     KekVersion::new(v).ok_or_else(|| VaultError::invalid("version", "must be at least 1"))
 }
@@ -209,13 +222,7 @@ impl pb::admin_service_server::AdminService for Admin {
             )
             .await?;
         self.0.vault.keys().retire(version, &caller.actor()).await?;
-        let status = self.0.vault.keys().status().await?;
-        let info = status
-            .versions
-            .iter()
-            .find(|v| v.record.version == version)
-            .ok_or_else(|| VaultError::not_found("key version", version))?;
-        Ok(Response::new(convert::key_version(info)))
+        Ok(Response::new(self.key_version_info(version).await?))
     }
 
     async fn destroy_key(
@@ -236,13 +243,7 @@ impl pb::admin_service_server::AdminService for Admin {
             .keys()
             .destroy(version, &caller.actor())
             .await?;
-        let status = self.0.vault.keys().status().await?;
-        let info = status
-            .versions
-            .iter()
-            .find(|v| v.record.version == version)
-            .ok_or_else(|| VaultError::not_found("key version", version))?;
-        Ok(Response::new(convert::key_version(info)))
+        Ok(Response::new(self.key_version_info(version).await?))
     }
 
     async fn key_report(

@@ -369,16 +369,12 @@ impl Vault {
         let Some(secrets) = self.store().secrets_get(&connection.id).await? else {
             return Ok(None);
         };
-        let Some(sealed) = secrets.refresh_token else {
+        let Some(sealed) = secrets.refresh_token.as_deref() else {
             return Ok(None);
         };
         let dctx = super::connections::dek_context(connection);
-        let wrapped = WrappedDek {
-            kek_version: secrets.kek_version,
-            bytes: secrets.wrapped_dek,
-        };
-        let dek = self.keys().open_dek(&wrapped, &dctx).await?;
+        let dek = self.connection_dek(connection, &secrets).await?;
         let tctx: TokenContext<'_> = dctx.token(TokenKind::Refresh);
-        Ok(Some(open(&dek, &tctx, &sealed)?.into_secret_string()?))
+        Ok(Some(open(&dek, &tctx, sealed)?.into_secret_string()?))
     }
 }

@@ -2,7 +2,9 @@
 //! the read path that opens them again.
 
 use crate::audit::Actor;
-use crate::crypto::{DekContext, SecretString, TokenContext, TokenKind, WrappedDek, open, seal};
+use crate::crypto::{
+    DekContext, Key256, SecretString, TokenContext, TokenKind, WrappedDek, open, seal,
+};
 use crate::domain::{
     AccountId, ConnectionId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp,
     VaultError,
@@ -163,6 +165,21 @@ impl Vault {
         Ok((record, secrets))
     }
 
+    /// Unwraps a connection's DEK from its stored secrets.
+    pub(super) async fn connection_dek(
+        &self,
+        connection: &ConnectionRecord,
+        secrets: &SecretsRecord,
+    ) -> Result<Key256, VaultError> {
+        let wrapped = WrappedDek {
+            kek_version: secrets.kek_version,
+            bytes: secrets.wrapped_dek.clone(),
+        };
+        self.keys()
+            .open_dek(&wrapped, &dek_context(connection))
+            .await
+    }
+
     /// One connection by id.
     pub async fn connection_get(&self, id: &ConnectionId) -> Result<ConnectionRecord, VaultError> {
         self.store()
@@ -182,14 +199,7 @@ impl Vault {
                 connection.status
             ))
         })?;
-        let wrapped = WrappedDek {
-            kek_version: secrets.kek_version,
-            bytes: secrets.wrapped_dek,
-        };
-        let dek = self
-            .keys()
-            .open_dek(&wrapped, &dek_context(&connection))
-            .await?;
+        let dek = self.connection_dek(&connection, &secrets).await?;
         let sealed = secrets.access_token.ok_or_else(|| {
             VaultError::precondition(format!("connection {id} holds no access token"))
         })?;

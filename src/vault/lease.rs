@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ring::rand::SecureRandom as _;
 
 use crate::audit::{Actor, Outcome};
-use crate::crypto::{SecretString, TokenKind, WrappedDek, fingerprint, open, seal};
+use crate::crypto::{SecretString, TokenKind, fingerprint, open, seal};
 use crate::domain::{
     ConnectionId, ConnectionStatus, LeaseId, Purpose, ScopeSet, Timestamp, VaultError,
 };
@@ -180,16 +180,7 @@ impl Vault {
             return Ok(None);
         };
         let dctx = dek_context(conn);
-        let dek = self
-            .keys()
-            .open_dek(
-                &WrappedDek {
-                    kek_version: secrets.kek_version,
-                    bytes: secrets.wrapped_dek.clone(),
-                },
-                &dctx,
-            )
-            .await?;
+        let dek = self.connection_dek(conn, &secrets).await?;
         let token = open(&dek, &dctx.token(TokenKind::Access), sealed)?.into_secret_string()?;
         Ok(Some((token, expires, secrets.updated_at)))
     }
@@ -288,16 +279,7 @@ impl Vault {
                         ))
                     })?;
                     let dctx = dek_context(conn);
-                    let dek = self
-                        .keys()
-                        .open_dek(
-                            &WrappedDek {
-                                kek_version: secrets.kek_version,
-                                bytes: secrets.wrapped_dek,
-                            },
-                            &dctx,
-                        )
-                        .await?;
+                    let dek = self.connection_dek(conn, &secrets).await?;
                     let access = seal(
                         &dek,
                         &dctx.token(TokenKind::Access),
