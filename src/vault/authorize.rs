@@ -10,8 +10,7 @@ use oauth2::{PkceCodeChallenge, PkceCodeVerifier};
 
 use crate::audit::{Actor, Outcome};
 use crate::crypto::{
-    DekContext, MacPurpose, SecretString, TokenContext, TokenKind, WrappedDek, open, random_token,
-    seal,
+    DekContext, MacPurpose, SecretString, TokenKind, WrappedDek, open, random_token, seal,
 };
 use crate::domain::{
     AccountId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp, VaultError,
@@ -372,9 +371,9 @@ impl Vault {
         let Some(sealed) = secrets.refresh_token.as_deref() else {
             return Ok(None);
         };
-        let dctx = super::connections::dek_context(connection);
-        let dek = self.connection_dek(connection, &secrets).await?;
-        let tctx: TokenContext<'_> = dctx.token(TokenKind::Refresh);
-        Ok(Some(open(&dek, &tctx, sealed)?.into_secret_string()?))
+        let token = self
+            .token_open(connection, &secrets, TokenKind::Refresh, sealed)
+            .await?;
+        Ok(Some(token))
     }
 }

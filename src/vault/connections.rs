@@ -2,9 +2,7 @@
 //! the read path that opens them again.
 
 use crate::audit::Actor;
-use crate::crypto::{
-    DekContext, Key256, SecretString, TokenContext, TokenKind, WrappedDek, open, seal,
-};
+use crate::crypto::{DekContext, Key256, SecretString, TokenKind, WrappedDek, open, seal};
 use crate::domain::{
     AccountId, ConnectionId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp,
     VaultError,
@@ -64,15 +62,6 @@ pub(super) fn dek_context(c: &ConnectionRecord) -> DekContext<'_> {
         tenant: c.tenant.as_str(),
         account: c.account.as_str(),
         connection: c.id.as_str(),
-    }
-}
-
-fn token_context(c: &ConnectionRecord, kind: TokenKind) -> TokenContext<'_> {
-    TokenContext {
-        tenant: c.tenant.as_str(),
-        account: c.account.as_str(),
-        connection: c.id.as_str(),
-        kind,
     }
 }
 
@@ -142,13 +131,13 @@ impl Vault {
         let (dek, wrapped) = self.keys().new_dek(&dek_context(&record)).await?;
         let access = seal(
             &dek,
-            &token_context(&record, TokenKind::Access),
+            &dek_context(&record).token(TokenKind::Access),
             new.access_token.expose().as_bytes(),
         )?;
         let refresh = match &new.refresh_token {
             Some(t) => Some(seal(
                 &dek,
-                &token_context(&record, TokenKind::Refresh),
+                &dek_context(&record).token(TokenKind::Refresh),
                 t.expose().as_bytes(),
             )?),
             None => None,
@@ -180,6 +169,20 @@ impl Vault {
             .await
     }
 
+    /// Opens one of a connection's sealed tokens (`sealed` is a field of
+    /// `secrets`) under its DEK.
+    pub(super) async fn token_open(
+        &self,
+        connection: &ConnectionRecord,
+        secrets: &SecretsRecord,
+        kind: TokenKind,
+        sealed: &[u8],
+    ) -> Result<SecretString, VaultError> {
+        let dek = self.connection_dek(connection, secrets).await?;
+        let plain = open(&dek, &dek_context(connection).token(kind), sealed)?;
+        Ok(plain.into_secret_string()?)
+    }
+
     /// One connection by id.
     pub async fn connection_get(&self, id: &ConnectionId) -> Result<ConnectionRecord, VaultError> {
         self.store()
@@ -199,16 +202,12 @@ impl Vault {
                 connection.status
             ))
         })?;
-        let dek = self.connection_dek(&connection, &secrets).await?;
-        let sealed = secrets.access_token.ok_or_else(|| {
+        let sealed = secrets.access_token.as_deref().ok_or_else(|| {
             VaultError::precondition(format!("connection {id} holds no access token"))
         })?;
-        let plain = open(
-            &dek,
-            &token_context(&connection, TokenKind::Access),
-            &sealed,
-        )?;
-        let access_token = plain.into_secret_string()?;
+        let access_token = self
+            .token_open(&connection, &secrets, TokenKind::Access, sealed)
+            .await?;
         Ok(OpenedToken {
             connection,
             access_token,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ring::rand::SecureRandom as _;
 
 use crate::audit::{Actor, Outcome};
-use crate::crypto::{SecretString, TokenKind, fingerprint, open, seal};
+use crate::crypto::{SecretString, TokenKind, fingerprint, seal};
 use crate::domain::{
     ConnectionId, ConnectionStatus, LeaseId, Purpose, ScopeSet, Timestamp, VaultError,
 };
@@ -179,9 +179,9 @@ impl Vault {
         else {
             return Ok(None);
         };
-        let dctx = dek_context(conn);
-        let dek = self.connection_dek(conn, &secrets).await?;
-        let token = open(&dek, &dctx.token(TokenKind::Access), sealed)?.into_secret_string()?;
+        let token = self
+            .token_open(conn, &secrets, TokenKind::Access, sealed)
+            .await?;
         Ok(Some((token, expires, secrets.updated_at)))
     }
 
