@@ -113,12 +113,21 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Server behaviour.
     pub server: ServerConfig,
-    /// Caller identities and roles.
+    /// How callers authenticate (API keys).
     pub auth: AuthConfig,
+    /// Who may do what: identities, roles, purposes.
+    pub policy: PolicyConfig,
+    /// The event log watched by sync services.
+    pub events: EventsConfig,
+    /// Disconnect and account deletion: revocation at Google, receipts, retention.
+    pub deletion: DeletionConfig,
     /// Google OAuth client and endpoints.
     pub google: GoogleConfig,
     /// Token leases.
     pub lease: LeaseConfig,
+    /// The file this configuration was read from, if any (for policy reloads).
+    #[serde(skip)]
+    pub source_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -133,8 +142,12 @@ impl Default for Config {
             tls: TlsConfig::default(),
             server: ServerConfig::default(),
             auth: AuthConfig::default(),
+            policy: PolicyConfig::default(),
+            events: EventsConfig::default(),
+            deletion: DeletionConfig::default(),
             google: GoogleConfig::default(),
             lease: LeaseConfig::default(),
+            source_file: None,
         }
     }
 }
@@ -330,14 +343,79 @@ impl Default for LeaseConfig {
     }
 }
 
-/// `[auth]`: who may call, and in which role.
+/// `[auth]`: how callers prove an identity besides client certificates.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// API keys (accepted from loopback peers only), stored as SHA-256 hashes.
     pub api_keys: Vec<ApiKeyConfig>,
-    /// Identity → role (`app`, `worker`, `admin`, `auditor`).
-    pub roles: std::collections::BTreeMap<String, String>,
+}
+
+/// `[policy]`: the access policy, inline or in its own file (`file`), never
+/// both. See [`crate::policy`] for the format.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// A policy file (TOML with `[identities…]` and `[purposes…]`); reloaded on SIGHUP.
+    pub file: Option<PathBuf>,
+    /// Inline identities (when no file is named).
+    pub identities: std::collections::BTreeMap<String, crate::policy::IdentityEntry>,
+    /// Inline purposes (when no file is named).
+    pub purposes: std::collections::BTreeMap<String, crate::policy::PurposeEntry>,
+}
+
+/// `[deletion]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeletionConfig {
+    /// Consumers that must acknowledge a deletion's events before its receipt
+    /// is complete, per integration (`calendar`, `email`).
+    pub required_consumers: std::collections::BTreeMap<String, Vec<String>>,
+    /// How long the inline revocation at Google may take before the outbox takes over.
+    pub inline_revoke_timeout_ms: u64,
+    /// First retry delay of the revocation outbox (doubles per attempt, with jitter).
+    pub outbox_initial_backoff_ms: u64,
+    /// Longest delay between two outbox attempts.
+    pub outbox_max_backoff_seconds: u64,
+    /// After this long the retained token is destroyed and the revocation recorded as failed.
+    pub revoke_give_up_days: u64,
+    /// Receipts still incomplete after this long are overdue (admin API, metrics).
+    pub receipt_sla_hours: u64,
+    /// Tombstones, receipts, lease rows and acknowledged events are kept this long.
+    pub retention_days: u64,
+}
+
+impl Default for DeletionConfig {
+    fn default() -> Self {
+        Self {
+            required_consumers: std::collections::BTreeMap::from([
+                ("calendar".to_owned(), vec!["calendar-sync".to_owned()]),
+                ("email".to_owned(), vec!["email-sync".to_owned()]),
+            ]),
+            inline_revoke_timeout_ms: 2_000,
+            outbox_initial_backoff_ms: 1_000,
+            outbox_max_backoff_seconds: 3_600,
+            revoke_give_up_days: 7,
+            receipt_sla_hours: 24,
+            retention_days: 30,
+        }
+    }
+}
+
+/// `[events]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// How often each replica looks for events other replicas wrote.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 200,
+        }
+    }
 }
 
 /// One API key entry.
@@ -372,7 +450,8 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         figment = figment.merge(EnvProvider::new(env));
-        let config: Config = figment.extract().map_err(first_error)?;
+        let mut config: Config = figment.extract().map_err(first_error)?;
+        config.source_file = file.map(Path::to_path_buf);
         config.validate()?;
         Ok(config)
     }
@@ -498,17 +577,94 @@ impl Config {
                 ));
             }
         }
-        for (identity, role) in &self.auth.roles {
-            if !matches!(role.as_str(), "app" | "worker" | "admin" | "auditor") {
-                return Err(ConfigError::new(
-                    format!("auth.roles.\"{identity}\""),
-                    format!("unknown role {role:?}; expected app, worker, admin or auditor"),
-                ));
+        if self.policy.file.is_some()
+            && !(self.policy.identities.is_empty() && self.policy.purposes.is_empty())
+        {
+            return Err(ConfigError::new(
+                "policy.file",
+                "set either policy.file or inline [policy] identities and purposes, not both",
+            ));
+        }
+        if self.policy.file.is_none() {
+            crate::policy::Policy::build(&self.inline_policy())
+                .map_err(|e| ConfigError::new("policy", e))?;
+        }
+        for (integration, consumers) in &self.deletion.required_consumers {
+            let name = format!("deletion.required_consumers.{integration}");
+            crate::domain::Integration::parse(integration)
+                .map_err(|e| ConfigError::new(name.clone(), e.to_string()))?;
+            for c in consumers {
+                crate::domain::ConsumerName::parse(c)
+                    .map_err(|e| ConfigError::new(name.clone(), e.to_string()))?;
             }
+        }
+        for (name, value) in [
+            (
+                "deletion.inline_revoke_timeout_ms",
+                self.deletion.inline_revoke_timeout_ms,
+            ),
+            (
+                "deletion.outbox_initial_backoff_ms",
+                self.deletion.outbox_initial_backoff_ms,
+            ),
+            (
+                "deletion.outbox_max_backoff_seconds",
+                self.deletion.outbox_max_backoff_seconds,
+            ),
+            (
+                "deletion.revoke_give_up_days",
+                self.deletion.revoke_give_up_days,
+            ),
+            (
+                "deletion.receipt_sla_hours",
+                self.deletion.receipt_sla_hours,
+            ),
+            ("deletion.retention_days", self.deletion.retention_days),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(name, "must be at least 1"));
+            }
+        }
+        if !(50..=1000).contains(&self.events.poll_interval_ms) {
+            return Err(ConfigError::new(
+                "events.poll_interval_ms",
+                "must be between 50 and 1000 (events must reach every replica within 1 s)",
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::new("log.level", format!("not a valid filter ({e})")))?;
         Ok(())
+    }
+
+    fn inline_policy(&self) -> crate::policy::PolicyDocument {
+        crate::policy::PolicyDocument {
+            identities: self.policy.identities.clone(),
+            purposes: self.policy.purposes.clone(),
+        }
+    }
+
+    /// The policy to enforce and where to reload it from: the policy file if
+    /// one is named, else the inline `[policy]` (reloadable when it came from
+    /// a configuration file).
+    pub fn policy_source(
+        &self,
+    ) -> Result<(crate::policy::Policy, crate::policy::PolicySource), String> {
+        use crate::policy::{Policy, PolicySource, load_file};
+        match &self.policy.file {
+            Some(path) => Ok((
+                load_file(path).map_err(|e| format!("policy.file: {e}"))?,
+                PolicySource::File(path.clone()),
+            )),
+            None => {
+                let policy =
+                    Policy::build(&self.inline_policy()).map_err(|e| format!("policy: {e}"))?;
+                let source = match &self.source_file {
+                    Some(p) => PolicySource::ConfigFile(p.clone()),
+                    None => PolicySource::Fixed,
+                };
+                Ok((policy, source))
+            }
+        }
     }
 
     /// Creates `data_dir` (mode 0700) if needed and checks it is writable.
@@ -703,7 +859,9 @@ mod tests {
     #[test]
     fn the_sample_configuration_is_valid_and_lists_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tokenvault.example.toml");
-        let sample = Config::load_from(Some(&path), env(&[])).unwrap();
+        let mut sample = Config::load_from(Some(&path), env(&[])).unwrap();
+        assert_eq!(sample.source_file.as_deref(), Some(path.as_path()));
+        sample.source_file = None;
         let defaults = Config::default();
         assert_eq!(format!("{sample:?}"), format!("{defaults:?}"));
     }

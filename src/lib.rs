@@ -18,6 +18,7 @@ pub mod domain;
 pub mod google;
 pub mod grpc;
 pub mod http;
+pub mod policy;
 pub mod proto;
 pub mod server;
 pub mod store;

@@ -10,12 +10,13 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::audit::{Actor, Outcome};
 use crate::config::Config;
 use crate::grpc::{self, Authenticator, Context};
+use crate::policy::SharedPolicy;
 use crate::vault::Vault;
 
 /// How often the health reporter re-checks the database and keyring.
@@ -34,14 +35,51 @@ pub struct RunningServer {
     pub http_addr: SocketAddr,
     /// The vault behind it.
     pub vault: Arc<Vault>,
+    /// The access policy in force.
+    pub policy: Arc<SharedPolicy>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     grace: Duration,
 }
 
 impl RunningServer {
+    /// Re-reads the policy from its source (SIGHUP). A policy that does not
+    /// validate is refused and the one in force stays; either way the attempt
+    /// is audited and logged.
+    pub async fn reload_policy(&self) -> Result<(), String> {
+        let result = self.policy.reload();
+        let (outcome, detail) = match &result {
+            Ok((ids, purposes)) => {
+                tracing::info!(identities = ids, purposes, "policy reloaded");
+                (
+                    Outcome::Ok,
+                    format!("{ids} identities, {purposes} purposes"),
+                )
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
+                (
+                    Outcome::Failed,
+                    format!("refused, previous policy kept: {e}"),
+                )
+            }
+        };
+        if let Err(e) = self
+            .vault
+            .audit()
+            .record(&Actor::system(), "policy.reload", "policy", outcome, detail)
+            .await
+        {
+            tracing::error!(error = %e, "could not audit the policy reload");
+        }
+        result.map(|_| ())
+    }
+
     /// Stops accepting, drains in-flight calls, then stops background work.
     pub async fn shutdown(self) {
+        // Watch streams end first (with UNAVAILABLE), so the drain below
+        // does not wait on them.
+        self.vault.begin_shutdown();
         self.stop.send_replace(true);
         let drain = async {
             for t in self.tasks {
@@ -86,11 +124,14 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
         .local_addr()
         .map_err(|e| StartError(e.to_string()))?;
 
+    let (policy, source) = config.policy_source().map_err(StartError)?;
+    let policy = Arc::new(SharedPolicy::new(policy, source));
+    let tls = grpc::transport::server_config(config).map_err(StartError)?;
     let (stop, _) = watch::channel(false);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let ctx = Arc::new(Context {
         vault: vault.clone(),
-        auth: Authenticator::new(&config.auth),
+        auth: Authenticator::new(&config.auth, policy.clone()),
     });
     let routes = grpc::routes(ctx, health_service)
         .map_err(|e| StartError(format!("cannot build reflection service: {e}")))?;
@@ -98,16 +139,12 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .tcp_nodelay(true);
-    if config.tls.enabled() {
-        builder = builder
-            .tls_config(tls_config(config)?)
-            .map_err(|e| StartError(format!("tls: {e}")))?;
-    }
     let grpc_task = {
+        let incoming =
+            grpc::transport::incoming(grpc_listener, tls, vault.audit().clone(), stop.subscribe());
         let mut stop = stop.subscribe();
         let router = builder.add_routes(routes);
         tokio::spawn(async move {
-            let incoming = TcpListenerStream::new(grpc_listener);
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
@@ -148,30 +185,11 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
         grpc_addr,
         http_addr,
         vault,
+        policy,
         stop,
         tasks: vec![grpc_task, http_task, health_task],
         grace: Duration::from_secs(config.server.shutdown_grace_seconds),
     })
-}
-
-fn tls_config(config: &Config) -> Result<ServerTlsConfig, StartError> {
-    let read = |name: &str, path: &std::path::Path| {
-        std::fs::read(path)
-            .map_err(|e| StartError(format!("{name}: cannot read {}: {e}", path.display())))
-    };
-    let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) else {
-        return Err(StartError(
-            "tls: cert_file and key_file are required".to_owned(),
-        ));
-    };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
-        read("tls.cert_file", cert)?,
-        read("tls.key_file", key)?,
-    ));
-    if let Some(ca) = &config.tls.client_ca_file {
-        tls = tls.client_ca_root(Certificate::from_pem(read("tls.client_ca_file", ca)?));
-    }
-    Ok(tls)
 }
 
 /// Keeps gRPC health in step with the vault's: SERVING while the database and
@@ -219,7 +237,19 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
 /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
 pub async fn serve(config: &Config) -> Result<(), StartError> {
     let server = start(config).await?;
-    wait_for_signal().await;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| StartError(format!("cannot listen for SIGHUP: {e}")))?;
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the policy");
+                let _ = server.reload_policy().await;
+            }
+        }
+    }
     tracing::info!("shutdown requested; draining in-flight calls");
     server.shutdown().await;
     Ok(())

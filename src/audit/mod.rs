@@ -21,7 +21,7 @@ pub use verify::{VerifyReport, verify_chain};
 
 use crate::crypto::{KeyringProvider, MacPurpose};
 use crate::domain::{Timestamp, VaultError};
-use crate::store::{AuditDraft, Store};
+use crate::store::{AuditDraft, LeaseRecord, Store};
 
 /// The most entries committed in one group.
 const MAX_GROUP: usize = 512;
@@ -78,6 +78,7 @@ impl Outcome {
 
 struct Job {
     draft: AuditDraft,
+    lease: Option<LeaseRecord>,
     reply: oneshot::Sender<Result<i64, String>>,
 }
 
@@ -107,6 +108,40 @@ impl AuditLog {
         outcome: Outcome,
         detail: impl Into<String>,
     ) -> Result<i64, VaultError> {
+        self.append(actor, action, target, outcome, detail.into(), None)
+            .await
+    }
+
+    /// Appends a lease grant together with the lease row, in the same
+    /// transaction: the lease exists exactly when its grant is audited.
+    pub async fn record_lease(
+        &self,
+        actor: &Actor,
+        target: &str,
+        detail: String,
+        lease: LeaseRecord,
+    ) -> Result<i64, VaultError> {
+        self.append(
+            actor,
+            "lease.grant",
+            target,
+            Outcome::Ok,
+            detail,
+            Some(lease),
+        )
+        .await
+    }
+
+    async fn append(
+        &self,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+        outcome: Outcome,
+        detail: String,
+        lease: Option<LeaseRecord>,
+    ) -> Result<i64, VaultError> {
+        let started = std::time::Instant::now();
         let draft = AuditDraft {
             at: Timestamp::now(),
             actor: actor.identity.clone(),
@@ -114,14 +149,21 @@ impl AuditLog {
             action: action.to_owned(),
             target: target.to_owned(),
             outcome: outcome.as_str().to_owned(),
-            detail: detail.into(),
+            detail,
         };
         let (reply, rx) = oneshot::channel();
         self.jobs
-            .send(Job { draft, reply })
+            .send(Job {
+                draft,
+                lease,
+                reply,
+            })
             .await
             .map_err(|_| VaultError::AuditUnavailable("audit writer stopped".to_owned()))?;
-        match rx.await {
+        let result = rx.await;
+        metrics::histogram!("tokenvault_audit_append_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match result {
             Ok(Ok(seq)) => Ok(seq),
             Ok(Err(e)) => Err(VaultError::AuditUnavailable(e)),
             Err(_) => Err(VaultError::AuditUnavailable(
@@ -146,6 +188,7 @@ async fn writer(
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_GROUP);
     while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
         let drafts: Vec<AuditDraft> = batch.iter().map(|j| j.draft.clone()).collect();
+        let leases: Vec<LeaseRecord> = batch.iter().filter_map(|j| j.lease.clone()).collect();
         let result = if fault.load(Ordering::SeqCst) {
             Err("injected audit failure".to_owned())
         } else {
@@ -155,7 +198,7 @@ async fn writer(
                 (hash, mac)
             };
             store
-                .audit_append(&drafts, &sealer)
+                .audit_append(&drafts, &leases, &sealer)
                 .await
                 .map_err(|e| e.to_string())
         };

@@ -40,6 +40,11 @@ pub enum VaultError {
     #[error("{0}")]
     PermissionDenied(Cow<'static, str>),
 
+    /// A position outside what exists (an event cursor past the newest, or
+    /// before what was pruned).
+    #[error("{0}")]
+    OutOfRange(Cow<'static, str>),
+
     /// A dependency (database, keyring, Google) cannot be reached right now;
     /// retrying later may succeed.
     #[error("{0}")]

@@ -9,5 +9,6 @@ mod types;
 pub use error::VaultError;
 pub use ids::{AccountId, ConnectionId, ConsumerName, LeaseId, ReceiptId, TenantId};
 pub use types::{
-    ConnectionStatus, DeletionReason, Integration, KeyState, Purpose, Scope, ScopeSet, Timestamp,
+    ConnectionStatus, DeletionReason, EventKind, Integration, KeyState, Purpose, Scope, ScopeSet,
+    Timestamp, UpstreamState,
 };

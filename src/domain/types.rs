@@ -164,6 +164,39 @@ stored_enum!(
 );
 
 stored_enum!(
+    /// What an event in the event log says happened.
+    EventKind, "kind" {
+        /// A lease was ended by the vault; holders drop the token.
+        LeaseRevoked => "lease_revoked",
+        /// A connection was deleted; consumers purge what they synced.
+        ConnectionDeleted => "connection_deleted",
+        /// An account was deleted (one event per connection it had).
+        AccountDeleted => "account_deleted",
+        /// A connection was suspended; no leases until resumed.
+        Suspended => "suspended",
+        /// A suspended connection was resumed.
+        Resumed => "resumed",
+        /// A connection changed (e.g. reconnected with other scopes).
+        ConnectionUpdated => "connection_updated",
+    }
+);
+
+stored_enum!(
+    /// Progress of a deleted connection's revocation at Google.
+    UpstreamState, "upstream_state" {
+        /// Another live connection uses the same Google account (or the user
+        /// already revoked at Google): nothing to revoke.
+        NotNeeded => "not_needed",
+        /// Waiting for Google to confirm; the outbox retries.
+        Pending => "pending",
+        /// Google confirmed.
+        Confirmed => "confirmed",
+        /// Never confirmed within the retry limit; the retained token was destroyed anyway.
+        Failed => "failed",
+    }
+);
+
+stored_enum!(
     /// The lifecycle state of a key-encryption-key version.
     KeyState, "key_state" {
         /// Wraps every new DEK.

@@ -10,9 +10,9 @@ use super::auth::{Caller, Role};
 use super::convert::{self, PageToken};
 use crate::audit::{Outcome, verify_chain};
 use crate::crypto::KekVersion;
-use crate::domain::{AccountId, ConnectionId, TenantId, VaultError};
+use crate::domain::{AccountId, ConnectionId, DeletionReason, ReceiptId, TenantId, VaultError};
 use crate::proto::v1 as pb;
-use crate::store::{AuditFilter, ConnectionFilter};
+use crate::store::{AuditFilter, ConnectionFilter, DeletionTarget};
 
 pub(super) struct Admin(pub Arc<Context>);
 
@@ -143,36 +143,81 @@ impl pb::admin_service_server::AdminService for Admin {
         &self,
         request: Request<pb::RevokeConnectionRequest>,
     ) -> Result<Response<pb::DeletionReceipt>, Status> {
-        let rpc = "AdminService.RevokeConnection";
-        self.0
-            .auth
-            .authorize(&self.0.vault, &request, rpc, ADMIN)
+        let req = request.get_ref();
+        let id = ConnectionId::parse(&req.connection_id)?;
+        let reason = convert::reason_text(&req.reason)?;
+        let caller = self
+            .begin(
+                &request,
+                "AdminService.RevokeConnection",
+                ADMIN,
+                id.as_str(),
+            )
             .await?;
-        Err(VaultError::Unimplemented(rpc).into())
+        let vault = &self.0.vault;
+        let done = vault
+            .delete(
+                &caller.actor(),
+                DeletionTarget::Connection(id),
+                DeletionReason::AdminRevoked,
+                reason,
+            )
+            .await?;
+        Ok(Response::new(convert::receipt(
+            &done.receipt,
+            vault.receipt_overdue(&done.receipt),
+        )))
     }
 
     async fn delete_account(
         &self,
         request: Request<pb::DeleteAccountRequest>,
     ) -> Result<Response<pb::DeletionReceipt>, Status> {
-        let rpc = "AdminService.DeleteAccount";
-        self.0
-            .auth
-            .authorize(&self.0.vault, &request, rpc, ADMIN)
+        let req = request.get_ref();
+        let tenant = TenantId::parse(&req.tenant_id)?;
+        let account = AccountId::parse(&req.account_id)?;
+        let reason = convert::reason_text(&req.reason)?;
+        let caller = self
+            .begin(
+                &request,
+                "AdminService.DeleteAccount",
+                ADMIN,
+                &format!("{tenant}/{account}"),
+            )
             .await?;
-        Err(VaultError::Unimplemented(rpc).into())
+        let vault = &self.0.vault;
+        let done = vault
+            .delete(
+                &caller.actor(),
+                DeletionTarget::Account(tenant, account),
+                DeletionReason::AccountDeleted,
+                reason,
+            )
+            .await?;
+        Ok(Response::new(convert::receipt(
+            &done.receipt,
+            vault.receipt_overdue(&done.receipt),
+        )))
     }
 
     async fn get_deletion_receipt(
         &self,
         request: Request<pb::GetDeletionReceiptRequest>,
     ) -> Result<Response<pb::DeletionReceipt>, Status> {
-        let rpc = "AdminService.GetDeletionReceipt";
-        self.0
-            .auth
-            .authorize(&self.0.vault, &request, rpc, READERS)
-            .await?;
-        Err(VaultError::Unimplemented(rpc).into())
+        let id = ReceiptId::parse(&request.get_ref().receipt_id)?;
+        self.begin(
+            &request,
+            "AdminService.GetDeletionReceipt",
+            READERS,
+            id.as_str(),
+        )
+        .await?;
+        let vault = &self.0.vault;
+        let receipt = vault.receipt_get(&id).await?;
+        Ok(Response::new(convert::receipt(
+            &receipt,
+            vault.receipt_overdue(&receipt),
+        )))
     }
 
     async fn list_deletion_receipts(
@@ -180,10 +225,7 @@ impl pb::admin_service_server::AdminService for Admin {
         request: Request<pb::ListDeletionReceiptsRequest>,
     ) -> Result<Response<pb::ListDeletionReceiptsResponse>, Status> {
         let rpc = "AdminService.ListDeletionReceipts";
-        self.0
-            .auth
-            .authorize(&self.0.vault, &request, rpc, READERS)
-            .await?;
+        self.begin(&request, rpc, READERS, "receipts").await?;
         Err(VaultError::Unimplemented(rpc).into())
     }
 

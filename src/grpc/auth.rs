@@ -1,68 +1,33 @@
 //! Caller authentication and role checks, run at the top of every RPC.
-//! Identities come from API keys (`authorization: Bearer …`, accepted only
-//! from loopback peers, stored as SHA-256 hashes in the configuration); the
-//! configured role table maps each identity to one role. Every refusal is
-//! written to the audit log.
+//! An identity comes from the connection's verified client certificate (its
+//! URI SAN, else DNS SAN; see `transport`) or, from loopback peers only, from
+//! an API key (`authorization: Bearer …`, stored as SHA-256 hashes in the
+//! configuration). The policy in force maps the identity to a role. Every
+//! refusal is written to the audit log.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 
 use ring::digest;
 use tonic::{Request, Status};
 
+use super::transport::{CertIdentity, PeerInfo};
 use crate::audit::{Actor, Outcome};
 use crate::config::AuthConfig;
+use crate::policy::{Policy, SharedPolicy};
 use crate::vault::Vault;
 
-/// The roles of the design contract.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role {
-    /// The product backend.
-    App,
-    /// A sync worker.
-    Worker,
-    /// An administrator.
-    Admin,
-    /// A read-only security reviewer.
-    Auditor,
-}
-
-impl Role {
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "app" => Some(Role::App),
-            "worker" => Some(Role::Worker),
-            "admin" => Some(Role::Admin),
-            "auditor" => Some(Role::Auditor),
-            _ => None,
-        }
-    }
-
-    /// The role's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::App => "app",
-            Role::Worker => "worker",
-            Role::Admin => "admin",
-            Role::Auditor => "auditor",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::policy::Role;
 
 /// An authenticated caller.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Caller {
     /// Its identity.
     pub identity: String,
     /// Its role.
     pub role: Role,
+    /// The policy this call is judged by (one snapshot for the whole call).
+    pub policy: Arc<Policy>,
 }
 
 impl Caller {
@@ -75,15 +40,15 @@ impl Caller {
     }
 }
 
-/// Checks callers against the configured keys and roles.
+/// Checks callers against the configured keys and the policy in force.
 pub struct Authenticator {
     api_keys: HashMap<[u8; 32], String>,
-    roles: HashMap<String, Role>,
+    policy: Arc<SharedPolicy>,
 }
 
 impl Authenticator {
-    /// Builds the tables from validated configuration.
-    pub fn new(config: &AuthConfig) -> Self {
+    /// Builds the key table from validated configuration.
+    pub fn new(config: &AuthConfig, policy: Arc<SharedPolicy>) -> Self {
         let api_keys = config
             .api_keys
             .iter()
@@ -92,12 +57,12 @@ impl Authenticator {
                 Some((bytes, k.identity.clone()))
             })
             .collect();
-        let roles = config
-            .roles
-            .iter()
-            .filter_map(|(id, role)| Some((id.clone(), Role::parse(role)?)))
-            .collect();
-        Self { api_keys, roles }
+        Self { api_keys, policy }
+    }
+
+    /// The policy, for reloads.
+    pub fn policy(&self) -> &Arc<SharedPolicy> {
+        &self.policy
     }
 
     /// Hashes an API key the way the configuration stores it.
@@ -106,16 +71,25 @@ impl Authenticator {
     }
 
     fn identify<T>(&self, request: &Request<T>) -> Result<String, &'static str> {
+        let peer = request.extensions().get::<PeerInfo>();
+        match peer.and_then(|p| p.certificate.as_ref()) {
+            Some(CertIdentity::Named(id)) => return Ok(id.clone()),
+            Some(CertIdentity::NoSan) => {
+                return Err("the client certificate carries no URI or DNS SAN to identify it");
+            }
+            None => {}
+        }
         let Some(value) = request.metadata().get("authorization") else {
-            return Err("no credentials: send an API key as `authorization: Bearer <key>`");
+            return Err(
+                "no credentials: present a client certificate, or on loopback an API key as `authorization: Bearer <key>`",
+            );
         };
         let key = value
             .to_str()
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or("malformed authorization header; expected `Bearer <key>`")?;
-        let loopback = request.remote_addr().is_some_and(|a| a.ip().is_loopback());
-        if !loopback {
+        if !peer.is_some_and(PeerInfo::is_loopback) {
             return Err("API keys are accepted from loopback peers only");
         }
         let hash: [u8; 32] = digest::digest(&digest::SHA256, key.as_bytes())
@@ -149,7 +123,8 @@ impl Authenticator {
                 return Err(Status::unauthenticated(why));
             }
         };
-        let Some(role) = self.roles.get(&identity).copied() else {
+        let policy = self.policy.current();
+        let Some(role) = policy.grant(&identity).map(|g| g.role) else {
             let actor = Actor {
                 identity: identity.clone(),
                 role: String::new(),
@@ -168,7 +143,11 @@ impl Authenticator {
                 "{identity} has no role in the policy"
             )));
         };
-        let caller = Caller { identity, role };
+        let caller = Caller {
+            identity,
+            role,
+            policy,
+        };
         if !allowed.contains(&role) {
             vault
                 .audit()

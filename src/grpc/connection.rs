@@ -8,9 +8,9 @@ use super::Context;
 use super::auth::Role;
 use super::convert::{self, PageToken};
 use crate::crypto::SecretString;
-use crate::domain::{AccountId, ConnectionId, TenantId, VaultError};
+use crate::domain::{AccountId, ConnectionId, DeletionReason, ReceiptId, TenantId, VaultError};
 use crate::proto::v1 as pb;
-use crate::store::ConnectionFilter;
+use crate::store::{ConnectionFilter, DeletionTarget};
 use crate::vault::{Completer, Completion};
 
 pub(super) struct Connections(pub Arc<Context>);
@@ -163,11 +163,27 @@ impl pb::connection_service_server::ConnectionService for Connections {
         request: Request<pb::DisconnectRequest>,
     ) -> Result<Response<pb::DeletionReceipt>, Status> {
         let rpc = "ConnectionService.Disconnect";
-        self.0
+        let caller = self
+            .0
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
-        Err(VaultError::Unimplemented(rpc).into())
+        let req = request.get_ref();
+        let target = DeletionTarget::Connection(ConnectionId::parse(&req.connection_id)?);
+        let reason = convert::reason_text(&req.reason)?;
+        let vault = &self.0.vault;
+        let done = vault
+            .delete(
+                &caller.actor(),
+                target,
+                DeletionReason::UserDisconnected,
+                reason,
+            )
+            .await?;
+        Ok(Response::new(convert::receipt(
+            &done.receipt,
+            vault.receipt_overdue(&done.receipt),
+        )))
     }
 
     async fn delete_account(
@@ -175,11 +191,30 @@ impl pb::connection_service_server::ConnectionService for Connections {
         request: Request<pb::DeleteAccountRequest>,
     ) -> Result<Response<pb::DeletionReceipt>, Status> {
         let rpc = "ConnectionService.DeleteAccount";
-        self.0
+        let caller = self
+            .0
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
-        Err(VaultError::Unimplemented(rpc).into())
+        let req = request.get_ref();
+        let target = DeletionTarget::Account(
+            TenantId::parse(&req.tenant_id)?,
+            AccountId::parse(&req.account_id)?,
+        );
+        let reason = convert::reason_text(&req.reason)?;
+        let vault = &self.0.vault;
+        let done = vault
+            .delete(
+                &caller.actor(),
+                target,
+                DeletionReason::AccountDeleted,
+                reason,
+            )
+            .await?;
+        Ok(Response::new(convert::receipt(
+            &done.receipt,
+            vault.receipt_overdue(&done.receipt),
+        )))
     }
 
     async fn get_deletion_receipt(
@@ -191,6 +226,12 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
-        Err(VaultError::Unimplemented(rpc).into())
+        let id = ReceiptId::parse(&request.get_ref().receipt_id)?;
+        let vault = &self.0.vault;
+        let receipt = vault.receipt_get(&id).await?;
+        Ok(Response::new(convert::receipt(
+            &receipt,
+            vault.receipt_overdue(&receipt),
+        )))
     }
 }

@@ -5,9 +5,14 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::digest;
 
-use crate::domain::{ConnectionStatus, Integration, KeyState, Timestamp, VaultError};
+use crate::domain::{
+    ConnectionStatus, DeletionReason, EventKind, Integration, KeyState, Timestamp, UpstreamState,
+    VaultError,
+};
 use crate::proto::v1 as pb;
-use crate::store::{AuditRow, ConnectionRecord, PageRequest, RotationRun};
+use crate::store::{
+    AuditRow, ConnectionRecord, EventRecord, PageRequest, ReceiptRecord, RotationRun,
+};
 use crate::vault::{KeyStatus, VersionStatus};
 
 /// Default and maximum page sizes of list RPCs.
@@ -339,5 +344,170 @@ mod tests {
     fn timestamps_round_trip_through_protobuf() {
         let t = Timestamp::from_micros(1_700_000_000_123_456);
         assert_eq!(from_ts(&ts(t)), t);
+    }
+}
+
+/// The longest free-text deletion reason accepted (bytes).
+const MAX_REASON: usize = 1024;
+
+/// A caller's free-text deletion reason.
+pub fn reason_text(value: &str) -> Result<&str, VaultError> {
+    if value.len() > MAX_REASON {
+        return Err(VaultError::invalid("reason", "at most 1024 bytes"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(VaultError::invalid(
+            "reason",
+            "must not contain control characters",
+        ));
+    }
+    Ok(value)
+}
+
+/// Parses an event-kind filter value.
+pub fn event_kind(value: i32) -> Result<EventKind, VaultError> {
+    Ok(match pb::EventKind::try_from(value) {
+        Ok(pb::EventKind::LeaseRevoked) => EventKind::LeaseRevoked,
+        Ok(pb::EventKind::ConnectionDeleted) => EventKind::ConnectionDeleted,
+        Ok(pb::EventKind::AccountDeleted) => EventKind::AccountDeleted,
+        Ok(pb::EventKind::Suspended) => EventKind::Suspended,
+        Ok(pb::EventKind::Resumed) => EventKind::Resumed,
+        Ok(pb::EventKind::ConnectionUpdated) => EventKind::ConnectionUpdated,
+        _ => {
+            return Err(VaultError::invalid(
+                "kinds",
+                "unknown or UNSPECIFIED event kind",
+            ));
+        }
+    })
+}
+
+fn event_kind_pb(k: EventKind) -> pb::EventKind {
+    match k {
+        EventKind::LeaseRevoked => pb::EventKind::LeaseRevoked,
+        EventKind::ConnectionDeleted => pb::EventKind::ConnectionDeleted,
+        EventKind::AccountDeleted => pb::EventKind::AccountDeleted,
+        EventKind::Suspended => pb::EventKind::Suspended,
+        EventKind::Resumed => pb::EventKind::Resumed,
+        EventKind::ConnectionUpdated => pb::EventKind::ConnectionUpdated,
+    }
+}
+
+fn reason_pb(r: DeletionReason) -> pb::DeletionReason {
+    match r {
+        DeletionReason::UserDisconnected => pb::DeletionReason::UserDisconnected,
+        DeletionReason::AccountDeleted => pb::DeletionReason::AccountDeleted,
+        DeletionReason::AdminRevoked => pb::DeletionReason::AdminRevoked,
+        DeletionReason::UserRevokedAtGoogle => pb::DeletionReason::UserRevokedAtGoogle,
+    }
+}
+
+fn upstream_pb(u: UpstreamState) -> pb::UpstreamRevocationState {
+    match u {
+        UpstreamState::NotNeeded => pb::UpstreamRevocationState::NotNeeded,
+        UpstreamState::Pending => pb::UpstreamRevocationState::Pending,
+        UpstreamState::Confirmed => pb::UpstreamRevocationState::Confirmed,
+        UpstreamState::Failed => pb::UpstreamRevocationState::Failed,
+    }
+}
+
+/// An event as watchers receive it.
+pub fn event(e: &EventRecord) -> pb::Event {
+    let ev = &e.event;
+    pb::Event {
+        cursor: u64::try_from(e.cursor).unwrap_or(0),
+        kind: event_kind_pb(ev.kind) as i32,
+        occurred_at: Some(ts(ev.occurred_at)),
+        tenant_id: ev
+            .tenant
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        account_id: ev
+            .account
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        connection_id: ev
+            .connection_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        integration: ev.integration.map_or(0, |i| integration_pb(i) as i32),
+        lease_id: ev
+            .lease_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        receipt_id: ev
+            .receipt_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        reason: ev.reason.map_or(0, |r| reason_pb(r) as i32),
+        detail: ev.detail.clone(),
+    }
+}
+
+/// A deletion receipt.
+pub fn receipt(r: &ReceiptRecord, overdue: bool) -> pb::DeletionReceipt {
+    pb::DeletionReceipt {
+        receipt_id: r.receipt_id.to_string(),
+        tenant_id: r.tenant.to_string(),
+        account_id: r.account.to_string(),
+        connection_ids: r
+            .connections
+            .iter()
+            .map(|c| c.connection_id.to_string())
+            .collect(),
+        reason: reason_pb(r.reason) as i32,
+        reason_detail: r.reason_detail.clone(),
+        requested_by: r.requested_by.clone(),
+        requested_at: Some(ts(r.requested_at)),
+        tokens_destroyed_at: opt_ts(r.tokens_destroyed_at),
+        upstream_revocations: r
+            .connections
+            .iter()
+            .map(|c| pb::UpstreamRevocation {
+                connection_id: c.connection_id.to_string(),
+                state: upstream_pb(c.upstream) as i32,
+                attempts: u32::try_from(c.attempts).unwrap_or(u32::MAX),
+                last_attempt_at: opt_ts(c.last_attempt_at),
+                next_attempt_at: if c.upstream == UpstreamState::Pending {
+                    opt_ts(c.next_attempt_at)
+                } else {
+                    None
+                },
+                confirmed_at: if c.upstream == UpstreamState::Confirmed {
+                    opt_ts(c.settled_at)
+                } else {
+                    None
+                },
+                failed_at: if c.upstream == UpstreamState::Failed {
+                    opt_ts(c.settled_at)
+                } else {
+                    None
+                },
+                last_error: c.last_error.clone().unwrap_or_default(),
+            })
+            .collect(),
+        required_consumers: r.acks.iter().map(|(c, _)| c.clone()).collect(),
+        consumer_acks: r
+            .acks
+            .iter()
+            .filter_map(|(c, at)| {
+                at.map(|at| pb::ConsumerAck {
+                    consumer: c.clone(),
+                    acknowledged_at: Some(ts(at)),
+                })
+            })
+            .collect(),
+        status: if r.completed_at.is_some() {
+            pb::ReceiptStatus::Complete
+        } else {
+            pb::ReceiptStatus::Pending
+        } as i32,
+        completed_at: opt_ts(r.completed_at),
+        overdue,
     }
 }

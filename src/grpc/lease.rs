@@ -9,7 +9,7 @@ use super::auth::Role;
 use std::time::Duration;
 
 use super::convert;
-use crate::domain::{ConnectionId, Purpose, ScopeSet, VaultError};
+use crate::domain::{ConnectionId, LeaseId, Purpose, ScopeSet, VaultError};
 use crate::proto::v1 as pb;
 use crate::vault::LeaseRequest;
 
@@ -47,6 +47,7 @@ impl pb::lease_service_server::LeaseService for Leases {
             .vault
             .lease_token(
                 &caller.actor(),
+                &caller.policy,
                 LeaseRequest {
                     connection: ConnectionId::parse(&req.connection_id)?,
                     purpose: Purpose::parse(&req.purpose)?,
@@ -70,10 +71,16 @@ impl pb::lease_service_server::LeaseService for Leases {
         request: Request<pb::ReleaseLeaseRequest>,
     ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
         let rpc = "LeaseService.ReleaseLease";
-        self.0
+        let caller = self
+            .0
             .auth
             .authorize(&self.0.vault, &request, rpc, WORKER)
             .await?;
-        Err(VaultError::Unimplemented(rpc).into())
+        let id = LeaseId::parse(&request.get_ref().lease_id)?;
+        let ended = self.0.vault.lease_release(&caller.actor(), &id).await?;
+        Ok(Response::new(pb::ReleaseLeaseResponse {
+            lease_id: id.to_string(),
+            ended_at: Some(convert::ts(ended)),
+        }))
     }
 }

@@ -9,6 +9,7 @@ pub mod convert;
 mod events;
 mod lease;
 mod status;
+pub mod transport;
 
 use std::sync::Arc;
 

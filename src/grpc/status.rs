@@ -14,6 +14,7 @@ impl From<VaultError> for Status {
             VaultError::FailedPrecondition(_) => Code::FailedPrecondition,
             VaultError::Unauthenticated(_) => Code::Unauthenticated,
             VaultError::PermissionDenied(_) => Code::PermissionDenied,
+            VaultError::OutOfRange(_) => Code::OutOfRange,
             VaultError::Unavailable(_) | VaultError::AuditUnavailable(_) => Code::Unavailable,
             VaultError::Crypto(_) => Code::DataLoss,
             VaultError::Unimplemented(_) => Code::Unimplemented,

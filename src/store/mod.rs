@@ -17,7 +17,7 @@ pub use records::*;
 pub use sqlite::SqliteStore;
 
 use crate::crypto::KekVersion;
-use crate::domain::{ConnectionId, Timestamp, VaultError};
+use crate::domain::{ConnectionId, LeaseId, ReceiptId, Timestamp, UpstreamState, VaultError};
 
 /// Result alias for storage calls.
 pub type StoreResult<T> = Result<T, VaultError>;
@@ -228,9 +228,13 @@ pub trait Store: Send + Sync + 'static {
     /// Appends entries to the hash chain in one transaction, serialised against
     /// every other appender (on every replica). Returns the assigned sequence
     /// numbers.
+    ///
+    /// `leases` are recorded in the same transaction: a lease exists exactly
+    /// when the entry that grants it does.
     async fn audit_append(
         &self,
         drafts: &[AuditDraft],
+        leases: &[LeaseRecord],
         sealer: AuditSealer<'_>,
     ) -> StoreResult<Vec<i64>>;
 
@@ -247,6 +251,84 @@ pub trait Store: Send + Sync + 'static {
 
     /// The chain head: last sequence number and hash (0 and empty when empty).
     async fn audit_head(&self) -> StoreResult<(i64, Vec<u8>)>;
+
+    // ----- leases ------------------------------------------------------------------
+
+    /// One lease.
+    async fn lease_get(&self, id: &LeaseId) -> StoreResult<Option<LeaseRecord>>;
+
+    /// Ends a lease now unless it already ended; returns when it ended
+    /// (`None`: no such lease).
+    async fn lease_release(&self, id: &LeaseId, at: Timestamp) -> StoreResult<Option<Timestamp>>;
+
+    /// Leases neither revoked nor expired at `at`.
+    async fn lease_open_count(&self, at: Timestamp) -> StoreResult<i64>;
+
+    /// Deletes lease rows that ended before `before`.
+    async fn lease_prune(&self, before: Timestamp) -> StoreResult<u64>;
+
+    // ----- events ------------------------------------------------------------------
+
+    /// The newest cursor and the pruning watermark.
+    async fn event_state(&self) -> StoreResult<EventLogState>;
+
+    /// Events with a cursor above `after`, in cursor order, at most `limit`.
+    async fn events_after(&self, after: i64, limit: i64) -> StoreResult<Vec<EventRecord>>;
+
+    /// Appends events (cursor order is commit order, on every replica).
+    async fn events_append(&self, events: &[NewEvent]) -> StoreResult<Vec<i64>>;
+
+    /// A consumer's durable position (0 for a new consumer).
+    async fn consumer_position(&self, consumer: &str) -> StoreResult<i64>;
+
+    /// Moves a consumer's position to max(stored, cursor), stamps its ack on
+    /// the receipts of the events passed and completes receipts that were
+    /// waiting only for it. Returns the new position.
+    async fn consumer_ack(&self, consumer: &str, cursor: i64, at: Timestamp) -> StoreResult<i64>;
+
+    // ----- deletion ----------------------------------------------------------------
+
+    /// Runs a deletion in one transaction: destroys tokens and DEKs, leaves
+    /// tombstones, revokes open leases, writes the events, the receipt and the
+    /// outbox rows for the revocations Google must confirm.
+    async fn connection_delete(&self, req: &DeletionRequest) -> StoreResult<DeletionOutcome>;
+
+    /// A receipt with its parts.
+    async fn receipt_get(&self, id: &ReceiptId) -> StoreResult<Option<ReceiptRecord>>;
+
+    /// Pending revocations whose next attempt is due at `now` (of one receipt
+    /// only, when given), oldest first, each claimed for a minute so other
+    /// replicas skip it.
+    async fn outbox_due(
+        &self,
+        now: Timestamp,
+        receipt: Option<&ReceiptId>,
+        limit: i64,
+    ) -> StoreResult<Vec<OutboxRow>>;
+
+    /// The pending revocations (count, oldest queued time).
+    async fn outbox_depth(&self) -> StoreResult<(i64, Option<Timestamp>)>;
+
+    /// Records a failed attempt and when to try next.
+    async fn outbox_retry(
+        &self,
+        receipt: &ReceiptId,
+        connection: &ConnectionId,
+        at: Timestamp,
+        next_at: Timestamp,
+        error: &str,
+    ) -> StoreResult<()>;
+
+    /// Settles a revocation (confirmed or failed): destroys the retained
+    /// token and completes the receipt if nothing else is outstanding.
+    async fn outbox_settle(
+        &self,
+        receipt: &ReceiptId,
+        connection: &ConnectionId,
+        state: UpstreamState,
+        at: Timestamp,
+        error: Option<&str>,
+    ) -> StoreResult<()>;
 }
 
 /// Opens the store named by a database URL and applies migrations.

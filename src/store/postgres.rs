@@ -19,6 +19,13 @@ const LOCK_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id =
 const LOCK_REFRESH: &str = "SELECT fence FROM refresh_locks \
      WHERE connection_id = $1 AND holder = $2 AND fence = $3 FOR UPDATE";
 
+// Appended to SELECTs that lock the rows they read.
+const FOR_UPDATE: &str = " FOR UPDATE";
+// Taken before appending events, so cursors are committed in cursor order and
+// a watcher reading "after cursor N" never skips an event committed later
+// with a smaller cursor.
+const EVENT_ORDER_LOCK: Option<&str> = Some("SELECT pg_advisory_xact_lock(7431001)");
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
 /// A store on a PostgreSQL database.

@@ -3,7 +3,8 @@
 
 use crate::crypto::KekVersion;
 use crate::domain::{
-    AccountId, ConnectionId, ConnectionStatus, Integration, KeyState, ScopeSet, TenantId, Timestamp,
+    AccountId, ConnectionId, ConnectionStatus, DeletionReason, EventKind, Integration, KeyState,
+    LeaseId, ReceiptId, ScopeSet, TenantId, Timestamp, UpstreamState,
 };
 
 /// A connection row (tombstones have no subject, email or scopes).
@@ -280,4 +281,235 @@ pub struct RefreshedTokens<'a> {
     pub refresh_token: Option<&'a [u8]>,
     /// When.
     pub at: Timestamp,
+}
+
+/// A lease as recorded: never the token, only an HMAC naming it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseRecord {
+    /// The lease id.
+    pub lease_id: LeaseId,
+    /// The leased connection.
+    pub connection_id: ConnectionId,
+    /// The identity holding it.
+    pub caller: String,
+    /// The stated purpose.
+    pub purpose: String,
+    /// The leased scopes, space-separated.
+    pub scopes: String,
+    /// HMAC of the access token (`tokenvault_fingerprint`).
+    pub token_fingerprint: String,
+    /// When granted.
+    pub granted_at: Timestamp,
+    /// When it ends on its own.
+    pub expires_at: Timestamp,
+    /// When the vault or the holder ended it early.
+    pub revoked_at: Option<Timestamp>,
+    /// Why (`released`, or a deletion reason).
+    pub revoke_reason: Option<String>,
+}
+
+/// An event to append to the log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// When.
+    pub occurred_at: Timestamp,
+    /// The connection's tenant.
+    pub tenant: Option<TenantId>,
+    /// The connection's account.
+    pub account: Option<AccountId>,
+    /// The connection.
+    pub connection_id: Option<ConnectionId>,
+    /// Its integration.
+    pub integration: Option<Integration>,
+    /// The revoked lease.
+    pub lease_id: Option<LeaseId>,
+    /// The deletion receipt.
+    pub receipt_id: Option<ReceiptId>,
+    /// Why a connection was deleted.
+    pub reason: Option<DeletionReason>,
+    /// Free text, never secret.
+    pub detail: String,
+}
+
+/// A stored event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventRecord {
+    /// Position in the log.
+    pub cursor: i64,
+    /// The event.
+    pub event: NewEvent,
+}
+
+/// Where the event log stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventLogState {
+    /// The newest cursor (0 when empty).
+    pub head: i64,
+    /// Events up to this cursor were pruned.
+    pub pruned_through: i64,
+}
+
+/// A deleted connection's token, prepared for the revocation outbox: sealed
+/// under a DEK of its own. The store keeps it only if the revocation is needed.
+#[derive(Clone)]
+pub struct OutboxToken {
+    /// The connection.
+    pub connection_id: ConnectionId,
+    /// The outbox DEK's KEK version.
+    pub kek_version: KekVersion,
+    /// The outbox DEK, wrapped.
+    pub wrapped_dek: Vec<u8>,
+    /// The token, sealed.
+    pub sealed_token: Vec<u8>,
+}
+
+impl std::fmt::Debug for OutboxToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxToken")
+            .field("connection_id", &self.connection_id)
+            .field("kek_version", &self.kek_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a deletion covers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DeletionTarget {
+    /// One connection.
+    Connection(ConnectionId),
+    /// Every live connection of an account.
+    Account(TenantId, AccountId),
+}
+
+impl DeletionTarget {
+    /// The key under which a repeated request finds the same receipt.
+    pub fn subject_key(&self) -> String {
+        match self {
+            DeletionTarget::Connection(id) => format!("connection:{id}"),
+            DeletionTarget::Account(t, a) => format!("account:{t}/{a}"),
+        }
+    }
+}
+
+/// A deletion to carry out in one transaction.
+#[derive(Debug)]
+pub struct DeletionRequest {
+    /// The receipt id to use if this creates a receipt.
+    pub receipt_id: ReceiptId,
+    /// What to delete.
+    pub target: DeletionTarget,
+    /// Why.
+    pub reason: DeletionReason,
+    /// The caller's free-text reason.
+    pub detail: String,
+    /// Who asked.
+    pub requested_by: String,
+    /// When.
+    pub at: Timestamp,
+    /// Consumers whose ack a receipt needs, per integration.
+    pub required_consumers: Vec<(Integration, String)>,
+    /// Tokens prepared for the outbox, per connection expected to be deleted.
+    pub outbox: Vec<OutboxToken>,
+    /// Whether Google must be asked to revoke (false when the user already
+    /// revoked there).
+    pub revoke_upstream: bool,
+    /// When the outbox first retries if the inline revocation fails.
+    pub retry_at: Timestamp,
+    /// When the outbox stops trying.
+    pub give_up_at: Timestamp,
+}
+
+/// One connection a deletion removed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeletedConnection {
+    /// The connection.
+    pub connection_id: ConnectionId,
+    /// Its integration.
+    pub integration: Integration,
+    /// What happens at Google.
+    pub upstream: UpstreamState,
+}
+
+/// What a deletion transaction did.
+#[derive(Debug, PartialEq)]
+pub enum DeletionOutcome {
+    /// Deleted now, under a new receipt.
+    Deleted {
+        /// The receipt.
+        receipt_id: ReceiptId,
+        /// The connections removed.
+        connections: Vec<DeletedConnection>,
+    },
+    /// Deleted before: the same receipt.
+    Existing(ReceiptId),
+    /// A connection to delete appeared after the outbox tokens were prepared:
+    /// prepare again.
+    Retry,
+    /// Nothing by that id (connection deletions only).
+    NotFound,
+}
+
+/// A deletion receipt with its parts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReceiptRecord {
+    /// The receipt.
+    pub receipt_id: ReceiptId,
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The account.
+    pub account: AccountId,
+    /// Why.
+    pub reason: DeletionReason,
+    /// The caller's reason.
+    pub reason_detail: String,
+    /// Who asked.
+    pub requested_by: String,
+    /// When.
+    pub requested_at: Timestamp,
+    /// When tokens and DEKs were destroyed.
+    pub tokens_destroyed_at: Option<Timestamp>,
+    /// When it became complete.
+    pub completed_at: Option<Timestamp>,
+    /// Per connection: its upstream revocation.
+    pub connections: Vec<ReceiptConnection>,
+    /// Required consumers and when each acknowledged.
+    pub acks: Vec<(String, Option<Timestamp>)>,
+}
+
+/// A connection on a receipt and its revocation at Google.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReceiptConnection {
+    /// The connection.
+    pub connection_id: ConnectionId,
+    /// Its integration.
+    pub integration: Integration,
+    /// Revocation state.
+    pub upstream: UpstreamState,
+    /// Revoke requests sent.
+    pub attempts: i64,
+    /// When the last was sent.
+    pub last_attempt_at: Option<Timestamp>,
+    /// When the outbox tries next (pending only).
+    pub next_attempt_at: Option<Timestamp>,
+    /// When confirmed or failed.
+    pub settled_at: Option<Timestamp>,
+    /// Last error from Google (never a token).
+    pub last_error: Option<String>,
+}
+
+/// A pending revocation the outbox worker may attempt.
+#[derive(Clone)]
+pub struct OutboxRow {
+    /// The receipt.
+    pub receipt_id: ReceiptId,
+    /// The token, sealed as prepared.
+    pub token: OutboxToken,
+    /// When it was queued.
+    pub created_at: Timestamp,
+    /// When the worker gives up.
+    pub give_up_at: Timestamp,
+    /// Attempts so far.
+    pub attempts: i64,
 }

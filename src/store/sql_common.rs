@@ -10,14 +10,123 @@ use sqlx::Row as _;
 
 use crate::crypto::KekVersion;
 use crate::domain::{
-    AccountId, ConnectionId, ConnectionStatus, Integration, KeyState, ScopeSet, TenantId,
-    Timestamp, VaultError,
+    AccountId, ConnectionId, ConnectionStatus, DeletionReason, EventKind, Integration, KeyState,
+    LeaseId, ReceiptId, ScopeSet, TenantId, Timestamp, UpstreamState, VaultError,
 };
 use crate::store::{
     AuthzConsume, AuthzStateRecord, RefreshedTokens,
     AuditDraft, AuditFilter, AuditRow, AuditSealer, Backend, ConnectionFilter, ConnectionRecord,
-    KekRecord, PageRequest, Rewrap, RotationRun, SecretsRecord, StoreResult, WrappedDekRow,
+    DeletedConnection, DeletionOutcome, DeletionRequest, DeletionTarget, EventLogState,
+    EventRecord, KekRecord, LeaseRecord, NewEvent, OutboxRow, OutboxToken, PageRequest,
+    ReceiptConnection, ReceiptRecord, Rewrap, RotationRun, SecretsRecord, StoreResult,
+    WrappedDekRow,
 };
+
+/// Rows per multi-row INSERT (11 columns × 64 rows stays far below either
+/// backend's bind limit).
+const ROWS_PER_INSERT: usize = 64;
+
+/// `($1, $2, …), (…)` for `rows` rows of `columns` values.
+fn values_list(columns: usize, rows: usize) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(rows * columns * 5);
+    let mut n = 0;
+    for r in 0..rows {
+        s.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..columns {
+            n += 1;
+            let _ = write!(s, "{}${n}", if c == 0 { "" } else { ", " });
+        }
+        s.push(')');
+    }
+    s
+}
+
+fn opt_parse<T>(v: Option<&str>, parse: impl Fn(&str) -> Result<T, VaultError>, column: &str) -> StoreResult<Option<T>> {
+    v.map(|v| stored(parse(v), column)).transpose()
+}
+
+fn lease_from_row(row: &Row) -> StoreResult<LeaseRecord> {
+    Ok(LeaseRecord {
+        lease_id: LeaseId::from_stored(row.try_get("lease_id")?),
+        connection_id: ConnectionId::from_stored(row.try_get("connection_id")?),
+        caller: row.try_get("caller")?,
+        purpose: row.try_get("purpose")?,
+        scopes: row.try_get("scopes")?,
+        token_fingerprint: row.try_get("token_fingerprint")?,
+        granted_at: ts(row.try_get("granted_at")?),
+        expires_at: ts(row.try_get("expires_at")?),
+        revoked_at: opt_ts(row.try_get("revoked_at")?),
+        revoke_reason: row.try_get("revoke_reason")?,
+    })
+}
+
+fn event_from_row(row: &Row) -> StoreResult<EventRecord> {
+    Ok(EventRecord {
+        cursor: row.try_get("cursor")?,
+        event: NewEvent {
+            kind: stored(EventKind::parse(row.try_get::<&str, _>("kind")?), "kind")?,
+            occurred_at: ts(row.try_get("occurred_at")?),
+            tenant: row.try_get::<Option<String>, _>("tenant_id")?.map(TenantId::from_stored),
+            account: row.try_get::<Option<String>, _>("account_id")?.map(AccountId::from_stored),
+            connection_id: row
+                .try_get::<Option<String>, _>("connection_id")?
+                .map(ConnectionId::from_stored),
+            integration: opt_parse(row.try_get("integration")?, Integration::parse, "integration")?,
+            lease_id: row.try_get::<Option<String>, _>("lease_id")?.map(LeaseId::from_stored),
+            receipt_id: row.try_get::<Option<String>, _>("receipt_id")?.map(ReceiptId::from_stored),
+            reason: opt_parse(row.try_get("reason")?, DeletionReason::parse, "reason")?,
+            detail: row.try_get("detail")?,
+        },
+    })
+}
+
+/// Appends events inside a write transaction, after taking the event-order lock.
+async fn insert_events(tx: &mut sqlx::Transaction<'static, Db>, events: &[NewEvent]) -> StoreResult<Vec<i64>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some(lock) = EVENT_ORDER_LOCK {
+        sqlx::query(lock).execute(&mut **tx).await?;
+    }
+    let mut cursors = Vec::with_capacity(events.len());
+    for e in events {
+        let cursor: i64 = sqlx::query_scalar(
+            "INSERT INTO events (kind, occurred_at, tenant_id, account_id, connection_id, integration, \
+             lease_id, receipt_id, reason, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             RETURNING cursor",
+        )
+        .bind(e.kind.as_str())
+        .bind(e.occurred_at.as_micros())
+        .bind(e.tenant.as_ref().map(|t| t.as_str()))
+        .bind(e.account.as_ref().map(|a| a.as_str()))
+        .bind(e.connection_id.as_ref().map(|c| c.as_str()))
+        .bind(e.integration.map(|i| i.as_str()))
+        .bind(e.lease_id.as_ref().map(|l| l.as_str()))
+        .bind(e.receipt_id.as_ref().map(|r| r.as_str()))
+        .bind(e.reason.map(|r| r.as_str()))
+        .bind(&e.detail)
+        .fetch_one(&mut **tx)
+        .await?;
+        cursors.push(cursor);
+    }
+    Ok(cursors)
+}
+
+/// Marks complete every receipt with no outstanding ack or revocation.
+async fn complete_receipts(tx: &mut sqlx::Transaction<'static, Db>, at: Timestamp) -> StoreResult<u64> {
+    Ok(sqlx::query(
+        "UPDATE deletion_receipts SET completed_at = $1 WHERE completed_at IS NULL \
+         AND NOT EXISTS (SELECT 1 FROM receipt_acks a \
+             WHERE a.receipt_id = deletion_receipts.receipt_id AND a.acknowledged_at IS NULL) \
+         AND NOT EXISTS (SELECT 1 FROM receipt_connections c \
+             WHERE c.receipt_id = deletion_receipts.receipt_id AND c.upstream_state = 'pending')",
+    )
+    .bind(at.as_micros())
+    .execute(&mut **tx)
+    .await?
+    .rows_affected())
+}
 
 type Row = <Db as sqlx::Database>::Row;
 
@@ -358,6 +467,7 @@ impl crate::store::Store for StoreImpl {
         let refs: i64 = sqlx::query_scalar(
             "SELECT (SELECT COUNT(*) FROM connection_deks WHERE kek_version = $1) \
                   + (SELECT COUNT(*) FROM authorization_states WHERE kek_version = $1) \
+                  + (SELECT COUNT(*) FROM revocation_outbox WHERE kek_version = $1) \
                   + (SELECT COUNT(*) FROM rotation_runs WHERE target_version = $1 AND state = 'running')",
         )
         .bind(kek_to_db(version))
@@ -386,6 +496,7 @@ impl crate::store::Store for StoreImpl {
             "SELECT kek_version, COUNT(*) AS n FROM ( \
                  SELECT kek_version FROM connection_deks \
                  UNION ALL SELECT kek_version FROM authorization_states \
+                 UNION ALL SELECT kek_version FROM revocation_outbox \
              ) refs GROUP BY kek_version ORDER BY kek_version",
         )
         .fetch_all(&self.pool)
@@ -871,6 +982,7 @@ impl crate::store::Store for StoreImpl {
     async fn audit_append(
         &self,
         drafts: &[AuditDraft],
+        leases: &[LeaseRecord],
         sealer: AuditSealer<'_>,
     ) -> StoreResult<Vec<i64>> {
         let (_guard, mut tx) = self.begin_write().await?;
@@ -879,37 +991,62 @@ impl crate::store::Store for StoreImpl {
             Some(r) => (r.try_get("seq")?, r.try_get("entry_hash")?),
             None => return Err(VaultError::Internal("audit_head row missing".into())),
         };
-        let mut seqs = Vec::with_capacity(drafts.len());
+        let mut sealed = Vec::with_capacity(drafts.len());
         for d in drafts {
             seq += 1;
             let (hash, mac) = sealer(seq, &prev, d);
-            sqlx::query(
+            sealed.push((seq, std::mem::replace(&mut prev, hash.clone()), hash, mac, d));
+        }
+        for chunk in sealed.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
                 "INSERT INTO audit_log (seq, at, actor, role, action, target, outcome, detail, \
-                 prev_hash, entry_hash, mac) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            )
-            .bind(seq)
-            .bind(d.at.as_micros())
-            .bind(&d.actor)
-            .bind(&d.role)
-            .bind(&d.action)
-            .bind(&d.target)
-            .bind(&d.outcome)
-            .bind(&d.detail)
-            .bind(prev.as_slice())
-            .bind(hash.as_slice())
-            .bind(mac.as_slice())
-            .execute(&mut *tx)
-            .await?;
-            prev = hash;
-            seqs.push(seq);
+                 prev_hash, entry_hash, mac) VALUES {}",
+                values_list(11, chunk.len())
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (seq, prev, hash, mac, d) in chunk {
+                q = q
+                    .bind(*seq)
+                    .bind(d.at.as_micros())
+                    .bind(d.actor.as_str())
+                    .bind(d.role.as_str())
+                    .bind(d.action.as_str())
+                    .bind(d.target.as_str())
+                    .bind(d.outcome.as_str())
+                    .bind(d.detail.as_str())
+                    .bind(prev.as_slice())
+                    .bind(hash.as_slice())
+                    .bind(mac.as_slice());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for chunk in leases.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO leases (lease_id, connection_id, caller, purpose, scopes, \
+                 token_fingerprint, granted_at, expires_at) VALUES {}",
+                values_list(8, chunk.len())
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for l in chunk {
+                q = q
+                    .bind(l.lease_id.as_str())
+                    .bind(l.connection_id.as_str())
+                    .bind(l.caller.as_str())
+                    .bind(l.purpose.as_str())
+                    .bind(l.scopes.as_str())
+                    .bind(l.token_fingerprint.as_str())
+                    .bind(l.granted_at.as_micros())
+                    .bind(l.expires_at.as_micros());
+            }
+            q.execute(&mut *tx).await?;
         }
         sqlx::query("UPDATE audit_head SET seq = $1, entry_hash = $2 WHERE id = 1")
-        .bind(seq)
-        .bind(prev.as_slice())
-        .execute(&mut *tx)
-        .await?;
+            .bind(seq)
+            .bind(prev.as_slice())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
-        Ok(seqs)
+        Ok(sealed.iter().map(|s| s.0).collect())
     }
 
     async fn audit_range(&self, from_seq: i64, to_seq: i64, limit: i64) -> StoreResult<Vec<AuditRow>> {
@@ -967,5 +1104,608 @@ impl crate::store::Store for StoreImpl {
             Some(r) => Ok((r.try_get("seq")?, r.try_get("entry_hash")?)),
             None => Err(VaultError::Internal("audit_head row missing".into())),
         }
+    }
+
+    async fn lease_get(&self, id: &LeaseId) -> StoreResult<Option<LeaseRecord>> {
+        let row = sqlx::query("SELECT * FROM leases WHERE lease_id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(lease_from_row).transpose()
+    }
+
+    async fn lease_release(&self, id: &LeaseId, at: Timestamp) -> StoreResult<Option<Timestamp>> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT expires_at, revoked_at FROM leases WHERE lease_id = $1{FOR_UPDATE}"
+        )))
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let expires = ts(row.try_get("expires_at")?);
+        if let Some(revoked) = opt_ts(row.try_get("revoked_at")?) {
+            return Ok(Some(revoked));
+        }
+        if expires <= at {
+            return Ok(Some(expires));
+        }
+        sqlx::query(
+            "UPDATE leases SET revoked_at = $1, revoke_reason = 'released' \
+             WHERE lease_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(at.as_micros())
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(at))
+    }
+
+    async fn lease_open_count(&self, at: Timestamp) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM leases WHERE expires_at > $1 AND revoked_at IS NULL",
+        )
+        .bind(at.as_micros())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn lease_prune(&self, before: Timestamp) -> StoreResult<u64> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let n = sqlx::query("DELETE FROM leases WHERE expires_at < $1")
+            .bind(before.as_micros())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn event_state(&self) -> StoreResult<EventLogState> {
+        let row = sqlx::query(
+            "SELECT (SELECT COALESCE(MAX(cursor), 0) FROM events) AS head, pruned_through \
+             FROM event_log_state WHERE id = 1",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let head: i64 = row.try_get("head")?;
+        let pruned_through: i64 = row.try_get("pruned_through")?;
+        Ok(EventLogState {
+            head: head.max(pruned_through),
+            pruned_through,
+        })
+    }
+
+    async fn events_after(&self, after: i64, limit: i64) -> StoreResult<Vec<EventRecord>> {
+        let rows = sqlx::query("SELECT * FROM events WHERE cursor > $1 ORDER BY cursor LIMIT $2")
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn events_append(&self, events: &[NewEvent]) -> StoreResult<Vec<i64>> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let cursors = insert_events(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(cursors)
+    }
+
+    async fn consumer_position(&self, consumer: &str) -> StoreResult<i64> {
+        let pos: Option<i64> =
+            sqlx::query_scalar("SELECT cursor FROM consumer_positions WHERE consumer = $1")
+                .bind(consumer)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(pos.unwrap_or(0))
+    }
+
+    async fn consumer_ack(&self, consumer: &str, cursor: i64, at: Timestamp) -> StoreResult<i64> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(cursor), 0) FROM events")
+            .fetch_one(&mut *tx)
+            .await?;
+        if cursor > head {
+            return Err(VaultError::OutOfRange(
+                format!("cursor {cursor} is past the newest event ({head})").into(),
+            ));
+        }
+        let old: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT cursor FROM consumer_positions WHERE consumer = $1{FOR_UPDATE}"
+        )))
+        .bind(consumer)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let old = old.unwrap_or(0);
+        if cursor <= old {
+            return Ok(old);
+        }
+        sqlx::query(
+            "INSERT INTO consumer_positions (consumer, cursor, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (consumer) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at",
+        )
+        .bind(consumer)
+        .bind(cursor)
+        .bind(at.as_micros())
+        .execute(&mut *tx)
+        .await?;
+        let stamped = sqlx::query(
+            "UPDATE receipt_acks SET acknowledged_at = $1 WHERE consumer = $2 AND acknowledged_at IS NULL \
+             AND receipt_id IN (SELECT receipt_id FROM events \
+                 WHERE receipt_id IS NOT NULL AND cursor > $3 AND cursor <= $4)",
+        )
+        .bind(at.as_micros())
+        .bind(consumer)
+        .bind(old)
+        .bind(cursor)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if stamped > 0 {
+            complete_receipts(&mut tx, at).await?;
+        }
+        tx.commit().await?;
+        Ok(cursor)
+    }
+
+    async fn connection_delete(&self, req: &DeletionRequest) -> StoreResult<DeletionOutcome> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let at = req.at.as_micros();
+        let key = req.target.subject_key();
+        let (tenant, account, targets) = match &req.target {
+            DeletionTarget::Connection(id) => {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {CONNECTION_COLUMNS} FROM connections WHERE connection_id = $1{FOR_UPDATE}"
+                )))
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = row else {
+                    return Ok(DeletionOutcome::NotFound);
+                };
+                let conn = connection_from_row(&row)?;
+                if conn.status == ConnectionStatus::Deleted {
+                    let receipt: Option<String> = sqlx::query_scalar(
+                        "SELECT rc.receipt_id FROM receipt_connections rc \
+                         JOIN deletion_receipts r ON r.receipt_id = rc.receipt_id \
+                         WHERE rc.connection_id = $1 ORDER BY r.requested_at DESC LIMIT 1",
+                    )
+                    .bind(id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    return match receipt {
+                        Some(r) => Ok(DeletionOutcome::Existing(ReceiptId::from_stored(r))),
+                        None => Err(VaultError::precondition(format!(
+                            "connection {id} was replaced by a newer connection and holds nothing"
+                        ))),
+                    };
+                }
+                (conn.tenant.clone(), conn.account.clone(), vec![conn])
+            }
+            DeletionTarget::Account(t, a) => {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {CONNECTION_COLUMNS} FROM connections WHERE tenant_id = $1 AND account_id = $2 \
+                     AND status <> 'deleted' ORDER BY connection_id{FOR_UPDATE}"
+                )))
+                .bind(t.as_str())
+                .bind(a.as_str())
+                .fetch_all(&mut *tx)
+                .await?;
+                let targets = rows.iter().map(connection_from_row).collect::<StoreResult<Vec<_>>>()?;
+                let existing: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT receipt_id FROM deletion_receipts WHERE subject_key = $1{FOR_UPDATE}"
+                )))
+                .bind(&key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(r) = existing {
+                    if targets.is_empty() {
+                        return Ok(DeletionOutcome::Existing(ReceiptId::from_stored(r)));
+                    }
+                    // The account was deleted before and has connected again:
+                    // the old receipt keeps its history under another key.
+                    sqlx::query("UPDATE deletion_receipts SET subject_key = $1 WHERE receipt_id = $2")
+                        .bind(format!("{key}@{r}"))
+                        .bind(&r)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query("DELETE FROM authorization_states WHERE tenant_id = $1 AND account_id = $2")
+                    .bind(t.as_str())
+                    .bind(a.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                (t.clone(), a.clone(), targets)
+            }
+        };
+        let target_ids: Vec<&str> = targets.iter().map(|c| c.id.as_str()).collect();
+        let mut deleted = Vec::with_capacity(targets.len());
+        for conn in &targets {
+            let upstream = match (&conn.google_subject, conn.status) {
+                _ if !req.revoke_upstream => UpstreamState::NotNeeded,
+                (_, ConnectionStatus::RevokedUpstream) | (None, _) => UpstreamState::NotNeeded,
+                (Some(subject), _) => {
+                    // Lock every live connection on this Google account, so two
+                    // concurrent deletions cannot each think the other survives.
+                    let others: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                        "SELECT connection_id FROM connections WHERE google_subject = $1 \
+                         AND status <> 'deleted' ORDER BY connection_id{FOR_UPDATE}"
+                    )))
+                    .bind(subject)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    if others.iter().any(|o| !target_ids.contains(&o.as_str())) {
+                        UpstreamState::NotNeeded
+                    } else if req.outbox.iter().any(|o| o.connection_id == conn.id) {
+                        UpstreamState::Pending
+                    } else {
+                        // Tokens appeared after the outbox copies were prepared.
+                        return Ok(DeletionOutcome::Retry);
+                    }
+                }
+            };
+            deleted.push(DeletedConnection {
+                connection_id: conn.id.clone(),
+                integration: conn.integration,
+                upstream,
+            });
+        }
+        let reason = req.reason.as_str();
+        let mut events = Vec::new();
+        for conn in &targets {
+            delete_secrets(&mut tx, conn.id.as_str()).await?;
+            sqlx::query(
+                "UPDATE connections SET status = 'deleted', status_reason = $1, google_subject = NULL, \
+                 google_email = NULL, granted_scopes = '', updated_at = $2, deleted_at = $2 \
+                 WHERE connection_id = $3",
+            )
+            .bind(reason)
+            .bind(at)
+            .bind(conn.id.as_str())
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM refresh_locks WHERE connection_id = $1")
+                .bind(conn.id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            let revoked: Vec<String> = sqlx::query_scalar(
+                "UPDATE leases SET revoked_at = $1, revoke_reason = $2 \
+                 WHERE connection_id = $3 AND revoked_at IS NULL AND expires_at > $1 RETURNING lease_id",
+            )
+            .bind(at)
+            .bind(reason)
+            .bind(conn.id.as_str())
+            .fetch_all(&mut *tx)
+            .await?;
+            for lease in revoked {
+                events.push(NewEvent {
+                    kind: EventKind::LeaseRevoked,
+                    occurred_at: req.at,
+                    tenant: Some(conn.tenant.clone()),
+                    account: Some(conn.account.clone()),
+                    connection_id: Some(conn.id.clone()),
+                    integration: Some(conn.integration),
+                    lease_id: Some(LeaseId::from_stored(lease)),
+                    receipt_id: None,
+                    reason: Some(req.reason),
+                    detail: req.detail.clone(),
+                });
+            }
+        }
+        let overall = if deleted.iter().any(|d| d.upstream == UpstreamState::Pending) {
+            UpstreamState::Pending
+        } else {
+            UpstreamState::NotNeeded
+        };
+        sqlx::query(
+            "INSERT INTO deletion_receipts (receipt_id, subject_key, tenant_id, account_id, reason, \
+             reason_detail, requested_at, tokens_destroyed_at, upstream_state, requested_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9)",
+        )
+        .bind(req.receipt_id.as_str())
+        .bind(&key)
+        .bind(tenant.as_str())
+        .bind(account.as_str())
+        .bind(reason)
+        .bind(&req.detail)
+        .bind(at)
+        .bind(overall.as_str())
+        .bind(&req.requested_by)
+        .execute(&mut *tx)
+        .await?;
+        for d in &deleted {
+            let pending = d.upstream == UpstreamState::Pending;
+            sqlx::query(
+                "INSERT INTO receipt_connections (receipt_id, connection_id, integration, upstream_state, \
+                 next_attempt_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(req.receipt_id.as_str())
+            .bind(d.connection_id.as_str())
+            .bind(d.integration.as_str())
+            .bind(d.upstream.as_str())
+            .bind(pending.then_some(req.retry_at.as_micros()))
+            .execute(&mut *tx)
+            .await?;
+            if pending && let Some(o) = req.outbox.iter().find(|o| o.connection_id == d.connection_id) {
+                sqlx::query(
+                    "INSERT INTO revocation_outbox (receipt_id, connection_id, kek_version, wrapped_dek, \
+                     sealed_token, created_at, next_attempt_at, give_up_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(req.receipt_id.as_str())
+                .bind(d.connection_id.as_str())
+                .bind(kek_to_db(o.kek_version))
+                .bind(o.wrapped_dek.as_slice())
+                .bind(o.sealed_token.as_slice())
+                .bind(at)
+                .bind(req.retry_at.as_micros())
+                .bind(req.give_up_at.as_micros())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let mut consumers: Vec<&str> = req
+            .required_consumers
+            .iter()
+            .filter(|(i, _)| deleted.iter().any(|d| d.integration == *i))
+            .map(|(_, c)| c.as_str())
+            .collect();
+        consumers.sort_unstable();
+        consumers.dedup();
+        for c in consumers {
+            sqlx::query("INSERT INTO receipt_acks (receipt_id, consumer) VALUES ($1, $2)")
+                .bind(req.receipt_id.as_str())
+                .bind(c)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let kind = match req.target {
+            DeletionTarget::Connection(_) => EventKind::ConnectionDeleted,
+            DeletionTarget::Account(..) => EventKind::AccountDeleted,
+        };
+        for conn in &targets {
+            events.push(NewEvent {
+                kind,
+                occurred_at: req.at,
+                tenant: Some(conn.tenant.clone()),
+                account: Some(conn.account.clone()),
+                connection_id: Some(conn.id.clone()),
+                integration: Some(conn.integration),
+                lease_id: None,
+                receipt_id: Some(req.receipt_id.clone()),
+                reason: Some(req.reason),
+                detail: req.detail.clone(),
+            });
+        }
+        if targets.is_empty() {
+            events.push(NewEvent {
+                kind,
+                occurred_at: req.at,
+                tenant: Some(tenant.clone()),
+                account: Some(account.clone()),
+                connection_id: None,
+                integration: None,
+                lease_id: None,
+                receipt_id: Some(req.receipt_id.clone()),
+                reason: Some(req.reason),
+                detail: req.detail.clone(),
+            });
+        }
+        insert_events(&mut tx, &events).await?;
+        complete_receipts(&mut tx, req.at).await?;
+        tx.commit().await?;
+        Ok(DeletionOutcome::Deleted {
+            receipt_id: req.receipt_id.clone(),
+            connections: deleted,
+        })
+    }
+
+    async fn receipt_get(&self, id: &ReceiptId) -> StoreResult<Option<ReceiptRecord>> {
+        let Some(row) = sqlx::query("SELECT * FROM deletion_receipts WHERE receipt_id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let conns = sqlx::query("SELECT * FROM receipt_connections WHERE receipt_id = $1 ORDER BY connection_id")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        let acks = sqlx::query("SELECT consumer, acknowledged_at FROM receipt_acks WHERE receipt_id = $1 ORDER BY consumer")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(Some(ReceiptRecord {
+            receipt_id: ReceiptId::from_stored(row.try_get("receipt_id")?),
+            tenant: TenantId::from_stored(row.try_get("tenant_id")?),
+            account: AccountId::from_stored(row.try_get("account_id")?),
+            reason: stored(DeletionReason::parse(row.try_get::<&str, _>("reason")?), "reason")?,
+            reason_detail: row.try_get("reason_detail")?,
+            requested_by: row.try_get("requested_by")?,
+            requested_at: ts(row.try_get("requested_at")?),
+            tokens_destroyed_at: opt_ts(row.try_get("tokens_destroyed_at")?),
+            completed_at: opt_ts(row.try_get("completed_at")?),
+            connections: conns
+                .iter()
+                .map(|r| {
+                    Ok(ReceiptConnection {
+                        connection_id: ConnectionId::from_stored(r.try_get("connection_id")?),
+                        integration: stored(Integration::parse(r.try_get::<&str, _>("integration")?), "integration")?,
+                        upstream: stored(UpstreamState::parse(r.try_get::<&str, _>("upstream_state")?), "upstream_state")?,
+                        attempts: r.try_get("attempts")?,
+                        last_attempt_at: opt_ts(r.try_get("last_attempt_at")?),
+                        next_attempt_at: opt_ts(r.try_get("next_attempt_at")?),
+                        settled_at: opt_ts(r.try_get("settled_at")?),
+                        last_error: r.try_get("last_error")?,
+                    })
+                })
+                .collect::<StoreResult<Vec<_>>>()?,
+            acks: acks
+                .iter()
+                .map(|r| Ok((r.try_get("consumer")?, opt_ts(r.try_get("acknowledged_at")?))))
+                .collect::<StoreResult<Vec<_>>>()?,
+        }))
+    }
+
+    async fn outbox_due(
+        &self,
+        now: Timestamp,
+        receipt: Option<&ReceiptId>,
+        limit: i64,
+    ) -> StoreResult<Vec<OutboxRow>> {
+        let base = "SELECT o.*, rc.attempts FROM revocation_outbox o JOIN receipt_connections rc \
+             ON rc.receipt_id = o.receipt_id AND rc.connection_id = o.connection_id \
+             WHERE o.next_attempt_at <= $1";
+        let rows = match receipt {
+            None => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "{base} ORDER BY o.next_attempt_at LIMIT $2"
+                )))
+                .bind(now.as_micros())
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            Some(r) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "{base} AND o.receipt_id = $2 ORDER BY o.next_attempt_at LIMIT $3"
+                )))
+                .bind(now.as_micros())
+                .bind(r.as_str())
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        let mut due = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let receipt_id = ReceiptId::from_stored(r.try_get("receipt_id")?);
+            let connection_id = ConnectionId::from_stored(r.try_get("connection_id")?);
+            let seen: i64 = r.try_get("next_attempt_at")?;
+            // Claim it for a minute, so another replica does not attempt it too.
+            let (_guard, mut tx) = self.begin_write().await?;
+            let claimed = sqlx::query(
+                "UPDATE revocation_outbox SET next_attempt_at = $1 \
+                 WHERE receipt_id = $2 AND connection_id = $3 AND next_attempt_at = $4",
+            )
+            .bind(now.plus(std::time::Duration::from_secs(60)).as_micros())
+            .bind(receipt_id.as_str())
+            .bind(connection_id.as_str())
+            .bind(seen)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            if claimed == 0 {
+                continue;
+            }
+            due.push(OutboxRow {
+                token: OutboxToken {
+                    connection_id,
+                    kek_version: kek_from_db(r.try_get("kek_version")?)?,
+                    wrapped_dek: r.try_get("wrapped_dek")?,
+                    sealed_token: r.try_get("sealed_token")?,
+                },
+                receipt_id,
+                created_at: ts(r.try_get("created_at")?),
+                give_up_at: ts(r.try_get("give_up_at")?),
+                attempts: r.try_get("attempts")?,
+            });
+        }
+        Ok(due)
+    }
+
+    async fn outbox_depth(&self) -> StoreResult<(i64, Option<Timestamp>)> {
+        let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM revocation_outbox")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((row.try_get("n")?, opt_ts(row.try_get("oldest")?)))
+    }
+
+    async fn outbox_retry(
+        &self,
+        receipt: &ReceiptId,
+        connection: &ConnectionId,
+        at: Timestamp,
+        next_at: Timestamp,
+        error: &str,
+    ) -> StoreResult<()> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE receipt_connections SET attempts = attempts + 1, last_attempt_at = $1, \
+             next_attempt_at = $2, last_error = $3 WHERE receipt_id = $4 AND connection_id = $5",
+        )
+        .bind(at.as_micros())
+        .bind(next_at.as_micros())
+        .bind(error)
+        .bind(receipt.as_str())
+        .bind(connection.as_str())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE revocation_outbox SET next_attempt_at = $1 WHERE receipt_id = $2 AND connection_id = $3",
+        )
+        .bind(next_at.as_micros())
+        .bind(receipt.as_str())
+        .bind(connection.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn outbox_settle(
+        &self,
+        receipt: &ReceiptId,
+        connection: &ConnectionId,
+        state: UpstreamState,
+        at: Timestamp,
+        error: Option<&str>,
+    ) -> StoreResult<()> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query("DELETE FROM revocation_outbox WHERE receipt_id = $1 AND connection_id = $2")
+            .bind(receipt.as_str())
+            .bind(connection.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let attempted = i64::from(state == UpstreamState::Confirmed);
+        sqlx::query(
+            "UPDATE receipt_connections SET upstream_state = $1, attempts = attempts + $2, \
+             last_attempt_at = $3, settled_at = $3, next_attempt_at = NULL, \
+             last_error = COALESCE($4, last_error) WHERE receipt_id = $5 AND connection_id = $6",
+        )
+        .bind(state.as_str())
+        .bind(attempted)
+        .bind(at.as_micros())
+        .bind(error)
+        .bind(receipt.as_str())
+        .bind(connection.as_str())
+        .execute(&mut *tx)
+        .await?;
+        let still_pending: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM receipt_connections WHERE receipt_id = $1 AND upstream_state = 'pending'",
+        )
+        .bind(receipt.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        if still_pending == 0 {
+            let overall = if state == UpstreamState::Failed { "failed" } else { "confirmed" };
+            sqlx::query(
+                "UPDATE deletion_receipts SET upstream_state = $1, upstream_updated_at = $2 WHERE receipt_id = $3",
+            )
+            .bind(overall)
+            .bind(at.as_micros())
+            .bind(receipt.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        complete_receipts(&mut tx, at).await?;
+        tx.commit().await?;
+        Ok(())
     }
 }

@@ -21,6 +21,13 @@ const LOCK_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id =
 const LOCK_REFRESH: &str = "SELECT fence FROM refresh_locks \
      WHERE connection_id = $1 AND holder = $2 AND fence = $3";
 
+// Appended to SELECTs that lock the rows they read.
+const FOR_UPDATE: &str = "";
+// Taken before appending events, so cursors are committed in cursor order and
+// a watcher reading "after cursor N" never skips an event committed later
+// with a smaller cursor.
+const EVENT_ORDER_LOCK: Option<&str> = None;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// A store on one SQLite file.

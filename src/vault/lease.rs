@@ -19,10 +19,12 @@ use ring::rand::SecureRandom as _;
 use crate::audit::{Actor, Outcome};
 use crate::crypto::{SecretString, TokenKind, fingerprint, seal};
 use crate::domain::{
-    ConnectionId, ConnectionStatus, LeaseId, Purpose, ScopeSet, Timestamp, VaultError,
+    ConnectionId, ConnectionStatus, DeletionReason, LeaseId, Purpose, ScopeSet, Timestamp,
+    VaultError,
 };
 use crate::google::GoogleError;
-use crate::store::{ConnectionRecord, RefreshedTokens};
+use crate::policy::{LeaseAsk, Policy};
+use crate::store::{ConnectionRecord, DeletionTarget, LeaseRecord, RefreshedTokens};
 
 use super::Vault;
 use super::connections::dek_context;
@@ -82,7 +84,7 @@ impl RefreshGates {
     }
 }
 
-fn jitter(max: Duration) -> Duration {
+pub(super) fn jitter(max: Duration) -> Duration {
     let mut b = [0u8; 4];
     let _ = crate::crypto::rng().fill(&mut b);
     let frac = f64::from(u32::from_be_bytes(b)) / f64::from(u32::MAX);
@@ -90,19 +92,51 @@ fn jitter(max: Duration) -> Duration {
 }
 
 impl Vault {
-    /// Leases a connection's access token.
-    pub async fn lease_token(&self, actor: &Actor, req: LeaseRequest) -> Result<Lease, VaultError> {
+    /// Leases a connection's access token, if `policy` grants it to `actor`.
+    /// Every grant and every denial is audited; if the audit entry cannot be
+    /// written the caller gets no token.
+    pub async fn lease_token(
+        &self,
+        actor: &Actor,
+        policy: &Policy,
+        req: LeaseRequest,
+    ) -> Result<Lease, VaultError> {
         let purpose = req.purpose.to_string();
-        let result = self.lease_token_inner(actor, req).await;
-        if let Err(e) = &result {
-            let reason = match e {
-                VaultError::FailedPrecondition(_) => "precondition",
-                VaultError::NotFound { .. } => "not_found",
-                VaultError::Unavailable(_) | VaultError::AuditUnavailable(_) => "unavailable",
-                _ => "other",
-            };
-            metrics::counter!("tokenvault_lease_denials_total", "purpose" => purpose, "reason" => reason)
-                .increment(1);
+        let started = Instant::now();
+        let target = req.connection.to_string();
+        let scopes = req.scopes.to_spaced();
+        let result = self.lease_token_inner(actor, policy, req).await;
+        metrics::histogram!("tokenvault_lease_seconds").record(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => {
+                metrics::counter!("tokenvault_lease_grants_total", "purpose" => purpose)
+                    .increment(1);
+            }
+            Err(VaultError::AuditUnavailable(_)) => {
+                metrics::counter!("tokenvault_lease_denials_total", "purpose" => purpose, "reason" => "audit_unavailable")
+                    .increment(1);
+            }
+            Err(e) => {
+                let (reason, outcome) = match e {
+                    VaultError::PermissionDenied(_) => ("policy", Outcome::Denied),
+                    VaultError::FailedPrecondition(_) => ("precondition", Outcome::Failed),
+                    VaultError::NotFound { .. } => ("not_found", Outcome::Failed),
+                    VaultError::InvalidArgument { .. } => ("invalid", Outcome::Failed),
+                    VaultError::Unavailable(_) => ("unavailable", Outcome::Failed),
+                    _ => ("other", Outcome::Failed),
+                };
+                metrics::counter!("tokenvault_lease_denials_total", "purpose" => purpose.clone(), "reason" => reason)
+                    .increment(1);
+                self.audit()
+                    .record(
+                        actor,
+                        "lease.deny",
+                        &target,
+                        outcome,
+                        format!("purpose={purpose} scopes={scopes} reason={reason}: {e}"),
+                    )
+                    .await?;
+            }
         }
         result
     }
@@ -110,17 +144,29 @@ impl Vault {
     async fn lease_token_inner(
         &self,
         actor: &Actor,
+        policy: &Policy,
         req: LeaseRequest,
     ) -> Result<Lease, VaultError> {
+        if req.scopes.is_empty() {
+            return Err(VaultError::invalid("scopes", "name at least one scope"));
+        }
         let conn = self.connection_get(&req.connection).await?;
+        policy
+            .check_lease(
+                &actor.identity,
+                &LeaseAsk {
+                    purpose: &req.purpose,
+                    integration: conn.integration,
+                    tenant: &conn.tenant,
+                    scopes: &req.scopes,
+                },
+            )
+            .map_err(|why| VaultError::PermissionDenied(why.into()))?;
         if conn.status != ConnectionStatus::Active {
             return Err(VaultError::precondition(format!(
                 "connection {} is {}; it cannot be leased",
                 conn.id, conn.status
             )));
-        }
-        if req.scopes.is_empty() {
-            return Err(VaultError::invalid("scopes", "name at least one scope"));
         }
         if !conn.granted_scopes.covers(&req.scopes) {
             let missing: Vec<&str> = conn
@@ -150,21 +196,62 @@ impl Vault {
             self.keyring().as_ref(),
             lease.access_token.expose().as_bytes(),
         );
+        let scopes = lease.scopes.to_spaced();
+        let detail = format!(
+            "lease={} purpose={} scopes={scopes} token={fp}",
+            lease.lease_id, req.purpose
+        );
+        let record = LeaseRecord {
+            lease_id: lease.lease_id.clone(),
+            connection_id: conn.id.clone(),
+            caller: actor.identity.clone(),
+            purpose: req.purpose.to_string(),
+            scopes,
+            token_fingerprint: fp,
+            granted_at: now,
+            expires_at: lease.lease_expires_at,
+            revoked_at: None,
+            revoke_reason: None,
+        };
         self.audit()
-            .record(
-                actor,
-                "lease.grant",
-                conn.id.as_str(),
-                Outcome::Ok,
-                format!(
-                    "lease={} purpose={} scopes={} token={fp}",
-                    lease.lease_id,
-                    req.purpose,
-                    lease.scopes.to_spaced()
-                ),
-            )
+            .record_lease(actor, conn.id.as_str(), detail, record)
             .await?;
         Ok(lease)
+    }
+
+    /// Ends a lease early. Only its holder may release it; releasing an
+    /// ended lease succeeds and says when it ended.
+    pub async fn lease_release(
+        &self,
+        actor: &Actor,
+        id: &LeaseId,
+    ) -> Result<Timestamp, VaultError> {
+        let lease = self
+            .store()
+            .lease_get(id)
+            .await?
+            .ok_or_else(|| VaultError::not_found("lease", id))?;
+        if lease.caller != actor.identity {
+            self.audit()
+                .record(
+                    actor,
+                    "lease.release",
+                    id.as_str(),
+                    Outcome::Denied,
+                    format!("held by {}", lease.caller),
+                )
+                .await?;
+            return Err(VaultError::PermissionDenied(
+                format!("lease {id} belongs to another identity").into(),
+            ));
+        }
+        self.audit()
+            .record(actor, "lease.release", id.as_str(), Outcome::Ok, "")
+            .await?;
+        self.store()
+            .lease_release(id, Timestamp::now())
+            .await?
+            .ok_or_else(|| VaultError::not_found("lease", id))
     }
 
     /// Opens the stored access token and its expiry.
@@ -348,20 +435,20 @@ impl Vault {
     }
 
     /// The user revoked access at Google (`invalid_grant` on refresh): the
-    /// connection becomes REVOKED_UPSTREAM and its tokens and DEK are destroyed.
+    /// same cascade as a disconnect, with reason USER_REVOKED_AT_GOOGLE and no
+    /// revocation to send.
     pub async fn revoked_at_google(&self, conn: &ConnectionRecord) -> Result<(), VaultError> {
-        self.audit()
-            .record(
-                &Actor::system(),
-                "connection.revoked_upstream",
-                conn.id.as_str(),
-                Outcome::Ok,
-                "invalid_grant on refresh: user_revoked_at_google",
-            )
-            .await?;
-        self.store()
-            .connection_revoke_upstream(&conn.id, Timestamp::now())
-            .await?;
+        let google = Actor {
+            identity: "google".to_owned(),
+            role: "system".to_owned(),
+        };
+        self.delete(
+            &google,
+            DeletionTarget::Connection(conn.id.clone()),
+            DeletionReason::UserRevokedAtGoogle,
+            "invalid_grant on refresh",
+        )
+        .await?;
         tracing::info!(connection = %conn.id, "user revoked access at Google; tokens destroyed");
         Ok(())
     }

@@ -4,6 +4,8 @@
 
 mod authorize;
 mod connections;
+mod deletion;
+mod events;
 mod keys;
 mod lease;
 
@@ -11,11 +13,13 @@ use std::sync::Arc;
 
 pub use authorize::{BeginOutcome, Completer, Completion, STATE_TTL};
 pub use connections::{NewConnection, OpenedToken};
+pub use deletion::Deletion;
+pub use events::WatchRequest;
 pub use keys::{KeyManager, KeyStatus, VersionStatus};
 pub use lease::{Lease, LeaseRequest};
 
 use crate::audit::AuditLog;
-use crate::config::{Config, GoogleConfig, KeyringProviderKind, LeaseConfig};
+use crate::config::{Config, DeletionConfig, GoogleConfig, KeyringProviderKind, LeaseConfig};
 use crate::crypto::{EnvKeyring, KeyringProvider, LocalKeyring};
 use crate::domain::VaultError;
 use crate::google::GoogleClient;
@@ -32,12 +36,17 @@ pub struct Vault {
     refresh_gates: lease::RefreshGates,
     /// Names this process as a refresh-lock holder.
     instance_id: String,
+    /// The newest event cursor this process knows of.
+    events: events::EventHead,
+    /// Set when the vault stops: watchers end, background tasks return.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// The configuration the use cases read.
 struct Settings {
     google: GoogleConfig,
     lease: LeaseConfig,
+    deletion: DeletionConfig,
 }
 
 impl Vault {
@@ -78,11 +87,19 @@ impl Vault {
             settings: Settings {
                 google: config.google.clone(),
                 lease: config.lease.clone(),
+                deletion: config.deletion.clone(),
             },
             refresh_gates: lease::RefreshGates::default(),
             instance_id: format!("vault-{}", uuid::Uuid::new_v4()),
+            events: events::EventHead::new(),
+            stopping: tokio::sync::watch::channel(false).0,
         });
         vault.keys.resume_rotation().await?;
+        tokio::spawn(events::poll_event_head(
+            Arc::downgrade(&vault),
+            std::time::Duration::from_millis(config.events.poll_interval_ms),
+        ));
+        tokio::spawn(deletion::run_outbox(Arc::downgrade(&vault)));
         Ok(vault)
     }
 
@@ -135,20 +152,36 @@ impl Vault {
         self.keys.check_primary().await
     }
 
-    /// Periodic housekeeping: deletes OAuth states that expired.
+    /// Periodic housekeeping: deletes OAuth states that expired and lease
+    /// rows past the retention period.
     pub async fn maintenance(&self) -> Result<(), VaultError> {
-        let purged = self
-            .store
-            .authz_purge(crate::domain::Timestamp::now())
-            .await?;
+        let now = crate::domain::Timestamp::now();
+        let purged = self.store.authz_purge(now).await?;
         if purged > 0 {
             tracing::debug!(purged, "expired authorization states deleted");
         }
+        let retention =
+            std::time::Duration::from_secs(self.settings.deletion.retention_days * 86_400);
+        let before = crate::domain::Timestamp::from_micros(
+            now.as_micros() - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX),
+        );
+        let pruned = self.store.lease_prune(before).await?;
+        if pruned > 0 {
+            tracing::debug!(pruned, "lease rows past retention deleted");
+        }
+        let open = self.store.lease_open_count(now).await?;
+        metrics::gauge!("tokenvault_open_leases").set(open as f64);
         Ok(())
+    }
+
+    /// Tells watchers and background tasks that the vault is stopping.
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
     }
 
     /// Stops background work and closes the database pool.
     pub async fn shutdown(&self) {
+        self.begin_shutdown();
         self.keys.stop();
         self.store.close().await;
     }
@@ -164,4 +197,10 @@ pub fn open_keyring(config: &Config) -> Result<Arc<dyn KeyringProvider>, VaultEr
         )?),
     };
     Ok(keyring)
+}
+
+/// Resolves once `stopping` is set (the guard `wait_for` returns is dropped
+/// here, so callers' futures stay `Send`).
+async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
 }

@@ -158,32 +158,6 @@ both_backends!(
     calls_without_credentials_are_unauthenticated_and_audited
 );
 
-async fn unimplemented_rpcs_name_themselves(backend: Backend) {
-    let Some(tv) = spawn_vault(backend).await else {
-        return;
-    };
-    let err = tv
-        .leases(As::Worker)
-        .release_lease(pb::ReleaseLeaseRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(
-        err.message().contains("LeaseService.ReleaseLease"),
-        "{}",
-        err.message()
-    );
-
-    let err = tv
-        .connections(As::App)
-        .disconnect(pb::DisconnectRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("ConnectionService.Disconnect"));
-}
-both_backends!(unimplemented_named, unimplemented_rpcs_name_themselves);
-
 async fn bad_input_gets_invalid_argument_naming_the_field(backend: Backend) {
     let Some(tv) = spawn_vault(backend).await else {
         return;

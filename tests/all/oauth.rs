@@ -331,8 +331,32 @@ async fn invalid_grant_on_refresh_revokes_the_connection_and_destroys_its_tokens
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(now.status, pb::ConnectionStatus::RevokedUpstream as i32);
+    // The same cascade as a disconnect, with the reason recorded and nothing
+    // to revoke at Google (the user already did).
+    assert_eq!(now.status, pb::ConnectionStatus::Deleted as i32);
     assert_eq!(now.google_email, "", "tombstone keeps no email");
+    assert_eq!(sim.revocations(), 0);
+    let events = tv.vault.store().events_after(0, 100).await.unwrap();
+    let deleted = events
+        .iter()
+        .find(|e| e.event.kind == tokenvault::domain::EventKind::ConnectionDeleted)
+        .expect("a CONNECTION_DELETED event");
+    assert_eq!(
+        deleted.event.reason,
+        Some(tokenvault::domain::DeletionReason::UserRevokedAtGoogle)
+    );
+    let receipt = tv
+        .connections(As::App)
+        .get_deletion_receipt(pb::GetDeletionReceiptRequest {
+            receipt_id: deleted.event.receipt_id.clone().unwrap().to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        receipt.upstream_revocations[0].state,
+        pb::UpstreamRevocationState::NotNeeded as i32
+    );
     let raw = RawDb::open(&tv).await;
     assert!(
         raw.secret_row(&c.connection_id).await.is_none(),

@@ -14,6 +14,7 @@ use tempfile::TempDir;
 use tokenvault::config::{ApiKeyConfig, Config};
 use tokenvault::crypto::LocalKeyring;
 use tokenvault::grpc::Authenticator;
+use tokenvault::policy::{IdentityEntry, PurposeEntry};
 use tokenvault::proto::v1::admin_service_client::AdminServiceClient;
 use tokenvault::proto::v1::connection_service_client::ConnectionServiceClient;
 use tokenvault::proto::v1::event_service_client::EventServiceClient;
@@ -39,10 +40,22 @@ pub enum As {
     Auditor,
     /// An identity with a key but no role.
     Nobody,
+    /// The email sync worker (purpose `email_sync`, consumer `email-sync`).
+    EmailWorker,
 }
 
+/// Scopes the test policy's purposes allow.
+pub const CALENDAR_READONLY: &str = "https://www.googleapis.com/auth/calendar.readonly";
+
 impl As {
-    pub const ALL: [As; 5] = [As::App, As::Worker, As::Admin, As::Auditor, As::Nobody];
+    pub const ALL: [As; 6] = [
+        As::App,
+        As::Worker,
+        As::Admin,
+        As::Auditor,
+        As::Nobody,
+        As::EmailWorker,
+    ];
 
     pub fn identity(self) -> &'static str {
         match self {
@@ -51,6 +64,7 @@ impl As {
             As::Admin => "test-admin",
             As::Auditor => "test-auditor",
             As::Nobody => "test-nobody",
+            As::EmailWorker => "spiffe://tokenvault.test/email-sync",
         }
     }
 
@@ -61,7 +75,7 @@ impl As {
     fn role(self) -> Option<&'static str> {
         match self {
             As::App => Some("app"),
-            As::Worker => Some("worker"),
+            As::Worker | As::EmailWorker => Some("worker"),
             As::Admin => Some("admin"),
             As::Auditor => Some("auditor"),
             As::Nobody => None,
@@ -152,13 +166,56 @@ pub fn test_config(dir: &std::path::Path, database_url: &str) -> Config {
             sha256: Authenticator::hash_api_key(&who.key()),
         });
         if let Some(role) = who.role() {
-            config
-                .auth
-                .roles
-                .insert(who.identity().to_owned(), role.to_owned());
+            let (purposes, consumers) = match who {
+                As::Worker => (vec!["calendar_sync".into()], vec!["calendar-sync".into()]),
+                As::EmailWorker => (vec!["email_sync".into()], vec!["email-sync".into()]),
+                _ => (vec![], vec![]),
+            };
+            config.policy.identities.insert(
+                who.identity().to_owned(),
+                IdentityEntry {
+                    role: role.to_owned(),
+                    purposes,
+                    consumers,
+                },
+            );
         }
     }
+    config.policy.purposes.insert(
+        "calendar_sync".into(),
+        PurposeEntry {
+            integrations: vec!["calendar".into()],
+            scopes: vec![CALENDAR_SCOPE.into(), CALENDAR_READONLY.into()],
+            tenants: vec![],
+        },
+    );
+    config.policy.purposes.insert(
+        "email_sync".into(),
+        PurposeEntry {
+            integrations: vec!["email".into()],
+            scopes: vec![GMAIL_SCOPE.into()],
+            tenants: vec![],
+        },
+    );
     config
+}
+
+/// The `[policy]` of a configuration as TOML text.
+pub fn policy_toml(config: &Config, prefix: &str) -> String {
+    let mut text = String::new();
+    for (identity, e) in &config.policy.identities {
+        text.push_str(&format!(
+            "[{prefix}identities.{identity:?}]\nrole = {:?}\npurposes = {:?}\nconsumers = {:?}\n",
+            e.role, e.purposes, e.consumers
+        ));
+    }
+    for (name, p) in &config.policy.purposes {
+        text.push_str(&format!(
+            "[{prefix}purposes.{name}]\nintegrations = {:?}\nscopes = {:?}\ntenants = {:?}\n",
+            p.integrations, p.scopes, p.tenants
+        ));
+    }
+    text
 }
 
 /// The PostgreSQL server tests use.
@@ -469,9 +526,9 @@ pub fn write_config_file(dir: &std::path::Path, config: &Config, extra: &str) ->
         ));
     }
     text.push_str(extra);
-    text.push_str("\n[auth.roles]\n");
-    for (identity, role) in &config.auth.roles {
-        text.push_str(&format!("{identity:?} = {role:?}\n"));
+    text.push('\n');
+    if config.policy.file.is_none() {
+        text.push_str(&policy_toml(config, "policy."));
     }
     for key in &config.auth.api_keys {
         text.push_str(&format!(

@@ -1,0 +1,579 @@
+//! Lease load generator: how fast can one vault hand out access tokens, next
+//! to the cheapest RPC it serves?
+//!
+//! ```text
+//! cargo bench --bench lease_load -- [--backend sqlite|postgres] [--connections 10000]
+//!     [--concurrency 64] [--seconds 10] [--warmup 2] [--channels 4]
+//! ```
+//!
+//! PostgreSQL: `TV_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`); a fresh database is created
+//! and dropped afterwards. SQLite: a fresh file in a temporary directory.
+//!
+//! What it does, in one process against one server:
+//!
+//! 1. Starts the real server (`tokenvault::server::start`, plain gRPC on
+//!    127.0.0.1, an ephemeral port) with one API key for the worker identity
+//!    `spiffe://bench.local/calendar-sync` and an inline policy granting it the
+//!    purpose `calendar_sync` (integration `calendar`, scope
+//!    `calendar.events`).
+//! 2. Seeds `--connections` ACTIVE Calendar connections through the vault's
+//!    bulk import path, each with its own random access token valid for an
+//!    hour (so no lease ever needs a refresh from Google) and a refresh token.
+//! 3. Opens `--channels` HTTP/2 connections and runs `--concurrency` tokio
+//!    tasks, spread round-robin over them, each calling back to back, first
+//!    `grpc.health.v1.Health/Check` and then
+//!    `tokenvault.v1.LeaseService/LeaseToken` (a uniformly random connection,
+//!    purpose `calendar_sync`, scope `calendar.events`, default minimum
+//!    validity). Each workload runs `--warmup` seconds unmeasured, then
+//!    `--seconds` measured. Both send the same `authorization: Bearer` header,
+//!    so the request sizes are comparable; Health/Check is the baseline for the
+//!    transport, HTTP/2 and tokio cost, LeaseToken adds authentication, the
+//!    policy check, the database read, the token's decryption, the lease
+//!    record and the audit record.
+//! 4. Prints, per workload, calls, errors by gRPC code, throughput of
+//!    successful calls, and p50/p90/p99/max latency of successful calls
+//!    (client-side, from just before the call to the decoded response); the
+//!    lease/health throughput ratio; whether the goal (lease throughput at
+//!    least 50 % of Health/Check's, lease p99 at most 10 ms, no errors) is met;
+//!    and a markdown table row for BENCHMARKS.md.
+//!
+//! The client and the server share the machine and the same multi-threaded
+//! tokio runtime (one worker thread per core unless `TOKIO_WORKER_THREADS`
+//! says otherwise), so the numbers are a lower bound for a server with the
+//! machine to itself. `cargo bench` builds with the optimised bench profile;
+//! a debug build is far slower and says so in its output.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ring::rand::{SecureRandom as _, SystemRandom};
+use sqlx::Connection as _;
+use tokenvault::config::{ApiKeyConfig, Config};
+use tokenvault::crypto::{LocalKeyring, SecretString};
+use tokenvault::domain::{AccountId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp};
+use tokenvault::grpc::Authenticator;
+use tokenvault::policy::{IdentityEntry, PurposeEntry};
+use tokenvault::proto::v1::LeaseTokenRequest;
+use tokenvault::proto::v1::lease_service_client::LeaseServiceClient;
+use tokenvault::vault::NewConnection;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+const IDENTITY: &str = "spiffe://bench.local/calendar-sync";
+const PURPOSE: &str = "calendar_sync";
+const CALENDAR_SCOPE: &str = "https://www.googleapis.com/auth/calendar.events";
+const GRANTED_SCOPES: &str = "openid email https://www.googleapis.com/auth/calendar.events";
+/// Connections per `connection_import` call.
+const IMPORT_BATCH: usize = 1000;
+/// Goal: lease throughput at least this share of Health/Check's.
+const GOAL_RATIO: f64 = 0.5;
+/// Goal: lease p99 at most this many milliseconds.
+const GOAL_P99_MS: f64 = 10.0;
+
+struct Args {
+    backend: String,
+    connections: usize,
+    concurrency: usize,
+    seconds: u64,
+    warmup: u64,
+    channels: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        backend: "sqlite".into(),
+        connections: 10_000,
+        concurrency: 64,
+        seconds: 10,
+        warmup: 2,
+        channels: 4,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--backend" => a.backend = it.next().expect("--backend sqlite|postgres"),
+            "--connections" => {
+                a.connections = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--connections N")
+            }
+            "--concurrency" => {
+                a.concurrency = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--concurrency N")
+            }
+            "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds N"),
+            "--warmup" => a.warmup = it.next().and_then(|v| v.parse().ok()).expect("--warmup N"),
+            "--channels" => {
+                a.channels = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--channels N")
+            }
+            _ => {} // cargo bench passes --bench
+        }
+    }
+    assert!(a.connections > 0, "--connections must be at least 1");
+    assert!(a.concurrency > 0, "--concurrency must be at least 1");
+    assert!(a.channels > 0, "--channels must be at least 1");
+    assert!(a.seconds > 0, "--seconds must be at least 1");
+    a
+}
+
+/// A fresh database URL for the backend, and what to drop afterwards
+/// (PostgreSQL: the admin URL and the database name).
+async fn database(backend: &str, dir: &std::path::Path) -> (String, Option<(String, String)>) {
+    match backend {
+        "sqlite" => (format!("sqlite://{}", dir.join("bench.db").display()), None),
+        "postgres" => {
+            let admin = std::env::var("TV_TEST_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+            let name = format!("tv_bench_{}", uuid::Uuid::new_v4().simple());
+            let mut c = sqlx::PgConnection::connect(&admin)
+                .await
+                .expect("connect to PostgreSQL (TV_TEST_POSTGRES_URL)");
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut c)
+                .await
+                .expect("create the bench database");
+            let _ = c.close().await;
+            let base = admin
+                .rsplit_once('/')
+                .map_or(admin.as_str(), |(b, _)| b)
+                .to_owned();
+            (format!("{base}/{name}"), Some((admin, name)))
+        }
+        other => panic!("unknown backend {other} (sqlite|postgres)"),
+    }
+}
+
+async fn drop_database(admin: &str, name: &str) {
+    match sqlx::PgConnection::connect(admin).await {
+        Ok(mut c) => {
+            if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE {name} WITH (FORCE)"
+            )))
+            .execute(&mut c)
+            .await
+            {
+                eprintln!("could not drop database {name}: {e}");
+            }
+            let _ = c.close().await;
+        }
+        Err(e) => eprintln!("could not drop database {name}: {e}"),
+    }
+}
+
+/// Random lowercase hex of `bytes` random bytes.
+fn random_hex(rng: &SystemRandom, bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rng.fill(&mut b).expect("system randomness");
+    hex::encode(b)
+}
+
+/// Adds `authorization: Bearer <key>` to every call.
+#[derive(Clone)]
+struct Bearer(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// xorshift64*: cheap per-task randomness for picking connections.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (multiply-shift, no modulo bias worth the name).
+    fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next()) * n as u128) >> 64) as usize
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Health,
+    Lease,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Health => "Health/Check",
+            Kind::Lease => "LeaseService/LeaseToken",
+        }
+    }
+}
+
+/// What one task saw during the measured window.
+#[derive(Default)]
+struct TaskStats {
+    /// Latency of each successful call, microseconds.
+    ok_us: Vec<u32>,
+    /// Failed calls by code, with the first message seen.
+    errors: HashMap<tonic::Code, (u64, String)>,
+}
+
+impl TaskStats {
+    fn record<T>(&mut self, start: Instant, measure_from: Instant, r: Result<T, tonic::Status>) {
+        if start < measure_from {
+            return;
+        }
+        match r {
+            Ok(_) => {
+                let us = u32::try_from(start.elapsed().as_micros()).unwrap_or(u32::MAX);
+                self.ok_us.push(us);
+            }
+            Err(status) => {
+                let e = self
+                    .errors
+                    .entry(status.code())
+                    .or_insert_with(|| (0, status.message().to_owned()));
+                e.0 += 1;
+            }
+        }
+    }
+}
+
+/// One task: calls back to back until `until`, recording calls that start at
+/// or after `measure_from`. Responses are dropped at once.
+async fn task(
+    kind: Kind,
+    channel: Channel,
+    bearer: Bearer,
+    ids: Arc<Vec<String>>,
+    seed: u64,
+    measure_from: Instant,
+    until: Instant,
+) -> TaskStats {
+    let mut stats = TaskStats {
+        ok_us: Vec::with_capacity(1 << 16),
+        ..Default::default()
+    };
+    match kind {
+        Kind::Health => {
+            let mut client = HealthClient::with_interceptor(channel, bearer);
+            loop {
+                let start = Instant::now();
+                if start >= until {
+                    break;
+                }
+                let r = client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map(drop);
+                stats.record(start, measure_from, r);
+            }
+        }
+        Kind::Lease => {
+            let mut client = LeaseServiceClient::with_interceptor(channel, bearer);
+            let mut rng = XorShift(seed | 1);
+            loop {
+                let start = Instant::now();
+                if start >= until {
+                    break;
+                }
+                let id = &ids[rng.below(ids.len())];
+                let r = client
+                    .lease_token(LeaseTokenRequest {
+                        connection_id: id.clone(),
+                        purpose: PURPOSE.to_owned(),
+                        scopes: vec![CALENDAR_SCOPE.to_owned()],
+                        min_valid_seconds: 0,
+                    })
+                    .await
+                    .map(drop);
+                stats.record(start, measure_from, r);
+            }
+        }
+    }
+    stats
+}
+
+/// The merged result of one workload.
+struct Report {
+    kind: Kind,
+    seconds: f64,
+    ok: usize,
+    /// Code → (count, first message).
+    errors: BTreeMap<String, (u64, String)>,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Report {
+    fn error_count(&self) -> u64 {
+        self.errors.values().map(|(n, _)| n).sum()
+    }
+
+    fn throughput(&self) -> f64 {
+        self.ok as f64 / self.seconds
+    }
+
+    fn print(&self) {
+        println!("{}", self.kind.name());
+        println!(
+            "  calls      {:>10}  (ok {}, errors {})",
+            self.ok as u64 + self.error_count(),
+            self.ok,
+            self.error_count()
+        );
+        for (code, (n, msg)) in &self.errors {
+            println!("    error {code}: {n}  (first message: {msg:?})");
+        }
+        println!(
+            "  throughput {:>10.0} calls/s (successful)",
+            self.throughput()
+        );
+        println!(
+            "  latency    p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            self.p50, self.p90, self.p99, self.max
+        );
+    }
+}
+
+/// Nearest-rank percentile of sorted microseconds, in milliseconds.
+fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    f64::from(sorted[rank.clamp(1, sorted.len()) - 1]) / 1000.0
+}
+
+/// Runs one workload: warmup, then the measured window.
+async fn run(
+    kind: Kind,
+    a: &Args,
+    channels: &[Channel],
+    bearer: &Bearer,
+    ids: &Arc<Vec<String>>,
+) -> Report {
+    let rng = SystemRandom::new();
+    let t0 = Instant::now();
+    let measure_from = t0 + Duration::from_secs(a.warmup);
+    let until = measure_from + Duration::from_secs(a.seconds);
+    let handles: Vec<_> = (0..a.concurrency)
+        .map(|i| {
+            let mut seed = [0u8; 8];
+            rng.fill(&mut seed).expect("system randomness");
+            tokio::spawn(task(
+                kind,
+                channels[i % channels.len()].clone(),
+                bearer.clone(),
+                ids.clone(),
+                u64::from_le_bytes(seed),
+                measure_from,
+                until,
+            ))
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for h in handles {
+        let s = h.await.expect("load task panicked");
+        all.extend_from_slice(&s.ok_us);
+        for (code, (n, msg)) in s.errors {
+            let e = errors.entry(format!("{code:?}")).or_insert((0, msg));
+            e.0 += n;
+        }
+    }
+    all.sort_unstable();
+    Report {
+        kind,
+        seconds: a.seconds as f64,
+        ok: all.len(),
+        errors,
+        p50: percentile_ms(&all, 50.0),
+        p90: percentile_ms(&all, 90.0),
+        p99: percentile_ms(&all, 99.0),
+        max: all.last().map_or(f64::NAN, |&m| f64::from(m) / 1000.0),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let a = args();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let profile = if cfg!(debug_assertions) {
+        "debug assertions ON: not an optimised build, numbers are not representative"
+    } else {
+        "optimised (debug assertions off; `cargo bench` uses the bench/release profile)"
+    };
+    println!(
+        "lease_load: backend {}, {} connections, concurrency {}, {} channels, warmup {} s, measured {} s",
+        a.backend, a.connections, a.concurrency, a.channels, a.warmup, a.seconds
+    );
+    println!("machine: {cores} cores (available_parallelism); client and server share them");
+    println!("build: {profile}");
+
+    // 1. Data directory, database, configuration, server.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, cleanup) = database(&a.backend, dir.path()).await;
+    let rng = SystemRandom::new();
+    let key = format!("tv-bench-{}", random_hex(&rng, 16));
+    let mut config = Config {
+        grpc_addr: "127.0.0.1:0".parse().expect("address"),
+        http_addr: "127.0.0.1:0".parse().expect("address"),
+        data_dir: dir.path().to_path_buf(),
+        database_url: Some(url),
+        ..Default::default()
+    };
+    config.server.shutdown_grace_seconds = 5;
+    config.auth.api_keys.push(ApiKeyConfig {
+        identity: IDENTITY.to_owned(),
+        sha256: Authenticator::hash_api_key(&key),
+    });
+    config.policy.identities.insert(
+        IDENTITY.to_owned(),
+        IdentityEntry {
+            role: "worker".into(),
+            purposes: vec![PURPOSE.into()],
+            consumers: vec!["calendar-sync".into()],
+        },
+    );
+    config.policy.purposes.insert(
+        PURPOSE.into(),
+        PurposeEntry {
+            integrations: vec!["calendar".into()],
+            scopes: vec![CALENDAR_SCOPE.into()],
+            tenants: vec![],
+        },
+    );
+    LocalKeyring::init(config.keyring_path()).expect("init keyring");
+    let server = tokenvault::server::start(&config)
+        .await
+        .expect("start the vault");
+    println!("server: gRPC on {}", server.grpc_addr);
+
+    // 2. Seed connections through the bulk import path.
+    let granted = ScopeSet::parse_spaced(GRANTED_SCOPES).expect("scopes");
+    let tenant = TenantId::parse("bench").expect("tenant");
+    let mut ids = Vec::with_capacity(a.connections);
+    let start = Instant::now();
+    let mut i = 0usize;
+    while i < a.connections {
+        let n = (a.connections - i).min(IMPORT_BATCH);
+        let batch = (i..i + n)
+            .map(|k| NewConnection {
+                tenant: tenant.clone(),
+                account: AccountId::parse(&format!("user{k}")).expect("account"),
+                integration: Integration::Calendar,
+                google_subject: format!("sub{k}"),
+                google_email: format!("user{k}@example.test"),
+                granted_scopes: granted.clone(),
+                status: ConnectionStatus::Active,
+                access_token: SecretString::new(format!("ya29.{}", random_hex(&rng, 64))),
+                access_expires_at: Timestamp::now().plus(Duration::from_secs(3600)),
+                refresh_token: Some(SecretString::new(format!("1//{}", random_hex(&rng, 48)))),
+            })
+            .collect();
+        let records = server
+            .vault
+            .connection_import(batch)
+            .await
+            .expect("import connections");
+        ids.extend(records.into_iter().map(|r| r.id.to_string()));
+        i += n;
+    }
+    let seeding = start.elapsed();
+    println!(
+        "seeded {} connections in {:.2?} ({:.0} connections/s)",
+        ids.len(),
+        seeding,
+        ids.len() as f64 / seeding.as_secs_f64()
+    );
+    let ids = Arc::new(ids);
+
+    // 3. Channels and the two workloads.
+    let endpoint = Endpoint::from_shared(format!("http://{}", server.grpc_addr))
+        .expect("endpoint")
+        .tcp_nodelay(true);
+    let mut channels = Vec::with_capacity(a.channels);
+    for _ in 0..a.channels {
+        channels.push(endpoint.connect().await.expect("connect to the vault"));
+    }
+    let bearer = Bearer(format!("Bearer {key}").parse().expect("ascii key"));
+
+    println!();
+    let health = run(Kind::Health, &a, &channels, &bearer, &ids).await;
+    health.print();
+    let lease = run(Kind::Lease, &a, &channels, &bearer, &ids).await;
+    lease.print();
+    drop(channels);
+
+    // 4. Summary.
+    let ratio = lease.throughput() / health.throughput();
+    println!();
+    println!(
+        "lease/health throughput: {:.1}%  ({:.0} / {:.0} calls/s)",
+        ratio * 100.0,
+        lease.throughput(),
+        health.throughput()
+    );
+    let mut missed = Vec::new();
+    if ratio.is_nan() || ratio < GOAL_RATIO {
+        missed.push(format!("ratio {:.1}% < 50%", ratio * 100.0));
+    }
+    if lease.p99.is_nan() || lease.p99 > GOAL_P99_MS {
+        missed.push(format!("lease p99 {:.2} ms > 10 ms", lease.p99));
+    }
+    if lease.error_count() + health.error_count() > 0 {
+        missed.push(format!(
+            "{} lease and {} health errors",
+            lease.error_count(),
+            health.error_count()
+        ));
+    }
+    if missed.is_empty() {
+        println!("goal: lease throughput >= 50% of Health/Check and p99 <= 10 ms: MET");
+    } else {
+        println!(
+            "goal: lease throughput >= 50% of Health/Check and p99 <= 10 ms: NOT MET ({})",
+            missed.join("; ")
+        );
+    }
+    println!();
+    println!(
+        "| backend | connections | concurrency | health calls/s | lease calls/s | ratio | lease p50 | lease p99 |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| {} | {} | {} | {:.0} | {:.0} | {:.1}% | {:.2} ms | {:.2} ms |",
+        a.backend,
+        a.connections,
+        a.concurrency,
+        health.throughput(),
+        lease.throughput(),
+        ratio * 100.0,
+        lease.p50,
+        lease.p99
+    );
+
+    // 5. Shut down and clean up.
+    server.shutdown().await;
+    if let Some((admin, name)) = cleanup {
+        drop_database(&admin, &name).await;
+    }
+}

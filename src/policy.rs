@@ -1,0 +1,493 @@
+//! The access policy: which identity holds which role and, for sync workers,
+//! which purposes they may lease tokens for and which event consumers they
+//! may act as. Each purpose names the integrations and scopes it allows,
+//! optionally limited to some tenants. Anything not granted is denied.
+//!
+//! The policy is written in TOML, either inline in the configuration's
+//! `[policy]` section or in its own file (`policy.file`). `SIGHUP` reloads it
+//! from where it came from; a policy that does not validate is refused and the
+//! one in force stays.
+//!
+//! ```toml
+//! [identities."spiffe://crm.internal/calendar-sync"]
+//! role = "worker"
+//! purposes = ["calendar_sync"]
+//! consumers = ["calendar-sync"]
+//!
+//! [identities."crm-backend"]
+//! role = "app"
+//!
+//! [purposes.calendar_sync]
+//! integrations = ["calendar"]
+//! scopes = ["https://www.googleapis.com/auth/calendar.events"]
+//! tenants = []          # empty: every tenant
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Integration, Purpose, ScopeSet, TenantId};
+
+/// The roles of the design contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The product backend.
+    App,
+    /// A sync worker.
+    Worker,
+    /// An administrator.
+    Admin,
+    /// A read-only security reviewer.
+    Auditor,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 4] = [Role::App, Role::Worker, Role::Admin, Role::Auditor];
+
+    /// Parses a role name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// The role's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::App => "app",
+            Role::Worker => "worker",
+            Role::Admin => "admin",
+            Role::Auditor => "auditor",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A policy as written (the `[policy]` section, or a policy file).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyDocument {
+    /// Identity (SPIFFE id, DNS name or API-key identity) → its grant.
+    pub identities: BTreeMap<String, IdentityEntry>,
+    /// Purpose name → what it allows.
+    pub purposes: BTreeMap<String, PurposeEntry>,
+}
+
+/// One identity's grant, as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityEntry {
+    /// `app`, `worker`, `admin` or `auditor`.
+    pub role: String,
+    /// Workers: the purposes it may lease for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub purposes: Vec<String>,
+    /// Workers: the event consumers it may watch and acknowledge as.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<String>,
+}
+
+/// One purpose, as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurposeEntry {
+    /// The integrations whose connections it may lease (`calendar`, `email`).
+    pub integrations: Vec<String>,
+    /// The scopes it may lease.
+    pub scopes: Vec<String>,
+    /// Only these tenants; empty means every tenant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<String>,
+}
+
+/// What one identity may do.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// Its role.
+    pub role: Role,
+    purposes: BTreeSet<String>,
+    consumers: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone)]
+struct PurposeRule {
+    integrations: BTreeSet<Integration>,
+    scopes: ScopeSet,
+    tenants: BTreeSet<String>,
+}
+
+/// A validated policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    identities: HashMap<String, Grant>,
+    purposes: HashMap<String, PurposeRule>,
+}
+
+/// What a lease asks for, for the policy check.
+#[derive(Debug)]
+pub struct LeaseAsk<'a> {
+    /// The stated purpose.
+    pub purpose: &'a Purpose,
+    /// The connection's integration.
+    pub integration: Integration,
+    /// The connection's tenant.
+    pub tenant: &'a TenantId,
+    /// The requested scopes.
+    pub scopes: &'a ScopeSet,
+}
+
+impl Policy {
+    /// Validates a written policy; the error names the offending entry.
+    pub fn build(doc: &PolicyDocument) -> Result<Self, String> {
+        let mut purposes = HashMap::new();
+        for (name, p) in &doc.purposes {
+            let at = format!("purposes.{name}");
+            Purpose::parse(name).map_err(|e| format!("{at}: {e}"))?;
+            if p.integrations.is_empty() {
+                return Err(format!("{at}.integrations: name at least one integration"));
+            }
+            let integrations = p
+                .integrations
+                .iter()
+                .map(|i| Integration::parse(i).map_err(|e| format!("{at}.integrations: {e}")))
+                .collect::<Result<BTreeSet<_>, _>>()?;
+            if p.scopes.is_empty() {
+                return Err(format!("{at}.scopes: name at least one scope"));
+            }
+            let scopes = ScopeSet::parse(p.scopes.iter().map(String::as_str))
+                .map_err(|e| format!("{at}.scopes: {e}"))?;
+            for t in &p.tenants {
+                TenantId::parse(t).map_err(|e| format!("{at}.tenants: {e}"))?;
+            }
+            purposes.insert(
+                name.clone(),
+                PurposeRule {
+                    integrations,
+                    scopes,
+                    tenants: p.tenants.iter().cloned().collect(),
+                },
+            );
+        }
+        let mut identities = HashMap::new();
+        for (identity, entry) in &doc.identities {
+            let at = format!("identities.\"{identity}\"");
+            if identity.trim().is_empty() || identity.len() > 512 {
+                return Err(format!("{at}: an identity is 1 to 512 characters"));
+            }
+            let role = Role::parse(&entry.role).ok_or_else(|| {
+                format!(
+                    "{at}.role: unknown role {:?}; expected app, worker, admin or auditor",
+                    entry.role
+                )
+            })?;
+            if role != Role::Worker && !(entry.purposes.is_empty() && entry.consumers.is_empty()) {
+                return Err(format!(
+                    "{at}: only a worker has purposes and consumers (this identity is {role})"
+                ));
+            }
+            for p in &entry.purposes {
+                if !purposes.contains_key(p) {
+                    return Err(format!(
+                        "{at}.purposes: {p:?} is not defined under [purposes]"
+                    ));
+                }
+            }
+            for c in &entry.consumers {
+                crate::domain::ConsumerName::parse(c)
+                    .map_err(|e| format!("{at}.consumers: {e}"))?;
+            }
+            identities.insert(
+                identity.clone(),
+                Grant {
+                    role,
+                    purposes: entry.purposes.iter().cloned().collect(),
+                    consumers: entry.consumers.iter().cloned().collect(),
+                },
+            );
+        }
+        Ok(Self {
+            identities,
+            purposes,
+        })
+    }
+
+    /// The identity's grant, if the policy names it.
+    pub fn grant(&self, identity: &str) -> Option<&Grant> {
+        self.identities.get(identity)
+    }
+
+    /// How many identities and purposes it defines.
+    pub fn size(&self) -> (usize, usize) {
+        (self.identities.len(), self.purposes.len())
+    }
+
+    /// Whether `identity` may lease for `ask`; the error says what is not
+    /// granted (names only, never a secret).
+    pub fn check_lease(&self, identity: &str, ask: &LeaseAsk<'_>) -> Result<(), String> {
+        let purpose = ask.purpose.as_str();
+        let Some(grant) = self.identities.get(identity) else {
+            return Err(format!("{identity} is not in the policy"));
+        };
+        if grant.role != Role::Worker || !grant.purposes.contains(purpose) {
+            return Err(format!(
+                "the policy does not allow {identity} the purpose {purpose:?}"
+            ));
+        }
+        let Some(rule) = self.purposes.get(purpose) else {
+            return Err(format!("purpose {purpose:?} is not defined"));
+        };
+        if !rule.integrations.contains(&ask.integration) {
+            return Err(format!(
+                "purpose {purpose:?} does not allow {} connections",
+                ask.integration
+            ));
+        }
+        if !rule.tenants.is_empty() && !rule.tenants.contains(ask.tenant.as_str()) {
+            return Err(format!(
+                "purpose {purpose:?} does not allow tenant {}",
+                ask.tenant
+            ));
+        }
+        if !rule.scopes.covers(ask.scopes) {
+            let missing: Vec<&str> = rule
+                .scopes
+                .missing_from(ask.scopes)
+                .map(|s| s.as_str())
+                .collect();
+            return Err(format!(
+                "purpose {purpose:?} does not allow {}",
+                missing.join(" ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `identity` may watch and acknowledge as `consumer`.
+    pub fn may_consume(&self, identity: &str, consumer: &str) -> bool {
+        self.identities
+            .get(identity)
+            .is_some_and(|g| g.role == Role::Worker && g.consumers.contains(consumer))
+    }
+}
+
+/// Where the policy is read from, for reloads.
+#[derive(Debug, Clone)]
+pub enum PolicySource {
+    /// A policy file.
+    File(PathBuf),
+    /// The `[policy]` section of a configuration file (re-read whole; only
+    /// the policy is taken from it).
+    ConfigFile(PathBuf),
+    /// Fixed at start-up (configuration from the environment or code only).
+    Fixed,
+}
+
+/// Reads and validates a policy file.
+pub fn load_file(path: &Path) -> Result<Policy, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let doc: PolicyDocument = toml_parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Policy::build(&doc).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn toml_parse(text: &str) -> Result<PolicyDocument, String> {
+    use figment::Figment;
+    use figment::providers::{Format, Toml};
+    Figment::from(Toml::string(text))
+        .extract()
+        .map_err(|e| e.to_string())
+}
+
+/// The policy in force, swappable at run time without dropping connections.
+pub struct SharedPolicy {
+    current: RwLock<Arc<Policy>>,
+    source: PolicySource,
+}
+
+impl SharedPolicy {
+    /// Holds `policy`, reloadable from `source`.
+    pub fn new(policy: Policy, source: PolicySource) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(policy)),
+            source,
+        }
+    }
+
+    /// The policy in force.
+    pub fn current(&self) -> Arc<Policy> {
+        // A poisoned lock only means a writer panicked after validation; the
+        // Arc inside is still a complete policy.
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the policy from its source. On error the policy in force is
+    /// kept and the error says why.
+    pub fn reload(&self) -> Result<(usize, usize), String> {
+        let policy = match &self.source {
+            PolicySource::File(path) => load_file(path)?,
+            PolicySource::ConfigFile(path) => {
+                let config = crate::config::Config::load(Some(path)).map_err(|e| e.to_string())?;
+                config.policy_source()?.0
+            }
+            PolicySource::Fixed => {
+                return Err("the policy came from the environment; restart to change it".to_owned());
+            }
+        };
+        let size = policy.size();
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        Ok(size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAL: &str = "https://www.googleapis.com/auth/calendar.events";
+    const GMAIL: &str = "https://www.googleapis.com/auth/gmail.modify";
+
+    fn doc() -> PolicyDocument {
+        toml_parse(&format!(
+            r#"
+            [identities."spiffe://t/calendar-sync"]
+            role = "worker"
+            purposes = ["calendar_sync"]
+            consumers = ["calendar-sync"]
+            [identities.app]
+            role = "app"
+            [purposes.calendar_sync]
+            integrations = ["calendar"]
+            scopes = ["{CAL}"]
+            [purposes.acme_only]
+            integrations = ["email"]
+            scopes = ["{GMAIL}"]
+            tenants = ["acme"]
+            "#
+        ))
+        .unwrap()
+    }
+
+    fn ask<'a>(
+        purpose: &'a Purpose,
+        integration: Integration,
+        tenant: &'a TenantId,
+        scopes: &'a ScopeSet,
+    ) -> LeaseAsk<'a> {
+        LeaseAsk {
+            purpose,
+            integration,
+            tenant,
+            scopes,
+        }
+    }
+
+    #[test]
+    fn grants_exactly_what_is_written() {
+        let p = Policy::build(&doc()).unwrap();
+        let cal = Purpose::parse("calendar_sync").unwrap();
+        let t = TenantId::parse("t1").unwrap();
+        let s = ScopeSet::parse([CAL]).unwrap();
+        let w = "spiffe://t/calendar-sync";
+        assert!(
+            p.check_lease(w, &ask(&cal, Integration::Calendar, &t, &s))
+                .is_ok()
+        );
+        let e = p
+            .check_lease(w, &ask(&cal, Integration::Email, &t, &s))
+            .unwrap_err();
+        assert!(e.contains("email"), "{e}");
+        let gmail = ScopeSet::parse([CAL, GMAIL]).unwrap();
+        let e = p
+            .check_lease(w, &ask(&cal, Integration::Calendar, &t, &gmail))
+            .unwrap_err();
+        assert!(e.contains(GMAIL), "{e}");
+        let other = Purpose::parse("acme_only").unwrap();
+        assert!(
+            p.check_lease(w, &ask(&other, Integration::Email, &t, &s))
+                .is_err()
+        );
+        assert!(
+            p.check_lease("app", &ask(&cal, Integration::Calendar, &t, &s))
+                .is_err()
+        );
+        assert!(
+            p.check_lease("stranger", &ask(&cal, Integration::Calendar, &t, &s))
+                .is_err()
+        );
+        assert!(p.may_consume(w, "calendar-sync"));
+        assert!(!p.may_consume(w, "email-sync"));
+        assert!(!p.may_consume("app", "calendar-sync"));
+    }
+
+    #[test]
+    fn tenant_limits_apply() {
+        let mut d = doc();
+        d.identities
+            .get_mut("spiffe://t/calendar-sync")
+            .unwrap()
+            .purposes
+            .push("acme_only".into());
+        let p = Policy::build(&d).unwrap();
+        let purpose = Purpose::parse("acme_only").unwrap();
+        let s = ScopeSet::parse([GMAIL]).unwrap();
+        let acme = TenantId::parse("acme").unwrap();
+        let other = TenantId::parse("globex").unwrap();
+        let w = "spiffe://t/calendar-sync";
+        assert!(
+            p.check_lease(w, &ask(&purpose, Integration::Email, &acme, &s))
+                .is_ok()
+        );
+        let e = p
+            .check_lease(w, &ask(&purpose, Integration::Email, &other, &s))
+            .unwrap_err();
+        assert!(e.contains("globex"), "{e}");
+    }
+
+    #[test]
+    fn invalid_policies_are_refused_with_the_entry_named() {
+        let mut d = doc();
+        d.identities.get_mut("app").unwrap().role = "root".into();
+        assert!(
+            Policy::build(&d)
+                .unwrap_err()
+                .contains("identities.\"app\".role")
+        );
+
+        let mut d = doc();
+        d.identities
+            .get_mut("spiffe://t/calendar-sync")
+            .unwrap()
+            .purposes
+            .push("nope".into());
+        assert!(Policy::build(&d).unwrap_err().contains("\"nope\""));
+
+        let mut d = doc();
+        d.identities.get_mut("app").unwrap().purposes = vec!["calendar_sync".into()];
+        assert!(Policy::build(&d).unwrap_err().contains("only a worker"));
+
+        let mut d = doc();
+        d.purposes.get_mut("calendar_sync").unwrap().integrations = vec!["fax".into()];
+        assert!(
+            Policy::build(&d)
+                .unwrap_err()
+                .contains("purposes.calendar_sync.integrations")
+        );
+
+        let mut d = doc();
+        d.purposes.get_mut("calendar_sync").unwrap().scopes = vec![];
+        assert!(Policy::build(&d).unwrap_err().contains("scopes"));
+
+        assert!(toml_parse("[identities.x]\nrole = \"app\"\ncolour = 1\n").is_err());
+    }
+}

@@ -1,0 +1,445 @@
+//! Deletion, immediately and everywhere: `Disconnect`, `DeleteAccount`, the
+//! same cascade when the user revoked access at Google, and the revocation
+//! outbox.
+//!
+//! In the one transaction that answers the call the store destroys the
+//! connections' sealed tokens and DEKs, leaves tombstones, revokes open
+//! leases, writes the events and the receipt and — when no other live
+//! connection uses the same Google account — queues the grant's revocation
+//! with a copy of the token sealed under a DEK of its own. After commit the
+//! vault tries Google's revoke inline (short timeout); whatever Google does
+//! not confirm, the outbox worker retries with backoff until it does, or
+//! until the give-up limit, then destroys the copy either way.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use crate::audit::{Actor, Outcome};
+use crate::crypto::{DekContext, SecretString, TokenKind, open, seal};
+use crate::domain::{
+    ConnectionStatus, DeletionReason, Integration, ReceiptId, Timestamp, UpstreamState, VaultError,
+};
+use crate::google::GoogleError;
+use crate::store::{
+    ConnectionFilter, ConnectionRecord, DeletionOutcome, DeletionRequest, DeletionTarget,
+    OutboxRow, OutboxToken, PageRequest, ReceiptRecord,
+};
+
+use super::Vault;
+
+/// How often the outbox worker looks for due revocations.
+const OUTBOX_POLL: Duration = Duration::from_secs(1);
+
+/// The outbox copy's DEK and token are bound to the receipt and connection.
+fn outbox_context<'a>(tenant: &'a str, account: &'a str, connection: &'a str) -> DekContext<'a> {
+    DekContext {
+        tenant,
+        account,
+        connection,
+    }
+}
+
+/// A finished deletion.
+#[derive(Debug)]
+pub struct Deletion {
+    /// The receipt (as it stands after the inline revocation attempt).
+    pub receipt: ReceiptRecord,
+    /// Whether this call deleted anything (false: a repeated call).
+    pub deleted_now: bool,
+}
+
+impl Vault {
+    /// Deletes a connection, or every live connection of an account, and
+    /// returns the receipt. Repeating the call returns the same receipt.
+    pub async fn delete(
+        &self,
+        actor: &Actor,
+        target: DeletionTarget,
+        reason: DeletionReason,
+        detail: &str,
+    ) -> Result<Deletion, VaultError> {
+        let subject = target.subject_key();
+        // Fail closed: no audit entry, no deletion.
+        self.audit()
+            .record(
+                actor,
+                "deletion.request",
+                &subject,
+                Outcome::Ok,
+                format!("reason={reason} detail={detail:?}"),
+            )
+            .await?;
+        let revoke_upstream = reason != DeletionReason::UserRevokedAtGoogle;
+        let mut outcome = DeletionOutcome::Retry;
+        let mut receipt_id = ReceiptId::generate();
+        for _ in 0..3 {
+            let victims = self.deletion_victims(&target).await?;
+            let mut outbox = Vec::new();
+            if revoke_upstream {
+                for conn in &victims {
+                    if let Some(t) = self.outbox_seal(conn, &receipt_id).await? {
+                        outbox.push(t);
+                    }
+                }
+            }
+            let now = Timestamp::now();
+            let req = DeletionRequest {
+                receipt_id: receipt_id.clone(),
+                target: target.clone(),
+                reason,
+                detail: detail.to_owned(),
+                requested_by: actor.identity.clone(),
+                at: now,
+                required_consumers: self.required_consumers(),
+                outbox,
+                revoke_upstream,
+                retry_at: now.plus(
+                    Duration::from_millis(self.settings.deletion.inline_revoke_timeout_ms)
+                        + Duration::from_secs(5),
+                ),
+                give_up_at: now.plus(Duration::from_secs(
+                    self.settings.deletion.revoke_give_up_days * 86_400,
+                )),
+            };
+            outcome = self.store().connection_delete(&req).await?;
+            if outcome != DeletionOutcome::Retry {
+                break;
+            }
+            receipt_id = ReceiptId::generate();
+        }
+        let (receipt_id, deleted_now) = match outcome {
+            DeletionOutcome::Deleted {
+                receipt_id,
+                connections,
+            } => {
+                metrics::counter!("tokenvault_deletions_total", "reason" => reason.as_str())
+                    .increment(1);
+                tracing::info!(%receipt_id, target = %subject, connections = connections.len(), %reason, "deleted; tokens destroyed");
+                self.audit()
+                    .record(
+                        actor,
+                        "deletion.done",
+                        &subject,
+                        Outcome::Ok,
+                        format!(
+                            "receipt={receipt_id} connections={}",
+                            connections
+                                .iter()
+                                .map(|c| format!("{}:{}", c.connection_id, c.upstream))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        ),
+                    )
+                    .await
+                    .inspect_err(
+                        |e| tracing::error!(error = %e, "could not audit a completed deletion"),
+                    )
+                    .ok();
+                self.events.advance(self.store().event_state().await?.head);
+                if connections
+                    .iter()
+                    .any(|c| c.upstream == UpstreamState::Pending)
+                {
+                    self.revoke_inline(&receipt_id).await;
+                }
+                (receipt_id, true)
+            }
+            DeletionOutcome::Existing(r) => (r, false),
+            DeletionOutcome::NotFound => {
+                return Err(VaultError::not_found("connection", subject));
+            }
+            DeletionOutcome::Retry => {
+                return Err(VaultError::Unavailable(
+                    "connections kept changing during the deletion; retry".into(),
+                ));
+            }
+        };
+        let receipt = self.receipt_get(&receipt_id).await?;
+        Ok(Deletion {
+            receipt,
+            deleted_now,
+        })
+    }
+
+    /// One receipt.
+    pub async fn receipt_get(&self, id: &ReceiptId) -> Result<ReceiptRecord, VaultError> {
+        self.store()
+            .receipt_get(id)
+            .await?
+            .ok_or_else(|| VaultError::not_found("receipt", id))
+    }
+
+    /// Whether a receipt is past its SLA and still incomplete.
+    pub fn receipt_overdue(&self, r: &ReceiptRecord) -> bool {
+        r.completed_at.is_none()
+            && Timestamp::now().since(r.requested_at)
+                > Duration::from_secs(self.settings.deletion.receipt_sla_hours * 3600)
+    }
+
+    fn required_consumers(&self) -> Vec<(Integration, String)> {
+        let mut out = Vec::new();
+        for (integration, consumers) in &self.settings.deletion.required_consumers {
+            if let Ok(i) = Integration::parse(integration) {
+                out.extend(consumers.iter().map(|c| (i, c.clone())));
+            }
+        }
+        out
+    }
+
+    /// The live connections a deletion would remove (read without locks; the
+    /// store re-reads them under lock).
+    async fn deletion_victims(
+        &self,
+        target: &DeletionTarget,
+    ) -> Result<Vec<ConnectionRecord>, VaultError> {
+        let all = match target {
+            DeletionTarget::Connection(id) => {
+                self.store().connection_get(id).await?.into_iter().collect()
+            }
+            DeletionTarget::Account(t, a) => {
+                let filter = ConnectionFilter {
+                    tenant: Some(t.clone()),
+                    account: Some(a.clone()),
+                    ..Default::default()
+                };
+                let mut out = Vec::new();
+                let mut after = None;
+                loop {
+                    let page = self
+                        .store()
+                        .connection_list(
+                            &filter,
+                            &PageRequest {
+                                after: after.clone(),
+                                limit: 500,
+                            },
+                        )
+                        .await?;
+                    let done = page.len() < 500;
+                    after = page.last().map(|c| c.id.to_string());
+                    out.extend(page);
+                    if done {
+                        break;
+                    }
+                }
+                out
+            }
+        };
+        Ok(all
+            .into_iter()
+            .filter(|c| {
+                c.status != ConnectionStatus::Deleted
+                    && c.status != ConnectionStatus::RevokedUpstream
+            })
+            .collect())
+    }
+
+    /// Seals a connection's refresh token (else its access token) under a new
+    /// DEK for the outbox; `None` when it holds neither.
+    async fn outbox_seal(
+        &self,
+        conn: &ConnectionRecord,
+        receipt: &ReceiptId,
+    ) -> Result<Option<OutboxToken>, VaultError> {
+        let Some(secrets) = self.store().secrets_get(&conn.id).await? else {
+            return Ok(None);
+        };
+        let token = match (&secrets.refresh_token, &secrets.access_token) {
+            (Some(r), _) => {
+                self.token_open(conn, &secrets, TokenKind::Refresh, r)
+                    .await?
+            }
+            (None, Some(a)) => {
+                self.token_open(conn, &secrets, TokenKind::Access, a)
+                    .await?
+            }
+            (None, None) => return Ok(None),
+        };
+        let ctx = outbox_context(receipt.as_str(), conn.tenant.as_str(), conn.id.as_str());
+        let (dek, wrapped) = self.keys().new_dek(&ctx).await?;
+        let sealed = seal(
+            &dek,
+            &ctx.token(TokenKind::OutboxRefresh),
+            token.expose().as_bytes(),
+        )?;
+        Ok(Some(OutboxToken {
+            connection_id: conn.id.clone(),
+            kek_version: wrapped.kek_version,
+            wrapped_dek: wrapped.bytes,
+            sealed_token: sealed,
+        }))
+    }
+
+    async fn outbox_open(&self, row: &OutboxRow, tenant: &str) -> Result<SecretString, VaultError> {
+        let ctx = outbox_context(
+            row.receipt_id.as_str(),
+            tenant,
+            row.token.connection_id.as_str(),
+        );
+        let wrapped = crate::crypto::WrappedDek {
+            kek_version: row.token.kek_version,
+            bytes: row.token.wrapped_dek.clone(),
+        };
+        let dek = self.keys().open_dek(&wrapped, &ctx).await?;
+        let plain = open(
+            &dek,
+            &ctx.token(TokenKind::OutboxRefresh),
+            &row.token.sealed_token,
+        )?;
+        Ok(plain.into_secret_string()?)
+    }
+
+    /// Tries the receipt's pending revocations once, inline.
+    async fn revoke_inline(&self, receipt: &ReceiptId) {
+        let timeout = Duration::from_millis(self.settings.deletion.inline_revoke_timeout_ms);
+        let far = Timestamp::now().plus(Duration::from_secs(366 * 86_400));
+        let rows = match self.store().outbox_due(far, Some(receipt), 64).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, %receipt, "cannot read the revocation outbox");
+                return;
+            }
+        };
+        for row in rows {
+            self.revoke_one(&row, Some(timeout)).await;
+        }
+    }
+
+    /// One revocation attempt: settles the row on confirmation (or past the
+    /// give-up time), else schedules the next attempt with backoff.
+    async fn revoke_one(&self, row: &OutboxRow, timeout: Option<Duration>) {
+        let now = Timestamp::now();
+        let store = self.store();
+        let receipt = match store.receipt_get(&row.receipt_id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a receipt for the outbox");
+                return;
+            }
+        };
+        if now >= row.give_up_at {
+            self.settle(
+                row,
+                UpstreamState::Failed,
+                Some("not confirmed before the give-up limit; retained token destroyed"),
+            )
+            .await;
+            return;
+        }
+        let attempt = async {
+            let google = self.google()?;
+            let token = self.outbox_open(row, receipt.tenant.as_str()).await?;
+            let call = google.revoke(token.expose());
+            let result = match timeout {
+                Some(t) => tokio::time::timeout(t, call)
+                    .await
+                    .unwrap_or_else(|_| Err(GoogleError::Unavailable("timed out".into()))),
+                None => call.await,
+            };
+            Ok::<_, VaultError>(result)
+        };
+        let error = match attempt.await {
+            Ok(Ok(())) => None,
+            // The token is already invalid at Google: the grant is gone.
+            Ok(Err(GoogleError::InvalidGrant)) => None,
+            Ok(Err(GoogleError::Rejected(code))) if code == "invalid_token" => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        metrics::counter!("tokenvault_google_revocations_total", "outcome" => if error.is_none() { "confirmed" } else { "failed" })
+            .increment(1);
+        match error {
+            None => self.settle(row, UpstreamState::Confirmed, None).await,
+            Some(err) => {
+                let backoff = self.outbox_backoff(row.attempts);
+                let next = now.plus(backoff).min(row.give_up_at);
+                tracing::warn!(receipt = %row.receipt_id, connection = %row.token.connection_id, attempts = row.attempts + 1, error = %err, retry_in = ?backoff, "Google did not confirm the revocation; will retry");
+                if let Err(e) = store
+                    .outbox_retry(&row.receipt_id, &row.token.connection_id, now, next, &err)
+                    .await
+                {
+                    tracing::error!(error = %e, "cannot record a revocation attempt");
+                }
+            }
+        }
+    }
+
+    fn outbox_backoff(&self, attempts: i64) -> Duration {
+        let initial = Duration::from_millis(self.settings.deletion.outbox_initial_backoff_ms);
+        let max = Duration::from_secs(self.settings.deletion.outbox_max_backoff_seconds);
+        let exp = u32::try_from(attempts.clamp(0, 20)).unwrap_or(20);
+        let base = initial.saturating_mul(2u32.saturating_pow(exp)).min(max);
+        base + super::lease::jitter(base / 4)
+    }
+
+    async fn settle(&self, row: &OutboxRow, state: UpstreamState, error: Option<&str>) {
+        let audit = self
+            .audit()
+            .record(
+                &Actor::system(),
+                "google.revoke",
+                row.token.connection_id.as_str(),
+                if state == UpstreamState::Confirmed {
+                    Outcome::Ok
+                } else {
+                    Outcome::Failed
+                },
+                format!("receipt={} state={state}", row.receipt_id),
+            )
+            .await;
+        if let Err(e) = audit {
+            // Settling destroys the retained token; without an audit entry, wait.
+            tracing::error!(error = %e, "cannot audit a revocation; the outbox retries later");
+            return;
+        }
+        match self
+            .store()
+            .outbox_settle(
+                &row.receipt_id,
+                &row.token.connection_id,
+                state,
+                Timestamp::now(),
+                error,
+            )
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(receipt = %row.receipt_id, connection = %row.token.connection_id, %state, "revocation settled; retained token destroyed");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot settle a revocation"),
+        }
+    }
+
+    /// One pass of the outbox worker.
+    pub async fn outbox_pass(&self) -> Result<usize, VaultError> {
+        let rows = self.store().outbox_due(Timestamp::now(), None, 32).await?;
+        let timeout = Duration::from_millis(self.settings.google.request_timeout_ms);
+        for row in &rows {
+            self.revoke_one(row, Some(timeout)).await;
+        }
+        let (depth, oldest) = self.store().outbox_depth().await?;
+        metrics::gauge!("tokenvault_outbox_depth").set(depth as f64);
+        metrics::gauge!("tokenvault_outbox_oldest_seconds")
+            .set(oldest.map_or(0.0, |o| Timestamp::now().since(o).as_secs_f64()));
+        Ok(rows.len())
+    }
+}
+
+/// The revocation outbox worker: runs until the vault stops or is dropped.
+pub(super) async fn run_outbox(vault: Weak<Vault>) {
+    let Some(mut stopping) = vault.upgrade().map(|v| v.stopping.subscribe()) else {
+        return;
+    };
+    loop {
+        let Some(v) = vault.upgrade() else { return };
+        if let Err(e) = v.outbox_pass().await {
+            tracing::warn!(error = %e, "revocation outbox pass failed");
+        }
+        drop(v);
+        tokio::select! {
+            _ = tokio::time::sleep(OUTBOX_POLL) => {}
+            _ = super::stopped(&mut stopping) => return,
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The event log as sync workers see it: a resumable stream per consumer and
+//! cumulative acknowledgements.
+//!
+//! Every replica learns of new events in two ways: its own writes advance the
+//! in-process head at once, and a poller reads the log's head from the
+//! database every `events.poll_interval_ms` (default 200 ms), which is how an
+//! event committed on another replica reaches this one's watchers well within
+//! a second. Watchers never receive event data over the bus — only "the head
+//! moved" — and read the events themselves, in cursor order, from the
+//! database; cursors are committed in order (see the store), so reading
+//! "after my last cursor" never skips one.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::audit::{Actor, Outcome};
+use crate::domain::{ConsumerName, EventKind, Integration, Timestamp, VaultError};
+use crate::store::EventRecord;
+
+use super::Vault;
+
+/// Events read per query while catching up.
+const PAGE: i64 = 256;
+
+/// The newest cursor this process knows of, shared with every watcher.
+pub(super) struct EventHead {
+    tx: watch::Sender<i64>,
+}
+
+impl EventHead {
+    pub(super) fn new() -> Self {
+        Self {
+            tx: watch::channel(0).0,
+        }
+    }
+
+    /// Moves the head forward (never back).
+    pub(super) fn advance(&self, cursor: i64) {
+        self.tx.send_if_modified(|h| {
+            if cursor > *h {
+                *h = cursor;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn subscribe(&self) -> watch::Receiver<i64> {
+        self.tx.subscribe()
+    }
+}
+
+/// What a watcher asked for.
+#[derive(Debug, Clone)]
+pub struct WatchRequest {
+    /// The consumer.
+    pub consumer: ConsumerName,
+    /// Start after this cursor; `None` = the consumer's stored position.
+    pub after_cursor: Option<i64>,
+    /// Only these kinds (empty = all).
+    pub kinds: Vec<EventKind>,
+    /// Only these integrations (empty = all).
+    pub integrations: Vec<Integration>,
+}
+
+impl WatchRequest {
+    fn wants(&self, e: &EventRecord) -> bool {
+        (self.kinds.is_empty() || self.kinds.contains(&e.event.kind))
+            && (self.integrations.is_empty()
+                || e.event
+                    .integration
+                    .is_some_and(|i| self.integrations.contains(&i)))
+    }
+}
+
+impl Vault {
+    /// Starts a watch: checks the start position, then streams past and
+    /// future events until the receiver is dropped or the vault shuts down
+    /// (the stream then ends with UNAVAILABLE).
+    pub async fn events_watch(
+        self: &std::sync::Arc<Self>,
+        req: WatchRequest,
+    ) -> Result<mpsc::Receiver<Result<EventRecord, VaultError>>, VaultError> {
+        let state = self.store().event_state().await?;
+        let start = match req.after_cursor {
+            Some(c) if c > 0 => c,
+            _ => {
+                self.store()
+                    .consumer_position(req.consumer.as_str())
+                    .await?
+            }
+        };
+        if start > state.head {
+            return Err(VaultError::OutOfRange(
+                format!("cursor {start} is past the newest event ({})", state.head).into(),
+            ));
+        }
+        let start = if start == 0 {
+            // A new consumer starts at the oldest retained event.
+            state.pruned_through
+        } else if start < state.pruned_through {
+            return Err(VaultError::OutOfRange(
+                format!(
+                    "events after cursor {start} were pruned (through {}); resuming would miss some",
+                    state.pruned_through
+                )
+                .into(),
+            ));
+        } else {
+            start
+        };
+        self.events.advance(state.head);
+        let (tx, rx) = mpsc::channel(PAGE as usize);
+        let vault = self.clone();
+        tokio::spawn(async move { vault.stream_events(req, start, tx).await });
+        Ok(rx)
+    }
+
+    async fn stream_events(
+        &self,
+        req: WatchRequest,
+        mut position: i64,
+        tx: mpsc::Sender<Result<EventRecord, VaultError>>,
+    ) {
+        let mut head = self.events.subscribe();
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            head.mark_unchanged();
+            let page = match self.store().events_after(position, PAGE).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let full = page.len() as i64 == PAGE;
+            for e in page {
+                position = e.cursor;
+                if req.wants(&e) && tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                changed = head.changed() => if changed.is_err() { return },
+                _ = super::stopped(&mut stopping) => {
+                    let _ = tx
+                        .send(Err(VaultError::Unavailable(
+                            "the server is shutting down; reconnect and resume from your last cursor".into(),
+                        )))
+                        .await;
+                    return;
+                }
+                _ = tx.closed() => return,
+            }
+        }
+    }
+
+    /// Acknowledges every event up to `cursor` for `consumer`; returns the
+    /// durable position.
+    pub async fn events_ack(
+        &self,
+        actor: &Actor,
+        consumer: &ConsumerName,
+        cursor: i64,
+    ) -> Result<i64, VaultError> {
+        if cursor <= 0 {
+            return Err(VaultError::invalid("cursor", "must be a positive cursor"));
+        }
+        let before = self.store().consumer_position(consumer.as_str()).await?;
+        if cursor <= before {
+            return Ok(before);
+        }
+        self.audit()
+            .record(
+                actor,
+                "events.ack",
+                consumer.as_str(),
+                Outcome::Ok,
+                format!("cursor={cursor}"),
+            )
+            .await?;
+        self.store()
+            .consumer_ack(consumer.as_str(), cursor, Timestamp::now())
+            .await
+    }
+}
+
+/// Polls the log's head so watchers here see events other replicas wrote.
+/// Holds the vault weakly: the task ends when the vault is dropped or stops.
+pub(super) async fn poll_event_head(vault: Weak<Vault>, every: Duration) {
+    let Some(mut stopping) = vault.upgrade().map(|v| v.stopping.subscribe()) else {
+        return;
+    };
+    loop {
+        let Some(v) = vault.upgrade() else { return };
+        match v.store().event_state().await {
+            Ok(state) => v.events.advance(state.head),
+            Err(e) => tracing::warn!(error = %e, "cannot read the event log head"),
+        }
+        drop(v);
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = super::stopped(&mut stopping) => return,
+        }
+    }
+}
