@@ -571,6 +571,24 @@ async fn main() {
         lease.p99
     );
 
+    // The server's own view of its batching (from its /metrics).
+    if let Ok(resp) = reqwest::get(format!("http://{}/metrics", server.http_addr)).await
+        && let Ok(text) = resp.text().await
+    {
+        println!();
+        println!("server batching (from /metrics; summaries over the whole run):");
+        for line in text.lines().filter(|l| {
+            (l.starts_with("tokenvault_audit_batch")
+                || l.starts_with("tokenvault_lease_read_batch"))
+                && (l.contains("quantile=\"0.5\"")
+                    || l.contains("quantile=\"0.99\"")
+                    || l.contains("_sum")
+                    || l.contains("_count"))
+        }) {
+            println!("  {line}");
+        }
+    }
+
     // 5. Shut down and clean up.
     server.shutdown().await;
     if let Some((admin, name)) = cleanup {

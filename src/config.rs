@@ -121,6 +121,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// Disconnect and account deletion: revocation at Google, receipts, retention.
     pub deletion: DeletionConfig,
+    /// Google Cross-Account Protection (RISC) receiver on `POST /risc`.
+    pub risc: RiscConfig,
     /// Google OAuth client and endpoints.
     pub google: GoogleConfig,
     /// Token leases.
@@ -145,6 +147,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             events: EventsConfig::default(),
             deletion: DeletionConfig::default(),
+            risc: RiscConfig::default(),
             google: GoogleConfig::default(),
             lease: LeaseConfig::default(),
             source_file: None,
@@ -398,6 +401,31 @@ impl Default for DeletionConfig {
             revoke_give_up_days: 7,
             receipt_sla_hours: 24,
             retention_days: 30,
+        }
+    }
+}
+
+/// `[risc]`: how `POST /risc` verifies Security Event Tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RiscConfig {
+    /// Google's RISC signing keys (from its risc-configuration document).
+    pub jwks_uri: String,
+    /// The expected `iss`.
+    pub issuer: String,
+    /// Accepted `aud` values; empty means `google.client_id`.
+    pub audiences: Vec<String>,
+    /// Tokens issued longer ago than this (`iat`) are refused.
+    pub max_age_seconds: u64,
+}
+
+impl Default for RiscConfig {
+    fn default() -> Self {
+        Self {
+            jwks_uri: "https://www.googleapis.com/oauth2/v3/certs".to_owned(),
+            issuer: "https://accounts.google.com/".to_owned(),
+            audiences: Vec::new(),
+            max_age_seconds: 3_600,
         }
     }
 }

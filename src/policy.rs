@@ -229,6 +229,15 @@ impl Policy {
         (self.identities.len(), self.purposes.len())
     }
 
+    /// Whether `identity` is a worker granted `purpose` at all (checked
+    /// before anything is looked up, so a caller without the purpose learns
+    /// nothing about connections).
+    pub fn allows_purpose(&self, identity: &str, purpose: &Purpose) -> bool {
+        self.identities
+            .get(identity)
+            .is_some_and(|g| g.role == Role::Worker && g.purposes.contains(purpose.as_str()))
+    }
+
     /// Whether `identity` may lease for `ask`; the error says what is not
     /// granted (names only, never a secret).
     pub fn check_lease(&self, identity: &str, ask: &LeaseAsk<'_>) -> Result<(), String> {

@@ -236,9 +236,11 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
 
 /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
 pub async fn serve(config: &Config) -> Result<(), StartError> {
-    let server = start(config).await?;
+    // Installed before the server announces itself, so an early SIGHUP
+    // reloads instead of killing the process.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| StartError(format!("cannot listen for SIGHUP: {e}")))?;
+    let server = start(config).await?;
     let stop = wait_for_signal();
     tokio::pin!(stop);
     loop {

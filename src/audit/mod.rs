@@ -79,7 +79,17 @@ impl Outcome {
 struct Job {
     draft: AuditDraft,
     lease: Option<LeaseRecord>,
-    reply: oneshot::Sender<Result<i64, String>>,
+    reply: oneshot::Sender<Result<i64, Refusal>>,
+}
+
+/// Why an append did not take.
+#[derive(Clone, Debug)]
+enum Refusal {
+    /// The entry is not in the log.
+    Failed(String),
+    /// The entry is in the log, but the lease was not recorded: its
+    /// connection stopped being ACTIVE first.
+    LeaseVoid,
 }
 
 /// Handle to the audit writer. Cheap to clone.
@@ -165,7 +175,10 @@ impl AuditLog {
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(seq)) => Ok(seq),
-            Ok(Err(e)) => Err(VaultError::AuditUnavailable(e)),
+            Ok(Err(Refusal::Failed(e))) => Err(VaultError::AuditUnavailable(e)),
+            Ok(Err(Refusal::LeaseVoid)) => Err(VaultError::precondition(format!(
+                "connection {target} was deleted or suspended while the lease was being granted"
+            ))),
             Err(_) => Err(VaultError::AuditUnavailable(
                 "audit writer stopped".to_owned(),
             )),
@@ -189,6 +202,8 @@ async fn writer(
     while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
         let drafts: Vec<AuditDraft> = batch.iter().map(|j| j.draft.clone()).collect();
         let leases: Vec<LeaseRecord> = batch.iter().filter_map(|j| j.lease.clone()).collect();
+        let started = std::time::Instant::now();
+        let entries = batch.len();
         let result = if fault.load(Ordering::SeqCst) {
             Err("injected audit failure".to_owned())
         } else {
@@ -202,16 +217,26 @@ async fn writer(
                 .await
                 .map_err(|e| e.to_string())
         };
+        metrics::histogram!("tokenvault_audit_batch_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("tokenvault_audit_batch_entries").record(entries as f64);
         match result {
-            Ok(seqs) => {
+            Ok((seqs, recorded)) => {
+                let recorded: std::collections::HashSet<String> = recorded.into_iter().collect();
                 for (job, seq) in batch.drain(..).zip(seqs) {
-                    let _ = job.reply.send(Ok(seq));
+                    let reply = match &job.lease {
+                        Some(l) if !recorded.contains(l.lease_id.as_str()) => {
+                            Err(Refusal::LeaseVoid)
+                        }
+                        _ => Ok(seq),
+                    };
+                    let _ = job.reply.send(reply);
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, entries = batch.len(), "audit append failed; operations refused");
                 for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(e.clone()));
+                    let _ = job.reply.send(Err(Refusal::Failed(e.clone())));
                 }
             }
         }

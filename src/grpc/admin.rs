@@ -10,9 +10,11 @@ use super::auth::{Caller, Role};
 use super::convert::{self, PageToken};
 use crate::audit::{Outcome, verify_chain};
 use crate::crypto::KekVersion;
-use crate::domain::{AccountId, ConnectionId, DeletionReason, ReceiptId, TenantId, VaultError};
+use crate::domain::{
+    AccountId, ConnectionId, DeletionReason, ReceiptId, TenantId, Timestamp, VaultError,
+};
 use crate::proto::v1 as pb;
-use crate::store::{AuditFilter, ConnectionFilter, DeletionTarget};
+use crate::store::{AuditFilter, ConnectionFilter, DeletionTarget, ReceiptFilter};
 
 pub(super) struct Admin(pub Arc<Context>);
 
@@ -21,6 +23,9 @@ const ADMIN: &[Role] = &[Role::Admin];
 
 impl Admin {
     /// Authorizes, then records the call itself in the audit log (fail-closed).
+    /// Arguments are parsed only after this: a caller who may not call the
+    /// RPC learns nothing about its input. `target` is the raw argument,
+    /// cut to 128 characters for the log.
     async fn begin<T>(
         &self,
         request: &Request<T>,
@@ -36,7 +41,13 @@ impl Admin {
         self.0
             .vault
             .audit()
-            .record(&caller.actor(), "admin.call", target, Outcome::Ok, rpc)
+            .record(
+                &caller.actor(),
+                "admin.call",
+                &audit_target(target),
+                Outcome::Ok,
+                rpc,
+            )
             .await?;
         Ok(caller)
     }
@@ -68,7 +79,7 @@ impl pb::admin_service_server::AdminService for Admin {
         self.begin(
             &request,
             "AdminService.ListConnections",
-            READERS,
+            ADMIN,
             "connections",
         )
         .await?;
@@ -102,6 +113,12 @@ impl pb::admin_service_server::AdminService for Admin {
                     .is_none_or(|g| c.google_subject.as_deref() == Some(g))
         }) {
             let secrets = self.0.vault.store().secrets_get(&c.id).await?;
+            let open_leases = self
+                .0
+                .vault
+                .store()
+                .lease_open_count(Timestamp::now(), Some(&c.id))
+                .await?;
             out.push(pb::ConnectionDetail {
                 connection: Some(convert::connection(
                     c,
@@ -109,7 +126,7 @@ impl pb::admin_service_server::AdminService for Admin {
                 )),
                 kek_version: secrets.as_ref().map_or(0, |s| s.kek_version.get()),
                 has_refresh_token: secrets.as_ref().is_some_and(|s| s.refresh_token.is_some()),
-                open_leases: 0,
+                open_leases: u32::try_from(open_leases).unwrap_or(u32::MAX),
             });
         }
         Ok(Response::new(pb::AdminListConnectionsResponse {
@@ -123,11 +140,17 @@ impl pb::admin_service_server::AdminService for Admin {
         request: Request<pb::GetConnectionRequest>,
     ) -> Result<Response<pb::ConnectionDetail>, Status> {
         let target = request.get_ref().connection_id.clone();
-        self.begin(&request, "AdminService.GetConnection", READERS, &target)
+        self.begin(&request, "AdminService.GetConnection", ADMIN, &target)
             .await?;
         let id = ConnectionId::parse(&target)?;
         let c = self.0.vault.connection_get(&id).await?;
         let secrets = self.0.vault.store().secrets_get(&id).await?;
+        let open_leases = self
+            .0
+            .vault
+            .store()
+            .lease_open_count(Timestamp::now(), Some(&id))
+            .await?;
         Ok(Response::new(pb::ConnectionDetail {
             connection: Some(convert::connection(
                 &c,
@@ -135,7 +158,7 @@ impl pb::admin_service_server::AdminService for Admin {
             )),
             kek_version: secrets.as_ref().map_or(0, |s| s.kek_version.get()),
             has_refresh_token: secrets.as_ref().is_some_and(|s| s.refresh_token.is_some()),
-            open_leases: 0,
+            open_leases: u32::try_from(open_leases).unwrap_or(u32::MAX),
         }))
     }
 
@@ -143,17 +166,17 @@ impl pb::admin_service_server::AdminService for Admin {
         &self,
         request: Request<pb::RevokeConnectionRequest>,
     ) -> Result<Response<pb::DeletionReceipt>, Status> {
-        let req = request.get_ref();
-        let id = ConnectionId::parse(&req.connection_id)?;
-        let reason = convert::reason_text(&req.reason)?;
         let caller = self
             .begin(
                 &request,
                 "AdminService.RevokeConnection",
                 ADMIN,
-                id.as_str(),
+                &request.get_ref().connection_id,
             )
             .await?;
+        let req = request.get_ref();
+        let id = ConnectionId::parse(&req.connection_id)?;
+        let reason = convert::reason_text(&req.reason)?;
         let vault = &self.0.vault;
         let done = vault
             .delete(
@@ -173,18 +196,18 @@ impl pb::admin_service_server::AdminService for Admin {
         &self,
         request: Request<pb::DeleteAccountRequest>,
     ) -> Result<Response<pb::DeletionReceipt>, Status> {
+        let target = format!(
+            "{}/{}",
+            request.get_ref().tenant_id,
+            request.get_ref().account_id
+        );
+        let caller = self
+            .begin(&request, "AdminService.DeleteAccount", ADMIN, &target)
+            .await?;
         let req = request.get_ref();
         let tenant = TenantId::parse(&req.tenant_id)?;
         let account = AccountId::parse(&req.account_id)?;
         let reason = convert::reason_text(&req.reason)?;
-        let caller = self
-            .begin(
-                &request,
-                "AdminService.DeleteAccount",
-                ADMIN,
-                &format!("{tenant}/{account}"),
-            )
-            .await?;
         let vault = &self.0.vault;
         let done = vault
             .delete(
@@ -204,14 +227,14 @@ impl pb::admin_service_server::AdminService for Admin {
         &self,
         request: Request<pb::GetDeletionReceiptRequest>,
     ) -> Result<Response<pb::DeletionReceipt>, Status> {
-        let id = ReceiptId::parse(&request.get_ref().receipt_id)?;
         self.begin(
             &request,
             "AdminService.GetDeletionReceipt",
             READERS,
-            id.as_str(),
+            &request.get_ref().receipt_id,
         )
         .await?;
+        let id = ReceiptId::parse(&request.get_ref().receipt_id)?;
         let vault = &self.0.vault;
         let receipt = vault.receipt_get(&id).await?;
         Ok(Response::new(convert::receipt(
@@ -224,9 +247,45 @@ impl pb::admin_service_server::AdminService for Admin {
         &self,
         request: Request<pb::ListDeletionReceiptsRequest>,
     ) -> Result<Response<pb::ListDeletionReceiptsResponse>, Status> {
-        let rpc = "AdminService.ListDeletionReceipts";
-        self.begin(&request, rpc, READERS, "receipts").await?;
-        Err(VaultError::Unimplemented(rpc).into())
+        self.begin(
+            &request,
+            "AdminService.ListDeletionReceipts",
+            READERS,
+            "receipts",
+        )
+        .await?;
+        let req = request.get_ref();
+        let vault = &self.0.vault;
+        let filter = ReceiptFilter {
+            incomplete_only: req.incomplete_only || req.overdue_only,
+            requested_before: req.overdue_only.then(|| vault.receipt_sla_cutoff()),
+            tenant: req.tenant_id.as_deref().map(TenantId::parse).transpose()?,
+            account: req
+                .account_id
+                .as_deref()
+                .map(AccountId::parse)
+                .transpose()?,
+        };
+        // The SLA cutoff moves with the clock; the token binds the filters as asked.
+        let key = format!(
+            "{}|{}|{:?}|{:?}",
+            req.incomplete_only, req.overdue_only, filter.tenant, filter.account
+        );
+        let page = PageToken::request(req.page_size, &req.page_token, &key)?;
+        let records = vault.store().receipt_list(&filter, &page).await?;
+        let next = PageToken::next(
+            &page,
+            records.len(),
+            records.last().map(|r| r.receipt_id.as_str()),
+            &key,
+        );
+        Ok(Response::new(pb::ListDeletionReceiptsResponse {
+            receipts: records
+                .iter()
+                .map(|r| convert::receipt(r, vault.receipt_overdue(r)))
+                .collect(),
+            next_page_token: next,
+        }))
     }
 
     async fn key_status(
@@ -254,15 +313,16 @@ impl pb::admin_service_server::AdminService for Admin {
         &self,
         request: Request<pb::RetireKeyRequest>,
     ) -> Result<Response<pb::KeyVersionInfo>, Status> {
-        let version = kek_version(request.get_ref().version)?;
+        let raw = request.get_ref().version;
         let caller = self
             .begin(
                 &request,
                 "AdminService.RetireKey",
                 ADMIN,
-                &format!("kek:{version}"),
+                &format!("kek:{raw}"),
             )
             .await?;
+        let version = kek_version(raw)?;
         self.0.vault.keys().retire(version, &caller.actor()).await?;
         Ok(Response::new(self.key_version_info(version).await?))
     }
@@ -271,15 +331,16 @@ impl pb::admin_service_server::AdminService for Admin {
         &self,
         request: Request<pb::DestroyKeyRequest>,
     ) -> Result<Response<pb::KeyVersionInfo>, Status> {
-        let version = kek_version(request.get_ref().version)?;
+        let raw = request.get_ref().version;
         let caller = self
             .begin(
                 &request,
                 "AdminService.DestroyKey",
                 ADMIN,
-                &format!("kek:{version}"),
+                &format!("kek:{raw}"),
             )
             .await?;
+        let version = kek_version(raw)?;
         self.0
             .vault
             .keys()
@@ -377,4 +438,13 @@ impl pb::admin_service_server::AdminService for Admin {
             checkpoints_verified: 0,
         }))
     }
+}
+
+/// A caller-supplied target as the audit log records it: at most 128
+/// characters, control characters replaced.
+fn audit_target(raw: &str) -> String {
+    raw.chars()
+        .take(128)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }

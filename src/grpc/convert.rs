@@ -312,41 +312,6 @@ impl PageToken {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn page_tokens_are_bound_to_their_filters() {
-        let page = PageToken::request(2, "", "tenant=a").unwrap();
-        let next = PageToken::next(&page, 2, Some("conn_x"), "tenant=a");
-        assert!(!next.is_empty());
-        let again = PageToken::request(2, &next, "tenant=a").unwrap();
-        assert_eq!(again.after.as_deref(), Some("conn_x"));
-        assert!(PageToken::request(2, &next, "tenant=b").is_err());
-        assert!(PageToken::request(2, "%%%", "tenant=a").is_err());
-        assert!(PageToken::request(-1, "", "").is_err());
-        assert_eq!(PageToken::request(5000, "", "").unwrap().limit, MAX_PAGE);
-        assert_eq!(PageToken::next(&page, 1, Some("conn_x"), "tenant=a"), "");
-    }
-
-    #[test]
-    fn grpc_timeouts_parse_with_their_units() {
-        use std::time::Duration;
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("12x"), None);
-        assert_eq!(parse_grpc_timeout("m"), None);
-    }
-
-    #[test]
-    fn timestamps_round_trip_through_protobuf() {
-        let t = Timestamp::from_micros(1_700_000_000_123_456);
-        assert_eq!(from_ts(&ts(t)), t);
-    }
-}
-
 /// The longest free-text deletion reason accepted (bytes).
 const MAX_REASON: usize = 1024;
 
@@ -509,5 +474,40 @@ pub fn receipt(r: &ReceiptRecord, overdue: bool) -> pb::DeletionReceipt {
         } as i32,
         completed_at: opt_ts(r.completed_at),
         overdue,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_are_bound_to_their_filters() {
+        let page = PageToken::request(2, "", "tenant=a").unwrap();
+        let next = PageToken::next(&page, 2, Some("conn_x"), "tenant=a");
+        assert!(!next.is_empty());
+        let again = PageToken::request(2, &next, "tenant=a").unwrap();
+        assert_eq!(again.after.as_deref(), Some("conn_x"));
+        assert!(PageToken::request(2, &next, "tenant=b").is_err());
+        assert!(PageToken::request(2, "%%%", "tenant=a").is_err());
+        assert!(PageToken::request(-1, "", "").is_err());
+        assert_eq!(PageToken::request(5000, "", "").unwrap().limit, MAX_PAGE);
+        assert_eq!(PageToken::next(&page, 1, Some("conn_x"), "tenant=a"), "");
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_with_their_units() {
+        use std::time::Duration;
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+    }
+
+    #[test]
+    fn timestamps_round_trip_through_protobuf() {
+        let t = Timestamp::from_micros(1_700_000_000_123_456);
+        assert_eq!(from_ts(&ts(t)), t);
     }
 }

@@ -1,6 +1,6 @@
 //! The HTTP side port: `GET /healthz` for load balancers and
 //! `GET /oauth/callback`, Google's redirect target, and `GET /metrics`
-//! (Prometheus); the RISC receiver lands with the deletion cascade.
+//! (Prometheus), and `POST /risc`, Google's Cross-Account Protection receiver.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,11 +9,11 @@ use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::crypto::SecretString;
 use crate::domain::VaultError;
-use crate::vault::{Completer, Completion, Vault};
+use crate::vault::{Completer, Completion, RiscError, Vault};
 
 /// Builds the HTTP router.
 pub fn router(vault: Arc<Vault>) -> Router {
@@ -21,6 +21,7 @@ pub fn router(vault: Arc<Vault>) -> Router {
         .route("/healthz", get(healthz))
         .route("/oauth/callback", get(oauth_callback))
         .route("/metrics", get(metrics))
+        .route("/risc", post(risc))
         .with_state(vault)
 }
 
@@ -31,6 +32,45 @@ async fn healthz(State(vault): State<Arc<Vault>>) -> (StatusCode, String) {
         Err(e) => {
             tracing::warn!(error = %e, "health check failed");
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n".to_owned())
+        }
+    }
+}
+
+/// The largest Security Event Token accepted (bytes).
+const MAX_SET_BYTES: usize = 64 * 1024;
+
+/// `POST /risc`: a Security Event Token (RFC 8417) as the body (RFC 8935
+/// push delivery). 202 when accepted, 400 with an RFC 8935 error body when
+/// invalid (nothing changed), 503 when the vault cannot process it now
+/// (Google retries).
+async fn risc(State(vault): State<Arc<Vault>>, body: axum::body::Bytes) -> Response {
+    let bad = |description: String| {
+        metrics::counter!("tokenvault_risc_events_total", "outcome" => "invalid").increment(1);
+        (
+            StatusCode::BAD_REQUEST,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({"err": "invalid_request", "description": description}).to_string(),
+        )
+            .into_response()
+    };
+    if body.len() > MAX_SET_BYTES {
+        return bad("token too large".to_owned());
+    }
+    let Ok(token) = std::str::from_utf8(&body) else {
+        return bad("body is not a token".to_owned());
+    };
+    match vault.risc_receive(token).await {
+        Ok(()) => {
+            metrics::counter!("tokenvault_risc_events_total", "outcome" => "accepted").increment(1);
+            StatusCode::ACCEPTED.into_response()
+        }
+        Err(RiscError::Vault(e)) => {
+            tracing::warn!(error = %e, "RISC event not processed; Google will retry");
+            (StatusCode::SERVICE_UNAVAILABLE, "try again later\n").into_response()
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "RISC token refused");
+            bad(e.to_string())
         }
     }
 }

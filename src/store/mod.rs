@@ -229,14 +229,23 @@ pub trait Store: Send + Sync + 'static {
     /// every other appender (on every replica). Returns the assigned sequence
     /// numbers.
     ///
-    /// `leases` are recorded in the same transaction: a lease exists exactly
-    /// when the entry that grants it does.
+    /// `leases` are recorded in the same transaction, each only if its
+    /// connection is still ACTIVE there (a deletion or suspension that
+    /// committed first wins); the ids of the leases recorded are returned
+    /// with the sequence numbers.
     async fn audit_append(
         &self,
         drafts: &[AuditDraft],
         leases: &[LeaseRecord],
         sealer: AuditSealer<'_>,
-    ) -> StoreResult<Vec<i64>>;
+    ) -> StoreResult<(Vec<i64>, Vec<String>)>;
+
+    /// Connections with their sealed secrets, many at once (the lease path's
+    /// batched read). Unknown ids are absent from the result.
+    async fn lease_lookup(
+        &self,
+        ids: &[ConnectionId],
+    ) -> StoreResult<Vec<(ConnectionRecord, Option<SecretsRecord>)>>;
 
     /// Audit entries in sequence order within `[from_seq, to_seq]`, at most `limit`.
     async fn audit_range(
@@ -261,8 +270,12 @@ pub trait Store: Send + Sync + 'static {
     /// (`None`: no such lease).
     async fn lease_release(&self, id: &LeaseId, at: Timestamp) -> StoreResult<Option<Timestamp>>;
 
-    /// Leases neither revoked nor expired at `at`.
-    async fn lease_open_count(&self, at: Timestamp) -> StoreResult<i64>;
+    /// Leases neither revoked nor expired at `at` (of one connection, when given).
+    async fn lease_open_count(
+        &self,
+        at: Timestamp,
+        connection: Option<&ConnectionId>,
+    ) -> StoreResult<i64>;
 
     /// Deletes lease rows that ended before `before`.
     async fn lease_prune(&self, before: Timestamp) -> StoreResult<u64>;
@@ -296,6 +309,21 @@ pub trait Store: Send + Sync + 'static {
     /// A receipt with its parts.
     async fn receipt_get(&self, id: &ReceiptId) -> StoreResult<Option<ReceiptRecord>>;
 
+    /// Receipts matching a filter, by receipt id.
+    async fn receipt_list(
+        &self,
+        filter: &ReceiptFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Vec<ReceiptRecord>>;
+
+    /// How many receipts are incomplete and were requested before `before`.
+    async fn receipt_incomplete_count(&self, before: Timestamp) -> StoreResult<i64>;
+
+    /// Deletes what is past retention: tombstones and their receipts
+    /// (complete ones), RISC token ids, and events every required consumer
+    /// acknowledged. Returns rows deleted.
+    async fn retention_prune(&self, before: Timestamp, consumers: &[String]) -> StoreResult<u64>;
+
     /// Pending revocations whose next attempt is due at `now` (of one receipt
     /// only, when given), oldest first, each claimed for a minute so other
     /// replicas skip it.
@@ -308,6 +336,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// The pending revocations (count, oldest queued time).
     async fn outbox_depth(&self) -> StoreResult<(i64, Option<Timestamp>)>;
+
+    /// Live connections (not deleted) on a Google account.
+    async fn connections_by_subject(&self, subject: &str) -> StoreResult<Vec<ConnectionRecord>>;
+
+    /// Suspends (`suspend`) the ACTIVE connections of a Google account, or
+    /// resumes its SUSPENDED ones, in one transaction: their open leases are
+    /// revoked on suspension, and a SUSPENDED or RESUMED event is written per
+    /// connection. Returns the connections changed.
+    async fn connections_suspend(
+        &self,
+        subject: &str,
+        suspend: bool,
+        detail: &str,
+        at: Timestamp,
+    ) -> StoreResult<Vec<ConnectionId>>;
+
+    /// Records a RISC token id; false when it was seen before.
+    async fn risc_seen_insert(&self, jti: &str, at: Timestamp) -> StoreResult<bool>;
+
+    /// Whether a RISC token id was seen before.
+    async fn risc_seen(&self, jti: &str) -> StoreResult<bool>;
 
     /// Records a failed attempt and when to try next.
     async fn outbox_retry(

@@ -513,3 +513,16 @@ pub struct OutboxRow {
     /// Attempts so far.
     pub attempts: i64,
 }
+
+/// Filters for listing deletion receipts.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiptFilter {
+    /// Only receipts not yet complete.
+    pub incomplete_only: bool,
+    /// Only receipts requested before this (with `incomplete_only`: overdue).
+    pub requested_before: Option<Timestamp>,
+    /// Only this tenant.
+    pub tenant: Option<TenantId>,
+    /// Only this account.
+    pub account: Option<AccountId>,
+}

@@ -18,7 +18,7 @@ use crate::store::{
     AuditDraft, AuditFilter, AuditRow, AuditSealer, Backend, ConnectionFilter, ConnectionRecord,
     DeletedConnection, DeletionOutcome, DeletionRequest, DeletionTarget, EventLogState,
     EventRecord, KekRecord, LeaseRecord, NewEvent, OutboxRow, OutboxToken, PageRequest,
-    ReceiptConnection, ReceiptRecord, Rewrap, RotationRun, SecretsRecord, StoreResult,
+    ReceiptConnection, ReceiptFilter, ReceiptRecord, Rewrap, RotationRun, SecretsRecord, StoreResult,
     WrappedDekRow,
 };
 
@@ -112,6 +112,9 @@ async fn insert_events(tx: &mut sqlx::Transaction<'static, Db>, events: &[NewEve
     }
     Ok(cursors)
 }
+
+/// Ends a write-lock guard early (on PostgreSQL the guard is `()`).
+fn release<G>(_guard: G) {}
 
 /// Marks complete every receipt with no outstanding ack or revocation.
 async fn complete_receipts(tx: &mut sqlx::Transaction<'static, Db>, at: Timestamp) -> StoreResult<u64> {
@@ -984,7 +987,7 @@ impl crate::store::Store for StoreImpl {
         drafts: &[AuditDraft],
         leases: &[LeaseRecord],
         sealer: AuditSealer<'_>,
-    ) -> StoreResult<Vec<i64>> {
+    ) -> StoreResult<(Vec<i64>, Vec<String>)> {
         let (_guard, mut tx) = self.begin_write().await?;
         let head = sqlx::query(LOCK_AUDIT_HEAD).fetch_optional(&mut *tx).await?;
         let (mut seq, mut prev): (i64, Vec<u8>) = match &head {
@@ -1020,10 +1023,17 @@ impl crate::store::Store for StoreImpl {
             }
             q.execute(&mut *tx).await?;
         }
+        let mut recorded = Vec::with_capacity(leases.len());
         for chunk in leases.chunks(ROWS_PER_INSERT) {
             let sql = format!(
-                "INSERT INTO leases (lease_id, connection_id, caller, purpose, scopes, \
-                 token_fingerprint, granted_at, expires_at) VALUES {}",
+                "WITH v (lease_id, connection_id, caller, purpose, scopes, token_fingerprint, \
+                 granted_at, expires_at) AS (VALUES {}) \
+                 INSERT INTO leases (lease_id, connection_id, caller, purpose, scopes, \
+                 token_fingerprint, granted_at, expires_at) \
+                 SELECT v.lease_id, v.connection_id, v.caller, v.purpose, v.scopes, \
+                 v.token_fingerprint, v.granted_at, v.expires_at \
+                 FROM v JOIN connections c ON c.connection_id = v.connection_id \
+                 WHERE c.status = 'active' RETURNING lease_id",
                 values_list(8, chunk.len())
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -1038,7 +1048,9 @@ impl crate::store::Store for StoreImpl {
                     .bind(l.granted_at.as_micros())
                     .bind(l.expires_at.as_micros());
             }
-            q.execute(&mut *tx).await?;
+            for row in q.fetch_all(&mut *tx).await? {
+                recorded.push(row.try_get("lease_id")?);
+            }
         }
         sqlx::query("UPDATE audit_head SET seq = $1, entry_hash = $2 WHERE id = 1")
             .bind(seq)
@@ -1046,7 +1058,54 @@ impl crate::store::Store for StoreImpl {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(sealed.iter().map(|s| s.0).collect())
+        Ok((sealed.iter().map(|s| s.0).collect(), recorded))
+    }
+
+    async fn lease_lookup(
+        &self,
+        ids: &[ConnectionId],
+    ) -> StoreResult<Vec<(ConnectionRecord, Option<SecretsRecord>)>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
+            let cols: Vec<String> = CONNECTION_COLUMNS
+                .split(", ")
+                .map(|c| format!("c.{}", c.trim()))
+                .collect();
+            let sql = format!(
+                "SELECT {}, d.kek_version, d.wrapped_dek, s.access_token, s.access_expires_at, \
+                 s.refresh_token, s.updated_at AS secrets_updated_at \
+                 FROM connections c \
+                 LEFT JOIN connection_deks d ON d.connection_id = c.connection_id \
+                 LEFT JOIN connection_secrets s ON s.connection_id = c.connection_id \
+                 WHERE c.connection_id IN ({})",
+                cols.join(", "),
+                placeholders.join(", ")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(id.as_str());
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                let conn = connection_from_row(&row)?;
+                let secrets = match row.try_get::<Option<i64>, _>("kek_version")? {
+                    Some(v) if row.try_get::<Option<i64>, _>("secrets_updated_at")?.is_some() => {
+                        Some(SecretsRecord {
+                            connection_id: conn.id.clone(),
+                            kek_version: kek_from_db(v)?,
+                            wrapped_dek: row.try_get("wrapped_dek")?,
+                            access_token: row.try_get("access_token")?,
+                            access_expires_at: opt_ts(row.try_get("access_expires_at")?),
+                            refresh_token: row.try_get("refresh_token")?,
+                            updated_at: ts(row.try_get("secrets_updated_at")?),
+                        })
+                    }
+                    _ => None,
+                };
+                out.push((conn, secrets));
+            }
+        }
+        Ok(out)
     }
 
     async fn audit_range(&self, from_seq: i64, to_seq: i64, limit: i64) -> StoreResult<Vec<AuditRow>> {
@@ -1144,13 +1203,27 @@ impl crate::store::Store for StoreImpl {
         Ok(Some(at))
     }
 
-    async fn lease_open_count(&self, at: Timestamp) -> StoreResult<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM leases WHERE expires_at > $1 AND revoked_at IS NULL",
-        )
-        .bind(at.as_micros())
-        .fetch_one(&self.pool)
-        .await?)
+    async fn lease_open_count(
+        &self,
+        at: Timestamp,
+        connection: Option<&ConnectionId>,
+    ) -> StoreResult<i64> {
+        Ok(match connection {
+            None => sqlx::query_scalar(
+                "SELECT COUNT(*) FROM leases WHERE expires_at > $1 AND revoked_at IS NULL",
+            )
+            .bind(at.as_micros())
+            .fetch_one(&self.pool)
+            .await?,
+            Some(c) => sqlx::query_scalar(
+                "SELECT COUNT(*) FROM leases WHERE expires_at > $1 AND revoked_at IS NULL \
+                 AND connection_id = $2",
+            )
+            .bind(at.as_micros())
+            .bind(c.as_str())
+            .fetch_one(&self.pool)
+            .await?,
+        })
     }
 
     async fn lease_prune(&self, before: Timestamp) -> StoreResult<u64> {
@@ -1498,6 +1571,8 @@ impl crate::store::Store for StoreImpl {
         insert_events(&mut tx, &events).await?;
         complete_receipts(&mut tx, req.at).await?;
         tx.commit().await?;
+        release(_guard);
+        self.scrub().await;
         Ok(DeletionOutcome::Deleted {
             receipt_id: req.receipt_id.clone(),
             connections: deleted,
@@ -1706,6 +1781,226 @@ impl crate::store::Store for StoreImpl {
         }
         complete_receipts(&mut tx, at).await?;
         tx.commit().await?;
+        release(_guard);
+        self.scrub().await;
         Ok(())
+    }
+
+    async fn connections_by_subject(&self, subject: &str) -> StoreResult<Vec<ConnectionRecord>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONNECTION_COLUMNS} FROM connections WHERE google_subject = $1 \
+             AND status <> 'deleted' ORDER BY connection_id"
+        )))
+        .bind(subject)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(connection_from_row).collect()
+    }
+
+    async fn connections_suspend(
+        &self,
+        subject: &str,
+        suspend: bool,
+        detail: &str,
+        at: Timestamp,
+    ) -> StoreResult<Vec<ConnectionId>> {
+        let (from, to) = if suspend { ("active", "suspended") } else { ("suspended", "active") };
+        let (_guard, mut tx) = self.begin_write().await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONNECTION_COLUMNS} FROM connections WHERE google_subject = $1 \
+             AND status = $2 ORDER BY connection_id{FOR_UPDATE}"
+        )))
+        .bind(subject)
+        .bind(from)
+        .fetch_all(&mut *tx)
+        .await?;
+        let conns = rows.iter().map(connection_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let mut events = Vec::new();
+        for c in &conns {
+            sqlx::query(
+                "UPDATE connections SET status = $1, status_reason = $2, updated_at = $3 WHERE connection_id = $4",
+            )
+            .bind(to)
+            .bind(suspend.then_some(detail))
+            .bind(at.as_micros())
+            .bind(c.id.as_str())
+            .execute(&mut *tx)
+            .await?;
+            let base = NewEvent {
+                kind: if suspend { EventKind::Suspended } else { EventKind::Resumed },
+                occurred_at: at,
+                tenant: Some(c.tenant.clone()),
+                account: Some(c.account.clone()),
+                connection_id: Some(c.id.clone()),
+                integration: Some(c.integration),
+                lease_id: None,
+                receipt_id: None,
+                reason: None,
+                detail: detail.to_owned(),
+            };
+            if suspend {
+                let revoked: Vec<String> = sqlx::query_scalar(
+                    "UPDATE leases SET revoked_at = $1, revoke_reason = 'suspended' \
+                     WHERE connection_id = $2 AND revoked_at IS NULL AND expires_at > $1 RETURNING lease_id",
+                )
+                .bind(at.as_micros())
+                .bind(c.id.as_str())
+                .fetch_all(&mut *tx)
+                .await?;
+                for lease in revoked {
+                    events.push(NewEvent {
+                        kind: EventKind::LeaseRevoked,
+                        lease_id: Some(LeaseId::from_stored(lease)),
+                        ..base.clone()
+                    });
+                }
+            }
+            events.push(base);
+        }
+        insert_events(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(conns.into_iter().map(|c| c.id).collect())
+    }
+
+    async fn risc_seen_insert(&self, jti: &str, at: Timestamp) -> StoreResult<bool> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let n = sqlx::query(
+            "INSERT INTO risc_seen (jti, received_at) VALUES ($1, $2) ON CONFLICT (jti) DO NOTHING",
+        )
+        .bind(jti)
+        .bind(at.as_micros())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    async fn risc_seen(&self, jti: &str) -> StoreResult<bool> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM risc_seen WHERE jti = $1")
+            .bind(jti)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn receipt_list(
+        &self,
+        filter: &ReceiptFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Vec<ReceiptRecord>> {
+        let mut f = Filter::new("SELECT receipt_id FROM deletion_receipts");
+        if filter.incomplete_only {
+            f.sql.push_str(" AND completed_at IS NULL");
+        }
+        if let Some(b) = filter.requested_before {
+            f.push("requested_at < ?", FilterValue::Int(b.as_micros()));
+        }
+        if let Some(t) = &filter.tenant {
+            f.push("tenant_id = ?", FilterValue::Text(t.to_string()));
+        }
+        if let Some(a) = &filter.account {
+            f.push("account_id = ?", FilterValue::Text(a.to_string()));
+        }
+        if let Some(after) = &page.after {
+            f.push("receipt_id > ?", FilterValue::Text(after.clone()));
+        }
+        f.binds.push(FilterValue::Int(page.limit));
+        f.sql.push_str(&format!(" ORDER BY receipt_id LIMIT ${}", f.binds.len()));
+        let ids: Vec<String> = f
+            .query()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get("receipt_id"))
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(r) = self.receipt_get(&ReceiptId::from_stored(id)).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn receipt_incomplete_count(&self, before: Timestamp) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM deletion_receipts WHERE completed_at IS NULL AND requested_at < $1",
+        )
+        .bind(before.as_micros())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn retention_prune(&self, before: Timestamp, consumers: &[String]) -> StoreResult<u64> {
+        let b = before.as_micros();
+        let (_guard, mut tx) = self.begin_write().await?;
+        let mut n = 0;
+        // Events every required consumer has acknowledged, past retention.
+        let mut acked: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(cursor), 0) FROM events")
+            .fetch_one(&mut *tx)
+            .await?;
+        for c in consumers {
+            let pos: Option<i64> =
+                sqlx::query_scalar("SELECT cursor FROM consumer_positions WHERE consumer = $1")
+                    .bind(c)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            acked = acked.min(pos.unwrap_or(0));
+        }
+        let through: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(cursor) FROM events WHERE cursor <= $1 AND occurred_at < $2",
+        )
+        .bind(acked)
+        .bind(b)
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(through) = through {
+            n += sqlx::query("DELETE FROM events WHERE cursor <= $1")
+                .bind(through)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query(
+                "UPDATE event_log_state SET pruned_through = $1 WHERE id = 1 AND pruned_through < $1",
+            )
+            .bind(through)
+            .execute(&mut *tx)
+            .await?;
+        }
+        // Complete receipts past retention, with their parts and tombstones.
+        let old: Vec<String> = sqlx::query_scalar(
+            "SELECT receipt_id FROM deletion_receipts WHERE completed_at IS NOT NULL AND completed_at < $1 \
+             AND NOT EXISTS (SELECT 1 FROM events e WHERE e.receipt_id = deletion_receipts.receipt_id)",
+        )
+        .bind(b)
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in &old {
+            for sql in [
+                "DELETE FROM receipt_acks WHERE receipt_id = $1",
+                "DELETE FROM revocation_outbox WHERE receipt_id = $1",
+                "DELETE FROM receipt_connections WHERE receipt_id = $1",
+                "DELETE FROM deletion_receipts WHERE receipt_id = $1",
+            ] {
+                n += sqlx::query(sql).bind(r).execute(&mut *tx).await?.rows_affected();
+            }
+        }
+        n += sqlx::query(
+            "DELETE FROM connections WHERE status = 'deleted' AND deleted_at < $1 \
+             AND NOT EXISTS (SELECT 1 FROM receipt_connections rc WHERE rc.connection_id = connections.connection_id) \
+             AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.connection_id = connections.connection_id)",
+        )
+        .bind(b)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        n += sqlx::query("DELETE FROM risc_seen WHERE received_at < $1")
+            .bind(b)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n)
     }
 }

@@ -51,7 +51,10 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             // 32 MiB of page cache per connection (the default is 2 MiB):
             // rotation and listing walk the whole table.
-            .pragma("cache_size", "-32768");
+            .pragma("cache_size", "-32768")
+            // Deleted tokens and DEKs are overwritten with zeros in the file,
+            // not left in free pages.
+            .pragma("secure_delete", "ON");
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -73,6 +76,30 @@ impl SqliteStore {
         let guard = self.write_lock.lock().await;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         Ok((guard, tx))
+    }
+}
+
+impl SqliteStore {
+    /// After destroying secrets: copies the WAL into the (zero-overwritten)
+    /// database file and truncates the WAL, so no earlier page image holding
+    /// the destroyed bytes stays on disk.
+    async fn scrub(&self) {
+        let _guard = self.write_lock.lock().await;
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.pool)
+            .await
+        {
+            Ok((0, _, _)) => {}
+            Ok((busy, log, done)) => {
+                tracing::warn!(
+                    busy,
+                    log,
+                    done,
+                    "WAL checkpoint after a deletion was incomplete; the next one retries"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint after a deletion failed"),
+        }
     }
 }
 

@@ -171,9 +171,15 @@ impl Vault {
 
     /// Whether a receipt is past its SLA and still incomplete.
     pub fn receipt_overdue(&self, r: &ReceiptRecord) -> bool {
-        r.completed_at.is_none()
-            && Timestamp::now().since(r.requested_at)
-                > Duration::from_secs(self.settings.deletion.receipt_sla_hours * 3600)
+        r.completed_at.is_none() && r.requested_at < self.receipt_sla_cutoff()
+    }
+
+    /// Receipts requested before this and still incomplete are overdue.
+    pub fn receipt_sla_cutoff(&self) -> Timestamp {
+        let sla = i64::try_from(self.settings.deletion.receipt_sla_hours)
+            .unwrap_or(i64::MAX / 3_600_000_000)
+            .saturating_mul(3_600_000_000);
+        Timestamp::from_micros(Timestamp::now().as_micros().saturating_sub(sla))
     }
 
     fn required_consumers(&self) -> Vec<(Integration, String)> {

@@ -24,7 +24,7 @@ use crate::domain::{
 };
 use crate::google::GoogleError;
 use crate::policy::{LeaseAsk, Policy};
-use crate::store::{ConnectionRecord, DeletionTarget, LeaseRecord, RefreshedTokens};
+use crate::store::{ConnectionRecord, DeletionTarget, LeaseRecord, RefreshedTokens, SecretsRecord};
 
 use super::Vault;
 use super::connections::dek_context;
@@ -150,7 +150,21 @@ impl Vault {
         if req.scopes.is_empty() {
             return Err(VaultError::invalid("scopes", "name at least one scope"));
         }
-        let conn = self.connection_get(&req.connection).await?;
+        if !policy.allows_purpose(&actor.identity, &req.purpose) {
+            return Err(VaultError::PermissionDenied(
+                format!(
+                    "the policy does not allow {} the purpose {:?}",
+                    actor.identity,
+                    req.purpose.as_str()
+                )
+                .into(),
+            ));
+        }
+        let (conn, secrets) = self
+            .reader
+            .get(&req.connection)
+            .await?
+            .ok_or_else(|| VaultError::not_found("connection", &req.connection))?;
         policy
             .check_lease(
                 &actor.identity,
@@ -181,7 +195,7 @@ impl Vault {
             )));
         }
         let (token, expires_at) = self
-            .fresh_access_token(&conn, req.min_valid, req.deadline)
+            .fresh_access_token(&conn, secrets.as_ref(), req.min_valid, req.deadline)
             .await?;
         let now = Timestamp::now();
         let max = now.plus(Duration::from_secs(self.settings.lease.max_ttl_seconds));
@@ -277,14 +291,21 @@ impl Vault {
     async fn fresh_access_token(
         &self,
         conn: &ConnectionRecord,
+        secrets: Option<&SecretsRecord>,
         min_valid: Duration,
         deadline: Instant,
     ) -> Result<(SecretString, Timestamp), VaultError> {
         let started = Timestamp::now();
         let want = started.plus(min_valid);
-        if let Some((token, expires, _)) = self.access_open(conn).await?
+        // The common case: the token read with the connection is fresh enough.
+        if let Some(secrets) = secrets
+            && let (Some(sealed), Some(expires)) =
+                (&secrets.access_token, secrets.access_expires_at)
             && expires >= want
         {
+            let token = self
+                .token_open(conn, secrets, TokenKind::Access, sealed)
+                .await?;
             return Ok((token, expires));
         }
         let gate = self.refresh_gates.gate(&conn.id);

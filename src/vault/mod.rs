@@ -8,6 +8,8 @@ mod deletion;
 mod events;
 mod keys;
 mod lease;
+mod reader;
+mod risc;
 
 use std::sync::Arc;
 
@@ -17,6 +19,7 @@ pub use deletion::Deletion;
 pub use events::WatchRequest;
 pub use keys::{KeyManager, KeyStatus, VersionStatus};
 pub use lease::{Lease, LeaseRequest};
+pub use risc::RiscError;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, DeletionConfig, GoogleConfig, KeyringProviderKind, LeaseConfig};
@@ -40,6 +43,10 @@ pub struct Vault {
     events: events::EventHead,
     /// Set when the vault stops: watchers end, background tasks return.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Verifies RISC Security Event Tokens.
+    risc: risc::RiscReceiver,
+    /// Batched connection reads for the lease path.
+    reader: reader::LeaseReader,
 }
 
 /// The configuration the use cases read.
@@ -79,7 +86,7 @@ impl Vault {
             Some(GoogleClient::new(&config.google)?)
         };
         let vault = Arc::new(Self {
-            store,
+            store: store.clone(),
             keyring,
             audit,
             keys,
@@ -93,6 +100,8 @@ impl Vault {
             instance_id: format!("vault-{}", uuid::Uuid::new_v4()),
             events: events::EventHead::new(),
             stopping: tokio::sync::watch::channel(false).0,
+            risc: risc::RiscReceiver::new(config)?,
+            reader: reader::LeaseReader::start(store.clone()),
         });
         vault.keys.resume_rotation().await?;
         tokio::spawn(events::poll_event_head(
@@ -169,8 +178,28 @@ impl Vault {
         if pruned > 0 {
             tracing::debug!(pruned, "lease rows past retention deleted");
         }
-        let open = self.store.lease_open_count(now).await?;
+        let open = self.store.lease_open_count(now, None).await?;
         metrics::gauge!("tokenvault_open_leases").set(open as f64);
+        let mut consumers: Vec<String> = self
+            .settings
+            .deletion
+            .required_consumers
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
+        consumers.sort();
+        consumers.dedup();
+        let pruned = self.store.retention_prune(before, &consumers).await?;
+        if pruned > 0 {
+            tracing::info!(
+                pruned,
+                "rows past retention deleted (events, receipts, tombstones)"
+            );
+        }
+        let sla = self.receipt_sla_cutoff();
+        let overdue = self.store.receipt_incomplete_count(sla).await?;
+        metrics::gauge!("tokenvault_receipts_overdue").set(overdue as f64);
         Ok(())
     }
 

@@ -4,9 +4,13 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod authz_matrix;
+mod deletion;
 mod encryption;
+mod events;
 mod foundation;
 mod google_sim;
+mod mtls;
 mod oauth;
 mod rotation;
 pub mod serve_cli;

@@ -1,0 +1,422 @@
+//! Leases and the event log as sync workers meet them: lease records and
+//! ReleaseLease, Watch across replicas, resumable positions and cumulative
+//! Acks, and the stream's end when the server stops.
+
+use std::time::{Duration, Instant};
+
+use tokenvault::domain::{Integration, Timestamp};
+use tokenvault::proto::v1 as pb;
+use tokenvault::proto::v1::event_service_client::EventServiceClient;
+use tokenvault::proto::v1::lease_service_client::LeaseServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::both_backends;
+use crate::support::raw::RawDb;
+use crate::support::{
+    As, Backend, Bearer, CALENDAR_SCOPE, TestVault, seed_connection, spawn_vault,
+};
+
+fn lease_req(connection_id: &str) -> pb::LeaseTokenRequest {
+    pb::LeaseTokenRequest {
+        connection_id: connection_id.into(),
+        purpose: "calendar_sync".into(),
+        scopes: vec![CALENDAR_SCOPE.into()],
+        min_valid_seconds: 0,
+    }
+}
+
+fn watch_req(after: Option<u64>) -> pb::WatchRequest {
+    pb::WatchRequest {
+        consumer: "calendar-sync".into(),
+        after_cursor: after,
+        ..Default::default()
+    }
+}
+
+/// A second replica: another server process-alike on the same database.
+async fn second_replica(tv: &TestVault) -> (tokenvault::server::RunningServer, Channel) {
+    let server = tokenvault::server::start(&tv.config)
+        .await
+        .expect("start a second replica");
+    let channel = Channel::from_shared(format!("http://{}", server.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (server, channel)
+}
+
+fn bearer(who: As) -> Bearer {
+    Bearer(Some(format!("Bearer {}", who.key()).parse().unwrap()))
+}
+
+async fn next_event(
+    stream: &mut tonic::Streaming<pb::Event>,
+    within: Duration,
+) -> Option<pb::Event> {
+    tokio::time::timeout(within, stream.message())
+        .await
+        .ok()
+        .and_then(|m| m.expect("stream error"))
+}
+
+async fn a_deletion_reaches_watchers_on_another_replica_within_a_second(backend: Backend) {
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let (replica, channel) = second_replica(&tv).await;
+    let conn = seed_connection(
+        &tv.vault,
+        "t1",
+        "a1",
+        Integration::Calendar,
+        "ya29.one",
+        None,
+    )
+    .await;
+    let lease = tv
+        .leases(As::Worker)
+        .lease_token(lease_req(conn.id.as_str()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = EventServiceClient::with_interceptor(channel.clone(), bearer(As::Worker));
+    let mut stream = events.watch(watch_req(None)).await.unwrap().into_inner();
+    // Nothing happened yet: the stream is open and quiet.
+    assert!(
+        next_event(&mut stream, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+
+    tv.connections(As::App)
+        .disconnect(pb::DisconnectRequest {
+            connection_id: conn.id.to_string(),
+            reason: "user clicked disconnect".into(),
+        })
+        .await
+        .unwrap();
+    let returned = Instant::now();
+    let revoked = next_event(&mut stream, Duration::from_secs(1))
+        .await
+        .expect("LEASE_REVOKED within 1 s on the other replica");
+    assert_eq!(revoked.kind, pb::EventKind::LeaseRevoked as i32);
+    assert_eq!(revoked.lease_id, lease.lease_id);
+    let deleted = next_event(&mut stream, Duration::from_secs(1))
+        .await
+        .expect("CONNECTION_DELETED");
+    let took = returned.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(deleted.kind, pb::EventKind::ConnectionDeleted as i32);
+    assert_eq!(deleted.connection_id, conn.id.as_str());
+    assert_eq!(deleted.tenant_id, "t1");
+    assert_eq!(deleted.integration, pb::Integration::Calendar as i32);
+    assert_eq!(deleted.reason, pb::DeletionReason::UserDisconnected as i32);
+    assert_eq!(deleted.detail, "user clicked disconnect");
+    assert!(deleted.receipt_id.starts_with("rcpt_"));
+    assert!(deleted.cursor > revoked.cursor);
+    eprintln!("CONNECTION_DELETED reached the other replica {took:?} after Disconnect returned");
+
+    // No lease is granted again, on either replica.
+    for mut client in [
+        tv.leases(As::Worker),
+        LeaseServiceClient::with_interceptor(channel.clone(), bearer(As::Worker)),
+    ] {
+        let err = client
+            .lease_token(lease_req(conn.id.as_str()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    }
+    drop(stream);
+    replica.shutdown().await;
+}
+both_backends!(
+    cross_replica_watch,
+    a_deletion_reaches_watchers_on_another_replica_within_a_second
+);
+
+async fn positions_are_durable_and_acks_cumulative(backend: Backend) {
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let c = seed_connection(
+            &tv.vault,
+            "t1",
+            &format!("acct{i}"),
+            Integration::Calendar,
+            &format!("ya29.{i}"),
+            None,
+        )
+        .await;
+        ids.push(c.id.to_string());
+    }
+    for id in &ids {
+        tv.connections(As::App)
+            .disconnect(pb::DisconnectRequest {
+                connection_id: id.clone(),
+                reason: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let mut events = tv.events(As::Worker);
+    let mut stream = events.watch(watch_req(None)).await.unwrap().into_inner();
+    let mut cursors = Vec::new();
+    while let Some(e) = next_event(&mut stream, Duration::from_millis(500)).await {
+        cursors.push(e.cursor);
+    }
+    assert_eq!(cursors.len(), 3, "a new consumer sees the whole log");
+    assert!(cursors.windows(2).all(|w| w[0] < w[1]));
+    drop(stream);
+
+    let pos = events
+        .ack(pb::AckRequest {
+            consumer: "calendar-sync".into(),
+            cursor: cursors[1],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .position;
+    assert_eq!(pos, cursors[1]);
+    // A lower ack is a no-op.
+    let pos = events
+        .ack(pb::AckRequest {
+            consumer: "calendar-sync".into(),
+            cursor: cursors[0],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .position;
+    assert_eq!(pos, cursors[1]);
+
+    // Resuming from the stored position yields only the rest.
+    let mut stream = events.watch(watch_req(None)).await.unwrap().into_inner();
+    let e = next_event(&mut stream, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(e.cursor, cursors[2]);
+    assert!(
+        next_event(&mut stream, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    drop(stream);
+    // An explicit cursor replays without moving the position.
+    let mut stream = events
+        .watch(watch_req(Some(cursors[0])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        next_event(&mut stream, Duration::from_millis(500))
+            .await
+            .unwrap()
+            .cursor,
+        cursors[1]
+    );
+    drop(stream);
+    // Filters skip, never reorder.
+    let mut only = events
+        .watch(pb::WatchRequest {
+            consumer: "calendar-sync".into(),
+            after_cursor: Some(cursors[0] - 1),
+            kinds: vec![pb::EventKind::Suspended as i32],
+            integrations: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        next_event(&mut only, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    drop(only);
+
+    let head = *cursors.last().unwrap();
+    let err = events.watch(watch_req(Some(head + 10))).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
+    let err = events
+        .ack(pb::AckRequest {
+            consumer: "calendar-sync".into(),
+            cursor: head + 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
+    let err = events
+        .ack(pb::AckRequest {
+            consumer: "calendar-sync".into(),
+            cursor: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = events
+        .watch(pb::WatchRequest {
+            consumer: "calendar-sync".into(),
+            kinds: vec![0],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Another worker may not act as this consumer.
+    let err = tv
+        .events(As::EmailWorker)
+        .ack(pb::AckRequest {
+            consumer: "calendar-sync".into(),
+            cursor: head,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // The position survived all of that.
+    assert_eq!(
+        tv.vault
+            .store()
+            .consumer_position("calendar-sync")
+            .await
+            .unwrap(),
+        i64::try_from(cursors[1]).unwrap()
+    );
+}
+both_backends!(
+    positions_and_acks,
+    positions_are_durable_and_acks_cumulative
+);
+
+async fn leases_are_recorded_without_the_token_and_release_early(backend: Backend) {
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let token = "ya29.lease-record-token";
+    let conn = seed_connection(&tv.vault, "t1", "a1", Integration::Calendar, token, None).await;
+    let lease = tv
+        .leases(As::Worker)
+        .lease_token(lease_req(conn.id.as_str()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lease.access_token, token);
+    let id: tokenvault::domain::LeaseId =
+        tokenvault::domain::LeaseId::parse(&lease.lease_id).unwrap();
+    let record = tv
+        .vault
+        .store()
+        .lease_get(&id)
+        .await
+        .unwrap()
+        .expect("lease row");
+    assert_eq!(record.caller, As::Worker.identity());
+    assert_eq!(record.purpose, "calendar_sync");
+    assert_eq!(record.scopes, CALENDAR_SCOPE);
+    assert!(!record.token_fingerprint.contains(token));
+    let until = lease.lease_expires_at.unwrap();
+    assert!(until.seconds <= lease.token_expires_at.unwrap().seconds);
+    assert!(until.seconds <= Timestamp::now().seconds_nanos().0 + 900 + 1);
+    assert_eq!(
+        tv.vault
+            .store()
+            .lease_open_count(Timestamp::now(), None)
+            .await
+            .unwrap(),
+        1
+    );
+    if backend == Backend::Postgres {
+        let raw = RawDb::open(&tv).await;
+        let dump = raw.postgres_dump().await;
+        assert!(!dump.contains(token), "the lease table holds no token");
+        raw.close().await;
+    }
+
+    // Only the holder may release it.
+    let err = tv
+        .leases(As::EmailWorker)
+        .release_lease(pb::ReleaseLeaseRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let first = tv
+        .leases(As::Worker)
+        .release_lease(pb::ReleaseLeaseRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.lease_id, lease.lease_id);
+    let again = tv
+        .leases(As::Worker)
+        .release_lease(pb::ReleaseLeaseRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.ended_at, first.ended_at, "idempotent");
+    assert_eq!(
+        tv.vault
+            .store()
+            .lease_open_count(Timestamp::now(), None)
+            .await
+            .unwrap(),
+        0
+    );
+    let err = tv
+        .leases(As::Worker)
+        .release_lease(pb::ReleaseLeaseRequest {
+            lease_id: tokenvault::domain::LeaseId::generate().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = tv
+        .leases(As::Worker)
+        .release_lease(pb::ReleaseLeaseRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+both_backends!(
+    lease_records,
+    leases_are_recorded_without_the_token_and_release_early
+);
+
+async fn watch_streams_end_with_unavailable_at_shutdown(backend: Backend) {
+    let Some(mut tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let mut stream = tv
+        .events(As::Worker)
+        .watch(watch_req(None))
+        .await
+        .unwrap()
+        .into_inner();
+    let started = Instant::now();
+    tv.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "an open Watch must not hold up shutdown"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .expect("the stream ends");
+    match end {
+        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        Ok(None) => {}
+        Ok(Some(e)) => panic!("unexpected event {e:?}"),
+    }
+}
+both_backends!(
+    watch_shutdown,
+    watch_streams_end_with_unavailable_at_shutdown
+);
