@@ -321,11 +321,16 @@ impl Vault {
         };
         // Reconnecting the same Google account keeps the connection (and the
         // refresh token, when Google sends no new one).
-        let existing = self
+        let live = self
             .store()
             .connection_live(&rec.tenant, &rec.account, rec.integration)
-            .await?
-            .filter(|c| c.google_subject.as_deref() == Some(claims.subject.as_str()));
+            .await?;
+        let (existing, replaced) = match live {
+            Some(c) if c.google_subject.as_deref() == Some(claims.subject.as_str()) => {
+                (Some(c), None)
+            }
+            other => (None, other),
+        };
         let refresh_token = match (grant.refresh_token, &existing) {
             (Some(t), _) => Some(t),
             (None, Some(c)) => self.refresh_token_open(c).await?,
@@ -345,6 +350,19 @@ impl Vault {
                 ),
             )
             .await?;
+        if let Some(old) = replaced {
+            // Another Google account takes this integration's place: the old
+            // connection goes through the whole deletion cascade (tokens,
+            // leases, events, receipt, revocation at Google if it was the
+            // last connection on that account).
+            self.delete(
+                &audit_actor,
+                crate::store::DeletionTarget::Connection(old.id.clone()),
+                crate::domain::DeletionReason::UserDisconnected,
+                "replaced by another Google account",
+            )
+            .await?;
+        }
         let new = NewConnection {
             tenant: rec.tenant,
             account: rec.account,

@@ -624,3 +624,63 @@ both_backends!(
     outbox_after_sigkill,
     the_outbox_finishes_a_revocation_after_a_sigkill
 );
+
+async fn a_connection_replaced_by_another_google_account_is_deleted_like_a_disconnect(
+    backend: Backend,
+) {
+    let Some((tv, sim)) = spawn_vault_with_google(backend, |_| {}).await else {
+        return;
+    };
+    let first = connect(&tv, "t1", "u1", pb::Integration::Calendar).await;
+    sim.add_user("second@sim.test", "sim-user-second");
+    let begun = tv
+        .connections(As::App)
+        .begin_authorization(pb::BeginAuthorizationRequest {
+            tenant_id: "t1".into(),
+            account_id: "u1".into(),
+            integration: pb::Integration::Calendar as i32,
+            login_hint: Some("second@sim.test".into()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let query = crate::support::follow_authorization(&begun.authorization_url).await;
+    let (status, body) = crate::support::deliver_callback(&tv, &query).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The first Google account's connection went through the cascade: tombstone,
+    // CONNECTION_DELETED with a receipt, and its grant revoked at Google.
+    assert_eq!(
+        status_of(&tv, &first.connection_id).await,
+        pb::ConnectionStatus::Deleted
+    );
+    let events = tv.vault.store().events_after(0, 100).await.unwrap();
+    let deleted = events
+        .iter()
+        .find(|e| {
+            e.event.kind == tokenvault::domain::EventKind::ConnectionDeleted
+                && e.event.connection_id.as_ref().map(|c| c.as_str())
+                    == Some(first.connection_id.as_str())
+        })
+        .expect("CONNECTION_DELETED for the replaced connection");
+    assert_eq!(deleted.event.detail, "replaced by another Google account");
+    assert!(sim.grant_revoked(SUBJECT, CLIENT_ID));
+    assert!(!sim.grant_revoked("sim-user-second", CLIENT_ID));
+    let list = tv
+        .connections(As::App)
+        .list_connections(pb::ListConnectionsRequest {
+            tenant_id: "t1".into(),
+            account_id: Some("u1".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.connections.len(), 1);
+    assert_ne!(list.connections[0].connection_id, first.connection_id);
+    assert_eq!(list.connections[0].google_subject, "sim-user-second");
+}
+both_backends!(
+    replaced_connection,
+    a_connection_replaced_by_another_google_account_is_deleted_like_a_disconnect
+);
