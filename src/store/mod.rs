@@ -136,14 +136,6 @@ pub trait Store: Send + Sync + 'static {
         google_email: Option<&str>,
     ) -> StoreResult<bool>;
 
-    /// Marks a connection REVOKED_UPSTREAM and destroys its secrets in one
-    /// transaction (the user revoked access at Google). False if it was not live.
-    async fn connection_revoke_upstream(
-        &self,
-        id: &ConnectionId,
-        at: Timestamp,
-    ) -> StoreResult<bool>;
-
     // ----- OAuth authorization states ------------------------------------------------
 
     /// Records a pending authorization.

@@ -658,27 +658,6 @@ impl crate::store::Store for StoreImpl {
         Ok(n > 0)
     }
 
-    async fn connection_revoke_upstream(&self, id: &ConnectionId, at: Timestamp) -> StoreResult<bool> {
-        let (_guard, mut tx) = self.begin_write().await?;
-        delete_secrets(&mut tx, id.as_str()).await?;
-        let n = sqlx::query(
-            "UPDATE connections SET status = 'revoked_upstream', status_reason = 'user_revoked_at_google', \
-             google_subject = NULL, google_email = NULL, granted_scopes = '', updated_at = $1, \
-             deleted_at = $1 WHERE connection_id = $2 AND status NOT IN ('deleted', 'revoked_upstream')",
-        )
-        .bind(at.as_micros())
-        .bind(id.as_str())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        sqlx::query("DELETE FROM refresh_locks WHERE connection_id = $1")
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(n > 0)
-    }
-
     async fn authz_insert(&self, a: &AuthzStateRecord) -> StoreResult<()> {
         let (_guard, mut tx) = self.begin_write().await?;
         sqlx::query(

@@ -429,7 +429,7 @@ impl Vault {
                         .increment(1);
                     self.revoked_at_google(conn).await?;
                     return Err(VaultError::precondition(format!(
-                        "the user revoked access at Google; connection {} is now revoked_upstream",
+                        "the user revoked access at Google; connection {} was deleted (user_revoked_at_google)",
                         conn.id
                     )));
                 }
