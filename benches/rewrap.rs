@@ -9,7 +9,6 @@
 
 use std::time::{Duration, Instant};
 
-use sqlx::Connection as _;
 use tokenvault::audit::Actor;
 use tokenvault::config::Config;
 use tokenvault::crypto::{LocalKeyring, SecretString};
@@ -40,26 +39,9 @@ fn args() -> Args {
     a
 }
 
-async fn database(backend: &str, dir: &std::path::Path) -> (String, Option<(String, String)>) {
-    match backend {
-        "sqlite" => (format!("sqlite://{}", dir.join("bench.db").display()), None),
-        "postgres" => {
-            let admin = std::env::var("TV_TEST_POSTGRES_URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-            let name = format!("tv_bench_{}", uuid::Uuid::new_v4().simple());
-            let mut c = sqlx::PgConnection::connect(&admin)
-                .await
-                .expect("PostgreSQL");
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .execute(&mut c)
-                .await
-                .unwrap();
-            let base = admin.rsplit_once('/').unwrap().0.to_owned();
-            (format!("{base}/{name}"), Some((admin, name)))
-        }
-        other => panic!("unknown backend {other}"),
-    }
-}
+#[path = "common/mod.rs"]
+mod common;
+use common::{database, drop_database};
 
 fn main() {
     let a = args();
@@ -136,10 +118,7 @@ fn main() {
         );
         vault.shutdown().await;
         if let Some((admin, name)) = cleanup {
-            let mut c = sqlx::PgConnection::connect(&admin).await.unwrap();
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
-                .execute(&mut c)
-                .await;
+            drop_database(&admin, &name).await;
         }
     });
 }
