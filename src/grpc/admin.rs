@@ -186,10 +186,7 @@ impl pb::admin_service_server::AdminService for Admin {
                 reason,
             )
             .await?;
-        Ok(Response::new(convert::receipt(
-            &done.receipt,
-            vault.receipt_overdue(&done.receipt),
-        )))
+        Ok(Response::new(convert::receipt(vault, &done.receipt)))
     }
 
     async fn delete_account(
@@ -217,10 +214,7 @@ impl pb::admin_service_server::AdminService for Admin {
                 reason,
             )
             .await?;
-        Ok(Response::new(convert::receipt(
-            &done.receipt,
-            vault.receipt_overdue(&done.receipt),
-        )))
+        Ok(Response::new(convert::receipt(vault, &done.receipt)))
     }
 
     async fn get_deletion_receipt(
@@ -237,10 +231,7 @@ impl pb::admin_service_server::AdminService for Admin {
         let id = ReceiptId::parse(&request.get_ref().receipt_id)?;
         let vault = &self.0.vault;
         let receipt = vault.receipt_get(&id).await?;
-        Ok(Response::new(convert::receipt(
-            &receipt,
-            vault.receipt_overdue(&receipt),
-        )))
+        Ok(Response::new(convert::receipt(vault, &receipt)))
     }
 
     async fn list_deletion_receipts(
@@ -280,10 +271,7 @@ impl pb::admin_service_server::AdminService for Admin {
             &key,
         );
         Ok(Response::new(pb::ListDeletionReceiptsResponse {
-            receipts: records
-                .iter()
-                .map(|r| convert::receipt(r, vault.receipt_overdue(r)))
-                .collect(),
+            receipts: records.iter().map(|r| convert::receipt(vault, r)).collect(),
             next_page_token: next,
         }))
     }

@@ -180,10 +180,7 @@ impl pb::connection_service_server::ConnectionService for Connections {
                 reason,
             )
             .await?;
-        Ok(Response::new(convert::receipt(
-            &done.receipt,
-            vault.receipt_overdue(&done.receipt),
-        )))
+        Ok(Response::new(convert::receipt(vault, &done.receipt)))
     }
 
     async fn delete_account(
@@ -211,10 +208,7 @@ impl pb::connection_service_server::ConnectionService for Connections {
                 reason,
             )
             .await?;
-        Ok(Response::new(convert::receipt(
-            &done.receipt,
-            vault.receipt_overdue(&done.receipt),
-        )))
+        Ok(Response::new(convert::receipt(vault, &done.receipt)))
     }
 
     async fn get_deletion_receipt(
@@ -229,9 +223,6 @@ impl pb::connection_service_server::ConnectionService for Connections {
         let id = ReceiptId::parse(&request.get_ref().receipt_id)?;
         let vault = &self.0.vault;
         let receipt = vault.receipt_get(&id).await?;
-        Ok(Response::new(convert::receipt(
-            &receipt,
-            vault.receipt_overdue(&receipt),
-        )))
+        Ok(Response::new(convert::receipt(vault, &receipt)))
     }
 }

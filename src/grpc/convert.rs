@@ -13,7 +13,7 @@ use crate::proto::v1 as pb;
 use crate::store::{
     AuditRow, ConnectionRecord, EventRecord, PageRequest, ReceiptRecord, RotationRun,
 };
-use crate::vault::{KeyStatus, VersionStatus};
+use crate::vault::{KeyStatus, Vault, VersionStatus};
 
 /// Default and maximum page sizes of list RPCs.
 const DEFAULT_PAGE: i64 = 100;
@@ -414,8 +414,9 @@ pub fn event(e: &EventRecord) -> pb::Event {
     }
 }
 
-/// A deletion receipt.
-pub fn receipt(r: &ReceiptRecord, overdue: bool) -> pb::DeletionReceipt {
+/// A deletion receipt, marked overdue by the vault's SLA.
+pub fn receipt(vault: &Vault, r: &ReceiptRecord) -> pb::DeletionReceipt {
+    let overdue = vault.receipt_overdue(r);
     pb::DeletionReceipt {
         receipt_id: r.receipt_id.to_string(),
         tenant_id: r.tenant.to_string(),

@@ -243,7 +243,7 @@ pub fn incoming(
                         continue;
                     }
                 },
-                _ = stopped(&mut stop) => break,
+                _ = crate::vault::stopped(&mut stop) => break,
             };
             let _ = stream.set_nodelay(true);
             let Some(acceptor) = acceptor.clone() else {
@@ -316,8 +316,4 @@ async fn refused(audit: &AuditLog, remote: SocketAddr, e: &io::Error) {
     {
         tracing::error!(error = %err, "could not audit a refused client certificate");
     }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }

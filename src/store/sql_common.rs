@@ -113,6 +113,49 @@ async fn insert_events(tx: &mut sqlx::Transaction<'static, Db>, events: &[NewEve
     Ok(cursors)
 }
 
+/// An event about one connection; lease, receipt and reason are set by the caller.
+fn connection_event(kind: EventKind, c: &ConnectionRecord, at: Timestamp, detail: &str) -> NewEvent {
+    NewEvent {
+        kind,
+        occurred_at: at,
+        tenant: Some(c.tenant.clone()),
+        account: Some(c.account.clone()),
+        connection_id: Some(c.id.clone()),
+        integration: Some(c.integration),
+        lease_id: None,
+        receipt_id: None,
+        reason: None,
+        detail: detail.to_owned(),
+    }
+}
+
+/// Ends a connection's open leases inside a write transaction and queues a
+/// LEASE_REVOKED event, copied from `template`, for each.
+async fn revoke_open_leases(
+    tx: &mut sqlx::Transaction<'static, Db>,
+    connection: &ConnectionId,
+    at: Timestamp,
+    reason: &str,
+    template: &NewEvent,
+    events: &mut Vec<NewEvent>,
+) -> StoreResult<()> {
+    let revoked: Vec<String> = sqlx::query_scalar(
+        "UPDATE leases SET revoked_at = $1, revoke_reason = $2 \
+         WHERE connection_id = $3 AND revoked_at IS NULL AND expires_at > $1 RETURNING lease_id",
+    )
+    .bind(at.as_micros())
+    .bind(reason)
+    .bind(connection.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
+    events.extend(revoked.into_iter().map(|lease| NewEvent {
+        kind: EventKind::LeaseRevoked,
+        lease_id: Some(LeaseId::from_stored(lease)),
+        ..template.clone()
+    }));
+    Ok(())
+}
+
 /// Ends a write-lock guard early (on PostgreSQL the guard is `()`).
 fn release<G>(_guard: G) {}
 
@@ -186,6 +229,12 @@ fn connection_from_row(row: &Row) -> StoreResult<ConnectionRecord> {
 }
 
 fn secrets_from_row(row: &Row) -> StoreResult<SecretsRecord> {
+    secrets_from_columns(row, "updated_at")
+}
+
+/// The secrets columns of a row whose secrets' `updated_at` is named
+/// `updated_at_column` (joins with `connections` alias it).
+fn secrets_from_columns(row: &Row, updated_at_column: &str) -> StoreResult<SecretsRecord> {
     Ok(SecretsRecord {
         connection_id: ConnectionId::from_stored(row.try_get("connection_id")?),
         kek_version: kek_from_db(row.try_get("kek_version")?)?,
@@ -193,7 +242,7 @@ fn secrets_from_row(row: &Row) -> StoreResult<SecretsRecord> {
         access_token: row.try_get("access_token")?,
         access_expires_at: opt_ts(row.try_get("access_expires_at")?),
         refresh_token: row.try_get("refresh_token")?,
-        updated_at: ts(row.try_get("updated_at")?),
+        updated_at: ts(row.try_get(updated_at_column)?),
     })
 }
 
@@ -1067,20 +1116,12 @@ impl crate::store::Store for StoreImpl {
             }
             for row in q.fetch_all(&self.pool).await? {
                 let conn = connection_from_row(&row)?;
-                let secrets = match row.try_get::<Option<i64>, _>("kek_version")? {
-                    Some(v) if row.try_get::<Option<i64>, _>("secrets_updated_at")?.is_some() => {
-                        Some(SecretsRecord {
-                            connection_id: conn.id.clone(),
-                            kek_version: kek_from_db(v)?,
-                            wrapped_dek: row.try_get("wrapped_dek")?,
-                            access_token: row.try_get("access_token")?,
-                            access_expires_at: opt_ts(row.try_get("access_expires_at")?),
-                            refresh_token: row.try_get("refresh_token")?,
-                            updated_at: ts(row.try_get("secrets_updated_at")?),
-                        })
-                    }
-                    _ => None,
-                };
+                // Both LEFT JOINs matched: the connection holds secrets.
+                let held = row.try_get::<Option<i64>, _>("kek_version")?.is_some()
+                    && row.try_get::<Option<i64>, _>("secrets_updated_at")?.is_some();
+                let secrets = held
+                    .then(|| secrets_from_columns(&row, "secrets_updated_at"))
+                    .transpose()?;
                 out.push((conn, secrets));
             }
         }
@@ -1424,29 +1465,11 @@ impl crate::store::Store for StoreImpl {
                 .bind(conn.id.as_str())
                 .execute(&mut *tx)
                 .await?;
-            let revoked: Vec<String> = sqlx::query_scalar(
-                "UPDATE leases SET revoked_at = $1, revoke_reason = $2 \
-                 WHERE connection_id = $3 AND revoked_at IS NULL AND expires_at > $1 RETURNING lease_id",
-            )
-            .bind(at)
-            .bind(reason)
-            .bind(conn.id.as_str())
-            .fetch_all(&mut *tx)
-            .await?;
-            for lease in revoked {
-                events.push(NewEvent {
-                    kind: EventKind::LeaseRevoked,
-                    occurred_at: req.at,
-                    tenant: Some(conn.tenant.clone()),
-                    account: Some(conn.account.clone()),
-                    connection_id: Some(conn.id.clone()),
-                    integration: Some(conn.integration),
-                    lease_id: Some(LeaseId::from_stored(lease)),
-                    receipt_id: None,
-                    reason: Some(req.reason),
-                    detail: req.detail.clone(),
-                });
-            }
+            let template = NewEvent {
+                reason: Some(req.reason),
+                ..connection_event(EventKind::LeaseRevoked, conn, req.at, &req.detail)
+            };
+            revoke_open_leases(&mut tx, &conn.id, req.at, reason, &template, &mut events).await?;
         }
         let overall = if deleted.iter().any(|d| d.upstream == UpstreamState::Pending) {
             UpstreamState::Pending
@@ -1521,16 +1544,9 @@ impl crate::store::Store for StoreImpl {
         };
         for conn in &targets {
             events.push(NewEvent {
-                kind,
-                occurred_at: req.at,
-                tenant: Some(conn.tenant.clone()),
-                account: Some(conn.account.clone()),
-                connection_id: Some(conn.id.clone()),
-                integration: Some(conn.integration),
-                lease_id: None,
                 receipt_id: Some(req.receipt_id.clone()),
                 reason: Some(req.reason),
-                detail: req.detail.clone(),
+                ..connection_event(kind, conn, req.at, &req.detail)
             });
         }
         if targets.is_empty() {
@@ -1805,34 +1821,10 @@ impl crate::store::Store for StoreImpl {
             .bind(c.id.as_str())
             .execute(&mut *tx)
             .await?;
-            let base = NewEvent {
-                kind: if suspend { EventKind::Suspended } else { EventKind::Resumed },
-                occurred_at: at,
-                tenant: Some(c.tenant.clone()),
-                account: Some(c.account.clone()),
-                connection_id: Some(c.id.clone()),
-                integration: Some(c.integration),
-                lease_id: None,
-                receipt_id: None,
-                reason: None,
-                detail: detail.to_owned(),
-            };
+            let kind = if suspend { EventKind::Suspended } else { EventKind::Resumed };
+            let base = connection_event(kind, c, at, detail);
             if suspend {
-                let revoked: Vec<String> = sqlx::query_scalar(
-                    "UPDATE leases SET revoked_at = $1, revoke_reason = 'suspended' \
-                     WHERE connection_id = $2 AND revoked_at IS NULL AND expires_at > $1 RETURNING lease_id",
-                )
-                .bind(at.as_micros())
-                .bind(c.id.as_str())
-                .fetch_all(&mut *tx)
-                .await?;
-                for lease in revoked {
-                    events.push(NewEvent {
-                        kind: EventKind::LeaseRevoked,
-                        lease_id: Some(LeaseId::from_stored(lease)),
-                        ..base.clone()
-                    });
-                }
+                revoke_open_leases(&mut tx, &c.id, at, "suspended", &base, &mut events).await?;
             }
             events.push(base);
         }

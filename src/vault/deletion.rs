@@ -11,7 +11,6 @@
 //! not confirm, the outbox worker retries with backoff until it does, or
 //! until the give-up limit, then destroys the copy either way.
 
-use std::sync::Weak;
 use std::time::Duration;
 
 use crate::audit::{Actor, Outcome};
@@ -28,7 +27,7 @@ use crate::store::{
 use super::Vault;
 
 /// How often the outbox worker looks for due revocations.
-const OUTBOX_POLL: Duration = Duration::from_secs(1);
+pub(super) const OUTBOX_POLL: Duration = Duration::from_secs(1);
 
 /// The outbox copy's DEK and token are bound to the receipt and connection.
 fn outbox_context<'a>(tenant: &'a str, account: &'a str, connection: &'a str) -> DekContext<'a> {
@@ -135,7 +134,7 @@ impl Vault {
                         |e| tracing::error!(error = %e, "could not audit a completed deletion"),
                     )
                     .ok();
-                self.events.advance(self.store().event_state().await?.head);
+                self.refresh_event_head().await;
                 if connections
                     .iter()
                     .any(|c| c.upstream == UpstreamState::Pending)
@@ -429,23 +428,5 @@ impl Vault {
         metrics::gauge!("tokenvault_outbox_oldest_seconds")
             .set(oldest.map_or(0.0, |o| Timestamp::now().since(o).as_secs_f64()));
         Ok(rows.len())
-    }
-}
-
-/// The revocation outbox worker: runs until the vault stops or is dropped.
-pub(super) async fn run_outbox(vault: Weak<Vault>) {
-    let Some(mut stopping) = vault.upgrade().map(|v| v.stopping.subscribe()) else {
-        return;
-    };
-    loop {
-        let Some(v) = vault.upgrade() else { return };
-        if let Err(e) = v.outbox_pass().await {
-            tracing::warn!(error = %e, "revocation outbox pass failed");
-        }
-        drop(v);
-        tokio::select! {
-            _ = tokio::time::sleep(OUTBOX_POLL) => {}
-            _ = super::stopped(&mut stopping) => return,
-        }
     }
 }

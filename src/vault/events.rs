@@ -10,9 +10,6 @@
 //! database; cursors are committed in order (see the store), so reading
 //! "after my last cursor" never skips one.
 
-use std::sync::Weak;
-use std::time::Duration;
-
 use tokio::sync::{mpsc, watch};
 
 use crate::audit::{Actor, Outcome};
@@ -189,24 +186,14 @@ impl Vault {
             .consumer_ack(consumer.as_str(), cursor, Timestamp::now())
             .await
     }
-}
 
-/// Polls the log's head so watchers here see events other replicas wrote.
-/// Holds the vault weakly: the task ends when the vault is dropped or stops.
-pub(super) async fn poll_event_head(vault: Weak<Vault>, every: Duration) {
-    let Some(mut stopping) = vault.upgrade().map(|v| v.stopping.subscribe()) else {
-        return;
-    };
-    loop {
-        let Some(v) = vault.upgrade() else { return };
-        match v.store().event_state().await {
-            Ok(state) => v.events.advance(state.head),
+    /// Reads the log's head, so watchers here see events other replicas
+    /// wrote (polled) or this one just wrote (after a write). A failure is
+    /// logged: the next poll catches up.
+    pub(super) async fn refresh_event_head(&self) {
+        match self.store().event_state().await {
+            Ok(state) => self.events.advance(state.head),
             Err(e) => tracing::warn!(error = %e, "cannot read the event log head"),
-        }
-        drop(v);
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = super::stopped(&mut stopping) => return,
         }
     }
 }

@@ -84,6 +84,11 @@ impl RefreshGates {
     }
 }
 
+/// The sealed access token and its expiry, when the secrets hold both.
+fn sealed_access(secrets: &SecretsRecord) -> Option<(&[u8], Timestamp)> {
+    Some((secrets.access_token.as_deref()?, secrets.access_expires_at?))
+}
+
 pub(super) fn jitter(max: Duration) -> Duration {
     let mut b = [0u8; 4];
     let _ = crate::crypto::rng().fill(&mut b);
@@ -276,8 +281,7 @@ impl Vault {
         let Some(secrets) = self.store().secrets_get(&conn.id).await? else {
             return Ok(None);
         };
-        let (Some(sealed), Some(expires)) = (&secrets.access_token, secrets.access_expires_at)
-        else {
+        let Some((sealed, expires)) = sealed_access(&secrets) else {
             return Ok(None);
         };
         let token = self
@@ -299,8 +303,7 @@ impl Vault {
         let want = started.plus(min_valid);
         // The common case: the token read with the connection is fresh enough.
         if let Some(secrets) = secrets
-            && let (Some(sealed), Some(expires)) =
-                (&secrets.access_token, secrets.access_expires_at)
+            && let Some((sealed, expires)) = sealed_access(secrets)
             && expires >= want
         {
             let token = self

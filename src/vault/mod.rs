@@ -104,11 +104,20 @@ impl Vault {
             reader: reader::LeaseReader::start(store.clone()),
         });
         vault.keys.resume_rotation().await?;
-        tokio::spawn(events::poll_event_head(
+        tokio::spawn(every(
             Arc::downgrade(&vault),
             std::time::Duration::from_millis(config.events.poll_interval_ms),
+            |v| async move { v.refresh_event_head().await },
         ));
-        tokio::spawn(deletion::run_outbox(Arc::downgrade(&vault)));
+        tokio::spawn(every(
+            Arc::downgrade(&vault),
+            deletion::OUTBOX_POLL,
+            |v| async move {
+                if let Err(e) = v.outbox_pass().await {
+                    tracing::warn!(error = %e, "revocation outbox pass failed");
+                }
+            },
+        ));
         Ok(vault)
     }
 
@@ -230,6 +239,26 @@ pub fn open_keyring(config: &Config) -> Result<Arc<dyn KeyringProvider>, VaultEr
 
 /// Resolves once `stopping` is set (the guard `wait_for` returns is dropped
 /// here, so callers' futures stay `Send`).
-async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stopping.wait_for(|s| *s).await;
+}
+
+/// A background task: runs `pass` every `period` until the vault stops or is
+/// dropped, holding the vault only during a pass.
+async fn every<F, Fut>(vault: std::sync::Weak<Vault>, period: std::time::Duration, mut pass: F)
+where
+    F: FnMut(Arc<Vault>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let Some(mut stopping) = vault.upgrade().map(|v| v.stopping.subscribe()) else {
+        return;
+    };
+    loop {
+        let Some(v) = vault.upgrade() else { return };
+        pass(v).await;
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stopped(&mut stopping) => return,
+        }
+    }
 }

@@ -222,7 +222,7 @@ impl Vault {
                     .store()
                     .connections_suspend(sub, true, "hijacking", Timestamp::now())
                     .await?;
-                self.events.advance(self.store().event_state().await?.head);
+                self.refresh_event_head().await;
                 tracing::warn!(
                     connections = changed.len(),
                     "RISC account-disabled (hijacking): connections suspended"
@@ -233,7 +233,7 @@ impl Vault {
                     .store()
                     .connections_suspend(sub, false, "account-enabled", Timestamp::now())
                     .await?;
-                self.events.advance(self.store().event_state().await?.head);
+                self.refresh_event_head().await;
                 tracing::info!(
                     connections = changed.len(),
                     "RISC account-enabled: connections resumed"
