@@ -311,6 +311,9 @@ impl Vault {
                 .await?;
             return Ok((token, expires));
         }
+        // A stored token is usable when it is fresh enough or was refreshed
+        // after this call began (by whoever got there first).
+        let usable = |expires: Timestamp, updated: Timestamp| expires >= want || updated > started;
         let gate = self.refresh_gates.gate(&conn.id);
         let _turn = tokio::time::timeout_at(deadline.into(), gate.lock())
             .await
@@ -320,7 +323,7 @@ impl Vault {
         loop {
             match self.access_open(conn).await? {
                 // Refreshed by someone else while we waited: take their result.
-                Some((token, expires, updated)) if expires >= want || updated > started => {
+                Some((token, expires, updated)) if usable(expires, updated) => {
                     return Ok((token, expires));
                 }
                 Some(_) => {}
@@ -342,7 +345,14 @@ impl Vault {
                 .refresh_lock_acquire(&conn.id, &self.instance_id, now, lock_until)
                 .await?
             {
-                let result = self.refresh_holding(conn, fence, deadline).await;
+                // Another replica may have stored its refresh between our read
+                // above and taking the lock: look again before calling Google.
+                let result = match self.access_open(conn).await? {
+                    Some((token, expires, updated)) if usable(expires, updated) => {
+                        Ok((token, expires))
+                    }
+                    _ => self.refresh_holding(conn, fence, deadline).await,
+                };
                 if !matches!(result, Err(VaultError::FailedPrecondition(_))) {
                     self.store()
                         .refresh_lock_release(&conn.id, &self.instance_id, fence)
