@@ -119,6 +119,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// The event log watched by sync services.
     pub events: EventsConfig,
+    /// The tamper-evident audit log.
+    pub audit: AuditConfig,
     /// Disconnect and account deletion: revocation at Google, receipts, retention.
     pub deletion: DeletionConfig,
     /// Google Cross-Account Protection (RISC) receiver on `POST /risc`.
@@ -146,6 +148,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             policy: PolicyConfig::default(),
             events: EventsConfig::default(),
+            audit: AuditConfig::default(),
             deletion: DeletionConfig::default(),
             risc: RiscConfig::default(),
             google: GoogleConfig::default(),
@@ -446,6 +449,23 @@ impl Default for EventsConfig {
     }
 }
 
+/// `[audit]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// A signed checkpoint (Ed25519 over the entry's hash) is written with
+    /// every entry whose sequence number is a multiple of this.
+    pub checkpoint_every: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: 1000,
+        }
+    }
+}
+
 /// One API key entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -652,6 +672,12 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::new(name, "must be at least 1"));
             }
+        }
+        if !(1..=1_000_000).contains(&self.audit.checkpoint_every) {
+            return Err(ConfigError::new(
+                "audit.checkpoint_every",
+                "must be between 1 and 1000000",
+            ));
         }
         if !(50..=1000).contains(&self.events.poll_interval_ms) {
             return Err(ConfigError::new(

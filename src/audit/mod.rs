@@ -9,6 +9,7 @@
 //! log fails closed: [`AuditLog::record`] returns only after the entry is
 //! committed, and callers perform their operation only if it succeeded.
 
+mod checkpoint;
 mod verify;
 
 use std::sync::Arc;
@@ -17,11 +18,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use ring::digest;
 use tokio::sync::{mpsc, oneshot};
 
+pub use checkpoint::CheckpointSigner;
 pub use verify::{VerifyReport, verify_chain};
 
 use crate::crypto::{KeyringProvider, MacPurpose};
 use crate::domain::{Timestamp, VaultError};
-use crate::store::{AuditDraft, LeaseRecord, Store};
+use crate::store::{AuditDraft, LeaseRecord, SealedEntry, Store};
 
 /// The most entries committed in one group.
 const MAX_GROUP: usize = 512;
@@ -100,11 +102,17 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Starts the writer task on the current runtime.
-    pub fn start(store: Arc<dyn Store>, keyring: Arc<dyn KeyringProvider>) -> Self {
+    /// Starts the writer task on the current runtime; every
+    /// `checkpoint_every`-th entry gets a signed checkpoint.
+    pub fn start(
+        store: Arc<dyn Store>,
+        keyring: Arc<dyn KeyringProvider>,
+        checkpoint_every: u64,
+    ) -> Self {
         let (jobs, rx) = mpsc::channel(8 * MAX_GROUP);
         let fault = Arc::new(AtomicBool::new(false));
-        tokio::spawn(writer(store, keyring, rx, fault.clone()));
+        let signer = CheckpointSigner::new(keyring.as_ref(), checkpoint_every);
+        tokio::spawn(writer(store, keyring, signer, rx, fault.clone()));
         Self { jobs, fault }
     }
 
@@ -195,6 +203,7 @@ impl AuditLog {
 async fn writer(
     store: Arc<dyn Store>,
     keyring: Arc<dyn KeyringProvider>,
+    signer: CheckpointSigner,
     mut rx: mpsc::Receiver<Job>,
     fault: Arc<AtomicBool>,
 ) {
@@ -209,8 +218,11 @@ async fn writer(
         } else {
             let sealer = |seq: i64, prev: &[u8], d: &AuditDraft| {
                 let hash = entry_hash(seq, prev, d);
-                let mac = keyring.mac(MacPurpose::AuditChain, &hash).to_vec();
-                (hash, mac)
+                SealedEntry {
+                    mac: keyring.mac(MacPurpose::AuditChain, &hash).to_vec(),
+                    checkpoint: signer.checkpoint(seq, &hash),
+                    entry_hash: hash,
+                }
             };
             store
                 .audit_append(&drafts, &leases, &sealer)

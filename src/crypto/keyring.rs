@@ -122,15 +122,18 @@ pub enum MacPurpose {
     StateHash,
     /// Hashes API keys for lookup and comparison.
     ApiKey,
+    /// Derives the Ed25519 seed that signs audit checkpoints.
+    AuditCheckpoint,
 }
 
 impl MacPurpose {
     /// Every purpose, in a fixed order.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::TokenFingerprint,
         Self::AuditChain,
         Self::StateHash,
         Self::ApiKey,
+        Self::AuditCheckpoint,
     ];
 
     /// The HKDF `info` label that derives this purpose's subkey.
@@ -140,6 +143,7 @@ impl MacPurpose {
             Self::AuditChain => "tokenvault/mac/v1/audit-chain",
             Self::StateHash => "tokenvault/mac/v1/state-hash",
             Self::ApiKey => "tokenvault/mac/v1/api-key",
+            Self::AuditCheckpoint => "tokenvault/mac/v1/audit-checkpoint-seed",
         }
     }
 
@@ -149,6 +153,7 @@ impl MacPurpose {
             Self::AuditChain => 1,
             Self::StateHash => 2,
             Self::ApiKey => 3,
+            Self::AuditCheckpoint => 4,
         }
     }
 }

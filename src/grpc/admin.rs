@@ -410,20 +410,22 @@ impl pb::admin_service_server::AdminService for Admin {
             .from_seq
             .map_or(1, |s| i64::try_from(s).unwrap_or(i64::MAX));
         let to = req.to_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+        if to.is_some_and(|to| to < from) {
+            return Err(VaultError::invalid("from_seq", "is greater than to_seq").into());
+        }
         let vault = &self.0.vault;
         let report =
             verify_chain(vault.store().as_ref(), vault.keyring().as_ref(), from, to).await?;
-        let (head, _) = vault.store().audit_head().await?;
+        let unsigned = |s: i64| u64::try_from(s).unwrap_or(0);
         Ok(Response::new(pb::VerifyAuditResponse {
             ok: report.ok(),
             entries_checked: report.entries_checked,
-            first_broken_seq: report
-                .first_broken_seq
-                .map(|s| u64::try_from(s).unwrap_or(0)),
+            first_broken_seq: report.first_broken_seq.map(unsigned),
             detail: report.detail,
-            from_seq: u64::try_from(from.max(1)).unwrap_or(0),
-            to_seq: u64::try_from(to.unwrap_or(head).min(head)).unwrap_or(0),
-            checkpoints_verified: 0,
+            from_seq: unsigned(report.from_seq),
+            to_seq: unsigned(report.to_seq),
+            checkpoints_verified: report.checkpoints_verified,
+            checkpoint_public_key: hex::encode(&report.checkpoint_public_key),
         }))
     }
 }

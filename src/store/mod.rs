@@ -41,9 +41,10 @@ impl Backend {
     }
 }
 
-/// Computes an audit entry's hash and MAC given the previous entry; supplied by
-/// the audit component so that the store never holds the audit key.
-pub type AuditSealer<'a> = &'a (dyn Fn(i64, &[u8], &AuditDraft) -> (Vec<u8>, Vec<u8>) + Sync);
+/// Computes an audit entry's hash, MAC and (at checkpoint positions) signed
+/// checkpoint given its sequence number and the previous entry's hash;
+/// supplied by the audit component so that the store never holds the audit key.
+pub type AuditSealer<'a> = &'a (dyn Fn(i64, &[u8], &AuditDraft) -> SealedEntry + Sync);
 
 /// Everything the vault persists.
 #[async_trait]
@@ -252,6 +253,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// The chain head: last sequence number and hash (0 and empty when empty).
     async fn audit_head(&self) -> StoreResult<(i64, Vec<u8>)>;
+
+    /// Signed checkpoints with `from_seq <= seq <= to_seq`, ascending.
+    async fn audit_checkpoints(
+        &self,
+        from_seq: i64,
+        to_seq: i64,
+    ) -> StoreResult<Vec<AuditCheckpoint>>;
+
+    /// The checkpoint with the highest sequence number, if any.
+    async fn audit_checkpoint_last(&self) -> StoreResult<Option<AuditCheckpoint>>;
 
     // ----- leases ------------------------------------------------------------------
 

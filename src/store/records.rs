@@ -182,6 +182,31 @@ pub struct AuditDraft {
     pub detail: String,
 }
 
+/// What the audit component computes for an entry once its position is known.
+pub struct SealedEntry {
+    /// SHA-256 over the entry, including the previous entry's hash.
+    pub entry_hash: Vec<u8>,
+    /// HMAC of `entry_hash` under the audit key.
+    pub mac: Vec<u8>,
+    /// A signed checkpoint of this entry, at checkpoint positions.
+    pub checkpoint: Option<AuditCheckpoint>,
+}
+
+/// A signed checkpoint of the audit chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditCheckpoint {
+    /// The entry it vouches for.
+    pub seq: i64,
+    /// That entry's hash.
+    pub entry_hash: Vec<u8>,
+    /// When it was signed.
+    pub signed_at: Timestamp,
+    /// The Ed25519 public key that verifies `signature`.
+    pub public_key: Vec<u8>,
+    /// Ed25519 signature over the checkpoint's canonical encoding.
+    pub signature: Vec<u8>,
+}
+
 /// A stored audit entry.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AuditRow {

@@ -15,7 +15,7 @@ use crate::domain::{
 };
 use crate::store::{
     AuthzConsume, AuthzStateRecord, RefreshedTokens,
-    AuditDraft, AuditFilter, AuditRow, AuditSealer, Backend, ConnectionFilter, ConnectionRecord,
+    AuditCheckpoint, AuditDraft, AuditFilter, AuditRow, AuditSealer, Backend, ConnectionFilter, ConnectionRecord,
     DeletedConnection, DeletionOutcome, DeletionRequest, DeletionTarget, EventLogState,
     EventRecord, KekRecord, LeaseRecord, NewEvent, OutboxRow, OutboxToken, PageRequest,
     ReceiptConnection, ReceiptFilter, ReceiptRecord, Rewrap, RotationRun, SecretsRecord, StoreResult,
@@ -289,6 +289,16 @@ fn rotation_from_row(row: &Row) -> StoreResult<RotationRun> {
         state: row.try_get("state")?,
         actor: row.try_get("actor")?,
         last_error: row.try_get("last_error")?,
+    })
+}
+
+fn checkpoint_from_row(row: &Row) -> StoreResult<AuditCheckpoint> {
+    Ok(AuditCheckpoint {
+        seq: row.try_get("seq")?,
+        entry_hash: row.try_get("entry_hash")?,
+        signed_at: ts(row.try_get("signed_at")?),
+        public_key: row.try_get("public_key")?,
+        signature: row.try_get("signature")?,
     })
 }
 
@@ -1023,10 +1033,13 @@ impl crate::store::Store for StoreImpl {
             None => return Err(VaultError::Internal("audit_head row missing".into())),
         };
         let mut sealed = Vec::with_capacity(drafts.len());
+        let mut checkpoints = Vec::new();
         for d in drafts {
             seq += 1;
-            let (hash, mac) = sealer(seq, &prev, d);
-            sealed.push((seq, std::mem::replace(&mut prev, hash.clone()), hash, mac, d));
+            let entry = sealer(seq, &prev, d);
+            checkpoints.extend(entry.checkpoint);
+            let hash = entry.entry_hash;
+            sealed.push((seq, std::mem::replace(&mut prev, hash.clone()), hash, entry.mac, d));
         }
         for chunk in sealed.chunks(ROWS_PER_INSERT) {
             let sql = format!(
@@ -1079,6 +1092,19 @@ impl crate::store::Store for StoreImpl {
             for row in q.fetch_all(&mut *tx).await? {
                 recorded.push(row.try_get("lease_id")?);
             }
+        }
+        for c in &checkpoints {
+            sqlx::query(
+                "INSERT INTO audit_checkpoints (seq, entry_hash, signed_at, public_key, signature) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(c.seq)
+            .bind(c.entry_hash.as_slice())
+            .bind(c.signed_at.as_micros())
+            .bind(c.public_key.as_slice())
+            .bind(c.signature.as_slice())
+            .execute(&mut *tx)
+            .await?;
         }
         sqlx::query("UPDATE audit_head SET seq = $1, entry_hash = $2 WHERE id = 1")
             .bind(seq)
@@ -1173,6 +1199,24 @@ impl crate::store::Store for StoreImpl {
         f.sql.push_str(&format!(" LIMIT ${}", f.binds.len()));
         let rows = f.query().fetch_all(&self.pool).await?;
         rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn audit_checkpoints(&self, from_seq: i64, to_seq: i64) -> StoreResult<Vec<AuditCheckpoint>> {
+        let rows = sqlx::query(
+            "SELECT * FROM audit_checkpoints WHERE seq >= $1 AND seq <= $2 ORDER BY seq",
+        )
+        .bind(from_seq)
+        .bind(to_seq)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(checkpoint_from_row).collect()
+    }
+
+    async fn audit_checkpoint_last(&self) -> StoreResult<Option<AuditCheckpoint>> {
+        let row = sqlx::query("SELECT * FROM audit_checkpoints ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(checkpoint_from_row).transpose()
     }
 
     async fn audit_head(&self) -> StoreResult<(i64, Vec<u8>)> {

@@ -72,7 +72,11 @@ impl Vault {
         keyring: Arc<dyn KeyringProvider>,
         config: &Config,
     ) -> Result<Arc<Self>, VaultError> {
-        let audit = AuditLog::start(store.clone(), keyring.clone());
+        let audit = AuditLog::start(
+            store.clone(),
+            keyring.clone(),
+            config.audit.checkpoint_every,
+        );
         let keys = KeyManager::new(
             store.clone(),
             keyring.clone(),

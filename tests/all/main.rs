@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod audit_log;
 mod authz_matrix;
 mod deletion;
 mod encryption;

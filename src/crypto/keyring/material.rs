@@ -72,7 +72,7 @@ pub(super) fn now_secs() -> u64 {
 }
 
 /// HMAC subkeys, one per [`MacPurpose`], in `MacPurpose::index` order.
-struct MacKeys([hmac::Key; 4]);
+struct MacKeys([hmac::Key; 5]);
 
 impl MacKeys {
     fn derive(root: &Key256) -> Self {
