@@ -11,3 +11,6 @@ CREATE TABLE audit_checkpoints (
     public_key  BYTEA NOT NULL,
     signature   BYTEA NOT NULL
 );
+
+-- Finds the receipt of a deleted connection (Connection.deletion_receipt_id).
+CREATE INDEX receipt_connections_by_connection ON receipt_connections (connection_id);

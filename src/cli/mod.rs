@@ -1,16 +1,27 @@
-//! The command line: `tokenvault serve`, and the offline `tokenvault keys …`
-//! commands that need no running server.
+//! The command line: `tokenvault serve`, the offline `tokenvault keys …`
+//! commands that need no running server, the `tokenvault admin …` gRPC client
+//! ([`admin`]) and `tokenvault completions`.
+//!
+//! Every failure prints `tokenvault: <message>` on stderr and exits with the
+//! status its [`CliError`] carries (see [`Exit`]).
+
+pub mod admin;
+pub mod client;
+pub mod exit;
+pub mod output;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::audit::{Actor, Outcome};
 use crate::config::{Config, ConfigError, KeyringProviderKind};
 use crate::crypto::{KeyringProvider, LocalKeyring};
 use crate::grpc::Authenticator;
 use crate::vault::Vault;
+
+pub use exit::{CliError, Exit};
 
 /// tokenvault: the Google OAuth token vault.
 #[derive(Debug, Parser)]
@@ -36,6 +47,26 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Administer a running vault over gRPC (role admin, or auditor for reads).
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Admin(Box<admin::AdminArgs>),
+    /// Print shell completions for `tokenvault` to stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+}
+
+/// The shells `tokenvault completions` writes for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    /// Bash: `source <(tokenvault completions bash)`.
+    Bash,
+    /// Zsh: write to a file named `_tokenvault` on `$fpath`.
+    Zsh,
+    /// Fish: write to `~/.config/fish/completions/tokenvault.fish`.
+    Fish,
 }
 
 /// `tokenvault keys …`
@@ -54,14 +85,14 @@ pub enum KeysCommand {
     },
 }
 
-/// Parses the command line and runs it.
+/// Parses the command line and runs it; a usage error exits 2 (clap's own).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("tokenvault: {message}");
-            ExitCode::FAILURE
+        Err(error) => {
+            eprintln!("tokenvault: {error}");
+            ExitCode::from(error.exit.code())
         }
     }
 }
@@ -77,7 +108,7 @@ fn load(config: Option<&std::path::Path>) -> Result<Config, String> {
     Config::load(config).map_err(|e: ConfigError| e.to_string())
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve { config } => {
             let config = load(config.as_deref())?;
@@ -88,7 +119,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 crate::server::serve(&config)
                     .await
                     .map_err(|e| e.to_string())
-            })
+            })?;
+            Ok(())
         }
         Command::Keys {
             command: KeysCommand::Init { config },
@@ -96,7 +128,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let config = load(config.as_deref())?;
             config.prepare_data_dir().map_err(|e| e.to_string())?;
             crate::telemetry::init(&config.log);
-            runtime()?.block_on(keys_init(&config))
+            Ok(runtime()?.block_on(keys_init(&config))?)
         }
         Command::Keys {
             command: KeysCommand::NewApiKey { identity },
@@ -114,7 +146,34 @@ fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
+        Command::Admin(args) => {
+            // One thread is plenty for a client that makes one call at a time.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+            runtime.block_on(admin::run(*args))
+        }
+        Command::Completions { shell } => completions(shell),
     }
+}
+
+/// `tokenvault completions <shell>`: the script on stdout.
+fn completions(shell: CompletionShell) -> Result<(), CliError> {
+    use std::io::Write as _;
+    let shell = match shell {
+        CompletionShell::Bash => clap_complete::Shell::Bash,
+        CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    // Generated into memory first: a write error is then ours to report.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "tokenvault", &mut script);
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(&script)
+        .and_then(|()| stdout.flush())
+        .map_err(|e| CliError::failed(format!("cannot write the completions: {e}")))
 }
 
 /// `tokenvault keys init`: creates the keyring, registers version 1 and

@@ -120,10 +120,14 @@ impl pb::admin_service_server::AdminService for Admin {
                 .lease_open_count(Timestamp::now(), Some(&c.id))
                 .await?;
             out.push(pb::ConnectionDetail {
-                connection: Some(convert::connection(
-                    c,
-                    secrets.as_ref().and_then(|s| s.access_expires_at),
-                )),
+                connection: Some(
+                    convert::connection_shown(
+                        &self.0.vault,
+                        c,
+                        secrets.as_ref().and_then(|s| s.access_expires_at),
+                    )
+                    .await?,
+                ),
                 kek_version: secrets.as_ref().map_or(0, |s| s.kek_version.get()),
                 has_refresh_token: secrets.as_ref().is_some_and(|s| s.refresh_token.is_some()),
                 open_leases: u32::try_from(open_leases).unwrap_or(u32::MAX),
@@ -152,10 +156,14 @@ impl pb::admin_service_server::AdminService for Admin {
             .lease_open_count(Timestamp::now(), Some(&id))
             .await?;
         Ok(Response::new(pb::ConnectionDetail {
-            connection: Some(convert::connection(
-                &c,
-                secrets.as_ref().and_then(|s| s.access_expires_at),
-            )),
+            connection: Some(
+                convert::connection_shown(
+                    &self.0.vault,
+                    &c,
+                    secrets.as_ref().and_then(|s| s.access_expires_at),
+                )
+                .await?,
+            ),
             kek_version: secrets.as_ref().map_or(0, |s| s.kek_version.get()),
             has_refresh_token: secrets.as_ref().is_some_and(|s| s.refresh_token.is_some()),
             open_leases: u32::try_from(open_leases).unwrap_or(u32::MAX),

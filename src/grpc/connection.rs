@@ -117,7 +117,9 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .secrets_get(&id)
             .await?
             .and_then(|s| s.access_expires_at);
-        Ok(Response::new(convert::connection(&record, expires)))
+        Ok(Response::new(
+            convert::connection_shown(&self.0.vault, &record, expires).await?,
+        ))
     }
 
     async fn list_connections(
@@ -149,11 +151,12 @@ impl pb::connection_service_server::ConnectionService for Connections {
             records.last().map(|c| c.id.as_str()),
             &key,
         );
+        let mut connections = Vec::with_capacity(records.len());
+        for c in &records {
+            connections.push(convert::connection_shown(&self.0.vault, c, None).await?);
+        }
         Ok(Response::new(pb::ListConnectionsResponse {
-            connections: records
-                .iter()
-                .map(|c| convert::connection(c, None))
-                .collect(),
+            connections,
             next_page_token: next,
         }))
     }

@@ -309,6 +309,9 @@ pub trait Store: Send + Sync + 'static {
     /// outbox rows for the revocations Google must confirm.
     async fn connection_delete(&self, req: &DeletionRequest) -> StoreResult<DeletionOutcome>;
 
+    /// The receipt of the deletion that removed a connection, if any.
+    async fn receipt_of_connection(&self, id: &ConnectionId) -> StoreResult<Option<ReceiptId>>;
+
     /// A receipt with its parts.
     async fn receipt_get(&self, id: &ReceiptId) -> StoreResult<Option<ReceiptRecord>>;
 

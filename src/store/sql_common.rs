@@ -1618,6 +1618,19 @@ impl crate::store::Store for StoreImpl {
         })
     }
 
+    async fn receipt_of_connection(&self, id: &ConnectionId) -> StoreResult<Option<ReceiptId>> {
+        let row = sqlx::query(
+            "SELECT receipt_id FROM receipt_connections WHERE connection_id = $1 \
+             ORDER BY receipt_id LIMIT 1",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| r.try_get("receipt_id").map(ReceiptId::from_stored))
+            .transpose()
+            .map_err(Into::into)
+    }
+
     async fn receipt_get(&self, id: &ReceiptId) -> StoreResult<Option<ReceiptRecord>> {
         let Some(row) = sqlx::query("SELECT * FROM deletion_receipts WHERE receipt_id = $1")
             .bind(id.as_str())

@@ -174,6 +174,17 @@ async fn delete_account_removes_everything_and_completes_on_acks(backend: Backen
     assert!(raw.secret_row(other.id.as_str()).await.is_some());
     raw.close().await;
     assert!(sim.grant_revoked(SUBJECT, CLIENT_ID));
+    // The tombstone names the receipt that proves the deletion.
+    let tombstone = tv
+        .connections(As::App)
+        .get_connection(pb::GetConnectionRequest {
+            connection_id: cal.connection_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tombstone.status, pb::ConnectionStatus::Deleted as i32);
+    assert_eq!(tombstone.deletion_receipt_id, r.receipt_id);
 
     // Watchers get one ACCOUNT_DELETED per connection; each consumer acks.
     let mut last = 0;

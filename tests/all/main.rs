@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod admin_cli;
 mod audit_log;
 mod authz_matrix;
 mod deletion;

@@ -42,9 +42,9 @@ const APP_DNS: &str = "app.tokenvault.test";
 
 /// A certificate and its private key, both PEM.
 #[derive(Clone)]
-struct Pem {
-    cert: String,
-    key: String,
+pub(crate) struct Pem {
+    pub(crate) cert: String,
+    pub(crate) key: String,
 }
 
 impl Pem {
@@ -54,7 +54,7 @@ impl Pem {
 }
 
 /// A test certificate authority.
-struct Ca {
+pub(crate) struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
@@ -74,7 +74,7 @@ impl Ca {
         }
     }
 
-    fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.issuer.pem()
     }
 
@@ -104,7 +104,7 @@ impl Ca {
         }
     }
 
-    fn client(&self, name: &str, sans: Vec<SanType>) -> Pem {
+    pub(crate) fn client(&self, name: &str, sans: Vec<SanType>) -> Pem {
         self.leaf(name, sans, ExtendedKeyUsagePurpose::ClientAuth, false)
     }
 }
@@ -115,7 +115,7 @@ fn dn(common_name: &str) -> DistinguishedName {
     dn
 }
 
-fn uri(u: &str) -> SanType {
+pub(crate) fn uri(u: &str) -> SanType {
     SanType::URI(u.try_into().expect("ia5 uri"))
 }
 
@@ -125,8 +125,8 @@ fn dns(d: &str) -> SanType {
 
 /// The vault's CA and server certificate, and the client certificates the
 /// tests present.
-struct Pki {
-    ca: Ca,
+pub(crate) struct Pki {
+    pub(crate) ca: Ca,
     server: Pem,
     worker: Pem,
     app: Pem,
@@ -138,7 +138,7 @@ struct Pki {
 }
 
 impl Pki {
-    fn generate() -> Self {
+    pub(crate) fn generate() -> Self {
         let ca = Ca::new("tokenvault test CA");
         let server = ca.leaf(
             "localhost",
@@ -174,7 +174,7 @@ impl Pki {
     /// Writes the server side into `dir` and points `config` at it, with
     /// client certificates required (no API keys) and the DNS-SAN app in the
     /// policy.
-    fn configure(&self, config: &mut Config) {
+    pub(crate) fn configure(&self, config: &mut Config) {
         let dir = config.data_dir.clone();
         let write = |name: &str, text: &str| -> PathBuf {
             let path = dir.join(name);

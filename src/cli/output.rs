@@ -1,0 +1,689 @@
+//! What `tokenvault admin` prints: JSON documents built from the
+//! `tokenvault.v1` messages, and aligned tables for people.
+//!
+//! JSON uses the proto field names (snake_case); timestamps are RFC 3339
+//! strings in UTC (`null` when unset), enums are their proto value names
+//! (`CONNECTION_STATUS_ACTIVE`; an unknown value stays a number), bytes are
+//! lowercase hex, and 64-bit integers are JSON numbers. Tables show enums by
+//! their short lowercase names (`active`) and times to the second.
+
+use std::io::{self, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use crate::proto::v1 as pb;
+
+/// `--output`: how results are printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns for people.
+    #[default]
+    Table,
+    /// One JSON document per command on stdout.
+    Json,
+}
+
+/// Seconds since the epoch from which humantime can no longer format a time
+/// (the year 10000).
+const YEAR_10000: i64 = 253_402_300_800;
+
+/// A timestamp as a `SystemTime`, if it is one humantime can format
+/// (1970 to 9999).
+fn system_time(ts: &prost_types::Timestamp) -> Option<SystemTime> {
+    if !(0..YEAR_10000).contains(&ts.seconds) {
+        return None;
+    }
+    let secs = u64::try_from(ts.seconds).ok()?;
+    let nanos = u32::try_from(ts.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)?;
+    Some(UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+/// An RFC 3339 timestamp with microseconds, or `null` when unset. A time
+/// outside 1970..9999 prints as `@<seconds>`.
+pub fn ts_json(ts: Option<&prost_types::Timestamp>) -> Value {
+    match ts {
+        None => Value::Null,
+        Some(t) => match system_time(t) {
+            Some(st) => Value::from(humantime::format_rfc3339_micros(st).to_string()),
+            None => Value::from(format!("@{}", t.seconds)),
+        },
+    }
+}
+
+/// A timestamp to the second for tables; `-` when unset.
+pub fn ts_text(ts: Option<&prost_types::Timestamp>) -> String {
+    match ts {
+        None => "-".to_owned(),
+        Some(t) => match system_time(t) {
+            Some(st) => humantime::format_rfc3339_seconds(st).to_string(),
+            None => format!("@{}", t.seconds),
+        },
+    }
+}
+
+/// The proto name of an enum value (`INTEGRATION_CALENDAR`), or the number
+/// when this client does not know it.
+macro_rules! enum_json {
+    ($ty:ty, $value:expr) => {{
+        let v: i32 = $value;
+        match <$ty>::try_from(v) {
+            Ok(e) => Value::from(e.as_str_name()),
+            Err(_) => Value::from(v),
+        }
+    }};
+}
+
+/// The short lowercase name of an enum value for tables (`calendar`,
+/// `insufficient_scope`): the proto name without its type prefix.
+macro_rules! enum_text {
+    ($ty:ty, $prefix:literal, $value:expr) => {{
+        let v: i32 = $value;
+        match <$ty>::try_from(v) {
+            Ok(e) => short_name(e.as_str_name(), $prefix),
+            Err(_) => v.to_string(),
+        }
+    }};
+}
+
+fn short_name(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix)
+        .unwrap_or(name)
+        .to_ascii_lowercase()
+}
+
+/// `tokenvault.v1.Connection`.
+pub fn connection_json(c: &pb::Connection) -> Value {
+    json!({
+        "connection_id": c.connection_id,
+        "tenant_id": c.tenant_id,
+        "account_id": c.account_id,
+        "integration": enum_json!(pb::Integration, c.integration),
+        "google_subject": c.google_subject,
+        "google_email": c.google_email,
+        "granted_scopes": c.granted_scopes,
+        "missing_scopes": c.missing_scopes,
+        "status": enum_json!(pb::ConnectionStatus, c.status),
+        "created_at": ts_json(c.created_at.as_ref()),
+        "updated_at": ts_json(c.updated_at.as_ref()),
+        "token_expires_at": ts_json(c.token_expires_at.as_ref()),
+        "deleted_at": ts_json(c.deleted_at.as_ref()),
+        "deletion_receipt_id": c.deletion_receipt_id,
+    })
+}
+
+/// `tokenvault.v1.ConnectionDetail`.
+pub fn connection_detail_json(d: &pb::ConnectionDetail) -> Value {
+    json!({
+        "connection": d.connection.as_ref().map_or(Value::Null, connection_json),
+        "kek_version": d.kek_version,
+        "has_refresh_token": d.has_refresh_token,
+        "open_leases": d.open_leases,
+    })
+}
+
+/// `tokenvault.v1.UpstreamRevocation`.
+fn upstream_json(u: &pb::UpstreamRevocation) -> Value {
+    json!({
+        "connection_id": u.connection_id,
+        "state": enum_json!(pb::UpstreamRevocationState, u.state),
+        "attempts": u.attempts,
+        "last_attempt_at": ts_json(u.last_attempt_at.as_ref()),
+        "next_attempt_at": ts_json(u.next_attempt_at.as_ref()),
+        "confirmed_at": ts_json(u.confirmed_at.as_ref()),
+        "failed_at": ts_json(u.failed_at.as_ref()),
+        "last_error": u.last_error,
+    })
+}
+
+/// `tokenvault.v1.DeletionReceipt`.
+pub fn receipt_json(r: &pb::DeletionReceipt) -> Value {
+    json!({
+        "receipt_id": r.receipt_id,
+        "tenant_id": r.tenant_id,
+        "account_id": r.account_id,
+        "connection_ids": r.connection_ids,
+        "reason": enum_json!(pb::DeletionReason, r.reason),
+        "reason_detail": r.reason_detail,
+        "requested_by": r.requested_by,
+        "requested_at": ts_json(r.requested_at.as_ref()),
+        "tokens_destroyed_at": ts_json(r.tokens_destroyed_at.as_ref()),
+        "upstream_revocations": r.upstream_revocations.iter().map(upstream_json).collect::<Vec<_>>(),
+        "required_consumers": r.required_consumers,
+        "consumer_acks": r.consumer_acks.iter().map(|a| json!({
+            "consumer": a.consumer,
+            "acknowledged_at": ts_json(a.acknowledged_at.as_ref()),
+        })).collect::<Vec<_>>(),
+        "status": enum_json!(pb::ReceiptStatus, r.status),
+        "completed_at": ts_json(r.completed_at.as_ref()),
+        "overdue": r.overdue,
+    })
+}
+
+/// `tokenvault.v1.KeyVersionInfo`.
+pub fn key_version_json(v: &pb::KeyVersionInfo) -> Value {
+    json!({
+        "version": v.version,
+        "state": enum_json!(pb::KeyState, v.state),
+        "created_at": ts_json(v.created_at.as_ref()),
+        "primary_since": ts_json(v.primary_since.as_ref()),
+        "primary_until": ts_json(v.primary_until.as_ref()),
+        "retired_at": ts_json(v.retired_at.as_ref()),
+        "destroyed_at": ts_json(v.destroyed_at.as_ref()),
+        "dek_count": v.dek_count,
+    })
+}
+
+/// `tokenvault.v1.RotationProgress`.
+pub fn rotation_json(r: &pb::RotationProgress) -> Value {
+    json!({
+        "run_id": r.run_id,
+        "target_version": r.target_version,
+        "state": enum_json!(pb::RotationState, r.state),
+        "started_at": ts_json(r.started_at.as_ref()),
+        "finished_at": ts_json(r.finished_at.as_ref()),
+        "rewrapped": r.rewrapped,
+        "total": r.total,
+        "started_by": r.started_by,
+        "last_error": r.last_error,
+    })
+}
+
+/// `tokenvault.v1.KeyStatusResponse`.
+pub fn key_status_json(s: &pb::KeyStatusResponse) -> Value {
+    json!({
+        "provider": s.provider,
+        "primary_version": s.primary_version,
+        "versions": s.versions.iter().map(key_version_json).collect::<Vec<_>>(),
+        "rotation": s.rotation.as_ref().map_or(Value::Null, rotation_json),
+        "oldest_version_in_use": s.oldest_version_in_use,
+        "oldest_in_use_age_seconds": s.oldest_in_use_age_seconds,
+        "max_kek_age_days": s.max_kek_age_days,
+        "rotation_overdue": s.rotation_overdue,
+    })
+}
+
+/// `tokenvault.v1.KeyReportResponse`.
+pub fn key_report_json(r: &pb::KeyReportResponse) -> Value {
+    json!({
+        "generated_at": ts_json(r.generated_at.as_ref()),
+        "provider": r.provider,
+        "primary_version": r.primary_version,
+        "versions": r.versions.iter().map(key_version_json).collect::<Vec<_>>(),
+        "rotations": r.rotations.iter().map(rotation_json).collect::<Vec<_>>(),
+        "oldest_version_in_use": r.oldest_version_in_use,
+        "oldest_in_use_age_seconds": r.oldest_in_use_age_seconds,
+        "max_kek_age_days": r.max_kek_age_days,
+        "policy_met": r.policy_met,
+        "policy_detail": r.policy_detail,
+    })
+}
+
+/// `tokenvault.v1.AuditEntry`.
+pub fn audit_entry_json(e: &pb::AuditEntry) -> Value {
+    json!({
+        "seq": e.seq,
+        "at": ts_json(e.at.as_ref()),
+        "actor": e.actor,
+        "role": e.role,
+        "action": e.action,
+        "target": e.target,
+        "outcome": enum_json!(pb::AuditOutcome, e.outcome),
+        "detail": e.detail,
+        "prev_hash": hex::encode(&e.prev_hash),
+        "entry_hash": hex::encode(&e.entry_hash),
+        "mac": hex::encode(&e.mac),
+    })
+}
+
+/// `tokenvault.v1.VerifyAuditResponse`.
+pub fn verify_json(v: &pb::VerifyAuditResponse) -> Value {
+    json!({
+        "ok": v.ok,
+        "entries_checked": v.entries_checked,
+        "first_broken_seq": v.first_broken_seq,
+        "detail": v.detail,
+        "from_seq": v.from_seq,
+        "to_seq": v.to_seq,
+        "checkpoints_verified": v.checkpoints_verified,
+        "checkpoint_public_key": v.checkpoint_public_key,
+    })
+}
+
+/// Writes one JSON document and a newline.
+pub fn write_json(out: &mut dyn Write, value: &Value) -> io::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)
+}
+
+/// Writes one JSON document on one line (JSON Lines).
+pub fn write_json_line(out: &mut dyn Write, value: &Value) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, value)?;
+    writeln!(out)
+}
+
+/// Rows of text under a header, printed with aligned columns.
+#[derive(Debug, Default)]
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column titles.
+    pub fn new<const N: usize>(header: [&str; N]) -> Self {
+        Self {
+            header: header.iter().map(|h| (*h).to_owned()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds a row (one cell per column; control characters are shown as `?`
+    /// so that a hostile value cannot move the cursor).
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows
+            .push(cells.into_iter().map(|c| printable(&c)).collect());
+    }
+
+    /// Whether the table has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The width of each column: its widest cell or title.
+    pub fn widths(&self) -> Vec<usize> {
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate() {
+                if let Some(w) = widths.get_mut(i) {
+                    *w = (*w).max(cell.chars().count());
+                }
+            }
+        }
+        widths
+    }
+
+    /// Writes the header and the rows.
+    pub fn write(&self, out: &mut dyn Write) -> io::Result<()> {
+        let widths = self.widths();
+        write_row(out, &self.header, &widths)?;
+        for row in &self.rows {
+            write_row(out, row, &widths)?;
+        }
+        Ok(())
+    }
+
+    /// Writes only the rows, padded to at least `widths` (for rows that
+    /// follow a table already printed).
+    pub fn write_rows(&self, out: &mut dyn Write, widths: &[usize]) -> io::Result<()> {
+        for row in &self.rows {
+            write_row(out, row, widths)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_row(out: &mut dyn Write, cells: &[String], widths: &[usize]) -> io::Result<()> {
+    let mut line = String::new();
+    for (i, cell) in cells.iter().enumerate() {
+        if i + 1 == cells.len() {
+            line.push_str(cell);
+        } else {
+            let width = widths.get(i).copied().unwrap_or(0);
+            line.push_str(cell);
+            let pad = width.saturating_sub(cell.chars().count()) + 2;
+            line.extend(std::iter::repeat_n(' ', pad));
+        }
+    }
+    writeln!(out, "{}", line.trim_end())
+}
+
+/// Control characters replaced by `?`.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// `name  value` lines for one object, names aligned.
+#[derive(Debug, Default)]
+pub struct Fields(Vec<(String, String)>);
+
+impl Fields {
+    /// No fields yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a field.
+    pub fn add(&mut self, name: &str, value: impl Into<String>) -> &mut Self {
+        self.0.push((name.to_owned(), printable(&value.into())));
+        self
+    }
+
+    /// Writes the fields.
+    pub fn write(&self, out: &mut dyn Write) -> io::Result<()> {
+        let width = self.0.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+        for (name, value) in &self.0 {
+            writeln!(out, "{name:<width$}  {value}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A list of strings for a table cell: comma-separated, `-` when empty.
+pub fn list_text(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// The table row of a connection (see [`connection_header`]).
+pub fn connection_row(d: &pb::ConnectionDetail) -> Vec<String> {
+    let c = d.connection.clone().unwrap_or_default();
+    vec![
+        c.connection_id,
+        c.tenant_id,
+        c.account_id,
+        enum_text!(pb::Integration, "INTEGRATION_", c.integration),
+        enum_text!(pb::ConnectionStatus, "CONNECTION_STATUS_", c.status),
+        if c.google_email.is_empty() {
+            "-".to_owned()
+        } else {
+            c.google_email
+        },
+        if d.kek_version == 0 {
+            "-".to_owned()
+        } else {
+            format!("v{}", d.kek_version)
+        },
+        d.open_leases.to_string(),
+        ts_text(c.created_at.as_ref()),
+    ]
+}
+
+/// The columns of [`connection_row`].
+pub fn connection_table() -> Table {
+    Table::new([
+        "ID",
+        "TENANT",
+        "ACCOUNT",
+        "INTEGRATION",
+        "STATUS",
+        "EMAIL",
+        "KEK",
+        "LEASES",
+        "CREATED",
+    ])
+}
+
+/// One connection, field by field.
+pub fn connection_fields(d: &pb::ConnectionDetail) -> Fields {
+    let c = d.connection.clone().unwrap_or_default();
+    let mut f = Fields::new();
+    f.add("connection_id", c.connection_id)
+        .add("tenant", c.tenant_id)
+        .add("account", c.account_id)
+        .add(
+            "integration",
+            enum_text!(pb::Integration, "INTEGRATION_", c.integration),
+        )
+        .add(
+            "status",
+            enum_text!(pb::ConnectionStatus, "CONNECTION_STATUS_", c.status),
+        )
+        .add("google_subject", c.google_subject)
+        .add("google_email", c.google_email)
+        .add("granted_scopes", list_text(&c.granted_scopes))
+        .add("missing_scopes", list_text(&c.missing_scopes))
+        .add("created_at", ts_text(c.created_at.as_ref()))
+        .add("updated_at", ts_text(c.updated_at.as_ref()))
+        .add("token_expires_at", ts_text(c.token_expires_at.as_ref()))
+        .add("deleted_at", ts_text(c.deleted_at.as_ref()))
+        .add("deletion_receipt_id", c.deletion_receipt_id)
+        .add(
+            "kek_version",
+            if d.kek_version == 0 {
+                "-".to_owned()
+            } else {
+                format!("v{}", d.kek_version)
+            },
+        )
+        .add("has_refresh_token", d.has_refresh_token.to_string())
+        .add("open_leases", d.open_leases.to_string());
+    f
+}
+
+/// One receipt, field by field, with a line per upstream revocation.
+pub fn receipt_fields(r: &pb::DeletionReceipt) -> Fields {
+    let mut f = Fields::new();
+    f.add("receipt_id", r.receipt_id.clone())
+        .add("tenant", r.tenant_id.clone())
+        .add("account", r.account_id.clone())
+        .add(
+            "status",
+            enum_text!(pb::ReceiptStatus, "RECEIPT_STATUS_", r.status),
+        )
+        .add("overdue", r.overdue.to_string())
+        .add(
+            "reason",
+            enum_text!(pb::DeletionReason, "DELETION_REASON_", r.reason),
+        )
+        .add("reason_detail", r.reason_detail.clone())
+        .add("requested_by", r.requested_by.clone())
+        .add("requested_at", ts_text(r.requested_at.as_ref()))
+        .add(
+            "tokens_destroyed_at",
+            ts_text(r.tokens_destroyed_at.as_ref()),
+        )
+        .add("completed_at", ts_text(r.completed_at.as_ref()))
+        .add("connections", list_text(&r.connection_ids))
+        .add("required_consumers", list_text(&r.required_consumers));
+    for a in &r.consumer_acks {
+        f.add(
+            "consumer_ack",
+            format!("{} at {}", a.consumer, ts_text(a.acknowledged_at.as_ref())),
+        );
+    }
+    for u in &r.upstream_revocations {
+        let mut text = format!(
+            "{}: {} ({} attempts)",
+            u.connection_id,
+            enum_text!(
+                pb::UpstreamRevocationState,
+                "UPSTREAM_REVOCATION_STATE_",
+                u.state
+            ),
+            u.attempts
+        );
+        if !u.last_error.is_empty() {
+            text.push_str(&format!("; last error: {}", u.last_error));
+        }
+        f.add("upstream_revocation", text);
+    }
+    f
+}
+
+/// The columns of [`receipt_row`].
+pub fn receipt_table() -> Table {
+    Table::new([
+        "RECEIPT",
+        "TENANT",
+        "ACCOUNT",
+        "REASON",
+        "STATUS",
+        "OVERDUE",
+        "CONNECTIONS",
+        "REQUESTED",
+    ])
+}
+
+/// The table row of a receipt.
+pub fn receipt_row(r: &pb::DeletionReceipt) -> Vec<String> {
+    vec![
+        r.receipt_id.clone(),
+        r.tenant_id.clone(),
+        r.account_id.clone(),
+        enum_text!(pb::DeletionReason, "DELETION_REASON_", r.reason),
+        enum_text!(pb::ReceiptStatus, "RECEIPT_STATUS_", r.status),
+        if r.overdue { "yes" } else { "no" }.to_owned(),
+        r.connection_ids.len().to_string(),
+        ts_text(r.requested_at.as_ref()),
+    ]
+}
+
+/// Key versions as a table.
+pub fn key_versions_table(versions: &[pb::KeyVersionInfo]) -> Table {
+    let mut t = Table::new([
+        "VERSION",
+        "STATE",
+        "DEKS",
+        "CREATED",
+        "PRIMARY",
+        "RETIRED",
+        "DESTROYED",
+    ]);
+    for v in versions {
+        let primary = match (&v.primary_since, &v.primary_until) {
+            (None, _) => "-".to_owned(),
+            (Some(s), None) => format!("since {}", ts_text(Some(s))),
+            (Some(s), Some(u)) => format!("{} to {}", ts_text(Some(s)), ts_text(Some(u))),
+        };
+        t.row(vec![
+            format!("v{}", v.version),
+            enum_text!(pb::KeyState, "KEY_STATE_", v.state),
+            v.dek_count.to_string(),
+            ts_text(v.created_at.as_ref()),
+            primary,
+            ts_text(v.retired_at.as_ref()),
+            ts_text(v.destroyed_at.as_ref()),
+        ]);
+    }
+    t
+}
+
+/// One key version on one line.
+pub fn key_version_text(v: &pb::KeyVersionInfo) -> String {
+    format!(
+        "v{}: {} ({} DEKs)",
+        v.version,
+        enum_text!(pb::KeyState, "KEY_STATE_", v.state),
+        v.dek_count
+    )
+}
+
+/// A rotation run on one line.
+pub fn rotation_text(r: &pb::RotationProgress) -> String {
+    let mut text = format!(
+        "{} to v{}: {}, {}/{} DEKs rewrapped, started {} by {}",
+        r.run_id,
+        r.target_version,
+        enum_text!(pb::RotationState, "ROTATION_STATE_", r.state),
+        r.rewrapped,
+        r.total,
+        ts_text(r.started_at.as_ref()),
+        r.started_by,
+    );
+    if r.finished_at.is_some() {
+        text.push_str(&format!(", finished {}", ts_text(r.finished_at.as_ref())));
+    }
+    if !r.last_error.is_empty() {
+        text.push_str(&format!("; error: {}", r.last_error));
+    }
+    text
+}
+
+/// The columns of [`audit_row`].
+pub fn audit_table() -> Table {
+    Table::new([
+        "SEQ", "AT", "ACTOR", "ROLE", "ACTION", "TARGET", "OUTCOME", "DETAIL",
+    ])
+}
+
+/// The table row of an audit entry.
+pub fn audit_row(e: &pb::AuditEntry) -> Vec<String> {
+    vec![
+        e.seq.to_string(),
+        ts_text(e.at.as_ref()),
+        e.actor.clone(),
+        if e.role.is_empty() {
+            "-".to_owned()
+        } else {
+            e.role.clone()
+        },
+        e.action.clone(),
+        e.target.clone(),
+        enum_text!(pb::AuditOutcome, "AUDIT_OUTCOME_", e.outcome),
+        e.detail.clone(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_and_never_panic() {
+        let t = prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 5_000,
+        };
+        assert_eq!(ts_json(Some(&t)), json!("2023-11-14T22:13:20.000005Z"));
+        assert_eq!(ts_text(Some(&t)), "2023-11-14T22:13:20Z");
+        assert_eq!(ts_json(None), Value::Null);
+        for seconds in [-1, YEAR_10000, i64::MAX] {
+            let t = prost_types::Timestamp { seconds, nanos: 0 };
+            assert_eq!(ts_text(Some(&t)), format!("@{seconds}"));
+        }
+    }
+
+    #[test]
+    fn enums_print_by_name_and_unknown_values_by_number() {
+        let c = pb::Connection {
+            integration: pb::Integration::Email as i32,
+            status: 99,
+            ..Default::default()
+        };
+        let v = connection_json(&c);
+        assert_eq!(v["integration"], "INTEGRATION_EMAIL");
+        assert_eq!(v["status"], 99);
+        let row = connection_row(&pb::ConnectionDetail {
+            connection: Some(pb::Connection {
+                status: pb::ConnectionStatus::InsufficientScope as i32,
+                ..c
+            }),
+            ..Default::default()
+        });
+        assert_eq!(row[3], "email");
+        assert_eq!(row[4], "insufficient_scope");
+    }
+
+    #[test]
+    fn audit_bytes_are_hex() {
+        let v = audit_entry_json(&pb::AuditEntry {
+            seq: 7,
+            prev_hash: vec![0xab, 0x01],
+            ..Default::default()
+        });
+        assert_eq!(v["prev_hash"], "ab01");
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["at"], Value::Null);
+    }
+
+    #[test]
+    fn tables_align_columns_and_neutralise_control_characters() {
+        let mut t = Table::new(["A", "LONGER", "C"]);
+        t.row(vec!["wide cell".into(), "x".into(), "last\x1b[2J".into()]);
+        let mut out = Vec::new();
+        t.write(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text, "A          LONGER  C\nwide cell  x       last?[2J\n",
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,981 @@
+//! `tokenvault admin …` as an operator runs it: the built binary, as a child
+//! process, against a running vault on each backend. Every command's normal
+//! path (JSON parsed and checked, tables smoke-tested), the documented exit
+//! statuses, audit-log tampering found through the binary, and mutual TLS
+//! with certificates made at test time.
+//!
+//! Children run under `tokio::process` so that the in-process vault, on the
+//! same runtime, keeps serving while a test waits for them.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokenvault::domain::Integration;
+use tokenvault::proto::v1 as pb;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::both_backends;
+use crate::mtls::{Pki, uri};
+use crate::support::raw::RawDb;
+use crate::support::{As, Backend, TestVault, seed_connection, spawn_vault, spawn_vault_with};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
+
+/// What a finished child printed and how it exited.
+#[derive(Debug)]
+struct Ran {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    /// Asserts exit 0 and parses stdout as one JSON document.
+    fn json(&self) -> Value {
+        assert_eq!(self.code, 0, "expected success: {self:#?}");
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {self:#?}"))
+    }
+
+    /// Asserts exit 0 and returns stdout.
+    fn ok(&self) -> &str {
+        assert_eq!(self.code, 0, "expected success: {self:#?}");
+        &self.stdout
+    }
+
+    /// Asserts the exit status and the `tokenvault: ` prefix of the message.
+    fn fails(&self, code: i32) -> &str {
+        assert_eq!(self.code, code, "{self:#?}");
+        assert!(
+            self.stderr.starts_with("tokenvault: ") || code == 2,
+            "{self:#?}"
+        );
+        &self.stderr
+    }
+}
+
+/// `tokenvault` with a clean client environment: no `TOKENVAULT_*`
+/// variables and no client configuration file found by default.
+fn tokenvault(tv: &TestVault) -> Command {
+    let mut cmd = Command::new(BIN);
+    let nowhere = tv.dir.path().join("no-config-home");
+    cmd.env_remove("TOKENVAULT_CLI_SERVER")
+        .env_remove("TOKENVAULT_CLI_API_KEY")
+        .env_remove("TOKENVAULT_CLI_ADMIN_CONFIG")
+        .env("XDG_CONFIG_HOME", &nowhere)
+        .env("HOME", &nowhere)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn finish(mut cmd: Command) -> Ran {
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("the command finished within 30 s")
+        .expect("run tokenvault");
+    Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `tokenvault admin --server <vault> <args>` with `who`'s API key.
+async fn admin(tv: &TestVault, who: As, args: &[&str]) -> Ran {
+    let mut cmd = tokenvault(tv);
+    cmd.env("TOKENVAULT_CLI_API_KEY", who.key())
+        .arg("admin")
+        .arg("--server")
+        .arg(format!("http://{}", tv.grpc_addr))
+        .args(args);
+    finish(cmd).await
+}
+
+/// As [`admin`] with `--output json`, expecting success.
+async fn admin_json(tv: &TestVault, who: As, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["--output", "json"]);
+    admin(tv, who, &all).await.json()
+}
+
+/// The ids in a JSON list of connection details.
+fn connection_ids(list: &Value) -> Vec<String> {
+    list["connections"]
+        .as_array()
+        .expect("a connections array")
+        .iter()
+        .map(|d| {
+            d["connection"]["connection_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// A well-formed vault id (`conn_…`, `rcpt_…`) that names nothing.
+fn unknown_id(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4())
+}
+
+async fn connections_accounts_and_receipts(backend: Backend) {
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let c1 = seed_connection(
+        &tv.vault,
+        "t1",
+        "u1",
+        Integration::Calendar,
+        "a1",
+        Some("r1"),
+    )
+    .await
+    .id
+    .to_string();
+    let c2 = seed_connection(
+        &tv.vault,
+        "t1",
+        "u2",
+        Integration::Calendar,
+        "a2",
+        Some("r2"),
+    )
+    .await
+    .id
+    .to_string();
+    let c3 = seed_connection(&tv.vault, "t2", "u3", Integration::Email, "a3", None)
+        .await
+        .id
+        .to_string();
+
+    // list, with each filter, and the limit.
+    let all = admin_json(&tv, As::Admin, &["connections", "list"]).await;
+    assert_eq!(
+        connection_ids(&all),
+        [c1.as_str(), c2.as_str(), c3.as_str()]
+    );
+    assert_eq!(all["more"], false);
+    let t1 = admin_json(&tv, As::Admin, &["connections", "list", "--tenant", "t1"]).await;
+    assert_eq!(connection_ids(&t1), [c1.as_str(), c2.as_str()]);
+    let email = admin_json(
+        &tv,
+        As::Admin,
+        &["connections", "list", "--integration", "email"],
+    )
+    .await;
+    assert_eq!(connection_ids(&email), [c3.as_str()]);
+    assert_eq!(
+        email["connections"][0]["connection"]["integration"],
+        "INTEGRATION_EMAIL"
+    );
+    let by_subject = admin_json(
+        &tv,
+        As::Admin,
+        &["connections", "list", "--google-subject", "sub-t1-u2"],
+    )
+    .await;
+    assert_eq!(connection_ids(&by_subject), [c2.as_str()]);
+    let limited = admin_json(&tv, As::Admin, &["connections", "list", "--limit", "2"]).await;
+    assert_eq!(connection_ids(&limited), [c1.as_str(), c2.as_str()]);
+    assert_eq!(limited["more"], true);
+
+    // The table: a header and one aligned row per connection.
+    let table = admin(&tv, As::Admin, &["connections", "list"]).await;
+    let lines: Vec<&str> = table.ok().lines().collect();
+    assert_eq!(lines.len(), 4, "{table:#?}");
+    assert!(lines[0].starts_with("ID "), "{table:#?}");
+    assert!(lines[0].contains("STATUS"), "{table:#?}");
+    assert!(
+        lines[1].starts_with(&c1) && lines[1].contains("active"),
+        "{table:#?}"
+    );
+    let status_col = lines[0].find("STATUS").unwrap();
+    assert!(lines[3][status_col..].starts_with("active"), "{table:#?}");
+
+    // show
+    let shown = admin_json(&tv, As::Admin, &["connections", "show", &c1]).await;
+    assert_eq!(shown["connection"]["connection_id"], c1.as_str());
+    assert_eq!(shown["connection"]["tenant_id"], "t1");
+    assert_eq!(shown["connection"]["status"], "CONNECTION_STATUS_ACTIVE");
+    assert_eq!(shown["connection"]["google_email"], "u1@example.test");
+    assert!(
+        shown["connection"]["created_at"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    assert_eq!(shown["kek_version"], 1);
+    assert_eq!(shown["has_refresh_token"], true);
+    assert_eq!(shown["open_leases"], 0);
+
+    // revoke, then the receipt and the tombstone agree.
+    let receipt = admin_json(
+        &tv,
+        As::Admin,
+        &["connections", "revoke", &c1, "--reason", "cli test"],
+    )
+    .await;
+    let rid = receipt["receipt_id"].as_str().unwrap().to_owned();
+    assert!(rid.starts_with("rcpt_"), "{receipt}");
+    assert_eq!(receipt["connection_ids"], serde_json::json!([c1]));
+    assert_eq!(receipt["reason"], "DELETION_REASON_ADMIN_REVOKED");
+    assert_eq!(receipt["reason_detail"], "cli test");
+    assert_eq!(receipt["requested_by"], As::Admin.identity());
+    assert!(receipt["tokens_destroyed_at"].is_string(), "{receipt}");
+    let got = admin_json(&tv, As::Admin, &["receipts", "show", &rid]).await;
+    assert_eq!(got["receipt_id"], rid.as_str());
+    assert_eq!(got["connection_ids"], serde_json::json!([c1]));
+    // Auditors read receipts too.
+    let by_auditor = admin_json(&tv, As::Auditor, &["receipts", "show", &rid]).await;
+    assert_eq!(by_auditor["receipt_id"], rid.as_str());
+    let tomb = admin_json(&tv, As::Admin, &["connections", "show", &c1]).await;
+    assert_eq!(tomb["connection"]["status"], "CONNECTION_STATUS_DELETED");
+    assert_eq!(tomb["connection"]["deletion_receipt_id"], rid.as_str());
+    assert_eq!(tomb["kek_version"], 0);
+    let deleted = admin_json(
+        &tv,
+        As::Admin,
+        &["connections", "list", "--status", "deleted"],
+    )
+    .await;
+    assert_eq!(connection_ids(&deleted), [c1.as_str()]);
+    let live = admin_json(&tv, As::Admin, &["connections", "list"]).await;
+    assert_eq!(connection_ids(&live), [c2.as_str(), c3.as_str()]);
+    let with_tombs = admin_json(
+        &tv,
+        As::Admin,
+        &["connections", "list", "--include-deleted"],
+    )
+    .await;
+    assert_eq!(connection_ids(&with_tombs).len(), 3);
+
+    // accounts delete: refused without a terminal and without --yes…
+    let refused = admin(
+        &tv,
+        As::Admin,
+        &["accounts", "delete", "t1", "u2", "--reason", "gdpr"],
+    )
+    .await;
+    let message = refused.fails(2);
+    assert!(message.contains("--yes"), "{refused:#?}");
+    assert!(refused.stdout.is_empty(), "{refused:#?}");
+    let still = admin_json(&tv, As::Admin, &["connections", "show", &c2]).await;
+    assert_eq!(still["connection"]["status"], "CONNECTION_STATUS_ACTIVE");
+    // …done with it.
+    let account = admin_json(
+        &tv,
+        As::Admin,
+        &[
+            "accounts", "delete", "t1", "u2", "--reason", "gdpr", "--yes",
+        ],
+    )
+    .await;
+    assert_eq!(account["reason"], "DELETION_REASON_ACCOUNT_DELETED");
+    assert_eq!(account["connection_ids"], serde_json::json!([c2]));
+    assert_eq!(account["tenant_id"], "t1");
+    assert_eq!(account["account_id"], "u2");
+    let rid2 = account["receipt_id"].as_str().unwrap().to_owned();
+    let gone = admin_json(&tv, As::Admin, &["connections", "show", &c2]).await;
+    assert_eq!(gone["connection"]["status"], "CONNECTION_STATUS_DELETED");
+
+    // receipts list, with filters.
+    let receipts = admin_json(&tv, As::Admin, &["receipts", "list"]).await;
+    let ids: Vec<&str> = receipts["receipts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["receipt_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [rid.as_str(), rid2.as_str()]);
+    let one = admin_json(
+        &tv,
+        As::Auditor,
+        &["receipts", "list", "--tenant", "t1", "--account", "u2"],
+    )
+    .await;
+    assert_eq!(one["receipts"].as_array().unwrap().len(), 1);
+    assert_eq!(one["receipts"][0]["receipt_id"], rid2.as_str());
+    let overdue = admin_json(&tv, As::Admin, &["receipts", "list", "--overdue"]).await;
+    assert_eq!(overdue["receipts"], serde_json::json!([]));
+    let limited = admin_json(&tv, As::Admin, &["receipts", "list", "--limit", "1"]).await;
+    assert_eq!(limited["receipts"].as_array().unwrap().len(), 1);
+    assert_eq!(limited["more"], true);
+
+    // Tables of receipts.
+    let table = admin(&tv, As::Admin, &["receipts", "list"]).await;
+    let lines: Vec<&str> = table.ok().lines().collect();
+    assert_eq!(lines.len(), 3, "{table:#?}");
+    assert!(lines[0].starts_with("RECEIPT "), "{table:#?}");
+    assert!(lines[1].starts_with(&rid) && lines[1].contains("admin_revoked"));
+    let fields = admin(&tv, As::Admin, &["receipts", "show", &rid]).await;
+    let text = fields.ok();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("receipt_id") && l.ends_with(&rid)),
+        "{text}"
+    );
+    assert!(text.contains("admin_revoked"), "{text}");
+}
+both_backends!(
+    connections_accounts_and_receipts_cli,
+    connections_accounts_and_receipts
+);
+
+async fn documented_exit_statuses(backend: Backend) {
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let id = seed_connection(&tv.vault, "t1", "u1", Integration::Calendar, "a", Some("r"))
+        .await
+        .id
+        .to_string();
+    let active = |v: Value| v["connection"]["status"] == "CONNECTION_STATUS_ACTIVE";
+
+    // 3: not found.
+    let r = admin(
+        &tv,
+        As::Admin,
+        &["connections", "show", &unknown_id("conn_")],
+    )
+    .await;
+    assert!(r.fails(3).contains("NOT_FOUND"), "{r:#?}");
+    let r = admin(
+        &tv,
+        As::Auditor,
+        &["receipts", "show", &unknown_id("rcpt_")],
+    )
+    .await;
+    assert!(r.fails(3).contains("NOT_FOUND"), "{r:#?}");
+
+    // 4: the auditor may not revoke; an unknown key is nobody.
+    let r = admin(
+        &tv,
+        As::Auditor,
+        &["connections", "revoke", &id, "--reason", "nope"],
+    )
+    .await;
+    assert!(r.fails(4).contains("PERMISSION_DENIED"), "{r:#?}");
+    assert!(active(
+        admin_json(&tv, As::Admin, &["connections", "show", &id]).await
+    ));
+    let mut cmd = tokenvault(&tv);
+    cmd.env("TOKENVAULT_CLI_API_KEY", "tv-not-a-key")
+        .args(["admin", "--server", &format!("http://{}", tv.grpc_addr)])
+        .args(["keys", "status"]);
+    let r = finish(cmd).await;
+    assert!(r.fails(4).contains("UNAUTHENTICATED"), "{r:#?}");
+    let r = admin(&tv, As::Nobody, &["keys", "status"]).await;
+    assert!(r.fails(4).contains("PERMISSION_DENIED"), "{r:#?}");
+
+    // 2: clap's usage errors, the server's INVALID_ARGUMENT, a bad client config.
+    let r = admin(&tv, As::Admin, &["connections", "revoke", &id]).await;
+    assert!(r.fails(2).contains("--reason"), "{r:#?}");
+    let r = admin(&tv, As::Admin, &["connections", "list", "--status", "gone"]).await;
+    r.fails(2);
+    let long = "x".repeat(2000);
+    let r = admin(
+        &tv,
+        As::Admin,
+        &["connections", "revoke", &id, "--reason", &long],
+    )
+    .await;
+    assert!(r.fails(2).contains("INVALID_ARGUMENT"), "{r:#?}");
+    assert!(
+        !r.stderr.contains(&long),
+        "the reason is echoed back: {r:#?}"
+    );
+    assert!(active(
+        admin_json(&tv, As::Admin, &["connections", "show", &id]).await
+    ));
+    let r = admin(
+        &tv,
+        As::Admin,
+        &["connections", "list", "--tenant", "not a tenant"],
+    )
+    .await;
+    assert!(r.fails(2).contains("INVALID_ARGUMENT"), "{r:#?}");
+    let missing = tv.dir.path().join("missing.toml");
+    let r = admin(
+        &tv,
+        As::Admin,
+        &[
+            "--client-config",
+            missing.to_str().unwrap(),
+            "keys",
+            "status",
+        ],
+    )
+    .await;
+    assert!(r.fails(2).contains("client config"), "{r:#?}");
+    let r = admin(&tv, As::Admin, &["keys", "destroy", "v1"]).await;
+    assert!(r.fails(2).contains("--yes"), "{r:#?}");
+
+    // 1: FAILED_PRECONDITION (the primary cannot be retired).
+    let r = admin(&tv, As::Admin, &["keys", "retire", "v1"]).await;
+    assert!(r.fails(1).contains("FAILED_PRECONDITION"), "{r:#?}");
+
+    // 5: nothing listens there.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let mut cmd = tokenvault(&tv);
+    cmd.env("TOKENVAULT_CLI_API_KEY", As::Admin.key())
+        .args(["admin", "--server", &format!("http://127.0.0.1:{port}")])
+        .args(["--timeout", "5s", "keys", "status"]);
+    let r = finish(cmd).await;
+    assert!(r.fails(5).contains("cannot connect"), "{r:#?}");
+
+    // Settings: a flag beats the environment, which beats the file; the
+    // file can name the server and the key file.
+    let key_file = tv.dir.path().join("admin.key");
+    std::fs::write(&key_file, format!("{}\n", As::Admin.key())).unwrap();
+    let config = tv.dir.path().join("admin.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server = \"http://127.0.0.1:{port}\"\napi_key_file = \"admin.key\"\ntimeout = \"5s\"\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = tokenvault(&tv);
+    cmd.env("TOKENVAULT_CLI_ADMIN_CONFIG", &config)
+        .env("TOKENVAULT_CLI_SERVER", format!("http://{}", tv.grpc_addr))
+        .args(["admin", "keys", "status", "--output", "json"]);
+    let v = finish(cmd).await.json();
+    assert_eq!(v["primary_version"], 1);
+    let mut cmd = tokenvault(&tv);
+    cmd.env("TOKENVAULT_CLI_ADMIN_CONFIG", &config)
+        .args(["admin", "keys", "status"]);
+    finish(cmd).await.fails(5);
+    std::fs::write(
+        &config,
+        format!(
+            "server = \"http://{}\"\napi_key_file = \"admin.key\"\n",
+            tv.grpc_addr
+        ),
+    )
+    .unwrap();
+    let mut cmd = tokenvault(&tv);
+    cmd.args(["admin", "--client-config", config.to_str().unwrap()])
+        .args(["keys", "status", "--output", "json"]);
+    assert_eq!(finish(cmd).await.json()["primary_version"], 1);
+    // The default file under $XDG_CONFIG_HOME.
+    let xdg = tv.dir.path().join("no-config-home").join("tokenvault");
+    std::fs::create_dir_all(&xdg).unwrap();
+    std::fs::write(
+        xdg.join("admin.toml"),
+        format!(
+            "server = \"http://{}\"\napi_key_file = {:?}\n",
+            tv.grpc_addr,
+            key_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut cmd = tokenvault(&tv);
+    cmd.args(["admin", "keys", "status", "--output", "json"]);
+    assert_eq!(finish(cmd).await.json()["primary_version"], 1);
+}
+both_backends!(exit_statuses_cli, documented_exit_statuses);
+
+async fn key_lifecycle(backend: Backend) {
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    for account in ["u1", "u2"] {
+        seed_connection(&tv.vault, "t1", account, Integration::Calendar, "a", None).await;
+    }
+    let status = admin_json(&tv, As::Auditor, &["keys", "status"]).await;
+    assert_eq!(status["provider"], "local");
+    assert_eq!(status["primary_version"], 1);
+    assert_eq!(status["versions"].as_array().unwrap().len(), 1);
+    assert_eq!(status["versions"][0]["state"], "KEY_STATE_PRIMARY");
+    assert_eq!(status["versions"][0]["dek_count"], 2);
+    assert_eq!(status["rotation"], Value::Null);
+    assert_eq!(status["rotation_overdue"], false);
+    let table = admin(&tv, As::Auditor, &["keys", "status"]).await;
+    let text = table.ok();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("provider") && l.ends_with("local")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("v1 ") && l.contains("primary")),
+        "{text}"
+    );
+
+    let run = admin_json(&tv, As::Admin, &["keys", "rotate", "--wait"]).await;
+    assert_eq!(run["state"], "ROTATION_STATE_COMPLETED", "{run}");
+    assert_eq!(run["target_version"], 2);
+    assert_eq!(run["total"], 2);
+    assert_eq!(run["rewrapped"], 2);
+    assert_eq!(run["started_by"], As::Admin.identity());
+    assert!(run["finished_at"].is_string(), "{run}");
+
+    let retired = admin_json(&tv, As::Admin, &["keys", "retire", "v1"]).await;
+    assert_eq!(retired["version"], 1);
+    assert_eq!(retired["state"], "KEY_STATE_RETIRED");
+    assert!(retired["retired_at"].is_string(), "{retired}");
+    let destroyed = admin_json(&tv, As::Admin, &["keys", "destroy", "1", "--yes"]).await;
+    assert_eq!(destroyed["version"], 1);
+    assert_eq!(destroyed["state"], "KEY_STATE_DESTROYED");
+
+    let report = admin_json(&tv, As::Auditor, &["keys", "report"]).await;
+    assert_eq!(report["primary_version"], 2);
+    let versions: Vec<(u64, &str)> = report["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["version"].as_u64().unwrap(), v["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        versions,
+        [(1, "KEY_STATE_DESTROYED"), (2, "KEY_STATE_PRIMARY")]
+    );
+    assert_eq!(report["versions"][1]["dek_count"], 2);
+    let rotations = report["rotations"].as_array().unwrap();
+    assert_eq!(rotations.len(), 1, "{report}");
+    assert_eq!(rotations[0]["run_id"], run["run_id"]);
+    assert_eq!(report["policy_met"], true);
+    assert!(report["generated_at"].is_string());
+    let table = admin(&tv, As::Auditor, &["keys", "report"]).await;
+    let text = table.ok();
+    assert!(
+        text.contains("destroyed") && text.contains("rotations:"),
+        "{text}"
+    );
+}
+both_backends!(keys_cli, key_lifecycle);
+
+/// Reads one line of a child's stdout within `limit`.
+async fn next_line(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    limit: Duration,
+) -> Option<String> {
+    tokio::time::timeout(limit, lines.next_line())
+        .await
+        .ok()
+        .and_then(|r| r.expect("read the child's stdout"))
+}
+
+async fn audit_commands(backend: Backend) {
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    seed_connection(&tv.vault, "t1", "u1", Integration::Calendar, "a", None).await;
+    admin(&tv, As::Nobody, &["keys", "status"]).await.fails(4);
+    admin(&tv, As::Auditor, &["keys", "status"]).await.ok();
+
+    // tail: the newest n, oldest first, the last being the tail's own call.
+    let tail = admin_json(&tv, As::Auditor, &["audit", "tail", "-n", "3"]).await;
+    let entries = tail["entries"].as_array().unwrap();
+    let seqs: Vec<u64> = entries.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    let last_seq = tail["last_seq"].as_u64().unwrap();
+    assert_eq!(seqs, [last_seq - 2, last_seq - 1, last_seq], "{tail}");
+    assert_eq!(entries[2]["action"], "admin.call");
+    assert_eq!(entries[2]["detail"], "AdminService.QueryAudit");
+    assert_eq!(entries[2]["actor"], As::Auditor.identity());
+    assert_eq!(entries[2]["outcome"], "AUDIT_OUTCOME_SUCCESS");
+    assert_eq!(entries[2]["entry_hash"].as_str().unwrap().len(), 64);
+    assert_eq!(entries[2]["prev_hash"], entries[1]["entry_hash"]);
+    let table = admin(&tv, As::Auditor, &["audit", "tail", "-n", "2"]).await;
+    let lines: Vec<&str> = table.ok().lines().collect();
+    assert_eq!(lines.len(), 3, "{table:#?}");
+    assert!(lines[0].starts_with("SEQ "), "{table:#?}");
+    assert!(lines[2].contains("admin.call") && lines[2].contains("AdminService.QueryAudit"));
+
+    // query, with filters.
+    let denied = admin_json(&tv, As::Auditor, &["audit", "query", "--outcome", "denied"]).await;
+    let denied = denied["entries"].as_array().unwrap().clone();
+    assert!(!denied.is_empty());
+    assert!(
+        denied
+            .iter()
+            .all(|e| e["outcome"] == "AUDIT_OUTCOME_DENIED")
+    );
+    assert!(
+        denied.iter().any(|e| e["actor"] == As::Nobody.identity()),
+        "{denied:?}"
+    );
+    let mine = admin_json(
+        &tv,
+        As::Admin,
+        &[
+            "audit",
+            "query",
+            "--actor",
+            As::Auditor.identity(),
+            "--action",
+            "admin.",
+        ],
+    )
+    .await;
+    let mine = mine["entries"].as_array().unwrap().clone();
+    assert!(mine.len() >= 3, "{mine:?}");
+    assert!(
+        mine.iter()
+            .all(|e| e["actor"] == As::Auditor.identity() && e["action"] == "admin.call")
+    );
+    let by_target = admin_json(&tv, As::Admin, &["audit", "query", "--target", "keys"]).await;
+    assert!(!by_target["entries"].as_array().unwrap().is_empty());
+    let future = admin_json(
+        &tv,
+        As::Admin,
+        &["audit", "query", "--since", "2999-01-01T00:00:00Z"],
+    )
+    .await;
+    assert_eq!(future["entries"], serde_json::json!([]));
+    let past = admin_json(
+        &tv,
+        As::Admin,
+        &["audit", "query", "--until", "2000-01-01T00:00:00+02:00"],
+    )
+    .await;
+    assert_eq!(past["entries"], serde_json::json!([]));
+    let some = admin_json(
+        &tv,
+        As::Admin,
+        &[
+            "audit",
+            "query",
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--limit",
+            "2",
+        ],
+    )
+    .await;
+    let some_seqs: Vec<u64> = some["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(some_seqs, [1, 2]);
+    assert_eq!(some["more"], true);
+    let newest = admin_json(
+        &tv,
+        As::Admin,
+        &["audit", "query", "--newest-first", "--limit", "1"],
+    )
+    .await;
+    assert_eq!(newest["entries"][0]["seq"], newest["last_seq"]);
+
+    // export: every entry up to the newest at the start, as JSON Lines.
+    let before = tv
+        .admin(As::Auditor)
+        .query_audit(pb::QueryAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .last_seq;
+    let file = tv.dir.path().join("audit.jsonl");
+    let summary = admin_json(
+        &tv,
+        As::Auditor,
+        &["audit", "export", "--out", file.to_str().unwrap()],
+    )
+    .await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    let exported: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON document per line"))
+        .collect();
+    // The export's own first call is the last entry it includes.
+    assert_eq!(exported.len() as u64, before + 1, "{summary}");
+    assert_eq!(summary["entries"], exported.len());
+    assert_eq!(summary["last_seq"], exported.len());
+    for (i, e) in exported.iter().enumerate() {
+        assert_eq!(e["seq"], i + 1);
+    }
+    let direct = tv
+        .admin(As::Auditor)
+        .query_audit(pb::QueryAuditRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    for (line, entry) in exported.iter().zip(&direct) {
+        assert_eq!(line["entry_hash"], hex::encode(&entry.entry_hash));
+        assert_eq!(line["mac"], hex::encode(&entry.mac));
+    }
+    let to_stdout = admin(&tv, As::Auditor, &["audit", "export"]).await;
+    assert!(to_stdout.ok().lines().count() > exported.len());
+
+    // verify: the whole log, then a range.
+    let verified = admin_json(&tv, As::Auditor, &["audit", "verify"]).await;
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert_eq!(verified["first_broken_seq"], Value::Null);
+    assert_eq!(verified["from_seq"], 1);
+    assert_eq!(verified["entries_checked"], verified["to_seq"]);
+    assert!(verified["entries_checked"].as_u64().unwrap() > exported.len() as u64);
+    let range = admin_json(
+        &tv,
+        As::Auditor,
+        &["audit", "verify", "--from", "2", "--to", "4"],
+    )
+    .await;
+    assert_eq!(
+        (
+            &range["ok"],
+            &range["entries_checked"],
+            &range["from_seq"],
+            &range["to_seq"]
+        ),
+        (
+            &Value::from(true),
+            &Value::from(3),
+            &Value::from(2),
+            &Value::from(4)
+        )
+    );
+    let table = admin(&tv, As::Auditor, &["audit", "verify"]).await;
+    assert!(table.ok().contains("entries checked:"), "{table:#?}");
+
+    // tail --follow prints new entries as they are appended.
+    let mut cmd = tokenvault(&tv);
+    cmd.env("TOKENVAULT_CLI_API_KEY", As::Auditor.key())
+        .args(["admin", "--server", &format!("http://{}", tv.grpc_addr)])
+        .args(["audit", "tail", "-n", "1", "--follow", "--output", "json"]);
+    let mut child = cmd.spawn().expect("spawn audit tail --follow");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(
+        &next_line(&mut lines, Duration::from_secs(10))
+            .await
+            .expect("the newest entry"),
+    )
+    .unwrap();
+    assert_eq!(first["detail"], "AdminService.QueryAudit");
+    // A call the vault audits with a target of our choosing (it is not found).
+    let marker = unknown_id("conn_");
+    let err = tv
+        .admin(As::Admin)
+        .get_connection(pb::GetConnectionRequest {
+            connection_id: marker.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let mut seen = Vec::new();
+    let found = loop {
+        let Some(line) = next_line(&mut lines, Duration::from_secs(10)).await else {
+            break false;
+        };
+        let entry: Value = serde_json::from_str(&line).expect("a JSON line per entry");
+        seen.push(entry["seq"].as_u64().unwrap());
+        if entry["target"] == marker.as_str() {
+            break true;
+        }
+    };
+    child.kill().await.unwrap();
+    assert!(found, "the new entry never showed; saw {seen:?}");
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted, seen, "entries repeated or out of order");
+    assert!(seen[0] > first["seq"].as_u64().unwrap());
+}
+both_backends!(audit_cli, audit_commands);
+
+/// How the audit log is tampered with.
+#[derive(Clone, Copy, Debug)]
+enum Tamper {
+    Edit,
+    Delete,
+    Swap,
+}
+
+/// The statements that tamper with entry `seq` (and, swapping, `seq + 1`).
+fn tamper_sql(how: Tamper, seq: u64) -> Vec<String> {
+    match how {
+        Tamper::Edit => vec![format!(
+            "UPDATE audit_log SET detail = 'nothing to see here' WHERE seq = {seq}"
+        )],
+        Tamper::Delete => vec![format!("DELETE FROM audit_log WHERE seq = {seq}")],
+        Tamper::Swap => vec![
+            format!("UPDATE audit_log SET seq = -1 WHERE seq = {seq}"),
+            format!("UPDATE audit_log SET seq = {seq} WHERE seq = {}", seq + 1),
+            format!("UPDATE audit_log SET seq = {} WHERE seq = -1", seq + 1),
+        ],
+    }
+}
+
+async fn tampering_is_found_through_the_binary(backend: Backend) {
+    const BROKEN: u64 = 3;
+    for how in [Tamper::Edit, Tamper::Delete, Tamper::Swap] {
+        let Some(tv) = spawn_vault(backend).await else {
+            return;
+        };
+        seed_connection(&tv.vault, "t1", "u1", Integration::Calendar, "a", None).await;
+        for _ in 0..5 {
+            admin(&tv, As::Auditor, &["keys", "status"]).await.ok();
+        }
+        // Untouched, the log verifies, every entry counted.
+        let clean = admin_json(&tv, As::Auditor, &["audit", "verify"]).await;
+        assert_eq!(clean["ok"], true, "{how:?}: {clean}");
+        let count = clean["entries_checked"].as_u64().unwrap();
+        assert!(count > BROKEN + 2, "{how:?}: {clean}");
+        assert_eq!(clean["to_seq"], count);
+
+        let db = RawDb::open(&tv).await;
+        for sql in tamper_sql(how, BROKEN) {
+            db.execute(&sql).await;
+        }
+        db.close().await;
+
+        let json = admin(&tv, As::Auditor, &["audit", "verify", "--output", "json"]).await;
+        assert_eq!(json.code, 1, "{how:?}: {json:#?}");
+        let v: Value = serde_json::from_str(&json.stdout).expect("JSON even when broken");
+        assert_eq!(v["ok"], false, "{how:?}: {v}");
+        assert_eq!(v["first_broken_seq"], BROKEN, "{how:?}: {v}");
+        assert!(
+            json.stderr
+                .contains(&format!("first broken entry: {BROKEN}"))
+        );
+
+        let table = admin(&tv, As::Admin, &["audit", "verify"]).await;
+        assert_eq!(table.code, 1, "{how:?}: {table:#?}");
+        let line = table
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("first broken entry: "))
+            .unwrap_or_else(|| panic!("{how:?}: {table:#?}"));
+        assert!(
+            line.starts_with(&format!("first broken entry: {BROKEN}: ")),
+            "{line}"
+        );
+        // A range before the damage still verifies.
+        let before = admin(
+            &tv,
+            As::Auditor,
+            &["audit", "verify", "--to", &(BROKEN - 1).to_string()],
+        )
+        .await;
+        before.ok();
+    }
+}
+both_backends!(audit_tamper_cli, tampering_is_found_through_the_binary);
+
+async fn admin_over_mutual_tls(backend: Backend) {
+    const ADMIN_URI: &str = "spiffe://tokenvault.test/admin-cli";
+    let pki = Pki::generate();
+    let Some(tv) = spawn_vault_with(backend, |config| {
+        pki.configure(config);
+        config.policy.identities.insert(
+            ADMIN_URI.to_owned(),
+            tokenvault::policy::IdentityEntry {
+                role: "admin".to_owned(),
+                purposes: vec![],
+                consumers: vec![],
+            },
+        );
+    })
+    .await
+    else {
+        return;
+    };
+    let id = seed_connection(&tv.vault, "t1", "u1", Integration::Calendar, "a", None)
+        .await
+        .id
+        .to_string();
+    let admin_cert = pki.ca.client("admin-cli", vec![uri(ADMIN_URI)]);
+    let dir = tv.dir.path();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let ca = write("cli-ca.pem", &pki.ca.pem());
+    let cert = write("cli-admin.pem", &admin_cert.cert);
+    let key = write("cli-admin.key", &admin_cert.key);
+    // The server certificate names localhost (and 127.0.0.1).
+    let server = format!("https://localhost:{}", tv.grpc_addr.port());
+    let tls_args = [
+        "admin",
+        "--server",
+        &server,
+        "--ca-cert",
+        &ca,
+        "--client-cert",
+        &cert,
+        "--client-key",
+        &key,
+    ];
+
+    let mut cmd = tokenvault(&tv);
+    cmd.args(tls_args)
+        .args(["connections", "show", &id, "--output", "json"]);
+    let shown = finish(cmd).await.json();
+    assert_eq!(shown["connection"]["connection_id"], id.as_str());
+
+    // The vault saw the certificate's identity.
+    let mut cmd = tokenvault(&tv);
+    cmd.args(tls_args)
+        .args(["audit", "tail", "-n", "1", "--output", "json"]);
+    let tail = finish(cmd).await.json();
+    assert_eq!(tail["entries"][0]["actor"], ADMIN_URI);
+    assert_eq!(tail["entries"][0]["role"], "admin");
+
+    // https:// without the CA is a usage error, not a silent plain connection.
+    let mut cmd = tokenvault(&tv);
+    cmd.args(["admin", "--server", &server, "keys", "status"]);
+    assert!(finish(cmd).await.fails(2).contains("--ca-cert"));
+}
+both_backends!(mtls_cli, admin_over_mutual_tls);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_help() {
+    for (shell, needle) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef tokenvault"),
+        ("fish", "complete -c tokenvault"),
+    ] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["completions", shell])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let r = finish(cmd).await;
+        let script = r.ok();
+        assert!(script.contains(needle), "{shell}: {r:#?}");
+        assert!(
+            script.contains("connections") && script.contains("rotate"),
+            "{shell}"
+        );
+    }
+    let mut cmd = Command::new(BIN);
+    cmd.args(["completions", "tcsh"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    finish(cmd).await.fails(2);
+
+    let mut cmd = Command::new(BIN);
+    cmd.args(["admin", "--help"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let r = finish(cmd).await;
+    let help = r.ok();
+    for line in [
+        "Exit status:",
+        "  0  ok",
+        "  2  usage",
+        "  3  not found",
+        "  4  permission denied",
+        "  5  server unreachable",
+    ] {
+        assert!(help.contains(line), "{line:?} missing from:\n{help}");
+    }
+}
