@@ -236,16 +236,21 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
 
 /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
 pub async fn serve(config: &Config) -> Result<(), StartError> {
-    // Installed before the server announces itself, so an early SIGHUP
-    // reloads instead of killing the process.
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| StartError(format!("cannot listen for SIGHUP: {e}")))?;
+    // Installed before the server announces itself, so a signal that arrives
+    // right after the "serving" line is handled (SIGHUP reloads, SIGINT and
+    // SIGTERM drain) instead of killing the process with the default action.
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| StartError(format!("cannot listen for {name}: {e}")))
+    };
+    let mut hangup = listen(SignalKind::hangup(), "SIGHUP")?;
+    let mut interrupt = listen(SignalKind::interrupt(), "SIGINT")?;
+    let mut terminate = listen(SignalKind::terminate(), "SIGTERM")?;
     let server = start(config).await?;
-    let stop = wait_for_signal();
-    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = &mut stop => break,
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the policy");
                 let _ = server.reload_policy().await;
@@ -257,18 +262,3 @@ pub async fn serve(config: &Config) -> Result<(), StartError> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
