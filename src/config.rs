@@ -472,7 +472,7 @@ impl Default for AuditConfig {
 pub struct ApiKeyConfig {
     /// The identity the key authenticates as.
     pub identity: String,
-    /// Lowercase hex SHA-256 of the key (`tokenvault keys hash-api-key`).
+    /// Lowercase hex SHA-256 of the key (printed by `tokenvault keys new-api-key`).
     pub sha256: String,
 }
 

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod fuzzing;
 pub mod google;
 pub mod grpc;
 pub mod http;

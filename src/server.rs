@@ -236,6 +236,16 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
 
 /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
 pub async fn serve(config: &Config) -> Result<(), StartError> {
+    serve_then(config, |_| Ok(())).await
+}
+
+/// As [`serve`], calling `started` once both listeners are bound (with their
+/// real addresses) and before waiting for a signal; if it fails, the server
+/// shuts down again and its error is returned.
+pub async fn serve_then(
+    config: &Config,
+    started: impl FnOnce(&RunningServer) -> Result<(), String>,
+) -> Result<(), StartError> {
     // Installed before the server announces itself, so a signal that arrives
     // right after the "serving" line is handled (SIGHUP reloads, SIGINT and
     // SIGTERM drain) instead of killing the process with the default action.
@@ -247,6 +257,10 @@ pub async fn serve(config: &Config) -> Result<(), StartError> {
     let mut interrupt = listen(SignalKind::interrupt(), "SIGINT")?;
     let mut terminate = listen(SignalKind::terminate(), "SIGTERM")?;
     let server = start(config).await?;
+    if let Err(e) = started(&server) {
+        server.shutdown().await;
+        return Err(StartError(e));
+    }
     loop {
         tokio::select! {
             _ = interrupt.recv() => break,
@@ -261,4 +275,3 @@ pub async fn serve(config: &Config) -> Result<(), StartError> {
     server.shutdown().await;
     Ok(())
 }
-

@@ -1,12 +1,14 @@
-//! The command line: `tokenvault serve`, the offline `tokenvault keys …`
-//! commands that need no running server, the `tokenvault admin …` gRPC client
-//! ([`admin`]) and `tokenvault completions`.
+//! The command line: `tokenvault serve` (and `serve --dev`, see [`dev`]), the
+//! offline `tokenvault keys …` commands that need no running server, the
+//! `tokenvault admin …` gRPC client ([`admin`]), the tour's `tokenvault dev …`
+//! client and `tokenvault completions`.
 //!
 //! Every failure prints `tokenvault: <message>` on stderr and exits with the
 //! status its [`CliError`] carries (see [`Exit`]).
 
 pub mod admin;
 pub mod client;
+pub mod dev;
 pub mod exit;
 pub mod output;
 
@@ -38,8 +40,13 @@ pub enum Command {
     /// Run the vault (gRPC and HTTP listeners) until SIGINT/SIGTERM.
     Serve {
         /// TOML configuration file; `TOKENVAULT_*` variables override it.
-        #[arg(long, env = "TOKENVAULT_CLI_CONFIG")]
+        #[arg(long, env = "TOKENVAULT_CLI_CONFIG", conflicts_with = "dev")]
         config: Option<PathBuf>,
+        /// Development mode, NOT FOR PRODUCTION: SQLite and a local keyring in
+        /// ./tokenvault-dev-data, a simulated Google, fresh API keys printed on
+        /// stdout, loopback only.
+        #[arg(long)]
+        dev: bool,
     },
     /// Offline key management.
     Keys {
@@ -50,6 +57,10 @@ pub enum Command {
     /// Administer a running vault over gRPC (role admin, or auditor for reads).
     #[command(after_help = exit::EXIT_CODES_HELP)]
     Admin(Box<admin::AdminArgs>),
+    /// The five-minute tour: drive a vault started with `serve --dev` as the
+    /// app and the sync workers (connect, lease, disconnect, ack).
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Dev(Box<dev::DevArgs>),
     /// Print shell completions for `tokenvault` to stdout.
     Completions {
         /// The shell.
@@ -110,7 +121,8 @@ fn load(config: Option<&std::path::Path>) -> Result<Config, String> {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve { config } => {
+        Command::Serve { dev: true, .. } => dev::serve(),
+        Command::Serve { config, dev: false } => {
             let config = load(config.as_deref())?;
             config.prepare_data_dir().map_err(|e| e.to_string())?;
             crate::telemetry::init(&config.log);
@@ -153,6 +165,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 .build()
                 .map_err(|e| format!("cannot start the async runtime: {e}"))?;
             runtime.block_on(admin::run(*args))
+        }
+        Command::Dev(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+            runtime.block_on(dev::run(*args))
         }
         Command::Completions { shell } => completions(shell),
     }

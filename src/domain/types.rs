@@ -66,9 +66,18 @@ impl Timestamp {
     }
 }
 
+/// The last microsecond RFC 3339 formatting covers: 9999-12-31T23:59:59.999999Z.
+const MAX_RFC3339_MICROS: i64 = 253_402_300_800 * 1_000_000 - 1;
+
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_rfc3339_micros(self.to_system()))
+        // humantime panics before the epoch and fails after year 9999; callers
+        // can send any protobuf timestamp (e.g. a QueryAudit `since`).
+        if (0..=MAX_RFC3339_MICROS).contains(&self.0) {
+            write!(f, "{}", humantime::format_rfc3339_micros(self.to_system()))
+        } else {
+            write!(f, "{} us since the Unix epoch", self.0)
+        }
     }
 }
 
@@ -401,6 +410,18 @@ mod tests {
         assert_eq!(t.to_string(), "2023-11-14T22:13:20.123456Z");
         let before = Timestamp::from_micros(-1);
         assert_eq!(before.seconds_nanos(), (-1, 999_999_000));
+    }
+
+    #[test]
+    fn timestamps_outside_rfc3339_display_without_panicking() {
+        assert_eq!(
+            Timestamp::from_micros(-1).to_string(),
+            "-1 us since the Unix epoch"
+        );
+        let far = Timestamp::from_micros(i64::MAX).to_string();
+        assert!(far.ends_with("us since the Unix epoch"), "{far}");
+        let last = Timestamp::from_micros(MAX_RFC3339_MICROS).to_string();
+        assert_eq!(last, "9999-12-31T23:59:59.999999Z");
     }
 
     #[test]

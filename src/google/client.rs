@@ -4,17 +4,24 @@
 //! (`invalid_grant`) from a passing outage. Token bytes never reach an error
 //! message: `oauth2`'s parse errors carry the response body, so they are
 //! reduced to a description here.
+//!
+//! Every outbound call is timed into `tokenvault_google_request_seconds`,
+//! labelled by endpoint and HTTP status (or `timeout` / `error`): never by a
+//! token, a URL or anything naming a person.
 
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
 
 use oauth2::basic::{
     BasicErrorResponse, BasicErrorResponseType, BasicRevocationErrorResponse,
     BasicTokenIntrospectionResponse, BasicTokenType,
 };
 use oauth2::{
-    AuthUrl, AuthorizationCode, Client, ClientId, ClientSecret, CsrfToken, EndpointNotSet,
-    EndpointSet, ExtraTokenFields, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken,
-    RequestTokenError, StandardRevocableToken, StandardTokenResponse, TokenResponse as _, TokenUrl,
+    AsyncHttpClient, AuthUrl, AuthorizationCode, Client, ClientId, ClientSecret, CsrfToken,
+    EndpointNotSet, EndpointSet, ExtraTokenFields, HttpClientError, HttpRequest, HttpResponse,
+    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError,
+    StandardRevocableToken, StandardTokenResponse, TokenResponse as _, TokenUrl,
 };
 use serde::{Deserialize, Serialize};
 
@@ -184,7 +191,7 @@ impl GoogleClient {
             .oauth
             .exchange_code(AuthorizationCode::new(code.to_owned()))
             .set_pkce_verifier(PkceCodeVerifier::new(verifier.to_owned()))
-            .request_async(&self.http)
+            .request_async(&self.timed(GoogleEndpoint::Token))
             .await
             .map_err(classify)?;
         Ok(grant(resp))
@@ -196,7 +203,7 @@ impl GoogleClient {
         let resp = self
             .oauth
             .exchange_refresh_token(&rt)
-            .request_async(&self.http)
+            .request_async(&self.timed(GoogleEndpoint::Refresh))
             .await
             .map_err(classify)?;
         Ok(grant(resp))
@@ -207,18 +214,20 @@ impl GoogleClient {
     /// https, which rules out a loopback simulator.) Google answers 400
     /// `invalid_token` for a token that is already revoked or unknown.
     pub async fn revoke(&self, token: &str) -> Result<(), GoogleError> {
-        let resp = self
+        let timer = CallTimer::start(GoogleEndpoint::Revoke);
+        let sent = self
             .http
             .post(&self.revoke_uri)
             .form(&[("token", token)])
             .send()
-            .await
-            .map_err(|e| {
-                GoogleError::Unavailable(format!(
-                    "request failed: {}",
-                    error_chain(&e.without_url())
-                ))
-            })?;
+            .await;
+        timer.finish(match &sent {
+            Ok(resp) => CallStatus::Http(resp.status().as_u16()),
+            Err(e) => CallStatus::of_error(e),
+        });
+        let resp = sent.map_err(|e| {
+            GoogleError::Unavailable(format!("request failed: {}", error_chain(&e.without_url())))
+        })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
@@ -241,11 +250,146 @@ impl GoogleClient {
         }
     }
 
+    /// An `oauth2` HTTP client that times each call as `endpoint`.
+    fn timed(&self, endpoint: GoogleEndpoint) -> TimedHttp<'_> {
+        TimedHttp {
+            http: &self.http,
+            endpoint,
+        }
+    }
+
     /// Verifies an id_token and returns the subject and email.
     pub async fn verify_id_token(&self, id_token: &str) -> Result<IdClaims, JwtError> {
         let claims = self.jwks.verify(id_token).await?;
         let now = Timestamp::now().seconds_nanos().0;
         check_id_claims(&claims, &self.issuers, &self.client_id, now)
+    }
+}
+
+/// A Google endpoint the vault calls: the `endpoint` label of
+/// `tokenvault_google_request_seconds`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GoogleEndpoint {
+    /// The token endpoint, exchanging an authorization code.
+    Token,
+    /// The token endpoint, refreshing an access token.
+    Refresh,
+    /// The revocation endpoint.
+    Revoke,
+    /// A JWKS (Google's signing keys, or the RISC issuer's).
+    Jwks,
+}
+
+impl GoogleEndpoint {
+    /// The label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            GoogleEndpoint::Token => "token",
+            GoogleEndpoint::Refresh => "refresh",
+            GoogleEndpoint::Revoke => "revoke",
+            GoogleEndpoint::Jwks => "jwks",
+        }
+    }
+}
+
+/// How an outbound call ended: the `status` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CallStatus {
+    /// Google answered with this HTTP status.
+    Http(u16),
+    /// No answer in time: the HTTP client's timeout, or the caller's deadline
+    /// ran out first (the call was dropped unfinished).
+    Timeout,
+    /// No answer at all: connection refused or reset, TLS, a body that did not
+    /// arrive whole.
+    Error,
+}
+
+impl CallStatus {
+    /// The status of a reqwest failure.
+    pub(crate) fn of_error(e: &reqwest::Error) -> Self {
+        if e.is_timeout() {
+            CallStatus::Timeout
+        } else {
+            CallStatus::Error
+        }
+    }
+
+    fn label(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            CallStatus::Http(code) => code.to_string().into(),
+            CallStatus::Timeout => "timeout".into(),
+            CallStatus::Error => "error".into(),
+        }
+    }
+}
+
+/// Times one outbound call into `tokenvault_google_request_seconds`. A timer
+/// dropped without [`CallTimer::finish`] — the caller stopped waiting, e.g.
+/// at a refresh deadline — records the call as `timeout`.
+pub(crate) struct CallTimer {
+    endpoint: GoogleEndpoint,
+    started: Instant,
+    finished: bool,
+}
+
+impl CallTimer {
+    /// Starts timing a call to `endpoint`.
+    pub(crate) fn start(endpoint: GoogleEndpoint) -> Self {
+        Self {
+            endpoint,
+            started: Instant::now(),
+            finished: false,
+        }
+    }
+
+    /// Records the call as ended with `status`.
+    pub(crate) fn finish(mut self, status: CallStatus) {
+        self.finished = true;
+        self.record(status);
+    }
+
+    fn record(&self, status: CallStatus) {
+        metrics::histogram!(
+            "tokenvault_google_request_seconds",
+            "endpoint" => self.endpoint.as_str(),
+            "status" => status.label(),
+        )
+        .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for CallTimer {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.record(CallStatus::Timeout);
+        }
+    }
+}
+
+/// The `oauth2` HTTP client: reqwest, each call timed as one endpoint.
+struct TimedHttp<'a> {
+    http: &'a reqwest::Client,
+    endpoint: GoogleEndpoint,
+}
+
+type OAuthHttpError = HttpClientError<reqwest::Error>;
+
+impl<'c> AsyncHttpClient<'c> for TimedHttp<'_> {
+    type Error = OAuthHttpError;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, OAuthHttpError>> + Send + 'c>>;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let timer = CallTimer::start(self.endpoint);
+            let result = self.http.call(request).await;
+            timer.finish(match &result {
+                Ok(resp) => CallStatus::Http(resp.status().as_u16()),
+                Err(HttpClientError::Reqwest(e)) => CallStatus::of_error(e),
+                Err(_) => CallStatus::Error,
+            });
+            result
+        })
     }
 }
 

@@ -11,6 +11,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::signature::{RSA_PKCS1_2048_8192_SHA256, RsaPublicKeyComponents};
 use serde::Deserialize;
 
+use super::client::{CallStatus, CallTimer, GoogleEndpoint};
+
 /// Why a token was refused. Never carries the token.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum JwtError {
@@ -87,10 +89,14 @@ impl JwksCache {
         if fetched.is_some_and(|at| at.elapsed() < self.min_refetch) {
             return Ok(());
         }
-        let resp =
-            self.http.get(&self.url).send().await.map_err(|e| {
-                JwtError::Jwks(format!("fetching {}: {}", self.url, e.without_url()))
-            })?;
+        let timer = CallTimer::start(GoogleEndpoint::Jwks);
+        let sent = self.http.get(&self.url).send().await;
+        timer.finish(match &sent {
+            Ok(resp) => CallStatus::Http(resp.status().as_u16()),
+            Err(e) => CallStatus::of_error(e),
+        });
+        let resp = sent
+            .map_err(|e| JwtError::Jwks(format!("fetching {}: {}", self.url, e.without_url())))?;
         if !resp.status().is_success() {
             return Err(JwtError::Jwks(format!(
                 "{} answered {}",

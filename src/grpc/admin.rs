@@ -369,6 +369,21 @@ impl pb::admin_service_server::AdminService for Admin {
             Some(Ok(pb::AuditOutcome::Failure)) => Some("failed".to_owned()),
             Some(_) => return Err(VaultError::invalid("outcome", "unknown or unspecified").into()),
         };
+        // No audit field holds a control character; PostgreSQL refuses NUL in text.
+        for (field, value) in [
+            ("actor", &req.actor),
+            ("action", &req.action),
+            ("target", &req.target),
+        ] {
+            if value
+                .as_deref()
+                .is_some_and(|v| v.chars().any(char::is_control))
+            {
+                return Err(
+                    VaultError::invalid(field, "must not contain control characters").into(),
+                );
+            }
+        }
         let mut filter = AuditFilter {
             actor: req.actor.clone(),
             action_prefix: req.action.clone(),
@@ -380,6 +395,11 @@ impl pb::admin_service_server::AdminService for Admin {
             after_seq: req.after_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX)),
             ascending: !req.newest_first,
         };
+        if let (Some(since), Some(until)) = (filter.since, filter.until)
+            && since > until
+        {
+            return Err(VaultError::invalid("since", "is after until").into());
+        }
         let key = format!("{filter:?}");
         let page = PageToken::request(req.page_size, &req.page_token, &key)?;
         if let Some(after) = &page.after {

@@ -65,7 +65,40 @@ where
         .add_service(
             AdminServiceServer::new(admin::Admin(ctx)).max_decoding_message_size(MAX_REQUEST_BYTES),
         );
-    Ok(routes.routes())
+    let router = routes.routes().into_axum_router();
+    Ok(Routes::from(
+        router.layer(axum::middleware::map_response(refused_requests)),
+    ))
+}
+
+/// tonic refuses requests it cannot decode before any handler runs: one over
+/// [`MAX_REQUEST_BYTES`] with OUT_OF_RANGE (a code the API gives event
+/// cursors only), one whose body is not the request message with INTERNAL
+/// (which the API keeps for the vault's own bugs). Callers get
+/// INVALID_ARGUMENT instead, as for any other request they must change.
+async fn refused_requests(mut response: axum::response::Response) -> axum::response::Response {
+    use axum::http::HeaderValue;
+    let headers = response.headers_mut();
+    let status = headers.get("grpc-status").map(HeaderValue::as_bytes);
+    // grpc-message is percent-encoded.
+    let message = headers
+        .get("grpc-message")
+        .map_or(&b""[..], HeaderValue::as_bytes);
+    let too_large = status == Some(&b"11"[..])
+        && message.starts_with(b"Error,%20decoded%20message%20length%20too%20large");
+    let undecodable = status == Some(&b"13"[..])
+        && message.starts_with(b"failed%20to%20decode%20Protobuf%20message");
+    if too_large {
+        const _: () = assert!(MAX_REQUEST_BYTES == 262_144, "update the message below");
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static("request%20too%20large:%20at%20most%20262144%20bytes"),
+        );
+    }
+    if too_large || undecodable {
+        headers.insert("grpc-status", HeaderValue::from_static("3"));
+    }
+    response
 }
 
 /// The service names health checking reports on.

@@ -152,7 +152,8 @@ impl Vault {
             .ok_or_else(|| invalid("iat missing"))?;
         let now = Timestamp::now().seconds_nanos().0;
         let max_age = i64::try_from(receiver.max_age.as_secs()).unwrap_or(i64::MAX);
-        if iat > now + MAX_SKEW_SECONDS || now - iat > max_age {
+        // Saturating: `iat` is the sender's and may be i64::MIN.
+        if iat > now.saturating_add(MAX_SKEW_SECONDS) || now.saturating_sub(iat) > max_age {
             return Err(invalid("iat is not recent"));
         }
         let jti = claims

@@ -142,6 +142,65 @@ impl RawDb {
         out
     }
 
+    /// Every row of every table of the vault's schema except those in `skip`,
+    /// as text (blobs and bytea in hex), sorted, per table: for proving that a
+    /// series of calls changed nothing at rest.
+    pub async fn snapshot(&self, skip: &[&str]) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut out = std::collections::BTreeMap::new();
+        match self {
+            RawDb::Sqlite(pool) => {
+                let tables: Vec<String> = sqlx::query_scalar(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' \
+                     AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '_sqlx_%'",
+                )
+                .fetch_all(pool)
+                .await
+                .unwrap();
+                for t in tables.into_iter().filter(|t| !skip.contains(&t.as_str())) {
+                    let columns: Vec<String> =
+                        sqlx::query_scalar("SELECT name FROM pragma_table_info($1)")
+                            .bind(&t)
+                            .fetch_all(pool)
+                            .await
+                            .unwrap();
+                    let row = columns
+                        .iter()
+                        .map(|c| format!("quote(\"{c}\")"))
+                        .collect::<Vec<_>>()
+                        .join(" || '|' || ");
+                    let mut rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                        "SELECT {row} FROM \"{t}\""
+                    )))
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+                    rows.sort();
+                    out.insert(t, rows);
+                }
+            }
+            RawDb::Postgres(pool) => {
+                let tables: Vec<String> = sqlx::query_scalar(
+                    "SELECT table_name::text FROM information_schema.tables \
+                     WHERE table_schema = 'public' AND table_name NOT LIKE '\\_sqlx\\_%'",
+                )
+                .fetch_all(pool)
+                .await
+                .unwrap();
+                for t in tables.into_iter().filter(|t| !skip.contains(&t.as_str())) {
+                    let mut rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                        "SELECT row_to_json(t)::text FROM \"{t}\" t"
+                    )))
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+                    rows.sort();
+                    out.insert(t, rows);
+                }
+            }
+        }
+        out
+    }
+
     pub async fn close(self) {
         match self {
             RawDb::Sqlite(p) => p.close().await,

@@ -1,0 +1,603 @@
+//! Steady-rate lease soak: does the vault hold a fixed request rate for a
+//! long time without errors, latency creep or memory growth?
+//!
+//! ```text
+//! cargo bench --locked --bench soak -- [--backend sqlite|postgres] [--minutes 10]
+//!     [--rate 500] [--connections 1000] [--channels 4] [--max-in-flight 1024]
+//!     [--deadline-ms 5000] [--interval 60] [--rss-from 1]
+//! ```
+//!
+//! PostgreSQL: `TV_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`); a fresh database is created
+//! and dropped afterwards. SQLite: a fresh file in a temporary directory.
+//!
+//! What it does, in one process against one server:
+//!
+//! 1. Starts the real server (`tokenvault::server::start`, plain gRPC on
+//!    127.0.0.1) with one worker API key and the purpose `calendar_sync`, and
+//!    seeds `--connections` ACTIVE Calendar connections through the bulk
+//!    import path, each with an access token valid for two hours (longer than
+//!    any soak, so no lease needs Google).
+//! 2. Open loop at a fixed rate: every 5 ms a tokio interval tick sends as
+//!    many `LeaseService/LeaseToken` calls (random connection, purpose
+//!    `calendar_sync`, `grpc-timeout` of `--deadline-ms`) as are due to keep
+//!    `--rate` calls per second since the start, each in its own task, spread
+//!    over `--channels` HTTP/2 connections. A call that would exceed
+//!    `--max-in-flight` is not sent and counts as an error ("not sent"): a
+//!    server that falls behind shows up as errors, not as a lower rate.
+//! 3. Every `--interval` seconds (a "minute") prints: calls sent, succeeded,
+//!    failed (by gRPC code), the p50/p99/max latency of the calls that
+//!    completed in that interval (client-side), the process RSS (`VmRSS` of
+//!    /proc/self/status: server and client together) and the database's size
+//!    (SQLite file + WAL, or `pg_database_size`).
+//! 4. At the end: totals, RSS at start, after seeding, after the first
+//!    interval and at the end, its growth to the end from the first interval,
+//!    from half-way and from the last third, and a verdict line: PASS when no
+//!    call failed, the achieved rate is within 1 % of `--rate` and RSS grew
+//!    by less than 10 % from the end of interval `--rss-from` (default 1) to
+//!    the end. A cache that warms up (SQLite keeps up to 32 MiB of pages per
+//!    pooled connection) grows and then levels off; a leak keeps growing:
+//!    judge a long run from a later interval to tell them apart.
+//!
+//! Lease rows and audit entries accumulate in the database for the whole run
+//! (500 calls/s for 10 minutes is 300,000 of each): the soak also shows
+//! whether latency creeps as they grow.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ring::rand::{SecureRandom as _, SystemRandom};
+use tokenvault::config::{ApiKeyConfig, Config};
+use tokenvault::crypto::{LocalKeyring, SecretString};
+use tokenvault::domain::{AccountId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp};
+use tokenvault::grpc::Authenticator;
+use tokenvault::policy::{IdentityEntry, PurposeEntry};
+use tokenvault::proto::v1::LeaseTokenRequest;
+use tokenvault::proto::v1::lease_service_client::LeaseServiceClient;
+use tokenvault::vault::NewConnection;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+#[path = "common/mod.rs"]
+mod common;
+use common::{database, drop_database};
+
+const IDENTITY: &str = "spiffe://bench.local/calendar-sync";
+const PURPOSE: &str = "calendar_sync";
+const CALENDAR_SCOPE: &str = "https://www.googleapis.com/auth/calendar.events";
+const GRANTED_SCOPES: &str = "openid email https://www.googleapis.com/auth/calendar.events";
+/// Connections per `connection_import` call.
+const IMPORT_BATCH: usize = 1000;
+/// How often the generator wakes up to send what is due.
+const TICK: Duration = Duration::from_millis(5);
+/// Verdict: RSS may grow by less than this from the first interval to the end.
+const MAX_RSS_GROWTH: f64 = 0.10;
+/// Verdict: the achieved rate must be at least this share of `--rate`.
+const MIN_RATE_SHARE: f64 = 0.99;
+
+struct Args {
+    backend: String,
+    minutes: f64,
+    rate: f64,
+    connections: usize,
+    channels: usize,
+    max_in_flight: usize,
+    deadline: Duration,
+    interval: Duration,
+    rss_from: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        backend: "sqlite".into(),
+        minutes: 10.0,
+        rate: 500.0,
+        connections: 1000,
+        channels: 4,
+        max_in_flight: 1024,
+        deadline: Duration::from_secs(5),
+        interval: Duration::from_secs(60),
+        rss_from: 1,
+    };
+    let mut it = std::env::args().skip(1);
+    fn num<T: std::str::FromStr>(v: Option<String>, flag: &str) -> T {
+        v.and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{flag} needs a number"))
+    }
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--backend" => a.backend = it.next().expect("--backend sqlite|postgres"),
+            "--minutes" => a.minutes = num(it.next(), "--minutes"),
+            "--rate" => a.rate = num(it.next(), "--rate"),
+            "--connections" => a.connections = num(it.next(), "--connections"),
+            "--channels" => a.channels = num(it.next(), "--channels"),
+            "--max-in-flight" => a.max_in_flight = num(it.next(), "--max-in-flight"),
+            "--deadline-ms" => a.deadline = Duration::from_millis(num(it.next(), "--deadline-ms")),
+            "--interval" => a.interval = Duration::from_secs(num(it.next(), "--interval")),
+            "--rss-from" => a.rss_from = num(it.next(), "--rss-from"),
+            _ => {} // cargo bench passes --bench
+        }
+    }
+    assert!(a.minutes > 0.0, "--minutes must be positive");
+    assert!(a.rate > 0.0, "--rate must be positive");
+    assert!(a.connections > 0, "--connections must be at least 1");
+    assert!(a.channels > 0, "--channels must be at least 1");
+    assert!(a.max_in_flight > 0, "--max-in-flight must be at least 1");
+    assert!(!a.interval.is_zero(), "--interval must be at least 1");
+    assert!(a.rss_from > 0, "--rss-from must be at least 1");
+    a
+}
+
+/// Random lowercase hex of `bytes` random bytes.
+fn random_hex(rng: &SystemRandom, bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rng.fill(&mut b).expect("system randomness");
+    hex::encode(b)
+}
+
+/// Adds `authorization: Bearer <key>` to every call.
+#[derive(Clone)]
+struct Bearer(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+type Client = LeaseServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// xorshift64*: cheap randomness for picking connections.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n`.
+    fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next()) * n as u128) >> 64) as usize
+    }
+}
+
+/// The process's resident set size in KiB (`VmRSS` of /proc/self/status).
+fn rss_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or_else(|| "?".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0))
+}
+
+/// The database's size on disk: SQLite's file and its WAL, or PostgreSQL's
+/// `pg_database_size` (through a one-connection pool of the soak's own).
+enum DbSize {
+    Sqlite(std::path::PathBuf),
+    Postgres(sqlx::PgPool),
+}
+
+impl DbSize {
+    async fn mib(&self) -> String {
+        let bytes = match self {
+            DbSize::Sqlite(path) => {
+                let wal = path.with_extension("db-wal");
+                [path.as_path(), wal.as_path()]
+                    .iter()
+                    .filter_map(|p| std::fs::metadata(p).ok())
+                    .map(|m| m.len())
+                    .reduce(|a, b| a + b)
+            }
+            DbSize::Postgres(pool) => {
+                sqlx::query_scalar::<_, i64>("SELECT pg_database_size(current_database())")
+                    .fetch_one(pool)
+                    .await
+                    .ok()
+                    .and_then(|b| u64::try_from(b).ok())
+            }
+        };
+        bytes.map_or_else(
+            || "?".to_owned(),
+            |b| format!("{:.1}", b as f64 / (1024.0 * 1024.0)),
+        )
+    }
+}
+
+/// Calls completed in the current interval.
+#[derive(Default)]
+struct Window {
+    /// Latency of each successful call, microseconds.
+    ok_us: Vec<u32>,
+    /// Failed calls by code, with the first message seen.
+    errors: BTreeMap<String, (u64, String)>,
+}
+
+impl Window {
+    fn error(&mut self, code: String, message: &str) {
+        self.errors
+            .entry(code)
+            .or_insert_with(|| (0, message.to_owned()))
+            .0 += 1;
+    }
+}
+
+/// Nearest-rank percentile of sorted microseconds, in milliseconds.
+fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    f64::from(sorted[rank.clamp(1, sorted.len()) - 1]) / 1000.0
+}
+
+/// Running totals over the whole soak.
+#[derive(Default)]
+struct Totals {
+    sent: u64,
+    ok: u64,
+    errors: BTreeMap<String, (u64, String)>,
+    worst_p99: f64,
+    /// RSS at the end of each interval.
+    rss: Vec<Option<u64>>,
+}
+
+impl Totals {
+    fn error_count(&self) -> u64 {
+        self.errors.values().map(|(n, _)| n).sum()
+    }
+}
+
+/// Prints one interval's line and folds it into the totals.
+fn report(index: usize, sent: u64, window: Window, db: &str, totals: &mut Totals) {
+    let mut ok = window.ok_us;
+    ok.sort_unstable();
+    let errors: u64 = window.errors.values().map(|(n, _)| n).sum();
+    let (p50, p99) = (percentile_ms(&ok, 50.0), percentile_ms(&ok, 99.0));
+    let max = ok.last().map_or(f64::NAN, |&m| f64::from(m) / 1000.0);
+    let rss = rss_kib();
+    println!(
+        "{index:>6} {sent:>9} {:>9} {errors:>7} {p50:>8.2} {p99:>8.2} {max:>8.2} {:>9} {db:>8}",
+        ok.len(),
+        mib(rss)
+    );
+    for (code, (n, msg)) in &window.errors {
+        println!("         error {code}: {n}  (first message: {msg:?})");
+        let e = totals
+            .errors
+            .entry(code.clone())
+            .or_insert((0, msg.clone()));
+        e.0 += n;
+    }
+    totals.sent += sent;
+    totals.ok += ok.len() as u64;
+    if p99 > totals.worst_p99 {
+        totals.worst_p99 = p99;
+    }
+    totals.rss.push(rss);
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let rss_start = rss_kib();
+    let a = args();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let profile = if cfg!(debug_assertions) {
+        "debug assertions ON: not an optimised build, numbers are not representative"
+    } else {
+        "optimised (debug assertions off; `cargo bench` uses the bench/release profile)"
+    };
+    let duration = Duration::from_secs_f64(a.minutes * 60.0);
+    println!(
+        "soak: backend {}, {} calls/s for {:.1} min ({} calls), {} connections, {} channels, \
+         max {} in flight, deadline {:?}, a line every {:?}",
+        a.backend,
+        a.rate,
+        a.minutes,
+        (a.rate * duration.as_secs_f64()).round(),
+        a.connections,
+        a.channels,
+        a.max_in_flight,
+        a.deadline,
+        a.interval
+    );
+    println!("machine: {cores} cores (available_parallelism); client and server share them");
+    println!("build: {profile}");
+    println!("rss at start: {} MiB", mib(rss_start));
+
+    // 1. Database, configuration, server, connections.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, cleanup) = database(&a.backend, dir.path()).await;
+    let db_size = match &cleanup {
+        None => DbSize::Sqlite(dir.path().join("bench.db")),
+        Some(_) => DbSize::Postgres(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&url)
+                .await
+                .expect("connect to the bench database"),
+        ),
+    };
+    let rng = SystemRandom::new();
+    let key = format!("tv-bench-{}", random_hex(&rng, 16));
+    let mut config = Config {
+        grpc_addr: "127.0.0.1:0".parse().expect("address"),
+        http_addr: "127.0.0.1:0".parse().expect("address"),
+        data_dir: dir.path().to_path_buf(),
+        database_url: Some(url),
+        ..Default::default()
+    };
+    config.server.shutdown_grace_seconds = 5;
+    config.auth.api_keys.push(ApiKeyConfig {
+        identity: IDENTITY.to_owned(),
+        sha256: Authenticator::hash_api_key(&key),
+    });
+    config.policy.identities.insert(
+        IDENTITY.to_owned(),
+        IdentityEntry {
+            role: "worker".into(),
+            purposes: vec![PURPOSE.into()],
+            consumers: vec!["calendar-sync".into()],
+        },
+    );
+    config.policy.purposes.insert(
+        PURPOSE.into(),
+        PurposeEntry {
+            integrations: vec!["calendar".into()],
+            scopes: vec![CALENDAR_SCOPE.into()],
+            tenants: vec![],
+        },
+    );
+    LocalKeyring::init(config.keyring_path()).expect("init keyring");
+    let server = tokenvault::server::start(&config)
+        .await
+        .expect("start the vault");
+    println!("server: gRPC on {}", server.grpc_addr);
+
+    let granted = ScopeSet::parse_spaced(GRANTED_SCOPES).expect("scopes");
+    let tenant = TenantId::parse("soak").expect("tenant");
+    let token_life = Duration::from_secs(7200).max(duration + Duration::from_secs(900));
+    let mut ids = Vec::with_capacity(a.connections);
+    let mut i = 0usize;
+    while i < a.connections {
+        let n = (a.connections - i).min(IMPORT_BATCH);
+        let batch = (i..i + n)
+            .map(|k| NewConnection {
+                tenant: tenant.clone(),
+                account: AccountId::parse(&format!("user{k}")).expect("account"),
+                integration: Integration::Calendar,
+                google_subject: format!("sub{k}"),
+                google_email: format!("user{k}@example.test"),
+                granted_scopes: granted.clone(),
+                status: ConnectionStatus::Active,
+                access_token: SecretString::new(format!("ya29.{}", random_hex(&rng, 64))),
+                access_expires_at: Timestamp::now().plus(token_life),
+                refresh_token: Some(SecretString::new(format!("1//{}", random_hex(&rng, 48)))),
+            })
+            .collect();
+        let records = server
+            .vault
+            .connection_import(batch)
+            .await
+            .expect("import connections");
+        ids.extend(records.into_iter().map(|r| r.id.to_string()));
+        i += n;
+    }
+    let ids = Arc::new(ids);
+    let rss_seeded = rss_kib();
+    println!(
+        "seeded {} connections; rss {} MiB",
+        ids.len(),
+        mib(rss_seeded)
+    );
+
+    let endpoint = Endpoint::from_shared(format!("http://{}", server.grpc_addr))
+        .expect("endpoint")
+        .tcp_nodelay(true);
+    let bearer = Bearer(format!("Bearer {key}").parse().expect("ascii key"));
+    let mut clients: Vec<Client> = Vec::with_capacity(a.channels);
+    for _ in 0..a.channels {
+        let channel = endpoint.connect().await.expect("connect to the vault");
+        clients.push(LeaseServiceClient::with_interceptor(
+            channel,
+            bearer.clone(),
+        ));
+    }
+
+    // 2. The open loop.
+    println!();
+    println!(
+        "{:>6} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8}",
+        "minute", "sent", "ok", "errors", "p50 ms", "p99 ms", "max ms", "rss MiB", "db MiB"
+    );
+    let window = Arc::new(Mutex::new(Window::default()));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(a.max_in_flight));
+    let mut totals = Totals::default();
+    let mut pick = {
+        let mut seed = [0u8; 8];
+        rng.fill(&mut seed).expect("system randomness");
+        XorShift(u64::from_le_bytes(seed) | 1)
+    };
+    let start = Instant::now();
+    let end = start + duration;
+    let mut next_report = start + a.interval;
+    let mut reported = 0usize;
+    let mut sent = 0u64;
+    let mut sent_in_window = 0u64;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let now = Instant::now().min(end);
+        let due = ((now - start).as_secs_f64() * a.rate) as u64;
+        while sent < due {
+            let mut client = clients[(sent % clients.len() as u64) as usize].clone();
+            sent += 1;
+            sent_in_window += 1;
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                window
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .error("NotSent".into(), "--max-in-flight calls already waiting");
+                continue;
+            };
+            let id = ids[pick.below(ids.len())].clone();
+            let window = window.clone();
+            let deadline = a.deadline;
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut req = tonic::Request::new(LeaseTokenRequest {
+                    connection_id: id,
+                    purpose: PURPOSE.to_owned(),
+                    scopes: vec![CALENDAR_SCOPE.to_owned()],
+                    min_valid_seconds: 0,
+                });
+                req.set_timeout(deadline);
+                let started = Instant::now();
+                let result = client.lease_token(req).await;
+                let us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+                let mut w = window.lock().unwrap_or_else(|p| p.into_inner());
+                match result {
+                    Ok(_) => w.ok_us.push(us),
+                    Err(status) => w.error(format!("{:?}", status.code()), status.message()),
+                }
+            });
+        }
+        if now >= end {
+            break;
+        }
+        if now >= next_report {
+            reported += 1;
+            let w = std::mem::take(&mut *window.lock().unwrap_or_else(|p| p.into_inner()));
+            report(
+                reported,
+                sent_in_window,
+                w,
+                &db_size.mib().await,
+                &mut totals,
+            );
+            sent_in_window = 0;
+            next_report += a.interval;
+        }
+    }
+    let elapsed = start.elapsed();
+    // Let the calls in flight finish (each is bounded by its deadline).
+    let drained = tokio::time::timeout(
+        a.deadline + Duration::from_secs(2),
+        in_flight.acquire_many(u32::try_from(a.max_in_flight).unwrap_or(u32::MAX)),
+    )
+    .await;
+    if drained.is_err() {
+        println!("(calls still in flight after their deadline)");
+    }
+    let w = std::mem::take(&mut *window.lock().unwrap_or_else(|p| p.into_inner()));
+    if sent_in_window > 0 || !w.ok_us.is_empty() || !w.errors.is_empty() {
+        reported += 1;
+        report(
+            reported,
+            sent_in_window,
+            w,
+            &db_size.mib().await,
+            &mut totals,
+        );
+    }
+    let rss_end = rss_kib();
+
+    // 3. Summary and verdict.
+    let achieved = totals.sent as f64 / elapsed.as_secs_f64();
+    println!();
+    println!(
+        "total: {} sent in {:.1} s ({:.1} calls/s, target {}), {} ok, {} errors, worst interval p99 \
+         {:.2} ms",
+        totals.sent,
+        elapsed.as_secs_f64(),
+        achieved,
+        a.rate,
+        totals.ok,
+        totals.error_count(),
+        totals.worst_p99
+    );
+    for (code, (n, msg)) in &totals.errors {
+        println!("  error {code}: {n}  (first message: {msg:?})");
+    }
+    let rss_at = |minute: usize| totals.rss.get(minute.wrapping_sub(1)).copied().flatten();
+    let growth = |from: Option<u64>| match (from, rss_end) {
+        (Some(from), Some(end)) if from > 0 => Some(end as f64 / from as f64 - 1.0),
+        _ => None,
+    };
+    let pct = |g: Option<f64>| g.map_or_else(|| "?".to_owned(), |g| format!("{:+.1}%", g * 100.0));
+    println!(
+        "rss: start {} MiB, seeded {} MiB, after minute 1 {} MiB, end {} MiB",
+        mib(rss_start),
+        mib(rss_seeded),
+        mib(rss_at(1)),
+        mib(rss_end)
+    );
+    // Growth to the end from minute 1, half-way and the last third: a
+    // cache levels off, a leak does not.
+    let n = totals.rss.len();
+    let mut froms = vec![1, n / 2, n - n / 3];
+    froms.retain(|&m| m >= 1 && m < n);
+    froms.dedup();
+    let growths: Vec<String> = froms
+        .iter()
+        .map(|&m| format!("from minute {m} {}", pct(growth(rss_at(m)))))
+        .collect();
+    println!("rss growth to the end: {}", growths.join(", "));
+    let judged = growth(rss_at(a.rss_from));
+    let mut missed = Vec::new();
+    if totals.error_count() > 0 {
+        missed.push(format!("{} errors", totals.error_count()));
+    }
+    if achieved < a.rate * MIN_RATE_SHARE {
+        missed.push(format!(
+            "achieved {achieved:.1} calls/s < 99% of {}",
+            a.rate
+        ));
+    }
+    if n <= a.rss_from {
+        missed.push(format!(
+            "{n} intervals: too short to judge RSS from minute {}",
+            a.rss_from
+        ));
+    } else {
+        match judged {
+            Some(g) if g >= MAX_RSS_GROWTH => {
+                missed.push(format!("RSS grew {:.1}% >= 10%", g * 100.0));
+            }
+            Some(_) => {}
+            None => missed.push("RSS unknown (no /proc/self/status)".to_owned()),
+        }
+    }
+    let rss_text = format!("RSS from minute {} to the end {}", a.rss_from, pct(judged));
+    if missed.is_empty() {
+        println!("verdict: PASS (no errors, {achieved:.1} calls/s, {rss_text} < 10%)");
+    } else {
+        println!("verdict: FAIL ({}; {rss_text})", missed.join("; "));
+    }
+
+    // 4. Shut down and clean up.
+    drop(clients);
+    if let DbSize::Postgres(pool) = db_size {
+        pool.close().await;
+    }
+    server.shutdown().await;
+    if let Some((admin, name)) = cleanup {
+        drop_database(&admin, &name).await;
+    }
+}
