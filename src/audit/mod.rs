@@ -28,6 +28,12 @@ use crate::store::{AuditDraft, LeaseRecord, SealedEntry, Store};
 /// The most entries committed in one group.
 const MAX_GROUP: usize = 512;
 
+/// After an append fails because the database is unreachable, appends are
+/// refused at once for this long instead of each waiting out the pool's
+/// acquire timeout again: during an outage callers get UNAVAILABLE promptly,
+/// and the first append after the window probes the database.
+const FAIL_FAST: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Who performed an action, as the audit log names them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Actor {
@@ -208,13 +214,23 @@ async fn writer(
     fault: Arc<AtomicBool>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_GROUP);
+    // Set while the database is known to be unreachable: until when, and why.
+    let mut unreachable: Option<(std::time::Instant, String)> = None;
     while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
         let drafts: Vec<AuditDraft> = batch.iter().map(|j| j.draft.clone()).collect();
         let leases: Vec<LeaseRecord> = batch.iter().filter_map(|j| j.lease.clone()).collect();
         let started = std::time::Instant::now();
         let entries = batch.len();
+        if unreachable
+            .as_ref()
+            .is_some_and(|(until, _)| std::time::Instant::now() >= *until)
+        {
+            unreachable = None;
+        }
         let result = if fault.load(Ordering::SeqCst) {
             Err("injected audit failure".to_owned())
+        } else if let Some((_, why)) = &unreachable {
+            Err(why.clone())
         } else {
             let sealer = |seq: i64, prev: &[u8], d: &AuditDraft| {
                 let hash = entry_hash(seq, prev, d);
@@ -227,7 +243,12 @@ async fn writer(
             store
                 .audit_append(&drafts, &leases, &sealer)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| {
+                    if matches!(e, VaultError::Unavailable(_)) {
+                        unreachable = Some((std::time::Instant::now() + FAIL_FAST, e.to_string()));
+                    }
+                    e.to_string()
+                })
         };
         metrics::histogram!("tokenvault_audit_batch_seconds")
             .record(started.elapsed().as_secs_f64());
