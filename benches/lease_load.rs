@@ -49,25 +49,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom as _, SystemRandom};
-use tokenvault::config::{ApiKeyConfig, Config};
-use tokenvault::crypto::{LocalKeyring, SecretString};
-use tokenvault::domain::{AccountId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp};
-use tokenvault::grpc::Authenticator;
-use tokenvault::policy::{IdentityEntry, PurposeEntry};
 use tokenvault::proto::v1::LeaseTokenRequest;
 use tokenvault::proto::v1::lease_service_client::LeaseServiceClient;
-use tokenvault::vault::NewConnection;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-const IDENTITY: &str = "spiffe://bench.local/calendar-sync";
-const PURPOSE: &str = "calendar_sync";
-const CALENDAR_SCOPE: &str = "https://www.googleapis.com/auth/calendar.events";
-const GRANTED_SCOPES: &str = "openid email https://www.googleapis.com/auth/calendar.events";
-/// Connections per `connection_import` call.
-const IMPORT_BATCH: usize = 1000;
 /// Goal: lease throughput at least this share of Health/Check's.
 const GOAL_RATIO: f64 = 0.5;
 /// Goal: lease p99 at most this many milliseconds.
@@ -127,44 +114,10 @@ fn args() -> Args {
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{database, drop_database};
-
-/// Random lowercase hex of `bytes` random bytes.
-fn random_hex(rng: &SystemRandom, bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    rng.fill(&mut b).expect("system randomness");
-    hex::encode(b)
-}
-
-/// Adds `authorization: Bearer <key>` to every call.
-#[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
-/// xorshift64*: cheap per-task randomness for picking connections.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `0..n` (multiply-shift, no modulo bias worth the name).
-    fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next()) * n as u128) >> 64) as usize
-    }
-}
+use common::{
+    Bearer, CALENDAR_SCOPE, PURPOSE, XorShift, database, drop_database, percentile_ms,
+    seed_calendar_connections, start_worker_vault,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -312,15 +265,6 @@ impl Report {
     }
 }
 
-/// Nearest-rank percentile of sorted microseconds, in milliseconds.
-fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    f64::from(sorted[rank.clamp(1, sorted.len()) - 1]) / 1000.0
-}
-
 /// Runs one workload: warmup, then the measured window.
 async fn run(
     kind: Kind,
@@ -391,71 +335,18 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (url, cleanup) = database(&a.backend, dir.path()).await;
     let rng = SystemRandom::new();
-    let key = format!("tv-bench-{}", random_hex(&rng, 16));
-    let mut config = Config {
-        grpc_addr: "127.0.0.1:0".parse().expect("address"),
-        http_addr: "127.0.0.1:0".parse().expect("address"),
-        data_dir: dir.path().to_path_buf(),
-        database_url: Some(url),
-        ..Default::default()
-    };
-    config.server.shutdown_grace_seconds = 5;
-    config.auth.api_keys.push(ApiKeyConfig {
-        identity: IDENTITY.to_owned(),
-        sha256: Authenticator::hash_api_key(&key),
-    });
-    config.policy.identities.insert(
-        IDENTITY.to_owned(),
-        IdentityEntry {
-            role: "worker".into(),
-            purposes: vec![PURPOSE.into()],
-            consumers: vec!["calendar-sync".into()],
-        },
-    );
-    config.policy.purposes.insert(
-        PURPOSE.into(),
-        PurposeEntry {
-            integrations: vec!["calendar".into()],
-            scopes: vec![CALENDAR_SCOPE.into()],
-            tenants: vec![],
-        },
-    );
-    LocalKeyring::init(config.keyring_path()).expect("init keyring");
-    let server = tokenvault::server::start(&config)
-        .await
-        .expect("start the vault");
-    println!("server: gRPC on {}", server.grpc_addr);
+    let (server, key) = start_worker_vault(dir.path(), url, &rng).await;
 
     // 2. Seed connections through the bulk import path.
-    let granted = ScopeSet::parse_spaced(GRANTED_SCOPES).expect("scopes");
-    let tenant = TenantId::parse("bench").expect("tenant");
-    let mut ids = Vec::with_capacity(a.connections);
     let start = Instant::now();
-    let mut i = 0usize;
-    while i < a.connections {
-        let n = (a.connections - i).min(IMPORT_BATCH);
-        let batch = (i..i + n)
-            .map(|k| NewConnection {
-                tenant: tenant.clone(),
-                account: AccountId::parse(&format!("user{k}")).expect("account"),
-                integration: Integration::Calendar,
-                google_subject: format!("sub{k}"),
-                google_email: format!("user{k}@example.test"),
-                granted_scopes: granted.clone(),
-                status: ConnectionStatus::Active,
-                access_token: SecretString::new(format!("ya29.{}", random_hex(&rng, 64))),
-                access_expires_at: Timestamp::now().plus(Duration::from_secs(3600)),
-                refresh_token: Some(SecretString::new(format!("1//{}", random_hex(&rng, 48)))),
-            })
-            .collect();
-        let records = server
-            .vault
-            .connection_import(batch)
-            .await
-            .expect("import connections");
-        ids.extend(records.into_iter().map(|r| r.id.to_string()));
-        i += n;
-    }
+    let ids = seed_calendar_connections(
+        &server.vault,
+        "bench",
+        a.connections,
+        Duration::from_secs(3600),
+        &rng,
+    )
+    .await;
     let seeding = start.elapsed();
     println!(
         "seeded {} connections in {:.2?} ({:.0} connections/s)",
@@ -473,7 +364,7 @@ async fn main() {
     for _ in 0..a.channels {
         channels.push(endpoint.connect().await.expect("connect to the vault"));
     }
-    let bearer = Bearer(format!("Bearer {key}").parse().expect("ascii key"));
+    let bearer = Bearer::key(&key);
 
     println!();
     let health = run(Kind::Health, &a, &channels, &bearer, &ids).await;

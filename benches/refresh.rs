@@ -36,15 +36,13 @@ use tokenvault::policy::{IdentityEntry, PurposeEntry};
 use tokenvault::proto::v1 as pb;
 use tokenvault::proto::v1::connection_service_client::ConnectionServiceClient;
 use tokenvault::proto::v1::lease_service_client::LeaseServiceClient;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
-use common::{database, drop_database};
+use common::{Bearer, CALENDAR_SCOPE, database, drop_database};
 
 const CLIENT_ID: &str = "tokenvault-bench.apps.googleusercontent.com";
 const CLIENT_SECRET: &str = "GOCSPX-bench-secret";
 const REDIRECT_URI: &str = "http://127.0.0.1:8080/oauth/callback";
-const CALENDAR_SCOPE: &str = "https://www.googleapis.com/auth/calendar.events";
 const APP: &str = "bench-app";
 const WORKER: &str = "spiffe://bench.local/calendar-sync";
 const APP_KEY: &str = "tv-bench-app-key-0123456789";
@@ -81,20 +79,6 @@ fn args() -> Args {
     }
     assert!(a.connections > 0 && a.concurrency > 0 && a.rounds > 0);
     a
-}
-
-#[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
-fn bearer(key: &str) -> Bearer {
-    Bearer(format!("Bearer {key}").parse().expect("ascii key"))
 }
 
 fn config(dir: &std::path::Path, url: String, sim: &GoogleSim) -> Config {
@@ -251,7 +235,7 @@ async fn main() {
         .connect()
         .await
         .expect("connect");
-    let mut app = ConnectionServiceClient::with_interceptor(channel.clone(), bearer(APP_KEY));
+    let mut app = ConnectionServiceClient::with_interceptor(channel.clone(), Bearer::key(APP_KEY));
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -270,7 +254,7 @@ async fn main() {
         );
     }
 
-    let worker = LeaseServiceClient::with_interceptor(channel, bearer(WORKER_KEY));
+    let worker = LeaseServiceClient::with_interceptor(channel, Bearer::key(WORKER_KEY));
     let mut all = Vec::new();
     let mut total_refreshes = 0;
     let mut total_errors = 0;

@@ -49,28 +49,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom as _, SystemRandom};
-use tokenvault::config::{ApiKeyConfig, Config};
-use tokenvault::crypto::{LocalKeyring, SecretString};
-use tokenvault::domain::{AccountId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp};
-use tokenvault::grpc::Authenticator;
-use tokenvault::policy::{IdentityEntry, PurposeEntry};
 use tokenvault::proto::v1::LeaseTokenRequest;
 use tokenvault::proto::v1::lease_service_client::LeaseServiceClient;
-use tokenvault::vault::NewConnection;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{database, drop_database};
+use common::{
+    Bearer, CALENDAR_SCOPE, PURPOSE, XorShift, database, drop_database, percentile_ms,
+    seed_calendar_connections, start_worker_vault,
+};
 
-const IDENTITY: &str = "spiffe://bench.local/calendar-sync";
-const PURPOSE: &str = "calendar_sync";
-const CALENDAR_SCOPE: &str = "https://www.googleapis.com/auth/calendar.events";
-const GRANTED_SCOPES: &str = "openid email https://www.googleapis.com/auth/calendar.events";
-/// Connections per `connection_import` call.
-const IMPORT_BATCH: usize = 1000;
 /// How often the generator wakes up to send what is due.
 const TICK: Duration = Duration::from_millis(5);
 /// Verdict: RSS may grow by less than this from the first interval to the end.
@@ -131,44 +121,7 @@ fn args() -> Args {
     a
 }
 
-/// Random lowercase hex of `bytes` random bytes.
-fn random_hex(rng: &SystemRandom, bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    rng.fill(&mut b).expect("system randomness");
-    hex::encode(b)
-}
-
-/// Adds `authorization: Bearer <key>` to every call.
-#[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
 type Client = LeaseServiceClient<InterceptedService<Channel, Bearer>>;
-
-/// xorshift64*: cheap randomness for picking connections.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `0..n`.
-    fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next()) * n as u128) >> 64) as usize
-    }
-}
 
 /// The process's resident set size in KiB (`VmRSS` of /proc/self/status).
 fn rss_kib() -> Option<u64> {
@@ -236,15 +189,6 @@ impl Window {
             .or_insert_with(|| (0, message.to_owned()))
             .0 += 1;
     }
-}
-
-/// Nearest-rank percentile of sorted microseconds, in milliseconds.
-fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    f64::from(sorted[rank.clamp(1, sorted.len()) - 1]) / 1000.0
 }
 
 /// Running totals over the whole soak.
@@ -335,70 +279,11 @@ async fn main() {
         ),
     };
     let rng = SystemRandom::new();
-    let key = format!("tv-bench-{}", random_hex(&rng, 16));
-    let mut config = Config {
-        grpc_addr: "127.0.0.1:0".parse().expect("address"),
-        http_addr: "127.0.0.1:0".parse().expect("address"),
-        data_dir: dir.path().to_path_buf(),
-        database_url: Some(url),
-        ..Default::default()
-    };
-    config.server.shutdown_grace_seconds = 5;
-    config.auth.api_keys.push(ApiKeyConfig {
-        identity: IDENTITY.to_owned(),
-        sha256: Authenticator::hash_api_key(&key),
-    });
-    config.policy.identities.insert(
-        IDENTITY.to_owned(),
-        IdentityEntry {
-            role: "worker".into(),
-            purposes: vec![PURPOSE.into()],
-            consumers: vec!["calendar-sync".into()],
-        },
-    );
-    config.policy.purposes.insert(
-        PURPOSE.into(),
-        PurposeEntry {
-            integrations: vec!["calendar".into()],
-            scopes: vec![CALENDAR_SCOPE.into()],
-            tenants: vec![],
-        },
-    );
-    LocalKeyring::init(config.keyring_path()).expect("init keyring");
-    let server = tokenvault::server::start(&config)
-        .await
-        .expect("start the vault");
-    println!("server: gRPC on {}", server.grpc_addr);
+    let (server, key) = start_worker_vault(dir.path(), url, &rng).await;
 
-    let granted = ScopeSet::parse_spaced(GRANTED_SCOPES).expect("scopes");
-    let tenant = TenantId::parse("soak").expect("tenant");
     let token_life = Duration::from_secs(7200).max(duration + Duration::from_secs(900));
-    let mut ids = Vec::with_capacity(a.connections);
-    let mut i = 0usize;
-    while i < a.connections {
-        let n = (a.connections - i).min(IMPORT_BATCH);
-        let batch = (i..i + n)
-            .map(|k| NewConnection {
-                tenant: tenant.clone(),
-                account: AccountId::parse(&format!("user{k}")).expect("account"),
-                integration: Integration::Calendar,
-                google_subject: format!("sub{k}"),
-                google_email: format!("user{k}@example.test"),
-                granted_scopes: granted.clone(),
-                status: ConnectionStatus::Active,
-                access_token: SecretString::new(format!("ya29.{}", random_hex(&rng, 64))),
-                access_expires_at: Timestamp::now().plus(token_life),
-                refresh_token: Some(SecretString::new(format!("1//{}", random_hex(&rng, 48)))),
-            })
-            .collect();
-        let records = server
-            .vault
-            .connection_import(batch)
-            .await
-            .expect("import connections");
-        ids.extend(records.into_iter().map(|r| r.id.to_string()));
-        i += n;
-    }
+    let ids =
+        seed_calendar_connections(&server.vault, "soak", a.connections, token_life, &rng).await;
     let ids = Arc::new(ids);
     let rss_seeded = rss_kib();
     println!(
@@ -410,7 +295,7 @@ async fn main() {
     let endpoint = Endpoint::from_shared(format!("http://{}", server.grpc_addr))
         .expect("endpoint")
         .tcp_nodelay(true);
-    let bearer = Bearer(format!("Bearer {key}").parse().expect("ascii key"));
+    let bearer = Bearer::key(&key);
     let mut clients: Vec<Client> = Vec::with_capacity(a.channels);
     for _ in 0..a.channels {
         let channel = endpoint.connect().await.expect("connect to the vault");
