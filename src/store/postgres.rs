@@ -14,10 +14,17 @@ const LOCK_KEK_VERSION: &str = "SELECT state FROM kek_versions WHERE version = $
 const LOCK_LIVE_CONNECTION: &str = "SELECT connection_id FROM connections \
      WHERE tenant_id = $1 AND account_id = $2 AND integration = $3 AND status <> 'deleted' \
      FOR UPDATE";
-const LOCK_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1 FOR UPDATE";
 
 const LOCK_REFRESH: &str = "SELECT fence FROM refresh_locks \
      WHERE connection_id = $1 AND holder = $2 AND fence = $3 FOR UPDATE";
+
+// The lease path's batched read takes its ids as one array parameter, so its
+// statement text is the same for any number of ids.
+const ID_IN_LIST: &str = "= ANY($1)";
+
+fn id_list(ids: &[ConnectionId]) -> Vec<&str> {
+    ids.iter().map(ConnectionId::as_str).collect()
+}
 
 // Appended to SELECTs that lock the rows they read.
 const FOR_UPDATE: &str = " FOR UPDATE";
@@ -31,6 +38,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres")
 /// A store on a PostgreSQL database.
 pub struct PostgresStore {
     pool: sqlx::PgPool,
+    /// The audit chain head this process last wrote (see `audit_append`).
+    head_cache: std::sync::Mutex<Option<ChainHead>>,
+    /// Connections the audit writer and the lease reader keep checked out.
+    hot: HotConnections,
 }
 
 impl PostgresStore {
@@ -51,7 +62,11 @@ impl PostgresStore {
             .run(&pool)
             .await
             .map_err(|e| VaultError::Storage(format!("applying PostgreSQL migrations: {e}")))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            head_cache: std::sync::Mutex::new(None),
+            hot: HotConnections::default(),
+        })
     }
 
     async fn begin_write(&self) -> StoreResult<((), sqlx::Transaction<'static, Db>)> {
@@ -63,6 +78,164 @@ impl PostgresStore {
     /// Nothing to do: deleted rows are invisible to every query at once and
     /// autovacuum reclaims their space.
     async fn scrub(&self) {}
+}
+
+/// Appends one sealed batch in a single statement (one round trip, its own
+/// transaction): moves the chain head by compare-and-swap and, only if that
+/// succeeded, inserts the entries, their checkpoints and the lease rows
+/// whose connection is still ACTIVE (locking that row against a concurrent
+/// disconnect). Rows travel as arrays, so the text is the same for any batch.
+const APPEND_AUDIT: &str = "WITH head AS ( \
+       UPDATE audit_head SET seq = $1, entry_hash = $2 \
+       WHERE id = 1 AND seq = $3 AND entry_hash = $4 RETURNING 1), \
+     entries AS ( \
+       INSERT INTO audit_log \
+         (seq, at, actor, role, action, target, outcome, detail, prev_hash, entry_hash, mac) \
+       SELECT * FROM unnest($5::bigint[], $6::bigint[], $7::text[], $8::text[], $9::text[], \
+         $10::text[], $11::text[], $12::text[], $13::bytea[], $14::bytea[], $15::bytea[]) \
+       WHERE EXISTS (SELECT 1 FROM head)), \
+     checkpoints AS ( \
+       INSERT INTO audit_checkpoints (seq, entry_hash, signed_at, public_key, signature) \
+       SELECT * FROM unnest($16::bigint[], $17::bytea[], $18::bigint[], $19::bytea[], \
+         $20::bytea[]) \
+       WHERE EXISTS (SELECT 1 FROM head)), \
+     granted AS ( \
+       INSERT INTO leases (lease_id, connection_id, caller, purpose, scopes, \
+         token_fingerprint, granted_at, expires_at) \
+       SELECT v.* FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $25::text[], \
+         $26::text[], $27::bigint[], $28::bigint[]) \
+         AS v (lease_id, connection_id, caller, purpose, scopes, token_fingerprint, \
+         granted_at, expires_at) \
+       JOIN connections c ON c.connection_id = v.connection_id \
+       WHERE c.status = 'active' AND EXISTS (SELECT 1 FROM head) \
+       FOR SHARE OF c \
+       RETURNING lease_id) \
+     SELECT EXISTS (SELECT 1 FROM head) AS appended, \
+       ARRAY(SELECT lease_id FROM granted) AS leases";
+
+impl PostgresStore {
+    /// Seals `drafts` onto the chain head and writes them with the lease
+    /// rows. With the head this process wrote last (`cached`), one statement
+    /// does it all unless another replica moved the head since; then, and
+    /// when nothing is cached, the head is locked (`FOR UPDATE`) in a
+    /// transaction and the batch sealed onto it.
+    async fn append_sealing(
+        &self,
+        cached: Option<ChainHead>,
+        drafts: &[AuditDraft],
+        leases: &[LeaseRecord],
+        sealer: AuditSealer<'_>,
+    ) -> StoreResult<Appended> {
+        let mut held = self.hot.writer.lock(&self.pool).await?;
+        let result = match held.conn() {
+            Ok(conn) => append_on(conn, cached, drafts, leases, sealer).await,
+            Err(e) => Err(e),
+        };
+        held.discard_on_error(result)
+    }
+}
+
+/// Appends on `conn`: with the head this process wrote last (`cached`), one
+/// statement does it all unless another replica moved the head since; then,
+/// and when nothing is cached, the head is locked (`FOR UPDATE`) in a
+/// transaction and the batch sealed onto it.
+async fn append_on(
+    conn: &mut sqlx::PgConnection,
+    cached: Option<ChainHead>,
+    drafts: &[AuditDraft],
+    leases: &[LeaseRecord],
+    sealer: AuditSealer<'_>,
+) -> StoreResult<Appended> {
+    use sqlx::Connection as _;
+    if let Some(head) = cached {
+        let batch = seal_batch(head, drafts, sealer);
+        if let Some(recorded) = append_batch(&mut *conn, &batch, leases).await? {
+            return Ok(batch.appended(recorded));
+        }
+    }
+    let mut tx = conn.begin().await?;
+    let head = read_audit_head(
+        &mut *tx,
+        "SELECT seq, entry_hash FROM audit_head WHERE id = 1 FOR UPDATE",
+    )
+    .await?;
+    let batch = seal_batch(head, drafts, sealer);
+    let recorded = append_batch(&mut *tx, &batch, leases)
+        .await?
+        .ok_or_else(|| VaultError::Internal("the locked audit chain head moved".into()))?;
+    tx.commit().await?;
+    Ok(batch.appended(recorded))
+}
+
+/// Runs [`APPEND_AUDIT`] for a sealed batch: `None` when the head was no
+/// longer the batch's start and nothing was written.
+async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
+    db: E,
+    batch: &SealedBatch<'_>,
+    leases: &[LeaseRecord],
+) -> StoreResult<Option<Vec<String>>> {
+    let e = &batch.entries;
+    let k = &batch.checkpoints;
+    let text = |f: fn(&AuditDraft) -> &str| e.iter().map(|r| f(r.draft)).collect::<Vec<_>>();
+    let bytes = |f: for<'r> fn(&'r SealedRow<'r>) -> &'r [u8]| e.iter().map(f).collect::<Vec<_>>();
+    let lease_text = |f: fn(&LeaseRecord) -> &str| leases.iter().map(f).collect::<Vec<_>>();
+    let row = sqlx::query(APPEND_AUDIT)
+        .bind(batch.to.0)
+        .bind(batch.to.1.as_slice())
+        .bind(batch.from.0)
+        .bind(batch.from.1.as_slice())
+        .bind(e.iter().map(|r| r.seq).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| r.draft.at.as_micros()).collect::<Vec<_>>())
+        .bind(text(|d| &d.actor))
+        .bind(text(|d| &d.role))
+        .bind(text(|d| &d.action))
+        .bind(text(|d| &d.target))
+        .bind(text(|d| &d.outcome))
+        .bind(text(|d| &d.detail))
+        .bind(bytes(|r| &r.prev_hash))
+        .bind(bytes(|r| &r.entry_hash))
+        .bind(bytes(|r| &r.mac))
+        .bind(k.iter().map(|c| c.seq).collect::<Vec<_>>())
+        .bind(
+            k.iter()
+                .map(|c| c.entry_hash.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            k.iter()
+                .map(|c| c.signed_at.as_micros())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            k.iter()
+                .map(|c| c.public_key.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(k.iter().map(|c| c.signature.as_slice()).collect::<Vec<_>>())
+        .bind(lease_text(|l| l.lease_id.as_str()))
+        .bind(lease_text(|l| l.connection_id.as_str()))
+        .bind(lease_text(|l| &l.caller))
+        .bind(lease_text(|l| &l.purpose))
+        .bind(lease_text(|l| &l.scopes))
+        .bind(lease_text(|l| &l.token_fingerprint))
+        .bind(
+            leases
+                .iter()
+                .map(|l| l.granted_at.as_micros())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            leases
+                .iter()
+                .map(|l| l.expires_at.as_micros())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_one(db)
+        .await?;
+    if !row.try_get::<bool, _>("appended")? {
+        return Ok(None);
+    }
+    Ok(Some(row.try_get("leases")?))
 }
 
 include!("sql_common.rs");

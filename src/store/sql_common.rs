@@ -22,24 +22,150 @@ use crate::store::{
     WrappedDekRow,
 };
 
-/// Rows per multi-row INSERT (11 columns × 64 rows stays far below either
-/// backend's bind limit).
-const ROWS_PER_INSERT: usize = 64;
+/// The audit chain's head: the last entry's sequence number and hash.
+type ChainHead = (i64, Vec<u8>);
 
-/// `($1, $2, …), (…)` for `rows` rows of `columns` values.
-fn values_list(columns: usize, rows: usize) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(rows * columns * 5);
-    let mut n = 0;
-    for r in 0..rows {
-        s.push_str(if r == 0 { "(" } else { ", (" });
-        for c in 0..columns {
-            n += 1;
-            let _ = write!(s, "{}${n}", if c == 0 { "" } else { ", " });
-        }
-        s.push(')');
+/// The lease path's batched read: connections with their wrapped DEK and
+/// sealed tokens, for the ids in `$1` (bound with `id_list`).
+static LEASE_LOOKUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT c.connection_id, c.tenant_id, c.account_id, c.integration, \
+     c.google_subject, c.google_email, c.granted_scopes, c.status, c.status_reason, c.created_at, \
+     c.updated_at, c.deleted_at, d.kek_version, d.wrapped_dek, s.access_token, \
+     s.access_expires_at, s.refresh_token, s.updated_at AS secrets_updated_at \
+     FROM connections c \
+     LEFT JOIN connection_deks d ON d.connection_id = c.connection_id \
+     LEFT JOIN connection_secrets s ON s.connection_id = c.connection_id \
+     WHERE c.connection_id {ID_IN_LIST}"
+    )
+});
+
+/// A connection kept checked out of the pool for a hot path (the audit
+/// writer, the lease reader). A pooled query pays a checkout and, when the
+/// connection goes back, a ping round trip; a held connection pays them once.
+/// It goes back to the pool (which tests it) after any error, so a broken
+/// connection is replaced by a fresh one on the next use.
+#[derive(Default)]
+struct HeldConnection(tokio::sync::Mutex<Option<sqlx::pool::PoolConnection<Db>>>);
+
+/// Exclusive use of a [`HeldConnection`].
+struct Held<'a>(tokio::sync::MutexGuard<'a, Option<sqlx::pool::PoolConnection<Db>>>);
+
+impl HeldConnection {
+    /// Waits for the connection, checking one out if none is held.
+    async fn lock(&self, pool: &sqlx::Pool<Db>) -> StoreResult<Held<'_>> {
+        Held::fill(self.0.lock().await, pool).await
     }
-    s
+
+    /// The connection if no one else is using it.
+    async fn try_lock(&self, pool: &sqlx::Pool<Db>) -> Option<StoreResult<Held<'_>>> {
+        let guard = self.0.try_lock().ok()?;
+        Some(Held::fill(guard, pool).await)
+    }
+
+    /// Returns the connection to the pool (before the pool closes).
+    async fn release(&self) {
+        self.0.lock().await.take();
+    }
+}
+
+impl<'a> Held<'a> {
+    async fn fill(
+        mut guard: tokio::sync::MutexGuard<'a, Option<sqlx::pool::PoolConnection<Db>>>,
+        pool: &sqlx::Pool<Db>,
+    ) -> StoreResult<Self> {
+        if guard.is_none() {
+            *guard = Some(pool.acquire().await?);
+        }
+        Ok(Self(guard))
+    }
+
+    fn conn(&mut self) -> StoreResult<&mut <Db as sqlx::Database>::Connection> {
+        match self.0.as_mut() {
+            Some(conn) => Ok(&mut **conn),
+            None => Err(VaultError::Internal("held connection missing".into())),
+        }
+    }
+
+    /// Gives the connection back to the pool after an error.
+    fn discard_on_error<T>(mut self, result: StoreResult<T>) -> StoreResult<T> {
+        if result.is_err() {
+            self.0.take();
+        }
+        result
+    }
+}
+
+/// The connections the hot paths keep checked out.
+#[derive(Default)]
+struct HotConnections {
+    /// The audit writer's.
+    writer: HeldConnection,
+    /// The lease reader's; a read finding all of them busy uses the pool.
+    readers: [HeldConnection; 3],
+}
+
+impl HotConnections {
+    async fn release(&self) {
+        self.writer.release().await;
+        for r in &self.readers {
+            r.release().await;
+        }
+    }
+}
+
+/// One audit entry sealed onto the chain.
+struct SealedRow<'a> {
+    seq: i64,
+    prev_hash: Vec<u8>,
+    entry_hash: Vec<u8>,
+    mac: Vec<u8>,
+    draft: &'a AuditDraft,
+}
+
+/// A group of audit entries sealed onto a known chain head, ready to insert.
+struct SealedBatch<'a> {
+    /// The head the batch extends; the insert happens only if it still is.
+    from: ChainHead,
+    /// The head after the batch.
+    to: ChainHead,
+    entries: Vec<SealedRow<'a>>,
+    checkpoints: Vec<AuditCheckpoint>,
+}
+
+/// What an append wrote: the new head, the entries' sequence numbers and the
+/// ids of the leases recorded.
+type Appended = (ChainHead, Vec<i64>, Vec<String>);
+
+impl SealedBatch<'_> {
+    fn appended(self, recorded: Vec<String>) -> Appended {
+        let seqs = self.entries.iter().map(|e| e.seq).collect();
+        (self.to, seqs, recorded)
+    }
+}
+
+async fn read_audit_head<'c, E: sqlx::Executor<'c, Database = Db>>(
+    db: E,
+    sql: &'static str,
+) -> StoreResult<ChainHead> {
+    match sqlx::query_as::<_, (i64, Vec<u8>)>(sql).fetch_optional(db).await? {
+        Some(head) => Ok(head),
+        None => Err(VaultError::Internal("audit_head row missing".into())),
+    }
+}
+
+fn seal_batch<'a>(from: ChainHead, drafts: &'a [AuditDraft], sealer: AuditSealer<'_>) -> SealedBatch<'a> {
+    let (mut seq, mut prev) = from.clone();
+    let mut entries = Vec::with_capacity(drafts.len());
+    let mut checkpoints = Vec::new();
+    for draft in drafts {
+        seq += 1;
+        let sealed = sealer(seq, &prev, draft);
+        checkpoints.extend(sealed.checkpoint);
+        let prev_hash = std::mem::replace(&mut prev, sealed.entry_hash.clone());
+        entries.push(SealedRow { seq, prev_hash, entry_hash: sealed.entry_hash, mac: sealed.mac, draft });
+    }
+    SealedBatch { from, to: (seq, prev), entries, checkpoints }
 }
 
 fn opt_parse<T>(v: Option<&str>, parse: impl Fn(&str) -> Result<T, VaultError>, column: &str) -> StoreResult<Option<T>> {
@@ -432,6 +558,7 @@ impl crate::store::Store for StoreImpl {
     }
 
     async fn close(&self) {
+        self.hot.release().await;
         self.pool.close().await;
     }
 
@@ -1026,130 +1153,53 @@ impl crate::store::Store for StoreImpl {
         leases: &[LeaseRecord],
         sealer: AuditSealer<'_>,
     ) -> StoreResult<(Vec<i64>, Vec<String>)> {
-        let (_guard, mut tx) = self.begin_write().await?;
-        let head = sqlx::query(LOCK_AUDIT_HEAD).fetch_optional(&mut *tx).await?;
-        let (mut seq, mut prev): (i64, Vec<u8>) = match &head {
-            Some(r) => (r.try_get("seq")?, r.try_get("entry_hash")?),
-            None => return Err(VaultError::Internal("audit_head row missing".into())),
-        };
-        let mut sealed = Vec::with_capacity(drafts.len());
-        let mut checkpoints = Vec::new();
-        for d in drafts {
-            seq += 1;
-            let entry = sealer(seq, &prev, d);
-            checkpoints.extend(entry.checkpoint);
-            let hash = entry.entry_hash;
-            sealed.push((seq, std::mem::replace(&mut prev, hash.clone()), hash, entry.mac, d));
+        // This process's audit writer is the only appender here, so the head
+        // it last wrote is almost always still the head; other appenders
+        // (replicas, a second vault on the same SQLite file) are caught by a
+        // compare-and-swap on the head, after which the backend reads it
+        // under a lock and seals the batch again.
+        let cached = self.head_cache.lock().map_or(None, |h| h.clone());
+        let result = self.append_sealing(cached, drafts, leases, sealer).await;
+        if let Ok(mut h) = self.head_cache.lock() {
+            *h = result.as_ref().ok().map(|(batch_to, _, _)| batch_to.clone());
         }
-        for chunk in sealed.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "INSERT INTO audit_log (seq, at, actor, role, action, target, outcome, detail, \
-                 prev_hash, entry_hash, mac) VALUES {}",
-                values_list(11, chunk.len())
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (seq, prev, hash, mac, d) in chunk {
-                q = q
-                    .bind(*seq)
-                    .bind(d.at.as_micros())
-                    .bind(d.actor.as_str())
-                    .bind(d.role.as_str())
-                    .bind(d.action.as_str())
-                    .bind(d.target.as_str())
-                    .bind(d.outcome.as_str())
-                    .bind(d.detail.as_str())
-                    .bind(prev.as_slice())
-                    .bind(hash.as_slice())
-                    .bind(mac.as_slice());
-            }
-            q.execute(&mut *tx).await?;
-        }
-        let mut recorded = Vec::with_capacity(leases.len());
-        for chunk in leases.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "WITH v (lease_id, connection_id, caller, purpose, scopes, token_fingerprint, \
-                 granted_at, expires_at) AS (VALUES {}) \
-                 INSERT INTO leases (lease_id, connection_id, caller, purpose, scopes, \
-                 token_fingerprint, granted_at, expires_at) \
-                 SELECT v.lease_id, v.connection_id, v.caller, v.purpose, v.scopes, \
-                 v.token_fingerprint, v.granted_at, v.expires_at \
-                 FROM v JOIN connections c ON c.connection_id = v.connection_id \
-                 WHERE c.status = 'active' RETURNING lease_id",
-                values_list(8, chunk.len())
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for l in chunk {
-                q = q
-                    .bind(l.lease_id.as_str())
-                    .bind(l.connection_id.as_str())
-                    .bind(l.caller.as_str())
-                    .bind(l.purpose.as_str())
-                    .bind(l.scopes.as_str())
-                    .bind(l.token_fingerprint.as_str())
-                    .bind(l.granted_at.as_micros())
-                    .bind(l.expires_at.as_micros());
-            }
-            for row in q.fetch_all(&mut *tx).await? {
-                recorded.push(row.try_get("lease_id")?);
-            }
-        }
-        for c in &checkpoints {
-            sqlx::query(
-                "INSERT INTO audit_checkpoints (seq, entry_hash, signed_at, public_key, signature) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(c.seq)
-            .bind(c.entry_hash.as_slice())
-            .bind(c.signed_at.as_micros())
-            .bind(c.public_key.as_slice())
-            .bind(c.signature.as_slice())
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query("UPDATE audit_head SET seq = $1, entry_hash = $2 WHERE id = 1")
-            .bind(seq)
-            .bind(prev.as_slice())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok((sealed.iter().map(|s| s.0).collect(), recorded))
+        result.map(|(_, seqs, recorded)| (seqs, recorded))
     }
 
     async fn lease_lookup(
         &self,
         ids: &[ConnectionId],
     ) -> StoreResult<Vec<(ConnectionRecord, Option<SecretsRecord>)>> {
-        let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(500) {
-            let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
-            let cols: Vec<String> = CONNECTION_COLUMNS
-                .split(", ")
-                .map(|c| format!("c.{}", c.trim()))
-                .collect();
-            let sql = format!(
-                "SELECT {}, d.kek_version, d.wrapped_dek, s.access_token, s.access_expires_at, \
-                 s.refresh_token, s.updated_at AS secrets_updated_at \
-                 FROM connections c \
-                 LEFT JOIN connection_deks d ON d.connection_id = c.connection_id \
-                 LEFT JOIN connection_secrets s ON s.connection_id = c.connection_id \
-                 WHERE c.connection_id IN ({})",
-                cols.join(", "),
-                placeholders.join(", ")
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for id in chunk {
-                q = q.bind(id.as_str());
+        // One statement text whatever the number of ids, so it is prepared
+        // once per connection and then served from the statement cache.
+        let query = sqlx::query(sqlx::AssertSqlSafe(LEASE_LOOKUP.as_str())).bind(id_list(ids));
+        let mut held = None;
+        for slot in &self.hot.readers {
+            if let Some(h) = slot.try_lock(&self.pool).await {
+                held = Some(h?);
+                break;
             }
-            for row in q.fetch_all(&self.pool).await? {
-                let conn = connection_from_row(&row)?;
-                // Both LEFT JOINs matched: the connection holds secrets.
-                let held = row.try_get::<Option<i64>, _>("kek_version")?.is_some()
-                    && row.try_get::<Option<i64>, _>("secrets_updated_at")?.is_some();
-                let secrets = held
-                    .then(|| secrets_from_columns(&row, "secrets_updated_at"))
-                    .transpose()?;
-                out.push((conn, secrets));
+        }
+        let rows = match held {
+            Some(mut held) => {
+                let rows = match held.conn() {
+                    Ok(conn) => query.fetch_all(conn).await.map_err(VaultError::from),
+                    Err(e) => Err(e),
+                };
+                held.discard_on_error(rows)?
             }
+            None => query.fetch_all(&self.pool).await?,
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let conn = connection_from_row(&row)?;
+            // Both LEFT JOINs matched: the connection holds secrets.
+            let held = row.try_get::<Option<i64>, _>("kek_version")?.is_some()
+                && row.try_get::<Option<i64>, _>("secrets_updated_at")?.is_some();
+            let secrets = held
+                .then(|| secrets_from_columns(&row, "secrets_updated_at"))
+                .transpose()?;
+            out.push((conn, secrets));
         }
         Ok(out)
     }
@@ -1220,13 +1270,7 @@ impl crate::store::Store for StoreImpl {
     }
 
     async fn audit_head(&self) -> StoreResult<(i64, Vec<u8>)> {
-        let row = sqlx::query("SELECT seq, entry_hash FROM audit_head WHERE id = 1")
-            .fetch_optional(&self.pool)
-            .await?;
-        match row {
-            Some(r) => Ok((r.try_get("seq")?, r.try_get("entry_hash")?)),
-            None => Err(VaultError::Internal("audit_head row missing".into())),
-        }
+        read_audit_head(&self.pool, "SELECT seq, entry_hash FROM audit_head WHERE id = 1").await
     }
 
     async fn lease_get(&self, id: &LeaseId) -> StoreResult<Option<LeaseRecord>> {

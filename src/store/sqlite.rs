@@ -16,10 +16,18 @@ const BACKEND: Backend = Backend::Sqlite;
 const LOCK_KEK_VERSION: &str = "SELECT state FROM kek_versions WHERE version = $1";
 const LOCK_LIVE_CONNECTION: &str = "SELECT connection_id FROM connections \
      WHERE tenant_id = $1 AND account_id = $2 AND integration = $3 AND status <> 'deleted'";
-const LOCK_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1";
 
 const LOCK_REFRESH: &str = "SELECT fence FROM refresh_locks \
      WHERE connection_id = $1 AND holder = $2 AND fence = $3";
+
+// The lease path's batched read takes its ids as one JSON array, so its
+// statement text is the same for any number of ids.
+const ID_IN_LIST: &str = "IN (SELECT value FROM json_each($1))";
+
+fn id_list(ids: &[ConnectionId]) -> String {
+    serde_json::to_string(&ids.iter().map(ConnectionId::as_str).collect::<Vec<_>>())
+        .unwrap_or_else(|_| "[]".to_owned())
+}
 
 // Appended to SELECTs that lock the rows they read.
 const FOR_UPDATE: &str = "";
@@ -34,6 +42,13 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 pub struct SqliteStore {
     pool: sqlx::SqlitePool,
     write_lock: Mutex<()>,
+    /// The audit chain head this process last wrote (see `audit_append`).
+    head_cache: std::sync::Mutex<Option<ChainHead>>,
+    /// Connections the audit writer and the lease reader keep checked out.
+    /// All audit appends go through one connection, whose page cache then
+    /// stays warm (SQLite drops a connection's cache whenever another
+    /// connection wrote since its last transaction).
+    hot: HotConnections,
 }
 
 impl SqliteStore {
@@ -67,6 +82,8 @@ impl SqliteStore {
         Ok(Self {
             pool,
             write_lock: Mutex::new(()),
+            head_cache: std::sync::Mutex::new(None),
+            hot: HotConnections::default(),
         })
     }
 
@@ -101,6 +118,168 @@ impl SqliteStore {
             Err(e) => tracing::warn!(error = %e, "WAL checkpoint after a deletion failed"),
         }
     }
+}
+
+/// Inserts one batch of audit entries (and the lease rows granted with
+/// them), 11 columns per entry as a JSON array of arrays, hashes in hex.
+const INSERT_AUDIT_ROWS: &str = "INSERT INTO audit_log \
+     (seq, at, actor, role, action, target, outcome, detail, prev_hash, entry_hash, mac) \
+     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
+     value ->> 6, value ->> 7, unhex(value ->> 8), unhex(value ->> 9), unhex(value ->> 10) \
+     FROM jsonb_each($1)";
+
+/// Records the leases whose connection is still ACTIVE, returning their ids.
+const INSERT_LEASE_ROWS: &str = "INSERT INTO leases (lease_id, connection_id, caller, purpose, \
+     scopes, token_fingerprint, granted_at, expires_at) \
+     SELECT v.value ->> 0, v.value ->> 1, v.value ->> 2, v.value ->> 3, v.value ->> 4, \
+     v.value ->> 5, v.value ->> 6, v.value ->> 7 \
+     FROM jsonb_each($1) AS v JOIN connections c ON c.connection_id = v.value ->> 1 \
+     WHERE c.status = 'active' RETURNING lease_id";
+
+const READ_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1";
+
+impl SqliteStore {
+    /// Seals `drafts` onto the chain head and writes them, with the lease
+    /// rows, in one write transaction. The head is `cached` when this process
+    /// wrote it last; if another appender moved it since (compare-and-swap
+    /// missed), it is read inside the transaction, which holds SQLite's write
+    /// lock, and the batch is sealed again. Fixed statement texts (rows travel
+    /// as one JSON argument), so each is prepared once per connection.
+    async fn append_sealing(
+        &self,
+        cached: Option<ChainHead>,
+        drafts: &[AuditDraft],
+        leases: &[LeaseRecord],
+        sealer: AuditSealer<'_>,
+    ) -> StoreResult<Appended> {
+        let _guard = self.write_lock.lock().await;
+        let mut held = self.hot.writer.lock(&self.pool).await?;
+        let result = match held.conn() {
+            Ok(conn) => append_on(conn, cached, drafts, leases, sealer).await,
+            Err(e) => Err(e),
+        };
+        held.discard_on_error(result)
+    }
+}
+
+async fn append_on(
+    conn: &mut sqlx::SqliteConnection,
+    cached: Option<ChainHead>,
+    drafts: &[AuditDraft],
+    leases: &[LeaseRecord],
+    sealer: AuditSealer<'_>,
+) -> StoreResult<Appended> {
+    use sqlx::Connection as _;
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let head = match cached {
+        Some(head) => head,
+        None => read_audit_head(&mut *tx, READ_AUDIT_HEAD).await?,
+    };
+    let mut batch = seal_batch(head, drafts, sealer);
+    if !move_head(&mut tx, &batch).await? {
+        let head = read_audit_head(&mut *tx, READ_AUDIT_HEAD).await?;
+        batch = seal_batch(head, drafts, sealer);
+        if !move_head(&mut tx, &batch).await? {
+            return Err(VaultError::Internal(
+                "the audit chain head moved inside a write transaction".into(),
+            ));
+        }
+    }
+    let rows: Vec<_> = batch
+        .entries
+        .iter()
+        .map(|e| {
+            let d = e.draft;
+            (
+                e.seq,
+                d.at.as_micros(),
+                &d.actor,
+                &d.role,
+                &d.action,
+                &d.target,
+                &d.outcome,
+                &d.detail,
+                hex::encode(&e.prev_hash),
+                hex::encode(&e.entry_hash),
+                hex::encode(&e.mac),
+            )
+        })
+        .collect();
+    sqlx::query(INSERT_AUDIT_ROWS)
+        .bind(to_json(&rows)?)
+        .execute(&mut *tx)
+        .await?;
+    let recorded = if leases.is_empty() {
+        Vec::new()
+    } else {
+        let rows: Vec<_> = leases
+            .iter()
+            .map(|l| {
+                (
+                    l.lease_id.as_str(),
+                    l.connection_id.as_str(),
+                    &l.caller,
+                    &l.purpose,
+                    &l.scopes,
+                    &l.token_fingerprint,
+                    l.granted_at.as_micros(),
+                    l.expires_at.as_micros(),
+                )
+            })
+            .collect();
+        sqlx::query_scalar(INSERT_LEASE_ROWS)
+            .bind(to_json(&rows)?)
+            .fetch_all(&mut *tx)
+            .await?
+    };
+    for c in &batch.checkpoints {
+        insert_checkpoint(&mut tx, c).await?;
+    }
+    tx.commit().await?;
+    Ok(batch.appended(recorded))
+}
+
+/// Moves the chain head from the batch's start to its end, if it is still
+/// at the start.
+async fn move_head(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    batch: &SealedBatch<'_>,
+) -> StoreResult<bool> {
+    let moved = sqlx::query(
+        "UPDATE audit_head SET seq = $1, entry_hash = $2 \
+         WHERE id = 1 AND seq = $3 AND entry_hash = $4",
+    )
+    .bind(batch.to.0)
+    .bind(batch.to.1.as_slice())
+    .bind(batch.from.0)
+    .bind(batch.from.1.as_slice())
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(moved == 1)
+}
+
+async fn insert_checkpoint(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    c: &AuditCheckpoint,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO audit_checkpoints (seq, entry_hash, signed_at, public_key, signature) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(c.seq)
+    .bind(c.entry_hash.as_slice())
+    .bind(c.signed_at.as_micros())
+    .bind(c.public_key.as_slice())
+    .bind(c.signature.as_slice())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn to_json(rows: &impl serde::Serialize) -> StoreResult<String> {
+    serde_json::to_string(rows)
+        .map_err(|e| VaultError::Internal(format!("encoding rows: {e}").into()))
 }
 
 include!("sql_common.rs");

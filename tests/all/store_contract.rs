@@ -170,3 +170,141 @@ both_backends!(
     audit_chain_concurrency,
     concurrent_appenders_on_two_vaults_keep_one_verifiable_chain
 );
+
+async fn audit_fields_round_trip_exactly_through_batched_appends(backend: Backend) {
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let before = tv.vault.store().audit_head().await.unwrap().0;
+    // Every kind of text an audit field can hold: quotes and backslashes (JSON
+    // and SQL escapes), non-ASCII, characters outside the BMP, a long value.
+    let details = [
+        r#"reason="user said \"stop\"" path=C:\temp\x 'single'"#.to_owned(),
+        "ünïcødé — ĳ 日本語 🚀 \u{1F600}".to_owned(),
+        "x".repeat(5000),
+        String::new(),
+    ];
+    let actor = Actor {
+        identity: "spiffe://test.local/odd \"name\"".into(),
+        role: "system".into(),
+    };
+    // Appended concurrently, so they share group-commit batches.
+    let tasks: Vec<_> = details
+        .iter()
+        .map(|d| {
+            let (vault, actor, d) = (tv.vault.clone(), actor.clone(), d.clone());
+            tokio::spawn(async move {
+                vault
+                    .audit()
+                    .record(&actor, "test.round_trip", "target ✓", Outcome::Ok, d)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    let rows = tv
+        .vault
+        .store()
+        .audit_range(before + 1, before + 100, 100)
+        .await
+        .unwrap();
+    for (seq, detail) in seqs.iter().zip(&details) {
+        let row = rows.iter().find(|r| r.seq == *seq).expect("appended row");
+        assert_eq!(&row.draft.detail, detail);
+        assert_eq!(row.draft.actor, actor.identity);
+        assert_eq!(row.draft.target, "target ✓");
+    }
+    let report = verify_chain(
+        tv.vault.store().as_ref(),
+        tv.vault.keyring().as_ref(),
+        1,
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(report.ok(), "{report:?}");
+}
+both_backends!(
+    audit_round_trip,
+    audit_fields_round_trip_exactly_through_batched_appends
+);
+
+async fn a_lease_batched_with_a_deleted_connection_is_not_recorded(backend: Backend) {
+    use std::time::Duration;
+    use tokenvault::domain::{DeletionReason, LeaseId, Timestamp};
+    use tokenvault::store::{AuditDraft, DeletionTarget, LeaseRecord, SealedEntry};
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let v = &tv.vault;
+    let live = seed_connection(v, "acme", "alice", Integration::Calendar, "ya29.a", None).await;
+    let gone = seed_connection(v, "acme", "bob", Integration::Calendar, "ya29.b", None).await;
+    // Deleted after the lease path read it, before the grant is written.
+    v.delete(
+        &Actor::system(),
+        DeletionTarget::Connection(gone.id.clone()),
+        DeletionReason::UserDisconnected,
+        "test",
+    )
+    .await
+    .unwrap();
+    let lease = |conn: &tokenvault::store::ConnectionRecord| LeaseRecord {
+        lease_id: LeaseId::generate(),
+        connection_id: conn.id.clone(),
+        caller: "spiffe://test.local/worker".into(),
+        purpose: "calendar_sync".into(),
+        scopes: "calendar.events".into(),
+        token_fingerprint: "f".repeat(32),
+        granted_at: Timestamp::now(),
+        expires_at: Timestamp::now().plus(Duration::from_secs(60)),
+        revoked_at: None,
+        revoke_reason: None,
+    };
+    let leases = [lease(&live), lease(&gone)];
+    let drafts: Vec<AuditDraft> = leases
+        .iter()
+        .map(|l| AuditDraft {
+            at: Timestamp::now(),
+            actor: l.caller.clone(),
+            role: "worker".into(),
+            action: "lease.grant".into(),
+            target: l.connection_id.to_string(),
+            outcome: "ok".into(),
+            detail: format!("lease={}", l.lease_id),
+        })
+        .collect();
+    let sealer = |_: i64, prev: &[u8], _: &AuditDraft| SealedEntry {
+        entry_hash: prev.iter().map(|b| b.wrapping_add(1)).collect(),
+        mac: vec![0; 32],
+        checkpoint: None,
+    };
+    let (seqs, recorded) = v
+        .store()
+        .audit_append(&drafts, &leases, &sealer)
+        .await
+        .unwrap();
+    assert_eq!(seqs.len(), 2, "both entries are in the log");
+    assert_eq!(recorded, vec![leases[0].lease_id.to_string()]);
+    assert!(
+        v.store()
+            .lease_get(&leases[1].lease_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        v.store()
+            .lease_get(&leases[0].lease_id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+both_backends!(
+    lease_write_checks_active,
+    a_lease_batched_with_a_deleted_connection_is_not_recorded
+);
