@@ -426,10 +426,11 @@ async fn main() {
         && let Ok(text) = resp.text().await
     {
         println!();
-        println!("server batching (from /metrics; summaries over the whole run):");
+        println!("server batching and lease stages (from /metrics; summaries over the whole run):");
         for line in text.lines().filter(|l| {
             (l.starts_with("tokenvault_audit_batch")
-                || l.starts_with("tokenvault_lease_read_batch"))
+                || l.starts_with("tokenvault_lease_read_batch")
+                || l.starts_with("tokenvault_lease_stage"))
                 && (l.contains("quantile=\"0.5\"")
                     || l.contains("quantile=\"0.99\"")
                     || l.contains("_sum")

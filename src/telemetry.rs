@@ -67,7 +67,13 @@ pub fn metrics() -> Option<&'static PrometheusHandle> {
 }
 
 fn describe() {
-    use metrics::{describe_counter, describe_gauge};
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_histogram!(
+        "tokenvault_lease_stage_seconds",
+        "Time a lease spends in each stage: read (queue and batched database read of the \
+         connection and its sealed tokens) and audit (queue and group commit of the grant \
+         with its lease row)."
+    );
     describe_counter!(
         "tokenvault_lease_grants_total",
         "Leases granted, by purpose."

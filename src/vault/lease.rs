@@ -165,11 +165,12 @@ impl Vault {
                 .into(),
             ));
         }
-        let (conn, secrets) = self
-            .reader
-            .get(&req.connection)
-            .await?
-            .ok_or_else(|| VaultError::not_found("connection", &req.connection))?;
+        let read_started = Instant::now();
+        let found = self.reader.get(&req.connection).await;
+        metrics::histogram!("tokenvault_lease_stage_seconds", "stage" => "read")
+            .record(read_started.elapsed().as_secs_f64());
+        let (conn, secrets) =
+            found?.ok_or_else(|| VaultError::not_found("connection", &req.connection))?;
         policy
             .check_lease(
                 &actor.identity,
@@ -232,9 +233,14 @@ impl Vault {
             revoked_at: None,
             revoke_reason: None,
         };
-        self.audit()
+        let audit_started = Instant::now();
+        let recorded = self
+            .audit()
             .record_lease(actor, conn.id.as_str(), detail, record)
-            .await?;
+            .await;
+        metrics::histogram!("tokenvault_lease_stage_seconds", "stage" => "audit")
+            .record(audit_started.elapsed().as_secs_f64());
+        recorded?;
         Ok(lease)
     }
 
