@@ -308,3 +308,86 @@ both_backends!(
     lease_write_checks_active,
     a_lease_batched_with_a_deleted_connection_is_not_recorded
 );
+
+async fn an_append_concurrent_with_a_failing_one_lands_and_the_chain_verifies(backend: Backend) {
+    use std::time::Duration;
+    use tokenvault::crypto::MacPurpose;
+    use tokenvault::domain::{LeaseId, Timestamp};
+    use tokenvault::store::{AuditDraft, LeaseRecord, SealedEntry};
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let v = &tv.vault;
+    let conn = seed_connection(v, "acme", "carol", Integration::Calendar, "ya29.c", None).await;
+    let lease = LeaseRecord {
+        lease_id: LeaseId::generate(),
+        connection_id: conn.id.clone(),
+        caller: "spiffe://test.local/worker".into(),
+        purpose: "calendar_sync".into(),
+        scopes: "calendar.events".into(),
+        token_fingerprint: "f".repeat(32),
+        granted_at: Timestamp::now(),
+        expires_at: Timestamp::now().plus(Duration::from_secs(60)),
+        revoked_at: None,
+        revoke_reason: None,
+    };
+    let draft = |what: &str| AuditDraft {
+        at: Timestamp::now(),
+        actor: "tokenvault".into(),
+        role: "system".into(),
+        action: "test.pipeline".into(),
+        target: what.into(),
+        outcome: "ok".into(),
+        detail: String::new(),
+    };
+    // The real sealer, so the chain can be verified afterwards.
+    let keyring = v.keyring().clone();
+    let sealer = move |seq: i64, prev: &[u8], d: &AuditDraft| {
+        let hash = tokenvault::audit::entry_hash(seq, prev, d);
+        SealedEntry {
+            mac: keyring.mac(MacPurpose::AuditChain, &hash).to_vec(),
+            checkpoint: None,
+            entry_hash: hash,
+        }
+    };
+    let store = v.store();
+    // Warm the cached head.
+    store
+        .audit_append(&[draft("warm")], &[], &sealer)
+        .await
+        .unwrap();
+    store
+        .audit_append(
+            &[draft("first grant")],
+            std::slice::from_ref(&lease),
+            &sealer,
+        )
+        .await
+        .unwrap();
+    // Batch A repeats a lease id, so the database refuses it after it took
+    // the cached head; batch B is appended while A is in flight.
+    let a_drafts = [draft("duplicate grant")];
+    let b_drafts = [draft("after the failure")];
+    let (a, b) = tokio::join!(
+        store.audit_append(&a_drafts, std::slice::from_ref(&lease), &sealer),
+        store.audit_append(&b_drafts, &[], &sealer),
+    );
+    assert!(a.is_err(), "the duplicate lease id is refused");
+    let (b_seqs, _) = b.expect("the concurrent batch lands");
+    let head = store.audit_head().await.unwrap().0;
+    assert_eq!(b_seqs, vec![head]);
+    let report = verify_chain(store.as_ref(), v.keyring().as_ref(), 1, None)
+        .await
+        .unwrap();
+    assert!(report.ok(), "{report:?}");
+    // And the next append still lands on the real head.
+    let (next, _) = store
+        .audit_append(&[draft("next")], &[], &sealer)
+        .await
+        .unwrap();
+    assert_eq!(next, vec![head + 1]);
+}
+both_backends!(
+    audit_concurrent_failure,
+    an_append_concurrent_with_a_failing_one_lands_and_the_chain_verifies
+);
