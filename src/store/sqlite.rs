@@ -120,15 +120,16 @@ impl SqliteStore {
     }
 }
 
-/// Inserts one batch of audit entries (and the lease rows granted with
-/// them), 11 columns per entry as a JSON array of arrays, hashes in hex.
+/// Inserts one batch of audit entries: 11 columns per entry, as one JSON
+/// array of arrays with the hashes and MAC in hex.
 const INSERT_AUDIT_ROWS: &str = "INSERT INTO audit_log \
      (seq, at, actor, role, action, target, outcome, detail, prev_hash, entry_hash, mac) \
      SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
      value ->> 6, value ->> 7, unhex(value ->> 8), unhex(value ->> 9), unhex(value ->> 10) \
      FROM jsonb_each($1)";
 
-/// Records the leases whose connection is still ACTIVE, returning their ids.
+/// Records the batch's leases whose connection is still ACTIVE (rows as one
+/// JSON array of arrays), returning their ids.
 const INSERT_LEASE_ROWS: &str = "INSERT INTO leases (lease_id, connection_id, caller, purpose, \
      scopes, token_fingerprint, granted_at, expires_at) \
      SELECT v.value ->> 0, v.value ->> 1, v.value ->> 2, v.value ->> 3, v.value ->> 4, \
