@@ -69,6 +69,9 @@ impl PostgresStore {
         })
     }
 
+    /// Nothing to hold: row locks order PostgreSQL's writers.
+    async fn write_guard(&self) {}
+
     async fn begin_write(&self) -> StoreResult<((), sqlx::Transaction<'static, Db>)> {
         Ok(((), self.pool.begin().await?))
     }
@@ -112,28 +115,6 @@ const APPEND_AUDIT: &str = "WITH head AS ( \
        RETURNING lease_id) \
      SELECT EXISTS (SELECT 1 FROM head) AS appended, \
        ARRAY(SELECT lease_id FROM granted) AS leases";
-
-impl PostgresStore {
-    /// Seals `drafts` onto the chain head and writes them with the lease
-    /// rows. With the head this process wrote last (`cached`), one statement
-    /// does it all unless another replica moved the head since; then, and
-    /// when nothing is cached, the head is locked (`FOR UPDATE`) in a
-    /// transaction and the batch sealed onto it.
-    async fn append_sealing(
-        &self,
-        cached: Option<ChainHead>,
-        drafts: &[AuditDraft],
-        leases: &[LeaseRecord],
-        sealer: AuditSealer<'_>,
-    ) -> StoreResult<Appended> {
-        let mut held = self.hot.writer.lock(&self.pool).await?;
-        let result = match held.conn() {
-            Ok(conn) => append_on(conn, cached, drafts, leases, sealer).await,
-            Err(e) => Err(e),
-        };
-        held.discard_on_error(result)
-    }
-}
 
 /// Appends on `conn`: with the head this process wrote last (`cached`), one
 /// statement does it all unless another replica moved the head since; then,

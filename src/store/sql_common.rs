@@ -1,8 +1,11 @@
 // The store implementation shared by both backends. It is `include!`d by
 // `sqlite.rs` and `postgres.rs`, each of which defines:
-//   type Db; struct Store type `Self` with `pool`; const BACKEND; const LOCKING: &str
+//   type Db; struct Store type `Self` with `pool`; const BACKEND; const FOR_UPDATE: &str
 //   (" FOR UPDATE" on Postgres, "" on SQLite, whose write transactions are
-//   serialised); and `begin_write()` returning (guard, transaction).
+//   serialised); `write_guard()` (SQLite's one-writer lock, nothing on
+//   Postgres); `begin_write()` returning (guard, transaction); `ID_IN_LIST` and
+//   `id_list()` for the batched lease read; and `append_on()`, which seals and
+//   writes an audit batch on one connection.
 // SQL uses `$N` placeholders in ascending order of first use, which both
 // drivers bind by number.
 
@@ -111,6 +114,27 @@ impl HotConnections {
         for r in &self.readers {
             r.release().await;
         }
+    }
+}
+
+impl StoreImpl {
+    /// Appends on the audit writer's held connection (each backend's
+    /// `append_on` seals and writes), holding the backend's write guard; the
+    /// connection goes back to the pool after an error.
+    async fn append_sealing(
+        &self,
+        cached: Option<ChainHead>,
+        drafts: &[AuditDraft],
+        leases: &[LeaseRecord],
+        sealer: AuditSealer<'_>,
+    ) -> StoreResult<Appended> {
+        let _guard = self.write_guard().await;
+        let mut held = self.hot.writer.lock(&self.pool).await?;
+        let result = match held.conn() {
+            Ok(conn) => append_on(conn, cached, drafts, leases, sealer).await,
+            Err(e) => Err(e),
+        };
+        held.discard_on_error(result)
     }
 }
 

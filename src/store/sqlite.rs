@@ -87,10 +87,15 @@ impl SqliteStore {
         })
     }
 
+    /// Held by every write: SQLite takes one writer at a time.
+    async fn write_guard(&self) -> MutexGuard<'_, ()> {
+        self.write_lock.lock().await
+    }
+
     async fn begin_write(
         &self,
     ) -> StoreResult<(MutexGuard<'_, ()>, sqlx::Transaction<'static, Db>)> {
-        let guard = self.write_lock.lock().await;
+        let guard = self.write_guard().await;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         Ok((guard, tx))
     }
@@ -101,7 +106,7 @@ impl SqliteStore {
     /// database file and truncates the WAL, so no earlier page image holding
     /// the destroyed bytes stays on disk.
     async fn scrub(&self) {
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.write_guard().await;
         match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
             .fetch_one(&self.pool)
             .await
@@ -139,30 +144,12 @@ const INSERT_LEASE_ROWS: &str = "INSERT INTO leases (lease_id, connection_id, ca
 
 const READ_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1";
 
-impl SqliteStore {
-    /// Seals `drafts` onto the chain head and writes them, with the lease
-    /// rows, in one write transaction. The head is `cached` when this process
-    /// wrote it last; if another appender moved it since (compare-and-swap
-    /// missed), it is read inside the transaction, which holds SQLite's write
-    /// lock, and the batch is sealed again. Fixed statement texts (rows travel
-    /// as one JSON argument), so each is prepared once per connection.
-    async fn append_sealing(
-        &self,
-        cached: Option<ChainHead>,
-        drafts: &[AuditDraft],
-        leases: &[LeaseRecord],
-        sealer: AuditSealer<'_>,
-    ) -> StoreResult<Appended> {
-        let _guard = self.write_lock.lock().await;
-        let mut held = self.hot.writer.lock(&self.pool).await?;
-        let result = match held.conn() {
-            Ok(conn) => append_on(conn, cached, drafts, leases, sealer).await,
-            Err(e) => Err(e),
-        };
-        held.discard_on_error(result)
-    }
-}
-
+/// Seals `drafts` onto the chain head and writes them, with the lease rows,
+/// in one write transaction on `conn`. The head is `cached` when this process
+/// wrote it last; if another appender moved it since (compare-and-swap
+/// missed), it is read inside the transaction, which holds SQLite's write
+/// lock, and the batch is sealed again. Fixed statement texts (rows travel as
+/// one JSON argument), so each is prepared once per connection.
 async fn append_on(
     conn: &mut sqlx::SqliteConnection,
     cached: Option<ChainHead>,
