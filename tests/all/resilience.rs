@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::Row as _;
-use tokenvault::crypto::LocalKeyring;
 use tokenvault::domain::Integration;
 use tokenvault::google::sim::{Endpoint, Fault};
 use tokenvault::proto::v1 as pb;
@@ -32,8 +31,8 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::both_backends;
 use crate::support::raw::RawDb;
 use crate::support::{
-    As, Authed, Backend, CALENDAR_SCOPE, TestVault, connect, logs, seed_connection,
-    spawn_vault_with_google, test_config,
+    As, Authed, Backend, CALENDAR_SCOPE, TestVault, connect, seed_connection,
+    spawn_vault_with_google, start_vault,
 };
 
 fn lease_request(connection_id: &str) -> pb::LeaseTokenRequest {
@@ -366,37 +365,16 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
-/// A vault on the private cluster, built like `spawn_vault_with` builds one.
+/// A vault on the private cluster.
 async fn vault_on(url: &str) -> TestVault {
-    logs::capture();
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = test_config(dir.path(), url);
-    LocalKeyring::init(config.keyring_path()).expect("init keyring");
-    let server = tokenvault::server::start(&config)
-        .await
-        .expect("start vault");
-    let channel = Channel::from_shared(format!("http://{}", server.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect to vault");
-    TestVault {
-        backend: Backend::Postgres,
-        grpc_addr: server.grpc_addr,
-        http_addr: server.http_addr,
-        vault: server.vault.clone(),
-        server: Some(server),
-        dir,
-        config,
-        database_url: url.to_owned(),
-        channel,
-    }
+    start_vault(Backend::Postgres, dir, url.to_owned(), |_| {}).await
 }
 
-/// The deadline of the lease load during the PostgreSQL restart: twice the
-/// pool's 5 s acquire timeout. A failing lease waits for the pool once to
-/// read and again to audit the failure, behind earlier audit batches, so
-/// some calls reach this deadline first.
+/// The deadline of the lease load during the PostgreSQL restart: well past
+/// the pool's 2 s acquire timeout. A failing lease may wait for the pool once
+/// to read and again to audit the failure (unless the audit writer's 1 s
+/// fail-fast window refuses it at once), behind earlier audit batches.
 const PG_CALL_DEADLINE: Duration = Duration::from_secs(10);
 /// A probe's deadline long enough for the vault itself to answer.
 const PG_PROBE_DEADLINE: Duration = Duration::from_secs(30);

@@ -233,10 +233,26 @@ both_backends!(
     audit_fields_round_trip_exactly_through_batched_appends
 );
 
+/// A lease record for `conn` as the lease path writes it (one minute long).
+fn calendar_lease(conn: &tokenvault::store::ConnectionRecord) -> tokenvault::store::LeaseRecord {
+    use tokenvault::domain::{LeaseId, Timestamp};
+    tokenvault::store::LeaseRecord {
+        lease_id: LeaseId::generate(),
+        connection_id: conn.id.clone(),
+        caller: "spiffe://test.local/worker".into(),
+        purpose: "calendar_sync".into(),
+        scopes: "calendar.events".into(),
+        token_fingerprint: "f".repeat(32),
+        granted_at: Timestamp::now(),
+        expires_at: Timestamp::now().plus(std::time::Duration::from_secs(60)),
+        revoked_at: None,
+        revoke_reason: None,
+    }
+}
+
 async fn a_lease_batched_with_a_deleted_connection_is_not_recorded(backend: Backend) {
-    use std::time::Duration;
-    use tokenvault::domain::{DeletionReason, LeaseId, Timestamp};
-    use tokenvault::store::{AuditDraft, DeletionTarget, LeaseRecord, SealedEntry};
+    use tokenvault::domain::{DeletionReason, Timestamp};
+    use tokenvault::store::{AuditDraft, DeletionTarget, SealedEntry};
     let Some(tv) = spawn_vault(backend).await else {
         return;
     };
@@ -252,19 +268,7 @@ async fn a_lease_batched_with_a_deleted_connection_is_not_recorded(backend: Back
     )
     .await
     .unwrap();
-    let lease = |conn: &tokenvault::store::ConnectionRecord| LeaseRecord {
-        lease_id: LeaseId::generate(),
-        connection_id: conn.id.clone(),
-        caller: "spiffe://test.local/worker".into(),
-        purpose: "calendar_sync".into(),
-        scopes: "calendar.events".into(),
-        token_fingerprint: "f".repeat(32),
-        granted_at: Timestamp::now(),
-        expires_at: Timestamp::now().plus(Duration::from_secs(60)),
-        revoked_at: None,
-        revoke_reason: None,
-    };
-    let leases = [lease(&live), lease(&gone)];
+    let leases = [calendar_lease(&live), calendar_lease(&gone)];
     let drafts: Vec<AuditDraft> = leases
         .iter()
         .map(|l| AuditDraft {
@@ -310,27 +314,15 @@ both_backends!(
 );
 
 async fn an_append_concurrent_with_a_failing_one_lands_and_the_chain_verifies(backend: Backend) {
-    use std::time::Duration;
     use tokenvault::crypto::MacPurpose;
-    use tokenvault::domain::{LeaseId, Timestamp};
-    use tokenvault::store::{AuditDraft, LeaseRecord, SealedEntry};
+    use tokenvault::domain::Timestamp;
+    use tokenvault::store::{AuditDraft, SealedEntry};
     let Some(tv) = spawn_vault(backend).await else {
         return;
     };
     let v = &tv.vault;
     let conn = seed_connection(v, "acme", "carol", Integration::Calendar, "ya29.c", None).await;
-    let lease = LeaseRecord {
-        lease_id: LeaseId::generate(),
-        connection_id: conn.id.clone(),
-        caller: "spiffe://test.local/worker".into(),
-        purpose: "calendar_sync".into(),
-        scopes: "calendar.events".into(),
-        token_fingerprint: "f".repeat(32),
-        granted_at: Timestamp::now(),
-        expires_at: Timestamp::now().plus(Duration::from_secs(60)),
-        revoked_at: None,
-        revoke_reason: None,
-    };
+    let lease = calendar_lease(&conn);
     let draft = |what: &str| AuditDraft {
         at: Timestamp::now(),
         actor: "tokenvault".into(),

@@ -284,9 +284,20 @@ pub async fn spawn_vault_with(
     backend: Backend,
     adjust: impl FnOnce(&mut Config),
 ) -> Option<TestVault> {
-    logs::capture();
     let dir = tempfile::tempdir().expect("tempdir");
     let database_url = fresh_database(backend, dir.path()).await?;
+    Some(start_vault(backend, dir, database_url, adjust).await)
+}
+
+/// Starts a vault on `database_url` with its configuration and keyring in
+/// `dir`, after letting the test adjust the configuration.
+pub async fn start_vault(
+    backend: Backend,
+    dir: tempfile::TempDir,
+    database_url: String,
+    adjust: impl FnOnce(&mut Config),
+) -> TestVault {
+    logs::capture();
     let mut config = test_config(dir.path(), &database_url);
     adjust(&mut config);
     if config.keyring.provider == tokenvault::config::KeyringProviderKind::Local
@@ -302,7 +313,7 @@ pub async fn spawn_vault_with(
         .connect()
         .await
         .expect("connect to vault");
-    Some(TestVault {
+    TestVault {
         backend,
         grpc_addr: server.grpc_addr,
         http_addr: server.http_addr,
@@ -312,7 +323,7 @@ pub async fn spawn_vault_with(
         config,
         database_url,
         channel,
-    })
+    }
 }
 
 /// Runs an async test body once per backend: `both_backends!(name, body_fn)`
