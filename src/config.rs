@@ -338,6 +338,14 @@ pub struct LeaseConfig {
     pub max_ttl_seconds: u64,
     /// `min_valid_seconds` when a request leaves it at 0.
     pub default_min_valid_seconds: u32,
+    /// How long the lease path may serve a connection's sealed record (its
+    /// wrapped DEK and sealed access token, never a refresh token) from
+    /// memory instead of reading it again; 0 turns the cache off. A lease
+    /// from a cached record is recorded only if the connection is still
+    /// ACTIVE and unchanged when its audit entry commits.
+    pub cache_ttl_seconds: u64,
+    /// The most records that cache holds.
+    pub cache_entries: usize,
 }
 
 impl Default for LeaseConfig {
@@ -345,6 +353,8 @@ impl Default for LeaseConfig {
         Self {
             max_ttl_seconds: 900,
             default_min_valid_seconds: 60,
+            cache_ttl_seconds: 30,
+            cache_entries: 100_000,
         }
     }
 }

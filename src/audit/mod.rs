@@ -23,7 +23,7 @@ pub use verify::{VerifyReport, verify_chain};
 
 use crate::crypto::{KeyringProvider, MacPurpose};
 use crate::domain::{Timestamp, VaultError};
-use crate::store::{AuditDraft, LeaseRecord, SealedEntry, Store};
+use crate::store::{AuditDraft, LeaseGrant, SealedEntry, Store};
 
 /// The most entries committed in one group.
 const MAX_GROUP: usize = 512;
@@ -86,7 +86,7 @@ impl Outcome {
 
 struct Job {
     draft: AuditDraft,
-    lease: Option<LeaseRecord>,
+    lease: Option<LeaseGrant>,
     reply: oneshot::Sender<Result<i64, Refusal>>,
 }
 
@@ -96,8 +96,20 @@ enum Refusal {
     /// The entry is not in the log.
     Failed(String),
     /// The entry is in the log, but the lease was not recorded: its
-    /// connection stopped being ACTIVE first.
+    /// connection stopped being ACTIVE, or changed, first.
     LeaseVoid,
+}
+
+/// What became of a lease grant sent to the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseRecorded {
+    /// The grant is in the log and the lease is recorded: the entry's
+    /// sequence number.
+    Granted(i64),
+    /// The grant is in the log but the lease is not recorded: when the batch
+    /// committed, the connection was no longer ACTIVE, or had changed since
+    /// the lease path read it. The token must not be handed out.
+    Void,
 }
 
 /// Handle to the audit writer. Cheap to clone.
@@ -132,19 +144,28 @@ impl AuditLog {
         outcome: Outcome,
         detail: impl Into<String>,
     ) -> Result<i64, VaultError> {
-        self.append(actor, action, target, outcome, detail.into(), None)
-            .await
+        match self
+            .append(actor, action, target, outcome, detail.into(), None)
+            .await?
+        {
+            LeaseRecorded::Granted(seq) => Ok(seq),
+            // Only a lease can be void, and this entry carries none.
+            LeaseRecorded::Void => Err(VaultError::Internal(
+                "an audit entry without a lease came back void".into(),
+            )),
+        }
     }
 
     /// Appends a lease grant together with the lease row, in the same
-    /// transaction: the lease exists exactly when its grant is audited.
+    /// transaction: the lease exists only if its grant is audited, and is
+    /// recorded only if its connection is still ACTIVE and unchanged.
     pub async fn record_lease(
         &self,
         actor: &Actor,
         target: &str,
         detail: String,
-        lease: LeaseRecord,
-    ) -> Result<i64, VaultError> {
+        lease: LeaseGrant,
+    ) -> Result<LeaseRecorded, VaultError> {
         self.append(
             actor,
             "lease.grant",
@@ -163,8 +184,8 @@ impl AuditLog {
         target: &str,
         outcome: Outcome,
         detail: String,
-        lease: Option<LeaseRecord>,
-    ) -> Result<i64, VaultError> {
+        lease: Option<LeaseGrant>,
+    ) -> Result<LeaseRecorded, VaultError> {
         let started = std::time::Instant::now();
         let draft = AuditDraft {
             at: Timestamp::now(),
@@ -188,11 +209,9 @@ impl AuditLog {
         metrics::histogram!("tokenvault_audit_append_seconds")
             .record(started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(seq)) => Ok(seq),
+            Ok(Ok(seq)) => Ok(LeaseRecorded::Granted(seq)),
             Ok(Err(Refusal::Failed(e))) => Err(VaultError::AuditUnavailable(e)),
-            Ok(Err(Refusal::LeaseVoid)) => Err(VaultError::precondition(format!(
-                "connection {target} was deleted or suspended while the lease was being granted"
-            ))),
+            Ok(Err(Refusal::LeaseVoid)) => Ok(LeaseRecorded::Void),
             Err(_) => Err(VaultError::AuditUnavailable(
                 "audit writer stopped".to_owned(),
             )),
@@ -218,7 +237,7 @@ async fn writer(
     let mut unreachable: Option<(std::time::Instant, String)> = None;
     while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
         let drafts: Vec<AuditDraft> = batch.iter().map(|j| j.draft.clone()).collect();
-        let leases: Vec<LeaseRecord> = batch.iter().filter_map(|j| j.lease.clone()).collect();
+        let leases: Vec<LeaseGrant> = batch.iter().filter_map(|j| j.lease.clone()).collect();
         let started = std::time::Instant::now();
         let entries = batch.len();
         if unreachable
@@ -258,7 +277,7 @@ async fn writer(
                 let recorded: std::collections::HashSet<String> = recorded.into_iter().collect();
                 for (job, seq) in batch.drain(..).zip(seqs) {
                     let reply = match &job.lease {
-                        Some(l) if !recorded.contains(l.lease_id.as_str()) => {
+                        Some(g) if !recorded.contains(g.lease.lease_id.as_str()) => {
                             Err(Refusal::LeaseVoid)
                         }
                         _ => Ok(seq),

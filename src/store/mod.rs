@@ -223,13 +223,13 @@ pub trait Store: Send + Sync + 'static {
     /// numbers.
     ///
     /// `leases` are recorded in the same transaction, each only if its
-    /// connection is still ACTIVE there (a deletion or suspension that
-    /// committed first wins); the ids of the leases recorded are returned
-    /// with the sequence numbers.
+    /// connection is still ACTIVE and unchanged there (a deletion,
+    /// suspension or re-consent that committed first wins); the ids of the
+    /// leases recorded are returned with the sequence numbers.
     async fn audit_append(
         &self,
         drafts: &[AuditDraft],
-        leases: &[LeaseRecord],
+        leases: &[LeaseGrant],
         sealer: AuditSealer<'_>,
     ) -> StoreResult<(Vec<i64>, Vec<String>)>;
 

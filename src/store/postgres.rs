@@ -86,8 +86,8 @@ impl PostgresStore {
 /// Appends one sealed batch in a single statement (one round trip, its own
 /// transaction): moves the chain head by compare-and-swap and, only if that
 /// succeeded, inserts the entries, their checkpoints and the lease rows
-/// whose connection is still ACTIVE (locking that row against a concurrent
-/// disconnect). Rows travel as arrays, so the text is the same for any batch.
+/// whose connection is still ACTIVE and unchanged since the lease path read
+/// it (locking that row against a concurrent disconnect). Rows travel as arrays, so the text is the same for any batch.
 const APPEND_AUDIT: &str = "WITH head AS ( \
        UPDATE audit_head SET seq = $1, entry_hash = $2 \
        WHERE id = 1 AND seq = $3 AND entry_hash = $4 RETURNING 1), \
@@ -105,12 +105,15 @@ const APPEND_AUDIT: &str = "WITH head AS ( \
      granted AS ( \
        INSERT INTO leases (lease_id, connection_id, caller, purpose, scopes, \
          token_fingerprint, granted_at, expires_at) \
-       SELECT v.* FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $25::text[], \
-         $26::text[], $27::bigint[], $28::bigint[]) \
+       SELECT v.lease_id, v.connection_id, v.caller, v.purpose, v.scopes, \
+         v.token_fingerprint, v.granted_at, v.expires_at \
+       FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $25::text[], \
+         $26::text[], $27::bigint[], $28::bigint[], $29::bigint[]) \
          AS v (lease_id, connection_id, caller, purpose, scopes, token_fingerprint, \
-         granted_at, expires_at) \
+         granted_at, expires_at, connection_version) \
        JOIN connections c ON c.connection_id = v.connection_id \
-       WHERE c.status = 'active' AND EXISTS (SELECT 1 FROM head) \
+       WHERE c.status = 'active' AND c.updated_at = v.connection_version \
+         AND EXISTS (SELECT 1 FROM head) \
        FOR SHARE OF c \
        RETURNING lease_id) \
      SELECT EXISTS (SELECT 1 FROM head) AS appended, \
@@ -124,7 +127,7 @@ async fn append_on(
     conn: &mut sqlx::PgConnection,
     cached: Option<ChainHead>,
     drafts: &[AuditDraft],
-    leases: &[LeaseRecord],
+    leases: &[LeaseGrant],
     sealer: AuditSealer<'_>,
 ) -> StoreResult<Appended> {
     use sqlx::Connection as _;
@@ -153,13 +156,17 @@ async fn append_on(
 async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
     db: E,
     batch: &SealedBatch<'_>,
-    leases: &[LeaseRecord],
+    leases: &[LeaseGrant],
 ) -> StoreResult<Option<Vec<String>>> {
     let e = &batch.entries;
     let k = &batch.checkpoints;
     let text = |f: fn(&AuditDraft) -> &str| e.iter().map(|r| f(r.draft)).collect::<Vec<_>>();
     let bytes = |f: for<'r> fn(&'r SealedRow<'r>) -> &'r [u8]| e.iter().map(f).collect::<Vec<_>>();
-    let lease_text = |f: fn(&LeaseRecord) -> &str| leases.iter().map(f).collect::<Vec<_>>();
+    let lease_text =
+        |f: fn(&LeaseRecord) -> &str| leases.iter().map(|g| f(&g.lease)).collect::<Vec<_>>();
+    let lease_time = |f: fn(&LeaseGrant) -> Timestamp| {
+        leases.iter().map(|g| f(g).as_micros()).collect::<Vec<_>>()
+    };
     let row = sqlx::query(APPEND_AUDIT)
         .bind(batch.to.0)
         .bind(batch.to.1.as_slice())
@@ -199,18 +206,9 @@ async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
         .bind(lease_text(|l| &l.purpose))
         .bind(lease_text(|l| &l.scopes))
         .bind(lease_text(|l| &l.token_fingerprint))
-        .bind(
-            leases
-                .iter()
-                .map(|l| l.granted_at.as_micros())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            leases
-                .iter()
-                .map(|l| l.expires_at.as_micros())
-                .collect::<Vec<_>>(),
-        )
+        .bind(lease_time(|g| g.lease.granted_at))
+        .bind(lease_time(|g| g.lease.expires_at))
+        .bind(lease_time(|g| g.connection_version))
         .fetch_one(db)
         .await?;
     if !row.try_get::<bool, _>("appended")? {

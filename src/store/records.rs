@@ -333,6 +333,17 @@ pub struct LeaseRecord {
     pub revoke_reason: Option<String>,
 }
 
+/// A lease to record with its grant's audit entry.
+#[derive(Clone, Debug)]
+pub struct LeaseGrant {
+    /// The lease row.
+    pub lease: LeaseRecord,
+    /// The connection's `updated_at` as the lease path read it: the row is
+    /// recorded only if the connection is still ACTIVE and unchanged since
+    /// (every change to a connection moves its `updated_at`).
+    pub connection_version: Timestamp,
+}
+
 /// An event to append to the log.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewEvent {

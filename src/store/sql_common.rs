@@ -20,7 +20,7 @@ use crate::store::{
     AuthzConsume, AuthzStateRecord, RefreshedTokens,
     AuditCheckpoint, AuditDraft, AuditFilter, AuditRow, AuditSealer, Backend, ConnectionFilter, ConnectionRecord,
     DeletedConnection, DeletionOutcome, DeletionRequest, DeletionTarget, EventLogState,
-    EventRecord, KekRecord, LeaseRecord, NewEvent, OutboxRow, OutboxToken, PageRequest,
+    EventRecord, KekRecord, LeaseGrant, LeaseRecord, NewEvent, OutboxRow, OutboxToken, PageRequest,
     ReceiptConnection, ReceiptFilter, ReceiptRecord, Rewrap, RotationRun, SecretsRecord, StoreResult,
     WrappedDekRow,
 };
@@ -125,7 +125,7 @@ impl StoreImpl {
         &self,
         cached: Option<ChainHead>,
         drafts: &[AuditDraft],
-        leases: &[LeaseRecord],
+        leases: &[LeaseGrant],
         sealer: AuditSealer<'_>,
     ) -> StoreResult<Appended> {
         let _guard = self.write_guard().await;
@@ -1174,7 +1174,7 @@ impl crate::store::Store for StoreImpl {
     async fn audit_append(
         &self,
         drafts: &[AuditDraft],
-        leases: &[LeaseRecord],
+        leases: &[LeaseGrant],
         sealer: AuditSealer<'_>,
     ) -> StoreResult<(Vec<i64>, Vec<String>)> {
         // This process's audit writer is the only appender here, so the head

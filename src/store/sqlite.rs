@@ -133,14 +133,15 @@ const INSERT_AUDIT_ROWS: &str = "INSERT INTO audit_log \
      value ->> 6, value ->> 7, unhex(value ->> 8), unhex(value ->> 9), unhex(value ->> 10) \
      FROM jsonb_each($1)";
 
-/// Records the batch's leases whose connection is still ACTIVE (rows as one
-/// JSON array of arrays), returning their ids.
+/// Records the batch's leases whose connection is still ACTIVE and unchanged
+/// since the lease path read it (rows as one JSON array of arrays, the read
+/// `updated_at` last), returning their ids.
 const INSERT_LEASE_ROWS: &str = "INSERT INTO leases (lease_id, connection_id, caller, purpose, \
      scopes, token_fingerprint, granted_at, expires_at) \
      SELECT v.value ->> 0, v.value ->> 1, v.value ->> 2, v.value ->> 3, v.value ->> 4, \
      v.value ->> 5, v.value ->> 6, v.value ->> 7 \
      FROM jsonb_each($1) AS v JOIN connections c ON c.connection_id = v.value ->> 1 \
-     WHERE c.status = 'active' RETURNING lease_id";
+     WHERE c.status = 'active' AND c.updated_at = v.value ->> 8 RETURNING lease_id";
 
 const READ_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1";
 
@@ -154,7 +155,7 @@ async fn append_on(
     conn: &mut sqlx::SqliteConnection,
     cached: Option<ChainHead>,
     drafts: &[AuditDraft],
-    leases: &[LeaseRecord],
+    leases: &[LeaseGrant],
     sealer: AuditSealer<'_>,
 ) -> StoreResult<Appended> {
     use sqlx::Connection as _;
@@ -202,7 +203,8 @@ async fn append_on(
     } else {
         let rows: Vec<_> = leases
             .iter()
-            .map(|l| {
+            .map(|g| {
+                let l = &g.lease;
                 (
                     l.lease_id.as_str(),
                     l.connection_id.as_str(),
@@ -212,6 +214,7 @@ async fn append_on(
                     &l.token_fingerprint,
                     l.granted_at.as_micros(),
                     l.expires_at.as_micros(),
+                    g.connection_version.as_micros(),
                 )
             })
             .collect();

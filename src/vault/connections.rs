@@ -86,6 +86,7 @@ impl Vault {
     ) -> Result<ConnectionRecord, VaultError> {
         let (mut record, secrets) = self.connection_seal(new, id).await?;
         self.store().connection_upsert(&record, &secrets).await?;
+        self.reader.forget(&record.id);
         if let Some(current) = self.store().connection_get(&record.id).await? {
             record = current;
         }

@@ -111,6 +111,9 @@ impl Vault {
                 receipt_id,
                 connections,
             } => {
+                for c in &connections {
+                    self.reader.forget(&c.connection_id);
+                }
                 metrics::counter!("tokenvault_deletions_total", "reason" => reason.as_str())
                     .increment(1);
                 tracing::info!(%receipt_id, target = %subject, connections = connections.len(), %reason, "deleted; tokens destroyed");

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ring::rand::SecureRandom as _;
 
-use crate::audit::{Actor, Outcome};
+use crate::audit::{Actor, LeaseRecorded, Outcome};
 use crate::crypto::{SecretString, TokenKind, fingerprint, seal};
 use crate::domain::{
     ConnectionId, ConnectionStatus, DeletionReason, LeaseId, Purpose, ScopeSet, Timestamp,
@@ -24,7 +24,9 @@ use crate::domain::{
 };
 use crate::google::GoogleError;
 use crate::policy::{LeaseAsk, Policy};
-use crate::store::{ConnectionRecord, DeletionTarget, LeaseRecord, RefreshedTokens, SecretsRecord};
+use crate::store::{
+    ConnectionRecord, DeletionTarget, LeaseGrant, LeaseRecord, RefreshedTokens, SecretsRecord,
+};
 
 use super::Vault;
 use super::connections::dek_context;
@@ -165,12 +167,40 @@ impl Vault {
                 .into(),
             ));
         }
+        // A cached record may be out of date; the store records no lease on a
+        // connection that changed since it was read, and then one read from
+        // the database decides.
+        if let Some(lease) = self.lease_attempt(actor, policy, &req, false).await? {
+            return Ok(lease);
+        }
+        self.lease_attempt(actor, policy, &req, true)
+            .await?
+            .ok_or_else(|| {
+                VaultError::precondition(format!(
+                    "connection {} was deleted, suspended or changed while the lease was being granted",
+                    req.connection
+                ))
+            })
+    }
+
+    /// One try at a lease, from the cache unless `fresh`. `None` when a
+    /// cached record may be out of date: it lacks a requested scope, its DEK
+    /// no longer opens, or the store refused the lease because the
+    /// connection changed since (the grant entry is then in the audit log,
+    /// followed by a `lease.void` entry saying it did not take).
+    async fn lease_attempt(
+        &self,
+        actor: &Actor,
+        policy: &Policy,
+        req: &LeaseRequest,
+        fresh: bool,
+    ) -> Result<Option<Lease>, VaultError> {
         let read_started = Instant::now();
-        let found = self.reader.get(&req.connection).await;
+        let found = self.reader.get(&req.connection, fresh).await;
         metrics::histogram!("tokenvault_lease_stage_seconds", "stage" => "read")
             .record(read_started.elapsed().as_secs_f64());
-        let (conn, secrets) =
-            found?.ok_or_else(|| VaultError::not_found("connection", &req.connection))?;
+        let read = found?.ok_or_else(|| VaultError::not_found("connection", &req.connection))?;
+        let conn: &ConnectionRecord = &read.conn;
         policy
             .check_lease(
                 &actor.identity,
@@ -189,6 +219,11 @@ impl Vault {
             )));
         }
         if !conn.granted_scopes.covers(&req.scopes) {
+            if read.cached {
+                // The user may have granted more since it was cached.
+                self.reader.forget(&conn.id);
+                return Ok(None);
+            }
             let missing: Vec<&str> = conn
                 .granted_scopes
                 .missing_from(&req.scopes)
@@ -200,16 +235,45 @@ impl Vault {
                 conn.id
             )));
         }
-        let (token, expires_at) = self
-            .fresh_access_token(&conn, secrets.as_ref(), req.min_valid, req.deadline)
-            .await?;
+        let want = Timestamp::now().plus(req.min_valid);
+        // The common case: the token read with the connection is fresh enough.
+        let stored = match read
+            .secrets
+            .as_ref()
+            .and_then(|s| Some((s, sealed_access(s)?)))
+        {
+            Some((secrets, (sealed, expires))) if expires >= want => {
+                match self
+                    .token_open(conn, secrets, TokenKind::Access, sealed)
+                    .await
+                {
+                    Ok(token) => Some((token, expires)),
+                    // E.g. its KEK version was destroyed after a rotation
+                    // rewrapped the DEK: read it again.
+                    Err(_) if read.cached => {
+                        self.reader.forget(&conn.id);
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            _ => None,
+        };
+        let (token, expires_at) = match stored {
+            Some(found) => found,
+            None => {
+                // Refreshed (here or elsewhere): the next lease reads it anew.
+                self.reader.forget(&conn.id);
+                self.fresh_access_token(conn, want, req.deadline).await?
+            }
+        };
         let now = Timestamp::now();
         let max = now.plus(Duration::from_secs(self.settings.lease.max_ttl_seconds));
         let lease = Lease {
             lease_id: LeaseId::generate(),
             token_expires_at: expires_at,
             lease_expires_at: expires_at.min(max),
-            scopes: req.scopes,
+            scopes: req.scopes.clone(),
             access_token: token,
         };
         let fp = fingerprint(
@@ -221,27 +285,50 @@ impl Vault {
             "lease={} purpose={} scopes={scopes} token={fp}",
             lease.lease_id, req.purpose
         );
-        let record = LeaseRecord {
-            lease_id: lease.lease_id.clone(),
-            connection_id: conn.id.clone(),
-            caller: actor.identity.clone(),
-            purpose: req.purpose.to_string(),
-            scopes,
-            token_fingerprint: fp,
-            granted_at: now,
-            expires_at: lease.lease_expires_at,
-            revoked_at: None,
-            revoke_reason: None,
+        let grant = LeaseGrant {
+            lease: LeaseRecord {
+                lease_id: lease.lease_id.clone(),
+                connection_id: conn.id.clone(),
+                caller: actor.identity.clone(),
+                purpose: req.purpose.to_string(),
+                scopes,
+                token_fingerprint: fp,
+                granted_at: now,
+                expires_at: lease.lease_expires_at,
+                revoked_at: None,
+                revoke_reason: None,
+            },
+            connection_version: conn.updated_at,
         };
         let audit_started = Instant::now();
         let recorded = self
             .audit()
-            .record_lease(actor, conn.id.as_str(), detail, record)
+            .record_lease(actor, conn.id.as_str(), detail, grant)
             .await;
         metrics::histogram!("tokenvault_lease_stage_seconds", "stage" => "audit")
             .record(audit_started.elapsed().as_secs_f64());
-        recorded?;
-        Ok(lease)
+        match recorded? {
+            LeaseRecorded::Granted(_) => Ok(Some(lease)),
+            LeaseRecorded::Void if read.cached => {
+                // The grant entry is in the log; say that it did not take.
+                self.reader.forget(&conn.id);
+                metrics::counter!("tokenvault_lease_cache_total", "result" => "stale").increment(1);
+                self.audit()
+                    .record(
+                        actor,
+                        "lease.void",
+                        conn.id.as_str(),
+                        Outcome::Failed,
+                        format!(
+                            "lease={} not recorded: the connection changed after it was read; reading it again",
+                            lease.lease_id
+                        ),
+                    )
+                    .await?;
+                Ok(None)
+            }
+            LeaseRecorded::Void => Ok(None),
+        }
     }
 
     /// Ends a lease early. Only its holder may release it; releasing an
@@ -296,27 +383,15 @@ impl Vault {
         Ok(Some((token, expires, secrets.updated_at)))
     }
 
-    /// An access token valid for at least `min_valid`, refreshing (once,
-    /// across every caller and replica) when needed.
+    /// An access token valid until at least `want`, refreshing (once,
+    /// across every caller and replica) when the stored one is not.
     async fn fresh_access_token(
         &self,
         conn: &ConnectionRecord,
-        secrets: Option<&SecretsRecord>,
-        min_valid: Duration,
+        want: Timestamp,
         deadline: Instant,
     ) -> Result<(SecretString, Timestamp), VaultError> {
         let started = Timestamp::now();
-        let want = started.plus(min_valid);
-        // The common case: the token read with the connection is fresh enough.
-        if let Some(secrets) = secrets
-            && let Some((sealed, expires)) = sealed_access(secrets)
-            && expires >= want
-        {
-            let token = self
-                .token_open(conn, secrets, TokenKind::Access, sealed)
-                .await?;
-            return Ok((token, expires));
-        }
         // A stored token is usable when it is fresh enough or was refreshed
         // after this call began (by whoever got there first).
         let usable = |expires: Timestamp, updated: Timestamp| expires >= want || updated > started;

@@ -105,7 +105,11 @@ impl Vault {
             events: events::EventHead::new(),
             stopping: tokio::sync::watch::channel(false).0,
             risc: risc::RiscReceiver::new(config)?,
-            reader: reader::LeaseReader::start(store.clone()),
+            reader: reader::LeaseReader::start(
+                store.clone(),
+                std::time::Duration::from_secs(config.lease.cache_ttl_seconds),
+                config.lease.cache_entries,
+            ),
         });
         vault.keys.resume_rotation().await?;
         tokio::spawn(every(

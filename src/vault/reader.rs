@@ -1,17 +1,29 @@
-//! Batched reads for the lease path. Every lease needs its connection and
-//! sealed secrets; instead of two queries per lease, concurrent leases queue
-//! their connection ids here and one task reads whatever has queued up with a
-//! single query (the read-side twin of the audit log's group commit). Up to
-//! [`IN_FLIGHT`] batches are read at once, so a new batch gathers while the
-//! previous one is still in the database. Only sealed bytes pass through;
-//! nothing is cached between batches.
+//! Reads for the lease path: a short-lived cache of sealed records in front
+//! of batched database reads.
+//!
+//! Every lease needs its connection, its wrapped DEK and its sealed access
+//! token. Most leases find them in the cache: sealed bytes only (the wrapped
+//! DEK and the access token's ciphertext, never a refresh token, never
+//! anything opened), kept at most `lease.cache_ttl_seconds` and dropped at
+//! once when this vault deletes the connection. A cached record is never
+//! trusted on its own: the lease row is written, with its audit entry, only
+//! if the connection is still ACTIVE and unchanged since the record was read
+//! (the store compares its `updated_at` in the same transaction), and the
+//! lease path retries once from the database when it is not.
+//!
+//! On a miss, concurrent leases queue their connection ids here and one task
+//! reads whatever has queued up with a single query (the read-side twin of
+//! the audit log's group commit). Up to [`IN_FLIGHT`] batches are read at
+//! once, so a new batch gathers while the previous one is still in the
+//! database.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::domain::{ConnectionId, VaultError};
+use crate::domain::{ConnectionId, ConnectionStatus, VaultError};
 use crate::store::{ConnectionRecord, SecretsRecord, Store};
 
 /// The most ids read in one query.
@@ -23,31 +35,153 @@ const IN_FLIGHT: usize = 3;
 type Found = Option<(ConnectionRecord, Option<SecretsRecord>)>;
 type Reply = oneshot::Sender<Result<Found, String>>;
 
-/// Handle to the batching reader task.
+/// What the lease path reads: the connection and its sealed secrets, and
+/// whether they came from the cache (and so may be out of date).
+pub(super) struct LeaseRead {
+    /// The connection as read.
+    pub conn: Arc<ConnectionRecord>,
+    /// Its wrapped DEK and sealed access token (no refresh token), if it holds any.
+    pub secrets: Option<Arc<SecretsRecord>>,
+    /// Served from the cache rather than read just now.
+    pub cached: bool,
+}
+
+/// A cached record and when it was read.
+struct Entry {
+    conn: Arc<ConnectionRecord>,
+    secrets: Arc<SecretsRecord>,
+    read_at: Instant,
+}
+
+/// Sealed records of ACTIVE connections, by id.
+struct SealedCache {
+    entries: Mutex<HashMap<ConnectionId, Entry>>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+impl SealedCache {
+    fn enabled(&self) -> bool {
+        !self.ttl.is_zero() && self.capacity > 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Entry>> {
+        // A panic while holding the lock leaves a map that is still usable.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, id: &ConnectionId) -> Option<(Arc<ConnectionRecord>, Arc<SecretsRecord>)> {
+        let mut entries = self.lock();
+        match entries.get(id) {
+            Some(e) if e.read_at.elapsed() < self.ttl => Some((e.conn.clone(), e.secrets.clone())),
+            Some(_) => {
+                entries.remove(id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Keeps a record just read, if its connection is ACTIVE and holds an
+    /// access token (nothing else can be leased from a cached record).
+    fn put(&self, conn: &Arc<ConnectionRecord>, secrets: &Arc<SecretsRecord>) {
+        if conn.status != ConnectionStatus::Active || secrets.access_token.is_none() {
+            return;
+        }
+        let mut entries = self.lock();
+        if entries.len() >= self.capacity && !entries.contains_key(&conn.id) {
+            entries.retain(|_, e| e.read_at.elapsed() < self.ttl);
+            if entries.len() >= self.capacity {
+                // Full of live entries: start over rather than track recency on
+                // every hit; the next leases refill what they use.
+                entries.clear();
+            }
+        }
+        entries.insert(
+            conn.id.clone(),
+            Entry {
+                conn: conn.clone(),
+                secrets: secrets.clone(),
+                read_at: Instant::now(),
+            },
+        );
+    }
+
+    fn forget(&self, id: &ConnectionId) {
+        self.lock().remove(id);
+    }
+}
+
+/// Handle to the lease path's reads.
 pub(super) struct LeaseReader {
     tx: mpsc::Sender<(ConnectionId, Reply)>,
+    cache: SealedCache,
 }
 
 impl LeaseReader {
-    /// Starts the reader task; it ends when the handle is dropped.
-    pub(super) fn start(store: Arc<dyn Store>) -> Self {
+    /// Starts the batching task on the current runtime; it ends when the
+    /// handle is dropped. Records are cached for `ttl`, at
+    /// most `capacity` of them; either at zero turns the cache off.
+    pub(super) fn start(store: Arc<dyn Store>, ttl: Duration, capacity: usize) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(run(store, rx));
-        Self { tx }
+        Self {
+            tx,
+            cache: SealedCache {
+                entries: Mutex::new(HashMap::new()),
+                ttl,
+                capacity,
+            },
+        }
     }
 
     /// A connection and its sealed secrets; `None` when there is no such
-    /// connection.
-    pub(super) async fn get(&self, id: &ConnectionId) -> Result<Found, VaultError> {
+    /// connection. `fresh` skips the cache.
+    pub(super) async fn get(
+        &self,
+        id: &ConnectionId,
+        fresh: bool,
+    ) -> Result<Option<LeaseRead>, VaultError> {
+        if self.cache.enabled() && !fresh {
+            if let Some((conn, secrets)) = self.cache.get(id) {
+                metrics::counter!("tokenvault_lease_cache_total", "result" => "hit").increment(1);
+                return Ok(Some(LeaseRead {
+                    conn,
+                    secrets: Some(secrets),
+                    cached: true,
+                }));
+            }
+            metrics::counter!("tokenvault_lease_cache_total", "result" => "miss").increment(1);
+        }
         let (reply, rx) = oneshot::channel();
         let stopped = || VaultError::Unavailable("the vault is shutting down".into());
         self.tx
             .send((id.clone(), reply))
             .await
             .map_err(|_| stopped())?;
-        rx.await
+        let found = rx
+            .await
             .map_err(|_| stopped())?
-            .map_err(|e| VaultError::Unavailable(format!("database: {e}").into()))
+            .map_err(|e| VaultError::Unavailable(format!("database: {e}").into()))?;
+        Ok(found.map(|(conn, secrets)| {
+            let (conn, secrets) = (Arc::new(conn), secrets.map(Arc::new));
+            if self.cache.enabled()
+                && let Some(secrets) = &secrets
+            {
+                self.cache.put(&conn, secrets);
+            }
+            LeaseRead {
+                conn,
+                secrets,
+                cached: false,
+            }
+        }))
+    }
+
+    /// Drops a connection's cached record (deleted, found out of date, or
+    /// its token refreshed).
+    pub(super) fn forget(&self, id: &ConnectionId) {
+        self.cache.forget(id);
     }
 }
 
@@ -81,8 +215,16 @@ async fn read_batch(store: &dyn Store, batch: Vec<(ConnectionId, Reply)>) {
     match result {
         Ok(rows) => {
             let unique = batch.len() == ids.len();
-            let mut found: HashMap<ConnectionId, (ConnectionRecord, Option<SecretsRecord>)> =
-                rows.into_iter().map(|r| (r.0.id.clone(), r)).collect();
+            // The lease path never needs the refresh token: it stays in the store.
+            let mut found: HashMap<ConnectionId, (ConnectionRecord, Option<SecretsRecord>)> = rows
+                .into_iter()
+                .map(|(conn, mut secrets)| {
+                    if let Some(s) = secrets.as_mut() {
+                        s.refresh_token = None;
+                    }
+                    (conn.id.clone(), (conn, secrets))
+                })
+                .collect();
             for (id, reply) in batch {
                 // Usually one request per id: move the row out; clone for repeats.
                 let row = if unique {

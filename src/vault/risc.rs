@@ -223,6 +223,7 @@ impl Vault {
                     .store()
                     .connections_suspend(sub, true, "hijacking", Timestamp::now())
                     .await?;
+                changed.iter().for_each(|id| self.reader.forget(id));
                 self.refresh_event_head().await;
                 tracing::warn!(
                     connections = changed.len(),
@@ -234,6 +235,7 @@ impl Vault {
                     .store()
                     .connections_suspend(sub, false, "account-enabled", Timestamp::now())
                     .await?;
+                changed.iter().for_each(|id| self.reader.forget(id));
                 self.refresh_event_head().await;
                 tracing::info!(
                     connections = changed.len(),

@@ -137,6 +137,107 @@ both_backends!(
     a_deletion_reaches_watchers_on_another_replica_within_a_second
 );
 
+/// What an in-place re-consent by the same Google account writes (replica A
+/// doing it behind replica B's back): the granted scopes, and a new
+/// `updated_at`.
+async fn reconsent(raw: &RawDb, connection_id: &str, scopes: &str) {
+    raw.execute(&format!(
+        "UPDATE connections SET granted_scopes = '{scopes}', updated_at = {} \
+         WHERE connection_id = '{connection_id}'",
+        Timestamp::now().as_micros()
+    ))
+    .await;
+}
+
+/// Replica B serves leases from its cache of sealed records; replica A
+/// changes the connection underneath it. B must never grant what the
+/// connection no longer allows, nor refuse what it allows again.
+async fn a_replica_never_leases_from_a_record_another_replica_changed(backend: Backend) {
+    use tokenvault::store::AuditFilter;
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let (replica, channel) = second_replica(&tv).await;
+    let mut on_b = LeaseServiceClient::with_interceptor(channel.clone(), bearer(As::Worker));
+    let conn = seed_connection(
+        &tv.vault,
+        "t1",
+        "a1",
+        Integration::Calendar,
+        "ya29.one",
+        None,
+    )
+    .await;
+    on_b.lease_token(lease_req(conn.id.as_str()))
+        .await
+        .expect("B leases, and caches the record");
+
+    // A: the user re-consents without the Calendar scope.
+    let raw = RawDb::open(&tv).await;
+    reconsent(&raw, conn.id.as_str(), "openid email").await;
+    let err = on_b
+        .lease_token(lease_req(conn.id.as_str()))
+        .await
+        .expect_err("B's cached record still shows the scope; the store refuses it");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("did not grant"), "{err:?}");
+    let voided = tv
+        .vault
+        .store()
+        .audit_query(
+            &AuditFilter {
+                action_prefix: Some("lease.void".into()),
+                target: Some(conn.id.to_string()),
+                ..Default::default()
+            },
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(voided.len(), 1, "the voided grant is audited: {voided:?}");
+    assert_eq!(voided[0].draft.outcome, "failed");
+    let open = tv
+        .vault
+        .store()
+        .lease_open_count(Timestamp::now(), Some(&conn.id))
+        .await
+        .unwrap();
+    assert_eq!(open, 1, "only the first lease is recorded");
+
+    // A: the scope is granted again; B's cached record (read after the
+    // re-consent) lacks it, and B must not refuse on its account.
+    reconsent(
+        &raw,
+        conn.id.as_str(),
+        &format!("openid email {CALENDAR_SCOPE}"),
+    )
+    .await;
+    let lease = on_b
+        .lease_token(lease_req(conn.id.as_str()))
+        .await
+        .expect("granted again")
+        .into_inner();
+    assert_eq!(lease.access_token, "ya29.one");
+
+    // A: the connection is suspended; B refuses from then on.
+    tv.vault
+        .store()
+        .connections_suspend("sub-t1-a1", true, "hijacking", Timestamp::now())
+        .await
+        .unwrap();
+    let err = on_b
+        .lease_token(lease_req(conn.id.as_str()))
+        .await
+        .expect_err("suspended");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    raw.close().await;
+    replica.shutdown().await;
+}
+both_backends!(
+    cached_records_checked_at_commit,
+    a_replica_never_leases_from_a_record_another_replica_changed
+);
+
 async fn positions_are_durable_and_acks_cumulative(backend: Backend) {
     let Some(tv) = spawn_vault(backend).await else {
         return;

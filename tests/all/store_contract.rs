@@ -233,10 +233,11 @@ both_backends!(
     audit_fields_round_trip_exactly_through_batched_appends
 );
 
-/// A lease record for `conn` as the lease path writes it (one minute long).
-fn calendar_lease(conn: &tokenvault::store::ConnectionRecord) -> tokenvault::store::LeaseRecord {
+/// A lease for `conn` as the lease path writes it (one minute long), against
+/// the connection as `conn` shows it.
+fn calendar_lease(conn: &tokenvault::store::ConnectionRecord) -> tokenvault::store::LeaseGrant {
     use tokenvault::domain::{LeaseId, Timestamp};
-    tokenvault::store::LeaseRecord {
+    let lease = tokenvault::store::LeaseRecord {
         lease_id: LeaseId::generate(),
         connection_id: conn.id.clone(),
         caller: "spiffe://test.local/worker".into(),
@@ -247,6 +248,10 @@ fn calendar_lease(conn: &tokenvault::store::ConnectionRecord) -> tokenvault::sto
         expires_at: Timestamp::now().plus(std::time::Duration::from_secs(60)),
         revoked_at: None,
         revoke_reason: None,
+    };
+    tokenvault::store::LeaseGrant {
+        lease,
+        connection_version: conn.updated_at,
     }
 }
 
@@ -271,14 +276,14 @@ async fn a_lease_batched_with_a_deleted_connection_is_not_recorded(backend: Back
     let leases = [calendar_lease(&live), calendar_lease(&gone)];
     let drafts: Vec<AuditDraft> = leases
         .iter()
-        .map(|l| AuditDraft {
+        .map(|g| AuditDraft {
             at: Timestamp::now(),
-            actor: l.caller.clone(),
+            actor: g.lease.caller.clone(),
             role: "worker".into(),
             action: "lease.grant".into(),
-            target: l.connection_id.to_string(),
+            target: g.lease.connection_id.to_string(),
             outcome: "ok".into(),
-            detail: format!("lease={}", l.lease_id),
+            detail: format!("lease={}", g.lease.lease_id),
         })
         .collect();
     let sealer = |_: i64, prev: &[u8], _: &AuditDraft| SealedEntry {
@@ -292,17 +297,17 @@ async fn a_lease_batched_with_a_deleted_connection_is_not_recorded(backend: Back
         .await
         .unwrap();
     assert_eq!(seqs.len(), 2, "both entries are in the log");
-    assert_eq!(recorded, vec![leases[0].lease_id.to_string()]);
+    assert_eq!(recorded, vec![leases[0].lease.lease_id.to_string()]);
     assert!(
         v.store()
-            .lease_get(&leases[1].lease_id)
+            .lease_get(&leases[1].lease.lease_id)
             .await
             .unwrap()
             .is_none()
     );
     assert!(
         v.store()
-            .lease_get(&leases[0].lease_id)
+            .lease_get(&leases[0].lease.lease_id)
             .await
             .unwrap()
             .is_some()
@@ -311,6 +316,83 @@ async fn a_lease_batched_with_a_deleted_connection_is_not_recorded(backend: Back
 both_backends!(
     lease_write_checks_active,
     a_lease_batched_with_a_deleted_connection_is_not_recorded
+);
+
+async fn a_lease_read_before_its_connection_changed_is_not_recorded(backend: Backend) {
+    use tokenvault::domain::Timestamp;
+    use tokenvault::store::{AuditDraft, SealedEntry};
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let v = &tv.vault;
+    let before = seed_connection(v, "acme", "dave", Integration::Calendar, "ya29.d", None).await;
+    // Suspended and resumed after the lease path read it: ACTIVE again, but
+    // not the record the lease was decided on.
+    for suspend in [true, false] {
+        v.store()
+            .connections_suspend("sub-acme-dave", suspend, "test", Timestamp::now())
+            .await
+            .unwrap();
+    }
+    let after = v.store().connection_get(&before.id).await.unwrap().unwrap();
+    assert_eq!(after.status, before.status);
+    assert!(after.updated_at > before.updated_at);
+    let sealer = |_: i64, prev: &[u8], _: &AuditDraft| SealedEntry {
+        entry_hash: prev.iter().map(|b| b.wrapping_add(1)).collect(),
+        mac: vec![0; 32],
+        checkpoint: None,
+    };
+    let draft = AuditDraft {
+        at: Timestamp::now(),
+        actor: "spiffe://test.local/worker".into(),
+        role: "worker".into(),
+        action: "lease.grant".into(),
+        target: before.id.to_string(),
+        outcome: "ok".into(),
+        detail: String::new(),
+    };
+    // Twice: the second round appends onto the chain head the first left
+    // cached, after a refused lease (on SQLite, after the one-statement
+    // append aborted and the batch was written step by step).
+    for _ in 0..2 {
+        let stale = calendar_lease(&before);
+        let (seqs, recorded) = v
+            .store()
+            .audit_append(
+                std::slice::from_ref(&draft),
+                std::slice::from_ref(&stale),
+                &sealer,
+            )
+            .await
+            .unwrap();
+        assert_eq!(seqs.len(), 1, "the grant entry is in the log");
+        assert!(
+            recorded.is_empty(),
+            "a lease on an outdated read is not recorded"
+        );
+        assert!(
+            v.store()
+                .lease_get(&stale.lease.lease_id)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let current = calendar_lease(&after);
+        let (_, recorded) = v
+            .store()
+            .audit_append(
+                std::slice::from_ref(&draft),
+                std::slice::from_ref(&current),
+                &sealer,
+            )
+            .await
+            .unwrap();
+        assert_eq!(recorded, vec![current.lease.lease_id.to_string()]);
+    }
+}
+both_backends!(
+    lease_write_checks_version,
+    a_lease_read_before_its_connection_changed_is_not_recorded
 );
 
 async fn an_append_concurrent_with_a_failing_one_lands_and_the_chain_verifies(backend: Backend) {
