@@ -69,7 +69,12 @@ impl SqliteStore {
             .pragma("cache_size", "-32768")
             // Deleted tokens and DEKs are overwritten with zeros in the file,
             // not left in free pages.
-            .pragma("secure_delete", "ON");
+            .pragma("secure_delete", "ON")
+            // No connection copies the WAL into the database file inside one
+            // of its commits (SQLite's default every 1,000 pages, which held
+            // an audit batch, and every lease waiting on it, for 5-10 ms):
+            // a background task does it (see `checkpoint_in_background`).
+            .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -79,6 +84,7 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|e| VaultError::Storage(format!("applying SQLite migrations: {e}")))?;
+        tokio::spawn(checkpoint_in_background(pool.clone()));
         Ok(Self {
             pool,
             write_lock: Mutex::new(()),
@@ -98,6 +104,34 @@ impl SqliteStore {
         let guard = self.write_guard().await;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         Ok((guard, tx))
+    }
+}
+
+/// How often the background task copies the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Copies committed WAL frames into the database file every
+/// [`CHECKPOINT_EVERY`], beside the writers rather than inside one of their
+/// commits (`PASSIVE`: it never waits for or blocks a reader or writer). Once
+/// a checkpoint has copied everything, the next write starts the WAL from the
+/// beginning again, so it stays small. Ends when the pool closes.
+async fn checkpoint_in_background(pool: sqlx::SqlitePool) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            if pool.is_closed() {
+                return;
+            }
+            tracing::warn!(error = %e, "background WAL checkpoint failed; the next one retries");
+        }
     }
 }
 
@@ -126,7 +160,7 @@ impl SqliteStore {
 }
 
 /// Inserts one batch of audit entries: 11 columns per entry, as one JSON
-/// array of arrays with the hashes and MAC in hex.
+/// array of arrays with the hashes and MAC in hex (see [`entry_rows`]).
 const INSERT_AUDIT_ROWS: &str = "INSERT INTO audit_log \
      (seq, at, actor, role, action, target, outcome, detail, prev_hash, entry_hash, mac) \
      SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
@@ -135,7 +169,7 @@ const INSERT_AUDIT_ROWS: &str = "INSERT INTO audit_log \
 
 /// Records the batch's leases whose connection is still ACTIVE and unchanged
 /// since the lease path read it (rows as one JSON array of arrays, the read
-/// `updated_at` last), returning their ids.
+/// `updated_at` last; see [`lease_rows`]), returning their ids.
 const INSERT_LEASE_ROWS: &str = "INSERT INTO leases (lease_id, connection_id, caller, purpose, \
      scopes, token_fingerprint, granted_at, expires_at) \
      SELECT v.value ->> 0, v.value ->> 1, v.value ->> 2, v.value ->> 3, v.value ->> 4, \
@@ -143,14 +177,23 @@ const INSERT_LEASE_ROWS: &str = "INSERT INTO leases (lease_id, connection_id, ca
      FROM jsonb_each($1) AS v JOIN connections c ON c.connection_id = v.value ->> 1 \
      WHERE c.status = 'active' AND c.updated_at = v.value ->> 8 RETURNING lease_id";
 
+/// The whole batch in one statement (migration 0005): it aborts, writing
+/// nothing, unless the head is still `from` and every lease still holds.
+const APPEND_BATCH: &str = "INSERT INTO audit_append_batch \
+     (from_seq, from_hash, to_seq, to_hash, entries, checkpoints, leases) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
 const READ_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1";
 
-/// Seals `drafts` onto the chain head and writes them, with the lease rows,
-/// in one write transaction on `conn`. The head is `cached` when this process
-/// wrote it last; if another appender moved it since (compare-and-swap
-/// missed), it is read inside the transaction, which holds SQLite's write
-/// lock, and the batch is sealed again. Fixed statement texts (rows travel as
-/// one JSON argument), so each is prepared once per connection.
+/// Seals `drafts` onto the chain head and writes them, with the lease rows.
+/// With the head this process wrote last (`cached`), one statement does it
+/// all (see [`APPEND_BATCH`]). When nothing is cached, or that statement
+/// refused (another appender moved the head, a leased connection changed,
+/// or the database failed), the batch is written step by step in one write
+/// transaction on `conn`: the head is read there, under SQLite's write lock,
+/// the batch sealed onto it, and only the leases that still hold recorded.
+/// Fixed statement texts (rows travel as one JSON argument), so each is
+/// prepared once per connection.
 async fn append_on(
     conn: &mut sqlx::SqliteConnection,
     cached: Option<ChainHead>,
@@ -159,21 +202,82 @@ async fn append_on(
     sealer: AuditSealer<'_>,
 ) -> StoreResult<Appended> {
     use sqlx::Connection as _;
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    let head = match cached {
-        Some(head) => head,
-        None => read_audit_head(&mut *tx, READ_AUDIT_HEAD).await?,
-    };
-    let mut batch = seal_batch(head, drafts, sealer);
-    if !move_head(&mut tx, &batch).await? {
-        let head = read_audit_head(&mut *tx, READ_AUDIT_HEAD).await?;
-        batch = seal_batch(head, drafts, sealer);
-        if !move_head(&mut tx, &batch).await? {
-            return Err(VaultError::Internal(
-                "the audit chain head moved inside a write transaction".into(),
-            ));
+    if let Some(head) = cached {
+        let batch = seal_batch(head, drafts, sealer);
+        match append_batch(&mut *conn, &batch, leases).await {
+            Ok(()) => {
+                let recorded = leases
+                    .iter()
+                    .map(|g| g.lease.lease_id.to_string())
+                    .collect();
+                return Ok(batch.appended(recorded));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "one-statement audit append refused; appending step by step");
+            }
         }
     }
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let head = read_audit_head(&mut *tx, READ_AUDIT_HEAD).await?;
+    let batch = seal_batch(head, drafts, sealer);
+    if !move_head(&mut tx, &batch).await? {
+        return Err(VaultError::Internal(
+            "the audit chain head moved inside a write transaction".into(),
+        ));
+    }
+    sqlx::query(INSERT_AUDIT_ROWS)
+        .bind(entry_rows(&batch)?)
+        .execute(&mut *tx)
+        .await?;
+    let recorded = if leases.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query_scalar(INSERT_LEASE_ROWS)
+            .bind(lease_rows(leases)?)
+            .fetch_all(&mut *tx)
+            .await?
+    };
+    for c in &batch.checkpoints {
+        insert_checkpoint(&mut tx, c).await?;
+    }
+    tx.commit().await?;
+    Ok(batch.appended(recorded))
+}
+
+/// Runs [`APPEND_BATCH`] for a sealed batch, in autocommit mode.
+async fn append_batch(
+    conn: &mut sqlx::SqliteConnection,
+    batch: &SealedBatch<'_>,
+    leases: &[LeaseGrant],
+) -> StoreResult<()> {
+    let checkpoints: Vec<_> = batch
+        .checkpoints
+        .iter()
+        .map(|c| {
+            (
+                c.seq,
+                hex::encode(&c.entry_hash),
+                c.signed_at.as_micros(),
+                hex::encode(&c.public_key),
+                hex::encode(&c.signature),
+            )
+        })
+        .collect();
+    sqlx::query(APPEND_BATCH)
+        .bind(batch.from.0)
+        .bind(batch.from.1.as_slice())
+        .bind(batch.to.0)
+        .bind(batch.to.1.as_slice())
+        .bind(entry_rows(batch)?)
+        .bind(to_json(&checkpoints)?)
+        .bind(lease_rows(leases)?)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A batch's entries as the JSON rows [`INSERT_AUDIT_ROWS`] and [`APPEND_BATCH`] read.
+fn entry_rows(batch: &SealedBatch<'_>) -> StoreResult<String> {
     let rows: Vec<_> = batch
         .entries
         .iter()
@@ -194,40 +298,29 @@ async fn append_on(
             )
         })
         .collect();
-    sqlx::query(INSERT_AUDIT_ROWS)
-        .bind(to_json(&rows)?)
-        .execute(&mut *tx)
-        .await?;
-    let recorded = if leases.is_empty() {
-        Vec::new()
-    } else {
-        let rows: Vec<_> = leases
-            .iter()
-            .map(|g| {
-                let l = &g.lease;
-                (
-                    l.lease_id.as_str(),
-                    l.connection_id.as_str(),
-                    &l.caller,
-                    &l.purpose,
-                    &l.scopes,
-                    &l.token_fingerprint,
-                    l.granted_at.as_micros(),
-                    l.expires_at.as_micros(),
-                    g.connection_version.as_micros(),
-                )
-            })
-            .collect();
-        sqlx::query_scalar(INSERT_LEASE_ROWS)
-            .bind(to_json(&rows)?)
-            .fetch_all(&mut *tx)
-            .await?
-    };
-    for c in &batch.checkpoints {
-        insert_checkpoint(&mut tx, c).await?;
-    }
-    tx.commit().await?;
-    Ok(batch.appended(recorded))
+    to_json(&rows)
+}
+
+/// Lease rows as the JSON rows [`INSERT_LEASE_ROWS`] and [`APPEND_BATCH`] read.
+fn lease_rows(leases: &[LeaseGrant]) -> StoreResult<String> {
+    let rows: Vec<_> = leases
+        .iter()
+        .map(|g| {
+            let l = &g.lease;
+            (
+                l.lease_id.as_str(),
+                l.connection_id.as_str(),
+                &l.caller,
+                &l.purpose,
+                &l.scopes,
+                &l.token_fingerprint,
+                l.granted_at.as_micros(),
+                l.expires_at.as_micros(),
+                g.connection_version.as_micros(),
+            )
+        })
+        .collect();
+    to_json(&rows)
 }
 
 /// Moves the chain head from the batch's start to its end, if it is still
