@@ -351,20 +351,22 @@ async fn a_lease_read_before_its_connection_changed_is_not_recorded(backend: Bac
         outcome: "ok".into(),
         detail: String::new(),
     };
+    let append = async |grant: &tokenvault::store::LeaseGrant| {
+        v.store()
+            .audit_append(
+                std::slice::from_ref(&draft),
+                std::slice::from_ref(grant),
+                &sealer,
+            )
+            .await
+            .unwrap()
+    };
     // Twice: the second round appends onto the chain head the first left
     // cached, after a refused lease (on SQLite, after the one-statement
     // append aborted and the batch was written step by step).
     for _ in 0..2 {
         let stale = calendar_lease(&before);
-        let (seqs, recorded) = v
-            .store()
-            .audit_append(
-                std::slice::from_ref(&draft),
-                std::slice::from_ref(&stale),
-                &sealer,
-            )
-            .await
-            .unwrap();
+        let (seqs, recorded) = append(&stale).await;
         assert_eq!(seqs.len(), 1, "the grant entry is in the log");
         assert!(
             recorded.is_empty(),
@@ -378,15 +380,7 @@ async fn a_lease_read_before_its_connection_changed_is_not_recorded(backend: Bac
                 .is_none()
         );
         let current = calendar_lease(&after);
-        let (_, recorded) = v
-            .store()
-            .audit_append(
-                std::slice::from_ref(&draft),
-                std::slice::from_ref(&current),
-                &sealer,
-            )
-            .await
-            .unwrap();
+        let (_, recorded) = append(&current).await;
         assert_eq!(recorded, vec![current.lease.lease_id.to_string()]);
     }
 }
