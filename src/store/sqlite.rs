@@ -49,6 +49,15 @@ pub struct SqliteStore {
     /// stays warm (SQLite drops a connection's cache whenever another
     /// connection wrote since its last transaction).
     hot: HotConnections,
+    /// The background WAL checkpoint task; it holds a handle to the pool, so
+    /// it is stopped when the store goes away.
+    checkpointer: tokio::task::AbortHandle,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.checkpointer.abort();
+    }
 }
 
 impl SqliteStore {
@@ -84,12 +93,13 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|e| VaultError::Storage(format!("applying SQLite migrations: {e}")))?;
-        tokio::spawn(checkpoint_in_background(pool.clone()));
+        let checkpointer = tokio::spawn(checkpoint_in_background(pool.clone())).abort_handle();
         Ok(Self {
             pool,
             write_lock: Mutex::new(()),
             head_cache: std::sync::Mutex::new(None),
             hot: HotConnections::default(),
+            checkpointer,
         })
     }
 
