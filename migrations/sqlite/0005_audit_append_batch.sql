@@ -6,8 +6,8 @@
 -- Nothing is written unless all of it holds: the chain head is still the one
 -- the batch was sealed onto, and every leased connection is still ACTIVE and
 -- unchanged since the lease path read it. Otherwise the statement aborts and
--- the vault appends the batch step by step inside a write transaction, where
--- it reads the head and records only the leases that still hold.
+-- the vault inserts the batch again inside a write transaction, where
+-- it has read the head and passes only the leases that still hold.
 --
 -- Rows travel as JSON arrays of arrays, hashes, MACs, keys and signatures in
 -- hex:

@@ -87,7 +87,8 @@ impl PostgresStore {
 /// transaction): moves the chain head by compare-and-swap and, only if that
 /// succeeded, inserts the entries, their checkpoints and the lease rows
 /// whose connection is still ACTIVE and unchanged since the lease path read
-/// it (locking that row against a concurrent disconnect). Rows travel as arrays, so the text is the same for any batch.
+/// it (locking that row against a concurrent disconnect). Rows travel as
+/// arrays, so the text is the same for any batch.
 const APPEND_AUDIT: &str = "WITH head AS ( \
        UPDATE audit_head SET seq = $1, entry_hash = $2 \
        WHERE id = 1 AND seq = $3 AND entry_hash = $4 RETURNING 1), \

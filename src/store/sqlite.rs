@@ -169,23 +169,11 @@ impl SqliteStore {
     }
 }
 
-/// Inserts one batch of audit entries: 11 columns per entry, as one JSON
-/// array of arrays with the hashes and MAC in hex (see [`entry_rows`]).
-const INSERT_AUDIT_ROWS: &str = "INSERT INTO audit_log \
-     (seq, at, actor, role, action, target, outcome, detail, prev_hash, entry_hash, mac) \
-     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
-     value ->> 6, value ->> 7, unhex(value ->> 8), unhex(value ->> 9), unhex(value ->> 10) \
-     FROM jsonb_each($1)";
-
-/// Records the batch's leases whose connection is still ACTIVE and unchanged
-/// since the lease path read it (rows as one JSON array of arrays, the read
-/// `updated_at` last; see [`lease_rows`]), returning their ids.
-const INSERT_LEASE_ROWS: &str = "INSERT INTO leases (lease_id, connection_id, caller, purpose, \
-     scopes, token_fingerprint, granted_at, expires_at) \
-     SELECT v.value ->> 0, v.value ->> 1, v.value ->> 2, v.value ->> 3, v.value ->> 4, \
-     v.value ->> 5, v.value ->> 6, v.value ->> 7 \
-     FROM jsonb_each($1) AS v JOIN connections c ON c.connection_id = v.value ->> 1 \
-     WHERE c.status = 'active' AND c.updated_at = v.value ->> 8 RETURNING lease_id";
+/// The ids of the leases (JSON rows, see [`lease_rows`]) whose connection is
+/// still ACTIVE and unchanged since the lease path read it.
+const HOLDING_LEASES: &str = "SELECT v.value ->> 0 FROM jsonb_each($1) AS v \
+     JOIN connections c ON c.connection_id = v.value ->> 1 \
+     WHERE c.status = 'active' AND c.updated_at = v.value ->> 8";
 
 /// The whole batch in one statement (migration 0005): it aborts, writing
 /// nothing, unless the head is still `from` and every lease still holds.
@@ -195,15 +183,15 @@ const APPEND_BATCH: &str = "INSERT INTO audit_append_batch \
 
 const READ_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1";
 
-/// Seals `drafts` onto the chain head and writes them, with the lease rows.
-/// With the head this process wrote last (`cached`), one statement does it
-/// all (see [`APPEND_BATCH`]). When nothing is cached, or that statement
-/// refused (another appender moved the head, a leased connection changed,
-/// or the database failed), the batch is written step by step in one write
-/// transaction on `conn`: the head is read there, under SQLite's write lock,
-/// the batch sealed onto it, and only the leases that still hold recorded.
-/// Fixed statement texts (rows travel as one JSON argument), so each is
-/// prepared once per connection.
+/// Seals `drafts` onto the chain head and writes them, with the lease rows,
+/// through [`APPEND_BATCH`]. With the head this process wrote last
+/// (`cached`), that one statement is the whole transaction. When nothing is
+/// cached, or it refused (another appender moved the head, a leased
+/// connection changed, or the database failed), it runs again inside a write
+/// transaction on `conn` that first reads the head, under SQLite's write
+/// lock, and the leases that still hold ([`HOLDING_LEASES`]), and seals and
+/// records only those. Fixed statement texts (rows travel as one JSON
+/// argument), so each is prepared once per connection.
 async fn append_on(
     conn: &mut sqlx::SqliteConnection,
     cached: Option<ChainHead>,
@@ -223,38 +211,33 @@ async fn append_on(
                 return Ok(batch.appended(recorded));
             }
             Err(e) => {
-                tracing::debug!(error = %e, "one-statement audit append refused; appending step by step");
+                tracing::debug!(error = %e, "one-statement audit append refused; appending under the write lock");
             }
         }
     }
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     let head = read_audit_head(&mut *tx, READ_AUDIT_HEAD).await?;
     let batch = seal_batch(head, drafts, sealer);
-    if !move_head(&mut tx, &batch).await? {
-        return Err(VaultError::Internal(
-            "the audit chain head moved inside a write transaction".into(),
-        ));
-    }
-    sqlx::query(INSERT_AUDIT_ROWS)
-        .bind(entry_rows(&batch)?)
-        .execute(&mut *tx)
-        .await?;
-    let recorded = if leases.is_empty() {
+    let recorded: Vec<String> = if leases.is_empty() {
         Vec::new()
     } else {
-        sqlx::query_scalar(INSERT_LEASE_ROWS)
+        sqlx::query_scalar(HOLDING_LEASES)
             .bind(lease_rows(leases)?)
             .fetch_all(&mut *tx)
             .await?
     };
-    for c in &batch.checkpoints {
-        insert_checkpoint(&mut tx, c).await?;
-    }
+    let holding: Vec<LeaseGrant> = leases
+        .iter()
+        .filter(|g| recorded.iter().any(|id| id == g.lease.lease_id.as_str()))
+        .cloned()
+        .collect();
+    append_batch(&mut tx, &batch, &holding).await?;
     tx.commit().await?;
     Ok(batch.appended(recorded))
 }
 
-/// Runs [`APPEND_BATCH`] for a sealed batch, in autocommit mode.
+/// Runs [`APPEND_BATCH`] for a sealed batch (its own transaction unless
+/// `conn` is inside one).
 async fn append_batch(
     conn: &mut sqlx::SqliteConnection,
     batch: &SealedBatch<'_>,
@@ -286,7 +269,7 @@ async fn append_batch(
     Ok(())
 }
 
-/// A batch's entries as the JSON rows [`INSERT_AUDIT_ROWS`] and [`APPEND_BATCH`] read.
+/// A batch's entries as the JSON rows [`APPEND_BATCH`] reads.
 fn entry_rows(batch: &SealedBatch<'_>) -> StoreResult<String> {
     let rows: Vec<_> = batch
         .entries
@@ -311,7 +294,7 @@ fn entry_rows(batch: &SealedBatch<'_>) -> StoreResult<String> {
     to_json(&rows)
 }
 
-/// Lease rows as the JSON rows [`INSERT_LEASE_ROWS`] and [`APPEND_BATCH`] read.
+/// Lease rows as the JSON rows [`APPEND_BATCH`] and [`HOLDING_LEASES`] read.
 fn lease_rows(leases: &[LeaseGrant]) -> StoreResult<String> {
     let rows: Vec<_> = leases
         .iter()
@@ -331,44 +314,6 @@ fn lease_rows(leases: &[LeaseGrant]) -> StoreResult<String> {
         })
         .collect();
     to_json(&rows)
-}
-
-/// Moves the chain head from the batch's start to its end, if it is still
-/// at the start.
-async fn move_head(
-    tx: &mut sqlx::Transaction<'_, Db>,
-    batch: &SealedBatch<'_>,
-) -> StoreResult<bool> {
-    let moved = sqlx::query(
-        "UPDATE audit_head SET seq = $1, entry_hash = $2 \
-         WHERE id = 1 AND seq = $3 AND entry_hash = $4",
-    )
-    .bind(batch.to.0)
-    .bind(batch.to.1.as_slice())
-    .bind(batch.from.0)
-    .bind(batch.from.1.as_slice())
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    Ok(moved == 1)
-}
-
-async fn insert_checkpoint(
-    tx: &mut sqlx::Transaction<'_, Db>,
-    c: &AuditCheckpoint,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO audit_checkpoints (seq, entry_hash, signed_at, public_key, signature) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(c.seq)
-    .bind(c.entry_hash.as_slice())
-    .bind(c.signed_at.as_micros())
-    .bind(c.public_key.as_slice())
-    .bind(c.signature.as_slice())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 fn to_json(rows: &impl serde::Serialize) -> StoreResult<String> {
