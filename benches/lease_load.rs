@@ -366,12 +366,35 @@ async fn main() {
     }
     let bearer = Bearer::key(&key);
 
+    // SQLite: the WAL's largest size during the run (it must not grow with
+    // the length of the load; see the store's background checkpoints).
+    let wal_path = dir.path().join("bench.db-wal");
+    let wal_largest = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let wal_sampler = {
+        let (path, largest) = (wal_path.clone(), wal_largest.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(m) = std::fs::metadata(&path) {
+                    largest.fetch_max(m.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
     println!();
     let health = run(Kind::Health, &a, &channels, &bearer, &ids).await;
     health.print();
     let lease = run(Kind::Lease, &a, &channels, &bearer, &ids).await;
     lease.print();
     drop(channels);
+    wal_sampler.abort();
+    if a.backend == "sqlite" {
+        println!(
+            "SQLite WAL: largest {:.1} MiB during the run",
+            wal_largest.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
+        );
+    }
 
     // 4. Summary.
     let ratio = lease.throughput() / health.throughput();
@@ -430,7 +453,8 @@ async fn main() {
         for line in text.lines().filter(|l| {
             (l.starts_with("tokenvault_audit_batch")
                 || l.starts_with("tokenvault_lease_read_batch")
-                || l.starts_with("tokenvault_lease_stage"))
+                || l.starts_with("tokenvault_lease_stage")
+                || l.starts_with("tokenvault_sqlite_checkpoint"))
                 && (l.contains("quantile=\"0.5\"")
                     || l.contains("quantile=\"0.99\"")
                     || l.contains("_sum")

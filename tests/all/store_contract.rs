@@ -459,3 +459,84 @@ both_backends!(
     audit_concurrent_failure,
     an_append_concurrent_with_a_failing_one_lands_and_the_chain_verifies
 );
+
+/// The checkpoint sequence number in a SQLite WAL file's header; SQLite
+/// increments it each time the WAL starts over from its beginning.
+fn wal_checkpoint_sequence(path: &std::path::Path) -> u32 {
+    let bytes = std::fs::read(path).expect("read the WAL");
+    u32::from_be_bytes(bytes[12..16].try_into().expect("a WAL header"))
+}
+
+/// Under commits that never pause, the SQLite WAL still starts over (SQLite's
+/// own checkpoints are off; the store's background task does them). A
+/// `PASSIVE` checkpoint alone never caught up with the release build's
+/// back-to-back audit batches (what was committed while it copied was left
+/// for the next), and the WAL grew for as long as the load lasted: ~50 MB/s
+/// under the lease benchmark, which prints the WAL's size. In this debug
+/// build the writers leave gaps in which a passive checkpoint sometimes
+/// catches up on its own, so this guards the outcome, not which pass got
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_wal_starts_over_under_continuous_writes() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let Some(tv) = spawn_vault(Backend::Sqlite).await else {
+        return;
+    };
+    let wal = tv.dir.path().join("tokenvault.db-wal");
+    // 64 writers keep the audit log's group commit busy back to back, as a
+    // lease load does, with 4 KiB entries so the WAL fills quickly.
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicUsize::new(0));
+    let writers: Vec<_> = (0..64)
+        .map(|_| {
+            let (vault, stop, written) = (tv.vault.clone(), stop.clone(), written.clone());
+            tokio::spawn(async move {
+                let detail = "x".repeat(4 * 1024);
+                while !stop.load(Ordering::Relaxed) {
+                    vault
+                        .audit()
+                        .record(
+                            &Actor::system(),
+                            "test.load",
+                            "wal",
+                            Outcome::Ok,
+                            detail.clone(),
+                        )
+                        .await
+                        .unwrap();
+                    written.fetch_add(detail.len(), Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    // Once the load is under way (any start-over of the idle WAL is behind
+    // us), the WAL must start over again while it lasts: past the 16 MiB at
+    // which the background checkpoint finishes under the write lock, and
+    // long before an unbounded WAL would stop growing.
+    while written.load(Ordering::Relaxed) < 4 * 1024 * 1024 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let before = wal_checkpoint_sequence(&wal);
+    let from = written.load(Ordering::Relaxed);
+    let limit = 160 * 1024 * 1024;
+    let mut largest = 0;
+    let restarted = loop {
+        if wal_checkpoint_sequence(&wal) != before {
+            break true;
+        }
+        largest = largest.max(std::fs::metadata(&wal).unwrap().len());
+        if written.load(Ordering::Relaxed) - from > limit {
+            break false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert!(
+        restarted,
+        "the WAL never started over while {limit} bytes were committed back to back \
+         (the file reached {largest} bytes)"
+    );
+}
