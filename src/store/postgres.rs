@@ -120,6 +120,11 @@ const APPEND_AUDIT: &str = "WITH head AS ( \
      SELECT EXISTS (SELECT 1 FROM head) AS appended, \
        ARRAY(SELECT lease_id FROM granted) AS leases";
 
+/// Nothing to set up on the audit writer's PostgreSQL connection.
+async fn prepare_audit_connection(_conn: &mut sqlx::PgConnection) -> StoreResult<()> {
+    Ok(())
+}
+
 /// Appends on `conn`: with the head this process wrote last (`cached`), one
 /// statement does it all unless another replica moved the head since; then,
 /// and when nothing is cached, the head is locked (`FOR UPDATE`) in a

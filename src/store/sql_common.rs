@@ -51,8 +51,12 @@ static LEASE_LOOKUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 #[derive(Default)]
 struct HeldConnection(tokio::sync::Mutex<Option<sqlx::pool::PoolConnection<Db>>>);
 
-/// Exclusive use of a [`HeldConnection`].
-struct Held<'a>(tokio::sync::MutexGuard<'a, Option<sqlx::pool::PoolConnection<Db>>>);
+/// Exclusive use of a [`HeldConnection`]; `fresh` when it was just checked
+/// out of the pool.
+struct Held<'a> {
+    guard: tokio::sync::MutexGuard<'a, Option<sqlx::pool::PoolConnection<Db>>>,
+    fresh: bool,
+}
 
 impl HeldConnection {
     /// Waits for the connection, checking one out if none is held.
@@ -77,14 +81,15 @@ impl<'a> Held<'a> {
         mut guard: tokio::sync::MutexGuard<'a, Option<sqlx::pool::PoolConnection<Db>>>,
         pool: &sqlx::Pool<Db>,
     ) -> StoreResult<Self> {
-        if guard.is_none() {
+        let fresh = guard.is_none();
+        if fresh {
             *guard = Some(pool.acquire().await?);
         }
-        Ok(Self(guard))
+        Ok(Self { guard, fresh })
     }
 
     fn conn(&mut self) -> StoreResult<&mut <Db as sqlx::Database>::Connection> {
-        match self.0.as_mut() {
+        match self.guard.as_mut() {
             Some(conn) => Ok(&mut **conn),
             None => Err(VaultError::Internal("held connection missing".into())),
         }
@@ -93,7 +98,7 @@ impl<'a> Held<'a> {
     /// Gives the connection back to the pool after an error.
     fn discard_on_error<T>(mut self, result: StoreResult<T>) -> StoreResult<T> {
         if result.is_err() {
-            self.0.take();
+            self.guard.take();
         }
         result
     }
@@ -130,7 +135,12 @@ impl StoreImpl {
     ) -> StoreResult<Appended> {
         let _guard = self.write_guard().await;
         let mut held = self.hot.writer.lock(&self.pool).await?;
+        let fresh = held.fresh;
         let result = match held.conn() {
+            Ok(conn) if fresh => match prepare_audit_connection(conn).await {
+                Ok(()) => append_on(conn, cached, drafts, leases, sealer).await,
+                Err(e) => Err(e),
+            },
             Ok(conn) => append_on(conn, cached, drafts, leases, sealer).await,
             Err(e) => Err(e),
         };
