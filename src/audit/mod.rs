@@ -22,7 +22,7 @@ pub use checkpoint::CheckpointSigner;
 pub use verify::{VerifyReport, verify_chain};
 
 use crate::crypto::{KeyringProvider, MacPurpose};
-use crate::domain::{Timestamp, VaultError};
+use crate::domain::{LeaseId, Timestamp, VaultError};
 use crate::store::{AuditDraft, LeaseGrant, SealedEntry, Store};
 
 /// The most entries committed in one group.
@@ -84,10 +84,13 @@ impl Outcome {
     }
 }
 
+/// Where the writer sends an append's outcome.
+type Reply = oneshot::Sender<Result<i64, Refusal>>;
+
 struct Job {
     draft: AuditDraft,
     lease: Option<LeaseGrant>,
-    reply: oneshot::Sender<Result<i64, Refusal>>,
+    reply: Reply,
 }
 
 /// Why an append did not take.
@@ -236,10 +239,21 @@ async fn writer(
     // Set while the database is known to be unreachable: until when, and why.
     let mut unreachable: Option<(std::time::Instant, String)> = None;
     while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
-        let drafts: Vec<AuditDraft> = batch.iter().map(|j| j.draft.clone()).collect();
-        let leases: Vec<LeaseGrant> = batch.iter().filter_map(|j| j.lease.clone()).collect();
-        let started = std::time::Instant::now();
+        // The jobs' parts are moved, not copied: the drafts and lease rows to
+        // the store, the replies (with the lease id each waits on) kept here.
         let entries = batch.len();
+        let mut drafts: Vec<AuditDraft> = Vec::with_capacity(entries);
+        let mut leases: Vec<LeaseGrant> = Vec::new();
+        let mut replies: Vec<(Option<LeaseId>, Reply)> = Vec::with_capacity(entries);
+        for job in batch.drain(..) {
+            drafts.push(job.draft);
+            let waits_on = job.lease.as_ref().map(|g| g.lease.lease_id.clone());
+            if let Some(g) = job.lease {
+                leases.push(g);
+            }
+            replies.push((waits_on, job.reply));
+        }
+        let started = std::time::Instant::now();
         if unreachable
             .as_ref()
             .is_some_and(|(until, _)| std::time::Instant::now() >= *until)
@@ -275,20 +289,18 @@ async fn writer(
         match result {
             Ok((seqs, recorded)) => {
                 let recorded: std::collections::HashSet<String> = recorded.into_iter().collect();
-                for (job, seq) in batch.drain(..).zip(seqs) {
-                    let reply = match &job.lease {
-                        Some(g) if !recorded.contains(g.lease.lease_id.as_str()) => {
-                            Err(Refusal::LeaseVoid)
-                        }
+                for ((waits_on, reply), seq) in replies.into_iter().zip(seqs) {
+                    let outcome = match waits_on {
+                        Some(id) if !recorded.contains(id.as_str()) => Err(Refusal::LeaseVoid),
                         _ => Ok(seq),
                     };
-                    let _ = job.reply.send(reply);
+                    let _ = reply.send(outcome);
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, entries = batch.len(), "audit append failed; operations refused");
-                for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(Refusal::Failed(e.clone())));
+                tracing::error!(error = %e, entries, "audit append failed; operations refused");
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(Refusal::Failed(e.clone())));
                 }
             }
         }

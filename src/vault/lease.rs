@@ -108,11 +108,9 @@ impl Vault {
         policy: &Policy,
         req: LeaseRequest,
     ) -> Result<Lease, VaultError> {
-        let purpose = req.purpose.to_string();
         let started = Instant::now();
-        let target = req.connection.to_string();
-        let scopes = req.scopes.to_spaced();
-        let result = self.lease_token_inner(actor, policy, req).await;
+        let result = self.lease_token_inner(actor, policy, &req).await;
+        let purpose = req.purpose.to_string();
         metrics::histogram!("tokenvault_lease_seconds").record(started.elapsed().as_secs_f64());
         match &result {
             Ok(_) => {
@@ -134,11 +132,12 @@ impl Vault {
                 };
                 metrics::counter!("tokenvault_lease_denials_total", "purpose" => purpose.clone(), "reason" => reason)
                     .increment(1);
+                let scopes = req.scopes.to_spaced();
                 self.audit()
                     .record(
                         actor,
                         "lease.deny",
-                        &target,
+                        req.connection.as_str(),
                         outcome,
                         format!("purpose={purpose} scopes={scopes} reason={reason}: {e}"),
                     )
@@ -152,7 +151,7 @@ impl Vault {
         &self,
         actor: &Actor,
         policy: &Policy,
-        req: LeaseRequest,
+        req: &LeaseRequest,
     ) -> Result<Lease, VaultError> {
         if req.scopes.is_empty() {
             return Err(VaultError::invalid("scopes", "name at least one scope"));
@@ -170,10 +169,10 @@ impl Vault {
         // A cached record may be out of date; the store records no lease on a
         // connection that changed since it was read, and then one read from
         // the database decides.
-        if let Some(lease) = self.lease_attempt(actor, policy, &req, false).await? {
+        if let Some(lease) = self.lease_attempt(actor, policy, req, false).await? {
             return Ok(lease);
         }
-        self.lease_attempt(actor, policy, &req, true)
+        self.lease_attempt(actor, policy, req, true)
             .await?
             .ok_or_else(|| {
                 VaultError::precondition(format!(
