@@ -33,8 +33,10 @@
 //!    record and the audit record.
 //! 4. Prints, per workload, calls, errors by gRPC code, throughput of
 //!    successful calls, and p50/p90/p99/max latency of successful calls
-//!    (client-side, from just before the call to the decoded response); the
-//!    lease/health throughput ratio; whether the goal (lease throughput at
+//!    (client-side, from just before the call to the decoded response), and
+//!    the process's CPU time per successful call over the measured window
+//!    (every thread's `schedstat`: client and server together; steadier than
+//!    throughput on a shared machine); the lease/health throughput ratio; whether the goal (lease throughput at
 //!    least 50 % of Health/Check's, lease p99 at most 10 ms, no errors) is met;
 //!    and a markdown table row for BENCHMARKS.md.
 //!
@@ -232,9 +234,18 @@ struct Report {
     p90: f64,
     p99: f64,
     max: f64,
+    /// CPU time of the whole process (client and server) during the measured
+    /// window, seconds.
+    cpu_seconds: Option<f64>,
 }
 
 impl Report {
+    /// The process's CPU time per successful call, microseconds: far steadier
+    /// than throughput on a machine shared with other work.
+    fn cpu_us_per_call(&self) -> Option<f64> {
+        Some(self.cpu_seconds? * 1e6 / self.ok as f64)
+    }
+
     fn error_count(&self) -> u64 {
         self.errors.values().map(|(n, _)| n).sum()
     }
@@ -262,7 +273,24 @@ impl Report {
             "  latency    p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
             self.p50, self.p90, self.p99, self.max
         );
+        if let (Some(cpu), Some(per_call)) = (self.cpu_seconds, self.cpu_us_per_call()) {
+            println!(
+                "  cpu        {per_call:.1} µs per call (client and server; the process used {:.0} % of one core)",
+                cpu / self.seconds * 100.0
+            );
+        }
     }
+}
+
+/// CPU time used so far by every live thread of this process, nanoseconds
+/// (the first field of each `/proc/self/task/*/schedstat`).
+fn process_cpu_ns() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
 }
 
 /// Runs one workload: warmup, then the measured window.
@@ -292,6 +320,12 @@ async fn run(
             ))
         })
         .collect();
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        let from = process_cpu_ns();
+        tokio::time::sleep_until(until.into()).await;
+        Some((process_cpu_ns()? - from?) as f64 / 1e9)
+    });
     let mut all = Vec::new();
     let mut errors: BTreeMap<String, (u64, String)> = BTreeMap::new();
     for h in handles {
@@ -312,6 +346,7 @@ async fn run(
         p90: percentile_ms(&all, 90.0),
         p99: percentile_ms(&all, 99.0),
         max: all.last().map_or(f64::NAN, |&m| f64::from(m) / 1000.0),
+        cpu_seconds: cpu.await.ok().flatten(),
     }
 }
 
@@ -405,6 +440,12 @@ async fn main() {
         lease.throughput(),
         health.throughput()
     );
+    if let (Some(h), Some(l)) = (health.cpu_us_per_call(), lease.cpu_us_per_call()) {
+        println!(
+            "CPU per call: Health/Check {h:.1} µs, LeaseToken {l:.1} µs ({:.1}x; the goal needs at most 2x when the CPU is the limit)",
+            l / h
+        );
+    }
     let mut missed = Vec::new();
     if ratio.is_nan() || ratio < GOAL_RATIO {
         missed.push(format!("ratio {:.1}% < 50%", ratio * 100.0));
