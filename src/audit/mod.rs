@@ -22,7 +22,7 @@ pub use checkpoint::CheckpointSigner;
 pub use verify::{VerifyReport, verify_chain};
 
 use crate::crypto::{KeyringProvider, MacPurpose};
-use crate::domain::{LeaseId, Timestamp, VaultError};
+use crate::domain::{Timestamp, VaultError};
 use crate::store::{AuditDraft, LeaseGrant, SealedEntry, Store};
 
 /// The most entries committed in one group.
@@ -240,17 +240,18 @@ async fn writer(
     let mut unreachable: Option<(std::time::Instant, String)> = None;
     while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
         // The jobs' parts are moved, not copied: the drafts and lease rows to
-        // the store, the replies (with the lease id each waits on) kept here.
+        // the store, the replies kept here with the index of the lease row
+        // each one waits on.
         let entries = batch.len();
         let mut drafts: Vec<AuditDraft> = Vec::with_capacity(entries);
         let mut leases: Vec<LeaseGrant> = Vec::new();
-        let mut replies: Vec<(Option<LeaseId>, Reply)> = Vec::with_capacity(entries);
+        let mut replies: Vec<(Option<usize>, Reply)> = Vec::with_capacity(entries);
         for job in batch.drain(..) {
             drafts.push(job.draft);
-            let waits_on = job.lease.as_ref().map(|g| g.lease.lease_id.clone());
-            if let Some(g) = job.lease {
+            let waits_on = job.lease.map(|g| {
                 leases.push(g);
-            }
+                leases.len() - 1
+            });
             replies.push((waits_on, job.reply));
         }
         let started = std::time::Instant::now();
@@ -291,7 +292,9 @@ async fn writer(
                 let recorded: std::collections::HashSet<String> = recorded.into_iter().collect();
                 for ((waits_on, reply), seq) in replies.into_iter().zip(seqs) {
                     let outcome = match waits_on {
-                        Some(id) if !recorded.contains(id.as_str()) => Err(Refusal::LeaseVoid),
+                        Some(i) if !recorded.contains(leases[i].lease.lease_id.as_str()) => {
+                            Err(Refusal::LeaseVoid)
+                        }
                         _ => Ok(seq),
                     };
                     let _ = reply.send(outcome);

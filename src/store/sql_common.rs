@@ -136,14 +136,14 @@ impl StoreImpl {
         let _guard = self.write_guard().await;
         let mut held = self.hot.writer.lock(&self.pool).await?;
         let fresh = held.fresh;
-        let result = match held.conn() {
-            Ok(conn) if fresh => match prepare_audit_connection(conn).await {
-                Ok(()) => append_on(conn, cached, drafts, leases, sealer).await,
-                Err(e) => Err(e),
-            },
-            Ok(conn) => append_on(conn, cached, drafts, leases, sealer).await,
-            Err(e) => Err(e),
-        };
+        let result = async {
+            let conn = held.conn()?;
+            if fresh {
+                prepare_audit_connection(conn).await?;
+            }
+            append_on(conn, cached, drafts, leases, sealer).await
+        }
+        .await;
         held.discard_on_error(result)
     }
 }
