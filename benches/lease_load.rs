@@ -35,10 +35,11 @@
 //!    successful calls, and p50/p90/p99/max latency of successful calls
 //!    (client-side, from just before the call to the decoded response), and
 //!    the process's CPU time per successful call over the measured window
-//!    (every thread's `schedstat`: client and server together; steadier than
-//!    throughput on a shared machine); the lease/health throughput ratio; whether the goal (lease throughput at
-//!    least 50 % of Health/Check's, lease p99 at most 10 ms, no errors) is met;
-//!    and a markdown table row for BENCHMARKS.md.
+//!    (`/proc/self/stat`: client and server together; steadier than
+//!    throughput on a shared machine); the lease/health throughput ratio;
+//!    whether the goal (lease throughput at least 50 % of Health/Check's,
+//!    lease p99 at most 10 ms, no errors) is met; and a markdown table row
+//!    for BENCHMARKS.md.
 //!
 //! The client and the server share the machine and the same multi-threaded
 //! tokio runtime (one worker thread per core unless `TOKIO_WORKER_THREADS`
@@ -282,15 +283,17 @@ impl Report {
     }
 }
 
-/// CPU time used so far by every live thread of this process, nanoseconds
-/// (the first field of each `/proc/self/task/*/schedstat`).
-fn process_cpu_ns() -> Option<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
-        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
-    }
-    Some(total)
+/// CPU time this process has used so far, user and system, every thread
+/// including those that have ended, in seconds (`utime` and `stime` of
+/// `/proc/self/stat`, in the kernel's fixed 100 ticks per second).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    // utime and stime are fields 14 and 15; the rest starts at field 3.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 /// Runs one workload: warmup, then the measured window.
@@ -322,9 +325,9 @@ async fn run(
         .collect();
     let cpu = tokio::spawn(async move {
         tokio::time::sleep_until(measure_from.into()).await;
-        let from = process_cpu_ns();
+        let from = process_cpu_seconds();
         tokio::time::sleep_until(until.into()).await;
-        Some((process_cpu_ns()? - from?) as f64 / 1e9)
+        Some(process_cpu_seconds()? - from?)
     });
     let mut all = Vec::new();
     let mut errors: BTreeMap<String, (u64, String)> = BTreeMap::new();
@@ -403,10 +406,9 @@ async fn main() {
 
     // SQLite: the WAL's largest size during the run (it must not grow with
     // the length of the load; see the store's background checkpoints).
-    let wal_path = dir.path().join("bench.db-wal");
     let wal_largest = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let wal_sampler = {
-        let (path, largest) = (wal_path.clone(), wal_largest.clone());
+        let (path, largest) = (dir.path().join("bench.db-wal"), wal_largest.clone());
         tokio::spawn(async move {
             loop {
                 if let Ok(m) = std::fs::metadata(&path) {
