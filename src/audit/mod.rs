@@ -4,10 +4,19 @@
 //! its own hash under the keyring's audit key, so editing, deleting or
 //! reordering a row breaks verification at that row.
 //!
-//! Appends go through one writer task that commits whatever has queued up in
-//! one transaction (group commit), so auditing does not cap throughput. The
-//! log fails closed: [`AuditLog::record`] returns only after the entry is
+//! Appends go through one writer that commits whatever has queued up in one
+//! transaction (group commit), so auditing does not cap throughput. The log
+//! fails closed: [`AuditLog::record`] returns only after the entry is
 //! committed, and callers perform their operation only if it succeeded.
+//!
+//! The writer's loop is the one serial step every lease passes through. On
+//! SQLite it runs on a thread of its own (`tokenvault-audit`, with a
+//! single-threaded Tokio runtime): the SQLite driver does its work on its own
+//! thread anyway, and on the shared runtime each of the loop's wake-ups waited
+//! behind the request tasks queued on the busy workers — a quarter of every
+//! batch's time under load (measured: batch median 0.93 → 0.66 ms, leases
+//! +10 %). On PostgreSQL the writer's connection does its I/O through the
+//! shared runtime's reactor, so the loop stays a task there.
 
 mod checkpoint;
 mod verify;
@@ -23,7 +32,7 @@ pub use verify::{VerifyReport, verify_chain};
 
 use crate::crypto::{KeyringProvider, MacPurpose};
 use crate::domain::{Timestamp, VaultError};
-use crate::store::{AuditDraft, LeaseGrant, SealedEntry, Store};
+use crate::store::{AuditDraft, Backend, LeaseGrant, SealedEntry, Store};
 
 /// The most entries committed in one group.
 const MAX_GROUP: usize = 512;
@@ -123,18 +132,43 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Starts the writer task on the current runtime; every
-    /// `checkpoint_every`-th entry gets a signed checkpoint.
+    /// Starts the writer (see the module documentation for where it runs);
+    /// every `checkpoint_every`-th entry gets a signed checkpoint. Must be
+    /// called inside a Tokio runtime. The writer stops once every handle is
+    /// dropped and the entries queued before are committed.
     pub fn start(
         store: Arc<dyn Store>,
         keyring: Arc<dyn KeyringProvider>,
         checkpoint_every: u64,
-    ) -> Self {
+    ) -> Result<Self, VaultError> {
         let (jobs, rx) = mpsc::channel(8 * MAX_GROUP);
         let fault = Arc::new(AtomicBool::new(false));
         let signer = CheckpointSigner::new(keyring.as_ref(), checkpoint_every);
-        tokio::spawn(writer(store, keyring, signer, rx, fault.clone()));
-        Self { jobs, fault }
+        let writer = writer(store.clone(), keyring, signer, rx, fault.clone());
+        match store.backend() {
+            Backend::Sqlite => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| {
+                        VaultError::Internal(
+                            format!("starting the audit writer's runtime: {e}").into(),
+                        )
+                    })?;
+                std::thread::Builder::new()
+                    .name("tokenvault-audit".to_owned())
+                    .spawn(move || runtime.block_on(writer))
+                    .map_err(|e| {
+                        VaultError::Internal(
+                            format!("starting the audit writer's thread: {e}").into(),
+                        )
+                    })?;
+            }
+            Backend::Postgres => {
+                tokio::spawn(writer);
+            }
+        }
+        Ok(Self { jobs, fault })
     }
 
     /// Appends an entry and waits until it is committed. An error means the

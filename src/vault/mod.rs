@@ -76,7 +76,7 @@ impl Vault {
             store.clone(),
             keyring.clone(),
             config.audit.checkpoint_every,
-        );
+        )?;
         let keys = KeyManager::new(
             store.clone(),
             keyring.clone(),

@@ -2,14 +2,19 @@
 //! match the chain and reveal a cut-off tail, and an append failure that stops
 //! the operation it would have recorded.
 
-use tokenvault::audit::{Actor, Outcome};
+use std::sync::Arc;
+
+use tokenvault::audit::{Actor, AuditLog, Outcome};
+use tokenvault::crypto::{KeyringProvider, LocalKeyring};
 use tokenvault::domain::{Integration, Timestamp};
 use tokenvault::proto::v1 as pb;
 use tonic::Code;
 
 use crate::both_backends;
 use crate::support::raw::RawDb;
-use crate::support::{As, Backend, CALENDAR_SCOPE, TestVault, seed_connection, spawn_vault_with};
+use crate::support::{
+    As, Backend, CALENDAR_SCOPE, TestVault, fresh_database, seed_connection, spawn_vault_with,
+};
 
 async fn vault_checkpointing_every(backend: Backend, every: u64) -> Option<TestVault> {
     spawn_vault_with(backend, |c| c.audit.checkpoint_every = every).await
@@ -236,3 +241,54 @@ async fn a_failing_audit_append_stops_the_operation(backend: Backend) {
     raw.close().await;
 }
 both_backends!(audit_fault, a_failing_audit_append_stops_the_operation);
+
+/// The writer commits every entry queued before its last handle is dropped,
+/// then stops and lets go of the store: on SQLite it runs on a thread of its
+/// own, which must not outlive the vault that started it.
+async fn the_writer_drains_and_stops_with_its_last_handle(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = fresh_database(backend, dir.path()).await else {
+        return;
+    };
+    let store = tokenvault::store::open(&url).await.unwrap();
+    let keyring: Arc<dyn KeyringProvider> =
+        Arc::new(LocalKeyring::init(dir.path().join("keyring.json")).unwrap());
+    let audit = AuditLog::start(store.clone(), keyring, 1000).unwrap();
+    let (before, _) = store.audit_head().await.unwrap();
+    // Many appenders at once, so that most wait behind a batch in flight.
+    let appends: Vec<_> = (0..200)
+        .map(|i| {
+            let audit = audit.clone();
+            tokio::spawn(async move {
+                audit
+                    .record(
+                        &Actor::system(),
+                        "test.drain",
+                        "t",
+                        Outcome::Ok,
+                        format!("{i}"),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    drop(audit);
+    for append in appends {
+        append.await.unwrap().expect("committed");
+    }
+    let (head, _) = store.audit_head().await.unwrap();
+    assert_eq!(head, before + 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while Arc::strong_count(&store) > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the audit writer still holds the store after its last handle was dropped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    store.close().await;
+}
+both_backends!(
+    audit_writer_stops,
+    the_writer_drains_and_stops_with_its_last_handle
+);
