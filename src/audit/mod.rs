@@ -147,22 +147,17 @@ impl AuditLog {
         let writer = writer(store.clone(), keyring, signer, rx, fault.clone());
         match store.backend() {
             Backend::Sqlite => {
+                let failed = |what: &str, e: std::io::Error| {
+                    VaultError::Internal(format!("starting the audit writer's {what}: {e}").into())
+                };
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .map_err(|e| {
-                        VaultError::Internal(
-                            format!("starting the audit writer's runtime: {e}").into(),
-                        )
-                    })?;
+                    .map_err(|e| failed("runtime", e))?;
                 std::thread::Builder::new()
                     .name("tokenvault-audit".to_owned())
                     .spawn(move || runtime.block_on(writer))
-                    .map_err(|e| {
-                        VaultError::Internal(
-                            format!("starting the audit writer's thread: {e}").into(),
-                        )
-                    })?;
+                    .map_err(|e| failed("thread", e))?;
             }
             Backend::Postgres => {
                 tokio::spawn(writer);

@@ -1,6 +1,7 @@
 //! The audit log as a security reviewer relies on it: signed checkpoints that
-//! match the chain and reveal a cut-off tail, and an append failure that stops
-//! the operation it would have recorded.
+//! match the chain and reveal a cut-off tail, an append failure that stops
+//! the operation it would have recorded, and a writer that drains its queue and
+//! stops with its last handle.
 
 use std::sync::Arc;
 
