@@ -15,7 +15,7 @@
 //! thread anyway, and on the shared runtime each of the loop's wake-ups waited
 //! behind the request tasks queued on the busy workers — a quarter of every
 //! batch's time under load (measured: batch median 0.93 → 0.66 ms, leases
-//! +10 %). On PostgreSQL the writer's connection does its I/O through the
+//! +11 %). On PostgreSQL the writer's connection does its I/O through the
 //! shared runtime's reactor, so the loop stays a task there.
 
 mod checkpoint;
