@@ -55,7 +55,24 @@ pub struct SecretValue(Zeroizing<String>);
 
 impl<'de> Deserialize<'de> for SecretValue {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(|s| Self(Zeroizing::new(s)))
+        struct SecretVisitor;
+        impl serde::de::Visitor<'_> for SecretVisitor {
+            type Value = SecretValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SecretValue, E> {
+                Ok(SecretValue(Zeroizing::new(v.to_owned())))
+            }
+            // An all-digit value (a PIN) arrives from the environment as a number.
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SecretValue, E> {
+                Ok(SecretValue(Zeroizing::new(v.to_string())))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SecretValue, E> {
+                Ok(SecretValue(Zeroizing::new(v.to_string())))
+            }
+        }
+        d.deserialize_any(SecretVisitor)
     }
 }
 
@@ -195,13 +212,26 @@ pub enum KeyringProviderKind {
     Local,
     /// Key versions given base64 in environment variables.
     Env,
+    /// An HSM over PKCS#11 (`[keyring.pkcs11]`): KEKs never leave the device.
+    Pkcs11,
+}
+
+impl KeyringProviderKind {
+    /// The name used in configuration, logs and the key registry.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Env => "env",
+            Self::Pkcs11 => "pkcs11",
+        }
+    }
 }
 
 /// `[keyring]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeyringConfig {
-    /// `local` or `env`.
+    /// `local`, `env` or `pkcs11`.
     pub provider: KeyringProviderKind,
     /// Local keyring file; default `<data_dir>/keyring.json`.
     pub path: Option<PathBuf>,
@@ -215,6 +245,17 @@ pub struct KeyringConfig {
     pub rotation_batch_size: u32,
     /// Pause between rotation batches (milliseconds), to bound database load.
     pub rotation_batch_pause_ms: u64,
+    /// How often a replica compares the database's key registry with its keyring
+    /// (milliseconds): it re-reads its provider when a version appeared or was destroyed.
+    pub sync_interval_ms: u64,
+    /// How often a replica records in the database which key versions it holds (seconds).
+    /// A replica not heard from for three intervals no longer counts as live.
+    pub heartbeat_seconds: u64,
+    /// How long `RotateKeys` waits for every live replica to hold the new version before
+    /// refusing (milliseconds).
+    pub replica_wait_ms: u64,
+    /// The HSM, for `provider = "pkcs11"`.
+    pub pkcs11: Pkcs11Config,
 }
 
 impl Default for KeyringConfig {
@@ -227,8 +268,123 @@ impl Default for KeyringConfig {
             max_kek_age_days: 30,
             rotation_batch_size: 500,
             rotation_batch_pause_ms: 0,
+            sync_interval_ms: 1_000,
+            heartbeat_seconds: 10,
+            replica_wait_ms: 5_000,
+            pkcs11: Pkcs11Config::default(),
         }
     }
+}
+
+/// `[keyring.pkcs11]`: the HSM that holds the KEKs and the MAC root key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pkcs11Config {
+    /// The PKCS#11 module, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: Option<PathBuf>,
+    /// The label of the token holding the keys.
+    pub token_label: String,
+    /// The user PIN (set it through `TOKENVAULT_KEYRING__PKCS11__PIN`), or …
+    pub pin: SecretValue,
+    /// … a file holding the PIN (one line, mode 0600 or stricter).
+    pub pin_file: Option<PathBuf>,
+    /// Prefix of the labels of the vault's objects in the token.
+    pub label_prefix: String,
+    /// Idle sessions kept open for reuse.
+    pub sessions: u32,
+}
+
+impl Default for Pkcs11Config {
+    fn default() -> Self {
+        Self {
+            module: None,
+            token_label: String::new(),
+            pin: SecretValue::default(),
+            pin_file: None,
+            label_prefix: "tokenvault".to_owned(),
+            sessions: 4,
+        }
+    }
+}
+
+impl Config {
+    /// The HSM settings of `[keyring.pkcs11]`, with the PIN read from its file when one is
+    /// named. Errors name the setting.
+    pub fn pkcs11_settings(&self) -> Result<crate::crypto::Pkcs11Settings, ConfigError> {
+        let p = &self.keyring.pkcs11;
+        let module = p.module.clone().ok_or_else(|| {
+            ConfigError::new(
+                "keyring.pkcs11.module",
+                "required with provider = \"pkcs11\" (the HSM's PKCS#11 library)",
+            )
+        })?;
+        if p.token_label.is_empty() {
+            return Err(ConfigError::new(
+                "keyring.pkcs11.token_label",
+                "required with provider = \"pkcs11\"",
+            ));
+        }
+        let pin = match (&p.pin_file, p.pin.is_empty()) {
+            (Some(_), false) => {
+                return Err(ConfigError::new(
+                    "keyring.pkcs11.pin",
+                    "give either pin or pin_file, not both",
+                ));
+            }
+            (None, true) => {
+                return Err(ConfigError::new(
+                    "keyring.pkcs11.pin",
+                    "required with provider = \"pkcs11\" (set TOKENVAULT_KEYRING__PKCS11__PIN or \
+                     keyring.pkcs11.pin_file)",
+                ));
+            }
+            (None, false) => p.pin.expose().to_owned(),
+            (Some(path), true) => read_pin_file(path)?,
+        };
+        Ok(crate::crypto::Pkcs11Settings {
+            module,
+            token_label: p.token_label.clone(),
+            pin: crate::crypto::SecretString::new(pin),
+            label_prefix: p.label_prefix.clone(),
+            max_idle_sessions: usize::try_from(p.sessions).unwrap_or(usize::MAX),
+        })
+    }
+}
+
+/// Reads a PIN file: it must grant nothing to group or others; one line, trailing newline
+/// dropped. Errors never quote the file's contents.
+fn read_pin_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let setting = "keyring.pkcs11.pin_file";
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| ConfigError::new(setting, format!("cannot read {}: {e}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| ConfigError::new(setting, format!("cannot stat {}: {e}", path.display())))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::new(
+            setting,
+            format!(
+                "{} has mode {mode:04o}; it must not be readable by group or others (chmod 600)",
+                path.display()
+            ),
+        ));
+    }
+    let mut text = Zeroizing::new(String::with_capacity(256));
+    file.by_ref()
+        .take(4096)
+        .read_to_string(&mut text)
+        .map_err(|e| ConfigError::new(setting, format!("cannot read {}: {e}", path.display())))?;
+    let pin = text.trim_end_matches(['\n', '\r']);
+    if pin.is_empty() || pin.contains('\n') {
+        return Err(ConfigError::new(
+            setting,
+            format!("{} must hold the PIN on one line", path.display()),
+        ));
+    }
+    Ok(pin.to_owned())
 }
 
 /// `[tls]`: server certificate, and client CAs for mTLS.
@@ -585,6 +741,19 @@ impl Config {
                 "must be 1..=10000",
             ));
         }
+        if self.keyring.provider == KeyringProviderKind::Pkcs11 {
+            self.pkcs11_settings()?;
+        }
+        if self.keyring.sync_interval_ms == 0 || self.keyring.heartbeat_seconds == 0 {
+            return Err(ConfigError::new(
+                if self.keyring.sync_interval_ms == 0 {
+                    "keyring.sync_interval_ms"
+                } else {
+                    "keyring.heartbeat_seconds"
+                },
+                "must be at least 1",
+            ));
+        }
         if self.keyring.provider == KeyringProviderKind::Env && self.keyring.keys.is_empty() {
             return Err(ConfigError::new(
                 "keyring.keys",
@@ -795,6 +964,9 @@ fn first_error(err: figment::Error) -> ConfigError {
     ConfigError::new(setting, format!("{problem}{source}"))
 }
 
+/// Settings whose environment values are always taken as text.
+const SECRET_SETTINGS: [&str; 4] = ["pin", "keys", "mac_key", "client_secret"];
+
 /// The `TOKENVAULT_*` variables as a figment provider: `TOKENVAULT_GRPC_ADDR`
 /// sets `grpc_addr`, `TOKENVAULT_KEYRING__PATH` sets `keyring.path`.
 struct EnvProvider {
@@ -823,7 +995,15 @@ impl Provider for EnvProvider {
                 .split("__")
                 .map(str::to_ascii_lowercase)
                 .collect();
-            let value: Value = raw.parse().unwrap_or_else(|_| Value::from(raw.clone()));
+            // Secrets stay text as given: a PIN such as 0123 is not the number 123.
+            let secret = path
+                .last()
+                .is_some_and(|k| SECRET_SETTINGS.contains(&k.as_str()));
+            let value: Value = if secret {
+                Value::from(raw.clone())
+            } else {
+                raw.parse().unwrap_or_else(|_| Value::from(raw.clone()))
+            };
             insert_path(&mut root, &path, value);
         }
         Ok(Profile::Default.collect(root))
@@ -939,5 +1119,44 @@ mod tests {
         .unwrap();
         assert!(!format!("{c:?}").contains("c2VjcmV0"));
         assert_eq!(c.keyring.mac_key.expose(), "c2VjcmV0LW1hYy1rZXk=");
+    }
+
+    #[test]
+    fn pkcs11_settings_name_what_is_missing_and_keep_pins_as_text() {
+        let e = load_toml("[keyring]\nprovider = \"hsm\"\n", &[]).unwrap_err();
+        assert_eq!(e.setting, "keyring.provider", "{e}");
+        let e = load_toml("[keyring]\nprovider = \"pkcs11\"\n", &[]).unwrap_err();
+        assert_eq!(e.setting, "keyring.pkcs11.module", "{e}");
+        let base = "[keyring]\nprovider = \"pkcs11\"\n[keyring.pkcs11]\nmodule = \"/x.so\"\n";
+        let e = load_toml(base, &[]).unwrap_err();
+        assert_eq!(e.setting, "keyring.pkcs11.token_label", "{e}");
+        let with_label = format!("{base}token_label = \"t\"\n");
+        let e = load_toml(&with_label, &[]).unwrap_err();
+        assert_eq!(e.setting, "keyring.pkcs11.pin", "{e}");
+        // An all-digit PIN from the environment stays text, leading zeros and all.
+        let c = load_toml(&with_label, &[("TOKENVAULT_KEYRING__PKCS11__PIN", "0123")]).unwrap();
+        assert_eq!(c.pkcs11_settings().unwrap().pin.expose(), "0123");
+        assert!(!format!("{c:?}").contains("0123"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let pin_file = dir.path().join("pin");
+        std::fs::write(&pin_file, "4321\n").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let with_file = format!(
+            "{with_label}pin_file = {:?}\n",
+            pin_file.display().to_string()
+        );
+        let e = load_toml(&with_file, &[]).unwrap_err();
+        assert_eq!(e.setting, "keyring.pkcs11.pin_file", "{e}");
+        assert!(
+            e.problem.contains("chmod 600") && !e.problem.contains("4321"),
+            "{e}"
+        );
+        std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = load_toml(&with_file, &[]).unwrap();
+        assert_eq!(c.pkcs11_settings().unwrap().pin.expose(), "4321");
+        let e = load_toml(&with_file, &[("TOKENVAULT_KEYRING__PKCS11__PIN", "1")]).unwrap_err();
+        assert_eq!(e.setting, "keyring.pkcs11.pin", "{e}");
     }
 }

@@ -24,6 +24,19 @@ use crate::proto::v1 as pb;
 /// The largest page the vault serves.
 const MAX_PAGE: usize = 1000;
 
+/// `rotating to v2: 120/450 wrapped keys (26%)`, for a terminal.
+fn rotation_progress_line(run: &pb::RotationProgress) -> String {
+    let percent = run
+        .done
+        .saturating_mul(100)
+        .checked_div(run.total)
+        .unwrap_or(100);
+    format!(
+        "rotating to v{}: {}/{} wrapped keys ({percent}%)",
+        run.target_version, run.done, run.total
+    )
+}
+
 /// How often `keys rotate --wait` asks for progress.
 const ROTATION_POLL: Duration = Duration::from_millis(500);
 
@@ -738,7 +751,9 @@ impl Admin {
                             );
                         f.write(out)?;
                         writeln!(out)?;
-                        output::key_versions_table(&s.versions).write(out)
+                        output::key_versions_table(&s.versions).write(out)?;
+                        writeln!(out)?;
+                        output::replicas_table(&s.replicas).write(out)
                     },
                 )
             }
@@ -807,15 +822,23 @@ impl Admin {
                         writeln!(out)?;
                         output::key_versions_table(&r.versions).write(out)?;
                         writeln!(out)?;
+                        writeln!(out, "lifecycle:")?;
+                        for v in &r.versions {
+                            for line in output::key_lifecycle_lines(v) {
+                                writeln!(out, "  {line}")?;
+                            }
+                        }
+                        writeln!(out)?;
                         if r.rotations.is_empty() {
-                            writeln!(out, "no rotations")
+                            writeln!(out, "no rotations")?;
                         } else {
                             writeln!(out, "rotations:")?;
                             for run in &r.rotations {
                                 writeln!(out, "  {}", output::rotation_text(run))?;
                             }
-                            Ok(())
                         }
+                        writeln!(out)?;
+                        output::replicas_table(&r.replicas).write(out)
                     },
                 )
             }
@@ -831,10 +854,7 @@ impl Admin {
         let running = pb::RotationState::Running as i32;
         while run.state == running {
             if progress {
-                eprint!(
-                    "\rrotating to v{}: {}/{} DEKs rewrapped",
-                    run.target_version, run.rewrapped, run.total
-                );
+                eprint!("\r{}", rotation_progress_line(&run));
             }
             tokio::time::sleep(ROTATION_POLL).await;
             let status = self.key_status().await?;
@@ -855,10 +875,7 @@ impl Admin {
             }
         }
         if progress {
-            eprintln!(
-                "\rrotating to v{}: {}/{} DEKs rewrapped",
-                run.target_version, run.rewrapped, run.total
-            );
+            eprintln!("\r{}", rotation_progress_line(&run));
         }
         Ok(run)
     }

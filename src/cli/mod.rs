@@ -19,7 +19,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::audit::{Actor, Outcome};
 use crate::config::{Config, ConfigError, KeyringProviderKind};
-use crate::crypto::{KeyringProvider, LocalKeyring};
+use crate::crypto::{EnvKeyring, KekVersion, KeyringProvider, LocalKeyring, Pkcs11Keyring};
 use crate::grpc::Authenticator;
 use crate::vault::Vault;
 
@@ -83,11 +83,20 @@ pub enum CompletionShell {
 /// `tokenvault keys …`
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Create the local keyring file (mode 0600) with key version 1.
+    /// Create the configured keyring with key version 1 and a MAC root key: the local
+    /// keyring file (mode 0600), or the vault's keys in the HSM token (`pkcs11`). With
+    /// `--env`, print new values for the env provider instead.
     Init {
         /// TOML configuration file.
         #[arg(long, env = "TOKENVAULT_CLI_CONFIG")]
         config: Option<PathBuf>,
+        /// Print freshly generated values for the env provider (nothing is stored).
+        #[arg(long, conflicts_with = "config")]
+        env: bool,
+        /// With `--env`: the key version to generate. 1 prints a whole new keyring; a
+        /// higher number prints only the entry to append to TOKENVAULT_KEYRING__KEYS.
+        #[arg(long, requires = "env", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        version: u32,
     },
     /// Generate an API key for an identity and print the config entry holding its hash.
     NewApiKey {
@@ -135,7 +144,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Keys {
-            command: KeysCommand::Init { config },
+            command: KeysCommand::Init {
+                env: true, version, ..
+            },
+        } => keys_init_env(version),
+        Command::Keys {
+            command: KeysCommand::Init { config, .. },
         } => {
             let config = load(config.as_deref())?;
             config.prepare_data_dir().map_err(|e| e.to_string())?;
@@ -195,16 +209,61 @@ fn completions(shell: CompletionShell) -> Result<(), CliError> {
         .map_err(|e| CliError::failed(format!("cannot write the completions: {e}")))
 }
 
+/// `tokenvault keys init --env [--version N]`: prints new env keyring values.
+fn keys_init_env(version: u32) -> Result<(), CliError> {
+    let version = KekVersion::new(version)
+        .ok_or_else(|| CliError::from("--version must be at least 1".to_owned()))?;
+    let values = EnvKeyring::generate_values(version).map_err(|e| e.to_string())?;
+    if version == KekVersion::FIRST {
+        println!("# A new env keyring: key version 1 and the MAC root key. Give both to every");
+        println!("# replica (a secret store, not a file next to the database backups):");
+        println!("TOKENVAULT_KEYRING__PROVIDER=env");
+        println!("TOKENVAULT_KEYRING__KEYS={}", values.keys.expose());
+        println!(
+            "TOKENVAULT_KEYRING__MAC_KEY={}",
+            values.mac_root_key.expose()
+        );
+    } else {
+        println!(
+            "# Key version {version}: append this entry to TOKENVAULT_KEYRING__KEYS (entries are"
+        );
+        println!(
+            "# comma-separated) on every replica and restart them, then rotate. Keep the MAC key."
+        );
+        println!("{}", values.keys.expose());
+    }
+    Ok(())
+}
+
 /// `tokenvault keys init`: creates the keyring, registers version 1 and
 /// audits the creation.
 async fn keys_init(config: &Config) -> Result<(), String> {
-    if config.keyring.provider != KeyringProviderKind::Local {
-        return Err(
-            "keys init creates a local keyring; keyring.provider is not \"local\"".to_owned(),
-        );
-    }
-    let path = config.keyring_path();
-    LocalKeyring::init(&path).map_err(|e| e.to_string())?;
+    let created = match config.keyring.provider {
+        KeyringProviderKind::Local => {
+            let path = config.keyring_path();
+            LocalKeyring::init(&path).map_err(|e| e.to_string())?;
+            format!(
+                "created keyring {} with key version v1 (mode 0600); back it up separately from the database",
+                path.display()
+            )
+        }
+        KeyringProviderKind::Pkcs11 => {
+            let settings = config.pkcs11_settings().map_err(|e| e.to_string())?;
+            Pkcs11Keyring::init(&settings).map_err(|e| e.to_string())?;
+            format!(
+                "created key version v1 and the MAC root key in token {:?} (labels {}/…); they \
+                 cannot leave it: back up the token as its vendor documents",
+                settings.token_label, settings.label_prefix
+            )
+        }
+        KeyringProviderKind::Env => {
+            return Err(
+                "keyring.provider: the env keyring is not stored by the vault; run \
+                 `tokenvault keys init --env` to generate its values"
+                    .to_owned(),
+            );
+        }
+    };
     let vault = Vault::open(config).await.map_err(|e| e.to_string())?;
     vault
         .audit()
@@ -213,23 +272,28 @@ async fn keys_init(config: &Config) -> Result<(), String> {
             "keys.init",
             "kek:v1",
             Outcome::Ok,
-            path.display().to_string(),
+            config.keyring.provider.as_str(),
         )
         .await
         .map_err(|e| e.to_string())?;
     vault.shutdown().await;
-    println!(
-        "created keyring {} with key version v1 (mode 0600); back it up separately from the database",
-        path.display()
-    );
+    println!("{created}");
     Ok(())
 }
 
-/// On the embedded default, the first start creates the local keyring — but
-/// only when the database has never seen a key, so that a lost keyring is
+/// On a first start, the local keyring file or the HSM's keys are created —
+/// but only when the database has never seen a key, so that a lost keyring is
 /// reported instead of silently replaced.
 async fn first_start_keyring(config: &Config) -> Result<(), String> {
-    if config.keyring.provider != KeyringProviderKind::Local || config.keyring_path().exists() {
+    let missing = match config.keyring.provider {
+        KeyringProviderKind::Local => !config.keyring_path().exists(),
+        KeyringProviderKind::Pkcs11 => {
+            let settings = config.pkcs11_settings().map_err(|e| e.to_string())?;
+            Pkcs11Keyring::token_is_empty(&settings).map_err(|e| e.to_string())?
+        }
+        KeyringProviderKind::Env => false,
+    };
+    if !missing {
         return Ok(());
     }
     let store = crate::store::open(&config.database_url())
@@ -238,14 +302,32 @@ async fn first_start_keyring(config: &Config) -> Result<(), String> {
     let known = store.kek_list().await.map_err(|e| e.to_string())?;
     store.close().await;
     if !known.is_empty() {
-        return Err(format!(
-            "keyring.path: {} is missing, but the database uses {} key version(s); restore the keyring from its backup",
-            config.keyring_path().display(),
-            known.len()
-        ));
+        return Err(match config.keyring.provider {
+            KeyringProviderKind::Pkcs11 => format!(
+                "keyring.pkcs11.token_label: token {:?} holds no keys labelled {}/…, but the \
+                 database uses {} key version(s); use the token (or prefix) that holds them",
+                config.keyring.pkcs11.token_label,
+                config.keyring.pkcs11.label_prefix,
+                known.len()
+            ),
+            _ => format!(
+                "keyring.path: {} is missing, but the database uses {} key version(s); restore the keyring from its backup",
+                config.keyring_path().display(),
+                known.len()
+            ),
+        });
     }
-    let keyring = LocalKeyring::init(config.keyring_path()).map_err(|e| e.to_string())?;
-    tracing::warn!(path = %config.keyring_path().display(), provider = keyring.kind(), "created a new local keyring on first start; back it up separately from the database");
+    match config.keyring.provider {
+        KeyringProviderKind::Pkcs11 => {
+            let settings = config.pkcs11_settings().map_err(|e| e.to_string())?;
+            let keyring = Pkcs11Keyring::init(&settings).map_err(|e| e.to_string())?;
+            tracing::warn!(token = %settings.token_label, provider = keyring.kind(), "created the vault's keys in the HSM on first start");
+        }
+        _ => {
+            let keyring = LocalKeyring::init(config.keyring_path()).map_err(|e| e.to_string())?;
+            tracing::warn!(path = %config.keyring_path().display(), provider = keyring.kind(), "created a new local keyring on first start; back it up separately from the database");
+        }
+    }
     let vault = Vault::open(config).await.map_err(|e| e.to_string())?;
     vault
         .audit()

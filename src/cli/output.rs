@@ -173,6 +173,40 @@ pub fn key_version_json(v: &pb::KeyVersionInfo) -> Value {
         "retired_at": ts_json(v.retired_at.as_ref()),
         "destroyed_at": ts_json(v.destroyed_at.as_ref()),
         "dek_count": v.dek_count,
+        "wrapped_keys": {
+            "connection": v.connection_keys,
+            "oauth_state": v.oauth_state_keys,
+            "outbox": v.outbox_keys,
+        },
+        "provider": v.provider,
+        "created_by": v.created_by,
+        "promoted_by": non_empty(&v.promoted_by),
+        "retired_by": non_empty(&v.retired_by),
+        "destroyed_by": non_empty(&v.destroyed_by),
+        "held_by": v.held_by,
+    })
+}
+
+/// `null` for an empty string: "none" has one spelling in JSON.
+fn non_empty(s: &str) -> Value {
+    if s.is_empty() {
+        Value::Null
+    } else {
+        Value::from(s)
+    }
+}
+
+/// `tokenvault.v1.ReplicaInfo`.
+pub fn replica_json(r: &pb::ReplicaInfo) -> Value {
+    json!({
+        "replica_id": r.replica_id,
+        "host": r.host,
+        "pid": r.pid,
+        "provider": r.provider,
+        "versions": r.versions,
+        "started_at": ts_json(r.started_at.as_ref()),
+        "last_seen_at": ts_json(r.last_seen_at.as_ref()),
+        "live": r.live,
     })
 }
 
@@ -185,9 +219,11 @@ pub fn rotation_json(r: &pb::RotationProgress) -> Value {
         "started_at": ts_json(r.started_at.as_ref()),
         "finished_at": ts_json(r.finished_at.as_ref()),
         "rewrapped": r.rewrapped,
+        "done": r.done,
         "total": r.total,
         "started_by": r.started_by,
-        "last_error": r.last_error,
+        "owner": non_empty(&r.owner),
+        "last_error": non_empty(&r.last_error),
     })
 }
 
@@ -202,6 +238,8 @@ pub fn key_status_json(s: &pb::KeyStatusResponse) -> Value {
         "oldest_in_use_age_seconds": s.oldest_in_use_age_seconds,
         "max_kek_age_days": s.max_kek_age_days,
         "rotation_overdue": s.rotation_overdue,
+        "replica_id": s.replica_id,
+        "replicas": s.replicas.iter().map(replica_json).collect::<Vec<_>>(),
     })
 }
 
@@ -218,6 +256,7 @@ pub fn key_report_json(r: &pb::KeyReportResponse) -> Value {
         "max_kek_age_days": r.max_kek_age_days,
         "policy_met": r.policy_met,
         "policy_detail": r.policy_detail,
+        "replicas": r.replicas.iter().map(replica_json).collect::<Vec<_>>(),
     })
 }
 
@@ -541,11 +580,14 @@ pub fn key_versions_table(versions: &[pb::KeyVersionInfo]) -> Table {
     let mut t = Table::new([
         "VERSION",
         "STATE",
-        "DEKS",
+        "PROVIDER",
+        "KEYS",
+        "CONNECTION/OAUTH_STATE/OUTBOX",
         "CREATED",
         "PRIMARY",
         "RETIRED",
         "DESTROYED",
+        "HELD_BY",
     ]);
     for v in versions {
         let primary = match (&v.primary_since, &v.primary_until) {
@@ -556,11 +598,102 @@ pub fn key_versions_table(versions: &[pb::KeyVersionInfo]) -> Table {
         t.row(vec![
             format!("v{}", v.version),
             enum_text!(pb::KeyState, "KEY_STATE_", v.state),
+            dash_if_empty(&v.provider),
             v.dek_count.to_string(),
+            format!(
+                "{}/{}/{}",
+                v.connection_keys, v.oauth_state_keys, v.outbox_keys
+            ),
             ts_text(v.created_at.as_ref()),
             primary,
             ts_text(v.retired_at.as_ref()),
             ts_text(v.destroyed_at.as_ref()),
+            if v.held_by.is_empty() {
+                "-".to_owned()
+            } else {
+                v.held_by.join(",")
+            },
+        ]);
+    }
+    t
+}
+
+fn dash_if_empty(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+/// Each version's lifecycle with who did each step, one line per step.
+pub fn key_lifecycle_lines(v: &pb::KeyVersionInfo) -> Vec<String> {
+    let mut lines = vec![format!(
+        "v{} created {} by {} ({})",
+        v.version,
+        ts_text(v.created_at.as_ref()),
+        dash_if_empty(&v.created_by),
+        dash_if_empty(&v.provider)
+    )];
+    if v.primary_since.is_some() {
+        lines.push(format!(
+            "v{} primary from {} by {}{}",
+            v.version,
+            ts_text(v.primary_since.as_ref()),
+            dash_if_empty(&v.promoted_by),
+            v.primary_until
+                .as_ref()
+                .map(|u| format!(" until {}", ts_text(Some(u))))
+                .unwrap_or_default()
+        ));
+    }
+    if v.retired_at.is_some() {
+        lines.push(format!(
+            "v{} retired {} by {}",
+            v.version,
+            ts_text(v.retired_at.as_ref()),
+            dash_if_empty(&v.retired_by)
+        ));
+    }
+    if v.destroyed_at.is_some() {
+        lines.push(format!(
+            "v{} destroyed {} by {}",
+            v.version,
+            ts_text(v.destroyed_at.as_ref()),
+            dash_if_empty(&v.destroyed_by)
+        ));
+    }
+    lines
+}
+
+/// The replicas sharing the database.
+pub fn replicas_table(replicas: &[pb::ReplicaInfo]) -> Table {
+    let mut t = Table::new([
+        "REPLICA",
+        "HOST",
+        "PID",
+        "PROVIDER",
+        "VERSIONS",
+        "LAST_SEEN",
+        "LIVE",
+    ]);
+    for r in replicas {
+        t.row(vec![
+            r.replica_id.clone(),
+            r.host.clone(),
+            r.pid.to_string(),
+            r.provider.clone(),
+            if r.versions.is_empty() {
+                "-".to_owned()
+            } else {
+                r.versions
+                    .iter()
+                    .map(|v| format!("v{v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
+            ts_text(r.last_seen_at.as_ref()),
+            if r.live { "yes" } else { "no" }.to_owned(),
         ]);
     }
     t
@@ -569,7 +702,7 @@ pub fn key_versions_table(versions: &[pb::KeyVersionInfo]) -> Table {
 /// One key version on one line.
 pub fn key_version_text(v: &pb::KeyVersionInfo) -> String {
     format!(
-        "v{}: {} ({} DEKs)",
+        "v{}: {} ({} wrapped keys)",
         v.version,
         enum_text!(pb::KeyState, "KEY_STATE_", v.state),
         v.dek_count
@@ -579,12 +712,14 @@ pub fn key_version_text(v: &pb::KeyVersionInfo) -> String {
 /// A rotation run on one line.
 pub fn rotation_text(r: &pb::RotationProgress) -> String {
     let mut text = format!(
-        "{} to v{}: {}, {}/{} DEKs rewrapped, started {} by {}",
+        "{} to v{}: {}, {}/{} wrapped keys on v{} ({} rewrapped), started {} by {}",
         r.run_id,
         r.target_version,
         enum_text!(pb::RotationState, "ROTATION_STATE_", r.state),
-        r.rewrapped,
+        r.done,
         r.total,
+        r.target_version,
+        r.rewrapped,
         ts_text(r.started_at.as_ref()),
         r.started_by,
     );

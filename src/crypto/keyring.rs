@@ -1,14 +1,16 @@
 //! Keyring providers: where key-encryption keys (KEKs) and the MAC root key live.
 //!
 //! A provider holds versioned KEK material and performs the operations that need it
-//! (wrapping and unwrapping DEKs, computing MACs) itself, so raw KEKs never leave it. This is
-//! the seam for an HSM or cloud KMS provider later. Which version is primary, active,
-//! retired or destroyed is recorded in the database, not here: a provider only knows which
-//! versions it has material for.
+//! (wrapping and unwrapping DEKs, computing MACs) itself, so raw KEKs never leave it:
+//! [`LocalKeyring`] (a 0600 file, one node), [`EnvKeyring`] (environment variables) and
+//! [`Pkcs11Keyring`] (an HSM: the KEKs are non-extractable objects and wrapping happens inside
+//! the device). Which version is primary, active, retired or destroyed is recorded in the
+//! database, not here: a provider only knows which versions it has material for.
 
 mod env;
 mod local;
 mod material;
+mod pkcs11;
 
 use std::fmt;
 use std::str::FromStr;
@@ -20,6 +22,7 @@ use super::{CryptoError, Key256};
 
 pub use env::{EnvKeyring, GeneratedEnvValues};
 pub use local::LocalKeyring;
+pub use pkcs11::{Pkcs11Keyring, Pkcs11Settings};
 
 /// The version number of a key-encryption key: 1, 2, 3, … never 0, never reused.
 ///
@@ -124,16 +127,20 @@ pub enum MacPurpose {
     ApiKey,
     /// Derives the Ed25519 seed that signs audit checkpoints.
     AuditCheckpoint,
+    /// Makes the MAC root key's key-check value, stored in the database and compared at
+    /// every start so that a keyring with another MAC root is refused.
+    KeyCheck,
 }
 
 impl MacPurpose {
     /// Every purpose, in a fixed order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::TokenFingerprint,
         Self::AuditChain,
         Self::StateHash,
         Self::ApiKey,
         Self::AuditCheckpoint,
+        Self::KeyCheck,
     ];
 
     /// The HKDF `info` label that derives this purpose's subkey.
@@ -144,6 +151,7 @@ impl MacPurpose {
             Self::StateHash => "tokenvault/mac/v1/state-hash",
             Self::ApiKey => "tokenvault/mac/v1/api-key",
             Self::AuditCheckpoint => "tokenvault/mac/v1/audit-checkpoint-seed",
+            Self::KeyCheck => "tokenvault/mac/v1/key-check",
         }
     }
 
@@ -154,21 +162,48 @@ impl MacPurpose {
             Self::StateHash => 2,
             Self::ApiKey => 3,
             Self::AuditCheckpoint => 4,
+            Self::KeyCheck => 5,
         }
     }
+}
+
+/// Who creates and destroys a provider's key versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Custody {
+    /// The vault creates new versions inside the provider and destroys them there (the
+    /// local file, an HSM).
+    Managed,
+    /// The operator supplies the versions (environment variables): the vault can neither
+    /// create nor erase them. A destruction is recorded once no live replica holds the
+    /// version any more, which the operator brings about by removing it and restarting.
+    External,
 }
 
 /// Holds KEK material and performs every operation that needs it.
 ///
 /// Implementations must keep raw key material inside: nothing in this trait returns a KEK or
 /// the MAC root key. Errors and `Debug` output must not carry key bytes.
+///
+/// A provider only knows which versions it holds. Which of them is primary, retired or
+/// destroyed is the database's key registry, shared by every replica; when a replica meets a
+/// version it does not hold it calls [`KeyringProvider::reload`] before giving up.
 #[async_trait]
 pub trait KeyringProvider: Send + Sync + fmt::Debug {
-    /// A short name for the provider (`"local"`, `"env"`), for status output and audit.
+    /// A short name for the provider (`"local"`, `"env"`, `"pkcs11"`), for status output and
+    /// audit.
     fn kind(&self) -> &'static str;
 
-    /// The versions whose material this provider currently holds, in ascending order.
+    /// Whether the vault or the operator creates and destroys versions.
+    fn custody(&self) -> Custody;
+
+    /// The versions whose material this provider currently holds, in ascending order, as of
+    /// the last load or [`KeyringProvider::reload`]. Never blocks on a device.
     async fn versions(&self) -> Result<Vec<KekMaterialInfo>, CryptoError>;
+
+    /// Reads the provider's source again (the keyring file, the HSM's objects by label), so
+    /// versions created or destroyed by another process are seen. A provider whose source
+    /// cannot change while the process runs (environment variables) does nothing.
+    async fn reload(&self) -> Result<(), CryptoError>;
 
     /// Encrypts `dek` under KEK `version` with AES-256-GCM, a random 96-bit nonce and the
     /// associated data `aad`. Returns `nonce (12) || ciphertext (32) || tag (16)`.
@@ -191,16 +226,22 @@ pub trait KeyringProvider: Send + Sync + fmt::Debug {
         aad: &[u8],
     ) -> Result<Key256, CryptoError>;
 
-    /// Creates a new random KEK numbered one above the highest version this keyring has
-    /// ever held, stores it durably, and returns its description.
-    async fn create_version(&self) -> Result<KekMaterialInfo, CryptoError>;
+    /// Creates a new random KEK, stores it durably, and returns its description. Its number
+    /// is `at_least` or, if this provider has ever held a version that high, one above the
+    /// highest it has held: numbers are never reused. The caller passes one above every
+    /// version the database has seen.
+    ///
+    /// Fails with [`CryptoError::Unsupported`] for [`Custody::External`] providers.
+    async fn create_version(&self, at_least: KekVersion) -> Result<KekMaterialInfo, CryptoError>;
 
     /// Removes the material of `version` durably, so nothing encrypted under it can ever be
     /// decrypted again. The caller (the database) must have checked that no DEK references
     /// the version.
+    ///
+    /// Fails with [`CryptoError::Unsupported`] for [`Custody::External`] providers.
     async fn destroy_version(&self, version: KekVersion) -> Result<(), CryptoError>;
 
-    /// HMAC-SHA256 of `data` under the subkey for `purpose`.
+    /// HMAC-SHA256 of `data` under the subkey for `purpose`. In memory: never a device call.
     fn mac(&self, purpose: MacPurpose, data: &[u8]) -> [u8; 32];
 
     /// Whether `tag` is the MAC of `data` for `purpose`, compared in constant time.

@@ -4,10 +4,10 @@
 //!
 //! - A [`KeyringProvider`] holds versioned key-encryption keys (KEKs) and a MAC root key. It
 //!   wraps and unwraps data-encryption keys itself, so raw KEKs never leave it; that is what
-//!   leaves room for an HSM or cloud KMS provider. [`LocalKeyring`] (a 0600 JSON file, the
-//!   embedded default) and [`EnvKeyring`] (keys given in environment variables) are the
-//!   providers in this crate. The provider only holds material: lifecycle state (primary,
-//!   active, retired, destroyed) is tracked by the database.
+//!   lets an HSM hold them. [`LocalKeyring`] (a 0600 JSON file, the embedded default),
+//!   [`EnvKeyring`] (keys given in environment variables) and [`Pkcs11Keyring`] (an HSM over
+//!   PKCS#11) are the providers in this crate. The provider only holds material: lifecycle
+//!   state (primary, active, retired, destroyed) is tracked by the database.
 //! - Each connection has its own data-encryption key (DEK), wrapped by a KEK version with
 //!   [`envelope::wrap_dek`]; the wrapped form is bound to its connection by associated data.
 //! - Tokens are sealed with the connection's DEK by [`envelope::seal`], bound to tenant,
@@ -34,8 +34,8 @@ pub use envelope::{
     rewrap_dek, seal, unwrap_dek, wrap_dek,
 };
 pub use keyring::{
-    EnvKeyring, GeneratedEnvValues, KekMaterialInfo, KekVersion, KeyringProvider, LocalKeyring,
-    MacPurpose, ParseKekVersionError,
+    Custody, EnvKeyring, GeneratedEnvValues, KekMaterialInfo, KekVersion, KeyringProvider,
+    LocalKeyring, MacPurpose, ParseKekVersionError, Pkcs11Keyring, Pkcs11Settings,
 };
 pub use secret::{Key256, SecretBytes, SecretString};
 
@@ -85,6 +85,16 @@ pub enum CryptoError {
     /// The operating system's random number generator failed.
     #[error("the system random number generator failed")]
     Random,
+
+    /// A keyring setting is wrong: the module, token, PIN or label prefix of an HSM. The
+    /// message names the setting and never quotes a PIN or key.
+    #[error("configuration error: {setting}: {problem}")]
+    Config {
+        /// The setting at fault (`keyring.pkcs11.pin`).
+        setting: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
 }
 
 /// The process-wide system random number generator (ring's `SystemRandom`).

@@ -11,9 +11,9 @@ use crate::domain::{
 };
 use crate::proto::v1 as pb;
 use crate::store::{
-    AuditRow, ConnectionRecord, EventRecord, PageRequest, ReceiptRecord, RotationRun,
+    AuditRow, ConnectionRecord, EventRecord, PageRequest, ReceiptRecord, ReplicaRecord,
 };
-use crate::vault::{KeyStatus, Vault, VersionStatus};
+use crate::vault::{KeyStatus, RotationStatus, Vault, VersionStatus};
 
 /// Default and maximum page sizes of list RPCs.
 const DEFAULT_PAGE: i64 = 100;
@@ -131,6 +131,7 @@ fn key_state_pb(s: KeyState) -> pb::KeyState {
 /// One key version.
 pub fn key_version(v: &VersionStatus) -> pb::KeyVersionInfo {
     let r = &v.record;
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
     pb::KeyVersionInfo {
         version: r.version.get(),
         state: key_state_pb(r.state) as i32,
@@ -139,12 +140,36 @@ pub fn key_version(v: &VersionStatus) -> pb::KeyVersionInfo {
         primary_until: opt_ts(r.primary_until),
         retired_at: opt_ts(r.retired_at),
         destroyed_at: opt_ts(r.destroyed_at),
-        dek_count: u64::try_from(v.dek_count).unwrap_or(0),
+        dek_count: count(v.dek_count),
+        provider: r.provider.clone(),
+        created_by: r.created_by.clone(),
+        promoted_by: r.promoted_by.clone().unwrap_or_default(),
+        retired_by: r.retired_by.clone().unwrap_or_default(),
+        destroyed_by: r.destroyed_by.clone().unwrap_or_default(),
+        connection_keys: count(v.by_kind[0]),
+        oauth_state_keys: count(v.by_kind[1]),
+        outbox_keys: count(v.by_kind[2]),
+        held_by: v.holders.clone(),
     }
 }
 
-/// One rotation run.
-pub fn rotation(r: &RotationRun) -> pb::RotationProgress {
+/// One replica.
+pub fn replica(r: &ReplicaRecord, live: bool) -> pb::ReplicaInfo {
+    pb::ReplicaInfo {
+        replica_id: r.replica_id.clone(),
+        host: r.host.clone(),
+        pid: r.pid,
+        provider: r.provider.clone(),
+        versions: r.versions.iter().map(|v| v.get()).collect(),
+        started_at: Some(ts(r.started_at)),
+        last_seen_at: Some(ts(r.seen_at)),
+        live,
+    }
+}
+
+/// One rotation run with its progress.
+pub fn rotation(status: &RotationStatus) -> pb::RotationProgress {
+    let r = &status.run;
     let state = match r.state.as_str() {
         "running" => pb::RotationState::Running,
         "completed" => pb::RotationState::Completed,
@@ -160,6 +185,8 @@ pub fn rotation(r: &RotationRun) -> pb::RotationProgress {
         total: u64::try_from(r.total).unwrap_or(0),
         started_by: r.actor.clone(),
         last_error: r.last_error.clone().unwrap_or_default(),
+        done: u64::try_from(status.done).unwrap_or(0),
+        owner: r.owner.clone(),
     }
 }
 
@@ -174,6 +201,12 @@ pub fn key_status(s: &KeyStatus) -> pb::KeyStatusResponse {
         oldest_in_use_age_seconds: i64::try_from(s.oldest_in_use_age.as_secs()).unwrap_or(i64::MAX),
         max_kek_age_days: s.max_kek_age_days,
         rotation_overdue: s.rotation_overdue,
+        replica_id: s.replica_id.clone(),
+        replicas: s
+            .replicas
+            .iter()
+            .map(|(r, live)| replica(r, *live))
+            .collect(),
     }
 }
 
@@ -204,6 +237,11 @@ pub fn key_report(s: &KeyStatus) -> pb::KeyReportResponse {
         max_kek_age_days: s.max_kek_age_days,
         policy_met: !s.rotation_overdue,
         policy_detail,
+        replicas: s
+            .replicas
+            .iter()
+            .map(|(r, live)| replica(r, *live))
+            .collect(),
     }
 }
 

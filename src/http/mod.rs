@@ -84,6 +84,7 @@ async fn metrics(State(vault): State<Arc<Vault>>) -> Response {
         )
             .into_response();
     };
+    metrics::gauge!("tokenvault_dek_cache_entries").set(vault.keys().cached_deks() as f64);
     match vault.keys().status().await {
         Ok(status) => {
             metrics::gauge!("tokenvault_kek_primary_version").set(f64::from(status.primary.get()));
@@ -99,9 +100,10 @@ async fn metrics(State(vault): State<Arc<Vault>>) -> Response {
                 0.0
             });
             if let Some(r) = &status.rotation {
-                metrics::gauge!("tokenvault_rotation_rewrapped").set(r.rewrapped as f64);
-                metrics::gauge!("tokenvault_rotation_total").set(r.total as f64);
-                metrics::gauge!("tokenvault_rotation_running").set(if r.state == "running" {
+                metrics::gauge!("tokenvault_rotation_rewrapped").set(r.run.rewrapped as f64);
+                metrics::gauge!("tokenvault_rotation_done").set(r.done as f64);
+                metrics::gauge!("tokenvault_rotation_total").set(r.run.total as f64);
+                metrics::gauge!("tokenvault_rotation_running").set(if r.run.state == "running" {
                     1.0
                 } else {
                     0.0

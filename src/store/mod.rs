@@ -58,36 +58,54 @@ pub trait Store: Send + Sync + 'static {
     /// Closes the pool, waiting for checked-out connections.
     async fn close(&self);
 
-    // ----- key-encryption-key versions -------------------------------------------------
+    // ----- the key registry: KEK versions, root-key checks, replicas -------------------
 
     /// Every KEK version the database knows, oldest first.
     async fn kek_list(&self) -> StoreResult<Vec<KekRecord>>;
 
-    /// Records a version whose material the keyring holds; no-op if known. The
-    /// first version registered becomes primary. `key_check` is a known value
-    /// wrapped by the version, checked at every start.
-    async fn kek_register(
-        &self,
-        version: KekVersion,
-        created_at: Timestamp,
-        key_check: &[u8],
-    ) -> StoreResult<()>;
+    /// Records a version whose material a keyring holds; no-op if known. The first version
+    /// registered becomes primary. `key_check` is a known value wrapped by the version,
+    /// checked at every start.
+    async fn kek_register(&self, kek: &NewKek<'_>) -> StoreResult<()>;
 
-    /// Makes `version` primary; the previous primary becomes active.
-    async fn kek_promote(&self, version: KekVersion, at: Timestamp) -> StoreResult<()>;
+    /// Makes an ACTIVE `version` primary; the previous primary becomes active. Refused
+    /// (FailedPrecondition) for a retired or destroyed version.
+    async fn kek_promote(&self, version: KekVersion, at: Timestamp, actor: &str)
+    -> StoreResult<()>;
 
-    /// Marks a version retired or destroyed, refusing (FailedPrecondition) while
-    /// any DEK, pending authorization or rotation still references it.
+    /// Marks a version retired or destroyed, refusing (FailedPrecondition) while any
+    /// wrapped key or running rotation still references it.
     async fn kek_set_state(
         &self,
         version: KekVersion,
         state: crate::domain::KeyState,
         at: Timestamp,
+        actor: &str,
     ) -> StoreResult<()>;
 
-    /// How many wrapped DEKs reference each version (connections and pending
-    /// authorizations).
-    async fn dek_count_by_version(&self) -> StoreResult<Vec<(KekVersion, i64)>>;
+    /// How many wrapped keys of each kind reference each version.
+    async fn wrapped_key_counts(&self) -> StoreResult<Vec<WrappedKeyCount>>;
+
+    /// The key-check value recorded under `name`, if any.
+    async fn root_key_check_get(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
+
+    /// Records a key-check value under `name` unless one is recorded already; returns the
+    /// value recorded (which may be another replica's, written first).
+    async fn root_key_check_put(
+        &self,
+        name: &str,
+        value: &[u8],
+        at: Timestamp,
+    ) -> StoreResult<Vec<u8>>;
+
+    /// Writes (inserts or replaces) a replica's row.
+    async fn replica_upsert(&self, replica: &ReplicaRecord) -> StoreResult<()>;
+
+    /// Every replica row, live or not, by id.
+    async fn replica_list(&self) -> StoreResult<Vec<ReplicaRecord>>;
+
+    /// Deletes a replica's row (at clean shutdown).
+    async fn replica_remove(&self, replica_id: &str) -> StoreResult<()>;
 
     // ----- connections and their sealed secrets -------------------------------------
 
@@ -189,23 +207,31 @@ pub trait Store: Send + Sync + 'static {
     /// Every rotation run, newest first.
     async fn rotation_list(&self) -> StoreResult<Vec<RotationRun>>;
 
-    /// How many wrapped DEKs are not on `target` (an index range count).
-    async fn dek_count_not_on(&self, target: KekVersion) -> StoreResult<i64>;
+    /// Sets a run's total: the wrapped keys not on its target once the target is primary.
+    async fn rotation_set_total(&self, run_id: &str, total: i64) -> StoreResult<()>;
 
-    /// Scans the next `limit` wrapped DEKs in connection-id order after
-    /// `after`; returns those not on `target` and the last id scanned (None
-    /// at the end).
-    async fn dek_batch_scan(
+    /// Makes `owner` the replica running a run, if it is still running and still owned by
+    /// `previous` (compare-and-swap); returns whether it did.
+    async fn rotation_claim(&self, run_id: &str, previous: &str, owner: &str) -> StoreResult<bool>;
+
+    /// How many wrapped keys, of every kind, are not on `target` (index range counts).
+    async fn wrapped_key_count_not_on(&self, target: KekVersion) -> StoreResult<i64>;
+
+    /// Scans the next `limit` wrapped keys of `kind` in key order after `after` (the owner
+    /// of the last row a previous call scanned); returns those not on `target` and the last
+    /// owner scanned (None at the end).
+    async fn wrapped_key_scan(
         &self,
+        kind: WrappedKeyKind,
         target: KekVersion,
-        after: Option<&ConnectionId>,
+        after: Option<&WrappedKeyOwner>,
         limit: i64,
-    ) -> StoreResult<(Vec<WrappedDekRow>, Option<ConnectionId>)>;
+    ) -> StoreResult<(Vec<WrappedKeyRow>, Option<WrappedKeyOwner>)>;
 
-    /// Replaces wrapped DEKs in one transaction, each only if it is still the
-    /// one that was read (compare-and-swap), and adds the count to the run's
-    /// progress. Returns how many rows were replaced.
-    async fn dek_rewrap(&self, run_id: &str, rewraps: &[Rewrap]) -> StoreResult<u64>;
+    /// Replaces wrapped keys in one transaction, each only if it still holds what was read
+    /// (compare-and-swap), and adds the count to the run's progress. Returns how many rows
+    /// were replaced.
+    async fn wrapped_key_rewrap(&self, run_id: &str, rewraps: &[Rewrap]) -> StoreResult<u64>;
 
     /// Marks a run finished with a final state (and why, if it failed).
     async fn rotation_finish(

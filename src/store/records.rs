@@ -86,6 +86,31 @@ pub struct KekRecord {
     pub destroyed_at: Option<Timestamp>,
     /// A zero key wrapped by this version (not secret).
     pub key_check: Vec<u8>,
+    /// The provider kind that held it when it was registered (`local`, `env`, `pkcs11`).
+    pub provider: String,
+    /// Who created (or first registered) it.
+    pub created_by: String,
+    /// Who last made it primary.
+    pub promoted_by: Option<String>,
+    /// Who retired it.
+    pub retired_by: Option<String>,
+    /// Who destroyed it.
+    pub destroyed_by: Option<String>,
+}
+
+/// A KEK version being registered.
+#[derive(Clone, Debug)]
+pub struct NewKek<'a> {
+    /// The version.
+    pub version: KekVersion,
+    /// When its material was created.
+    pub created_at: Timestamp,
+    /// A zero key wrapped by it.
+    pub key_check: &'a [u8],
+    /// The provider kind holding it.
+    pub provider: &'a str,
+    /// Who created or first registered it.
+    pub created_by: &'a str,
 }
 
 /// A key rotation run.
@@ -109,28 +134,94 @@ pub struct RotationRun {
     pub actor: String,
     /// Why it failed.
     pub last_error: Option<String>,
+    /// The replica whose worker runs it.
+    pub owner: String,
 }
 
-/// A wrapped DEK read for rewrapping.
+/// What a wrapped key protects. A rotation rewraps every kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WrappedKeyKind {
+    /// A connection's DEK (its tokens).
+    Connection,
+    /// A pending OAuth authorization's key (its PKCE verifier).
+    OauthState,
+    /// A revocation-outbox row's key (the token kept until Google confirms revocation).
+    Outbox,
+}
+
+impl WrappedKeyKind {
+    /// Every kind, in the order a rotation works through them.
+    pub const ALL: [Self; 3] = [Self::Connection, Self::OauthState, Self::Outbox];
+
+    /// The name in reports and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connection => "connection",
+            Self::OauthState => "oauth_state",
+            Self::Outbox => "outbox",
+        }
+    }
+}
+
+/// The row a wrapped key lives in, with what its associated data binds it to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WrappedKeyOwner {
+    /// `connection_deks`.
+    Connection {
+        /// The connection.
+        id: ConnectionId,
+        /// Its tenant.
+        tenant: TenantId,
+        /// Its account.
+        account: AccountId,
+    },
+    /// `authorization_states`.
+    OauthState {
+        /// The state's HMAC (the row's key).
+        state_hash: Vec<u8>,
+        /// The tenant that began it.
+        tenant: TenantId,
+        /// The account it is for.
+        account: AccountId,
+    },
+    /// `revocation_outbox`.
+    Outbox {
+        /// The deletion receipt.
+        receipt: ReceiptId,
+        /// The deleted connection.
+        connection: ConnectionId,
+        /// The receipt's tenant.
+        tenant: TenantId,
+    },
+}
+
+impl WrappedKeyOwner {
+    /// Which kind of key this is.
+    pub fn kind(&self) -> WrappedKeyKind {
+        match self {
+            Self::Connection { .. } => WrappedKeyKind::Connection,
+            Self::OauthState { .. } => WrappedKeyKind::OauthState,
+            Self::Outbox { .. } => WrappedKeyKind::Outbox,
+        }
+    }
+}
+
+/// A wrapped key read for rewrapping.
 #[derive(Clone, Debug)]
-pub struct WrappedDekRow {
-    /// Owning connection.
-    pub connection_id: ConnectionId,
-    /// Tenant (part of the DEK's associated data).
-    pub tenant: TenantId,
-    /// Account (part of the DEK's associated data).
-    pub account: AccountId,
+pub struct WrappedKeyRow {
+    /// Where it lives.
+    pub owner: WrappedKeyOwner,
     /// Current KEK version.
     pub kek_version: KekVersion,
     /// Current wrapped bytes.
     pub wrapped_dek: Vec<u8>,
 }
 
-/// A compare-and-swap replacement of one wrapped DEK.
+/// A compare-and-swap replacement of one wrapped key.
 #[derive(Clone, Debug)]
 pub struct Rewrap {
-    /// Connection.
-    pub connection_id: ConnectionId,
+    /// Where it lives.
+    pub owner: WrappedKeyOwner,
     /// Version that was read.
     pub old_version: KekVersion,
     /// Bytes that were read.
@@ -139,6 +230,50 @@ pub struct Rewrap {
     pub new_version: KekVersion,
     /// New wrapped bytes.
     pub new_wrapped: Vec<u8>,
+}
+
+/// How many wrapped keys of one kind one KEK version wraps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WrappedKeyCount {
+    /// The KEK version.
+    pub version: KekVersion,
+    /// The kind of key.
+    pub kind: WrappedKeyKind,
+    /// How many.
+    pub count: i64,
+}
+
+/// A replica sharing the database, and the key versions its keyring holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplicaRecord {
+    /// The replica (one process) id.
+    pub replica_id: String,
+    /// Its host name.
+    pub host: String,
+    /// Its process id.
+    pub pid: i64,
+    /// Its keyring provider.
+    pub provider: String,
+    /// The KEK versions its keyring holds, ascending.
+    pub versions: Vec<KekVersion>,
+    /// How often it writes this row.
+    pub heartbeat: std::time::Duration,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// When it last wrote this row.
+    pub seen_at: Timestamp,
+}
+
+impl ReplicaRecord {
+    /// Whether the replica counts as running at `now`: heard from within three heartbeats.
+    pub fn is_live(&self, now: Timestamp) -> bool {
+        now.since(self.seen_at) < self.heartbeat * 3
+    }
+
+    /// `host pid N` (`replica_id`), for messages.
+    pub fn describe(&self) -> String {
+        format!("{} (host {}, pid {})", self.replica_id, self.host, self.pid)
+    }
 }
 
 /// Filters for listing connections.

@@ -21,8 +21,8 @@ use crate::store::{
     AuditCheckpoint, AuditDraft, AuditFilter, AuditRow, AuditSealer, Backend, ConnectionFilter, ConnectionRecord,
     DeletedConnection, DeletionOutcome, DeletionRequest, DeletionTarget, EventLogState,
     EventRecord, KekRecord, LeaseGrant, LeaseRecord, NewEvent, OutboxRow, OutboxToken, PageRequest,
-    ReceiptConnection, ReceiptFilter, ReceiptRecord, Rewrap, RotationRun, SecretsRecord, StoreResult,
-    WrappedDekRow,
+    NewKek, ReceiptConnection, ReceiptFilter, ReceiptRecord, ReplicaRecord, Rewrap, RotationRun,
+    SecretsRecord, StoreResult, WrappedKeyCount, WrappedKeyKind, WrappedKeyOwner, WrappedKeyRow,
 };
 
 /// The audit chain's head: the last entry's sequence number and hash.
@@ -416,7 +416,54 @@ fn kek_from_row(row: &Row) -> StoreResult<KekRecord> {
         retired_at: opt_ts(row.try_get("retired_at")?),
         destroyed_at: opt_ts(row.try_get("destroyed_at")?),
         key_check: row.try_get("key_check")?,
+        provider: row.try_get("provider")?,
+        created_by: row.try_get("created_by")?,
+        promoted_by: row.try_get("promoted_by")?,
+        retired_by: row.try_get("retired_by")?,
+        destroyed_by: row.try_get("destroyed_by")?,
     })
+}
+
+fn replica_from_row(row: &Row) -> StoreResult<ReplicaRecord> {
+    let text: String = row.try_get("versions")?;
+    let versions = text
+        .split(',')
+        .filter(|v| !v.is_empty())
+        .map(|v| stored(v.parse::<KekVersion>().map_err(|e| VaultError::Storage(e.to_string())), "versions"))
+        .collect::<StoreResult<Vec<_>>>()?;
+    Ok(ReplicaRecord {
+        replica_id: row.try_get("replica_id")?,
+        host: row.try_get("host")?,
+        pid: row.try_get("pid")?,
+        provider: row.try_get("provider")?,
+        versions,
+        heartbeat: std::time::Duration::from_millis(
+            u64::try_from(row.try_get::<i64, _>("heartbeat_ms")?).unwrap_or(0),
+        ),
+        started_at: ts(row.try_get("started_at")?),
+        seen_at: ts(row.try_get("seen_at")?),
+    })
+}
+
+/// Refuses to write a key wrapped by `version` unless the version is primary or
+/// active, after waiting out (on PostgreSQL) a retirement of it in progress: a
+/// replica that read the primary just before a rotation must not leave a key
+/// behind on a version that is about to be destroyed.
+async fn check_wrapping_version(
+    tx: &mut sqlx::Transaction<'static, Db>,
+    version: KekVersion,
+) -> StoreResult<()> {
+    let state: Option<String> = sqlx::query_scalar(SHARE_KEK_VERSION)
+        .bind(kek_to_db(version))
+        .fetch_optional(&mut **tx)
+        .await?;
+    match state.as_deref() {
+        Some("primary" | "active") => Ok(()),
+        Some(other) => Err(VaultError::Unavailable(
+            format!("key version {version} became {other} while this key was wrapped; retry").into(),
+        )),
+        None => Err(VaultError::not_found("key version", version)),
+    }
 }
 
 fn authz_from_row(row: &Row) -> StoreResult<AuthzStateRecord> {
@@ -449,6 +496,7 @@ fn rotation_from_row(row: &Row) -> StoreResult<RotationRun> {
         state: row.try_get("state")?,
         actor: row.try_get("actor")?,
         last_error: row.try_get("last_error")?,
+        owner: row.try_get("owner")?,
     })
 }
 
@@ -559,6 +607,9 @@ async fn delete_secrets(tx: &mut sqlx::Transaction<'static, Db>, id: &str) -> St
     Ok(())
 }
 
+/// Inserts a connection's wrapped DEK and sealed tokens. The caller has
+/// checked, in this transaction, that their KEK version may wrap keys
+/// ([`check_wrapping_version`]).
 async fn insert_secrets(tx: &mut sqlx::Transaction<'static, Db>, s: &SecretsRecord) -> StoreResult<()> {
     sqlx::query("INSERT INTO connection_deks (connection_id, kek_version, wrapped_dek) VALUES ($1, $2, $3)")
         .bind(s.connection_id.as_str())
@@ -603,12 +654,7 @@ impl crate::store::Store for StoreImpl {
         rows.iter().map(kek_from_row).collect()
     }
 
-    async fn kek_register(
-        &self,
-        version: KekVersion,
-        created_at: Timestamp,
-        key_check: &[u8],
-    ) -> StoreResult<()> {
+    async fn kek_register(&self, k: &NewKek<'_>) -> StoreResult<()> {
         let (_guard, mut tx) = self.begin_write().await?;
         let has_primary: Option<i64> =
             sqlx::query_scalar("SELECT version FROM kek_versions WHERE state = 'primary'")
@@ -616,28 +662,32 @@ impl crate::store::Store for StoreImpl {
                 .await?;
         let state = if has_primary.is_some() { "active" } else { "primary" };
         let primary_since = has_primary.is_none().then(|| Timestamp::now().as_micros());
+        let promoted_by = has_primary.is_none().then_some(k.created_by);
         sqlx::query(
-            "INSERT INTO kek_versions (version, state, created_at, primary_since, key_check) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (version) DO NOTHING",
+            "INSERT INTO kek_versions (version, state, created_at, primary_since, key_check, \
+             provider, created_by, promoted_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (version) DO NOTHING",
         )
-        .bind(kek_to_db(version))
+        .bind(kek_to_db(k.version))
         .bind(state)
-        .bind(created_at.as_micros())
+        .bind(k.created_at.as_micros())
         .bind(primary_since)
-        .bind(key_check)
+        .bind(k.key_check)
+        .bind(k.provider)
+        .bind(k.created_by)
+        .bind(promoted_by)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn kek_promote(&self, version: KekVersion, at: Timestamp) -> StoreResult<()> {
+    async fn kek_promote(&self, version: KekVersion, at: Timestamp, actor: &str) -> StoreResult<()> {
         let (_guard, mut tx) = self.begin_write().await?;
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM kek_versions WHERE version = $1")
-                .bind(kek_to_db(version))
-                .fetch_optional(&mut *tx)
-                .await?;
+        let state: Option<String> = sqlx::query_scalar(LOCK_KEK_VERSION)
+            .bind(kek_to_db(version))
+            .fetch_optional(&mut *tx)
+            .await?;
         match state.as_deref() {
             None => return Err(VaultError::not_found("key version", version)),
             Some("primary") => return Ok(()),
@@ -653,11 +703,13 @@ impl crate::store::Store for StoreImpl {
         )
         .bind(at.as_micros())
         .execute(&mut *tx)
-            .await?;
+        .await?;
         sqlx::query(
-            "UPDATE kek_versions SET state = 'primary', primary_since = $1 WHERE version = $2",
+            "UPDATE kek_versions SET state = 'primary', primary_since = $1, primary_until = NULL, \
+             promoted_by = $2 WHERE version = $3",
         )
         .bind(at.as_micros())
+        .bind(actor)
         .bind(kek_to_db(version))
         .execute(&mut *tx)
         .await?;
@@ -665,7 +717,13 @@ impl crate::store::Store for StoreImpl {
         Ok(())
     }
 
-    async fn kek_set_state(&self, version: KekVersion, state: KeyState, at: Timestamp) -> StoreResult<()> {
+    async fn kek_set_state(
+        &self,
+        version: KekVersion,
+        state: KeyState,
+        at: Timestamp,
+        actor: &str,
+    ) -> StoreResult<()> {
         let (_guard, mut tx) = self.begin_write().await?;
         let current: Option<String> = sqlx::query_scalar(LOCK_KEK_VERSION)
             .bind(kek_to_db(version))
@@ -698,15 +756,16 @@ impl crate::store::Store for StoreImpl {
         .await?;
         if refs > 0 {
             return Err(VaultError::precondition(format!(
-                "key version {version} still wraps {refs} data keys; rotate first"
+                "key version {version} still wraps {refs} keys; rotate first"
             )));
         }
         let sql = match state {
-            KeyState::Retired => "UPDATE kek_versions SET state = 'retired', retired_at = $1 WHERE version = $2",
-            _ => "UPDATE kek_versions SET state = 'destroyed', destroyed_at = $1 WHERE version = $2",
+            KeyState::Retired => "UPDATE kek_versions SET state = 'retired', retired_at = $1, retired_by = $2 WHERE version = $3",
+            _ => "UPDATE kek_versions SET state = 'destroyed', destroyed_at = $1, destroyed_by = $2 WHERE version = $3",
         };
         sqlx::query(sql)
             .bind(at.as_micros())
+            .bind(actor)
             .bind(kek_to_db(version))
             .execute(&mut *tx)
             .await?;
@@ -714,19 +773,102 @@ impl crate::store::Store for StoreImpl {
         Ok(())
     }
 
-    async fn dek_count_by_version(&self) -> StoreResult<Vec<(KekVersion, i64)>> {
+    async fn wrapped_key_counts(&self) -> StoreResult<Vec<WrappedKeyCount>> {
         let rows = sqlx::query(
-            "SELECT kek_version, COUNT(*) AS n FROM ( \
-                 SELECT kek_version FROM connection_deks \
-                 UNION ALL SELECT kek_version FROM authorization_states \
-                 UNION ALL SELECT kek_version FROM revocation_outbox \
-             ) refs GROUP BY kek_version ORDER BY kek_version",
+            "SELECT kek_version, kind, COUNT(*) AS n FROM ( \
+                 SELECT kek_version, 'connection' AS kind FROM connection_deks \
+                 UNION ALL SELECT kek_version, 'oauth_state' AS kind FROM authorization_states \
+                 UNION ALL SELECT kek_version, 'outbox' AS kind FROM revocation_outbox \
+             ) refs GROUP BY kek_version, kind ORDER BY kek_version, kind",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| Ok((kek_from_db(r.try_get("kek_version")?)?, r.try_get("n")?)))
+            .map(|r| {
+                let kind = match r.try_get::<&str, _>("kind")? {
+                    "connection" => WrappedKeyKind::Connection,
+                    "oauth_state" => WrappedKeyKind::OauthState,
+                    _ => WrappedKeyKind::Outbox,
+                };
+                Ok(WrappedKeyCount {
+                    version: kek_from_db(r.try_get("kek_version")?)?,
+                    kind,
+                    count: r.try_get("n")?,
+                })
+            })
             .collect()
+    }
+
+    async fn root_key_check_get(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
+        Ok(sqlx::query_scalar("SELECT check_value FROM root_key_checks WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn root_key_check_put(&self, name: &str, value: &[u8], at: Timestamp) -> StoreResult<Vec<u8>> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO root_key_checks (name, check_value, recorded_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(value)
+        .bind(at.as_micros())
+        .execute(&mut *tx)
+        .await?;
+        let recorded: Vec<u8> =
+            sqlx::query_scalar("SELECT check_value FROM root_key_checks WHERE name = $1")
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(recorded)
+    }
+
+    async fn replica_upsert(&self, r: &ReplicaRecord) -> StoreResult<()> {
+        let versions = r
+            .versions
+            .iter()
+            .map(|v| v.get().to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO key_replicas (replica_id, host, pid, provider, versions, heartbeat_ms, \
+             started_at, seen_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (replica_id) DO UPDATE SET versions = excluded.versions, \
+             heartbeat_ms = excluded.heartbeat_ms, seen_at = excluded.seen_at",
+        )
+        .bind(&r.replica_id)
+        .bind(&r.host)
+        .bind(r.pid)
+        .bind(&r.provider)
+        .bind(versions)
+        .bind(i64::try_from(r.heartbeat.as_millis()).unwrap_or(i64::MAX))
+        .bind(r.started_at.as_micros())
+        .bind(r.seen_at.as_micros())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn replica_list(&self) -> StoreResult<Vec<ReplicaRecord>> {
+        let rows = sqlx::query("SELECT * FROM key_replicas ORDER BY replica_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(replica_from_row).collect()
+    }
+
+    async fn replica_remove(&self, replica_id: &str) -> StoreResult<()> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query("DELETE FROM key_replicas WHERE replica_id = $1")
+            .bind(replica_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn connection_upsert(
@@ -758,6 +900,7 @@ impl crate::store::Store for StoreImpl {
             .execute(&mut *tx)
             .await?;
             delete_secrets(&mut tx, c.id.as_str()).await?;
+            check_wrapping_version(&mut tx, s.kek_version).await?;
             insert_secrets(&mut tx, s).await?;
             tx.commit().await?;
             return Ok(None);
@@ -775,6 +918,7 @@ impl crate::store::Store for StoreImpl {
             .execute(&mut *tx)
             .await?;
         }
+        check_wrapping_version(&mut tx, s.kek_version).await?;
         insert_connection(&mut tx, c, s).await?;
         tx.commit().await?;
         Ok(old.map(ConnectionId::from_stored))
@@ -782,6 +926,12 @@ impl crate::store::Store for StoreImpl {
 
     async fn connection_import(&self, rows: &[(ConnectionRecord, SecretsRecord)]) -> StoreResult<()> {
         let (_guard, mut tx) = self.begin_write().await?;
+        let mut versions: Vec<KekVersion> = rows.iter().map(|(_, s)| s.kek_version).collect();
+        versions.sort_unstable();
+        versions.dedup();
+        for v in versions {
+            check_wrapping_version(&mut tx, v).await?;
+        }
         for (c, s) in rows {
             insert_connection(&mut tx, c, s).await?;
         }
@@ -880,6 +1030,7 @@ impl crate::store::Store for StoreImpl {
 
     async fn authz_insert(&self, a: &AuthzStateRecord) -> StoreResult<()> {
         let (_guard, mut tx) = self.begin_write().await?;
+        check_wrapping_version(&mut tx, a.kek_version).await?;
         sqlx::query(
             "INSERT INTO authorization_states (state_hash, tenant_id, account_id, integration, caller, \
              kek_version, wrapped_dek, sealed_verifier, created_at, expires_at, consumed_at) \
@@ -1021,13 +1172,14 @@ impl crate::store::Store for StoreImpl {
         }
         sqlx::query(
             "INSERT INTO rotation_runs (run_id, target_version, started_at, finished_at, total, \
-             rewrapped, state, actor) VALUES ($1, $2, $3, NULL, $4, 0, 'running', $5)",
+             rewrapped, state, actor, owner) VALUES ($1, $2, $3, NULL, $4, 0, 'running', $5, $6)",
         )
         .bind(&run.run_id)
         .bind(kek_to_db(run.target_version))
         .bind(run.started_at.as_micros())
         .bind(run.total)
         .bind(&run.actor)
+        .bind(&run.owner)
         .execute(&mut *tx)
         .await
         .map_err(|e| match &e {
@@ -1054,47 +1206,131 @@ impl crate::store::Store for StoreImpl {
         rows.iter().map(rotation_from_row).collect()
     }
 
-    async fn dek_count_not_on(&self, target: KekVersion) -> StoreResult<i64> {
-        // Two index ranges (not `<>`, which no index serves).
+    async fn rotation_set_total(&self, run_id: &str, total: i64) -> StoreResult<()> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query("UPDATE rotation_runs SET total = $1 WHERE run_id = $2")
+            .bind(total)
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn rotation_claim(&self, run_id: &str, previous: &str, owner: &str) -> StoreResult<bool> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let n = sqlx::query(
+            "UPDATE rotation_runs SET owner = $1 WHERE run_id = $2 AND owner = $3 AND state = 'running'",
+        )
+        .bind(owner)
+        .bind(run_id)
+        .bind(previous)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    async fn wrapped_key_count_not_on(&self, target: KekVersion) -> StoreResult<i64> {
+        // Index ranges on each table's kek_version (not `<>`, which no index serves).
         Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM connection_deks WHERE kek_version < $1 OR kek_version > $1",
+            "SELECT (SELECT COUNT(*) FROM connection_deks WHERE kek_version < $1 OR kek_version > $1) \
+                  + (SELECT COUNT(*) FROM authorization_states WHERE kek_version < $1 OR kek_version > $1) \
+                  + (SELECT COUNT(*) FROM revocation_outbox WHERE kek_version < $1 OR kek_version > $1)",
         )
         .bind(kek_to_db(target))
         .fetch_one(&self.pool)
         .await?)
     }
 
-    async fn dek_batch_scan(
+    async fn wrapped_key_scan(
         &self,
+        kind: WrappedKeyKind,
         target: KekVersion,
-        after: Option<&ConnectionId>,
+        after: Option<&WrappedKeyOwner>,
         limit: i64,
-    ) -> StoreResult<(Vec<WrappedDekRow>, Option<ConnectionId>)> {
-        // A primary-key range scan: `kek_version <> $1` can use no index, so
-        // filtering in SQL would scan (and sort) every remaining row per batch.
-        let rows = sqlx::query(
-            "SELECT d.connection_id, c.tenant_id, c.account_id, d.kek_version, d.wrapped_dek \
-             FROM connection_deks d JOIN connections c ON c.connection_id = d.connection_id \
-             WHERE d.connection_id > $1 ORDER BY d.connection_id LIMIT $2",
-        )
-        .bind(after.map(ConnectionId::as_str).unwrap_or(""))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        let last = match rows.last() {
-            Some(r) => Some(ConnectionId::from_stored(r.try_get("connection_id")?)),
-            None => None,
+    ) -> StoreResult<(Vec<WrappedKeyRow>, Option<WrappedKeyOwner>)> {
+        // Key-order range scans: `kek_version <> $1` can use no index, so filtering
+        // in SQL would scan (and sort) every remaining row per batch.
+        let rows = match (kind, after) {
+            (WrappedKeyKind::Connection, after) => {
+                let after = match after {
+                    Some(WrappedKeyOwner::Connection { id, .. }) => id.as_str(),
+                    _ => "",
+                };
+                sqlx::query(
+                    "SELECT d.connection_id, c.tenant_id, c.account_id, d.kek_version, d.wrapped_dek \
+                     FROM connection_deks d JOIN connections c ON c.connection_id = d.connection_id \
+                     WHERE d.connection_id > $1 ORDER BY d.connection_id LIMIT $2",
+                )
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            (WrappedKeyKind::OauthState, after) => {
+                let after: &[u8] = match after {
+                    Some(WrappedKeyOwner::OauthState { state_hash, .. }) => state_hash,
+                    _ => &[],
+                };
+                sqlx::query(
+                    "SELECT state_hash, tenant_id, account_id, kek_version, wrapped_dek \
+                     FROM authorization_states WHERE state_hash > $1 ORDER BY state_hash LIMIT $2",
+                )
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            (WrappedKeyKind::Outbox, after) => {
+                let (receipt, connection) = match after {
+                    Some(WrappedKeyOwner::Outbox { receipt, connection, .. }) => {
+                        (receipt.as_str(), connection.as_str())
+                    }
+                    _ => ("", ""),
+                };
+                sqlx::query(
+                    "SELECT o.receipt_id, o.connection_id, r.tenant_id, o.kek_version, o.wrapped_dek \
+                     FROM revocation_outbox o JOIN deletion_receipts r ON r.receipt_id = o.receipt_id \
+                     WHERE o.receipt_id > $1 OR (o.receipt_id = $1 AND o.connection_id > $2) \
+                     ORDER BY o.receipt_id, o.connection_id LIMIT $3",
+                )
+                .bind(receipt)
+                .bind(connection)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
         };
+        let owner_of = |r: &Row| -> StoreResult<WrappedKeyOwner> {
+            Ok(match kind {
+                WrappedKeyKind::Connection => WrappedKeyOwner::Connection {
+                    id: ConnectionId::from_stored(r.try_get("connection_id")?),
+                    tenant: TenantId::from_stored(r.try_get("tenant_id")?),
+                    account: AccountId::from_stored(r.try_get("account_id")?),
+                },
+                WrappedKeyKind::OauthState => WrappedKeyOwner::OauthState {
+                    state_hash: r.try_get("state_hash")?,
+                    tenant: TenantId::from_stored(r.try_get("tenant_id")?),
+                    account: AccountId::from_stored(r.try_get("account_id")?),
+                },
+                WrappedKeyKind::Outbox => WrappedKeyOwner::Outbox {
+                    receipt: ReceiptId::from_stored(r.try_get("receipt_id")?),
+                    connection: ConnectionId::from_stored(r.try_get("connection_id")?),
+                    tenant: TenantId::from_stored(r.try_get("tenant_id")?),
+                },
+            })
+        };
+        let last = rows.last().map(owner_of).transpose()?;
         let mut out = Vec::new();
         for r in &rows {
             let version = kek_from_db(r.try_get("kek_version")?)?;
             if version == target {
                 continue;
             }
-            out.push(WrappedDekRow {
-                connection_id: ConnectionId::from_stored(r.try_get("connection_id")?),
-                tenant: TenantId::from_stored(r.try_get("tenant_id")?),
-                account: AccountId::from_stored(r.try_get("account_id")?),
+            out.push(WrappedKeyRow {
+                owner: owner_of(r)?,
                 kek_version: version,
                 wrapped_dek: r.try_get("wrapped_dek")?,
             });
@@ -1102,13 +1338,19 @@ impl crate::store::Store for StoreImpl {
         Ok((out, last))
     }
 
-    async fn dek_rewrap(&self, run_id: &str, rewraps: &[Rewrap]) -> StoreResult<u64> {
-        // One set-based compare-and-swap per chunk instead of a statement per
-        // row: each row changes only if it still holds what was read.
+    async fn wrapped_key_rewrap(&self, run_id: &str, rewraps: &[Rewrap]) -> StoreResult<u64> {
+        // Connection DEKs, the bulk of any rotation, go in one set-based
+        // compare-and-swap per chunk instead of a statement per row: each row
+        // changes only if it still holds what was read. The few OAuth-state and
+        // outbox keys go one statement each.
         const CHUNK: usize = 50;
         let (_guard, mut tx) = self.begin_write().await?;
         let mut changed = 0u64;
-        for chunk in rewraps.chunks(CHUNK) {
+        let connections: Vec<&Rewrap> = rewraps
+            .iter()
+            .filter(|r| matches!(r.owner, WrappedKeyOwner::Connection { .. }))
+            .collect();
+        for chunk in connections.chunks(CHUNK) {
             let mut rows = String::with_capacity(chunk.len() * 48);
             for i in 0..chunk.len() {
                 let p = i * 5;
@@ -1139,14 +1381,43 @@ impl crate::store::Store for StoreImpl {
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for r in chunk {
+                let WrappedKeyOwner::Connection { id, .. } = &r.owner else {
+                    continue;
+                };
                 q = q
-                    .bind(r.connection_id.as_str())
+                    .bind(id.as_str())
                     .bind(kek_to_db(r.old_version))
                     .bind(r.old_wrapped.as_slice())
                     .bind(kek_to_db(r.new_version))
                     .bind(r.new_wrapped.as_slice());
             }
             changed += q.execute(&mut *tx).await?.rows_affected();
+        }
+        for r in rewraps {
+            let q = match &r.owner {
+                WrappedKeyOwner::Connection { .. } => continue,
+                WrappedKeyOwner::OauthState { state_hash, .. } => sqlx::query(
+                    "UPDATE authorization_states SET kek_version = $1, wrapped_dek = $2 \
+                     WHERE state_hash = $3 AND kek_version = $4 AND wrapped_dek = $5",
+                )
+                .bind(kek_to_db(r.new_version))
+                .bind(r.new_wrapped.as_slice())
+                .bind(state_hash.as_slice()),
+                WrappedKeyOwner::Outbox { receipt, connection, .. } => sqlx::query(
+                    "UPDATE revocation_outbox SET kek_version = $1, wrapped_dek = $2 \
+                     WHERE receipt_id = $3 AND connection_id = $4 AND kek_version = $5 AND wrapped_dek = $6",
+                )
+                .bind(kek_to_db(r.new_version))
+                .bind(r.new_wrapped.as_slice())
+                .bind(receipt.as_str())
+                .bind(connection.as_str()),
+            };
+            changed += q
+                .bind(kek_to_db(r.old_version))
+                .bind(r.old_wrapped.as_slice())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         }
         sqlx::query(
             "UPDATE rotation_runs SET rewrapped = rewrapped + $1 WHERE run_id = $2 AND state = 'running'",
@@ -1628,6 +1899,7 @@ impl crate::store::Store for StoreImpl {
             .execute(&mut *tx)
             .await?;
             if pending && let Some(o) = req.outbox.iter().find(|o| o.connection_id == d.connection_id) {
+                check_wrapping_version(&mut tx, o.kek_version).await?;
                 sqlx::query(
                     "INSERT INTO revocation_outbox (receipt_id, connection_id, kek_version, wrapped_dek, \
                      sealed_token, created_at, next_attempt_at, give_up_at) \

@@ -15,6 +15,7 @@ const BACKEND: Backend = Backend::Sqlite;
 
 // SQLite has no row locks; the serialised write transaction is the lock.
 const LOCK_KEK_VERSION: &str = "SELECT state FROM kek_versions WHERE version = $1";
+const SHARE_KEK_VERSION: &str = "SELECT state FROM kek_versions WHERE version = $1";
 const LOCK_LIVE_CONNECTION: &str = "SELECT connection_id FROM connections \
      WHERE tenant_id = $1 AND account_id = $2 AND integration = $3 AND status <> 'deleted'";
 

@@ -9,14 +9,13 @@ use std::time::Duration;
 use oauth2::{PkceCodeChallenge, PkceCodeVerifier};
 
 use crate::audit::{Actor, Outcome};
-use crate::crypto::{
-    DekContext, MacPurpose, SecretString, TokenKind, WrappedDek, open, random_token, seal,
-};
+use crate::crypto::{MacPurpose, SecretString, TokenKind, WrappedDek, open, random_token, seal};
 use crate::domain::{
     AccountId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp, VaultError,
 };
 use crate::store::{AuthzConsume, AuthzStateRecord, ConnectionRecord};
 
+use super::keys::KeyContext;
 use super::{NewConnection, Vault};
 
 /// How long a state stays valid.
@@ -54,10 +53,6 @@ pub enum Completer<'a> {
     Browser,
 }
 
-fn verifier_context(state_hash: &[u8]) -> String {
-    format!("authz-{}", hex::encode(&state_hash[..16]))
-}
-
 impl Vault {
     /// The scopes requested for an integration: its configured set plus `openid email`.
     pub fn requested_scopes(&self, integration: Integration) -> Vec<String> {
@@ -93,12 +88,8 @@ impl Vault {
             .to_vec();
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let verifier = SecretString::new(verifier.secret().to_owned());
-        let ctx_id = verifier_context(&state_hash);
-        let dctx = DekContext {
-            tenant: tenant.as_str(),
-            account: account.as_str(),
-            connection: &ctx_id,
-        };
+        let key_ctx = KeyContext::oauth_state(tenant.as_str(), account.as_str(), &state_hash);
+        let dctx = key_ctx.as_dek();
         let (dek, wrapped) = self.keys().new_dek(&dctx).await?;
         let sealed_verifier = seal(
             &dek,
@@ -240,12 +231,9 @@ impl Vault {
         };
 
         // Open the PKCE verifier sealed at begin.
-        let ctx_id = verifier_context(&rec.state_hash);
-        let dctx = DekContext {
-            tenant: rec.tenant.as_str(),
-            account: rec.account.as_str(),
-            connection: &ctx_id,
-        };
+        let key_ctx =
+            KeyContext::oauth_state(rec.tenant.as_str(), rec.account.as_str(), &rec.state_hash);
+        let dctx = key_ctx.as_dek();
         let wrapped = WrappedDek {
             kek_version: rec.kek_version,
             bytes: rec.wrapped_dek.clone(),

@@ -1,6 +1,8 @@
 //! Storing a connection's tokens (sealed under a fresh per-connection DEK) and
 //! the read path that opens them again.
 
+use std::sync::Arc;
+
 use crate::audit::Actor;
 use crate::crypto::{DekContext, Key256, SecretString, TokenKind, WrappedDek, open, seal};
 use crate::domain::{
@@ -87,6 +89,7 @@ impl Vault {
         let (mut record, secrets) = self.connection_seal(new, id).await?;
         self.store().connection_upsert(&record, &secrets).await?;
         self.reader.forget(&record.id);
+        self.keys().forget_connection(&record.id);
         if let Some(current) = self.store().connection_get(&record.id).await? {
             record = current;
         }
@@ -155,18 +158,19 @@ impl Vault {
         Ok((record, secrets))
     }
 
-    /// Unwraps a connection's DEK from its stored secrets.
+    /// Unwraps a connection's DEK from its stored secrets (from the key
+    /// manager's cache when it opened these exact bytes recently).
     pub(super) async fn connection_dek(
         &self,
         connection: &ConnectionRecord,
         secrets: &SecretsRecord,
-    ) -> Result<Key256, VaultError> {
+    ) -> Result<Arc<Key256>, VaultError> {
         let wrapped = WrappedDek {
             kek_version: secrets.kek_version,
             bytes: secrets.wrapped_dek.clone(),
         };
         self.keys()
-            .open_dek(&wrapped, &dek_context(connection))
+            .open_connection_dek(&connection.id, &wrapped, &dek_context(connection))
             .await
     }
 

@@ -14,9 +14,10 @@
 use std::time::Duration;
 
 use crate::audit::{Actor, Outcome};
-use crate::crypto::{DekContext, SecretString, TokenKind, open, seal};
+use crate::crypto::{SecretString, TokenKind, open, seal};
 use crate::domain::{
-    ConnectionStatus, DeletionReason, Integration, ReceiptId, Timestamp, UpstreamState, VaultError,
+    ConnectionStatus, DeletionReason, Integration, ReceiptId, TenantId, Timestamp, UpstreamState,
+    VaultError,
 };
 use crate::google::GoogleError;
 use crate::store::{
@@ -25,18 +26,10 @@ use crate::store::{
 };
 
 use super::Vault;
+use super::keys::KeyContext;
 
 /// How often the outbox worker looks for due revocations.
 pub(super) const OUTBOX_POLL: Duration = Duration::from_secs(1);
-
-/// The outbox copy's DEK and token are bound to the receipt and connection.
-fn outbox_context<'a>(tenant: &'a str, account: &'a str, connection: &'a str) -> DekContext<'a> {
-    DekContext {
-        tenant,
-        account,
-        connection,
-    }
-}
 
 /// A finished deletion.
 #[derive(Debug)]
@@ -113,6 +106,7 @@ impl Vault {
             } => {
                 for c in &connections {
                     self.reader.forget(&c.connection_id);
+                    self.keys().forget_connection(&c.connection_id);
                 }
                 metrics::counter!("tokenvault_deletions_total", "reason" => reason.as_str())
                     .increment(1);
@@ -263,7 +257,9 @@ impl Vault {
             }
             (None, None) => return Ok(None),
         };
-        let ctx = outbox_context(receipt.as_str(), conn.tenant.as_str(), conn.id.as_str());
+        // The outbox copy's key and token are bound to the receipt and connection.
+        let key_ctx = KeyContext::outbox(receipt, &conn.tenant, &conn.id);
+        let ctx = key_ctx.as_dek();
         let (dek, wrapped) = self.keys().new_dek(&ctx).await?;
         let sealed = seal(
             &dek,
@@ -278,12 +274,13 @@ impl Vault {
         }))
     }
 
-    async fn outbox_open(&self, row: &OutboxRow, tenant: &str) -> Result<SecretString, VaultError> {
-        let ctx = outbox_context(
-            row.receipt_id.as_str(),
-            tenant,
-            row.token.connection_id.as_str(),
-        );
+    async fn outbox_open(
+        &self,
+        row: &OutboxRow,
+        tenant: &TenantId,
+    ) -> Result<SecretString, VaultError> {
+        let key_ctx = KeyContext::outbox(&row.receipt_id, tenant, &row.token.connection_id);
+        let ctx = key_ctx.as_dek();
         let wrapped = crate::crypto::WrappedDek {
             kek_version: row.token.kek_version,
             bytes: row.token.wrapped_dek.clone(),
@@ -337,7 +334,7 @@ impl Vault {
         }
         let attempt = async {
             let google = self.google()?;
-            let token = self.outbox_open(row, receipt.tenant.as_str()).await?;
+            let token = self.outbox_open(row, &receipt.tenant).await?;
             let call = google.revoke(token.expose());
             let result = match timeout {
                 Some(t) => tokio::time::timeout(t, call)

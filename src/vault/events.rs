@@ -192,8 +192,39 @@ impl Vault {
     /// logged: the next poll catches up.
     pub(super) async fn refresh_event_head(&self) {
         match self.store().event_state().await {
-            Ok(state) => self.events.advance(state.head),
+            Ok(state) => {
+                self.events.advance(state.head);
+                self.forget_changed_connections(state.head).await;
+            }
             Err(e) => tracing::warn!(error = %e, "cannot read the event log head"),
         }
+    }
+
+    /// Drops this replica's cached records and DEKs of every connection an
+    /// event up to `head` names (deleted, suspended, leases revoked — on any
+    /// replica), so a deletion elsewhere reaches this replica's caches within
+    /// a poll rather than when their entries expire.
+    async fn forget_changed_connections(&self, head: i64) {
+        let mut from = self
+            .cache_events_seen
+            .load(std::sync::atomic::Ordering::Acquire);
+        while from < head {
+            match self.store().events_after(from, PAGE).await {
+                Ok(events) => {
+                    let Some(last) = events.last() else { break };
+                    from = last.cursor;
+                    for id in events.iter().filter_map(|e| e.event.connection_id.as_ref()) {
+                        self.reader.forget(id);
+                        self.keys().forget_connection(id);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read new events to drop cached records");
+                    return;
+                }
+            }
+        }
+        self.cache_events_seen
+            .fetch_max(from.max(head), std::sync::atomic::Ordering::AcqRel);
     }
 }

@@ -1,43 +1,93 @@
-//! Key management: registering the keyring's KEK versions, choosing the
-//! primary, online rotation (rewrapping every DEK in batches, resumable after
-//! a crash), retirement and destruction, and the status a reviewer reads.
+//! Key management, the one owner of key material in the vault: registering
+//! the keyring's KEK versions, checking every root key at start, choosing the
+//! primary, online rotation of every wrapped key, retirement and destruction,
+//! the replicas' view of which versions they hold, and the status a reviewer
+//! reads.
+//!
+//! Invariants:
+//! - The database's key registry is the truth for the fleet: which versions
+//!   exist, which is primary, retired or destroyed, and which versions each
+//!   live replica holds. A keyring provider only holds material.
+//! - A replica that meets a version it does not hold re-reads its provider
+//!   before it fails; while the registry needs a version this replica cannot
+//!   find, its health is NOT_SERVING, naming the version.
+//! - A version becomes primary only when every live replica holds it, and a
+//!   destroyed version is never primary again.
+//! - A rotation rewraps every key the vault has wrapped (connection DEKs,
+//!   OAuth-state keys, outbox keys); it completes only when none is left on
+//!   another version, so `retire` succeeds right after it.
+//! - The MAC root key and the audit checkpoint signing key have key-check
+//!   values in the database; a keyring that does not reproduce them is
+//!   refused before anything is written under it.
+//! - Unwrapped connection DEKs may be cached in memory (zeroized on drop),
+//!   bounded in number and age, keyed by the exact wrapped bytes they came
+//!   from, and dropped when the connection is deleted or replaced, when its
+//!   DEK is rewrapped here, and when their version is retired or destroyed.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::audit::{Actor, AuditLog, Outcome};
-use crate::config::KeyringConfig;
+use crate::audit::{Actor, AuditLog, CheckpointSigner, Outcome};
+use crate::config::Config;
 use crate::crypto::{
-    CryptoError, DekContext, KekVersion, Key256, KeyringProvider, WrappedDek, unwrap_dek, wrap_dek,
+    CryptoError, Custody, DekContext, KekVersion, Key256, KeyringProvider, MacPurpose, WrappedDek,
+    unwrap_dek, wrap_dek,
 };
-use crate::domain::{KeyState, Timestamp, VaultError};
-use crate::store::{KekRecord, Rewrap, RotationRun, Store};
+use crate::domain::{ConnectionId, KeyState, ReceiptId, TenantId, Timestamp, VaultError};
+use crate::store::{
+    KekRecord, NewKek, ReplicaRecord, Rewrap, RotationRun, Store, WrappedKeyCount, WrappedKeyKind,
+    WrappedKeyOwner,
+};
+
+/// The input of the MAC root key's key-check value.
+const MAC_ROOT_CHECK_INPUT: &[u8] = b"tokenvault/key-check/mac-root";
+/// Names of the root key-check values in the database.
+const MAC_ROOT_CHECK: &str = "mac_root";
+const SIGNING_KEY_CHECK: &str = "checkpoint_signing";
 
 /// One KEK version as `KeyStatus` reports it.
 #[derive(Clone, Debug)]
 pub struct VersionStatus {
     /// Lifecycle record.
     pub record: KekRecord,
-    /// DEKs wrapped by it.
+    /// Wrapped keys of every kind it wraps.
     pub dek_count: i64,
+    /// Wrapped keys it wraps, by kind (connection, OAuth state, outbox), in
+    /// [`WrappedKeyKind::ALL`] order.
+    pub by_kind: [i64; 3],
+    /// The live replicas whose keyring holds it.
+    pub holders: Vec<String>,
+}
+
+/// A rotation run with its progress.
+#[derive(Clone, Debug)]
+pub struct RotationStatus {
+    /// The run as recorded.
+    pub run: RotationRun,
+    /// Wrapped keys no longer on another version: rewrapped, or deleted or
+    /// replaced meanwhile. Reaches `run.total` when the run completes.
+    pub done: i64,
 }
 
 /// What `KeyStatus` and `keys report` show.
 #[derive(Clone, Debug)]
 pub struct KeyStatus {
-    /// Provider kind (`local`, `env`).
+    /// Provider kind of the replica answering (`local`, `env`, `pkcs11`).
     pub provider: &'static str,
+    /// The replica answering.
+    pub replica_id: String,
     /// The primary version.
     pub primary: KekVersion,
     /// Every version, ascending.
     pub versions: Vec<VersionStatus>,
     /// The running rotation, else the latest one.
-    pub rotation: Option<RotationRun>,
+    pub rotation: Option<RotationStatus>,
     /// Every rotation, newest first.
-    pub rotations: Vec<RotationRun>,
-    /// The oldest version referenced by a DEK (the primary when none is).
+    pub rotations: Vec<RotationStatus>,
+    /// The oldest version referenced by a wrapped key (the primary when none is).
     pub oldest_in_use: KekVersion,
     /// Its age.
     pub oldest_in_use_age: Duration,
@@ -45,11 +95,187 @@ pub struct KeyStatus {
     pub max_kek_age_days: u32,
     /// Whether the oldest version in use is older than the policy allows.
     pub rotation_overdue: bool,
+    /// Every replica row, with whether it is live now.
+    pub replicas: Vec<(ReplicaRecord, bool)>,
+}
+
+/// Whether this replica must hold `k` to serve: the primary, and every
+/// version that ever was primary and is not retired (it may wrap keys). An
+/// active version that never was primary wraps nothing: it waits for a
+/// rotation, which refuses to start until every live replica holds it.
+fn needed(k: &KekRecord) -> bool {
+    match k.state {
+        KeyState::Primary => true,
+        KeyState::Active => k.primary_since.is_some(),
+        KeyState::Retired | KeyState::Destroyed => false,
+    }
 }
 
 /// Associated data of a version's key-check value.
 fn key_check_aad(version: KekVersion) -> Vec<u8> {
     format!("tokenvault/key-check/{version}").into_bytes()
+}
+
+/// The associated-data context of a wrapped key, owned.
+pub(super) struct KeyContext {
+    tenant: String,
+    account: String,
+    connection: String,
+}
+
+impl KeyContext {
+    /// As the envelope functions take it.
+    pub(super) fn as_dek(&self) -> DekContext<'_> {
+        DekContext {
+            tenant: &self.tenant,
+            account: &self.account,
+            connection: &self.connection,
+        }
+    }
+
+    /// A pending authorization's key: bound to its tenant, account and state.
+    pub(super) fn oauth_state(tenant: &str, account: &str, state_hash: &[u8]) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            account: account.to_owned(),
+            connection: format!(
+                "authz-{}",
+                hex::encode(&state_hash[..state_hash.len().min(16)])
+            ),
+        }
+    }
+
+    /// A revocation-outbox key: bound to its receipt, tenant and connection.
+    pub(super) fn outbox(
+        receipt: &ReceiptId,
+        tenant: &TenantId,
+        connection: &ConnectionId,
+    ) -> Self {
+        Self {
+            tenant: receipt.as_str().to_owned(),
+            account: tenant.as_str().to_owned(),
+            connection: connection.as_str().to_owned(),
+        }
+    }
+
+    fn of(owner: &WrappedKeyOwner) -> Self {
+        match owner {
+            WrappedKeyOwner::Connection {
+                id,
+                tenant,
+                account,
+            } => Self {
+                tenant: tenant.as_str().to_owned(),
+                account: account.as_str().to_owned(),
+                connection: id.as_str().to_owned(),
+            },
+            WrappedKeyOwner::OauthState {
+                state_hash,
+                tenant,
+                account,
+            } => Self::oauth_state(tenant.as_str(), account.as_str(), state_hash),
+            WrappedKeyOwner::Outbox {
+                receipt,
+                connection,
+                tenant,
+            } => Self::outbox(receipt, tenant, connection),
+        }
+    }
+}
+
+/// Unwrapped connection DEKs, by connection.
+struct DekCache {
+    entries: Mutex<HashMap<ConnectionId, CachedDek>>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+struct CachedDek {
+    version: KekVersion,
+    wrapped: Vec<u8>,
+    key: Arc<Key256>,
+    at: Instant,
+}
+
+impl DekCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, CachedDek>> {
+        // A panic while holding the lock leaves a map that is still usable.
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn enabled(&self) -> bool {
+        !self.ttl.is_zero() && self.capacity > 0
+    }
+
+    fn get(&self, id: &ConnectionId, wrapped: &WrappedDek) -> Option<Arc<Key256>> {
+        if !self.enabled() {
+            return None;
+        }
+        let entries = self.lock();
+        let e = entries.get(id)?;
+        (e.at.elapsed() < self.ttl
+            && e.version == wrapped.kek_version
+            && e.wrapped == wrapped.bytes)
+            .then(|| e.key.clone())
+    }
+
+    fn put(&self, id: &ConnectionId, wrapped: &WrappedDek, key: Arc<Key256>) {
+        if !self.enabled() {
+            return;
+        }
+        let mut entries = self.lock();
+        if entries.len() >= self.capacity && !entries.contains_key(id) {
+            entries.retain(|_, e| e.at.elapsed() < self.ttl);
+            if entries.len() >= self.capacity {
+                // Full of live entries: make room by dropping any one.
+                if let Some(victim) = entries.keys().next().cloned() {
+                    entries.remove(&victim);
+                }
+            }
+        }
+        entries.insert(
+            id.clone(),
+            CachedDek {
+                version: wrapped.kek_version,
+                wrapped: wrapped.bytes.clone(),
+                key,
+                at: Instant::now(),
+            },
+        );
+    }
+
+    fn forget(&self, id: &ConnectionId) {
+        self.lock().remove(id);
+    }
+
+    /// Drops every entry whose version is not in `usable`, and expired ones.
+    fn keep_only(&self, usable: &BTreeSet<KekVersion>) {
+        self.lock()
+            .retain(|_, e| usable.contains(&e.version) && e.at.elapsed() < self.ttl);
+    }
+}
+
+/// This process as a replica of the fleet.
+struct Replica {
+    id: String,
+    host: String,
+    pid: i64,
+    started_at: Timestamp,
+}
+
+/// What the background sync last saw and wrote.
+#[derive(Default)]
+struct SyncState {
+    /// Versions the registry needs (primary, active) that this replica lacks.
+    missing: BTreeSet<KekVersion>,
+    /// Destroyed versions this replica's keyring still holds (warned about).
+    stale: BTreeSet<KekVersion>,
+    /// What the replica row last said, and when it was written.
+    written: Option<(Vec<KekVersion>, Instant)>,
+    /// When the provider was last re-read.
+    reloaded: Option<Instant>,
+    /// The run a local worker is rewrapping for, if any.
+    worker: Option<String>,
 }
 
 struct Inner {
@@ -59,6 +285,14 @@ struct Inner {
     batch_size: i64,
     batch_pause: Duration,
     max_age_days: u32,
+    sync_interval: Duration,
+    heartbeat: Duration,
+    replica_wait: Duration,
+    replica: Replica,
+    state: Mutex<SyncState>,
+    /// Serialises provider reloads, so concurrent misses share one.
+    reload: tokio::sync::Mutex<()>,
+    deks: DekCache,
     stop: watch::Sender<bool>,
 }
 
@@ -68,37 +302,95 @@ pub struct KeyManager {
     inner: Arc<Inner>,
 }
 
+/// The host name, for naming replicas in messages.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn version_list(versions: &[KekVersion]) -> String {
+    if versions.is_empty() {
+        return "none".to_owned();
+    }
+    versions
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl KeyManager {
-    /// Creates the manager; call [`KeyManager::sync`] before use.
+    /// Creates the manager for this replica; call [`KeyManager::sync`] before use and
+    /// [`KeyManager::start`] to keep it in step with the fleet.
     pub fn new(
         store: Arc<dyn Store>,
         keyring: Arc<dyn KeyringProvider>,
         audit: AuditLog,
-        config: &KeyringConfig,
+        config: &Config,
+        replica_id: &str,
     ) -> Self {
+        let k = &config.keyring;
         Self {
             inner: Arc::new(Inner {
                 store,
                 keyring,
                 audit,
-                batch_size: i64::from(config.rotation_batch_size),
-                batch_pause: Duration::from_millis(config.rotation_batch_pause_ms),
-                max_age_days: config.max_kek_age_days,
+                batch_size: i64::from(k.rotation_batch_size),
+                batch_pause: Duration::from_millis(k.rotation_batch_pause_ms),
+                max_age_days: k.max_kek_age_days,
+                sync_interval: Duration::from_millis(k.sync_interval_ms.max(1)),
+                heartbeat: Duration::from_secs(k.heartbeat_seconds.max(1)),
+                replica_wait: Duration::from_millis(k.replica_wait_ms),
+                replica: Replica {
+                    id: replica_id.to_owned(),
+                    host: host_name(),
+                    pid: i64::from(std::process::id()),
+                    started_at: Timestamp::now(),
+                },
+                state: Mutex::new(SyncState::default()),
+                reload: tokio::sync::Mutex::new(()),
+                deks: DekCache {
+                    entries: Mutex::new(HashMap::new()),
+                    ttl: Duration::from_secs(config.lease.cache_ttl_seconds),
+                    capacity: config.lease.cache_entries,
+                },
                 stop: watch::Sender::new(false),
             }),
         }
     }
 
-    /// Registers every version the keyring holds and checks that every version
-    /// the database still uses is in the keyring. The first version becomes
-    /// primary.
+    fn state(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Start-up: checks the root keys against their key-check values, registers
+    /// every version the keyring holds, checks that every version the registry
+    /// still uses is in the keyring and is the same key, and records what this
+    /// replica holds.
     pub async fn sync(&self) -> Result<(), VaultError> {
         let i = &self.inner;
+        self.check_root_keys().await?;
         let material = i.keyring.versions().await?;
         let known = i.store.kek_list().await?;
         for m in &material {
-            if !known.iter().any(|k| k.version == m.version) {
-                self.register(m.version, m.created_at).await?;
+            match known.iter().find(|k| k.version == m.version) {
+                None => {
+                    self.register(m.version, m.created_at, &Actor::system())
+                        .await?;
+                }
+                Some(k) if k.state == KeyState::Destroyed => {
+                    tracing::warn!(version = %k.version, provider = i.keyring.kind(),
+                        "the keyring still holds a key version the registry records as destroyed; \
+                         remove it from this replica's keyring");
+                }
+                Some(_) => {}
             }
         }
         let known = i.store.kek_list().await?;
@@ -107,13 +399,20 @@ impl KeyManager {
                 continue;
             }
             let present = material.iter().any(|m| m.version == k.version);
+            if !present && !needed(k) {
+                tracing::warn!(version = %k.version, provider = i.keyring.kind(), remedy = %self.remedy(k.version),
+                    "this replica does not hold a key version registered for the next rotation; \
+                     that rotation will be refused until it does");
+                continue;
+            }
             if !present {
                 return Err(VaultError::precondition(format!(
-                    "key version {} is {} in the database but missing from the {} keyring; \
+                    "key version {} is {} in the database but missing from the {} keyring ({}); \
                      restore the keyring (or its backup) before starting",
                     k.version,
                     k.state,
-                    i.keyring.kind()
+                    i.keyring.kind(),
+                    self.remedy(k.version)
                 )));
             }
             if i.keyring
@@ -134,13 +433,106 @@ impl KeyManager {
                 "no primary key version: the keyring holds no usable key",
             ));
         }
+        self.heartbeat(true).await?;
         Ok(())
     }
 
+    /// What the operator must do for this replica to hold `version`.
+    fn remedy(&self, version: KekVersion) -> String {
+        match self.inner.keyring.kind() {
+            "env" => format!(
+                "add {version}'s entry to TOKENVAULT_KEYRING__KEYS on this replica and restart it"
+            ),
+            "pkcs11" => format!(
+                "the HSM token holds no object for {version}: check keyring.pkcs11.token_label and \
+                 keyring.pkcs11.label_prefix on this replica"
+            ),
+            _ => format!(
+                "the keyring file has no {version}: point every replica at the same keyring file \
+                 (keyring.path), or restore it from the backup"
+            ),
+        }
+    }
+
+    /// Compares the keyring's MAC root and checkpoint signing key with the
+    /// key-check values in the database; records them on first use, after
+    /// checking them against the audit log already written.
+    async fn check_root_keys(&self) -> Result<(), VaultError> {
+        let i = &self.inner;
+        let checks = [
+            (
+                MAC_ROOT_CHECK,
+                "MAC root key",
+                i.keyring
+                    .mac(MacPurpose::KeyCheck, MAC_ROOT_CHECK_INPUT)
+                    .to_vec(),
+            ),
+            (
+                SIGNING_KEY_CHECK,
+                "audit checkpoint signing key",
+                CheckpointSigner::new(i.keyring.as_ref(), 1).public_key(),
+            ),
+        ];
+        let refuse = |what: &str, how: &str| {
+            VaultError::precondition(format!(
+                "the {} keyring's {what} is not the one this database was written with ({how}); \
+                 restore the matching keyring before starting",
+                i.keyring.kind()
+            ))
+        };
+        for (name, what, value) in checks {
+            let recorded = match i.store.root_key_check_get(name).await? {
+                Some(v) => v,
+                None => {
+                    // First start with key-check values: the log written so far
+                    // is the evidence of which key wrote it.
+                    if !self.root_key_fits_log(name, &value).await? {
+                        return Err(refuse(
+                            what,
+                            "the audit log already written does not verify under it",
+                        ));
+                    }
+                    let v = i
+                        .store
+                        .root_key_check_put(name, &value, Timestamp::now())
+                        .await?;
+                    tracing::info!(check = name, "recorded a root key's key-check value");
+                    v
+                }
+            };
+            if recorded != value {
+                return Err(refuse(what, "its key-check value differs"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn root_key_fits_log(&self, name: &str, value: &[u8]) -> Result<bool, VaultError> {
+        let store = &self.inner.store;
+        if name == SIGNING_KEY_CHECK {
+            return Ok(store
+                .audit_checkpoint_last()
+                .await?
+                .is_none_or(|c| c.public_key == value));
+        }
+        let (head, _) = store.audit_head().await?;
+        if head == 0 {
+            return Ok(true);
+        }
+        let last = store.audit_range(head, head, 1).await?;
+        Ok(last.first().is_none_or(|row| {
+            self.inner
+                .keyring
+                .mac_verify(MacPurpose::AuditChain, &row.entry_hash, &row.mac)
+        }))
+    }
+
+    /// Records a version the keyring holds in the registry; audited when new.
     async fn register(
         &self,
         version: KekVersion,
         created_at: std::time::SystemTime,
+        actor: &Actor,
     ) -> Result<(), VaultError> {
         let i = &self.inner;
         let check = i
@@ -151,11 +543,295 @@ impl KeyManager {
                 &key_check_aad(version),
             )
             .await?;
+        let known = i.store.kek_list().await?;
+        if known.iter().any(|k| k.version == version) {
+            return Ok(());
+        }
+        i.audit
+            .record(
+                actor,
+                "keys.register",
+                &format!("kek:{version}"),
+                Outcome::Ok,
+                format!("provider {} on {}", i.keyring.kind(), i.replica.id),
+            )
+            .await?;
         i.store
-            .kek_register(version, Timestamp::from_system(created_at), &check)
+            .kek_register(&NewKek {
+                version,
+                created_at: Timestamp::from_system(created_at),
+                key_check: &check,
+                provider: i.keyring.kind(),
+                created_by: &actor.identity,
+            })
             .await?;
         tracing::info!(%version, provider = i.keyring.kind(), "registered key version");
         Ok(())
+    }
+
+    /// Starts the background sync: compares the registry with the keyring every
+    /// `keyring.sync_interval_ms`, re-reads the provider when they differ,
+    /// writes this replica's row, and takes over a rotation whose replica
+    /// stopped.
+    ///
+    /// The task holds the manager only during a pass: it ends when the vault
+    /// stops or is dropped.
+    pub fn start(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let period = self.inner.sync_interval;
+        let mut stop = self.inner.stop.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                let this = Self { inner };
+                if let Err(e) = this.sync_pass().await {
+                    tracing::warn!(error = %e, "key registry sync failed");
+                }
+            }
+        });
+    }
+
+    /// One background pass (see [`KeyManager::start`]).
+    async fn sync_pass(&self) -> Result<(), VaultError> {
+        let i = &self.inner;
+        let registry = i.store.kek_list().await?;
+        let held: BTreeSet<KekVersion> = self.held().await?;
+        // Re-read the provider when it and the registry disagree, and once per
+        // heartbeat anyway, so a keyring that lost a version is noticed before
+        // a restart would be refused.
+        let stale = self
+            .state()
+            .reloaded
+            .is_none_or(|at| at.elapsed() >= i.heartbeat);
+        let needs_reload = stale
+            || registry.iter().any(|k| match k.state {
+                KeyState::Destroyed => held.contains(&k.version),
+                _ => !held.contains(&k.version),
+            });
+        let held = if needs_reload {
+            self.reload_provider().await?;
+            self.held().await?
+        } else {
+            held
+        };
+        self.erase_destroyed(&registry, &held).await;
+        self.note_missing(&registry, &held);
+        let usable: BTreeSet<KekVersion> = registry
+            .iter()
+            .filter(|k| matches!(k.state, KeyState::Primary | KeyState::Active))
+            .map(|k| k.version)
+            .collect();
+        i.deks.keep_only(&usable);
+        self.heartbeat(false).await?;
+        self.take_over_rotation().await
+    }
+
+    async fn held(&self) -> Result<BTreeSet<KekVersion>, VaultError> {
+        Ok(self
+            .inner
+            .keyring
+            .versions()
+            .await?
+            .into_iter()
+            .map(|m| m.version)
+            .collect())
+    }
+
+    /// Re-reads the provider, at most once per sync interval (concurrent
+    /// callers wait for the one in progress).
+    async fn reload_provider(&self) -> Result<(), VaultError> {
+        let i = &self.inner;
+        let _one = i.reload.lock().await;
+        let recent = self
+            .state()
+            .reloaded
+            .is_some_and(|at| at.elapsed() < i.sync_interval);
+        if recent {
+            return Ok(());
+        }
+        let result = i.keyring.reload().await;
+        self.state().reloaded = Some(Instant::now());
+        Ok(result?)
+    }
+
+    /// A managed keyring erases its own copy of a version the registry
+    /// records as destroyed (a replica with a keyring file of its own); an
+    /// external one is told to.
+    async fn erase_destroyed(&self, registry: &[KekRecord], held: &BTreeSet<KekVersion>) {
+        let i = &self.inner;
+        let stale: BTreeSet<KekVersion> = registry
+            .iter()
+            .filter(|k| k.state == KeyState::Destroyed && held.contains(&k.version))
+            .map(|k| k.version)
+            .collect();
+        for &version in &stale {
+            if i.keyring.custody() == Custody::Managed {
+                match i.keyring.destroy_version(version).await {
+                    Ok(()) | Err(CryptoError::UnknownKeyVersion(_)) => {
+                        tracing::info!(%version, "erased a destroyed key version from this replica's keyring");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%version, error = %e, "could not erase a destroyed key version");
+                    }
+                }
+            }
+            if !self.state().stale.contains(&version) {
+                tracing::warn!(%version, provider = i.keyring.kind(),
+                    "this replica's keyring holds a key version the registry records as destroyed; \
+                     remove it (for env: from TOKENVAULT_KEYRING__KEYS) and restart");
+            }
+        }
+        self.state().stale = stale;
+    }
+
+    /// Records which versions the registry needs that this replica lacks,
+    /// logging what the operator must do when that changes.
+    fn note_missing(&self, registry: &[KekRecord], held: &BTreeSet<KekVersion>) {
+        let missing: BTreeSet<KekVersion> = registry
+            .iter()
+            .filter(|k| needed(k))
+            .filter(|k| !held.contains(&k.version))
+            .map(|k| k.version)
+            .collect();
+        let changed = self.state().missing != missing;
+        if changed {
+            for &v in &missing {
+                tracing::error!(version = %v, provider = self.inner.keyring.kind(),
+                    remedy = %self.remedy(v),
+                    "the key registry uses a version this replica does not hold; it is not serving");
+            }
+            if missing.is_empty() {
+                tracing::info!("this replica holds every key version the registry uses again");
+            }
+        }
+        self.state().missing = missing;
+    }
+
+    /// Writes this replica's row when what it holds changed, when `force`d,
+    /// or once per heartbeat.
+    async fn heartbeat(&self, force: bool) -> Result<(), VaultError> {
+        let i = &self.inner;
+        let held: Vec<KekVersion> = self.held().await?.into_iter().collect();
+        let due = force
+            || match &self.state().written {
+                None => true,
+                Some((v, at)) => *v != held || at.elapsed() >= i.heartbeat,
+            };
+        if !due {
+            return Ok(());
+        }
+        i.store
+            .replica_upsert(&ReplicaRecord {
+                replica_id: i.replica.id.clone(),
+                host: i.replica.host.clone(),
+                pid: i.replica.pid,
+                provider: i.keyring.kind().to_owned(),
+                versions: held.clone(),
+                heartbeat: i.heartbeat,
+                started_at: i.replica.started_at,
+                seen_at: Timestamp::now(),
+            })
+            .await?;
+        self.state().written = Some((held, Instant::now()));
+        Ok(())
+    }
+
+    /// Takes over a running rotation whose replica is no longer live (or, on
+    /// this host, whose process is gone).
+    async fn take_over_rotation(&self) -> Result<(), VaultError> {
+        let i = &self.inner;
+        let Some(run) = i.store.rotation_running().await? else {
+            return Ok(());
+        };
+        if self.state().worker.as_deref() == Some(run.run_id.as_str()) {
+            return Ok(());
+        }
+        if run.owner != i.replica.id {
+            let replicas = i.store.replica_list().await?;
+            let now = Timestamp::now();
+            let owner_alive = replicas
+                .iter()
+                .find(|r| r.replica_id == run.owner)
+                .is_some_and(|r| {
+                    r.is_live(now)
+                        && !(r.host == i.replica.host
+                            && r.pid != i.replica.pid
+                            && !std::path::Path::new(&format!("/proc/{}", r.pid)).exists())
+                });
+            if owner_alive {
+                return Ok(());
+            }
+            if !i
+                .store
+                .rotation_claim(&run.run_id, &run.owner, &i.replica.id)
+                .await?
+            {
+                return Ok(());
+            }
+            i.audit
+                .record(
+                    &Actor::system(),
+                    "keys.rotate.resume",
+                    &run.run_id,
+                    Outcome::Ok,
+                    format!(
+                        "{} took over from {}",
+                        i.replica.id,
+                        if run.owner.is_empty() {
+                            "an earlier start"
+                        } else {
+                            &run.owner
+                        }
+                    ),
+                )
+                .await?;
+        }
+        tracing::info!(run = %run.run_id, done = run.rewrapped, total = run.total, "resuming key rotation");
+        self.spawn_worker(run);
+        Ok(())
+    }
+
+    /// Runs `op` with `version`'s material, re-reading the provider once when
+    /// it does not hold the version. A version the registry records as
+    /// destroyed is reported as such without a reload.
+    async fn with_version<T, F, Fut>(&self, version: KekVersion, op: F) -> Result<T, VaultError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, CryptoError>>,
+    {
+        match op().await {
+            Err(CryptoError::UnknownKeyVersion(v)) => {
+                let registry = self.inner.store.kek_list().await?;
+                if registry
+                    .iter()
+                    .any(|k| k.version == v && k.state == KeyState::Destroyed)
+                {
+                    return Err(CryptoError::KeyDestroyed(v).into());
+                }
+                self.reload_provider().await?;
+                match op().await {
+                    Err(CryptoError::UnknownKeyVersion(v)) => {
+                        let held = self.held().await?;
+                        self.note_missing(&registry, &held);
+                        Err(VaultError::Unavailable(
+                            format!(
+                                "key version {v} is not in this replica's {} keyring: {}",
+                                self.inner.keyring.kind(),
+                                self.remedy(version)
+                            )
+                            .into(),
+                        ))
+                    }
+                    other => Ok(other?),
+                }
+            }
+            other => Ok(other?),
+        }
     }
 
     /// The primary version.
@@ -170,67 +846,144 @@ impl KeyManager {
             .ok_or_else(|| VaultError::precondition("no primary key version"))
     }
 
-    /// Checks that the primary version can wrap and unwrap (health).
-    pub async fn check_primary(&self) -> Result<(), VaultError> {
+    /// Checks that this replica holds every version the registry uses and
+    /// that the primary wraps and unwraps (health).
+    pub async fn check_health(&self) -> Result<(), VaultError> {
         let version = self.primary().await?;
         let probe = Key256::from_bytes([0x5a; 32]);
         let aad = b"tokenvault/health-probe";
-        let wrapped = self.inner.keyring.wrap(version, &probe, aad).await?;
-        self.inner.keyring.unwrap(version, &wrapped, aad).await?;
+        let keyring = &self.inner.keyring;
+        let wrapped = self
+            .with_version(version, || keyring.wrap(version, &probe, aad))
+            .await?;
+        keyring.unwrap(version, &wrapped, aad).await?;
+        let missing = self.state().missing.clone();
+        if let Some(v) = missing.first() {
+            return Err(VaultError::Unavailable(
+                format!(
+                    "key version {v} is in use but not in this replica's {} keyring: {}",
+                    keyring.kind(),
+                    self.remedy(*v)
+                )
+                .into(),
+            ));
+        }
         Ok(())
     }
 
-    /// Creates a fresh DEK wrapped by the primary version.
+    /// Creates a fresh key wrapped by the primary version.
     pub async fn new_dek(&self, ctx: &DekContext<'_>) -> Result<(Key256, WrappedDek), VaultError> {
         let version = self.primary().await?;
         let dek = Key256::generate(crate::crypto::rng())?;
-        let wrapped = wrap_dek(self.inner.keyring.as_ref(), version, &dek, ctx).await?;
+        let keyring = self.inner.keyring.as_ref();
+        let wrapped = self
+            .with_version(version, || wrap_dek(keyring, version, &dek, ctx))
+            .await?;
         Ok((dek, wrapped))
     }
 
-    /// Opens a stored DEK.
+    /// Opens a wrapped key (an OAuth state's, an outbox row's).
     pub async fn open_dek(
         &self,
         wrapped: &WrappedDek,
         ctx: &DekContext<'_>,
     ) -> Result<Key256, VaultError> {
-        Ok(unwrap_dek(self.inner.keyring.as_ref(), wrapped, ctx).await?)
+        let keyring = self.inner.keyring.as_ref();
+        self.with_version(wrapped.kek_version, || unwrap_dek(keyring, wrapped, ctx))
+            .await
+    }
+
+    /// Opens a connection's DEK, from the cache when this exact wrapped key
+    /// was opened recently: a lease served from a cached record does not call
+    /// the provider.
+    pub async fn open_connection_dek(
+        &self,
+        connection: &ConnectionId,
+        wrapped: &WrappedDek,
+        ctx: &DekContext<'_>,
+    ) -> Result<Arc<Key256>, VaultError> {
+        if let Some(key) = self.inner.deks.get(connection, wrapped) {
+            metrics::counter!("tokenvault_dek_cache_total", "outcome" => "hit").increment(1);
+            return Ok(key);
+        }
+        metrics::counter!("tokenvault_dek_cache_total", "outcome" => "miss").increment(1);
+        let key = Arc::new(self.open_dek(wrapped, ctx).await?);
+        self.inner.deks.put(connection, wrapped, key.clone());
+        Ok(key)
+    }
+
+    /// Drops a connection's cached DEK (it was deleted or replaced).
+    pub fn forget_connection(&self, connection: &ConnectionId) {
+        self.inner.deks.forget(connection);
+    }
+
+    /// How many unwrapped DEKs this replica holds in memory (a gauge).
+    pub fn cached_deks(&self) -> usize {
+        self.inner.deks.lock().len()
     }
 
     /// The status a reviewer reads.
     pub async fn status(&self) -> Result<KeyStatus, VaultError> {
         let i = &self.inner;
         let records = i.store.kek_list().await?;
-        let counts = i.store.dek_count_by_version().await?;
-        let rotations = i.store.rotation_list().await?;
+        let counts = i.store.wrapped_key_counts().await?;
+        let runs = i.store.rotation_list().await?;
+        let replicas = i.store.replica_list().await?;
+        let now = Timestamp::now();
         let primary = records
             .iter()
             .find(|k| k.state == KeyState::Primary)
             .ok_or_else(|| VaultError::precondition("no primary key version"))?;
+        let count_of = |v: KekVersion, kind: WrappedKeyKind| {
+            counts
+                .iter()
+                .filter(|c: &&WrappedKeyCount| c.version == v && c.kind == kind)
+                .map(|c| c.count)
+                .sum::<i64>()
+        };
         let versions: Vec<VersionStatus> = records
             .iter()
-            .map(|r| VersionStatus {
-                record: r.clone(),
-                dek_count: counts
-                    .iter()
-                    .find(|(v, _)| *v == r.version)
-                    .map_or(0, |(_, n)| *n),
+            .map(|r| {
+                let by_kind = WrappedKeyKind::ALL.map(|kind| count_of(r.version, kind));
+                VersionStatus {
+                    record: r.clone(),
+                    dek_count: by_kind.iter().sum(),
+                    by_kind,
+                    holders: replicas
+                        .iter()
+                        .filter(|x| x.is_live(now) && x.versions.contains(&r.version))
+                        .map(|x| x.replica_id.clone())
+                        .collect(),
+                }
             })
             .collect();
         let oldest = versions
             .iter()
             .find(|v| v.dek_count > 0)
-            .map_or(&primary.clone(), |v| &v.record)
+            .map_or(primary, |v| &v.record)
             .clone();
-        let age = Timestamp::now().since(oldest.created_at);
+        let age = now.since(oldest.created_at);
         let max_age = Duration::from_secs(u64::from(i.max_age_days) * 86_400);
+        let mut rotations = Vec::with_capacity(runs.len());
+        for run in runs {
+            let done = match run.state.as_str() {
+                "completed" => run.total,
+                "running" => {
+                    let left = i.store.wrapped_key_count_not_on(run.target_version).await?;
+                    (run.total - left).clamp(0, run.total)
+                }
+                _ => run.rewrapped.min(run.total),
+            };
+            rotations.push(RotationStatus { run, done });
+        }
         let rotation = rotations
             .iter()
-            .find(|r| r.state == "running")
+            .find(|r| r.run.state == "running")
             .or_else(|| rotations.first())
             .cloned();
         Ok(KeyStatus {
             provider: i.keyring.kind(),
+            replica_id: i.replica.id.clone(),
             primary: primary.version,
             versions,
             rotation,
@@ -239,93 +992,195 @@ impl KeyManager {
             oldest_in_use_age: age,
             max_kek_age_days: i.max_age_days,
             rotation_overdue: age > max_age,
+            replicas: replicas
+                .into_iter()
+                .map(|r| {
+                    let live = r.is_live(now);
+                    (r, live)
+                })
+                .collect(),
         })
     }
 
-    /// Starts an online rotation: a new KEK version becomes primary and every
-    /// DEK is rewrapped in the background. Returns the run; while one is
-    /// running, returns that one instead of starting another.
-    pub async fn rotate(&self, actor: &Actor) -> Result<RotationRun, VaultError> {
+    /// Starts an online rotation: a new KEK version — held by every live
+    /// replica — becomes primary and every wrapped key is rewrapped to it in
+    /// the background. Returns the run; while one is running, returns that
+    /// one instead of starting another.
+    pub async fn rotate(&self, actor: &Actor) -> Result<RotationStatus, VaultError> {
         let i = &self.inner;
         if let Some(run) = i.store.rotation_running().await? {
             // One rotation at a time: asking again reports the running one.
-            return Ok(run);
+            return self.progress_of(run).await;
         }
         let current = self.primary().await?;
+        let prepared = async {
+            let target = self.rotation_target(current, actor).await?;
+            self.wait_for_holders(target).await?;
+            Ok::<_, VaultError>(target)
+        };
+        let target = match prepared.await {
+            Ok(t) => t,
+            Err(e) => {
+                i.audit
+                    .record(
+                        actor,
+                        "keys.rotate.start",
+                        &format!("kek:{current}"),
+                        Outcome::Failed,
+                        e.to_string(),
+                    )
+                    .await?;
+                return Err(e);
+            }
+        };
         i.audit
             .record(
                 actor,
                 "keys.rotate.start",
                 &format!("kek:{current}"),
                 Outcome::Ok,
-                format!("from {current}"),
+                format!("from {current} to {target}"),
             )
             .await?;
-        let target = match i.keyring.create_version().await {
-            Ok(info) => {
-                self.register(info.version, info.created_at).await?;
-                info.version
-            }
-            Err(CryptoError::Unsupported(_)) => {
-                // Providers managed outside the vault (env, KMS): rotate to the
-                // newest version the operator has added.
-                self.sync().await?;
-                let newest = i
-                    .keyring
-                    .versions()
-                    .await?
-                    .into_iter()
-                    .map(|m| m.version)
-                    .max();
-                match newest {
-                    Some(v) if v > current => v,
-                    _ => {
-                        return Err(VaultError::precondition(format!(
-                            "the {} keyring holds no version newer than {current}; add one and restart",
-                            i.keyring.kind()
-                        )));
-                    }
-                }
-            }
-            Err(e) => return Err(e.into()),
-        };
         let now = Timestamp::now();
-        i.store.kek_promote(target, now).await?;
-        let total = i
-            .store
-            .dek_count_by_version()
-            .await?
-            .iter()
-            .filter(|(v, _)| *v != target)
-            .map(|(_, n)| n)
-            .sum();
         let run = RotationRun {
             run_id: format!("rot_{}", uuid::Uuid::new_v4()),
             target_version: target,
             started_at: now,
             finished_at: None,
-            total,
+            total: 0,
             rewrapped: 0,
             state: "running".to_owned(),
             actor: actor.identity.clone(),
             last_error: None,
+            owner: i.replica.id.clone(),
         };
+        // The run row claims the one rotation slot before anything changes.
         i.store.rotation_insert(&run).await?;
+        if let Err(e) = i.store.kek_promote(target, now, &actor.identity).await {
+            let _ = i
+                .store
+                .rotation_finish(
+                    &run.run_id,
+                    "failed",
+                    Some(&e.to_string()),
+                    Timestamp::now(),
+                )
+                .await;
+            return Err(e);
+        }
+        let total = i.store.wrapped_key_count_not_on(target).await?;
+        let run = RotationRun { total, ..run };
+        i.store.rotation_set_total(&run.run_id, total).await?;
         tracing::info!(run = %run.run_id, from = %current, to = %target, total, "key rotation started");
         self.spawn_worker(run.clone());
-        Ok(run)
+        Ok(RotationStatus { run, done: 0 })
     }
 
-    /// Resumes a rotation left running by a crash or restart.
-    pub async fn resume_rotation(&self) -> Result<(), VaultError> {
-        if let Some(run) = self.inner.store.rotation_running().await? {
-            tracing::info!(run = %run.run_id, done = run.rewrapped, total = run.total, "resuming key rotation");
-            self.spawn_worker(run);
+    async fn progress_of(&self, run: RotationRun) -> Result<RotationStatus, VaultError> {
+        let left = self
+            .inner
+            .store
+            .wrapped_key_count_not_on(run.target_version)
+            .await?;
+        let done = (run.total - left).clamp(0, run.total);
+        Ok(RotationStatus { run, done })
+    }
+
+    /// The version a rotation from `current` goes to: an active version newer
+    /// than it (left by a rotation that was refused, or added by the operator
+    /// to an external keyring), else a new one created in the provider.
+    async fn rotation_target(
+        &self,
+        current: KekVersion,
+        actor: &Actor,
+    ) -> Result<KekVersion, VaultError> {
+        let i = &self.inner;
+        if i.keyring.custody() == Custody::External {
+            // Register whatever newer versions this replica holds.
+            for m in i.keyring.versions().await? {
+                self.register(m.version, m.created_at, actor).await?;
+            }
         }
-        Ok(())
+        let registry = i.store.kek_list().await?;
+        let prepared = registry
+            .iter()
+            .filter(|k| k.state == KeyState::Active && k.version > current)
+            .map(|k| k.version)
+            .max();
+        if let Some(v) = prepared {
+            return Ok(v);
+        }
+        if i.keyring.custody() == Custody::External {
+            return Err(VaultError::precondition(format!(
+                "the {} keyring holds no version newer than {current}: generate one with \
+                 `tokenvault keys init --env --version {}`, add it to TOKENVAULT_KEYRING__KEYS on \
+                 every replica and restart them",
+                i.keyring.kind(),
+                current.next().map_or(current.get(), KekVersion::get)
+            )));
+        }
+        let at_least = registry
+            .iter()
+            .map(|k| k.version)
+            .max()
+            .and_then(KekVersion::next)
+            .unwrap_or(KekVersion::FIRST);
+        let info = i.keyring.create_version(at_least).await?;
+        self.register(info.version, info.created_at, actor).await?;
+        Ok(info.version)
     }
 
-    /// Retires a version no DEK references.
+    /// Waits until every live replica holds `target`, or refuses naming the
+    /// replicas that do not.
+    async fn wait_for_holders(&self, target: KekVersion) -> Result<(), VaultError> {
+        let i = &self.inner;
+        let deadline = Instant::now() + i.replica_wait + i.sync_interval * 2;
+        loop {
+            if !self.held().await?.contains(&target) {
+                self.reload_provider().await?;
+            }
+            self.heartbeat(true).await?;
+            let now = Timestamp::now();
+            let lacking: Vec<ReplicaRecord> = i
+                .store
+                .replica_list()
+                .await?
+                .into_iter()
+                .filter(|r| r.is_live(now) && !r.versions.contains(&target))
+                .collect();
+            if lacking.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let names: Vec<String> = lacking
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{} holds {}, last seen {}s ago",
+                            r.describe(),
+                            version_list(&r.versions),
+                            now.since(r.seen_at).as_secs()
+                        )
+                    })
+                    .collect();
+                return Err(VaultError::precondition(format!(
+                    "refusing to make {target} primary: {} live replica(s) do not hold it: {}; give \
+                     each the new version (or stop it) and rotate again",
+                    lacking.len(),
+                    names.join("; ")
+                )));
+            }
+            tokio::time::sleep(i.sync_interval / 2).await;
+        }
+    }
+
+    /// Resumes, at start, a rotation left running by a replica that is gone.
+    pub async fn resume_rotation(&self) -> Result<(), VaultError> {
+        self.take_over_rotation().await
+    }
+
+    /// Retires a version no wrapped key references.
     pub async fn retire(
         &self,
         version: KekVersion,
@@ -334,8 +1189,9 @@ impl KeyManager {
         self.set_state(version, KeyState::Retired, actor).await
     }
 
-    /// Destroys a retired version's key material. Refused while any DEK
-    /// references it.
+    /// Destroys a retired version's key material. Refused while any wrapped
+    /// key references it, and — for an external keyring — while a live
+    /// replica still holds it.
     pub async fn destroy(
         &self,
         version: KekVersion,
@@ -367,18 +1223,30 @@ impl KeyManager {
         i.audit
             .record(actor, action, &target, Outcome::Ok, "")
             .await?;
-        if state == KeyState::Destroyed {
+        if state == KeyState::Destroyed && i.keyring.custody() == Custody::Managed {
             // Material first: a retired version wraps nothing and nothing new can
             // reference it, so if recording the state fails, a retry finishes it.
             match i.keyring.destroy_version(version).await {
                 Ok(()) | Err(CryptoError::UnknownKeyVersion(_)) => {}
-                Err(CryptoError::Unsupported(msg)) => return Err(VaultError::precondition(msg)),
                 Err(e) => return Err(e.into()),
             }
         }
         i.store
-            .kek_set_state(version, state, Timestamp::now())
+            .kek_set_state(version, state, Timestamp::now(), &actor.identity)
             .await?;
+        let usable = i
+            .store
+            .kek_list()
+            .await?
+            .into_iter()
+            .filter(|k| matches!(k.state, KeyState::Primary | KeyState::Active))
+            .map(|k| k.version)
+            .collect();
+        i.deks.keep_only(&usable);
+        if state == KeyState::Destroyed {
+            // The fleet's view of who holds what changes here first.
+            self.heartbeat(true).await?;
+        }
         tracing::info!(%version, %state, actor = %actor.identity, "key version state changed");
         i.store
             .kek_list()
@@ -393,7 +1261,8 @@ impl KeyManager {
         version: KekVersion,
         state: KeyState,
     ) -> Result<(), VaultError> {
-        let records = self.inner.store.kek_list().await?;
+        let i = &self.inner;
+        let records = i.store.kek_list().await?;
         let rec = records
             .iter()
             .find(|k| k.version == version)
@@ -412,35 +1281,77 @@ impl KeyManager {
                 rec.state
             )));
         }
-        let refs: i64 = self
-            .inner
+        let refs: Vec<String> = i
             .store
-            .dek_count_by_version()
+            .wrapped_key_counts()
             .await?
             .iter()
-            .filter(|(v, _)| *v == version)
-            .map(|(_, n)| n)
-            .sum();
-        if refs > 0 {
+            .filter(|c| c.version == version && c.count > 0)
+            .map(|c| format!("{} {}", c.count, c.kind.as_str()))
+            .collect();
+        if !refs.is_empty() {
             return Err(VaultError::precondition(format!(
-                "key version {version} still wraps {refs} data keys; rotate first"
+                "key version {version} still wraps keys ({}); rotate first",
+                refs.join(", ")
             )));
+        }
+        if state == KeyState::Destroyed && i.keyring.custody() == Custody::External {
+            // Keep this replica's row current before judging the fleet by it.
+            self.heartbeat(true).await?;
+            let now = Timestamp::now();
+            let holders: Vec<String> = i
+                .store
+                .replica_list()
+                .await?
+                .into_iter()
+                .filter(|r| r.is_live(now) && r.versions.contains(&version))
+                .map(|r| r.describe())
+                .collect();
+            if !holders.is_empty() {
+                return Err(VaultError::precondition(format!(
+                    "key version {version} is still held by {} live replica(s): {}; remove its entry \
+                     from TOKENVAULT_KEYRING__KEYS on each and restart them, then destroy it again \
+                     (the destruction is recorded once no live replica holds it)",
+                    holders.len(),
+                    holders.join(", ")
+                )));
+            }
         }
         Ok(())
     }
 
-    /// Stops background rotation workers (they resume on the next start).
+    /// Stops background work (a rotation resumes on the next start, or on
+    /// another replica) and removes this replica's row.
+    pub async fn shutdown(&self) {
+        self.inner.stop.send_replace(true);
+        if let Err(e) = self
+            .inner
+            .store
+            .replica_remove(&self.inner.replica.id)
+            .await
+        {
+            tracing::debug!(error = %e, "could not remove this replica's key registry row");
+        }
+    }
+
+    /// Stops background work without touching the database.
     pub fn stop(&self) {
         self.inner.stop.send_replace(true);
     }
 
     fn spawn_worker(&self, run: RotationRun) {
+        self.state().worker = Some(run.run_id.clone());
         let this = self.clone();
         tokio::spawn(async move {
             let mut stop = this.inner.stop.subscribe();
+            let run_id = run.run_id.clone();
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => {}
                 _ = this.run_rotation(run) => {}
+            }
+            let mut state = this.state();
+            if state.worker.as_deref() == Some(run_id.as_str()) {
+                state.worker = None;
             }
         });
     }
@@ -450,11 +1361,11 @@ impl KeyManager {
         let actor = Actor::system();
         let mut backoff = Duration::from_millis(100);
         loop {
-            // Passes repeat until no DEK is left on another version: a DEK
-            // created by a replica that read the old primary just before the
+            // Passes repeat until no key is left on another version: a key
+            // wrapped by a replica that read the old primary just before the
             // switch may land behind the first pass.
             let step = async {
-                if i.store.dek_count_not_on(run.target_version).await? == 0 {
+                if i.store.wrapped_key_count_not_on(run.target_version).await? == 0 {
                     return Ok(true);
                 }
                 self.rewrap_pass(&run).await.map(|_| false)
@@ -462,8 +1373,8 @@ impl KeyManager {
             match step.await {
                 Ok(true) => break,
                 Ok(false) => backoff = Duration::from_millis(100),
-                Err(VaultError::Unavailable(e)) => {
-                    tracing::warn!(run = %run.run_id, error = %e, "rotation paused; database unavailable");
+                Err(e @ VaultError::Unavailable(_)) => {
+                    tracing::warn!(run = %run.run_id, error = %e, "rotation paused; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -513,54 +1424,133 @@ impl KeyManager {
         }
     }
 
-    /// One pass over every DEK not yet on the target; returns how many it
-    /// rewrapped.
+    /// One pass over every wrapped key of every kind not yet on the target;
+    /// returns how many it rewrapped.
     async fn rewrap_pass(&self, run: &RotationRun) -> Result<u64, VaultError> {
         let i = &self.inner;
-        let mut after = None;
+        let keyring = i.keyring.as_ref();
+        let target = run.target_version;
         let mut done = 0u64;
-        loop {
-            let (batch, last) = i
-                .store
-                .dek_batch_scan(run.target_version, after.as_ref(), i.batch_size)
-                .await?;
-            let Some(last) = last else { break };
-            after = Some(last);
-            if batch.is_empty() {
-                continue;
-            }
-            let mut rewraps = Vec::with_capacity(batch.len());
-            for row in &batch {
-                let ctx = DekContext {
-                    tenant: row.tenant.as_str(),
-                    account: row.account.as_str(),
-                    connection: row.connection_id.as_str(),
-                };
-                let old = WrappedDek {
-                    kek_version: row.kek_version,
-                    bytes: row.wrapped_dek.clone(),
-                };
-                let dek = unwrap_dek(i.keyring.as_ref(), &old, &ctx)
-                    .await
-                    .map_err(|e| {
-                        VaultError::Internal(
-                            format!("{}: wrapped DEK does not open: {e}", row.connection_id).into(),
-                        )
-                    })?;
-                let new = wrap_dek(i.keyring.as_ref(), run.target_version, &dek, &ctx).await?;
-                rewraps.push(Rewrap {
-                    connection_id: row.connection_id.clone(),
-                    old_version: row.kek_version,
-                    old_wrapped: old.bytes,
-                    new_version: new.kek_version,
-                    new_wrapped: new.bytes,
-                });
-            }
-            done += i.store.dek_rewrap(&run.run_id, &rewraps).await?;
-            if !i.batch_pause.is_zero() {
-                tokio::time::sleep(i.batch_pause).await;
+        for kind in WrappedKeyKind::ALL {
+            let mut after = None;
+            loop {
+                let (batch, last) = i
+                    .store
+                    .wrapped_key_scan(kind, target, after.as_ref(), i.batch_size)
+                    .await?;
+                let Some(last) = last else { break };
+                after = Some(last);
+                if batch.is_empty() {
+                    continue;
+                }
+                let mut rewraps = Vec::with_capacity(batch.len());
+                for row in batch {
+                    let key_ctx = KeyContext::of(&row.owner);
+                    let ctx = key_ctx.as_dek();
+                    let old = WrappedDek {
+                        kek_version: row.kek_version,
+                        bytes: row.wrapped_dek,
+                    };
+                    let dek = self
+                        .with_version(old.kek_version, || unwrap_dek(keyring, &old, &ctx))
+                        .await
+                        .map_err(|e| match e {
+                            e @ VaultError::Unavailable(_) => e,
+                            e => VaultError::Internal(
+                                format!("a wrapped {} key does not open: {e}", kind.as_str())
+                                    .into(),
+                            ),
+                        })?;
+                    let new = self
+                        .with_version(target, || wrap_dek(keyring, target, &dek, &ctx))
+                        .await?;
+                    if let WrappedKeyOwner::Connection { id, .. } = &row.owner {
+                        i.deks.forget(id);
+                    }
+                    rewraps.push(Rewrap {
+                        owner: row.owner,
+                        old_version: old.kek_version,
+                        old_wrapped: old.bytes,
+                        new_version: new.kek_version,
+                        new_wrapped: new.bytes,
+                    });
+                }
+                done += i.store.wrapped_key_rewrap(&run.run_id, &rewraps).await?;
+                if !i.batch_pause.is_zero() {
+                    tokio::time::sleep(i.batch_pause).await;
+                }
             }
         }
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(ttl: Duration, capacity: usize) -> DekCache {
+        DekCache {
+            entries: Mutex::new(HashMap::new()),
+            ttl,
+            capacity,
+        }
+    }
+
+    fn wrapped(version: u32, byte: u8) -> WrappedDek {
+        WrappedDek {
+            kek_version: KekVersion::new(version).unwrap(),
+            bytes: vec![byte; 65],
+        }
+    }
+
+    #[test]
+    fn the_dek_cache_answers_only_for_the_exact_wrapped_key() {
+        let c = cache(Duration::from_secs(30), 10);
+        let id = ConnectionId::from_stored("conn_a".into());
+        let w = wrapped(1, 7);
+        c.put(&id, &w, Arc::new(Key256::from_bytes([1; 32])));
+        assert!(c.get(&id, &w).is_some());
+        // Rewrapped elsewhere (new bytes or version): a miss, never the old key.
+        assert!(c.get(&id, &wrapped(1, 8)).is_none());
+        assert!(c.get(&id, &wrapped(2, 7)).is_none());
+        c.forget(&id);
+        assert!(c.get(&id, &w).is_none());
+    }
+
+    #[test]
+    fn the_dek_cache_is_bounded_expires_and_drops_unusable_versions() {
+        let c = cache(Duration::from_secs(30), 2);
+        let ids: Vec<_> = (0..3)
+            .map(|n| ConnectionId::from_stored(format!("conn_{n}")))
+            .collect();
+        for (n, id) in ids.iter().enumerate() {
+            c.put(
+                id,
+                &wrapped(1 + n as u32 % 2, 1),
+                Arc::new(Key256::from_bytes([2; 32])),
+            );
+        }
+        assert_eq!(c.lock().len(), 2, "capacity holds");
+        let usable: BTreeSet<KekVersion> = [KekVersion::new(2).unwrap()].into();
+        c.keep_only(&usable);
+        assert!(c.lock().values().all(|e| e.version.get() == 2));
+
+        let expired = cache(Duration::from_millis(1), 10);
+        expired.put(
+            &ids[0],
+            &wrapped(1, 1),
+            Arc::new(Key256::from_bytes([3; 32])),
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(expired.get(&ids[0], &wrapped(1, 1)).is_none());
+
+        let off = cache(Duration::ZERO, 10);
+        off.put(
+            &ids[0],
+            &wrapped(1, 1),
+            Arc::new(Key256::from_bytes([4; 32])),
+        );
+        assert!(off.lock().is_empty(), "a zero TTL turns the cache off");
     }
 }

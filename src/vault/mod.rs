@@ -17,13 +17,13 @@ pub use authorize::{BeginOutcome, Completer, Completion, STATE_TTL};
 pub use connections::{NewConnection, OpenedToken};
 pub use deletion::Deletion;
 pub use events::WatchRequest;
-pub use keys::{KeyManager, KeyStatus, VersionStatus};
+pub use keys::{KeyManager, KeyStatus, RotationStatus, VersionStatus};
 pub use lease::{Lease, LeaseRequest};
 pub use risc::RiscError;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, DeletionConfig, GoogleConfig, KeyringProviderKind, LeaseConfig};
-use crate::crypto::{EnvKeyring, KeyringProvider, LocalKeyring};
+use crate::crypto::{CryptoError, EnvKeyring, KeyringProvider, LocalKeyring, Pkcs11Keyring};
 use crate::domain::VaultError;
 use crate::google::GoogleClient;
 use crate::store::{self, Store};
@@ -47,6 +47,9 @@ pub struct Vault {
     risc: risc::RiscReceiver,
     /// Batched connection reads for the lease path.
     reader: reader::LeaseReader,
+    /// The event cursor up to which connections named by events were dropped
+    /// from this replica's caches.
+    cache_events_seen: std::sync::atomic::AtomicI64,
 }
 
 /// The configuration the use cases read.
@@ -77,13 +80,16 @@ impl Vault {
             keyring.clone(),
             config.audit.checkpoint_every,
         )?;
+        let instance_id = format!("vault-{}", uuid::Uuid::new_v4());
         let keys = KeyManager::new(
             store.clone(),
             keyring.clone(),
             audit.clone(),
-            &config.keyring,
+            config,
+            &instance_id,
         );
         keys.sync().await?;
+        let events_head = store.event_state().await?.head;
         let google = if config.google.client_id.is_empty() {
             None
         } else {
@@ -101,7 +107,7 @@ impl Vault {
                 deletion: config.deletion.clone(),
             },
             refresh_gates: lease::RefreshGates::default(),
-            instance_id: format!("vault-{}", uuid::Uuid::new_v4()),
+            instance_id,
             events: events::EventHead::new(),
             stopping: tokio::sync::watch::channel(false).0,
             risc: risc::RiscReceiver::new(config)?,
@@ -110,8 +116,10 @@ impl Vault {
                 std::time::Duration::from_secs(config.lease.cache_ttl_seconds),
                 config.lease.cache_entries,
             ),
+            cache_events_seen: std::sync::atomic::AtomicI64::new(events_head),
         });
         vault.keys.resume_rotation().await?;
+        vault.keys.start();
         tokio::spawn(every(
             Arc::downgrade(&vault),
             std::time::Duration::from_millis(config.events.poll_interval_ms),
@@ -171,11 +179,11 @@ impl Vault {
         self.settings.google.return_url.as_deref()
     }
 
-    /// Whether the vault can serve: the database answers and the primary key
-    /// can wrap.
+    /// Whether the vault can serve: the database answers, this replica holds
+    /// every key version the registry uses, and the primary key can wrap.
     pub async fn health(&self) -> Result<(), VaultError> {
         self.store.ping().await?;
-        self.keys.check_primary().await
+        self.keys.check_health().await
     }
 
     /// Periodic housekeeping: deletes OAuth states that expired and lease
@@ -228,21 +236,34 @@ impl Vault {
     /// Stops background work and closes the database pool.
     pub async fn shutdown(&self) {
         self.begin_shutdown();
-        self.keys.stop();
+        self.keys.shutdown().await;
         self.store.close().await;
     }
 }
 
-/// Opens the configured keyring provider.
+/// Opens the configured keyring provider. A setting at fault is reported as
+/// a one-line configuration error naming it.
 pub fn open_keyring(config: &Config) -> Result<Arc<dyn KeyringProvider>, VaultError> {
-    let keyring: Arc<dyn KeyringProvider> = match config.keyring.provider {
-        KeyringProviderKind::Local => Arc::new(LocalKeyring::open(config.keyring_path())?),
-        KeyringProviderKind::Env => Arc::new(EnvKeyring::from_values(
+    let opened: Result<Arc<dyn KeyringProvider>, CryptoError> = match config.keyring.provider {
+        KeyringProviderKind::Local => {
+            LocalKeyring::open(config.keyring_path()).map(|k| Arc::new(k) as _)
+        }
+        KeyringProviderKind::Env => EnvKeyring::from_values(
             config.keyring.keys.expose(),
             config.keyring.mac_key.expose(),
-        )?),
+        )
+        .map(|k| Arc::new(k) as _),
+        KeyringProviderKind::Pkcs11 => {
+            let settings = config
+                .pkcs11_settings()
+                .map_err(|e| VaultError::precondition(e.to_string()))?;
+            Pkcs11Keyring::open(&settings).map(|k| Arc::new(k) as _)
+        }
     };
-    Ok(keyring)
+    opened.map_err(|e| match e {
+        e @ CryptoError::Config { .. } => VaultError::precondition(e.to_string()),
+        e => e.into(),
+    })
 }
 
 /// Resolves once `stopping` is set (the guard `wait_for` returns is dropped

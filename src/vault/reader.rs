@@ -5,7 +5,8 @@
 //! token. Most leases find them in the cache: sealed bytes only (the wrapped
 //! DEK and the access token's ciphertext, never a refresh token, never
 //! anything opened), kept at most `lease.cache_ttl_seconds` and dropped at
-//! once when this vault deletes the connection. A cached record is never
+//! once when this vault deletes the connection, or reads an event naming it
+//! that another replica wrote. A cached record is never
 //! trusted on its own: the lease row is written, with its audit entry, only
 //! if the connection is still ACTIVE and unchanged since the record was read
 //! (the store compares its `updated_at` in the same transaction), and the

@@ -126,7 +126,11 @@ async fn tampered_moved_or_mislabelled_ciphertexts_fail_and_change_nothing(backe
     raw.set_secret_row(c2.id.as_str(), &other).await;
 
     // The wrong KEK version: version 2 exists in the keyring, but did not wrap this DEK.
-    tv.vault.keyring().create_version().await.unwrap();
+    tv.vault
+        .keyring()
+        .create_version(tokenvault::crypto::KekVersion::FIRST)
+        .await
+        .unwrap();
     tv.vault.keys().sync().await.unwrap();
     let relabelled = SecretRow {
         kek_version: 2,
@@ -238,6 +242,7 @@ async fn no_token_or_key_is_at_rest_or_in_the_logs(backend: Backend) {
             .unwrap()
             .rotation
             .unwrap()
+            .run
             .state
             == "completed"
         {
@@ -292,7 +297,9 @@ both_backends!(
 );
 
 async fn the_env_keyring_serves_and_refuses_what_it_cannot_do(backend: Backend) {
-    let generated = tokenvault::crypto::EnvKeyring::generate_values().unwrap();
+    let generated =
+        tokenvault::crypto::EnvKeyring::generate_values(tokenvault::crypto::KekVersion::FIRST)
+            .unwrap();
     let (keys, mac) = (
         generated.keys.expose().to_owned(),
         generated.mac_root_key.expose().to_owned(),

@@ -13,6 +13,8 @@ mod encryption;
 mod events;
 mod foundation;
 mod google_sim;
+mod key_custody;
+mod key_registry;
 mod malformed;
 mod mtls;
 mod oauth;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokenvault::crypto::SecretString;
+use tokenvault::crypto::{KekVersion, SecretString};
 use tokenvault::domain::{
     AccountId, ConnectionId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp,
 };
@@ -256,14 +256,23 @@ both_backends!(
 
 /// A configuration file for a `tokenvault serve` child process whose
 /// rotation is slowed down enough to be killed midway.
-fn write_config(dir: &std::path::Path, database_url: &str) -> std::path::PathBuf {
-    let config = test_config(dir, database_url);
+fn write_config(
+    dir: &std::path::Path,
+    database_url: &str,
+    sim: &tokenvault::google::sim::GoogleSim,
+) -> std::path::PathBuf {
+    let mut config = test_config(dir, database_url);
+    crate::support::use_google(&mut config, sim);
     crate::support::write_config_file(
         dir,
         &config,
-        "[keyring]\nrotation_batch_size = 100\nrotation_batch_pause_ms = 25\n",
+        "[keyring]\nrotation_batch_size = 100\nrotation_batch_pause_ms = 25\n\
+         [deletion]\ninline_revoke_timeout_ms = 300\n",
     )
 }
+
+const PENDING_STATES: usize = 50;
+const OUTBOX_ROWS: usize = 5;
 
 async fn admin_client(
     addr: &str,
@@ -282,11 +291,45 @@ async fn a_rotation_killed_midway_resumes_after_restart(backend: Backend) {
     let Some(database_url) = crate::support::fresh_database(backend, dir.path()).await else {
         return;
     };
-    let config_path = write_config(dir.path(), &database_url);
+    let sim = crate::support::start_google().await;
+    let config_path = write_config(dir.path(), &database_url, &sim);
     let config = tokenvault::config::Config::load_from(Some(&config_path), Vec::new()).unwrap();
     tokenvault::crypto::LocalKeyring::init(config.keyring_path()).unwrap();
     let seeded = Vault::open(&config).await.unwrap();
     let ids = import(&seeded, CONNECTIONS).await;
+    // Every kind of wrapped key: connection DEKs, pending OAuth states, and
+    // revocations Google refuses, waiting in the outbox.
+    let actor = tokenvault::audit::Actor::system();
+    for i in 0..PENDING_STATES {
+        seeded
+            .authorization_begin(
+                &actor,
+                TenantId::parse("load").unwrap(),
+                AccountId::parse(&format!("pending{i}")).unwrap(),
+                Integration::Calendar,
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    sim.inject(
+        tokenvault::google::sim::Endpoint::Revoke,
+        tokenvault::google::sim::Fault::Status(503),
+        None,
+    );
+    for id in &ids[..OUTBOX_ROWS] {
+        seeded
+            .delete(
+                &actor,
+                tokenvault::store::DeletionTarget::Connection(id.clone()),
+                tokenvault::domain::DeletionReason::UserDisconnected,
+                "",
+            )
+            .await
+            .unwrap();
+    }
+    let live = CONNECTIONS - OUTBOX_ROWS;
+    let all_keys = (live + PENDING_STATES + OUTBOX_ROWS) as u64;
     seeded.shutdown().await;
 
     let config_arg = config_path.display().to_string();
@@ -326,26 +369,31 @@ async fn a_rotation_killed_midway_resumes_after_restart(backend: Backend) {
     let status = wait_for_completion(&mut admin, Duration::from_secs(120)).await;
     let rotation = status.rotation.unwrap();
     assert_eq!(rotation.run_id, run.run_id, "the same run resumed");
-    assert_eq!(
-        rotation.rewrapped, CONNECTIONS as u64,
-        "every DEK counted once"
-    );
+    assert_eq!(run.total, all_keys, "every kind of key is counted");
+    assert_eq!(rotation.rewrapped, all_keys, "every key counted once");
+    assert_eq!(rotation.done, all_keys);
     let on = |v: u32| {
-        status
-            .versions
-            .iter()
-            .find(|k| k.version == v)
-            .unwrap()
-            .dek_count
+        let k = status.versions.iter().find(|k| k.version == v).unwrap();
+        (k.connection_keys, k.oauth_state_keys, k.outbox_keys)
     };
-    assert_eq!((on(1), on(2)), (0, CONNECTIONS as u64));
+    assert_eq!(on(1), (0, 0, 0));
+    assert_eq!(
+        on(2),
+        (live as u64, PENDING_STATES as u64, OUTBOX_ROWS as u64)
+    );
     assert!(second.log_text().contains("resuming key rotation"));
     drop(admin);
     second.signal("TERM");
     assert!(second.wait(Duration::from_secs(30)).success());
 
     let check = Vault::open(&config).await.unwrap();
-    for (i, id) in ids.iter().enumerate() {
+    // v1 retires at once: nothing of any kind is left on it.
+    check
+        .keys()
+        .retire(KekVersion::FIRST, &actor)
+        .await
+        .unwrap();
+    for (i, id) in ids.iter().enumerate().skip(OUTBOX_ROWS) {
         let opened = check
             .access_token_open(id)
             .await

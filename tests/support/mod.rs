@@ -6,6 +6,7 @@
 
 pub mod logs;
 pub mod raw;
+pub mod softhsm;
 
 use std::path::PathBuf;
 use std::sync::Arc;

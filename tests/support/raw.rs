@@ -92,6 +92,20 @@ impl RawDb {
     }
 
     /// Runs one statement.
+    /// The one integer a query returns (a count).
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        match self {
+            RawDb::Sqlite(p) => sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+                .fetch_one(p)
+                .await
+                .unwrap(),
+            RawDb::Postgres(p) => sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+                .fetch_one(p)
+                .await
+                .unwrap(),
+        }
+    }
+
     pub async fn execute(&self, sql: &str) {
         match self {
             RawDb::Sqlite(p) => {

@@ -6,8 +6,11 @@
 //! standard base64 (44 characters). Without a creation time the version counts as created
 //! when the keyring was loaded. MAC root key value: 32 bytes in standard base64.
 //!
-//! This provider cannot create or destroy versions: the operator edits the variable and
-//! restarts.
+//! This provider cannot create or destroy versions ([`Custody::External`]): the operator adds
+//! a version (`tokenvault keys init --env --version N` prints one) or removes one by editing
+//! the variable on every replica and restarting it. The database's key registry records which
+//! versions each live replica holds, so a rotation waits until every replica holds the new
+//! version and a destruction is recorded once none holds the old one.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,7 +19,7 @@ use async_trait::async_trait;
 use zeroize::Zeroizing;
 
 use super::material::{EncodedKey, KekEntry, Material, decode_key, now_secs};
-use super::{KekMaterialInfo, KekVersion, KeyringProvider, MacPurpose};
+use super::{Custody, KekMaterialInfo, KekVersion, KeyringProvider, MacPurpose};
 use crate::crypto::{CryptoError, Key256, SecretString};
 
 /// A keyring provider whose material is given as text (environment variables).
@@ -28,7 +31,8 @@ pub struct EnvKeyring {
 /// the environment by the operator.
 #[derive(Debug)]
 pub struct GeneratedEnvValues {
-    /// The keys value: one entry, version 1, with its creation time.
+    /// One keys entry, `VERSION:BASE64KEY:CREATED`: the whole value of a new keyring, or the
+    /// entry to append for a new version.
     pub keys: SecretString,
     /// The MAC root key value.
     pub mac_root_key: SecretString,
@@ -107,9 +111,11 @@ impl EnvKeyring {
         Ok(Self { material })
     }
 
-    /// Generates values for a new env keyring: version 1 (with its creation time) and a MAC
-    /// root key, each from the system's random number generator.
-    pub fn generate_values() -> Result<GeneratedEnvValues, CryptoError> {
+    /// Generates values for an env keyring: a key for `version` (with its creation time) and
+    /// a MAC root key, each from the system's random number generator. A new keyring uses
+    /// both with version 1; a rotation appends the keys entry of the next version and keeps
+    /// its MAC root.
+    pub fn generate_values(version: KekVersion) -> Result<GeneratedEnvValues, CryptoError> {
         let rng = crate::crypto::rng();
         let kek = Key256::generate(rng)?;
         let mac_root = Key256::generate(rng)?;
@@ -117,7 +123,8 @@ impl EnvKeyring {
 
         let kek_text = EncodedKey::new(&kek);
         let mut keys = Zeroizing::new(String::with_capacity(64));
-        keys.push_str("1:");
+        keys.push_str(&version.get().to_string());
+        keys.push(':');
         keys.push_str(kek_text.as_str());
         keys.push(':');
         keys.push_str(&created);
@@ -135,8 +142,18 @@ impl KeyringProvider for EnvKeyring {
         "env"
     }
 
+    fn custody(&self) -> Custody {
+        Custody::External
+    }
+
     async fn versions(&self) -> Result<Vec<KekMaterialInfo>, CryptoError> {
         Ok(self.material.versions())
+    }
+
+    async fn reload(&self) -> Result<(), CryptoError> {
+        // The values were read from the process's environment at start; they change only
+        // by a restart.
+        Ok(())
     }
 
     async fn wrap(
@@ -157,18 +174,19 @@ impl KeyringProvider for EnvKeyring {
         self.material.unwrap(version, wrapped, aad)
     }
 
-    async fn create_version(&self) -> Result<KekMaterialInfo, CryptoError> {
+    async fn create_version(&self, _at_least: KekVersion) -> Result<KekMaterialInfo, CryptoError> {
         Err(CryptoError::Unsupported(
-            "the env keyring cannot create key versions: generate a key with \
-             `tokenvault keys init --env`, add it to the keyring keys variable as a new \
-             `VERSION:BASE64KEY` entry with the next version number, and restart",
+            "the env keyring cannot create key versions: generate one with \
+             `tokenvault keys init --env --version N` (N: the next version number), append it \
+             to TOKENVAULT_KEYRING__KEYS on every replica and restart them",
         ))
     }
 
     async fn destroy_version(&self, _version: KekVersion) -> Result<(), CryptoError> {
         Err(CryptoError::Unsupported(
-            "the env keyring cannot destroy key versions: remove the version's entry from \
-             the keyring keys variable (and every copy of it) and restart",
+            "the env keyring cannot erase key versions: remove the version's entry from \
+             TOKENVAULT_KEYRING__KEYS on every replica and restart them; the destruction is \
+             then recorded",
         ))
     }
 
@@ -270,11 +288,11 @@ mod tests {
     #[tokio::test]
     async fn create_and_destroy_are_unsupported_with_instructions() {
         let keyring = EnvKeyring::from_values(&format!("1:{K1}"), MAC).unwrap();
-        let e = keyring.create_version().await.unwrap_err();
+        let e = keyring.create_version(KekVersion::FIRST).await.unwrap_err();
         assert!(matches!(e, CryptoError::Unsupported(_)));
         assert!(
             e.to_string()
-                .contains("add it to the keyring keys variable")
+                .contains("append it to TOKENVAULT_KEYRING__KEYS")
         );
         let e = keyring
             .destroy_version(KekVersion::FIRST)
@@ -286,7 +304,7 @@ mod tests {
 
     #[tokio::test]
     async fn generated_values_parse_back_into_a_working_keyring() {
-        let values = EnvKeyring::generate_values().unwrap();
+        let values = EnvKeyring::generate_values(KekVersion::FIRST).unwrap();
         let keyring =
             EnvKeyring::from_values(values.keys.expose(), values.mac_root_key.expose()).unwrap();
         let versions = keyring.versions().await.unwrap();
@@ -305,7 +323,7 @@ mod tests {
             .unwrap();
         assert_eq!(back.expose(), dek.expose());
 
-        let other = EnvKeyring::generate_values().unwrap();
+        let other = EnvKeyring::generate_values(KekVersion::FIRST).unwrap();
         assert_ne!(values.keys.expose(), other.keys.expose());
         assert_ne!(values.mac_root_key.expose(), other.mac_root_key.expose());
         let debug = format!("{values:?} {keyring:?}");

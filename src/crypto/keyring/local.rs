@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::material::{EncodedKey, KekEntry, Material, decode_key, now_secs};
-use super::{KekMaterialInfo, KekVersion, KeyringProvider, MacPurpose};
+use super::{Custody, KekMaterialInfo, KekVersion, KeyringProvider, MacPurpose};
 use crate::crypto::{CryptoError, Key256};
 
 /// The keyring file format this build reads and writes.
@@ -133,8 +133,9 @@ impl LocalKeyring {
     }
 
     /// Re-reads the file, picking up versions created or destroyed by another process (for
-    /// example `tokenvault keys`). Blocking.
-    pub fn reload(&self) -> Result<(), CryptoError> {
+    /// example another replica sharing the file, or `tokenvault keys`). Blocking; the
+    /// provider's [`KeyringProvider::reload`] runs it off the async runtime.
+    pub fn reload_file(&self) -> Result<(), CryptoError> {
         let material = read_material(&self.inner.path)?;
         *self
             .inner
@@ -199,8 +200,19 @@ impl KeyringProvider for LocalKeyring {
         "local"
     }
 
+    fn custody(&self) -> Custody {
+        Custody::Managed
+    }
+
     async fn versions(&self) -> Result<Vec<KekMaterialInfo>, CryptoError> {
         Ok(self.with_material(Material::versions))
+    }
+
+    async fn reload(&self) -> Result<(), CryptoError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.reload_file())
+            .await
+            .map_err(|e| CryptoError::Keyring(format!("keyring reload task failed: {e}")))?
     }
 
     async fn wrap(
@@ -221,9 +233,9 @@ impl KeyringProvider for LocalKeyring {
         self.with_material(|m| m.unwrap(version, wrapped, aad))
     }
 
-    async fn create_version(&self) -> Result<KekMaterialInfo, CryptoError> {
-        self.mutate(|material| {
-            let version = material.next_version()?;
+    async fn create_version(&self, at_least: KekVersion) -> Result<KekMaterialInfo, CryptoError> {
+        self.mutate(move |material| {
+            let version = material.next_version(at_least)?;
             let entry = KekEntry {
                 key: Key256::generate(crate::crypto::rng())?,
                 created_at: now_secs(),
@@ -658,7 +670,7 @@ mod tests {
         let dek = Key256::generate(&SystemRandom::new()).unwrap();
         let wrapped_v1 = keyring.wrap(v(1), &dek, b"ctx").await.unwrap();
 
-        let info = keyring.create_version().await.unwrap();
+        let info = keyring.create_version(KekVersion::FIRST).await.unwrap();
         assert_eq!(info.version, v(2));
         assert_eq!(mode_of(&path), 0o600, "rewrite must keep mode 0600");
         let wrapped_v2 = keyring.wrap(v(2), &dek, b"ctx").await.unwrap();
@@ -688,7 +700,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = keyring_path(&dir);
         let keyring = LocalKeyring::init(&path).unwrap();
-        keyring.create_version().await.unwrap();
+        keyring.create_version(KekVersion::FIRST).await.unwrap();
         let dek = Key256::generate(&SystemRandom::new()).unwrap();
         let wrapped = keyring.wrap(v(1), &dek, b"ctx").await.unwrap();
         let v1_key_b64 =
@@ -737,7 +749,7 @@ mod tests {
         let tmp = sibling(&path, "tmp");
         fs::write(&tmp, b"left over by a crash").unwrap();
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
-        keyring.create_version().await.unwrap();
+        keyring.create_version(KekVersion::FIRST).await.unwrap();
         assert_eq!(mode_of(&path), 0o600);
         assert!(!tmp.exists());
         assert_eq!(
@@ -756,11 +768,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = keyring_path(&dir);
         let keyring = LocalKeyring::init(&path).unwrap();
-        assert_eq!(keyring.create_version().await.unwrap().version, v(2));
+        assert_eq!(
+            keyring
+                .create_version(KekVersion::FIRST)
+                .await
+                .unwrap()
+                .version,
+            v(2)
+        );
         keyring.destroy_version(v(2)).await.unwrap();
-        assert_eq!(keyring.create_version().await.unwrap().version, v(3));
+        assert_eq!(
+            keyring
+                .create_version(KekVersion::FIRST)
+                .await
+                .unwrap()
+                .version,
+            v(3)
+        );
         let reopened = LocalKeyring::open(&path).unwrap();
-        assert_eq!(reopened.create_version().await.unwrap().version, v(4));
+        assert_eq!(
+            reopened
+                .create_version(KekVersion::FIRST)
+                .await
+                .unwrap()
+                .version,
+            v(4)
+        );
     }
 
     #[tokio::test]
@@ -794,9 +827,19 @@ mod tests {
         let path = keyring_path(&dir);
         let server = LocalKeyring::init(&path).unwrap();
         let cli = LocalKeyring::open(&path).unwrap();
-        assert_eq!(cli.create_version().await.unwrap().version, v(2));
+        assert_eq!(
+            cli.create_version(KekVersion::FIRST).await.unwrap().version,
+            v(2)
+        );
         // The server's stale view must not overwrite v2 when it creates v3.
-        assert_eq!(server.create_version().await.unwrap().version, v(3));
+        assert_eq!(
+            server
+                .create_version(KekVersion::FIRST)
+                .await
+                .unwrap()
+                .version,
+            v(3)
+        );
         let versions: Vec<_> = LocalKeyring::open(&path)
             .unwrap()
             .versions()
@@ -806,7 +849,7 @@ mod tests {
             .map(|i| i.version)
             .collect();
         assert_eq!(versions, [v(1), v(2), v(3)]);
-        cli.reload().unwrap();
+        cli.reload_file().unwrap();
         assert_eq!(cli.versions().await.unwrap().len(), 3);
     }
 

@@ -72,9 +72,10 @@ pub(super) fn now_secs() -> u64 {
 }
 
 /// HMAC subkeys, one per [`MacPurpose`], in `MacPurpose::index` order.
-struct MacKeys([hmac::Key; 5]);
+pub(super) struct MacKeys([hmac::Key; MacPurpose::ALL.len()]);
 
 impl MacKeys {
+    /// Derives every subkey from a root key held in memory (the software providers).
     fn derive(root: &Key256) -> Self {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, MAC_HKDF_SALT).extract(root.expose());
         Self(MacPurpose::ALL.map(|purpose| {
@@ -88,8 +89,25 @@ impl MacKeys {
         }))
     }
 
+    /// Subkeys computed elsewhere (inside an HSM, from a root key that never leaves it),
+    /// one per purpose in `MacPurpose::ALL` order.
+    pub(super) fn from_subkeys(subkeys: [Key256; MacPurpose::ALL.len()]) -> Self {
+        Self(subkeys.map(|k| hmac::Key::new(hmac::HMAC_SHA256, k.expose())))
+    }
+
     fn key(&self, purpose: MacPurpose) -> &hmac::Key {
         &self.0[purpose.index()]
+    }
+
+    pub(super) fn mac(&self, purpose: MacPurpose, data: &[u8]) -> [u8; 32] {
+        let tag = hmac::sign(self.key(purpose), data);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
+    pub(super) fn mac_verify(&self, purpose: MacPurpose, data: &[u8], tag: &[u8]) -> bool {
+        hmac::verify(self.key(purpose), data, tag).is_ok()
     }
 }
 
@@ -139,14 +157,16 @@ impl Material {
         self.keys.iter().map(|(v, e)| e.info(*v)).collect()
     }
 
-    /// The number a new version gets: one above the highest ever held.
-    pub(super) fn next_version(&self) -> Result<KekVersion, CryptoError> {
-        match self.last_version {
-            None => Ok(KekVersion::FIRST),
+    /// The number a new version gets: `at_least`, or one above the highest ever held if
+    /// that is higher.
+    pub(super) fn next_version(&self, at_least: KekVersion) -> Result<KekVersion, CryptoError> {
+        let after_last = match self.last_version {
+            None => KekVersion::FIRST,
             Some(v) => v.next().ok_or(CryptoError::Unsupported(
                 "key version numbers are exhausted",
-            )),
-        }
+            ))?,
+        };
+        Ok(after_last.max(at_least))
     }
 
     /// Adds a version; it must be above every version held before.
@@ -197,14 +217,11 @@ impl Material {
     }
 
     pub(super) fn mac(&self, purpose: MacPurpose, data: &[u8]) -> [u8; 32] {
-        let tag = hmac::sign(self.mac_keys.key(purpose), data);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(tag.as_ref());
-        out
+        self.mac_keys.mac(purpose, data)
     }
 
     pub(super) fn mac_verify(&self, purpose: MacPurpose, data: &[u8], tag: &[u8]) -> bool {
-        hmac::verify(self.mac_keys.key(purpose), data, tag).is_ok()
+        self.mac_keys.mac_verify(purpose, data, tag)
     }
 }
 
