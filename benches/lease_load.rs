@@ -4,7 +4,15 @@
 //! ```text
 //! cargo bench --bench lease_load -- [--backend sqlite|postgres] [--connections 10000]
 //!     [--concurrency 64] [--seconds 10] [--warmup 2] [--channels 4]
+//!     [--keyring local|pkcs11|both]
 //! ```
+//!
+//! `--keyring pkcs11` keeps the KEKs in a SoftHSM2 token made for the run (the
+//! benchmark re-runs itself with `SOFTHSM2_CONF` pointing at it). `--keyring
+//! both` starts one vault per keyring, on databases of their own, and measures
+//! their leases alternately (local, pkcs11, pkcs11, local) in one run, so
+//! that the comparison sees the same machine; leases served from cached
+//! records must not touch the HSM, so pkcs11 should stay within 10 % of local.
 //!
 //! PostgreSQL: `TV_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`); a fresh database is created
@@ -67,6 +75,7 @@ const GOAL_P99_MS: f64 = 10.0;
 
 struct Args {
     backend: String,
+    keyring: String,
     connections: usize,
     concurrency: usize,
     seconds: u64,
@@ -77,6 +86,7 @@ struct Args {
 fn args() -> Args {
     let mut a = Args {
         backend: "sqlite".into(),
+        keyring: "local".into(),
         connections: 10_000,
         concurrency: 64,
         seconds: 10,
@@ -87,6 +97,7 @@ fn args() -> Args {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--backend" => a.backend = it.next().expect("--backend sqlite|postgres"),
+            "--keyring" => a.keyring = it.next().expect("--keyring local|pkcs11|both"),
             "--connections" => {
                 a.connections = it
                     .next()
@@ -114,14 +125,18 @@ fn args() -> Args {
     assert!(a.concurrency > 0, "--concurrency must be at least 1");
     assert!(a.channels > 0, "--channels must be at least 1");
     assert!(a.seconds > 0, "--seconds must be at least 1");
+    assert!(
+        matches!(a.keyring.as_str(), "local" | "pkcs11" | "both"),
+        "--keyring local|pkcs11|both"
+    );
     a
 }
 
 #[path = "common/mod.rs"]
 mod common;
 use common::{
-    Bearer, CALENDAR_SCOPE, PURPOSE, XorShift, database, drop_database, percentile_ms,
-    seed_calendar_connections, start_worker_vault,
+    Bearer, BenchKeyring, CALENDAR_SCOPE, PURPOSE, XorShift, database, drop_database,
+    percentile_ms, seed_calendar_connections, softhsm_token, start_worker_vault_with,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,6 +242,7 @@ async fn task(
 }
 
 /// The merged result of one workload.
+#[derive(Clone)]
 struct Report {
     kind: Kind,
     seconds: f64,
@@ -398,6 +414,26 @@ async fn run(
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let a = args();
+    // The keyrings first: a pkcs11 run re-runs this benchmark with a token.
+    let keyrings: Vec<BenchKeyring> = match a.keyring.as_str() {
+        "local" => vec![BenchKeyring::Local],
+        wanted => {
+            let Some(token) = softhsm_token() else {
+                println!("SoftHSM2 is not installed (apt-get install softhsm2): no pkcs11 run");
+                return;
+            };
+            println!(
+                "pkcs11: SoftHSM2 token {:?} ({})",
+                token.label,
+                token.module.display()
+            );
+            if wanted == "both" {
+                vec![BenchKeyring::Local, BenchKeyring::Pkcs11(token)]
+            } else {
+                vec![BenchKeyring::Pkcs11(token)]
+            }
+        }
+    };
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let profile = if cfg!(debug_assertions) {
         "debug assertions ON: not an optimised build, numbers are not representative"
@@ -405,46 +441,20 @@ async fn main() {
         "optimised (debug assertions off; `cargo bench` uses the bench/release profile)"
     };
     println!(
-        "lease_load: backend {}, {} connections, concurrency {}, {} channels, warmup {} s, measured {} s",
-        a.backend, a.connections, a.concurrency, a.channels, a.warmup, a.seconds
+        "lease_load: backend {}, keyring {}, {} connections, concurrency {}, {} channels, warmup {} s, measured {} s",
+        a.backend, a.keyring, a.connections, a.concurrency, a.channels, a.warmup, a.seconds
     );
     println!("machine: {cores} cores (available_parallelism); client and server share them");
     println!("build: {profile}");
 
-    // 1. Data directory, database, configuration, server.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (url, cleanup) = database(&a.backend, dir.path()).await;
-    let rng = SystemRandom::new();
-    let (server, key) = start_worker_vault(dir.path(), url, &rng).await;
-
-    // 2. Seed connections through the bulk import path.
-    let start = Instant::now();
-    let ids = seed_calendar_connections(
-        &server.vault,
-        "bench",
-        a.connections,
-        Duration::from_secs(3600),
-        &rng,
-    )
-    .await;
-    let seeding = start.elapsed();
-    println!(
-        "seeded {} connections in {:.2?} ({:.0} connections/s)",
-        ids.len(),
-        seeding,
-        ids.len() as f64 / seeding.as_secs_f64()
-    );
-    let ids = Arc::new(ids);
-
-    // 3. Channels and the two workloads.
-    let endpoint = Endpoint::from_shared(format!("http://{}", server.grpc_addr))
-        .expect("endpoint")
-        .tcp_nodelay(true);
-    let mut channels = Vec::with_capacity(a.channels);
-    for _ in 0..a.channels {
-        channels.push(endpoint.connect().await.expect("connect to the vault"));
+    // 1. One vault per keyring measured: data directory, database, server,
+    // connections seeded through the bulk import path, channels.
+    let mut vaults = Vec::new();
+    for keyring in &keyrings {
+        vaults.push(BenchVault::start(&a, keyring.clone()).await);
     }
-    let bearer = Bearer::key(&key);
+    let (channels, bearer, ids) = (&vaults[0].channels, &vaults[0].bearer, &vaults[0].ids);
+    let dir = &vaults[0].dir;
 
     // SQLite: the WAL's largest size during the run (it must not grow with
     // the length of the load; see the store's background checkpoints).
@@ -462,11 +472,13 @@ async fn main() {
     };
 
     println!();
-    let health = run(Kind::Health, &a, &channels, &bearer, &ids).await;
+    let health = run(Kind::Health, &a, channels, bearer, ids).await;
     health.print();
-    let lease = run(Kind::Lease, &a, &channels, &bearer, &ids).await;
+    let lease = run(Kind::Lease, &a, channels, bearer, ids).await;
     lease.print();
-    drop(channels);
+    if vaults.len() == 2 {
+        compare_keyrings(&a, &vaults, lease.clone()).await;
+    }
     wal_sampler.abort();
     if a.backend == "sqlite" {
         println!(
@@ -536,11 +548,13 @@ async fn main() {
     );
 
     // The server's own view of its batching (from its /metrics).
-    if let Ok(resp) = reqwest::get(format!("http://{}/metrics", server.http_addr)).await
+    if let Ok(resp) = reqwest::get(format!("http://{}/metrics", vaults[0].server.http_addr)).await
         && let Ok(text) = resp.text().await
     {
         println!();
-        println!("server batching and lease stages (from /metrics; summaries over the whole run):");
+        println!(
+            "server batching, lease stages and the DEK cache (from /metrics; over the whole run, every vault of this process):"
+        );
         for line in text.lines().filter(|l| {
             (l.starts_with("tokenvault_audit_batch")
                 || l.starts_with("tokenvault_lease_read_batch")
@@ -550,14 +564,128 @@ async fn main() {
                     || l.contains("quantile=\"0.99\"")
                     || l.contains("_sum")
                     || l.contains("_count"))
+                || l.starts_with("tokenvault_dek_cache_total{")
         }) {
             println!("  {line}");
         }
     }
 
     // 5. Shut down and clean up.
-    server.shutdown().await;
-    if let Some((admin, name)) = cleanup {
-        drop_database(&admin, &name).await;
+    for v in vaults {
+        v.stop().await;
     }
+}
+
+/// A vault under load: its server, seeded connections and channels.
+struct BenchVault {
+    keyring: BenchKeyring,
+    dir: tempfile::TempDir,
+    server: tokenvault::server::RunningServer,
+    cleanup: Option<(String, String)>,
+    channels: Vec<Channel>,
+    bearer: Bearer,
+    ids: Arc<Vec<String>>,
+}
+
+impl BenchVault {
+    async fn start(a: &Args, keyring: BenchKeyring) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (url, cleanup) = database(&a.backend, dir.path()).await;
+        let rng = SystemRandom::new();
+        let (server, key) = start_worker_vault_with(dir.path(), url, &rng, &keyring).await;
+        let start = Instant::now();
+        let ids = seed_calendar_connections(
+            &server.vault,
+            "bench",
+            a.connections,
+            Duration::from_secs(3600),
+            &rng,
+        )
+        .await;
+        let seeding = start.elapsed();
+        println!(
+            "{} keyring: seeded {} connections in {:.2?} ({:.0} connections/s)",
+            keyring.name(),
+            ids.len(),
+            seeding,
+            ids.len() as f64 / seeding.as_secs_f64()
+        );
+        let endpoint = Endpoint::from_shared(format!("http://{}", server.grpc_addr))
+            .expect("endpoint")
+            .tcp_nodelay(true);
+        let mut channels = Vec::with_capacity(a.channels);
+        for _ in 0..a.channels {
+            channels.push(endpoint.connect().await.expect("connect to the vault"));
+        }
+        Self {
+            keyring,
+            dir,
+            server,
+            cleanup,
+            channels,
+            bearer: Bearer::key(&key),
+            ids: Arc::new(ids),
+        }
+    }
+
+    async fn stop(self) {
+        drop(self.channels);
+        self.server.shutdown().await;
+        if let Some((admin, name)) = self.cleanup {
+            drop_database(&admin, &name).await;
+        }
+        drop(self.dir);
+    }
+}
+
+/// `--keyring both`: leases on the local and the pkcs11 vault, alternately
+/// (local was measured first; then pkcs11, pkcs11, local), and their ratio.
+async fn compare_keyrings(a: &Args, vaults: &[BenchVault], first_local: Report) {
+    let mut by_keyring: [Vec<Report>; 2] = [vec![first_local], Vec::new()];
+    for i in [1, 1, 0] {
+        let v = &vaults[i];
+        let r = run(Kind::Lease, a, &v.channels, &v.bearer, &v.ids).await;
+        println!("({} keyring)", v.keyring.name());
+        r.print();
+        by_keyring[i].push(r);
+    }
+    let total = |rs: &[Report]| {
+        let ok: usize = rs.iter().map(|r| r.ok).sum();
+        let secs: f64 = rs.iter().map(|r| r.seconds).sum();
+        let cpu: Option<f64> = rs.iter().map(|r| r.machine_cpu_seconds).sum();
+        let errors: u64 = rs.iter().map(Report::error_count).sum();
+        let p99 = rs.iter().map(|r| r.p99).fold(0.0, f64::max);
+        (
+            ok as f64 / secs,
+            cpu.map(|c| c * 1e6 / ok as f64),
+            errors,
+            p99,
+        )
+    };
+    let (local, pkcs11) = (total(&by_keyring[0]), total(&by_keyring[1]));
+    let ratio = pkcs11.0 / local.0;
+    println!();
+    println!(
+        "keyrings, leases measured alternately (2 x {} s each):",
+        a.seconds
+    );
+    for (name, (rate, cpu, errors, p99)) in [("local", local), ("pkcs11", pkcs11)] {
+        println!(
+            "  {name:<7} {rate:>8.0} leases/s  machine CPU {} per lease  worst p99 {p99:.2} ms  errors {errors}",
+            cpu.map_or("-".to_owned(), |c| format!("{c:.1} µs"))
+        );
+    }
+    let cpu_ratio = match (local.1, pkcs11.1) {
+        (Some(l), Some(p)) => format!("{:.1}%", p / l * 100.0),
+        _ => "-".to_owned(),
+    };
+    println!(
+        "pkcs11/local: throughput {:.1}%, CPU per lease {cpu_ratio}; goal: within 10 % of local: {}",
+        ratio * 100.0,
+        if ratio >= 0.9 && local.2 + pkcs11.2 == 0 {
+            "MET"
+        } else {
+            "NOT MET"
+        }
+    );
 }

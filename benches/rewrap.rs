@@ -97,7 +97,7 @@ fn main() {
         loop {
             // The runs table, not KeyStatus: counting DEKs per version scans them all.
             let runs = vault.store().rotation_list().await.unwrap();
-            let r = runs.into_iter().find(|r| r.run_id == run.run_id).unwrap();
+            let r = runs.into_iter().find(|r| r.run_id == run.run.run_id).unwrap();
             if r.state == "completed" {
                 assert_eq!(r.rewrapped as usize, a.deks);
                 break;

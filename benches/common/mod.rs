@@ -57,7 +57,7 @@ use std::time::Duration;
 
 use ring::rand::{SecureRandom as _, SystemRandom};
 use tokenvault::config::{ApiKeyConfig, Config};
-use tokenvault::crypto::{LocalKeyring, SecretString};
+use tokenvault::crypto::{LocalKeyring, Pkcs11Keyring, SecretString};
 use tokenvault::domain::{AccountId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp};
 use tokenvault::grpc::Authenticator;
 use tokenvault::policy::{IdentityEntry, PurposeEntry};
@@ -128,14 +128,108 @@ pub fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[rank.clamp(1, sorted.len()) - 1]) / 1000.0
 }
 
+/// Which keyring a benchmark vault uses.
+#[derive(Clone, Debug)]
+pub enum BenchKeyring {
+    /// A fresh local keyring file.
+    Local,
+    /// Fresh keys under their own label prefix in a SoftHSM2 token (see [`softhsm_token`]).
+    Pkcs11(SoftHsmToken),
+}
+
+impl BenchKeyring {
+    /// `local` or `pkcs11`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Pkcs11(_) => "pkcs11",
+        }
+    }
+}
+
+/// A SoftHSM2 token this benchmark process can use.
+#[derive(Clone, Debug)]
+pub struct SoftHsmToken {
+    pub module: std::path::PathBuf,
+    pub label: String,
+}
+
+/// The user PIN of the benchmark's token.
+pub const SOFTHSM_PIN: &str = "87654321";
+const SOFTHSM_CHILD: &str = "TV_BENCH_SOFTHSM_TOKEN";
+
+/// A SoftHSM2 token for this benchmark. SoftHSM reads its configuration once
+/// per process, so the parent makes a token in a temporary directory, runs
+/// this same benchmark again as a child with `SOFTHSM2_CONF` pointing at it,
+/// and exits with the child's status; the child gets the token. `None` when
+/// SoftHSM2 is not installed (Debian package `softhsm2`).
+pub fn softhsm_token() -> Option<SoftHsmToken> {
+    let module = [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+    ]
+    .iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.is_file())?;
+    if let Ok(label) = std::env::var(SOFTHSM_CHILD) {
+        return Some(SoftHsmToken { module, label });
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens).expect("token directory");
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .expect("SoftHSM2 configuration");
+    let label = "tv-bench";
+    let made = std::process::Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--pin",
+            SOFTHSM_PIN,
+        ])
+        .args(["--so-pin", "12345678"])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .expect("run softhsm2-util");
+    assert!(made.status.success(), "softhsm2-util --init-token failed");
+    let status = std::process::Command::new(std::env::current_exe().expect("this benchmark"))
+        .args(std::env::args_os().skip(1))
+        .env("SOFTHSM2_CONF", &conf)
+        .env(SOFTHSM_CHILD, label)
+        .status()
+        .expect("run the benchmark with the token");
+    drop(dir);
+    std::process::exit(status.code().unwrap_or(1));
+}
+
 /// Starts the real server on loopback (plain gRPC, ephemeral ports, audit on)
-/// over `database_url`, with a fresh local keyring in `dir` and one API key
-/// for [`IDENTITY`], a worker allowed [`PURPOSE`] on calendar connections.
-/// Returns the server and the key.
+/// over `database_url`, with a fresh keyring (a local file in `dir`, or fresh
+/// keys in an HSM token) and one API key for [`IDENTITY`], a worker allowed
+/// [`PURPOSE`] on calendar connections. Returns the server and the key.
 pub async fn start_worker_vault(
     dir: &std::path::Path,
     database_url: String,
     rng: &SystemRandom,
+) -> (RunningServer, String) {
+    start_worker_vault_with(dir, database_url, rng, &BenchKeyring::Local).await
+}
+
+/// As [`start_worker_vault`], with the given keyring.
+pub async fn start_worker_vault_with(
+    dir: &std::path::Path,
+    database_url: String,
+    rng: &SystemRandom,
+    keyring: &BenchKeyring,
 ) -> (RunningServer, String) {
     let key = format!("tv-bench-{}", random_hex(rng, 16));
     let mut config = Config {
@@ -166,7 +260,21 @@ pub async fn start_worker_vault(
             tenants: vec![],
         },
     );
-    LocalKeyring::init(config.keyring_path()).expect("init keyring");
+    match keyring {
+        BenchKeyring::Local => {
+            LocalKeyring::init(config.keyring_path()).expect("init keyring");
+        }
+        BenchKeyring::Pkcs11(token) => {
+            use tokenvault::config::KeyringProviderKind;
+            config.keyring.provider = KeyringProviderKind::Pkcs11;
+            config.keyring.pkcs11.module = Some(token.module.clone());
+            config.keyring.pkcs11.token_label = token.label.clone();
+            config.keyring.pkcs11.pin = SOFTHSM_PIN.to_owned().into();
+            config.keyring.pkcs11.label_prefix = format!("bench-{}", random_hex(rng, 4));
+            Pkcs11Keyring::init(&config.pkcs11_settings().expect("pkcs11 settings"))
+                .expect("create the keys in the token");
+        }
+    }
     let server = tokenvault::server::start(&config)
         .await
         .expect("start the vault");
