@@ -105,7 +105,7 @@ fn main() {
                 token_label: token.label,
                 pin: SecretString::new(common::SOFTHSM_PIN.to_owned()),
                 label_prefix: "envelope-bench".into(),
-                max_idle_sessions: 4,
+                max_sessions: 4,
             })
             .unwrap();
             unwrap_cost(&rt, "pkcs11 (SoftHSM2)", &keyring, 20_000);

@@ -290,7 +290,7 @@ pub struct Pkcs11Config {
     pub pin_file: Option<PathBuf>,
     /// Prefix of the labels of the vault's objects in the token.
     pub label_prefix: String,
-    /// Idle sessions kept open for reuse.
+    /// The most PKCS#11 sessions open at once (also how many HSM operations run at once).
     pub sessions: u32,
 }
 
@@ -346,7 +346,7 @@ impl Config {
             token_label: p.token_label.clone(),
             pin: crate::crypto::SecretString::new(pin),
             label_prefix: p.label_prefix.clone(),
-            max_idle_sessions: usize::try_from(p.sessions).unwrap_or(usize::MAX),
+            max_sessions: usize::try_from(p.sessions).unwrap_or(usize::MAX),
         })
     }
 }
@@ -913,7 +913,8 @@ impl Config {
                 .create(dir)
                 .map_err(err)?;
         }
-        let probe = dir.join(".write-probe");
+        // One probe per process: replicas may share a data directory.
+        let probe = dir.join(format!(".write-probe-{}", std::process::id()));
         std::fs::write(&probe, b"").map_err(err)?;
         std::fs::remove_file(&probe).map_err(err)?;
         Ok(())

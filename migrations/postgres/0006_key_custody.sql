@@ -21,18 +21,32 @@ CREATE TABLE root_key_checks (
 
 -- The replicas sharing this database and the key versions each holds,
 -- written at start, whenever what a replica holds changes, and every
--- keyring.heartbeat_seconds. A row not refreshed for three heartbeats is a
--- replica that stopped; a clean shutdown deletes its row.
+-- keyring.heartbeat_seconds, stamped with the database's clock. A row not
+-- refreshed for three heartbeats is a replica that stopped; a clean shutdown
+-- deletes its row.
 CREATE TABLE key_replicas (
     replica_id     TEXT PRIMARY KEY,
     host           TEXT NOT NULL,
     pid            BIGINT NOT NULL,
+    -- The kernel boot and PID namespace the process runs in: two rows with the
+    -- same instance can tell whether the other's pid still runs.
+    instance       TEXT NOT NULL,
     provider       TEXT NOT NULL,
     -- Held KEK versions, ascending, comma-separated ("1,2").
     versions       TEXT NOT NULL,
     heartbeat_ms   BIGINT NOT NULL,
     started_at     BIGINT NOT NULL,
     seen_at        BIGINT NOT NULL
+);
+
+-- Creating keys in a keyring the fleet shares is claimed here first, so two
+-- replicas never create the same key at once: 'init' (the first start on an
+-- empty keyring) and 'kek:vN' (a rotation's new version). A claim older than a
+-- minute is stale (its replica died) and may be taken over.
+CREATE TABLE keyring_claims (
+    name        TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    claimed_at  BIGINT NOT NULL
 );
 
 -- The replica whose worker runs a rotation; another replica takes the run

@@ -283,25 +283,43 @@ async fn keys_init(config: &Config) -> Result<(), String> {
 
 /// On a first start, the local keyring file or the HSM's keys are created —
 /// but only when the database has never seen a key, so that a lost keyring is
-/// reported instead of silently replaced.
+/// reported instead of silently replaced. Replicas starting together claim the
+/// creation in the database: one creates, the others wait for its keys.
 async fn first_start_keyring(config: &Config) -> Result<(), String> {
-    let missing = match config.keyring.provider {
-        KeyringProviderKind::Local => !config.keyring_path().exists(),
-        KeyringProviderKind::Pkcs11 => {
-            let settings = config.pkcs11_settings().map_err(|e| e.to_string())?;
-            Pkcs11Keyring::token_is_empty(&settings).map_err(|e| e.to_string())?
+    let check = || -> Result<bool, String> {
+        match config.keyring.provider {
+            KeyringProviderKind::Local => Ok(!config.keyring_path().exists()),
+            KeyringProviderKind::Pkcs11 => {
+                let settings = config.pkcs11_settings().map_err(|e| e.to_string())?;
+                Pkcs11Keyring::token_has_keys(&settings)
+                    .map(|has| !has)
+                    .map_err(|e| e.to_string())
+            }
+            KeyringProviderKind::Env => Ok(false),
         }
-        KeyringProviderKind::Env => false,
     };
-    if !missing {
+    // An HSM that another replica is writing to may not answer at once (SoftHSM2
+    // reads and writes files): asked again a few times before the error counts.
+    let is_missing = async || -> Result<bool, String> {
+        let mut last = Ok(false);
+        for attempt in 0..5 {
+            last = check();
+            if last.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100 * (attempt + 1))).await;
+        }
+        last
+    };
+    if !is_missing().await? {
         return Ok(());
     }
     let store = crate::store::open(&config.database_url())
         .await
         .map_err(|e| e.to_string())?;
     let known = store.kek_list().await.map_err(|e| e.to_string())?;
-    store.close().await;
     if !known.is_empty() {
+        store.close().await;
         return Err(match config.keyring.provider {
             KeyringProviderKind::Pkcs11 => format!(
                 "keyring.pkcs11.token_label: token {:?} holds no keys labelled {}/…, but the \
@@ -317,10 +335,35 @@ async fn first_start_keyring(config: &Config) -> Result<(), String> {
             ),
         });
     }
+    let me = format!(
+        "first-start-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    );
+    let holder = store
+        .keyring_claim("init", &me, crate::vault::KEY_CLAIM_TTL)
+        .await
+        .map_err(|e| e.to_string())?;
+    store.close().await;
+    if holder != me {
+        // Another replica creates the keys; it has a minute.
+        let deadline = std::time::Instant::now() + crate::vault::KEY_CLAIM_TTL;
+        while is_missing().await? {
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "{} creates the keyring on first start, but none appeared within a minute; \
+                     start again (its claim has expired) or create it with `tokenvault keys init`",
+                    holder
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        return Ok(());
+    }
     match config.keyring.provider {
         KeyringProviderKind::Pkcs11 => {
             let settings = config.pkcs11_settings().map_err(|e| e.to_string())?;
-            let keyring = Pkcs11Keyring::init(&settings).map_err(|e| e.to_string())?;
+            let keyring = Pkcs11Keyring::complete(&settings).map_err(|e| e.to_string())?;
             tracing::warn!(token = %settings.token_label, provider = keyring.kind(), "created the vault's keys in the HSM on first start");
         }
         _ => {

@@ -110,8 +110,9 @@ pub struct KekMaterialInfo {
     pub created_at: SystemTime,
 }
 
-/// What a MAC is for. Each purpose gets its own HMAC-SHA256 subkey, derived with HKDF from
-/// the keyring's MAC root key, so a MAC made for one purpose is useless for another.
+/// What a MAC is for. Each purpose gets its own HMAC-SHA256 subkey derived from the
+/// keyring's MAC root key (with HKDF by the software providers, by an HMAC inside the device
+/// for PKCS#11), so a MAC made for one purpose is useless for another.
 ///
 /// The derivation labels are part of the stored format (MACs are persisted as fingerprints,
 /// audit chains and lookup hashes): never change them.
@@ -227,9 +228,10 @@ pub trait KeyringProvider: Send + Sync + fmt::Debug {
     ) -> Result<Key256, CryptoError>;
 
     /// Creates a new random KEK, stores it durably, and returns its description. Its number
-    /// is `at_least` or, if this provider has ever held a version that high, one above the
-    /// highest it has held: numbers are never reused. The caller passes one above every
-    /// version the database has seen.
+    /// is `at_least`, or one above the highest version the provider knows of if that is
+    /// higher (the local file remembers destroyed versions too; an HSM only what it holds).
+    /// The caller passes one above every version the database's registry has seen, which is
+    /// what keeps numbers from ever being reused.
     ///
     /// Fails with [`CryptoError::Unsupported`] for [`Custody::External`] providers.
     async fn create_version(&self, at_least: KekVersion) -> Result<KekMaterialInfo, CryptoError>;

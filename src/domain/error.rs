@@ -50,6 +50,12 @@ pub enum VaultError {
     #[error("{0}")]
     Unavailable(Cow<'static, str>),
 
+    /// A key was wrapped under the primary KEK version, which stopped being primary (a
+    /// rotation began) before the key was stored: nothing was stored. Wrapping again under
+    /// the new primary succeeds.
+    #[error("key version {0} stopped being primary while a key was wrapped under it; retry")]
+    KeyVersionChanged(crate::crypto::KekVersion),
+
     /// The audit entry could not be written, so the operation was not performed.
     #[error("audit log unavailable, operation not performed: {0}")]
     AuditUnavailable(String),

@@ -15,7 +15,9 @@ impl From<VaultError> for Status {
             VaultError::Unauthenticated(_) => Code::Unauthenticated,
             VaultError::PermissionDenied(_) => Code::PermissionDenied,
             VaultError::OutOfRange(_) => Code::OutOfRange,
-            VaultError::Unavailable(_) | VaultError::AuditUnavailable(_) => Code::Unavailable,
+            VaultError::Unavailable(_)
+            | VaultError::AuditUnavailable(_)
+            | VaultError::KeyVersionChanged(_) => Code::Unavailable,
             VaultError::Crypto(_) => Code::DataLoss,
             VaultError::Unimplemented(_) => Code::Unimplemented,
             VaultError::Storage(_) | VaultError::Internal(_) => Code::Internal,

@@ -150,7 +150,9 @@ async fn oauth_callback(
             let (code, reason) = match e {
                 VaultError::InvalidArgument { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
                 VaultError::FailedPrecondition(_) => (StatusCode::BAD_REQUEST, "access_denied"),
-                VaultError::Unavailable(_) | VaultError::AuditUnavailable(_) => {
+                VaultError::Unavailable(_)
+                | VaultError::AuditUnavailable(_)
+                | VaultError::KeyVersionChanged(_) => {
                     (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
                 }
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),

@@ -98,7 +98,20 @@ pub trait Store: Send + Sync + 'static {
         at: Timestamp,
     ) -> StoreResult<Vec<u8>>;
 
-    /// Writes (inserts or replaces) a replica's row.
+    /// Claims `name` for `holder` unless another holder claimed it less than `ttl` ago (by
+    /// the database's clock); returns the holder now recorded.
+    async fn keyring_claim(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> StoreResult<String>;
+
+    /// The database's clock, which every replica's heartbeat is stamped and judged by.
+    async fn clock(&self) -> StoreResult<Timestamp>;
+
+    /// Writes (inserts or replaces) a replica's row, stamping `seen_at` with the
+    /// database's clock (the record's own `seen_at` is ignored).
     async fn replica_upsert(&self, replica: &ReplicaRecord) -> StoreResult<()>;
 
     /// Every replica row, live or not, by id.
@@ -229,9 +242,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<(Vec<WrappedKeyRow>, Option<WrappedKeyOwner>)>;
 
     /// Replaces wrapped keys in one transaction, each only if it still holds what was read
-    /// (compare-and-swap), and adds the count to the run's progress. Returns how many rows
-    /// were replaced.
-    async fn wrapped_key_rewrap(&self, run_id: &str, rewraps: &[Rewrap]) -> StoreResult<u64>;
+    /// (compare-and-swap), and adds the count to the run's progress — all only while the run
+    /// is running and owned by `owner`. Returns how many rows were replaced, or `None` (and
+    /// changes nothing) when the run is no longer `owner`'s to work on.
+    async fn wrapped_key_rewrap(
+        &self,
+        run_id: &str,
+        owner: &str,
+        rewraps: &[Rewrap],
+    ) -> StoreResult<Option<u64>>;
 
     /// Marks a run finished with a final state (and why, if it failed).
     async fn rotation_finish(

@@ -14,6 +14,8 @@ const LOCK_KEK_VERSION: &str = "SELECT state FROM kek_versions WHERE version = $
 // Taken before writing a key wrapped by a version: waits for a retirement of
 // that version in progress, and then sees it.
 const SHARE_KEK_VERSION: &str = "SELECT state FROM kek_versions WHERE version = $1 FOR SHARE";
+// The server's clock, microseconds since the Unix epoch.
+const CLOCK_MICROS: &str = "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT";
 const LOCK_LIVE_CONNECTION: &str = "SELECT connection_id FROM connections \
      WHERE tenant_id = $1 AND account_id = $2 AND integration = $3 AND status <> 'deleted' \
      FOR UPDATE";

@@ -252,6 +252,8 @@ pub struct ReplicaRecord {
     pub host: String,
     /// Its process id.
     pub pid: i64,
+    /// The kernel boot and PID namespace it runs in (`boot_id/pid:[inode]`).
+    pub instance: String,
     /// Its keyring provider.
     pub provider: String,
     /// The KEK versions its keyring holds, ascending.
@@ -260,12 +262,13 @@ pub struct ReplicaRecord {
     pub heartbeat: std::time::Duration,
     /// When it started.
     pub started_at: Timestamp,
-    /// When it last wrote this row.
+    /// When it last wrote this row (the database's clock).
     pub seen_at: Timestamp,
 }
 
 impl ReplicaRecord {
-    /// Whether the replica counts as running at `now`: heard from within three heartbeats.
+    /// Whether the replica counts as running at `now` (the database's clock): heard from
+    /// within three heartbeats.
     pub fn is_live(&self, now: Timestamp) -> bool {
         now.since(self.seen_at) < self.heartbeat * 3
     }

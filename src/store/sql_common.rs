@@ -435,6 +435,7 @@ fn replica_from_row(row: &Row) -> StoreResult<ReplicaRecord> {
         replica_id: row.try_get("replica_id")?,
         host: row.try_get("host")?,
         pid: row.try_get("pid")?,
+        instance: row.try_get("instance")?,
         provider: row.try_get("provider")?,
         versions,
         heartbeat: std::time::Duration::from_millis(
@@ -445,10 +446,11 @@ fn replica_from_row(row: &Row) -> StoreResult<ReplicaRecord> {
     })
 }
 
-/// Refuses to write a key wrapped by `version` unless the version is primary or
-/// active, after waiting out (on PostgreSQL) a retirement of it in progress: a
-/// replica that read the primary just before a rotation must not leave a key
-/// behind on a version that is about to be destroyed.
+/// Refuses to store a freshly wrapped key unless its version is still the
+/// primary, after waiting out (on PostgreSQL) a promotion or retirement of it
+/// in progress: a replica that read the primary just before a rotation began
+/// must not leave a key behind that the rotation's last pass has already
+/// counted out. The caller wraps again under the new primary.
 async fn check_wrapping_version(
     tx: &mut sqlx::Transaction<'static, Db>,
     version: KekVersion,
@@ -458,10 +460,8 @@ async fn check_wrapping_version(
         .fetch_optional(&mut **tx)
         .await?;
     match state.as_deref() {
-        Some("primary" | "active") => Ok(()),
-        Some(other) => Err(VaultError::Unavailable(
-            format!("key version {version} became {other} while this key was wrapped; retry").into(),
-        )),
+        Some("primary") => Ok(()),
+        Some(_) => Err(VaultError::KeyVersionChanged(version)),
         None => Err(VaultError::not_found("key version", version)),
     }
 }
@@ -826,6 +826,40 @@ impl crate::store::Store for StoreImpl {
         Ok(recorded)
     }
 
+    async fn keyring_claim(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> StoreResult<String> {
+        let now = self.clock().await?;
+        let stale_before = now.as_micros() - i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX);
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO keyring_claims (name, holder, claimed_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+             claimed_at = excluded.claimed_at WHERE keyring_claims.claimed_at < $4",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(now.as_micros())
+        .bind(stale_before)
+        .execute(&mut *tx)
+        .await?;
+        let recorded: String =
+            sqlx::query_scalar("SELECT holder FROM keyring_claims WHERE name = $1")
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(recorded)
+    }
+
+    async fn clock(&self) -> StoreResult<Timestamp> {
+        let micros: i64 = sqlx::query_scalar(CLOCK_MICROS).fetch_one(&self.pool).await?;
+        Ok(ts(micros))
+    }
+
     async fn replica_upsert(&self, r: &ReplicaRecord) -> StoreResult<()> {
         let versions = r
             .versions
@@ -835,19 +869,20 @@ impl crate::store::Store for StoreImpl {
             .join(",");
         let (_guard, mut tx) = self.begin_write().await?;
         sqlx::query(
-            "INSERT INTO key_replicas (replica_id, host, pid, provider, versions, heartbeat_ms, \
-             started_at, seen_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+            "INSERT INTO key_replicas (replica_id, host, pid, instance, provider, versions, \
+             heartbeat_ms, started_at, seen_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (replica_id) DO UPDATE SET versions = excluded.versions, \
              heartbeat_ms = excluded.heartbeat_ms, seen_at = excluded.seen_at",
         )
         .bind(&r.replica_id)
         .bind(&r.host)
         .bind(r.pid)
+        .bind(&r.instance)
         .bind(&r.provider)
         .bind(versions)
         .bind(i64::try_from(r.heartbeat.as_millis()).unwrap_or(i64::MAX))
         .bind(r.started_at.as_micros())
-        .bind(r.seen_at.as_micros())
+        .bind(self.clock().await?.as_micros())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -1293,7 +1328,7 @@ impl crate::store::Store for StoreImpl {
                 sqlx::query(
                     "SELECT o.receipt_id, o.connection_id, r.tenant_id, o.kek_version, o.wrapped_dek \
                      FROM revocation_outbox o JOIN deletion_receipts r ON r.receipt_id = o.receipt_id \
-                     WHERE o.receipt_id > $1 OR (o.receipt_id = $1 AND o.connection_id > $2) \
+                     WHERE (o.receipt_id, o.connection_id) > ($1, $2) \
                      ORDER BY o.receipt_id, o.connection_id LIMIT $3",
                 )
                 .bind(receipt)
@@ -1338,7 +1373,12 @@ impl crate::store::Store for StoreImpl {
         Ok((out, last))
     }
 
-    async fn wrapped_key_rewrap(&self, run_id: &str, rewraps: &[Rewrap]) -> StoreResult<u64> {
+    async fn wrapped_key_rewrap(
+        &self,
+        run_id: &str,
+        owner: &str,
+        rewraps: &[Rewrap],
+    ) -> StoreResult<Option<u64>> {
         // Connection DEKs, the bulk of any rotation, go in one set-based
         // compare-and-swap per chunk instead of a statement per row: each row
         // changes only if it still holds what was read. The few OAuth-state and
@@ -1419,15 +1459,23 @@ impl crate::store::Store for StoreImpl {
                 .await?
                 .rows_affected();
         }
-        sqlx::query(
-            "UPDATE rotation_runs SET rewrapped = rewrapped + $1 WHERE run_id = $2 AND state = 'running'",
+        let owned = sqlx::query(
+            "UPDATE rotation_runs SET rewrapped = rewrapped + $1 \
+             WHERE run_id = $2 AND state = 'running' AND owner = $3",
         )
         .bind(i64::try_from(changed).unwrap_or(i64::MAX))
         .bind(run_id)
+        .bind(owner)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if owned == 0 {
+            // Taken over (or finished) elsewhere: leave everything as it was.
+            tx.rollback().await?;
+            return Ok(None);
+        }
         tx.commit().await?;
-        Ok(changed)
+        Ok(Some(changed))
     }
 
     async fn rotation_finish(

@@ -16,6 +16,8 @@ const BACKEND: Backend = Backend::Sqlite;
 // SQLite has no row locks; the serialised write transaction is the lock.
 const LOCK_KEK_VERSION: &str = "SELECT state FROM kek_versions WHERE version = $1";
 const SHARE_KEK_VERSION: &str = "SELECT state FROM kek_versions WHERE version = $1";
+// The clock of the one host SQLite runs on, microseconds since the Unix epoch.
+const CLOCK_MICROS: &str = "SELECT CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)";
 const LOCK_LIVE_CONNECTION: &str = "SELECT connection_id FROM connections \
      WHERE tenant_id = $1 AND account_id = $2 AND integration = $3 AND status <> 'deleted'";
 

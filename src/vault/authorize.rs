@@ -90,30 +90,10 @@ impl Vault {
         let verifier = SecretString::new(verifier.secret().to_owned());
         let key_ctx = KeyContext::oauth_state(tenant.as_str(), account.as_str(), &state_hash);
         let dctx = key_ctx.as_dek();
-        let (dek, wrapped) = self.keys().new_dek(&dctx).await?;
-        let sealed_verifier = seal(
-            &dek,
-            &dctx.token(TokenKind::PkceVerifier),
-            verifier.expose().as_bytes(),
-        )?;
         let prompt_consent = !self
             .store()
             .refresh_token_held(&tenant, &account, login_hint)
             .await?;
-        let now = Timestamp::now();
-        let record = AuthzStateRecord {
-            state_hash,
-            tenant: tenant.clone(),
-            account: account.clone(),
-            integration,
-            caller: actor.identity.clone(),
-            kek_version: wrapped.kek_version,
-            wrapped_dek: wrapped.bytes,
-            sealed_verifier,
-            created_at: now,
-            expires_at: now.plus(STATE_TTL),
-            consumed_at: None,
-        };
         self.audit()
             .record(
                 actor,
@@ -123,7 +103,37 @@ impl Vault {
                 format!("integration={integration} prompt_consent={prompt_consent}"),
             )
             .await?;
-        self.store().authz_insert(&record).await?;
+        let mut retried = false;
+        let record = loop {
+            let (dek, wrapped) = self.keys().new_dek(&dctx).await?;
+            let sealed_verifier = seal(
+                &dek,
+                &dctx.token(TokenKind::PkceVerifier),
+                verifier.expose().as_bytes(),
+            )?;
+            let now = Timestamp::now();
+            let record = AuthzStateRecord {
+                state_hash: state_hash.clone(),
+                tenant: tenant.clone(),
+                account: account.clone(),
+                integration,
+                caller: actor.identity.clone(),
+                kek_version: wrapped.kek_version,
+                wrapped_dek: wrapped.bytes,
+                sealed_verifier,
+                created_at: now,
+                expires_at: now.plus(STATE_TTL),
+                consumed_at: None,
+            };
+            match self.store().authz_insert(&record).await {
+                // A rotation made another version primary meanwhile: wrap again.
+                Err(VaultError::KeyVersionChanged(_)) if !retried => retried = true,
+                stored => {
+                    stored?;
+                    break record;
+                }
+            }
+        };
         let url = google.authorization_url(
             &self.requested_scopes(integration),
             state.expose(),

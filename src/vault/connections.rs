@@ -86,8 +86,17 @@ impl Vault {
         new: NewConnection,
         id: Option<ConnectionId>,
     ) -> Result<ConnectionRecord, VaultError> {
-        let (mut record, secrets) = self.connection_seal(new, id).await?;
-        self.store().connection_upsert(&record, &secrets).await?;
+        let (mut record, secrets) = self.connection_seal(&new, id).await?;
+        let stored = match self.store().connection_upsert(&record, &secrets).await {
+            // A rotation made another version primary meanwhile: wrap again.
+            Err(VaultError::KeyVersionChanged(_)) => {
+                let (again, secrets) = self.connection_seal(&new, Some(record.id)).await?;
+                record = again;
+                self.store().connection_upsert(&record, &secrets).await
+            }
+            other => other,
+        };
+        stored?;
         self.reader.forget(&record.id);
         self.keys().forget_connection(&record.id);
         if let Some(current) = self.store().connection_get(&record.id).await? {
@@ -104,7 +113,7 @@ impl Vault {
         batch: Vec<NewConnection>,
     ) -> Result<Vec<ConnectionRecord>, VaultError> {
         let mut rows = Vec::with_capacity(batch.len());
-        for new in batch {
+        for new in &batch {
             rows.push(self.connection_seal(new, None).await?);
         }
         self.store().connection_import(&rows).await?;
@@ -114,18 +123,18 @@ impl Vault {
     /// Mints the record and seals the tokens under a fresh DEK.
     async fn connection_seal(
         &self,
-        new: NewConnection,
+        new: &NewConnection,
         id: Option<ConnectionId>,
     ) -> Result<(ConnectionRecord, SecretsRecord), VaultError> {
         let now = Timestamp::now();
         let record = ConnectionRecord {
             id: id.unwrap_or_else(ConnectionId::generate),
-            tenant: new.tenant,
-            account: new.account,
+            tenant: new.tenant.clone(),
+            account: new.account.clone(),
             integration: new.integration,
-            google_subject: Some(new.google_subject),
-            google_email: Some(new.google_email),
-            granted_scopes: new.granted_scopes,
+            google_subject: Some(new.google_subject.clone()),
+            google_email: Some(new.google_email.clone()),
+            granted_scopes: new.granted_scopes.clone(),
             status: new.status,
             status_reason: None,
             created_at: now,

@@ -93,7 +93,12 @@ impl Vault {
                     self.settings.deletion.revoke_give_up_days * 86_400,
                 )),
             };
-            outcome = self.store().connection_delete(&req).await?;
+            outcome = match self.store().connection_delete(&req).await {
+                // A rotation made another version primary while the outbox copies were
+                // sealed: seal them again.
+                Err(VaultError::KeyVersionChanged(_)) => DeletionOutcome::Retry,
+                other => other?,
+            };
             if outcome != DeletionOutcome::Retry {
                 break;
             }

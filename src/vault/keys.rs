@@ -42,6 +42,10 @@ use crate::store::{
     WrappedKeyOwner,
 };
 
+/// How long a claim to create keys in the fleet's keyring holds before another
+/// replica may take it over (the claimer died between claiming and creating).
+pub const KEY_CLAIM_TTL: Duration = Duration::from_secs(60);
+
 /// The input of the MAC root key's key-check value.
 const MAC_ROOT_CHECK_INPUT: &[u8] = b"tokenvault/key-check/mac-root";
 /// Names of the root key-check values in the database.
@@ -188,6 +192,9 @@ struct DekCache {
     entries: Mutex<HashMap<ConnectionId, CachedDek>>,
     ttl: Duration,
     capacity: usize,
+    /// Moves on every drop, so an unwrap that was in flight when its connection was
+    /// dropped does not put the key back.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 struct CachedDek {
@@ -219,11 +226,20 @@ impl DekCache {
             .then(|| e.key.clone())
     }
 
-    fn put(&self, id: &ConnectionId, wrapped: &WrappedDek, key: Arc<Key256>) {
+    /// The epoch to pass to [`DekCache::put`] for an unwrap that starts now.
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Caches `key`, unless something was dropped since `epoch` was read.
+    fn put(&self, id: &ConnectionId, wrapped: &WrappedDek, key: Arc<Key256>, epoch: u64) {
         if !self.enabled() {
             return;
         }
         let mut entries = self.lock();
+        if self.epoch() != epoch {
+            return;
+        }
         if entries.len() >= self.capacity && !entries.contains_key(id) {
             entries.retain(|_, e| e.at.elapsed() < self.ttl);
             if entries.len() >= self.capacity {
@@ -245,13 +261,16 @@ impl DekCache {
     }
 
     fn forget(&self, id: &ConnectionId) {
-        self.lock().remove(id);
+        let mut entries = self.lock();
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        entries.remove(id);
     }
 
     /// Drops every entry whose version is not in `usable`, and expired ones.
     fn keep_only(&self, usable: &BTreeSet<KekVersion>) {
-        self.lock()
-            .retain(|_, e| usable.contains(&e.version) && e.at.elapsed() < self.ttl);
+        let mut entries = self.lock();
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        entries.retain(|_, e| usable.contains(&e.version) && e.at.elapsed() < self.ttl);
     }
 }
 
@@ -260,7 +279,20 @@ struct Replica {
     id: String,
     host: String,
     pid: i64,
+    /// The kernel boot and PID namespace this process runs in.
+    instance: String,
     started_at: Timestamp,
+}
+
+impl Replica {
+    /// Whether `other`, a replica in the same kernel boot and PID namespace as this one,
+    /// has a process that no longer runs: a crashed predecessor on this host.
+    fn saw_exit_of(&self, other: &ReplicaRecord) -> bool {
+        other.instance == self.instance
+            && !self.instance.is_empty()
+            && other.pid != self.pid
+            && !std::path::Path::new(&format!("/proc/{}", other.pid)).exists()
+    }
 }
 
 /// What the background sync last saw and wrote.
@@ -276,6 +308,14 @@ struct SyncState {
     reloaded: Option<Instant>,
     /// The run a local worker is rewrapping for, if any.
     worker: Option<String>,
+    /// Versions held here whose key-check value in the registry opens: the same keys the
+    /// registry records. Cleared when the keyring is re-read.
+    verified: BTreeSet<KekVersion>,
+    /// Versions held here under a number the registry knows, whose key-check value does
+    /// not open: another key that only shares the number. Never used.
+    mismatched: BTreeSet<KekVersion>,
+    /// The background sync task, awaited at shutdown.
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct Inner {
@@ -300,6 +340,17 @@ struct Inner {
 #[derive(Clone)]
 pub struct KeyManager {
     inner: Arc<Inner>,
+}
+
+/// The kernel boot id and PID namespace of this process (`boot_id/pid:[inode]`): two
+/// processes that share it see each other's pids. Empty when either cannot be read.
+fn instance_id() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok();
+    let pidns = std::fs::read_link("/proc/self/ns/pid").ok();
+    match (boot, pidns) {
+        (Some(b), Some(ns)) => format!("{}/{}", b.trim(), ns.display()),
+        _ => String::new(),
+    }
 }
 
 /// The host name, for naming replicas in messages.
@@ -349,6 +400,7 @@ impl KeyManager {
                     id: replica_id.to_owned(),
                     host: host_name(),
                     pid: i64::from(std::process::id()),
+                    instance: instance_id(),
                     started_at: Timestamp::now(),
                 },
                 state: Mutex::new(SyncState::default()),
@@ -357,6 +409,7 @@ impl KeyManager {
                     entries: Mutex::new(HashMap::new()),
                     ttl: Duration::from_secs(config.lease.cache_ttl_seconds),
                     capacity: config.lease.cache_entries,
+                    epoch: std::sync::atomic::AtomicU64::new(0),
                 },
                 stop: watch::Sender::new(false),
             }),
@@ -415,11 +468,9 @@ impl KeyManager {
                     self.remedy(k.version)
                 )));
             }
-            if i.keyring
-                .unwrap(k.version, &k.key_check, &key_check_aad(k.version))
-                .await
-                .is_err()
-            {
+            if self.key_matches(k).await? {
+                self.state().verified.insert(k.version);
+            } else {
                 return Err(VaultError::precondition(format!(
                     "key version {} in the {} keyring is not the key this database was written with; \
                      restore the matching keyring before starting",
@@ -527,7 +578,90 @@ impl KeyManager {
         }))
     }
 
-    /// Records a version the keyring holds in the registry; audited when new.
+    /// Whether this keyring's `record.version` is the key the registry records: its
+    /// key-check value opens. Errors are not answers (the version is not held, a device or
+    /// database failed).
+    async fn key_matches(&self, record: &KekRecord) -> Result<bool, VaultError> {
+        let opened = self
+            .inner
+            .keyring
+            .unwrap(
+                record.version,
+                &record.key_check,
+                &key_check_aad(record.version),
+            )
+            .await;
+        match opened {
+            Ok(_) => Ok(true),
+            Err(CryptoError::Decrypt) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn mismatch(&self, version: KekVersion) -> VaultError {
+        VaultError::precondition(format!(
+            "key version {version} in this replica's {} keyring is not the key the key registry \
+             records under that number (its key-check value does not open); it is not used: {}",
+            self.inner.keyring.kind(),
+            self.remedy(version)
+        ))
+    }
+
+    /// Checks once per load of the keyring that `version`, if the registry knows it, is
+    /// the key the registry records. A version the keyring does not hold fails with
+    /// [`CryptoError::UnknownKeyVersion`].
+    async fn check_version(&self, version: KekVersion) -> Result<(), VaultError> {
+        {
+            let state = self.state();
+            if state.verified.contains(&version) {
+                return Ok(());
+            }
+            if state.mismatched.contains(&version) {
+                return Err(self.mismatch(version));
+            }
+        }
+        let registry = self.inner.store.kek_list().await?;
+        let Some(record) = registry.iter().find(|k| k.version == version) else {
+            return Ok(());
+        };
+        if self.key_matches(record).await? {
+            self.state().verified.insert(version);
+            Ok(())
+        } else {
+            self.state().mismatched.insert(version);
+            Err(self.mismatch(version))
+        }
+    }
+
+    /// The versions this replica holds and may use: in its keyring and, where the registry
+    /// knows the number, the same key the registry records.
+    async fn held(&self, registry: &[KekRecord]) -> Result<BTreeSet<KekVersion>, VaultError> {
+        let mut held = BTreeSet::new();
+        for m in self.inner.keyring.versions().await? {
+            if !registry.iter().any(|k| k.version == m.version) {
+                held.insert(m.version);
+                continue;
+            }
+            match self.check_version(m.version).await {
+                Ok(()) => {
+                    held.insert(m.version);
+                }
+                Err(VaultError::FailedPrecondition(why)) => {
+                    if !self.state().verified.contains(&m.version) {
+                        tracing::error!(version = %m.version, "{why}");
+                    }
+                }
+                // Not answerable now (a device or database hiccup): not counted this time.
+                Err(e) => {
+                    tracing::warn!(version = %m.version, error = %e, "could not check a key version")
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// Records a version the keyring holds in the registry; audited when new. A
+    /// number the registry knows already must be the same key.
     async fn register(
         &self,
         version: KekVersion,
@@ -535,6 +669,15 @@ impl KeyManager {
         actor: &Actor,
     ) -> Result<(), VaultError> {
         let i = &self.inner;
+        let known = i.store.kek_list().await?;
+        if let Some(record) = known.iter().find(|k| k.version == version) {
+            return if self.key_matches(record).await? {
+                Ok(())
+            } else {
+                self.state().mismatched.insert(version);
+                Err(self.mismatch(version))
+            };
+        }
         let check = i
             .keyring
             .wrap(
@@ -543,10 +686,6 @@ impl KeyManager {
                 &key_check_aad(version),
             )
             .await?;
-        let known = i.store.kek_list().await?;
-        if known.iter().any(|k| k.version == version) {
-            return Ok(());
-        }
         i.audit
             .record(
                 actor,
@@ -565,8 +704,20 @@ impl KeyManager {
                 created_by: &actor.identity,
             })
             .await?;
-        tracing::info!(%version, provider = i.keyring.kind(), "registered key version");
-        Ok(())
+        // Two replicas registering the same number at once: one row wins.
+        let registry = i.store.kek_list().await?;
+        match registry.iter().find(|k| k.version == version) {
+            Some(record) if record.key_check == check => {
+                self.state().verified.insert(version);
+                tracing::info!(%version, provider = i.keyring.kind(), "registered key version");
+                Ok(())
+            }
+            Some(record) if self.key_matches(record).await? => Ok(()),
+            _ => {
+                self.state().mismatched.insert(version);
+                Err(self.mismatch(version))
+            }
+        }
     }
 
     /// Starts the background sync: compares the registry with the keyring every
@@ -580,7 +731,7 @@ impl KeyManager {
         let weak = Arc::downgrade(&self.inner);
         let period = self.inner.sync_interval;
         let mut stop = self.inner.stop.subscribe();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(period) => {}
@@ -593,13 +744,23 @@ impl KeyManager {
                 }
             }
         });
+        self.state().task = Some(task);
     }
 
     /// One background pass (see [`KeyManager::start`]).
     async fn sync_pass(&self) -> Result<(), VaultError> {
         let i = &self.inner;
+        // Liveness first: a pass that fails further on must not make this replica
+        // look stopped to the others.
+        self.heartbeat(false).await?;
         let registry = i.store.kek_list().await?;
-        let held: BTreeSet<KekVersion> = self.held().await?;
+        let material: BTreeSet<KekVersion> = i
+            .keyring
+            .versions()
+            .await?
+            .into_iter()
+            .map(|m| m.version)
+            .collect();
         // Re-read the provider when it and the registry disagree, and once per
         // heartbeat anyway, so a keyring that lost a version is noticed before
         // a restart would be refused.
@@ -607,17 +768,15 @@ impl KeyManager {
             .state()
             .reloaded
             .is_none_or(|at| at.elapsed() >= i.heartbeat);
-        let needs_reload = stale
-            || registry.iter().any(|k| match k.state {
-                KeyState::Destroyed => held.contains(&k.version),
-                _ => !held.contains(&k.version),
-            });
-        let held = if needs_reload {
+        let differs = registry.iter().any(|k| match k.state {
+            KeyState::Destroyed => material.contains(&k.version),
+            KeyState::Retired => false,
+            KeyState::Primary | KeyState::Active => !material.contains(&k.version),
+        });
+        if stale || differs {
             self.reload_provider().await?;
-            self.held().await?
-        } else {
-            held
-        };
+        }
+        let held = self.held(&registry).await?;
         self.erase_destroyed(&registry, &held).await;
         self.note_missing(&registry, &held);
         let usable: BTreeSet<KekVersion> = registry
@@ -630,19 +789,9 @@ impl KeyManager {
         self.take_over_rotation().await
     }
 
-    async fn held(&self) -> Result<BTreeSet<KekVersion>, VaultError> {
-        Ok(self
-            .inner
-            .keyring
-            .versions()
-            .await?
-            .into_iter()
-            .map(|m| m.version)
-            .collect())
-    }
-
     /// Re-reads the provider, at most once per sync interval (concurrent
-    /// callers wait for the one in progress).
+    /// callers wait for the one in progress). What was checked against the
+    /// registry is checked again afterwards.
     async fn reload_provider(&self) -> Result<(), VaultError> {
         let i = &self.inner;
         let _one = i.reload.lock().await;
@@ -654,13 +803,19 @@ impl KeyManager {
             return Ok(());
         }
         let result = i.keyring.reload().await;
-        self.state().reloaded = Some(Instant::now());
+        let mut state = self.state();
+        state.reloaded = Some(Instant::now());
+        if result.is_ok() {
+            state.verified.clear();
+            state.mismatched.clear();
+        }
+        drop(state);
         Ok(result?)
     }
 
-    /// A managed keyring erases its own copy of a version the registry
-    /// records as destroyed (a replica with a keyring file of its own); an
-    /// external one is told to.
+    /// A local keyring file of this replica's own erases its copy of a version
+    /// the registry records as destroyed; any other keyring is told to (an HSM
+    /// or environment another deployment may share is never changed from here).
     async fn erase_destroyed(&self, registry: &[KekRecord], held: &BTreeSet<KekVersion>) {
         let i = &self.inner;
         let stale: BTreeSet<KekVersion> = registry
@@ -669,7 +824,7 @@ impl KeyManager {
             .map(|k| k.version)
             .collect();
         for &version in &stale {
-            if i.keyring.custody() == Custody::Managed {
+            if i.keyring.kind() == "local" {
                 match i.keyring.destroy_version(version).await {
                     Ok(()) | Err(CryptoError::UnknownKeyVersion(_)) => {
                         tracing::info!(%version, "erased a destroyed key version from this replica's keyring");
@@ -683,7 +838,8 @@ impl KeyManager {
             if !self.state().stale.contains(&version) {
                 tracing::warn!(%version, provider = i.keyring.kind(),
                     "this replica's keyring holds a key version the registry records as destroyed; \
-                     remove it (for env: from TOKENVAULT_KEYRING__KEYS) and restart");
+                     remove it (env: from TOKENVAULT_KEYRING__KEYS; pkcs11: the object \
+                     <label_prefix>/kek/vN) and restart");
             }
         }
         self.state().stale = stale;
@@ -703,7 +859,7 @@ impl KeyManager {
             for &v in &missing {
                 tracing::error!(version = %v, provider = self.inner.keyring.kind(),
                     remedy = %self.remedy(v),
-                    "the key registry uses a version this replica does not hold; it is not serving");
+                    "the key registry uses a version this replica does not hold (or holds another key under its number); it is not serving");
             }
             if missing.is_empty() {
                 tracing::info!("this replica holds every key version the registry uses again");
@@ -713,10 +869,11 @@ impl KeyManager {
     }
 
     /// Writes this replica's row when what it holds changed, when `force`d,
-    /// or once per heartbeat.
+    /// or once per heartbeat. The database stamps it with its own clock.
     async fn heartbeat(&self, force: bool) -> Result<(), VaultError> {
         let i = &self.inner;
-        let held: Vec<KekVersion> = self.held().await?.into_iter().collect();
+        let registry = i.store.kek_list().await?;
+        let held: Vec<KekVersion> = self.held(&registry).await?.into_iter().collect();
         let due = force
             || match &self.state().written {
                 None => true,
@@ -730,6 +887,7 @@ impl KeyManager {
                 replica_id: i.replica.id.clone(),
                 host: i.replica.host.clone(),
                 pid: i.replica.pid,
+                instance: i.replica.instance.clone(),
                 provider: i.keyring.kind().to_owned(),
                 versions: held.clone(),
                 heartbeat: i.heartbeat,
@@ -741,96 +899,102 @@ impl KeyManager {
         Ok(())
     }
 
-    /// Takes over a running rotation whose replica is no longer live (or, on
-    /// this host, whose process is gone).
+    /// Takes over a running rotation whose replica is no longer live (or, in
+    /// this kernel and PID namespace, whose process is gone), if this replica
+    /// holds its target. A run this replica owns is its own worker's.
     async fn take_over_rotation(&self) -> Result<(), VaultError> {
         let i = &self.inner;
         let Some(run) = i.store.rotation_running().await? else {
             return Ok(());
         };
-        if self.state().worker.as_deref() == Some(run.run_id.as_str()) {
+        if run.owner == i.replica.id || self.state().worker.as_deref() == Some(run.run_id.as_str())
+        {
             return Ok(());
         }
-        if run.owner != i.replica.id {
-            let replicas = i.store.replica_list().await?;
-            let now = Timestamp::now();
-            let owner_alive = replicas
-                .iter()
-                .find(|r| r.replica_id == run.owner)
-                .is_some_and(|r| {
-                    r.is_live(now)
-                        && !(r.host == i.replica.host
-                            && r.pid != i.replica.pid
-                            && !std::path::Path::new(&format!("/proc/{}", r.pid)).exists())
-                });
-            if owner_alive {
-                return Ok(());
-            }
-            if !i
-                .store
-                .rotation_claim(&run.run_id, &run.owner, &i.replica.id)
-                .await?
-            {
-                return Ok(());
-            }
-            i.audit
-                .record(
-                    &Actor::system(),
-                    "keys.rotate.resume",
-                    &run.run_id,
-                    Outcome::Ok,
-                    format!(
-                        "{} took over from {}",
-                        i.replica.id,
-                        if run.owner.is_empty() {
-                            "an earlier start"
-                        } else {
-                            &run.owner
-                        }
-                    ),
-                )
-                .await?;
+        let now = i.store.clock().await?;
+        let replicas = i.store.replica_list().await?;
+        let owner_alive = replicas
+            .iter()
+            .find(|r| r.replica_id == run.owner)
+            .is_some_and(|r| r.is_live(now) && !i.replica.saw_exit_of(r));
+        if owner_alive {
+            return Ok(());
         }
+        let registry = i.store.kek_list().await?;
+        if !self.held(&registry).await?.contains(&run.target_version) {
+            return Ok(());
+        }
+        if !i
+            .store
+            .rotation_claim(&run.run_id, &run.owner, &i.replica.id)
+            .await?
+        {
+            return Ok(());
+        }
+        i.audit
+            .record(
+                &Actor::system(),
+                "keys.rotate.resume",
+                &run.run_id,
+                Outcome::Ok,
+                format!(
+                    "{} took over from {}",
+                    i.replica.id,
+                    if run.owner.is_empty() {
+                        "an earlier start"
+                    } else {
+                        &run.owner
+                    }
+                ),
+            )
+            .await?;
         tracing::info!(run = %run.run_id, done = run.rewrapped, total = run.total, "resuming key rotation");
-        self.spawn_worker(run);
+        self.spawn_worker(RotationRun {
+            owner: i.replica.id.clone(),
+            ..run
+        });
         Ok(())
     }
 
-    /// Runs `op` with `version`'s material, re-reading the provider once when
-    /// it does not hold the version. A version the registry records as
-    /// destroyed is reported as such without a reload.
+    /// Runs `op` with `version`'s material, after checking that it is the key
+    /// the registry records. When the keyring does not hold the version it is
+    /// re-read once; a version the registry records as destroyed is reported
+    /// as such without a reload.
     async fn with_version<T, F, Fut>(&self, version: KekVersion, op: F) -> Result<T, VaultError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, CryptoError>>,
     {
-        match op().await {
-            Err(CryptoError::UnknownKeyVersion(v)) => {
-                let registry = self.inner.store.kek_list().await?;
-                if registry
-                    .iter()
-                    .any(|k| k.version == v && k.state == KeyState::Destroyed)
-                {
-                    return Err(CryptoError::KeyDestroyed(v).into());
-                }
-                self.reload_provider().await?;
-                match op().await {
-                    Err(CryptoError::UnknownKeyVersion(v)) => {
-                        let held = self.held().await?;
-                        self.note_missing(&registry, &held);
-                        Err(VaultError::Unavailable(
-                            format!(
-                                "key version {v} is not in this replica's {} keyring: {}",
-                                self.inner.keyring.kind(),
-                                self.remedy(version)
-                            )
-                            .into(),
-                        ))
-                    }
-                    other => Ok(other?),
-                }
+        let attempt = async || match self.check_version(version).await {
+            Ok(()) => op().await.map_err(VaultError::from),
+            Err(e) => Err(e),
+        };
+        match attempt().await {
+            Err(VaultError::Crypto(CryptoError::UnknownKeyVersion(_))) => {}
+            other => return other,
+        }
+        let registry = self.inner.store.kek_list().await?;
+        if registry
+            .iter()
+            .any(|k| k.version == version && k.state == KeyState::Destroyed)
+        {
+            return Err(CryptoError::KeyDestroyed(version).into());
+        }
+        self.reload_provider().await?;
+        match attempt().await {
+            Err(VaultError::Crypto(CryptoError::UnknownKeyVersion(_))) => {
+                let held = self.held(&registry).await?;
+                self.note_missing(&registry, &held);
+                Err(VaultError::Unavailable(
+                    format!(
+                        "key version {version} is not in this replica's {} keyring: {}",
+                        self.inner.keyring.kind(),
+                        self.remedy(version)
+                    )
+                    .into(),
+                ))
             }
-            other => Ok(other?),
+            other => other,
         }
     }
 
@@ -907,8 +1071,9 @@ impl KeyManager {
             return Ok(key);
         }
         metrics::counter!("tokenvault_dek_cache_total", "outcome" => "miss").increment(1);
+        let epoch = self.inner.deks.epoch();
         let key = Arc::new(self.open_dek(wrapped, ctx).await?);
-        self.inner.deks.put(connection, wrapped, key.clone());
+        self.inner.deks.put(connection, wrapped, key.clone(), epoch);
         Ok(key)
     }
 
@@ -929,7 +1094,7 @@ impl KeyManager {
         let counts = i.store.wrapped_key_counts().await?;
         let runs = i.store.rotation_list().await?;
         let replicas = i.store.replica_list().await?;
-        let now = Timestamp::now();
+        let now = i.store.clock().await?;
         let primary = records
             .iter()
             .find(|k| k.state == KeyState::Primary)
@@ -1126,8 +1291,48 @@ impl KeyManager {
             .max()
             .and_then(KekVersion::next)
             .unwrap_or(KekVersion::FIRST);
+        // A version the keyring holds that the registry never saw: a rotation that
+        // stopped between creating and registering it. It is used, not orphaned.
+        let unregistered = i
+            .keyring
+            .versions()
+            .await?
+            .into_iter()
+            .filter(|m| m.version >= at_least)
+            .max_by_key(|m| m.version);
+        if let Some(m) = unregistered {
+            self.register(m.version, m.created_at, actor).await?;
+            return Ok(m.version);
+        }
+        // One replica at a time creates a version (the keyring may be shared).
+        let holder = i
+            .store
+            .keyring_claim(&format!("kek:{at_least}"), &i.replica.id, KEY_CLAIM_TTL)
+            .await?;
+        if holder != i.replica.id {
+            return Err(VaultError::precondition(format!(
+                "replica {holder} is creating key version {at_least}; rotate again once it has \
+                 (or after a minute, if it stopped)"
+            )));
+        }
         let info = i.keyring.create_version(at_least).await?;
-        self.register(info.version, info.created_at, actor).await?;
+        if let Err(e) = self.register(info.version, info.created_at, actor).await {
+            if matches!(e, VaultError::FailedPrecondition(_)) {
+                // Another replica, with a keyring of its own, registered the same number
+                // first: this copy is not the fleet's key and is never used. A file of
+                // this replica's own is rid of it; an HSM object is left for the operator.
+                if i.keyring.kind() == "local"
+                    && let Err(d) = i.keyring.destroy_version(info.version).await
+                {
+                    tracing::warn!(version = %info.version, error = %d, "could not erase a key that lost its number");
+                }
+                return Err(VaultError::precondition(format!(
+                    "another replica created key version {} at the same time; rotate again",
+                    info.version
+                )));
+            }
+            return Err(e);
+        }
         Ok(info.version)
     }
 
@@ -1137,11 +1342,12 @@ impl KeyManager {
         let i = &self.inner;
         let deadline = Instant::now() + i.replica_wait + i.sync_interval * 2;
         loop {
-            if !self.held().await?.contains(&target) {
+            let registry = i.store.kek_list().await?;
+            if !self.held(&registry).await?.contains(&target) {
                 self.reload_provider().await?;
             }
             self.heartbeat(true).await?;
-            let now = Timestamp::now();
+            let now = i.store.clock().await?;
             let lacking: Vec<ReplicaRecord> = i
                 .store
                 .replica_list()
@@ -1298,7 +1504,7 @@ impl KeyManager {
         if state == KeyState::Destroyed && i.keyring.custody() == Custody::External {
             // Keep this replica's row current before judging the fleet by it.
             self.heartbeat(true).await?;
-            let now = Timestamp::now();
+            let now = i.store.clock().await?;
             let holders: Vec<String> = i
                 .store
                 .replica_list()
@@ -1324,6 +1530,11 @@ impl KeyManager {
     /// another replica) and removes this replica's row.
     pub async fn shutdown(&self) {
         self.inner.stop.send_replace(true);
+        // A pass in flight could write the row again after it is removed.
+        let task = self.state().task.take();
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
         if let Err(e) = self
             .inner
             .store
@@ -1366,13 +1577,17 @@ impl KeyManager {
             // switch may land behind the first pass.
             let step = async {
                 if i.store.wrapped_key_count_not_on(run.target_version).await? == 0 {
-                    return Ok(true);
+                    return Ok(Some(true));
                 }
-                self.rewrap_pass(&run).await.map(|_| false)
+                self.rewrap_pass(&run).await.map(|done| done.map(|_| false))
             };
             match step.await {
-                Ok(true) => break,
-                Ok(false) => backoff = Duration::from_millis(100),
+                Ok(Some(true)) => break,
+                Ok(Some(false)) => backoff = Duration::from_millis(100),
+                Ok(None) => {
+                    tracing::info!(run = %run.run_id, "the rotation continues on another replica; this worker stops");
+                    return;
+                }
                 Err(e @ VaultError::Unavailable(_)) => {
                     tracing::warn!(run = %run.run_id, error = %e, "rotation paused; retrying");
                     tokio::time::sleep(backoff).await;
@@ -1425,8 +1640,9 @@ impl KeyManager {
     }
 
     /// One pass over every wrapped key of every kind not yet on the target;
-    /// returns how many it rewrapped.
-    async fn rewrap_pass(&self, run: &RotationRun) -> Result<u64, VaultError> {
+    /// returns how many it rewrapped, or `None` when the run stopped being
+    /// this replica's (another one took it over).
+    async fn rewrap_pass(&self, run: &RotationRun) -> Result<Option<u64>, VaultError> {
         let i = &self.inner;
         let keyring = i.keyring.as_ref();
         let target = run.target_version;
@@ -1475,13 +1691,20 @@ impl KeyManager {
                         new_wrapped: new.bytes,
                     });
                 }
-                done += i.store.wrapped_key_rewrap(&run.run_id, &rewraps).await?;
+                match i
+                    .store
+                    .wrapped_key_rewrap(&run.run_id, &i.replica.id, &rewraps)
+                    .await?
+                {
+                    Some(n) => done += n,
+                    None => return Ok(None),
+                }
                 if !i.batch_pause.is_zero() {
                     tokio::time::sleep(i.batch_pause).await;
                 }
             }
         }
-        Ok(done)
+        Ok(Some(done))
     }
 }
 
@@ -1494,6 +1717,7 @@ mod tests {
             entries: Mutex::new(HashMap::new()),
             ttl,
             capacity,
+            epoch: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -1509,12 +1733,17 @@ mod tests {
         let c = cache(Duration::from_secs(30), 10);
         let id = ConnectionId::from_stored("conn_a".into());
         let w = wrapped(1, 7);
-        c.put(&id, &w, Arc::new(Key256::from_bytes([1; 32])));
+        c.put(&id, &w, Arc::new(Key256::from_bytes([1; 32])), c.epoch());
         assert!(c.get(&id, &w).is_some());
         // Rewrapped elsewhere (new bytes or version): a miss, never the old key.
         assert!(c.get(&id, &wrapped(1, 8)).is_none());
         assert!(c.get(&id, &wrapped(2, 7)).is_none());
         c.forget(&id);
+        assert!(c.get(&id, &w).is_none());
+        // An unwrap that started before the connection was dropped does not put it back.
+        let before = c.epoch();
+        c.forget(&id);
+        c.put(&id, &w, Arc::new(Key256::from_bytes([1; 32])), before);
         assert!(c.get(&id, &w).is_none());
     }
 
@@ -1529,6 +1758,7 @@ mod tests {
                 id,
                 &wrapped(1 + n as u32 % 2, 1),
                 Arc::new(Key256::from_bytes([2; 32])),
+                c.epoch(),
             );
         }
         assert_eq!(c.lock().len(), 2, "capacity holds");
@@ -1541,6 +1771,7 @@ mod tests {
             &ids[0],
             &wrapped(1, 1),
             Arc::new(Key256::from_bytes([3; 32])),
+            expired.epoch(),
         );
         std::thread::sleep(Duration::from_millis(5));
         assert!(expired.get(&ids[0], &wrapped(1, 1)).is_none());
@@ -1550,6 +1781,7 @@ mod tests {
             &ids[0],
             &wrapped(1, 1),
             Arc::new(Key256::from_bytes([4; 32])),
+            off.epoch(),
         );
         assert!(off.lock().is_empty(), "a zero TTL turns the cache off");
     }

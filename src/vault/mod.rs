@@ -17,7 +17,7 @@ pub use authorize::{BeginOutcome, Completer, Completion, STATE_TTL};
 pub use connections::{NewConnection, OpenedToken};
 pub use deletion::Deletion;
 pub use events::WatchRequest;
-pub use keys::{KeyManager, KeyStatus, RotationStatus, VersionStatus};
+pub use keys::{KEY_CLAIM_TTL, KeyManager, KeyStatus, RotationStatus, VersionStatus};
 pub use lease::{Lease, LeaseRequest};
 pub use risc::RiscError;
 

@@ -903,3 +903,45 @@ fn keys_init_env_prints_values_an_env_keyring_accepts() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_on_an_empty_token_share_one_set_of_keys() {
+    let Some(hsm) = SoftHsm::new("tv-together") else {
+        return;
+    };
+    let Some(fleet) = Fleet::new(Provider::Pkcs11(hsm), "").await else {
+        return;
+    };
+    let fleet = Arc::new(fleet);
+    // Three first starts at once, each finding an empty token and an empty database.
+    let starts: Vec<_> = (0..3)
+        .map(|_| {
+            let fleet = fleet.clone();
+            tokio::task::spawn_blocking(move || fleet.start(EnvKeys::V1))
+        })
+        .collect();
+    let mut replicas: Vec<Replica> = Vec::new();
+    for start in starts {
+        replicas.push(start.await.unwrap());
+    }
+    let id = replicas[0].connect("alice").await;
+    let token = replicas[1].lease(&id).await.unwrap();
+    for r in &replicas {
+        assert_eq!(r.lease(&id).await.unwrap(), token, "one set of keys");
+        assert_eq!(r.health().await, Some(ServingStatus::Serving as i32));
+    }
+    let (code, report, stderr) = admin_cli(&replicas[2], &["keys", "report"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let versions = report["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 1, "{report}");
+    let verified = replicas[0]
+        .admin()
+        .verify_audit(pb::VerifyAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.ok, "one MAC root for every replica: {verified:?}");
+    for r in replicas {
+        r.stop();
+    }
+}

@@ -221,6 +221,57 @@ both_backends!(
     a_replica_that_loses_a_version_stops_serving_and_recovers
 );
 
+async fn a_different_key_under_a_known_number_is_never_used(backend: Backend) {
+    let Some(a) = spawn_vault_with(backend, tuned).await else {
+        return;
+    };
+    let b_dir = tempfile::tempdir().unwrap();
+    overwrite(
+        &b_dir.path().join("keyring.json"),
+        &std::fs::read(a.keyring_path()).unwrap(),
+    );
+    let b = start_vault(backend, b_dir, a.database_url.clone(), tuned).await;
+    // B's own keyring file gets a v2 of its own, as a concurrent rotation there would.
+    b.vault
+        .keyring()
+        .create_version(KekVersion::new(2).unwrap())
+        .await
+        .unwrap();
+    let b_id = b
+        .admin(As::Admin)
+        .key_status(pb::KeyStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .replica_id;
+    // A's rotation registers its v2; B holds "a v2", but not that one: the
+    // rotation is refused and nothing is wrapped under either.
+    let err = a
+        .admin(As::Admin)
+        .rotate_keys(pb::RotateKeysRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains(&b_id), "{}", err.message());
+    assert_eq!(a.vault.keys().primary().await.unwrap(), KekVersion::FIRST);
+    let status = a.vault.keys().status().await.unwrap();
+    let b_row = status
+        .replicas
+        .iter()
+        .find(|(r, _)| r.replica_id == b_id)
+        .unwrap();
+    assert_eq!(
+        b_row.0.versions,
+        [KekVersion::FIRST],
+        "B does not count its v2"
+    );
+    b.vault.health().await.expect("B serves on v1");
+}
+both_backends!(
+    same_number_other_key,
+    a_different_key_under_a_known_number_is_never_used
+);
+
 /// A real local keyring that counts the unwraps it performs.
 #[derive(Debug)]
 struct Counting {
@@ -383,29 +434,28 @@ both_backends!(
     a_deletion_on_one_replica_empties_the_others_caches
 );
 
-async fn no_key_is_written_under_a_retired_version(backend: Backend) {
+async fn a_key_wrapped_under_a_former_primary_is_not_stored(backend: Backend) {
     let Some(tv) = spawn_vault_with(backend, |_| {}).await else {
         return;
     };
     let old = seed_connection(&tv.vault, "t", "u1", Integration::Calendar, "ya29.1", None).await;
     let keys = tv.vault.keys();
-    keys.rotate(&tokenvault::audit::Actor::system())
-        .await
-        .unwrap();
+    let system = tokenvault::audit::Actor::system();
+    keys.rotate(&system).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while keys.status().await.unwrap().rotation.unwrap().run.state != "completed" {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    keys.retire(KekVersion::FIRST, &tokenvault::audit::Actor::system())
-        .await
-        .unwrap();
     let store = tv.vault.store();
-    let status = keys.status().await.unwrap();
-    assert_eq!(status.versions[0].record.state, KeyState::Retired);
+    assert_eq!(
+        keys.status().await.unwrap().versions[0].record.state,
+        KeyState::Active
+    );
 
     // A replica that read the old primary just before the switch tries to
-    // store a pending authorization wrapped by it: refused, nothing stored.
+    // store a pending authorization wrapped by it: refused, nothing stored,
+    // so the rotation that already finished left nothing behind.
     let secrets = store.secrets_get(&old.id).await.unwrap().unwrap();
     let record = tokenvault::store::AuthzStateRecord {
         state_hash: vec![7; 32],
@@ -420,14 +470,20 @@ async fn no_key_is_written_under_a_retired_version(backend: Backend) {
         expires_at: Timestamp::now().plus(Duration::from_secs(600)),
         consumed_at: None,
     };
-    let err = store.authz_insert(&record).await.unwrap_err();
-    assert!(matches!(err, VaultError::Unavailable(_)), "{err:?}");
-    assert!(err.to_string().contains("v1 became retired"), "{err}");
-    let counts = store.wrapped_key_counts().await.unwrap();
-    assert!(
-        counts.iter().all(|c| c.version != KekVersion::FIRST),
-        "{counts:?}"
-    );
+    for _ in 0..2 {
+        let err = store.authz_insert(&record).await.unwrap_err();
+        assert!(
+            matches!(err, VaultError::KeyVersionChanged(v) if v == KekVersion::FIRST),
+            "{err:?}"
+        );
+        let counts = store.wrapped_key_counts().await.unwrap();
+        assert!(
+            counts.iter().all(|c| c.version != KekVersion::FIRST),
+            "{counts:?}"
+        );
+        // Retiring right after the rotation succeeds; a retired version is refused too.
+        keys.retire(KekVersion::FIRST, &system).await.unwrap();
+    }
     // Under the primary the same write goes through.
     let v2 = KekVersion::new(2).unwrap();
     store
@@ -439,8 +495,8 @@ async fn no_key_is_written_under_a_retired_version(backend: Backend) {
         .unwrap();
 }
 both_backends!(
-    retired_version_guard,
-    no_key_is_written_under_a_retired_version
+    former_primary_guard,
+    a_key_wrapped_under_a_former_primary_is_not_stored
 );
 
 /// The PKCS#11 provider against a real SoftHSM2 token. The body runs in a
@@ -464,9 +520,9 @@ async fn the_pkcs11_keyring_keeps_its_keks_inside_the_token() {
         token_label: label.clone(),
         pin: SecretString::new(crate::support::softhsm::PIN.to_owned()),
         label_prefix: prefix.to_owned(),
-        max_idle_sessions: 2,
+        max_sessions: 2,
     };
-    assert!(Pkcs11Keyring::token_is_empty(&settings("tv")).unwrap());
+    assert!(!Pkcs11Keyring::token_has_keys(&settings("tv")).unwrap());
     let e = Pkcs11Keyring::open(&settings("tv"))
         .unwrap_err()
         .to_string();
@@ -475,6 +531,7 @@ async fn the_pkcs11_keyring_keeps_its_keks_inside_the_token() {
         "{e}"
     );
     let keyring = Pkcs11Keyring::init(&settings("tv")).unwrap();
+    assert!(Pkcs11Keyring::token_has_keys(&settings("tv")).unwrap());
     assert!(
         Pkcs11Keyring::init(&settings("tv")).is_err(),
         "never a second set"
@@ -614,5 +671,5 @@ async fn the_pkcs11_keyring_keeps_its_keks_inside_the_token() {
             .all(|m| m.version != v3)
     );
     // Another prefix is another, empty set of keys in the same token.
-    assert!(Pkcs11Keyring::token_is_empty(&settings("other")).unwrap());
+    assert!(!Pkcs11Keyring::token_has_keys(&settings("other")).unwrap());
 }

@@ -4,38 +4,45 @@
 //! Objects the vault keeps in the token (token objects, private, sensitive, never
 //! extractable, found by label):
 //!
-//! - `<prefix>/kek/v<N>`: one per KEK version, `CKK_AES`, 32 bytes, usable only to encrypt and
-//!   decrypt. Its `CKA_ID` is `"tvk1" || N (u32) || created (u64 Unix seconds)`, big-endian.
+//! - `<prefix>/kek/v<N>`: one per KEK version, `CKK_AES`, 32 bytes, usable only for
+//!   `CKM_AES_GCM`. Its `CKA_ID` is `"tvk1" || N (u32) || created (u64 Unix seconds) ||
+//!   8 random bytes`, big-endian.
 //!   A DEK is wrapped with `CKM_AES_GCM` (random 96-bit nonce from the system generator,
 //!   128-bit tag, the caller's associated data), giving the same stored layout as the
 //!   software providers: `nonce (12) || ciphertext (32) || tag (16)`.
 //! - `<prefix>/mac-root`: the MAC root key, `CKK_GENERIC_SECRET`, 32 bytes, usable only to
-//!   sign. When the keyring opens, the device computes one HMAC-SHA256 per [`MacPurpose`] over
+//!   sign; its `CKA_ID` is 16 random bytes. When the keyring opens, the device computes one HMAC-SHA256 per [`MacPurpose`] over
 //!   `tokenvault/pkcs11-mac/v1/<purpose label>`; the results are the per-purpose MAC subkeys,
 //!   held in memory like the software providers' (MACs are made for every lease and audit
 //!   entry, too often for a device round trip). The root itself never leaves the device.
 //!
 //! Invariants:
-//! - Every PKCS#11 call runs on a blocking thread, on a session taken from a small pool;
-//!   sessions are never shared between threads. One more session, never used for work,
-//!   holds the login for as long as the keyring lives.
+//! - Wrapping, unwrapping, creating, destroying and re-reading run on a blocking thread
+//!   (opening the keyring blocks its caller, at start-up), each on a session of its own from
+//!   a pool of at most `keyring.pkcs11.sessions`; sessions are never shared between threads.
+//!   One more session, never used for work, holds the login for as long as the keyring
+//!   lives; a lost login is restored with it.
+//! - Only objects that are sensitive and never extractable are used as KEKs, each label at
+//!   most once: a token that shows anything else is refused, not guessed at.
 //! - The library is loaded and `C_Initialize`d once per module path per process and never
 //!   finalized, so several keyrings in one process (tests, the CLI) share it.
 //! - The PIN lives in a zeroizing buffer and appears in no error, log or `Debug` output.
 //! - Version numbers are never reused: [`KeyringProvider::create_version`] takes the lowest
 //!   number the database allows, and refuses a label another object already has.
+//! - Creating keys is serialised by the caller through the database (replicas sharing a
+//!   token claim the creation first); a label found twice is refused, never guessed at.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, PoisonError, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as P11Error, RvError};
-use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
@@ -65,8 +72,8 @@ pub struct Pkcs11Settings {
     pub pin: SecretString,
     /// Prefix of the labels of the vault's objects.
     pub label_prefix: String,
-    /// Idle sessions kept open for reuse.
-    pub max_idle_sessions: usize,
+    /// The most sessions open for work at once (idle ones are kept for reuse).
+    pub max_sessions: usize,
 }
 
 impl fmt::Debug for Pkcs11Settings {
@@ -116,10 +123,19 @@ struct Token {
     token_label: String,
     prefix: String,
     /// Keeps the login alive (PKCS#11 logs in an application, not a session, until its
-    /// last session closes). Never used for work.
-    _anchor: Mutex<Session>,
-    idle: Mutex<Vec<Session>>,
-    max_idle: usize,
+    /// last session closes), and logs in again if the token forgot it. Never used for work.
+    anchor: Mutex<Session>,
+    pin: AuthPin,
+    pool: Mutex<Pool>,
+    /// Signalled when a session goes back to the pool.
+    returned: Condvar,
+    max_sessions: usize,
+}
+
+/// Sessions not in use, and how many exist.
+struct Pool {
+    idle: Vec<Session>,
+    open: usize,
 }
 
 fn config_error(setting: &'static str, problem: impl Into<String>) -> CryptoError {
@@ -148,13 +164,16 @@ fn rv_of(e: &P11Error) -> Option<RvError> {
     }
 }
 
-/// One context per module path per process: `C_Initialize` may run only once.
-fn context(module: &Path) -> Result<Pkcs11, CryptoError> {
-    static CONTEXTS: LazyLock<Mutex<HashMap<PathBuf, Pkcs11>>> = LazyLock::new(Default::default);
-    let mut contexts = CONTEXTS.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(ctx) = contexts.get(module) {
-        return Ok(ctx.clone());
-    }
+/// A loaded module and how many tokens of this process are open on it.
+struct Module {
+    ctx: Pkcs11,
+    open_tokens: usize,
+}
+
+/// One context per module path per process: `C_Initialize` may run only once at a time.
+static MODULES: LazyLock<Mutex<HashMap<PathBuf, Module>>> = LazyLock::new(Default::default);
+
+fn initialize(module: &Path) -> Result<Pkcs11, CryptoError> {
     if !module.is_file() {
         return Err(config_error(
             "keyring.pkcs11.module",
@@ -181,8 +200,68 @@ fn context(module: &Path) -> Result<Pkcs11, CryptoError> {
             ));
         }
     }
-    contexts.insert(module.to_owned(), ctx.clone());
     Ok(ctx)
+}
+
+/// The process's context for `module`, loading and initialising it on first use.
+fn context(module: &Path) -> Result<Pkcs11, CryptoError> {
+    let mut modules = MODULES.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(m) = modules.get(module) {
+        return Ok(m.ctx.clone());
+    }
+    let ctx = initialize(module)?;
+    modules.insert(
+        module.to_owned(),
+        Module {
+            ctx: ctx.clone(),
+            open_tokens: 0,
+        },
+    );
+    Ok(ctx)
+}
+
+/// Initialises `module` afresh, when no token of this process is open on it, so that it
+/// reads its tokens again (SoftHSM2 reads them once, at initialisation, and skips one that
+/// another process is rewriting at that moment). `None` when tokens are open.
+fn reinitialize(module: &Path) -> Option<Pkcs11> {
+    let mut modules = MODULES.lock().unwrap_or_else(PoisonError::into_inner);
+    if modules.get(module).is_some_and(|m| m.open_tokens > 0) {
+        return None;
+    }
+    if let Some(old) = modules.remove(module) {
+        let _ = old.ctx.finalize();
+    }
+    let ctx = initialize(module).ok()?;
+    modules.insert(
+        module.to_owned(),
+        Module {
+            ctx: ctx.clone(),
+            open_tokens: 0,
+        },
+    );
+    Some(ctx)
+}
+
+fn token_opened(module: &Path) {
+    if let Some(m) = MODULES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get_mut(module)
+    {
+        m.open_tokens += 1;
+    }
+}
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        if let Some(m) = MODULES
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&self.module)
+        {
+            m.open_tokens = m.open_tokens.saturating_sub(1);
+        }
+    }
 }
 
 impl Token {
@@ -194,23 +273,25 @@ impl Token {
                 "must be non-empty and contain no '/'",
             ));
         }
-        let ctx = context(&settings.module)?;
-        let slots = ctx
-            .get_slots_with_initialized_token()
-            .map_err(|e| device_error("listing slots", &e))?;
-        let mut seen = Vec::new();
-        let mut found = None;
-        for slot in slots {
-            let info = ctx
-                .get_token_info(slot)
-                .map_err(|e| device_error("reading token info", &e))?;
-            let label = info.label().trim_end().to_owned();
-            if label == settings.token_label {
-                found = Some(slot);
-                break;
+        let mut ctx = context(&settings.module)?;
+        // SoftHSM2 answers CKR_GENERAL_ERROR, or lists no token, while another process
+        // rewrites the token's files (and reads its tokens only when initialised): the
+        // listing is tried again for about a second, initialising the module afresh when
+        // no other token of this process uses it.
+        let mut attempt = 0;
+        let (seen, found) = loop {
+            attempt += 1;
+            let retry = attempt < 10;
+            let unreadable = match Self::find_slot(&ctx, &settings.token_label) {
+                Err(e) if retry && rv_of(&e) == Some(RvError::GeneralError) => true,
+                Ok((_, None)) if retry => true,
+                other => break other.map_err(|e| device_error("listing tokens", &e))?,
+            };
+            if unreadable && let Some(fresh) = reinitialize(&settings.module) {
+                ctx = fresh;
             }
-            seen.push(label);
-        }
+            std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
+        };
         let slot = found.ok_or_else(|| {
             config_error(
                 "keyring.pkcs11.token_label",
@@ -230,9 +311,20 @@ impl Token {
             .open_rw_session(slot)
             .map_err(|e| device_error("opening a session", &e))?;
         let pin = AuthPin::from(settings.pin.expose().to_owned());
-        match anchor.login(UserType::User, Some(&pin)) {
+        let mut login = anchor.login(UserType::User, Some(&pin));
+        // SoftHSM2 fails a login with CKR_GENERAL_ERROR while another process rewrites the
+        // token's files.
+        for attempt in 1..10 {
+            if !matches!(&login, Err(e) if rv_of(e) == Some(RvError::GeneralError)) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
+            login = anchor.login(UserType::User, Some(&pin));
+        }
+        match login {
             Ok(()) => {}
-            // Another keyring in this process logged in to the same token already.
+            // Another keyring in this process logged in to the same token already (the
+            // token does not check the PIN again then).
             Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(P11Error::Pkcs11(rv @ (RvError::PinIncorrect | RvError::PinLenRange), _)) => {
                 return Err(config_error(
@@ -251,16 +343,46 @@ impl Token {
             }
             Err(e) => return Err(device_error("logging in", &e)),
         }
+        token_opened(&settings.module);
         Ok(Self {
             ctx,
             slot,
             module: settings.module.clone(),
             token_label: settings.token_label.clone(),
             prefix: settings.label_prefix.clone(),
-            _anchor: Mutex::new(anchor),
-            idle: Mutex::new(Vec::new()),
-            max_idle: settings.max_idle_sessions.max(1),
+            anchor: Mutex::new(anchor),
+            pin,
+            pool: Mutex::new(Pool {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            returned: Condvar::new(),
+            max_sessions: settings.max_sessions.max(1),
         })
+    }
+
+    /// Logs in again through the anchor session after the token reported that nobody is
+    /// logged in (a token reset, a device that dropped its state). Blocking.
+    fn relogin(&self) -> Result<(), P11Error> {
+        let anchor = self.anchor.lock().unwrap_or_else(PoisonError::into_inner);
+        match anchor.login(UserType::User, Some(&self.pin)) {
+            Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The labels of the initialised tokens seen before the one labelled `label`, and its slot.
+    fn find_slot(ctx: &Pkcs11, label: &str) -> Result<(Vec<String>, Option<Slot>), P11Error> {
+        let mut seen = Vec::new();
+        for slot in ctx.get_slots_with_initialized_token()? {
+            let info = ctx.get_token_info(slot)?;
+            let found = info.label().trim_end().to_owned();
+            if found == label {
+                return Ok((seen, Some(slot)));
+            }
+            seen.push(found);
+        }
+        Ok((seen, None))
     }
 
     fn kek_label(&self, version: KekVersion) -> String {
@@ -271,19 +393,47 @@ impl Token {
         format!("{}/mac-root", self.prefix)
     }
 
-    /// Runs `op` on a pooled session (opening one if none is idle). Blocking.
-    fn with_session<T>(
-        &self,
-        op: impl FnOnce(&Session) -> Result<T, P11Error>,
-    ) -> Result<T, P11Error> {
-        let pooled = self
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        let session = match pooled {
+    /// Runs `op` on a session of its own (an idle one, or a new one while fewer than the
+    /// maximum are open; otherwise waits for one). A session the token broke is closed; a
+    /// lost login is restored and `op` tried once more. Blocking.
+    fn with_session<T>(&self, op: impl Fn(&Session) -> Result<T, P11Error>) -> Result<T, P11Error> {
+        let result = self.on_session(&op);
+        if matches!(
+            result.as_ref().err().and_then(rv_of),
+            Some(RvError::UserNotLoggedIn)
+        ) {
+            self.relogin()?;
+            return self.on_session(&op);
+        }
+        result
+    }
+
+    fn on_session<T>(&self, op: &impl Fn(&Session) -> Result<T, P11Error>) -> Result<T, P11Error> {
+        let session = {
+            let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+            loop {
+                if let Some(s) = pool.idle.pop() {
+                    break Some(s);
+                }
+                if pool.open < self.max_sessions {
+                    pool.open += 1;
+                    break None;
+                }
+                pool = self
+                    .returned
+                    .wait(pool)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        let session = match session {
             Some(s) => s,
-            None => self.ctx.open_rw_session(self.slot)?,
+            None => match self.ctx.open_rw_session(self.slot) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.give_back(None);
+                    return Err(e);
+                }
+            },
         };
         let result = op(&session);
         let broken = matches!(
@@ -296,50 +446,91 @@ impl Token {
                     | RvError::DeviceError
             )
         );
-        if !broken {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            if idle.len() < self.max_idle {
-                idle.push(session);
-            }
-        }
+        self.give_back((!broken).then_some(session));
         result
     }
 
+    /// Returns a session to the pool, or (`None`) accounts for one that was closed.
+    fn give_back(&self, session: Option<Session>) {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        match session {
+            Some(s) => pool.idle.push(s),
+            None => pool.open -= 1,
+        }
+        drop(pool);
+        self.returned.notify_one();
+    }
+
     /// Every KEK object under the prefix, by version. Blocking.
+    ///
+    /// Refuses a token where a version's label appears twice or a KEK could leave the
+    /// device (not sensitive, or extractable): such a key is not one this vault made.
     fn find_keks(&self) -> Result<BTreeMap<KekVersion, KekObject>, CryptoError> {
         let label_start = format!("{}/kek/", self.prefix);
-        self.with_session(|s| {
-            let handles = s.find_objects(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::Token(true),
-            ])?;
-            let mut out = BTreeMap::new();
-            for handle in handles {
-                let attrs = s.get_attributes(handle, &[AttributeType::Label, AttributeType::Id])?;
-                let mut label = None;
-                let mut id = None;
-                for a in attrs {
-                    match a {
-                        Attribute::Label(l) => label = Some(l),
-                        Attribute::Id(i) => id = Some(i),
-                        _ => {}
+        let found = self
+            .with_session(|s| {
+                let handles = s.find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Token(true),
+                ])?;
+                let mut out = Vec::new();
+                for handle in handles {
+                    let attrs = s.get_attributes(
+                        handle,
+                        &[
+                            AttributeType::Label,
+                            AttributeType::Id,
+                            AttributeType::Sensitive,
+                            AttributeType::Extractable,
+                        ],
+                    )?;
+                    let (mut label, mut id, mut sealed) = (None, None, (false, true));
+                    for a in attrs {
+                        match a {
+                            Attribute::Label(l) => label = Some(l),
+                            Attribute::Id(i) => id = Some(i),
+                            Attribute::Sensitive(v) => sealed.0 = v,
+                            Attribute::Extractable(v) => sealed.1 = v,
+                            _ => {}
+                        }
                     }
+                    out.push((handle, label, id, sealed));
                 }
-                let Some(version) = label
-                    .as_deref()
-                    .and_then(|l| std::str::from_utf8(l).ok())
-                    .and_then(|l| l.strip_prefix(&label_start))
-                    .and_then(|v| v.parse::<KekVersion>().ok())
-                else {
-                    continue;
-                };
-                let created_at = id.as_deref().and_then(parse_id).map_or(0, |(_, c)| c);
-                out.insert(version, KekObject { handle, created_at });
+                Ok(out)
+            })
+            .map_err(|e| device_error("finding key objects", &e))?;
+        let mut keks = BTreeMap::new();
+        for (handle, label, id, (sensitive, extractable)) in found {
+            let Some(version) = label
+                .as_deref()
+                .and_then(|l| std::str::from_utf8(l).ok())
+                .and_then(|l| l.strip_prefix(&label_start))
+                .and_then(|v| v.parse::<KekVersion>().ok())
+            else {
+                continue;
+            };
+            let label = self.kek_label(version);
+            if !sensitive || extractable {
+                return Err(CryptoError::Keyring(format!(
+                    "pkcs11: the key labelled {label:?} in token {:?} is extractable or not \
+                     sensitive, so it is not one this vault made; remove it",
+                    self.token_label
+                )));
             }
-            Ok(out)
-        })
-        .map_err(|e| device_error("finding key objects", &e))
+            let created_at = id.as_deref().and_then(parse_id).map_or(0, |(_, c)| c);
+            if keks
+                .insert(version, KekObject { handle, created_at })
+                .is_some()
+            {
+                return Err(CryptoError::Keyring(format!(
+                    "pkcs11: token {:?} holds more than one key labelled {label:?}; keep the one \
+                     the key registry's key-check value opens and remove the others",
+                    self.token_label
+                )));
+            }
+        }
+        Ok(keks)
     }
 
     /// The object with exactly this label (`None`: there is none). Blocking.
@@ -356,6 +547,10 @@ impl Token {
     /// Generates the MAC root key object. Blocking.
     fn generate_mac_root(&self) -> Result<(), CryptoError> {
         let label = self.mac_root_label();
+        let mut id = [0u8; 16];
+        crate::crypto::rng()
+            .fill(&mut id)
+            .map_err(|_| CryptoError::Random)?;
         self.with_session(|s| {
             s.generate_key(
                 &Mechanism::GenericSecretKeyGen,
@@ -374,7 +569,8 @@ impl Token {
                     Attribute::Wrap(false),
                     Attribute::Unwrap(false),
                     Attribute::Derive(false),
-                    Attribute::Label(label.into_bytes()),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::Id(id.to_vec()),
                 ],
             )
         })
@@ -389,6 +585,7 @@ impl Token {
         created_at: u64,
     ) -> Result<ObjectHandle, CryptoError> {
         let label = self.kek_label(version);
+        let id = make_id(version, created_at)?;
         self.with_session(|s| {
             s.generate_key(
                 &Mechanism::AesKeyGen,
@@ -402,13 +599,14 @@ impl Token {
                     Attribute::Extractable(false),
                     Attribute::Encrypt(true),
                     Attribute::Decrypt(true),
+                    Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
                     Attribute::Wrap(false),
                     Attribute::Unwrap(false),
                     Attribute::Sign(false),
                     Attribute::Verify(false),
                     Attribute::Derive(false),
-                    Attribute::Label(label.into_bytes()),
-                    Attribute::Id(make_id(version, created_at)),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::Id(id.clone()),
                 ],
             )
         })
@@ -458,16 +656,21 @@ impl Token {
     }
 }
 
-fn make_id(version: KekVersion, created_at: u64) -> Vec<u8> {
-    let mut id = Vec::with_capacity(16);
+fn make_id(version: KekVersion, created_at: u64) -> Result<Vec<u8>, CryptoError> {
+    let mut id = Vec::with_capacity(24);
     id.extend_from_slice(ID_MAGIC);
     id.extend_from_slice(&version.get().to_be_bytes());
     id.extend_from_slice(&created_at.to_be_bytes());
-    id
+    let mut nonce = [0u8; 8];
+    crate::crypto::rng()
+        .fill(&mut nonce)
+        .map_err(|_| CryptoError::Random)?;
+    id.extend_from_slice(&nonce);
+    Ok(id)
 }
 
 fn parse_id(id: &[u8]) -> Option<(u32, u64)> {
-    if id.len() != 16 || &id[..4] != ID_MAGIC {
+    if id.len() != 24 || &id[..4] != ID_MAGIC {
         return None;
     }
     let version = u32::from_be_bytes(id[4..8].try_into().ok()?);
@@ -499,11 +702,24 @@ impl Pkcs11Keyring {
         })
     }
 
-    /// Whether the token holds none of the vault's objects under the prefix (a first start
-    /// may then create them). Blocking.
-    pub fn token_is_empty(settings: &Pkcs11Settings) -> Result<bool, CryptoError> {
+    /// Whether the token holds a usable set of the vault's keys under the prefix: the MAC
+    /// root and at least one KEK. Blocking.
+    pub fn token_has_keys(settings: &Pkcs11Settings) -> Result<bool, CryptoError> {
         let token = Token::open(settings)?;
-        Ok(token.find_keks()?.is_empty() && token.find_one(&token.mac_root_label())?.is_empty())
+        Ok(!token.find_keks()?.is_empty() && !token.find_one(&token.mac_root_label())?.is_empty())
+    }
+
+    /// Creates what a first start is missing — the MAC root, KEK version 1 — and opens the
+    /// keyring. The caller has claimed the creation (replicas share the token). Blocking.
+    pub fn complete(settings: &Pkcs11Settings) -> Result<Self, CryptoError> {
+        let token = Token::open(settings)?;
+        if token.find_one(&token.mac_root_label())?.is_empty() {
+            token.generate_mac_root()?;
+        }
+        if token.find_keks()?.is_empty() {
+            token.generate_kek(KekVersion::FIRST, now_secs())?;
+        }
+        Self::load(token)
     }
 
     /// Creates the MAC root and KEK version 1 in a token that holds none of the vault's
@@ -541,6 +757,22 @@ impl Pkcs11Keyring {
         tokio::task::spawn_blocking(move || op(&this))
             .await
             .map_err(|e| CryptoError::Keyring(format!("pkcs11 task failed: {e}")))?
+    }
+
+    /// Whether the KEK behind `handle` still encrypts and decrypts a probe. Blocking.
+    fn probe(&self, handle: ObjectHandle) -> bool {
+        let aad = b"tokenvault/pkcs11-probe";
+        self.inner
+            .token
+            .with_session(|s| {
+                let mut iv = [7u8; NONCE_LEN];
+                let params = GcmParams::new(&mut iv, aad, (TAG_LEN as u64 * 8).into())?;
+                let sealed = s.encrypt(&Mechanism::AesGcm(params), handle, &[0u8; 32])?;
+                let mut iv = [7u8; NONCE_LEN];
+                let params = GcmParams::new(&mut iv, aad, (TAG_LEN as u64 * 8).into())?;
+                s.decrypt(&Mechanism::AesGcm(params), handle, &sealed)
+            })
+            .is_ok()
     }
 
     /// Maps a failure on a KEK object: a handle that no longer names an object means another
@@ -586,7 +818,29 @@ impl KeyringProvider for Pkcs11Keyring {
 
     async fn reload(&self) -> Result<(), CryptoError> {
         self.blocking(|this| {
-            let found = this.inner.token.find_keks()?;
+            let had = !this
+                .inner
+                .keks
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty();
+            let mut found = this.inner.token.find_keks()?;
+            if had && found.is_empty() {
+                // A token that forgot the login hides every private object: log in again
+                // and look once more, rather than forget every key.
+                this.inner
+                    .token
+                    .relogin()
+                    .map_err(|e| device_error("logging in again", &e))?;
+                found = this.inner.token.find_keks()?;
+                if found.is_empty() {
+                    return Err(CryptoError::Keyring(format!(
+                        "pkcs11: token {:?} now shows none of the vault's keys; keeping the \
+                         ones loaded before",
+                        this.inner.token.token_label
+                    )));
+                }
+            }
             *this
                 .inner
                 .keks
@@ -611,13 +865,14 @@ impl KeyringProvider for Pkcs11Keyring {
         let plain = Zeroizing::new(*dek.expose());
         let aad = aad.to_vec();
         self.blocking(move |this| {
-            let mut iv = nonce;
-            let sealed = this
+            let (iv, sealed) = this
                 .inner
                 .token
                 .with_session(|s| {
+                    let mut iv = nonce;
                     let params = GcmParams::new(&mut iv, &aad, (TAG_LEN as u64 * 8).into())?;
-                    s.encrypt(&Mechanism::AesGcm(params), handle, &plain[..])
+                    let sealed = s.encrypt(&Mechanism::AesGcm(params), handle, &plain[..])?;
+                    Ok((iv, sealed))
                 })
                 .map_err(|e| this.kek_failure(version, "wrapping a key", &e))?;
             if sealed.len() != Key256::LEN + TAG_LEN {
@@ -625,8 +880,10 @@ impl KeyringProvider for Pkcs11Keyring {
                     "pkcs11: AES-GCM output has an unexpected length".to_owned(),
                 ));
             }
+            // Stored with the IV the device used: one that generates its own (FIPS mode)
+            // writes it back into the parameters.
             let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
-            out.extend_from_slice(&nonce);
+            out.extend_from_slice(&iv);
             out.extend_from_slice(&sealed);
             Ok(out)
         })
@@ -646,12 +903,12 @@ impl KeyringProvider for Pkcs11Keyring {
         let wrapped = wrapped.to_vec();
         let aad = aad.to_vec();
         self.blocking(move |this| {
-            let mut iv = [0u8; NONCE_LEN];
-            iv.copy_from_slice(&wrapped[..NONCE_LEN]);
             let plain = this
                 .inner
                 .token
                 .with_session(|s| {
+                    let mut iv = [0u8; NONCE_LEN];
+                    iv.copy_from_slice(&wrapped[..NONCE_LEN]);
                     let params = GcmParams::new(&mut iv, &aad, (TAG_LEN as u64 * 8).into())?;
                     s.decrypt(&Mechanism::AesGcm(params), handle, &wrapped[NONCE_LEN..])
                 })
@@ -661,14 +918,15 @@ impl KeyringProvider for Pkcs11Keyring {
                     .ok_or(CryptoError::Format("unwrapped key is not 32 bytes")),
                 Err(e) => match rv_of(&e) {
                     // The tag did not verify: wrong key, wrong associated data or tampered.
-                    // (SoftHSM2 reports a GCM tag mismatch as CKR_GENERAL_ERROR.)
                     Some(
                         RvError::EncryptedDataInvalid
                         | RvError::EncryptedDataLenRange
                         | RvError::DataInvalid
-                        | RvError::DataLenRange
-                        | RvError::GeneralError,
+                        | RvError::DataLenRange,
                     ) => Err(CryptoError::Decrypt),
+                    // SoftHSM2 reports a GCM tag mismatch as CKR_GENERAL_ERROR, which a
+                    // failing device also returns: a probe with the same key tells them apart.
+                    Some(RvError::GeneralError) if this.probe(handle) => Err(CryptoError::Decrypt),
                     _ => Err(this.kek_failure(version, "unwrapping a key", &e)),
                 },
             }
@@ -696,11 +954,12 @@ impl KeyringProvider for Pkcs11Keyring {
             }
             let created_at = now_secs();
             let handle = token.generate_kek(version, created_at)?;
-            // Two replicas creating the same version at once: keep neither copy of ours.
+            // Another process created the same label meanwhile (the database claim that
+            // serialises creation expired under it): keep neither of ours.
             if token.find_one(&label)?.len() > 1 {
                 let _ = token.with_session(|s| s.destroy_object(handle));
                 return Err(CryptoError::Keyring(format!(
-                    "pkcs11: another process created {label:?} at the same time; try again"
+                    "pkcs11: another process created {label:?} at the same time; rotate again"
                 )));
             }
             let mut keks = this
@@ -765,9 +1024,14 @@ mod tests {
     #[test]
     fn object_ids_round_trip_and_refuse_other_layouts() {
         let v = KekVersion::new(7).unwrap();
-        let id = make_id(v, 1_765_000_000);
+        let id = make_id(v, 1_765_000_000).unwrap();
         assert_eq!(parse_id(&id), Some((7, 1_765_000_000)));
-        assert_eq!(parse_id(&id[..15]), None);
+        assert_eq!(parse_id(&id[..23]), None);
+        assert_ne!(
+            make_id(v, 1_765_000_000).unwrap(),
+            id,
+            "ids of two creations differ"
+        );
         let mut other = id.clone();
         other[0] = b'x';
         assert_eq!(parse_id(&other), None);
@@ -780,7 +1044,7 @@ mod tests {
             token_label: "t".into(),
             pin: SecretString::new("1234".into()),
             label_prefix: "tokenvault".into(),
-            max_idle_sessions: 2,
+            max_sessions: 2,
         };
         let e = Pkcs11Keyring::open(&settings).unwrap_err().to_string();
         assert!(
@@ -799,7 +1063,7 @@ mod tests {
             token_label: "t".into(),
             pin: SecretString::new("1234".into()),
             label_prefix: "a/b".into(),
-            max_idle_sessions: 2,
+            max_sessions: 2,
         };
         let e = Pkcs11Keyring::open(&settings).unwrap_err().to_string();
         assert!(e.contains("keyring.pkcs11.label_prefix"), "{e}");
