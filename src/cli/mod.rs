@@ -343,23 +343,44 @@ async fn first_start_keyring(config: &Config) -> Result<(), String> {
     let holder = store
         .keyring_claim("init", &me, crate::vault::KEY_CLAIM_TTL)
         .await
-        .map_err(|e| e.to_string())?;
-    store.close().await;
-    if holder != me {
-        // Another replica creates the keys; it has a minute.
+        .map_err(|e| e.to_string());
+    if holder.as_ref().is_ok_and(|h| *h != me) {
+        // Another replica creates the keys; it has a minute. Once the database records
+        // them and this replica's keyring still lacks them, it holds another keyring.
         let deadline = std::time::Instant::now() + crate::vault::KEY_CLAIM_TTL;
-        while is_missing().await? {
+        let waited = loop {
+            if !is_missing().await? {
+                break Ok(());
+            }
+            match store.kek_list().await {
+                Ok(known) if !known.is_empty() => {
+                    break Err(format!(
+                        "the fleet's keys were created by another replica, but this replica's \
+                         keyring does not hold them: give it the same keyring ({})",
+                        match config.keyring.provider {
+                            KeyringProviderKind::Pkcs11 =>
+                                "keyring.pkcs11.token_label and label_prefix",
+                            _ => "the same keyring.path, or a copy of that file",
+                        }
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => break Err(e.to_string()),
+            }
             if std::time::Instant::now() > deadline {
-                return Err(format!(
+                break Err(format!(
                     "{} creates the keyring on first start, but none appeared within a minute; \
                      start again (its claim has expired) or create it with `tokenvault keys init`",
-                    holder
+                    holder.as_deref().unwrap_or("another replica")
                 ));
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-        return Ok(());
+        };
+        store.close().await;
+        return waited;
     }
+    store.close().await;
+    holder?;
     match config.keyring.provider {
         KeyringProviderKind::Pkcs11 => {
             let settings = config.pkcs11_settings().map_err(|e| e.to_string())?;

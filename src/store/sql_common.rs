@@ -867,6 +867,8 @@ impl crate::store::Store for StoreImpl {
             .map(|v| v.get().to_string())
             .collect::<Vec<_>>()
             .join(",");
+        // The clock first: not a second pool connection while this one holds a transaction.
+        let seen_at = self.clock().await?;
         let (_guard, mut tx) = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO key_replicas (replica_id, host, pid, instance, provider, versions, \
@@ -882,7 +884,7 @@ impl crate::store::Store for StoreImpl {
         .bind(versions)
         .bind(i64::try_from(r.heartbeat.as_millis()).unwrap_or(i64::MAX))
         .bind(r.started_at.as_micros())
-        .bind(self.clock().await?.as_micros())
+        .bind(seen_at.as_micros())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -582,18 +582,20 @@ impl KeyManager {
     /// key-check value opens. Errors are not answers (the version is not held, a device or
     /// database failed).
     async fn key_matches(&self, record: &KekRecord) -> Result<bool, VaultError> {
-        let opened = self
-            .inner
-            .keyring
-            .unwrap(
-                record.version,
-                &record.key_check,
-                &key_check_aad(record.version),
-            )
-            .await;
-        match opened {
+        let aad = key_check_aad(record.version);
+        let open = || {
+            self.inner
+                .keyring
+                .unwrap(record.version, &record.key_check, &aad)
+        };
+        // A mismatch is recorded only when it is seen twice: a device may fail once.
+        match open().await {
             Ok(_) => Ok(true),
-            Err(CryptoError::Decrypt) => Ok(false),
+            Err(CryptoError::Decrypt) => match open().await {
+                Ok(_) => Ok(true),
+                Err(CryptoError::Decrypt) => Ok(false),
+                Err(e) => Err(e.into()),
+            },
             Err(e) => Err(e.into()),
         }
     }
@@ -651,9 +653,18 @@ impl KeyManager {
                         tracing::error!(version = %m.version, "{why}");
                     }
                 }
-                // Not answerable now (a device or database hiccup): not counted this time.
+                // Not answerable now (a device or database hiccup): what this replica last
+                // said it holds stands.
                 Err(e) => {
-                    tracing::warn!(version = %m.version, error = %e, "could not check a key version")
+                    tracing::warn!(version = %m.version, error = %e, "could not check a key version");
+                    let said = self
+                        .state()
+                        .written
+                        .as_ref()
+                        .is_some_and(|(v, _)| v.contains(&m.version));
+                    if said {
+                        held.insert(m.version);
+                    }
                 }
             }
         }
@@ -907,8 +918,14 @@ impl KeyManager {
         let Some(run) = i.store.rotation_running().await? else {
             return Ok(());
         };
-        if run.owner == i.replica.id || self.state().worker.as_deref() == Some(run.run_id.as_str())
-        {
+        if self.state().worker.as_deref() == Some(run.run_id.as_str()) {
+            return Ok(());
+        }
+        if run.owner == i.replica.id {
+            // This replica's own run, left without a worker (its start or its end could not
+            // be recorded): carry on with it.
+            tracing::info!(run = %run.run_id, "resuming this replica's key rotation");
+            self.spawn_worker(run);
             return Ok(());
         }
         let now = i.store.clock().await?;
@@ -1220,7 +1237,29 @@ impl KeyManager {
             last_error: None,
             owner: i.replica.id.clone(),
         };
-        // The run row claims the one rotation slot before anything changes.
+        // This replica's sync leaves the run alone while it is being started here.
+        self.state().worker = Some(run.run_id.clone());
+        let started = self.start_run(run, target, now, actor).await;
+        if started.is_err() {
+            // The sync takes over a run left running (as its owner, it needs no claim).
+            self.state().worker = None;
+        }
+        let run = started?;
+        tracing::info!(run = %run.run_id, from = %current, to = %target, total = run.total, "key rotation started");
+        self.spawn_worker(run.clone());
+        Ok(RotationStatus { run, done: 0 })
+    }
+
+    /// Records the run (claiming the one rotation slot before anything changes),
+    /// promotes its target and counts the work.
+    async fn start_run(
+        &self,
+        run: RotationRun,
+        target: KekVersion,
+        now: Timestamp,
+        actor: &Actor,
+    ) -> Result<RotationRun, VaultError> {
+        let i = &self.inner;
         i.store.rotation_insert(&run).await?;
         if let Err(e) = i.store.kek_promote(target, now, &actor.identity).await {
             let _ = i
@@ -1235,11 +1274,8 @@ impl KeyManager {
             return Err(e);
         }
         let total = i.store.wrapped_key_count_not_on(target).await?;
-        let run = RotationRun { total, ..run };
         i.store.rotation_set_total(&run.run_id, total).await?;
-        tracing::info!(run = %run.run_id, from = %current, to = %target, total, "key rotation started");
-        self.spawn_worker(run.clone());
-        Ok(RotationStatus { run, done: 0 })
+        Ok(RotationRun { total, ..run })
     }
 
     async fn progress_of(&self, run: RotationRun) -> Result<RotationStatus, VaultError> {
@@ -1532,8 +1568,13 @@ impl KeyManager {
         self.inner.stop.send_replace(true);
         // A pass in flight could write the row again after it is removed.
         let task = self.state().task.take();
-        if let Some(task) = task {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        if let Some(mut task) = task
+            && tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
+            let _ = task.await;
         }
         if let Err(e) = self
             .inner

@@ -164,10 +164,27 @@ fn rv_of(e: &P11Error) -> Option<RvError> {
     }
 }
 
-/// A loaded module and how many tokens of this process are open on it.
+/// A loaded module and how many tokens of this process are open, or being opened, on it.
 struct Module {
     ctx: Pkcs11,
     open_tokens: usize,
+    opening: usize,
+}
+
+/// A token being opened on a module: counted so that the module is not re-initialised
+/// under it; on success it becomes an open token.
+struct Opening(PathBuf);
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        if let Some(m) = MODULES
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&self.0)
+        {
+            m.opening = m.opening.saturating_sub(1);
+        }
+    }
 }
 
 /// One context per module path per process: `C_Initialize` may run only once at a time.
@@ -203,45 +220,45 @@ fn initialize(module: &Path) -> Result<Pkcs11, CryptoError> {
     Ok(ctx)
 }
 
-/// The process's context for `module`, loading and initialising it on first use.
-fn context(module: &Path) -> Result<Pkcs11, CryptoError> {
+/// The process's context for `module`, loading and initialising it on first use, and the
+/// mark of a token being opened on it.
+fn context(module: &Path) -> Result<(Pkcs11, Opening), CryptoError> {
     let mut modules = MODULES.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(m) = modules.get(module) {
-        return Ok(m.ctx.clone());
+    if !modules.contains_key(module) {
+        let ctx = initialize(module)?;
+        modules.insert(
+            module.to_owned(),
+            Module {
+                ctx,
+                open_tokens: 0,
+                opening: 0,
+            },
+        );
     }
-    let ctx = initialize(module)?;
-    modules.insert(
-        module.to_owned(),
-        Module {
-            ctx: ctx.clone(),
-            open_tokens: 0,
-        },
-    );
-    Ok(ctx)
+    let m = modules
+        .get_mut(module)
+        .expect("inserted just above when missing");
+    m.opening += 1;
+    Ok((m.ctx.clone(), Opening(module.to_owned())))
 }
 
-/// Initialises `module` afresh, when no token of this process is open on it, so that it
-/// reads its tokens again (SoftHSM2 reads them once, at initialisation, and skips one that
-/// another process is rewriting at that moment). `None` when tokens are open.
+/// Initialises `module` afresh, when the caller's is the only token of this process open
+/// or being opened on it, so that it reads its tokens again (SoftHSM2 reads them once, at
+/// initialisation, and skips one that another process is rewriting at that moment).
+/// `None` when other tokens use it.
 fn reinitialize(module: &Path) -> Option<Pkcs11> {
     let mut modules = MODULES.lock().unwrap_or_else(PoisonError::into_inner);
-    if modules.get(module).is_some_and(|m| m.open_tokens > 0) {
+    let m = modules.get_mut(module)?;
+    if m.open_tokens > 0 || m.opening > 1 {
         return None;
     }
-    if let Some(old) = modules.remove(module) {
-        let _ = old.ctx.finalize();
-    }
+    let _ = m.ctx.clone().finalize();
     let ctx = initialize(module).ok()?;
-    modules.insert(
-        module.to_owned(),
-        Module {
-            ctx: ctx.clone(),
-            open_tokens: 0,
-        },
-    );
+    m.ctx = ctx.clone();
     Some(ctx)
 }
 
+/// Counts a token opened on the module (its [`Opening`] mark goes when dropped).
 fn token_opened(module: &Path) {
     if let Some(m) = MODULES
         .lock()
@@ -273,7 +290,7 @@ impl Token {
                 "must be non-empty and contain no '/'",
             ));
         }
-        let mut ctx = context(&settings.module)?;
+        let (mut ctx, _opening) = context(&settings.module)?;
         // SoftHSM2 answers CKR_GENERAL_ERROR, or lists no token, while another process
         // rewrites the token's files (and reads its tokens only when initialised): the
         // listing is tried again for about a second, initialising the module afresh when
@@ -364,8 +381,17 @@ impl Token {
     /// Logs in again through the anchor session after the token reported that nobody is
     /// logged in (a token reset, a device that dropped its state). Blocking.
     fn relogin(&self) -> Result<(), P11Error> {
-        let anchor = self.anchor.lock().unwrap_or_else(PoisonError::into_inner);
-        match anchor.login(UserType::User, Some(&self.pin)) {
+        let mut anchor = self.anchor.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut login = anchor.login(UserType::User, Some(&self.pin));
+        if matches!(
+            login.as_ref().err().and_then(rv_of),
+            Some(RvError::SessionHandleInvalid | RvError::SessionClosed)
+        ) {
+            // The anchor itself is gone (the library was re-initialised): open another.
+            *anchor = self.ctx.open_rw_session(self.slot)?;
+            login = anchor.login(UserType::User, Some(&self.pin));
+        }
+        match login {
             Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -425,18 +451,18 @@ impl Token {
                     .unwrap_or_else(PoisonError::into_inner);
             }
         };
-        let session = match session {
-            Some(s) => s,
-            None => match self.ctx.open_rw_session(self.slot) {
-                Ok(s) => s,
-                Err(e) => {
-                    self.give_back(None);
-                    return Err(e);
-                }
-            },
+        // Goes back to the pool however `op` ends, a panic included.
+        let mut lease = Borrowed {
+            token: self,
+            session: None,
+            reusable: false,
         };
-        let result = op(&session);
-        let broken = matches!(
+        lease.session = Some(match session {
+            Some(s) => s,
+            None => self.ctx.open_rw_session(self.slot)?,
+        });
+        let result = op(lease.session.as_ref().expect("set just above"));
+        lease.reusable = !matches!(
             result.as_ref().err().and_then(rv_of),
             Some(
                 RvError::SessionHandleInvalid
@@ -446,7 +472,6 @@ impl Token {
                     | RvError::DeviceError
             )
         );
-        self.give_back((!broken).then_some(session));
         result
     }
 
@@ -653,6 +678,21 @@ impl Token {
             .try_into()
             .map_err(|_| CryptoError::Format("one MAC subkey per purpose"))?;
         Ok(MacKeys::from_subkeys(subkeys))
+    }
+}
+
+/// A session taken from a token's pool, given back when dropped: to the pool when it is
+/// still good, else closed and no longer counted.
+struct Borrowed<'a> {
+    token: &'a Token,
+    session: Option<Session>,
+    reusable: bool,
+}
+
+impl Drop for Borrowed<'_> {
+    fn drop(&mut self) {
+        let session = self.session.take().filter(|_| self.reusable);
+        self.token.give_back(session);
     }
 }
 
@@ -903,16 +943,23 @@ impl KeyringProvider for Pkcs11Keyring {
         let wrapped = wrapped.to_vec();
         let aad = aad.to_vec();
         self.blocking(move |this| {
-            let plain = this
-                .inner
-                .token
-                .with_session(|s| {
-                    let mut iv = [0u8; NONCE_LEN];
-                    iv.copy_from_slice(&wrapped[..NONCE_LEN]);
-                    let params = GcmParams::new(&mut iv, &aad, (TAG_LEN as u64 * 8).into())?;
-                    s.decrypt(&Mechanism::AesGcm(params), handle, &wrapped[NONCE_LEN..])
-                })
-                .map(Zeroizing::new);
+            let decrypt = || {
+                this.inner
+                    .token
+                    .with_session(|s| {
+                        let mut iv = [0u8; NONCE_LEN];
+                        iv.copy_from_slice(&wrapped[..NONCE_LEN]);
+                        let params = GcmParams::new(&mut iv, &aad, (TAG_LEN as u64 * 8).into())?;
+                        s.decrypt(&Mechanism::AesGcm(params), handle, &wrapped[NONCE_LEN..])
+                    })
+                    .map(Zeroizing::new)
+            };
+            let mut plain = decrypt();
+            // CKR_GENERAL_ERROR may be transient (SoftHSM2 while another process writes):
+            // tried once more before it counts.
+            if matches!(&plain, Err(e) if rv_of(e) == Some(RvError::GeneralError)) {
+                plain = decrypt();
+            }
             match plain {
                 Ok(plain) => Key256::from_slice(&plain)
                     .ok_or(CryptoError::Format("unwrapped key is not 32 bytes")),
