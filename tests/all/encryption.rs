@@ -233,23 +233,7 @@ async fn no_token_or_key_is_at_rest_or_in_the_logs(backend: Backend) {
     // A rotation writes every wrapped DEK again, and logs as it goes.
     let actor = tokenvault::audit::Actor::system();
     tv.vault.keys().rotate(&actor).await.unwrap();
-    for _ in 0..200 {
-        if tv
-            .vault
-            .keys()
-            .status()
-            .await
-            .unwrap()
-            .rotation
-            .unwrap()
-            .run
-            .state
-            == "completed"
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    crate::support::wait_for_rotation(&tv.vault, std::time::Duration::from_secs(10)).await;
     let keys = keyring_secrets(&tv);
 
     let at_rest: Vec<u8> = match backend {

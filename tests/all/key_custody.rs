@@ -716,25 +716,10 @@ async fn a_rotation_whose_replica_is_killed_is_taken_over_by_a_live_one() {
     b.stop();
 }
 
-/// `tokenvault serve` with this configuration; returns the exit code and stderr.
+/// `tokenvault serve` with this configuration in `dir`; returns the exit code and stderr.
 fn serve_fails(dir: &std::path::Path, toml: &str, env: &[(&str, String)]) -> (i32, String) {
-    let path = dir.join("bad.toml");
-    std::fs::write(&path, toml).unwrap();
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&path)
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .env_remove("TOKENVAULT_KEYRING__PKCS11__PIN");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    crate::serve_cli::serve_exit(dir, Some(toml), &env)
 }
 
 #[test]

@@ -31,6 +31,14 @@ fn overwrite(path: &Path, bytes: &[u8]) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
+/// Why the vault refuses to open with this configuration.
+async fn refused(config: &tokenvault::config::Config) -> String {
+    match Vault::open(config).await {
+        Ok(_) => panic!("the vault opened"),
+        Err(e) => e.to_string(),
+    }
+}
+
 async fn a_keyring_with_another_mac_root_or_signing_key_refuses_to_start(backend: Backend) {
     let Some(mut tv) = spawn_vault_with(backend, |c| c.audit.checkpoint_every = 2).await else {
         return;
@@ -53,11 +61,7 @@ async fn a_keyring_with_another_mac_root_or_signing_key_refuses_to_start(backend
     let mut keyring: serde_json::Value = serde_json::from_slice(&original).unwrap();
     keyring["mac_root_key"] = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY=".into();
     overwrite(&path, &serde_json::to_vec(&keyring).unwrap());
-    let err = Vault::open(&config)
-        .await
-        .err()
-        .expect("refused")
-        .to_string();
+    let err = refused(&config).await;
     assert!(err.contains("MAC root key"), "{err}");
     assert!(err.contains("key-check value differs"), "{err}");
     assert_eq!(
@@ -68,11 +72,7 @@ async fn a_keyring_with_another_mac_root_or_signing_key_refuses_to_start(backend
 
     // Before key-check values existed, the log already written is the evidence.
     raw.execute("DELETE FROM root_key_checks").await;
-    let err = Vault::open(&config)
-        .await
-        .err()
-        .expect("refused")
-        .to_string();
+    let err = refused(&config).await;
     assert!(err.contains("MAC root key"), "{err}");
     assert!(err.contains("does not verify"), "{err}");
     assert_eq!(entries().await, written);
@@ -88,11 +88,7 @@ async fn a_keyring_with_another_mac_root_or_signing_key_refuses_to_start(backend
     )
     .await;
     let written = entries().await;
-    let err = Vault::open(&config)
-        .await
-        .err()
-        .expect("refused")
-        .to_string();
+    let err = refused(&config).await;
     assert!(err.contains("audit checkpoint signing key"), "{err}");
     assert_eq!(entries().await, written);
     raw.close().await;
@@ -101,6 +97,29 @@ both_backends!(
     root_keys_checked,
     a_keyring_with_another_mac_root_or_signing_key_refuses_to_start
 );
+
+/// A second vault on `a`'s database, with a keyring file of its own copied from `a`'s.
+async fn second_vault(
+    a: &crate::support::TestVault,
+    adjust: impl FnOnce(&mut tokenvault::config::Config),
+) -> crate::support::TestVault {
+    let dir = tempfile::tempdir().unwrap();
+    overwrite(
+        &dir.path().join("keyring.json"),
+        &std::fs::read(a.keyring_path()).unwrap(),
+    );
+    start_vault(a.backend, dir, a.database_url.clone(), adjust).await
+}
+
+/// Rotates and waits until the run has completed.
+async fn rotate_to_completion(vault: &Vault) {
+    vault
+        .keys()
+        .rotate(&tokenvault::audit::Actor::system())
+        .await
+        .unwrap();
+    crate::support::wait_for_rotation(vault, Duration::from_secs(30)).await;
+}
 
 /// Fast registry sync for two vaults in one process.
 fn tuned(c: &mut tokenvault::config::Config) {
@@ -114,10 +133,8 @@ async fn a_replica_that_loses_a_version_stops_serving_and_recovers(backend: Back
         return;
     };
     // B has a keyring file of its own, copied from A's before any rotation.
-    let b_dir = tempfile::tempdir().unwrap();
     let v1_only = std::fs::read(a.keyring_path()).unwrap();
-    overwrite(&b_dir.path().join("keyring.json"), &v1_only);
-    let b = start_vault(backend, b_dir, a.database_url.clone(), tuned).await;
+    let b = second_vault(&a, tuned).await;
     let b_id = b
         .admin(As::Admin)
         .key_status(pb::KeyStatusRequest {})
@@ -149,22 +166,7 @@ async fn a_replica_that_loses_a_version_stops_serving_and_recovers(backend: Back
         .unwrap()
         .into_inner();
     assert_eq!(run.target_version, 2, "the version prepared earlier");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while a
-        .vault
-        .keys()
-        .status()
-        .await
-        .unwrap()
-        .rotation
-        .unwrap()
-        .run
-        .state
-        != "completed"
-    {
-        assert!(Instant::now() < deadline, "rotation did not complete");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::support::wait_for_rotation(&a.vault, Duration::from_secs(30)).await;
 
     // B's file goes back to a copy without v2: within a heartbeat B stops
     // serving, naming the version and what to do; nothing is wrapped under a
@@ -225,12 +227,7 @@ async fn a_different_key_under_a_known_number_is_never_used(backend: Backend) {
     let Some(a) = spawn_vault_with(backend, tuned).await else {
         return;
     };
-    let b_dir = tempfile::tempdir().unwrap();
-    overwrite(
-        &b_dir.path().join("keyring.json"),
-        &std::fs::read(a.keyring_path()).unwrap(),
-    );
-    let b = start_vault(backend, b_dir, a.database_url.clone(), tuned).await;
+    let b = second_vault(&a, tuned).await;
     // B's own keyring file gets a v2 of its own, as a concurrent rotation there would.
     b.vault
         .keyring()
@@ -354,26 +351,7 @@ async fn tokens_opened_again_do_not_call_the_provider(backend: Backend) {
     );
 
     // Rewrapped by a rotation: the cached DEK is dropped and opened anew once.
-    vault
-        .keys()
-        .rotate(&tokenvault::audit::Actor::system())
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while vault
-        .keys()
-        .status()
-        .await
-        .unwrap()
-        .rotation
-        .unwrap()
-        .run
-        .state
-        != "completed"
-    {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    rotate_to_completion(&vault).await;
     let before = keyring.unwraps.load(Ordering::SeqCst);
     opens().await;
     assert_eq!(keyring.unwraps.load(Ordering::SeqCst) - before, 1);
@@ -398,15 +376,7 @@ async fn a_deletion_on_one_replica_empties_the_others_caches(backend: Backend) {
     let Some(a) = spawn_vault_with(backend, |c| c.events.poll_interval_ms = 50).await else {
         return;
     };
-    let b_dir = tempfile::tempdir().unwrap();
-    overwrite(
-        &b_dir.path().join("keyring.json"),
-        &std::fs::read(a.keyring_path()).unwrap(),
-    );
-    let b = start_vault(backend, b_dir, a.database_url.clone(), |c| {
-        c.events.poll_interval_ms = 50;
-    })
-    .await;
+    let b = second_vault(&a, |c| c.events.poll_interval_ms = 50).await;
     let c = seed_connection(&a.vault, "t", "u", Integration::Calendar, "ya29.gone", None).await;
     b.vault.access_token_open(&c.id).await.unwrap();
     assert_eq!(b.vault.keys().cached_deks(), 1, "B holds the DEK it opened");
@@ -441,12 +411,7 @@ async fn a_key_wrapped_under_a_former_primary_is_not_stored(backend: Backend) {
     let old = seed_connection(&tv.vault, "t", "u1", Integration::Calendar, "ya29.1", None).await;
     let keys = tv.vault.keys();
     let system = tokenvault::audit::Actor::system();
-    keys.rotate(&system).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while keys.status().await.unwrap().rotation.unwrap().run.state != "completed" {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    rotate_to_completion(&tv.vault).await;
     let store = tv.vault.store();
     assert_eq!(
         keys.status().await.unwrap().versions[0].record.state,

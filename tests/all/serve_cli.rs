@@ -147,12 +147,20 @@ async fn serve_with_no_configuration_runs_the_embedded_default_and_stops_on_sigt
 
 fn bad_config(toml: Option<&str>, env: &[(&str, &str)]) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
+    serve_exit(dir.path(), toml, env)
+}
+
+/// Runs `tokenvault serve` in `dir` (with `toml` as its configuration file, if
+/// given) until it exits; returns the exit code and stderr.
+pub fn serve_exit(
+    dir: &std::path::Path,
+    toml: Option<&str>,
+    env: &[(&str, &str)],
+) -> (i32, String) {
     let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .current_dir(dir.path())
-        .stdin(Stdio::null());
+    cmd.arg("serve").current_dir(dir).stdin(Stdio::null());
     if let Some(text) = toml {
-        let path = dir.path().join("tokenvault.toml");
+        let path = dir.join("tokenvault.toml");
         std::fs::write(&path, text).unwrap();
         cmd.arg("--config").arg(&path);
     }

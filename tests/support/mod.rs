@@ -379,6 +379,32 @@ pub async fn seed_connection(
         .expect("store connection")
 }
 
+/// Waits until the vault's latest rotation has completed, failing if it failed or
+/// takes longer than `limit`.
+pub async fn wait_for_rotation(vault: &Vault, limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let run = vault
+            .keys()
+            .status()
+            .await
+            .unwrap()
+            .rotation
+            .expect("a rotation")
+            .run;
+        match run.state.as_str() {
+            "completed" => return,
+            "failed" => panic!("rotation failed: {:?}", run.last_error),
+            _ => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotation did not complete in {limit:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The OAuth client the simulator registers and the vault uses in tests.
 pub const CLIENT_ID: &str = "tokenvault-test.apps.googleusercontent.com";
 pub const CLIENT_SECRET: &str = "GOCSPX-test-client-secret";
