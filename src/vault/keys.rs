@@ -761,10 +761,11 @@ impl KeyManager {
     /// One background pass (see [`KeyManager::start`]).
     async fn sync_pass(&self) -> Result<(), VaultError> {
         let i = &self.inner;
+        let registry = i.store.kek_list().await?;
+        let held = self.held(&registry).await?;
         // Liveness first: a pass that fails further on must not make this replica
         // look stopped to the others.
-        self.heartbeat(false).await?;
-        let registry = i.store.kek_list().await?;
+        self.write_heartbeat(&held, false).await?;
         let material: BTreeSet<KekVersion> = i
             .keyring
             .versions()
@@ -784,10 +785,12 @@ impl KeyManager {
             KeyState::Retired => false,
             KeyState::Primary | KeyState::Active => !material.contains(&k.version),
         });
-        if stale || differs {
+        let held = if stale || differs {
             self.reload_provider().await?;
-        }
-        let held = self.held(&registry).await?;
+            self.held(&registry).await?
+        } else {
+            held
+        };
         self.erase_destroyed(&registry, &held).await;
         self.note_missing(&registry, &held);
         let usable: BTreeSet<KekVersion> = registry
@@ -796,7 +799,7 @@ impl KeyManager {
             .map(|k| k.version)
             .collect();
         i.deks.keep_only(&usable);
-        self.heartbeat(false).await?;
+        self.write_heartbeat(&held, false).await?;
         self.take_over_rotation().await
     }
 
@@ -882,9 +885,19 @@ impl KeyManager {
     /// Writes this replica's row when what it holds changed, when `force`d,
     /// or once per heartbeat. The database stamps it with its own clock.
     async fn heartbeat(&self, force: bool) -> Result<(), VaultError> {
+        let registry = self.inner.store.kek_list().await?;
+        let held = self.held(&registry).await?;
+        self.write_heartbeat(&held, force).await
+    }
+
+    /// As [`KeyManager::heartbeat`], with what this replica holds already known.
+    async fn write_heartbeat(
+        &self,
+        held: &BTreeSet<KekVersion>,
+        force: bool,
+    ) -> Result<(), VaultError> {
         let i = &self.inner;
-        let registry = i.store.kek_list().await?;
-        let held: Vec<KekVersion> = self.held(&registry).await?.into_iter().collect();
+        let held: Vec<KekVersion> = held.iter().copied().collect();
         let due = force
             || match &self.state().written {
                 None => true,

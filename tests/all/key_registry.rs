@@ -135,13 +135,7 @@ async fn a_replica_that_loses_a_version_stops_serving_and_recovers(backend: Back
     // B has a keyring file of its own, copied from A's before any rotation.
     let v1_only = std::fs::read(a.keyring_path()).unwrap();
     let b = second_vault(&a, tuned).await;
-    let b_id = b
-        .admin(As::Admin)
-        .key_status(pb::KeyStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .replica_id;
+    let b_id = b.vault.keys().status().await.unwrap().replica_id;
     let c = seed_connection(&a.vault, "t", "u", Integration::Calendar, "ya29.x", None).await;
 
     // A creates v2 in its own file; B cannot get it, so v2 does not become primary.
@@ -234,13 +228,7 @@ async fn a_different_key_under_a_known_number_is_never_used(backend: Backend) {
         .create_version(KekVersion::new(2).unwrap())
         .await
         .unwrap();
-    let b_id = b
-        .admin(As::Admin)
-        .key_status(pb::KeyStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .replica_id;
+    let b_id = b.vault.keys().status().await.unwrap().replica_id;
     // A's rotation registers its v2; B holds "a v2", but not that one: the
     // rotation is refused and nothing is wrapped under either.
     let err = a
