@@ -251,6 +251,7 @@ fn parse_request(rpc: Rpc, bytes: &[u8]) -> Result<(), Refusal> {
                     .transpose()?,
                 integration: req.integration.map(convert::integration).transpose()?,
                 include_deleted: req.include_deleted,
+                status: req.status.map(convert::connection_status).transpose()?,
             };
             PageToken::request(req.page_size, &req.page_token, &format!("{filter:?}"))?;
         }
@@ -323,10 +324,10 @@ fn parse_request(rpc: Rpc, bytes: &[u8]) -> Result<(), Refusal> {
                     .map(AccountId::parse)
                     .transpose()?,
                 integration: req.integration.map(convert::integration).transpose()?,
-                include_deleted: req.include_deleted || req.status.is_some(),
+                include_deleted: req.include_deleted,
+                status: req.status.map(convert::connection_status).transpose()?,
             };
-            let status = req.status.map(convert::connection_status).transpose()?;
-            let key = format!("{filter:?}{status:?}{:?}", req.google_subject);
+            let key = format!("{filter:?}{:?}", req.google_subject);
             PageToken::request(req.page_size, &req.page_token, &key)?;
         }
         Rpc::RevokeConnection => {

@@ -124,11 +124,34 @@ pub enum LeaseRecorded {
     Void,
 }
 
+/// Seals entries onto the chain: each entry's hash, its MAC under the
+/// keyring's audit key and, at checkpoint positions, a signed checkpoint.
+/// Shared by the writer and by the few store transactions that append an
+/// entry of their own (a deletion's `deletion.done`), so that the store never
+/// holds the audit key.
+pub struct Sealer {
+    keyring: Arc<dyn KeyringProvider>,
+    signer: CheckpointSigner,
+}
+
+impl Sealer {
+    /// Seals `draft` as entry `seq` after an entry whose hash is `prev`.
+    pub fn seal(&self, seq: i64, prev: &[u8], draft: &AuditDraft) -> SealedEntry {
+        let hash = entry_hash(seq, prev, draft);
+        SealedEntry {
+            mac: self.keyring.mac(MacPurpose::AuditChain, &hash).to_vec(),
+            checkpoint: self.signer.checkpoint(seq, &hash),
+            entry_hash: hash,
+        }
+    }
+}
+
 /// Handle to the audit writer. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
     jobs: mpsc::Sender<Job>,
     fault: Arc<AtomicBool>,
+    sealer: Arc<Sealer>,
 }
 
 impl AuditLog {
@@ -144,7 +167,8 @@ impl AuditLog {
         let (jobs, rx) = mpsc::channel(8 * MAX_GROUP);
         let fault = Arc::new(AtomicBool::new(false));
         let signer = CheckpointSigner::new(keyring.as_ref(), checkpoint_every);
-        let writer = writer(store.clone(), keyring, signer, rx, fault.clone());
+        let sealer = Arc::new(Sealer { keyring, signer });
+        let writer = writer(store.clone(), sealer.clone(), rx, fault.clone());
         match store.backend() {
             Backend::Sqlite => {
                 let failed = |what: &str, e: std::io::Error| {
@@ -163,7 +187,11 @@ impl AuditLog {
                 tokio::spawn(writer);
             }
         }
-        Ok(Self { jobs, fault })
+        Ok(Self {
+            jobs,
+            fault,
+            sealer,
+        })
     }
 
     /// Appends an entry and waits until it is committed. An error means the
@@ -209,6 +237,31 @@ impl AuditLog {
         .await
     }
 
+    /// The sealer, for a store transaction that appends its own entry
+    /// (see [`Sealer`]). Such an append bypasses [`AuditLog::inject_failure`].
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    /// An entry as it will be appended, stamped now.
+    pub fn draft(
+        actor: &Actor,
+        action: &str,
+        target: &str,
+        outcome: Outcome,
+        detail: String,
+    ) -> AuditDraft {
+        AuditDraft {
+            at: Timestamp::now(),
+            actor: actor.identity.clone(),
+            role: actor.role.clone(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            outcome: outcome.as_str().to_owned(),
+            detail,
+        }
+    }
+
     async fn append(
         &self,
         actor: &Actor,
@@ -219,15 +272,7 @@ impl AuditLog {
         lease: Option<LeaseGrant>,
     ) -> Result<LeaseRecorded, VaultError> {
         let started = std::time::Instant::now();
-        let draft = AuditDraft {
-            at: Timestamp::now(),
-            actor: actor.identity.clone(),
-            role: actor.role.clone(),
-            action: action.to_owned(),
-            target: target.to_owned(),
-            outcome: outcome.as_str().to_owned(),
-            detail,
-        };
+        let draft = Self::draft(actor, action, target, outcome, detail);
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job {
@@ -259,8 +304,7 @@ impl AuditLog {
 
 async fn writer(
     store: Arc<dyn Store>,
-    keyring: Arc<dyn KeyringProvider>,
-    signer: CheckpointSigner,
+    sealer: Arc<Sealer>,
     mut rx: mpsc::Receiver<Job>,
     fault: Arc<AtomicBool>,
 ) {
@@ -295,16 +339,9 @@ async fn writer(
         } else if let Some((_, why)) = &unreachable {
             Err(why.clone())
         } else {
-            let sealer = |seq: i64, prev: &[u8], d: &AuditDraft| {
-                let hash = entry_hash(seq, prev, d);
-                SealedEntry {
-                    mac: keyring.mac(MacPurpose::AuditChain, &hash).to_vec(),
-                    checkpoint: signer.checkpoint(seq, &hash),
-                    entry_hash: hash,
-                }
-            };
+            let seal = |seq: i64, prev: &[u8], d: &AuditDraft| sealer.seal(seq, prev, d);
             store
-                .audit_append(&drafts, &leases, &sealer)
+                .audit_append(&drafts, &leases, &seal)
                 .await
                 .map_err(|e| {
                     if matches!(e, VaultError::Unavailable(_)) {

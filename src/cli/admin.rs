@@ -175,6 +175,8 @@ pub enum StatusArg {
     RevokedUpstream,
     /// Deleted; a tombstone.
     Deleted,
+    /// Google returned no refresh token; the user must connect again.
+    ConsentRequired,
 }
 
 impl StatusArg {
@@ -185,6 +187,7 @@ impl StatusArg {
             StatusArg::Suspended => pb::ConnectionStatus::Suspended,
             StatusArg::RevokedUpstream => pb::ConnectionStatus::RevokedUpstream,
             StatusArg::Deleted => pb::ConnectionStatus::Deleted,
+            StatusArg::ConsentRequired => pb::ConnectionStatus::ConsentRequired,
         }
     }
 }

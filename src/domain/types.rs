@@ -151,8 +151,13 @@ stored_enum!(
         InsufficientScope => "insufficient_scope",
         /// Temporarily frozen (e.g. RISC account-disabled for hijacking): no leases.
         Suspended => "suspended",
-        /// The user revoked access at Google; tokens are gone.
+        /// The user revoked access at Google, or the grant expired; tokens are
+        /// gone and the user must connect again.
         RevokedUpstream => "revoked_upstream",
+        /// Google returned no refresh token (it showed no consent screen): the
+        /// connection could not be kept fresh, so it grants no lease until the
+        /// user connects again (the vault then asks Google for consent).
+        ConsentRequired => "consent_required",
         /// Disconnected or deleted; only a tombstone remains.
         Deleted => "deleted",
     }

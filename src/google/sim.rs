@@ -18,8 +18,14 @@
 //!   screen is shown: the first consent, new scopes, or `prompt=consent`;
 //! - codes look like `4/0…` and refresh tokens like `1//0…` (they contain `/`,
 //!   so clients must encode them);
+//! - a grant is per (Google user, OAuth client) and cumulative: scopes
+//!   granted for one integration stay granted when another asks for more;
 //! - revoking any token revokes the user's whole grant to that client, and
 //!   revoking a token that is already revoked answers `400 invalid_token`;
+//! - refresh tokens die unused after six months, seven days after issue in
+//!   publishing status "Testing" ([`SimConfig::testing_mode`]), and — when
+//!   rotation is on — a grace period after a refresh replaced them; the
+//!   simulated clock can be advanced ([`GoogleSim::advance_clock`]);
 //! - errors are Google's JSON (`{"error": …, "error_description": …}`) with
 //!   Google's statuses and wording: 401 `invalid_client`, 400 `invalid_grant`
 //!   (`"Bad Request"` for codes, `"Token has been expired or revoked."` for
@@ -66,6 +72,9 @@ pub const RISC_CONFIGURATION_PATH: &str = "/.well-known/risc-configuration";
 /// Prefix of the RISC event type URIs.
 pub const RISC_EVENT_TYPE_PREFIX: &str = "https://schemas.openid.net/secevent/risc/event-type/";
 
+/// Lifetime of refresh tokens of an app in publishing status "Testing".
+pub const TESTING_REFRESH_TOKEN_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+
 /// An OAuth client registered with the simulator.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SimClient {
@@ -106,8 +115,19 @@ pub struct SimConfig {
     /// Lifetime of access tokens (`expires_in`). Default one hour.
     pub access_token_lifetime: Duration,
     /// Whether a refresh also returns a new refresh token, retiring the one
-    /// used. Google does not rotate; default false.
+    /// used. Google does not rotate today but its documentation tells clients
+    /// to expect it; default false.
     pub rotate_refresh_tokens: bool,
+    /// How long a refresh token retired by a rotation keeps working. Default
+    /// one minute.
+    pub refresh_token_grace: Duration,
+    /// Publishing status "Testing": refresh tokens die seven days after they
+    /// were issued, as Google does for such apps with scopes beyond the basic
+    /// profile. Default false ("In production").
+    pub testing_mode: bool,
+    /// A refresh token unused this long stops working. Google: six months
+    /// (the default, 183 days).
+    pub refresh_token_idle_limit: Option<Duration>,
     /// Live refresh tokens per user and client; issuing one more silently
     /// invalidates the oldest. Google's limit is 100 (the default).
     pub max_refresh_tokens_per_grant: usize,
@@ -126,6 +146,9 @@ impl Default for SimConfig {
             clients: Vec::new(),
             access_token_lifetime: Duration::from_secs(3600),
             rotate_refresh_tokens: false,
+            refresh_token_grace: Duration::from_secs(60),
+            testing_mode: false,
+            refresh_token_idle_limit: Some(Duration::from_secs(183 * 86_400)),
             max_refresh_tokens_per_grant: 100,
             issuer: "https://accounts.google.com".to_owned(),
             risc_issuer: "https://accounts.google.com/".to_owned(),
@@ -196,9 +219,23 @@ impl Endpoint {
 }
 
 /// A failure injected into an endpoint. A faulted call changes no state,
-/// except under [`Fault::Latency`], which delays a normal answer.
+/// except under [`Fault::Latency`], which delays a normal answer, and
+/// [`Fault::LoseAnswer`] on the token endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
+    /// 429 with `Retry-After` (whole seconds) and Google's
+    /// `rate_limit_exceeded` JSON error.
+    RateLimited(Duration),
+    /// An HTML error page with this status, as a proxy or Google's front end
+    /// answers, on any endpoint (a JSON client must not parse it as JSON).
+    HtmlPage(u16),
+    /// This status and body verbatim, as `application/json`: answers with
+    /// missing fields, wrong types or unknown errors.
+    Answer(u16, String),
+    /// The token endpoint handles the request (codes are spent, refresh
+    /// tokens used or rotated), then the answer is lost: 502 and an HTML page.
+    /// Elsewhere, a 502 page without handling the request.
+    LoseAnswer,
     /// Answers this status with a Google-style error body (JSON
     /// `{"error": {"code", "message", "status"}}`, an HTML page on the
     /// authorization endpoint). An invalid status code answers 500.
@@ -258,8 +295,17 @@ impl Shared {
     /// The fault that applies to this call of `endpoint`, if any: the first
     /// armed one for it, which loses one of its remaining uses.
     fn take_fault(&self, endpoint: Endpoint) -> Option<Fault> {
+        self.take_fault_if(endpoint, |_| true)
+    }
+
+    /// [`Shared::take_fault`], only if the first armed fault for `endpoint`
+    /// satisfies `wanted`.
+    fn take_fault_if(&self, endpoint: Endpoint, wanted: impl Fn(&Fault) -> bool) -> Option<Fault> {
         let mut faults = lock(&self.faults);
         let index = faults.iter().position(|f| f.endpoint == endpoint)?;
+        if !wanted(&faults[index].fault) {
+            return None;
+        }
         let armed = &mut faults[index];
         let fault = armed.fault.clone();
         if let Some(remaining) = armed.remaining.as_mut() {
@@ -352,6 +398,11 @@ impl GoogleSim {
             model: Mutex::new(Model::new(Policy {
                 access_token_lifetime: config.access_token_lifetime,
                 rotate_refresh_tokens: config.rotate_refresh_tokens,
+                refresh_token_grace: config.refresh_token_grace,
+                refresh_token_lifetime: config
+                    .testing_mode
+                    .then_some(TESTING_REFRESH_TOKEN_LIFETIME),
+                refresh_token_idle_limit: config.refresh_token_idle_limit,
                 max_refresh_tokens_per_grant: config.max_refresh_tokens_per_grant,
                 code_lifetime: config.code_lifetime,
             })),
@@ -501,6 +552,13 @@ impl GoogleSim {
     /// Successful `POST /revoke` calls so far.
     pub fn revocations(&self) -> u64 {
         self.shared().model().revocations()
+    }
+
+    /// Moves the simulator's clock forward by `by`: codes, access tokens and
+    /// refresh tokens age as if that time had passed (Testing-mode expiry,
+    /// the six-month idle limit, the rotation grace).
+    pub fn advance_clock(&self, by: Duration) {
+        self.shared().model().advance(by);
     }
 
     /// Makes every access token issued so far expired: userinfo refuses them

@@ -92,10 +92,10 @@ impl pb::admin_service_server::AdminService for Admin {
                 .map(AccountId::parse)
                 .transpose()?,
             integration: req.integration.map(convert::integration).transpose()?,
-            include_deleted: req.include_deleted || req.status.is_some(),
+            include_deleted: req.include_deleted,
+            status: req.status.map(convert::connection_status).transpose()?,
         };
-        let status = req.status.map(convert::connection_status).transpose()?;
-        let key = format!("{filter:?}{status:?}{:?}", req.google_subject);
+        let key = format!("{filter:?}{:?}", req.google_subject);
         let page = PageToken::request(req.page_size, &req.page_token, &key)?;
         let records = self.0.vault.store().connection_list(&filter, &page).await?;
         let next = PageToken::next(
@@ -106,11 +106,9 @@ impl pb::admin_service_server::AdminService for Admin {
         );
         let mut out = Vec::with_capacity(records.len());
         for c in records.iter().filter(|c| {
-            status.is_none_or(|s| c.status == s)
-                && req
-                    .google_subject
-                    .as_deref()
-                    .is_none_or(|g| c.google_subject.as_deref() == Some(g))
+            req.google_subject
+                .as_deref()
+                .is_none_or(|g| c.google_subject.as_deref() == Some(g))
         }) {
             let secrets = self.0.vault.store().secrets_get(&c.id).await?;
             let open_leases = self

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use super::Context;
 use super::auth::Role;
 use super::convert::{self, PageToken};
+use crate::audit::Outcome;
 use crate::crypto::SecretString;
 use crate::domain::{AccountId, ConnectionId, DeletionReason, ReceiptId, TenantId, VaultError};
 use crate::proto::v1 as pb;
@@ -104,7 +105,8 @@ impl pb::connection_service_server::ConnectionService for Connections {
         request: Request<pb::GetConnectionRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
         let rpc = "ConnectionService.GetConnection";
-        self.0
+        let caller = self
+            .0
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
@@ -117,9 +119,20 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .secrets_get(&id)
             .await?
             .and_then(|s| s.access_expires_at);
-        Ok(Response::new(
-            convert::connection_shown(&self.0.vault, &record, expires).await?,
-        ))
+        let shown = convert::connection_shown(&self.0.vault, &record, expires).await?;
+        // Reads are audited too; no entry, no answer.
+        self.0
+            .vault
+            .audit()
+            .record(
+                &caller.actor(),
+                "connection.get",
+                id.as_str(),
+                Outcome::Ok,
+                "",
+            )
+            .await?;
+        Ok(Response::new(shown))
     }
 
     async fn list_connections(
@@ -127,7 +140,8 @@ impl pb::connection_service_server::ConnectionService for Connections {
         request: Request<pb::ListConnectionsRequest>,
     ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
         let rpc = "ConnectionService.ListConnections";
-        self.0
+        let caller = self
+            .0
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
@@ -141,6 +155,7 @@ impl pb::connection_service_server::ConnectionService for Connections {
                 .transpose()?,
             integration: req.integration.map(convert::integration).transpose()?,
             include_deleted: req.include_deleted,
+            status: req.status.map(convert::connection_status).transpose()?,
         };
         let key = format!("{filter:?}");
         let page = PageToken::request(req.page_size, &req.page_token, &key)?;
@@ -155,6 +170,23 @@ impl pb::connection_service_server::ConnectionService for Connections {
         for c in &records {
             connections.push(convert::connection_shown(&self.0.vault, c, None).await?);
         }
+        self.0
+            .vault
+            .audit()
+            .record(
+                &caller.actor(),
+                "connection.list",
+                filter.tenant.as_ref().map_or("-", |t| t.as_str()),
+                Outcome::Ok,
+                format!(
+                    "account={} integration={} status={} shown={}",
+                    filter.account.as_ref().map_or("*", |a| a.as_str()),
+                    filter.integration.map_or("*", |i| i.as_str()),
+                    filter.status.map_or("*", |s| s.as_str()),
+                    connections.len()
+                ),
+            )
+            .await?;
         Ok(Response::new(pb::ListConnectionsResponse {
             connections,
             next_page_token: next,
@@ -219,13 +251,18 @@ impl pb::connection_service_server::ConnectionService for Connections {
         request: Request<pb::GetDeletionReceiptRequest>,
     ) -> Result<Response<pb::DeletionReceipt>, Status> {
         let rpc = "ConnectionService.GetDeletionReceipt";
-        self.0
+        let caller = self
+            .0
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
         let id = ReceiptId::parse(&request.get_ref().receipt_id)?;
         let vault = &self.0.vault;
         let receipt = vault.receipt_get(&id).await?;
+        vault
+            .audit()
+            .record(&caller.actor(), "receipt.get", id.as_str(), Outcome::Ok, "")
+            .await?;
         Ok(Response::new(convert::receipt(vault, &receipt)))
     }
 }

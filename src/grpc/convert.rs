@@ -66,6 +66,7 @@ fn status_pb(s: ConnectionStatus) -> pb::ConnectionStatus {
         ConnectionStatus::Suspended => pb::ConnectionStatus::Suspended,
         ConnectionStatus::RevokedUpstream => pb::ConnectionStatus::RevokedUpstream,
         ConnectionStatus::Deleted => pb::ConnectionStatus::Deleted,
+        ConnectionStatus::ConsentRequired => pb::ConnectionStatus::ConsentRequired,
     }
 }
 
@@ -77,6 +78,7 @@ pub fn connection_status(value: i32) -> Result<ConnectionStatus, VaultError> {
         Ok(pb::ConnectionStatus::Suspended) => Ok(ConnectionStatus::Suspended),
         Ok(pb::ConnectionStatus::RevokedUpstream) => Ok(ConnectionStatus::RevokedUpstream),
         Ok(pb::ConnectionStatus::Deleted) => Ok(ConnectionStatus::Deleted),
+        Ok(pb::ConnectionStatus::ConsentRequired) => Ok(ConnectionStatus::ConsentRequired),
         _ => Err(VaultError::invalid(
             "status",
             "unknown or unspecified connection status",
@@ -101,6 +103,11 @@ pub fn connection(c: &ConnectionRecord, token_expires_at: Option<Timestamp>) -> 
         token_expires_at: opt_ts(token_expires_at),
         deleted_at: opt_ts(c.deleted_at),
         deletion_receipt_id: String::new(),
+        status_reason: if c.status == ConnectionStatus::Active {
+            String::new()
+        } else {
+            c.status_reason.clone().unwrap_or_default()
+        },
     }
 }
 

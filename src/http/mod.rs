@@ -12,8 +12,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::crypto::SecretString;
-use crate::domain::VaultError;
-use crate::vault::{Completer, Completion, RiscError, Vault};
+use crate::domain::{ConnectionStatus, VaultError};
+use crate::vault::{Completer, Completion, ID_TOKEN_REFUSED, RiscError, Vault};
 
 /// Builds the HTTP router.
 pub fn router(vault: Arc<Vault>) -> Router {
@@ -138,6 +138,16 @@ async fn oauth_callback(
         .authorization_complete(Completer::Browser, &state, completion)
         .await;
     let (status, query, page) = match &outcome {
+        Ok(c) if c.status == ConnectionStatus::ConsentRequired => (
+            StatusCode::OK,
+            format!(
+                "status=consent_required&connection_id={}&integration={}",
+                c.id, c.integration
+            ),
+            "Google did not grant lasting access, so the connection is not usable yet. \
+             Connect again and confirm Google's consent screen."
+                .to_owned(),
+        ),
         Ok(c) => (
             StatusCode::OK,
             format!(
@@ -149,6 +159,9 @@ async fn oauth_callback(
         Err(e) => {
             let (code, reason) = match e {
                 VaultError::InvalidArgument { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+                VaultError::FailedPrecondition(m) if m.starts_with(ID_TOKEN_REFUSED) => {
+                    (StatusCode::BAD_REQUEST, "id_token_invalid")
+                }
                 VaultError::FailedPrecondition(_) => (StatusCode::BAD_REQUEST, "access_denied"),
                 VaultError::Unavailable(_)
                 | VaultError::AuditUnavailable(_)
@@ -157,10 +170,18 @@ async fn oauth_callback(
                 }
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
             };
+            let advice = match reason {
+                "id_token_invalid" => {
+                    " Google's answer could not be verified, so nothing was connected. \
+                     Start connecting again; if this keeps happening, tell your administrator."
+                }
+                "temporarily_unavailable" => " Nothing was connected. Try again in a few minutes.",
+                _ => " Nothing was connected. Start connecting again.",
+            };
             (
                 code,
                 format!("status=error&error={reason}"),
-                format!("The connection failed ({reason})."),
+                format!("The connection failed ({reason}).{advice}"),
             )
         }
     };

@@ -159,12 +159,15 @@ pub trait Store: Send + Sync + 'static {
         integration: crate::domain::Integration,
     ) -> StoreResult<Option<ConnectionRecord>>;
 
-    /// Whether the vault holds a refresh token on a live connection of this
-    /// account (optionally: linked to this Google email).
+    /// Whether the live connection of this integration of the account holds
+    /// a refresh token (and, when `google_email` is given, is linked to that
+    /// Google account): whether connecting it again can do without a consent
+    /// screen.
     async fn refresh_token_held(
         &self,
         tenant: &crate::domain::TenantId,
         account: &crate::domain::AccountId,
+        integration: crate::domain::Integration,
         google_email: Option<&str>,
     ) -> StoreResult<bool>;
 
@@ -190,6 +193,16 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
         expires_at: Timestamp,
     ) -> StoreResult<Option<i64>>;
+
+    /// Extends a refresh lock this holder still holds (same fence) to
+    /// `expires_at`; false when it was released or taken over.
+    async fn refresh_lock_renew(
+        &self,
+        id: &ConnectionId,
+        holder: &str,
+        fence: i64,
+        expires_at: Timestamp,
+    ) -> StoreResult<bool>;
 
     /// Releases a refresh lock this holder still holds.
     async fn refresh_lock_release(
@@ -350,9 +363,16 @@ pub trait Store: Send + Sync + 'static {
     // ----- deletion ----------------------------------------------------------------
 
     /// Runs a deletion in one transaction: destroys tokens and DEKs, leaves
-    /// tombstones, revokes open leases, writes the events, the receipt and the
-    /// outbox rows for the revocations Google must confirm.
-    async fn connection_delete(&self, req: &DeletionRequest) -> StoreResult<DeletionOutcome>;
+    /// tombstones (status REVOKED_UPSTREAM when the reason is the user's
+    /// revocation at Google, else DELETED), revokes open leases, writes the
+    /// events, the receipt, the outbox rows for the revocations Google must
+    /// confirm — at most one per Google grant — and the `deletion.done` audit
+    /// entry, sealed by `sealer`.
+    async fn connection_delete(
+        &self,
+        req: &DeletionRequest,
+        sealer: AuditSealer<'_>,
+    ) -> StoreResult<DeletionOutcome>;
 
     /// The receipt of the deletion that removed a connection, if any.
     async fn receipt_of_connection(&self, id: &ConnectionId) -> StoreResult<Option<ReceiptId>>;

@@ -162,6 +162,26 @@ async fn append_on(
     Ok(batch.appended(recorded))
 }
 
+/// Reads the audit chain head and locks it until the transaction ends: the
+/// first statement of a transaction that appends an entry of its own, so that
+/// it takes the head before any row the audit writer locks after it.
+const LOCK_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1 FOR UPDATE";
+
+/// Appends `drafts` inside `tx`, which has held the head locked since it read
+/// `head` with [`LOCK_AUDIT_HEAD`].
+async fn append_locked(
+    tx: &mut sqlx::Transaction<'static, Db>,
+    head: ChainHead,
+    drafts: &[AuditDraft],
+    sealer: AuditSealer<'_>,
+) -> StoreResult<()> {
+    let batch = seal_batch(head, drafts, sealer);
+    append_batch(&mut **tx, &batch, &[])
+        .await?
+        .ok_or_else(|| VaultError::Internal("the locked audit chain head moved".into()))?;
+    Ok(())
+}
+
 /// Runs [`APPEND_AUDIT`] for a sealed batch: `None` when the head was no
 /// longer the batch's start and nothing was written.
 async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(

@@ -290,6 +290,8 @@ pub struct ConnectionFilter {
     pub integration: Option<Integration>,
     /// Include deleted tombstones.
     pub include_deleted: bool,
+    /// Only connections with this status (DELETED ones too when that is it).
+    pub status: Option<ConnectionStatus>,
 }
 
 /// Keyset pagination: items after `after`, at most `limit`.
@@ -593,6 +595,10 @@ pub struct DeletionRequest {
     pub retry_at: Timestamp,
     /// When the outbox stops trying.
     pub give_up_at: Timestamp,
+    /// The `deletion.done` audit entry, appended in the deletion's own
+    /// transaction; the store fills in its detail (receipt, connections and
+    /// what happens at Google for each).
+    pub done: AuditDraft,
 }
 
 /// One connection a deletion removed.

@@ -1001,7 +1001,9 @@ impl crate::store::Store for StoreImpl {
         if let Some(i) = filter.integration {
             f.push("integration = ?", FilterValue::Text(i.as_str().to_owned()));
         }
-        if !filter.include_deleted {
+        if let Some(s) = filter.status {
+            f.push("status = ?", FilterValue::Text(s.as_str().to_owned()));
+        } else if !filter.include_deleted {
             f.push("status <> ?", FilterValue::Text("deleted".to_owned()));
         }
         if let Some(after) = &page.after {
@@ -1049,16 +1051,19 @@ impl crate::store::Store for StoreImpl {
         &self,
         tenant: &TenantId,
         account: &AccountId,
+        integration: Integration,
         google_email: Option<&str>,
     ) -> StoreResult<bool> {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM connections c JOIN connection_secrets s \
              ON s.connection_id = c.connection_id \
-             WHERE c.tenant_id = $1 AND c.account_id = $2 AND c.status <> 'deleted' \
-             AND s.refresh_token IS NOT NULL AND ($3 IS NULL OR c.google_email = $3)",
+             WHERE c.tenant_id = $1 AND c.account_id = $2 AND c.integration = $3 \
+             AND c.status <> 'deleted' AND s.refresh_token IS NOT NULL \
+             AND ($4 IS NULL OR LOWER(c.google_email) = LOWER($4))",
         )
         .bind(tenant.as_str())
         .bind(account.as_str())
+        .bind(integration.as_str())
         .bind(google_email)
         .fetch_one(&self.pool)
         .await?;
@@ -1149,6 +1154,29 @@ impl crate::store::Store for StoreImpl {
         .await?;
         tx.commit().await?;
         Ok(fence)
+    }
+
+    async fn refresh_lock_renew(
+        &self,
+        id: &ConnectionId,
+        holder: &str,
+        fence: i64,
+        expires_at: Timestamp,
+    ) -> StoreResult<bool> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let n = sqlx::query(
+            "UPDATE refresh_locks SET expires_at = $4 \
+             WHERE connection_id = $1 AND holder = $2 AND fence = $3 AND expires_at > 0",
+        )
+        .bind(id.as_str())
+        .bind(holder)
+        .bind(fence)
+        .bind(expires_at.as_micros())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
     }
 
     async fn refresh_lock_release(&self, id: &ConnectionId, holder: &str, fence: i64) -> StoreResult<()> {
@@ -1788,8 +1816,16 @@ impl crate::store::Store for StoreImpl {
         Ok(cursor)
     }
 
-    async fn connection_delete(&self, req: &DeletionRequest) -> StoreResult<DeletionOutcome> {
+    async fn connection_delete(
+        &self,
+        req: &DeletionRequest,
+        sealer: AuditSealer<'_>,
+    ) -> StoreResult<DeletionOutcome> {
         let (_guard, mut tx) = self.begin_write().await?;
+        // The deletion's `deletion.done` entry is appended in this
+        // transaction; the chain head is taken first, in the audit writer's
+        // lock order (head, then connection rows).
+        let head = read_audit_head(&mut *tx, LOCK_AUDIT_HEAD).await?;
         let at = req.at.as_micros();
         let key = req.target.subject_key();
         let (tenant, account, targets) = match &req.target {
@@ -1804,7 +1840,11 @@ impl crate::store::Store for StoreImpl {
                     return Ok(DeletionOutcome::NotFound);
                 };
                 let conn = connection_from_row(&row)?;
-                if conn.status == ConnectionStatus::Deleted {
+                // Deleted, or already revoked upstream and told so again.
+                let settled = conn.status == ConnectionStatus::Deleted
+                    || (conn.status == ConnectionStatus::RevokedUpstream
+                        && req.reason == DeletionReason::UserRevokedAtGoogle);
+                if settled {
                     let receipt: Option<String> = sqlx::query_scalar(
                         "SELECT rc.receipt_id FROM receipt_connections rc \
                          JOIN deletion_receipts r ON r.receipt_id = rc.receipt_id \
@@ -1859,11 +1899,16 @@ impl crate::store::Store for StoreImpl {
             }
         };
         let target_ids: Vec<&str> = targets.iter().map(|c| c.id.as_str()).collect();
-        let mut deleted = Vec::with_capacity(targets.len());
+        let mut deleted: Vec<DeletedConnection> = Vec::with_capacity(targets.len());
+        // The Google grants (subjects) this deletion revokes: one revocation
+        // per grant, carried by the first of its connections here.
+        let mut revoking: Vec<&str> = Vec::new();
         for conn in &targets {
             let upstream = match (&conn.google_subject, conn.status) {
                 _ if !req.revoke_upstream => UpstreamState::NotNeeded,
                 (_, ConnectionStatus::RevokedUpstream) | (None, _) => UpstreamState::NotNeeded,
+                // Another connection of this deletion revokes the same grant.
+                (Some(subject), _) if revoking.contains(&subject.as_str()) => UpstreamState::NotNeeded,
                 (Some(subject), _) => {
                     // Lock every live connection on this Google account, so two
                     // concurrent deletions cannot each think the other survives.
@@ -1876,8 +1921,18 @@ impl crate::store::Store for StoreImpl {
                     .await?;
                     if others.iter().any(|o| !target_ids.contains(&o.as_str())) {
                         UpstreamState::NotNeeded
-                    } else if req.outbox.iter().any(|o| o.connection_id == conn.id) {
-                        UpstreamState::Pending
+                    } else if let Some(carrier) = targets.iter().find(|t| {
+                        t.google_subject.as_deref() == Some(subject.as_str())
+                            && t.status != ConnectionStatus::RevokedUpstream
+                            && req.outbox.iter().any(|o| o.connection_id == t.id)
+                    }) {
+                        revoking.push(subject.as_str());
+                        if carrier.id == conn.id {
+                            UpstreamState::Pending
+                        } else {
+                            // Revisited below, once the carrier is reached.
+                            UpstreamState::NotNeeded
+                        }
                     } else {
                         // Tokens appeared after the outbox copies were prepared.
                         return Ok(DeletionOutcome::Retry);
@@ -1890,15 +1945,34 @@ impl crate::store::Store for StoreImpl {
                 upstream,
             });
         }
+        // A grant's carrier may come after another of its connections: mark it.
+        for subject in &revoking {
+            if let Some(carrier) = targets.iter().find(|t| {
+                t.google_subject.as_deref() == Some(*subject)
+                    && t.status != ConnectionStatus::RevokedUpstream
+                    && req.outbox.iter().any(|o| o.connection_id == t.id)
+            }) && let Some(d) = deleted.iter_mut().find(|d| d.connection_id == carrier.id)
+            {
+                d.upstream = UpstreamState::Pending;
+            }
+        }
         let reason = req.reason.as_str();
         let mut events = Vec::new();
+        // Revoked at Google by the user: the connection says so, and the
+        // product asks them to reconnect. Every other reason deletes.
+        let status = if req.reason == DeletionReason::UserRevokedAtGoogle {
+            ConnectionStatus::RevokedUpstream
+        } else {
+            ConnectionStatus::Deleted
+        };
         for conn in &targets {
             delete_secrets(&mut tx, conn.id.as_str()).await?;
             sqlx::query(
-                "UPDATE connections SET status = 'deleted', status_reason = $1, google_subject = NULL, \
-                 google_email = NULL, granted_scopes = '', updated_at = $2, deleted_at = $2 \
-                 WHERE connection_id = $3",
+                "UPDATE connections SET status = $1, status_reason = $2, google_subject = NULL, \
+                 google_email = NULL, granted_scopes = '', updated_at = $3, deleted_at = $3 \
+                 WHERE connection_id = $4",
             )
+            .bind(status.as_str())
             .bind(reason)
             .bind(at)
             .bind(conn.id.as_str())
@@ -2009,6 +2083,19 @@ impl crate::store::Store for StoreImpl {
         }
         insert_events(&mut tx, &events).await?;
         complete_receipts(&mut tx, req.at).await?;
+        let done = AuditDraft {
+            detail: format!(
+                "receipt={} connections={}",
+                req.receipt_id,
+                deleted
+                    .iter()
+                    .map(|d| format!("{}:{}", d.connection_id, d.upstream))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            ..req.done.clone()
+        };
+        append_locked(&mut tx, head, std::slice::from_ref(&done), sealer).await?;
         tx.commit().await?;
         release(_guard);
         self.scrub().await;

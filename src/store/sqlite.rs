@@ -246,6 +246,22 @@ const APPEND_BATCH: &str = "INSERT INTO audit_append_batch \
 
 const READ_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1";
 
+/// Reads the audit chain head in a write transaction (`BEGIN IMMEDIATE`
+/// already excludes every other writer).
+const LOCK_AUDIT_HEAD: &str = READ_AUDIT_HEAD;
+
+/// Appends `drafts` inside `tx`, a write transaction that read `head` with
+/// [`LOCK_AUDIT_HEAD`].
+async fn append_locked(
+    tx: &mut sqlx::Transaction<'static, Db>,
+    head: ChainHead,
+    drafts: &[AuditDraft],
+    sealer: AuditSealer<'_>,
+) -> StoreResult<()> {
+    let batch = seal_batch(head, drafts, sealer);
+    append_batch(tx, &batch, &[]).await
+}
+
 /// Sets up the connection the audit writer keeps, once, when it is checked
 /// out: a 2 MiB page cache instead of the pool's 32 MiB. Whenever a B-tree
 /// page split renumbers pages, SQLite parks one under a page number past

@@ -21,6 +21,10 @@ use super::{NewConnection, Vault};
 /// How long a state stays valid.
 pub const STATE_TTL: Duration = Duration::from_secs(600);
 
+/// How the refusal of an id_token that does not verify begins (a
+/// FAILED_PRECONDITION: retrying cannot help).
+pub const ID_TOKEN_REFUSED: &str = "Google's sign-in could not be verified (id_token)";
+
 /// What `BeginAuthorization` returns.
 pub struct BeginOutcome {
     /// Google's authorization URL (contains the state: treat as sensitive).
@@ -90,9 +94,12 @@ impl Vault {
         let verifier = SecretString::new(verifier.secret().to_owned());
         let key_ctx = KeyContext::oauth_state(tenant.as_str(), account.as_str(), &state_hash);
         let dctx = key_ctx.as_dek();
+        // Google shows consent — and issues a refresh token — only on a first
+        // consent, for new scopes, or when asked. Ask whenever the connection
+        // being made would otherwise hold no refresh token.
         let prompt_consent = !self
             .store()
-            .refresh_token_held(&tenant, &account, login_hint)
+            .refresh_token_held(&tenant, &account, integration, login_hint)
             .await?;
         self.audit()
             .record(
@@ -284,21 +291,38 @@ impl Vault {
                 .await;
             }
         };
+        // A missing or unverifiable id_token will not verify on a retry, and
+        // the state is spent: the answer says so (only Google's signing keys
+        // being unreachable is worth trying again later).
         let Some(id_token) = grant.id_token.as_deref() else {
             return refuse(
                 target,
                 "no id_token".into(),
-                VaultError::Unavailable("Google sent no id_token".into()),
+                VaultError::precondition(format!(
+                    "{ID_TOKEN_REFUSED}: Google sent no id_token; nothing was connected; begin the authorization again"
+                )),
             )
             .await;
         };
         let claims = match google.verify_id_token(id_token).await {
             Ok(c) => c,
+            Err(e @ crate::google::JwtError::Jwks(_)) => {
+                return refuse(
+                    target,
+                    format!("id_token not checked: {e}"),
+                    VaultError::Unavailable(
+                        format!("Google's signing keys are unavailable ({e}); nothing was connected; begin the authorization again later").into(),
+                    ),
+                )
+                .await;
+            }
             Err(e) => {
                 return refuse(
                     target,
                     format!("id_token refused: {e}"),
-                    VaultError::Unavailable(format!("id_token verification failed: {e}").into()),
+                    VaultError::precondition(format!(
+                        "{ID_TOKEN_REFUSED}: {e}; nothing was connected; begin the authorization again"
+                    )),
                 )
                 .await;
             }
@@ -327,12 +351,22 @@ impl Vault {
             Some(c) if c.google_subject.as_deref() == Some(claims.subject.as_str()) => {
                 (Some(c), None)
             }
+            // Its tokens are gone already; storing the new connection retires it.
+            Some(c) if c.status == ConnectionStatus::RevokedUpstream => (None, None),
             other => (None, other),
         };
         let refresh_token = match (grant.refresh_token, &existing) {
             (Some(t), _) => Some(t),
             (None, Some(c)) => self.refresh_token_open(c).await?,
             (None, None) => None,
+        };
+        // Without a refresh token the connection would fail at its first
+        // refresh: it waits for the user to connect again, which asks Google
+        // for consent (see `authorization_begin`).
+        let status = if refresh_token.is_none() && status == ConnectionStatus::Active {
+            ConnectionStatus::ConsentRequired
+        } else {
+            status
         };
         self.audit()
             .record(

@@ -136,7 +136,11 @@ impl Vault {
             google_email: Some(new.google_email.clone()),
             granted_scopes: new.granted_scopes.clone(),
             status: new.status,
-            status_reason: None,
+            status_reason: match new.status {
+                ConnectionStatus::ConsentRequired => Some("no_refresh_token".to_owned()),
+                ConnectionStatus::InsufficientScope => Some("insufficient_scope".to_owned()),
+                _ => None,
+            },
             created_at: now,
             updated_at: now,
             deleted_at: None,

@@ -3,9 +3,11 @@
 //! outbox.
 //!
 //! In the one transaction that answers the call the store destroys the
-//! connections' sealed tokens and DEKs, leaves tombstones, revokes open
-//! leases, writes the events and the receipt and — when no other live
-//! connection uses the same Google account — queues the grant's revocation
+//! connections' sealed tokens and DEKs, leaves tombstones (REVOKED_UPSTREAM
+//! when the user revoked at Google, else DELETED), revokes open leases,
+//! writes the events, the receipt and the `deletion.done` audit entry and —
+//! when no other live connection uses the same Google grant — queues the
+//! grant's revocation, once per grant however many of its connections go,
 //! with a copy of the token sealed under a DEK of its own. After commit the
 //! vault tries Google's revoke inline (short timeout); whatever Google does
 //! not confirm, the outbox worker retries with backoff until it does, or
@@ -13,7 +15,7 @@
 
 use std::time::Duration;
 
-use crate::audit::{Actor, Outcome};
+use crate::audit::{Actor, AuditLog, Outcome};
 use crate::crypto::{SecretString, TokenKind, open, seal};
 use crate::domain::{
     ConnectionStatus, DeletionReason, Integration, ReceiptId, TenantId, Timestamp, UpstreamState,
@@ -21,8 +23,8 @@ use crate::domain::{
 };
 use crate::google::GoogleError;
 use crate::store::{
-    ConnectionFilter, ConnectionRecord, DeletionOutcome, DeletionRequest, DeletionTarget,
-    OutboxRow, OutboxToken, PageRequest, ReceiptRecord,
+    AuditDraft, ConnectionFilter, ConnectionRecord, DeletionOutcome, DeletionRequest,
+    DeletionTarget, OutboxRow, OutboxToken, PageRequest, ReceiptRecord,
 };
 
 use super::Vault;
@@ -68,9 +70,16 @@ impl Vault {
             let victims = self.deletion_victims(&target).await?;
             let mut outbox = Vec::new();
             if revoke_upstream {
+                // One copy per Google grant: the store revokes each grant once.
+                let mut sealed: Vec<&str> = Vec::new();
                 for conn in &victims {
+                    let subject = conn.google_subject.as_deref();
+                    if subject.is_some_and(|s| sealed.contains(&s)) {
+                        continue;
+                    }
                     if let Some(t) = self.outbox_seal(conn, &receipt_id).await? {
                         outbox.push(t);
+                        sealed.extend(subject);
                     }
                 }
             }
@@ -92,8 +101,11 @@ impl Vault {
                 give_up_at: now.plus(Duration::from_secs(
                     self.settings.deletion.revoke_give_up_days * 86_400,
                 )),
+                done: AuditLog::draft(actor, "deletion.done", &subject, Outcome::Ok, String::new()),
             };
-            outcome = match self.store().connection_delete(&req).await {
+            let sealer = self.audit().sealer();
+            let seal = |seq: i64, prev: &[u8], d: &AuditDraft| sealer.seal(seq, prev, d);
+            outcome = match self.store().connection_delete(&req, &seal).await {
                 // A rotation made another version primary while the outbox copies were
                 // sealed: seal them again.
                 Err(VaultError::KeyVersionChanged(_)) => DeletionOutcome::Retry,
@@ -116,26 +128,6 @@ impl Vault {
                 metrics::counter!("tokenvault_deletions_total", "reason" => reason.as_str())
                     .increment(1);
                 tracing::info!(%receipt_id, target = %subject, connections = connections.len(), %reason, "deleted; tokens destroyed");
-                self.audit()
-                    .record(
-                        actor,
-                        "deletion.done",
-                        &subject,
-                        Outcome::Ok,
-                        format!(
-                            "receipt={receipt_id} connections={}",
-                            connections
-                                .iter()
-                                .map(|c| format!("{}:{}", c.connection_id, c.upstream))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        ),
-                    )
-                    .await
-                    .inspect_err(
-                        |e| tracing::error!(error = %e, "could not audit a completed deletion"),
-                    )
-                    .ok();
                 self.refresh_event_head().await;
                 if connections
                     .iter()

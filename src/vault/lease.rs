@@ -34,6 +34,14 @@ use super::connections::dek_context;
 /// How often a waiter looks for another replica's refresh result.
 const REFRESH_POLL: Duration = Duration::from_millis(25);
 
+/// How long a refresh lock lasts unless its holder renews it: a holder that
+/// died (crash, SIGKILL, partition) loses the lock this long after its last
+/// renewal, and a waiter on any replica then takes over with a higher fence.
+pub const REFRESH_LOCK_TTL: Duration = Duration::from_secs(3);
+
+/// How often a live holder renews its refresh lock while it talks to Google.
+const REFRESH_LOCK_RENEW: Duration = Duration::from_secs(1);
+
 /// A lease request, parsed.
 #[derive(Debug)]
 pub struct LeaseRequest {
@@ -416,23 +424,22 @@ impl Vault {
                 }
             }
             let now = Timestamp::now();
-            let lock_until = now.plus(
-                Duration::from_millis(self.settings.google.refresh_deadline_ms)
-                    + Duration::from_secs(5),
-            );
             if let Some(fence) = self
                 .store()
-                .refresh_lock_acquire(&conn.id, &self.instance_id, now, lock_until)
+                .refresh_lock_acquire(&conn.id, &self.instance_id, now, now.plus(REFRESH_LOCK_TTL))
                 .await?
             {
+                let renewal = self.renew_refresh_lock(&conn.id, fence);
                 // Another replica may have stored its refresh between our read
                 // above and taking the lock: look again before calling Google.
-                let result = match self.access_open(conn).await? {
-                    Some((token, expires, updated)) if usable(expires, updated) => {
+                let result = match self.access_open(conn).await {
+                    Ok(Some((token, expires, updated))) if usable(expires, updated) => {
                         Ok((token, expires))
                     }
-                    _ => self.refresh_holding(conn, fence, deadline).await,
+                    Ok(_) => self.refresh_holding(conn, fence, deadline).await,
+                    Err(e) => Err(e),
                 };
+                renewal.abort();
                 if !matches!(result, Err(VaultError::FailedPrecondition(_))) {
                     self.store()
                         .refresh_lock_release(&conn.id, &self.instance_id, fence)
@@ -448,6 +455,31 @@ impl Vault {
             }
             tokio::time::sleep(REFRESH_POLL).await;
         }
+    }
+
+    /// Keeps this process's refresh lock (with `fence`) alive until the
+    /// returned task is aborted or the lock is lost.
+    fn renew_refresh_lock(&self, id: &ConnectionId, fence: i64) -> tokio::task::JoinHandle<()> {
+        let store = Arc::clone(self.store());
+        let holder = self.instance_id.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REFRESH_LOCK_RENEW).await;
+                let until = Timestamp::now().plus(REFRESH_LOCK_TTL);
+                match store.refresh_lock_renew(&id, &holder, fence, until).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(connection = %id, "refresh lock lost before the refresh ended");
+                        return;
+                    }
+                    // The next renewal tries again; the fence protects the write.
+                    Err(e) => {
+                        tracing::warn!(connection = %id, error = %e, "cannot renew a refresh lock")
+                    }
+                }
+            }
+        })
     }
 
     /// Refreshes while holding the lock with `fence`, retrying transient
@@ -522,7 +554,8 @@ impl Vault {
                         .increment(1);
                     self.revoked_at_google(conn).await?;
                     return Err(VaultError::precondition(format!(
-                        "the user revoked access at Google; connection {} was deleted (user_revoked_at_google)",
+                        "Google answered invalid_grant: the user revoked access at Google or the grant expired; \
+                         connection {} is REVOKED_UPSTREAM and its tokens were destroyed; the user must reconnect",
                         conn.id
                     )));
                 }
@@ -549,8 +582,8 @@ impl Vault {
     }
 
     /// The user revoked access at Google (`invalid_grant` on refresh): the
-    /// same cascade as a disconnect, with reason USER_REVOKED_AT_GOOGLE and no
-    /// revocation to send.
+    /// same cascade as a disconnect, with reason USER_REVOKED_AT_GOOGLE, no
+    /// revocation to send, and the connection left REVOKED_UPSTREAM.
     pub async fn revoked_at_google(&self, conn: &ConnectionRecord) -> Result<(), VaultError> {
         let google = Actor {
             identity: "google".to_owned(),

@@ -13,7 +13,7 @@ mod risc;
 
 use std::sync::Arc;
 
-pub use authorize::{BeginOutcome, Completer, Completion, STATE_TTL};
+pub use authorize::{BeginOutcome, Completer, Completion, ID_TOKEN_REFUSED, STATE_TTL};
 pub use connections::{NewConnection, OpenedToken};
 pub use deletion::Deletion;
 pub use events::WatchRequest;

@@ -498,6 +498,7 @@ async fn refresh_by_another_client_is_unauthorized_client() {
 async fn rotation_when_configured_retires_the_used_refresh_token() {
     let sim = start_with(SimConfig {
         rotate_refresh_tokens: true,
+        refresh_token_grace: Duration::from_secs(30),
         ..config()
     })
     .await;
@@ -506,9 +507,55 @@ async fn rotation_when_configured_retires_the_used_refresh_token() {
     assert_eq!(status, StatusCode::OK);
     let new = str_field(&body, "refresh_token");
     assert_ne!(new, old);
+    // Within the grace period the retired token still works (a client that
+    // lost the answer can try again); after it, it is dead.
+    let (status, body) = refresh(&sim, &old).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let newer = str_field(&body, "refresh_token");
+    sim.advance_clock(Duration::from_secs(31));
     let (status, body) = refresh(&sim, &old).await;
     assert_oauth_error(status, &body, 400, "invalid_grant");
-    assert_eq!(refresh(&sim, &new).await.0, StatusCode::OK);
+    assert_eq!(
+        body["error_description"],
+        "Token has been expired or revoked."
+    );
+    assert_eq!(refresh(&sim, &newer).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn testing_mode_refresh_tokens_die_seven_days_after_issue() {
+    let sim = start_with(SimConfig {
+        testing_mode: true,
+        ..config()
+    })
+    .await;
+    let token = str_field(&connect(&sim, &[]).await, "refresh_token");
+    sim.advance_clock(Duration::from_secs(6 * 86_400));
+    assert_eq!(refresh(&sim, &token).await.0, StatusCode::OK, "six days");
+    sim.advance_clock(Duration::from_secs(86_400));
+    let (status, body) = refresh(&sim, &token).await;
+    assert_oauth_error(status, &body, 400, "invalid_grant");
+    assert_eq!(sim.live_refresh_tokens("sim-user-1", CLIENT_ID), 0);
+}
+
+#[tokio::test]
+async fn refresh_tokens_unused_for_six_months_stop_working() {
+    let sim = start().await;
+    let used = str_field(&connect(&sim, &[]).await, "refresh_token");
+    let idle = str_field(
+        &connect(&sim, &[("prompt", "consent")]).await,
+        "refresh_token",
+    );
+    for _ in 0..4 {
+        sim.advance_clock(Duration::from_secs(60 * 86_400));
+        assert_eq!(
+            refresh(&sim, &used).await.0,
+            StatusCode::OK,
+            "used every 60 days"
+        );
+    }
+    let (status, body) = refresh(&sim, &idle).await;
+    assert_oauth_error(status, &body, 400, "invalid_grant");
 }
 
 #[tokio::test]

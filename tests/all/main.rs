@@ -12,6 +12,7 @@ mod dev_tour;
 mod encryption;
 mod events;
 mod foundation;
+mod google_lifecycle;
 mod google_sim;
 mod key_custody;
 mod key_registry;

@@ -573,6 +573,8 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         [0, 99, -7],
         Invalid("integration"),
     );
+    let set = |m: &mut pb::ListConnectionsRequest, v| m.status = Some(v);
+    c.numbers(r, &m, "status", set, [0, 42, -3], Invalid("status"));
     let set = |m: &mut pb::ListConnectionsRequest, v| m.page_size = v;
     c.numbers(
         r,
@@ -2051,6 +2053,7 @@ fn valid_requests() -> Vec<(Rpc, Vec<u8>)> {
                 include_deleted: true,
                 page_size: 5,
                 page_token: String::new(),
+                status: Some(pb::ConnectionStatus::RevokedUpstream as i32),
             }
             .encode_to_vec(),
         ),

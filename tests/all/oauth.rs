@@ -333,7 +333,7 @@ async fn invalid_grant_on_refresh_revokes_the_connection_and_destroys_its_tokens
         .into_inner();
     // The same cascade as a disconnect, with the reason recorded and nothing
     // to revoke at Google (the user already did).
-    assert_eq!(now.status, pb::ConnectionStatus::Deleted as i32);
+    assert_eq!(now.status, pb::ConnectionStatus::RevokedUpstream as i32);
     assert_eq!(now.google_email, "", "tombstone keeps no email");
     assert_eq!(sim.revocations(), 0);
     let events = tv.vault.store().events_after(0, 100).await.unwrap();

@@ -416,17 +416,22 @@ pub const GMAIL_SCOPE: &str = "https://www.googleapis.com/auth/gmail.modify";
 
 /// Starts a Google simulator with the test client registered.
 pub async fn start_google() -> tokenvault::google::sim::GoogleSim {
-    use tokenvault::google::sim::{GoogleSim, SimClient, SimConfig};
-    GoogleSim::start(SimConfig {
+    tokenvault::google::sim::GoogleSim::start(sim_config())
+        .await
+        .expect("start Google simulator")
+}
+
+/// The simulator's default configuration with the test OAuth client.
+pub fn sim_config() -> tokenvault::google::sim::SimConfig {
+    use tokenvault::google::sim::{SimClient, SimConfig};
+    SimConfig {
         clients: vec![SimClient {
             client_id: CLIENT_ID.to_owned(),
             client_secret: CLIENT_SECRET.to_owned(),
             redirect_uris: vec![REDIRECT_URI.to_owned()],
         }],
         ..Default::default()
-    })
-    .await
-    .expect("start Google simulator")
+    }
 }
 
 /// Points a configuration at the simulator.

@@ -124,11 +124,50 @@ async fn fault(
             Some(status_fault(endpoint, 503))
         }
         Fault::Status(code) => Some(status_fault(endpoint, code)),
+        Fault::RateLimited(after) => Some(rate_limited(after)),
+        Fault::HtmlPage(code) => Some(html_error(code)),
+        Fault::Answer(code, body) => Some(verbatim(code, body)),
+        Fault::LoseAnswer => Some(html_error(502)),
         Fault::MalformedJson => Some(malformed(endpoint)),
         Fault::InvalidGrant => Some(oauth_error(&OAuthError::InvalidGrant(
             invalid_grant_description,
         ))),
     }
+}
+
+/// Google's front-end HTML error page.
+fn html_error(code: u16) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let reason = status.canonical_reason().unwrap_or("Error");
+    let page = format!(
+        "<!DOCTYPE html><html lang=en><meta charset=utf-8><title>Error {code} ({reason})!!1</title>\
+         <p><b>{code}.</b> <ins>That’s an error.</ins></p><p>{reason}. <ins>That’s all we know.</ins></p></html>",
+        code = status.as_u16()
+    );
+    html(status, page)
+}
+
+/// 429 with `Retry-After`, as Google's token endpoint throttles.
+fn rate_limited(after: Duration) -> Response {
+    let mut response = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        &json!({"error": "rate_limit_exceeded", "error_description": "Rate Limit Exceeded"}),
+    );
+    if let Ok(value) = header::HeaderValue::from_str(&after.as_secs().to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
+/// A status and JSON body, verbatim.
+fn verbatim(code: u16, body: String) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 /// A Google front-end error: the googleapis JSON error, or an HTML page on
@@ -137,12 +176,7 @@ fn status_fault(endpoint: Endpoint, code: u16) -> Response {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let reason = status.canonical_reason().unwrap_or("Error");
     if !endpoint.is_json() {
-        let page = format!(
-            "<!DOCTYPE html><html lang=en><meta charset=utf-8><title>Error {code} ({reason})!!1</title>\
-             <p><b>{code}.</b> <ins>That’s an error.</ins></p><p>{reason}. <ins>That’s all we know.</ins></p></html>",
-            code = status.as_u16()
-        );
-        return html(status, page);
+        return html_error(code);
     }
     let grpc_status = match status.as_u16() {
         400 => "INVALID_ARGUMENT",
@@ -504,7 +538,10 @@ async fn token(
         }
         _ => BAD_REQUEST,
     };
-    if let Some(response) = fault(&sim, Endpoint::Token, invalid_grant).await {
+    let lose_answer = sim
+        .take_fault_if(Endpoint::Token, |f| *f == Fault::LoseAnswer)
+        .is_some();
+    if !lose_answer && let Some(response) = fault(&sim, Endpoint::Token, invalid_grant).await {
         return finish(Endpoint::Token, response);
     }
     let result = match &params {
@@ -514,6 +551,7 @@ async fn token(
         )),
     };
     let response = match result {
+        _ if lose_answer => html_error(502),
         Ok(body) => json_response(StatusCode::OK, &body),
         Err(error) => oauth_error(&error),
     };

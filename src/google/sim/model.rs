@@ -98,6 +98,12 @@ pub(super) struct Policy {
     pub(super) access_token_lifetime: Duration,
     /// Whether a refresh returns a new refresh token and retires the old one.
     pub(super) rotate_refresh_tokens: bool,
+    /// How long a retired (rotated-out) refresh token keeps working.
+    pub(super) refresh_token_grace: Duration,
+    /// Lifetime of a refresh token from its issue (apps in Testing: 7 days).
+    pub(super) refresh_token_lifetime: Option<Duration>,
+    /// A refresh token unused this long stops working (Google: six months).
+    pub(super) refresh_token_idle_limit: Option<Duration>,
     /// Live refresh tokens kept per grant; the oldest goes beyond that.
     pub(super) max_refresh_tokens_per_grant: usize,
     /// Lifetime of an authorization code.
@@ -155,6 +161,26 @@ struct RefreshRecord {
     subject: String,
     client_id: String,
     scopes: Vec<String>,
+    issued_at: Instant,
+    last_used: Instant,
+    /// When a rotation replaced it; it works for the grace period after.
+    retired_at: Option<Instant>,
+}
+
+impl RefreshRecord {
+    /// Whether the token still works at `now` under `policy`.
+    fn usable(&self, policy: &Policy, now: Instant) -> bool {
+        let retired = self
+            .retired_at
+            .is_some_and(|at| now >= at + policy.refresh_token_grace);
+        let expired = policy
+            .refresh_token_lifetime
+            .is_some_and(|life| now >= self.issued_at + life);
+        let idle = policy
+            .refresh_token_idle_limit
+            .is_some_and(|limit| now >= self.last_used + limit);
+        !(retired || expired || idle)
+    }
 }
 
 /// A validated authorization request.
@@ -231,6 +257,8 @@ pub(super) struct Model {
     access: HashMap<String, AccessRecord>,
     refresh: HashMap<String, RefreshRecord>,
     revocations: u64,
+    /// How far the simulated clock runs ahead of the real one.
+    offset: Duration,
 }
 
 impl Model {
@@ -249,7 +277,19 @@ impl Model {
             access: HashMap::new(),
             refresh: HashMap::new(),
             revocations: 0,
+            offset: Duration::ZERO,
         }
+    }
+
+    /// The simulated clock: real time plus every [`Model::advance`].
+    fn now(&self) -> Instant {
+        Instant::now() + self.offset
+    }
+
+    /// Moves the simulated clock forward: codes, access tokens and refresh
+    /// tokens age as if `by` had passed.
+    pub(super) fn advance(&mut self, by: Duration) {
+        self.offset += by;
     }
 
     /// Registers (or re-points) the account with this email.
@@ -378,7 +418,7 @@ impl Model {
                 scopes: scopes.clone(),
                 issue_refresh_token: req.offline && consent_shown,
                 nonce: req.nonce.map(str::to_owned),
-                expires_at: Instant::now() + self.policy.code_lifetime,
+                expires_at: self.now() + self.policy.code_lifetime,
             },
         );
         Ok(AuthOutcome::Code {
@@ -401,7 +441,7 @@ impl Model {
             .codes
             .remove(code)
             .ok_or(OAuthError::InvalidGrant(BAD_REQUEST))?;
-        if record.client_id != client_id || Instant::now() >= record.expires_at {
+        if record.client_id != client_id || self.now() >= record.expires_at {
             return Err(OAuthError::InvalidGrant(BAD_REQUEST));
         }
         if record.redirect_uri != redirect_uri {
@@ -437,12 +477,16 @@ impl Model {
         refresh_token: &str,
         scope: Option<&str>,
     ) -> Result<Issued, OAuthError> {
+        let now = self.now();
         let record = self
             .refresh
             .get(refresh_token)
             .ok_or(OAuthError::InvalidGrant(EXPIRED_OR_REVOKED))?;
         if record.client_id != client_id {
             return Err(OAuthError::UnauthorizedClient);
+        }
+        if !record.usable(&self.policy, now) {
+            return Err(OAuthError::InvalidGrant(EXPIRED_OR_REVOKED));
         }
         let scopes = match scope {
             None => record.scopes.clone(),
@@ -459,10 +503,14 @@ impl Model {
         let key = (record.subject.clone(), record.client_id.clone());
         let token_scopes = record.scopes.clone();
         let access_token = self.issue_access_token(&key, &scopes)?;
+        if let Some(record) = self.refresh.get_mut(refresh_token) {
+            record.last_used = now;
+        }
         let new_refresh = if self.policy.rotate_refresh_tokens {
-            self.refresh.remove(refresh_token);
-            if let Some(grant) = self.grants.get_mut(&key) {
-                grant.refresh_tokens.retain(|t| t != refresh_token);
+            // The used token keeps working for the grace period (a client
+            // that lost this answer can try again), then dies.
+            if let Some(record) = self.refresh.get_mut(refresh_token) {
+                record.retired_at.get_or_insert(now);
             }
             Some(self.issue_refresh_token(&key, &token_scopes)?)
         } else {
@@ -491,7 +539,7 @@ impl Model {
                 subject: key.0.clone(),
                 client_id: key.1.clone(),
                 scopes: scopes.to_vec(),
-                expires_at: Instant::now() + self.policy.access_token_lifetime,
+                expires_at: self.now() + self.policy.access_token_lifetime,
             },
         );
         self.grants
@@ -510,12 +558,16 @@ impl Model {
         scopes: &[String],
     ) -> Result<String, OAuthError> {
         let token = self.random("1//0Sim")?;
+        let now = self.now();
         self.refresh.insert(
             token.clone(),
             RefreshRecord {
                 subject: key.0.clone(),
                 client_id: key.1.clone(),
                 scopes: scopes.to_vec(),
+                issued_at: now,
+                last_used: now,
+                retired_at: None,
             },
         );
         let limit = self.policy.max_refresh_tokens_per_grant.max(1);
@@ -533,11 +585,15 @@ impl Model {
     /// revokes its whole grant.
     pub(super) fn revoke(&mut self, token: &str) -> Result<(), OAuthError> {
         let key = if let Some(access) = self.access.get(token) {
-            if Instant::now() >= access.expires_at {
+            if self.now() >= access.expires_at {
                 return Err(OAuthError::InvalidToken);
             }
             (access.subject.clone(), access.client_id.clone())
-        } else if let Some(refresh) = self.refresh.get(token) {
+        } else if let Some(refresh) = self
+            .refresh
+            .get(token)
+            .filter(|r| r.usable(&self.policy, self.now()))
+        {
             (refresh.subject.clone(), refresh.client_id.clone())
         } else {
             return Err(OAuthError::InvalidToken);
@@ -572,7 +628,7 @@ impl Model {
     /// email scope.
     pub(super) fn userinfo(&self, token: &str) -> Option<(User, bool)> {
         let record = self.access.get(token)?;
-        if Instant::now() >= record.expires_at {
+        if self.now() >= record.expires_at {
             return None;
         }
         let email = record.scopes.iter().any(|s| s == EMAIL_SCOPE);
@@ -593,7 +649,7 @@ impl Model {
 
     /// Makes every access token issued so far expired.
     pub(super) fn expire_access_tokens(&mut self) {
-        let now = Instant::now();
+        let now = self.now();
         for record in self.access.values_mut() {
             record.expires_at = now;
         }
@@ -629,9 +685,16 @@ impl Model {
 
     /// How many refresh tokens of the grant still work.
     pub(super) fn live_refresh_tokens(&self, subject: &str, client_id: &str) -> usize {
+        let now = self.now();
         self.grants
             .get(&(subject.to_owned(), client_id.to_owned()))
-            .map_or(0, |g| g.refresh_tokens.len())
+            .map_or(0, |g| {
+                g.refresh_tokens
+                    .iter()
+                    .filter_map(|t| self.refresh.get(t))
+                    .filter(|r| r.usable(&self.policy, now))
+                    .count()
+            })
     }
 }
 

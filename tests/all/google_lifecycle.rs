@@ -1,0 +1,859 @@
+//! Connections as Google really behaves, against the simulator's grant model
+//! (one grant per Google user and client, cumulative scopes, consent — and a
+//! refresh token — only on first consent, new scopes or `prompt=consent`,
+//! `/revoke` ending the whole grant, optional refresh-token rotation):
+//! revoked-upstream status, one revoke per grant, reconnect consent,
+//! non-retryable id_token failures, audited reads, a refresh lock that a dead
+//! holder loses fast, rotation that never loses the working refresh token,
+//! and malformed Google answers that change nothing.
+
+use std::time::{Duration, Instant};
+
+use tokenvault::google::sim::{Endpoint, Fault, SimConfig};
+use tokenvault::proto::v1 as pb;
+use tokenvault::store::AuditFilter;
+use tonic::Code;
+
+use crate::both_backends;
+use crate::support::raw::RawDb;
+use crate::support::{
+    As, Backend, CALENDAR_SCOPE, CLIENT_ID, GMAIL_SCOPE, TestVault, connect, deliver_callback,
+    follow_authorization, query_param, spawn_vault_with_google,
+};
+
+fn lease_request(connection_id: &str, integration: pb::Integration) -> pb::LeaseTokenRequest {
+    let (purpose, scope) = match integration {
+        pb::Integration::Email => ("email_sync", GMAIL_SCOPE),
+        _ => ("calendar_sync", CALENDAR_SCOPE),
+    };
+    pb::LeaseTokenRequest {
+        connection_id: connection_id.into(),
+        purpose: purpose.into(),
+        scopes: vec![scope.into()],
+        min_valid_seconds: 60,
+    }
+}
+
+fn worker_for(integration: pb::Integration) -> As {
+    match integration {
+        pb::Integration::Email => As::EmailWorker,
+        _ => As::Worker,
+    }
+}
+
+async fn lease(
+    tv: &TestVault,
+    c: &pb::Connection,
+) -> Result<pb::LeaseTokenResponse, tonic::Status> {
+    let integration = pb::Integration::try_from(c.integration).unwrap();
+    tv.leases(worker_for(integration))
+        .lease_token(lease_request(&c.connection_id, integration))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Makes the vault's stored access token look expired, so the next lease
+/// refreshes.
+async fn expire_stored_token(tv: &TestVault, connection_id: &str) {
+    let raw = RawDb::open(tv).await;
+    raw.execute(&format!(
+        "UPDATE connection_secrets SET access_expires_at = 0 WHERE connection_id = '{connection_id}'"
+    ))
+    .await;
+    raw.close().await;
+}
+
+async fn get(tv: &TestVault, id: &str) -> pb::Connection {
+    tv.connections(As::App)
+        .get_connection(pb::GetConnectionRequest {
+            connection_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// What the admin API says about a connection's secrets.
+async fn detail(tv: &TestVault, tenant: &str, id: &str) -> pb::ConnectionDetail {
+    tv.admin(As::Admin)
+        .list_connections(pb::AdminListConnectionsRequest {
+            tenant_id: Some(tenant.into()),
+            include_deleted: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connections
+        .into_iter()
+        .find(|d| d.connection.as_ref().unwrap().connection_id == id)
+        .expect("the connection in the admin listing")
+}
+
+async fn audit_actions(tv: &TestVault, prefix: &str) -> Vec<(String, String, String)> {
+    tv.vault
+        .store()
+        .audit_query(
+            &AuditFilter {
+                action_prefix: Some(prefix.into()),
+                ..Default::default()
+            },
+            10_000,
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.draft.action, r.draft.target, r.draft.detail))
+        .collect()
+}
+
+// --- 1. invalid_grant → REVOKED_UPSTREAM ---------------------------------------
+
+async fn invalid_grant_leaves_the_connection_revoked_upstream_until_the_user_reconnects(
+    backend: Backend,
+) {
+    let Some((tv, sim)) = spawn_vault_with_google(backend, |_| {}).await else {
+        return;
+    };
+    let c = connect(&tv, "gone", "u1", pb::Integration::Calendar).await;
+    sim.revoke_grant_silently("sim-user-1");
+    expire_stored_token(&tv, &c.connection_id).await;
+    let err = lease(&tv, &c).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("REVOKED_UPSTREAM"), "{err:?}");
+
+    let now = get(&tv, &c.connection_id).await;
+    assert_eq!(now.status, pb::ConnectionStatus::RevokedUpstream as i32);
+    assert_eq!(now.status_reason, "user_revoked_at_google");
+    assert_eq!(now.google_email, "", "no Google data kept");
+    assert!(now.granted_scopes.is_empty());
+    assert!(!now.deletion_receipt_id.is_empty(), "a receipt says why");
+    let receipt = tv
+        .connections(As::App)
+        .get_deletion_receipt(pb::GetDeletionReceiptRequest {
+            receipt_id: now.deletion_receipt_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        receipt.reason,
+        pb::DeletionReason::UserRevokedAtGoogle as i32
+    );
+    assert_eq!(
+        sim.calls(Endpoint::Revoke),
+        0,
+        "nothing to revoke at Google"
+    );
+    let raw = RawDb::open(&tv).await;
+    assert!(raw.secret_row(&c.connection_id).await.is_none());
+    raw.close().await;
+
+    // The product finds it by status, without asking for tombstones.
+    let listed = tv
+        .connections(As::App)
+        .list_connections(pb::ListConnectionsRequest {
+            tenant_id: "gone".into(),
+            status: Some(pb::ConnectionStatus::RevokedUpstream as i32),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connections;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].connection_id, c.connection_id);
+
+    // Told again (another invalid_grant, a RISC event): nothing changes.
+    let id = tokenvault::domain::ConnectionId::parse(&c.connection_id).unwrap();
+    let record = tv.vault.connection_get(&id).await.unwrap();
+    tv.vault.revoked_at_google(&record).await.unwrap();
+    assert_eq!(
+        get(&tv, &c.connection_id).await.deletion_receipt_id,
+        now.deletion_receipt_id
+    );
+
+    // The user reconnects: a new ACTIVE connection with a refresh token
+    // (the grant is gone, so Google shows consent again).
+    let again = connect(&tv, "gone", "u1", pb::Integration::Calendar).await;
+    assert_ne!(again.connection_id, c.connection_id);
+    assert_eq!(again.status, pb::ConnectionStatus::Active as i32);
+    assert!(
+        detail(&tv, "gone", &again.connection_id)
+            .await
+            .has_refresh_token
+    );
+    assert_eq!(
+        get(&tv, &c.connection_id).await.status,
+        pb::ConnectionStatus::Deleted as i32,
+        "the revoked connection is retired by the new one"
+    );
+    expire_stored_token(&tv, &again.connection_id).await;
+    lease(&tv, &again)
+        .await
+        .expect("the new connection refreshes");
+}
+both_backends!(
+    invalid_grant_revoked_upstream,
+    invalid_grant_leaves_the_connection_revoked_upstream_until_the_user_reconnects
+);
+
+// --- 2. one revoke per grant ------------------------------------------------
+
+async fn deleting_an_account_revokes_its_google_grant_once(backend: Backend) {
+    let Some((tv, sim)) = spawn_vault_with_google(backend, |_| {}).await else {
+        return;
+    };
+    connect(&tv, "once", "u1", pb::Integration::Calendar).await;
+    connect(&tv, "once", "u1", pb::Integration::Email).await;
+    let receipt = tv
+        .connections(As::App)
+        .delete_account(pb::DeleteAccountRequest {
+            tenant_id: "once".into(),
+            account_id: "u1".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        sim.calls(Endpoint::Revoke),
+        1,
+        "one /revoke for the one grant"
+    );
+    assert_eq!(sim.revocations(), 1);
+    assert!(sim.grant_revoked("sim-user-1", CLIENT_ID));
+    let states: Vec<i32> = receipt
+        .upstream_revocations
+        .iter()
+        .map(|u| u.state)
+        .collect();
+    assert_eq!(states.len(), 2);
+    assert_eq!(
+        states
+            .iter()
+            .filter(|s| **s == pb::UpstreamRevocationState::Confirmed as i32)
+            .count(),
+        1,
+        "one connection carries the grant's revocation: {states:?}"
+    );
+    // The outbox worker has nothing left to send.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(sim.calls(Endpoint::Revoke), 1);
+}
+both_backends!(
+    account_revokes_once,
+    deleting_an_account_revokes_its_google_grant_once
+);
+
+async fn concurrent_disconnects_of_one_grant_revoke_it_once(backend: Backend) {
+    let Some((tv, sim)) = spawn_vault_with_google(backend, |_| {}).await else {
+        return;
+    };
+    let cal = connect(&tv, "race", "u1", pb::Integration::Calendar).await;
+    let mail = connect(&tv, "race", "u1", pb::Integration::Email).await;
+    let disconnect = |id: String| {
+        let mut client = tv.connections(As::App);
+        async move {
+            client
+                .disconnect(pb::DisconnectRequest {
+                    connection_id: id,
+                    reason: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let (a, b) = tokio::join!(
+        disconnect(cal.connection_id.clone()),
+        disconnect(mail.connection_id.clone())
+    );
+    let pending_or_done = [a, b]
+        .iter()
+        .flat_map(|r| r.upstream_revocations.iter())
+        .filter(|u| u.state != pb::UpstreamRevocationState::NotNeeded as i32)
+        .count();
+    assert_eq!(
+        pending_or_done, 1,
+        "exactly one of the two revokes the grant"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(sim.calls(Endpoint::Revoke), 1);
+    assert!(sim.grant_revoked("sim-user-1", CLIENT_ID));
+}
+both_backends!(
+    concurrent_disconnects_revoke_once,
+    concurrent_disconnects_of_one_grant_revoke_it_once
+);
+
+// --- 3. reconnect consent -----------------------------------------------------
+
+async fn reconnecting_an_integration_whose_grant_lives_on_gets_a_refresh_token(backend: Backend) {
+    let Some((tv, sim)) = spawn_vault_with_google(backend, |_| {}).await else {
+        return;
+    };
+    connect(&tv, "again", "u1", pb::Integration::Calendar).await;
+    let mail = connect(&tv, "again", "u1", pb::Integration::Email).await;
+    tv.connections(As::App)
+        .disconnect(pb::DisconnectRequest {
+            connection_id: mail.connection_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        sim.calls(Endpoint::Revoke),
+        0,
+        "calendar still uses the grant: nothing revoked"
+    );
+    // The grant still covers the email scopes, so Google would show no
+    // consent (and issue no refresh token) unless asked to.
+    let begun = tv
+        .connections(As::App)
+        .begin_authorization(pb::BeginAuthorizationRequest {
+            tenant_id: "again".into(),
+            account_id: "u1".into(),
+            integration: pb::Integration::Email as i32,
+            login_hint: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        query_param(begun.authorization_url.split_once('?').unwrap().1, "prompt").as_deref(),
+        Some("consent")
+    );
+    let query = follow_authorization(&begun.authorization_url).await;
+    let (status, body) = deliver_callback(&tv, &query).await;
+    assert_eq!(status, 200, "{body}");
+    let again = tv
+        .connections(As::App)
+        .list_connections(pb::ListConnectionsRequest {
+            tenant_id: "again".into(),
+            integration: Some(pb::Integration::Email as i32),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connections
+        .remove(0);
+    assert_eq!(again.status, pb::ConnectionStatus::Active as i32);
+    assert!(
+        detail(&tv, "again", &again.connection_id)
+            .await
+            .has_refresh_token
+    );
+    expire_stored_token(&tv, &again.connection_id).await;
+    let before = sim.refresh_calls();
+    lease(&tv, &again)
+        .await
+        .expect("the reconnected connection refreshes");
+    assert_eq!(sim.refresh_calls() - before, 1);
+
+    // Connecting calendar again while it holds a refresh token needs no consent.
+    let begun = tv
+        .connections(As::App)
+        .begin_authorization(pb::BeginAuthorizationRequest {
+            tenant_id: "again".into(),
+            account_id: "u1".into(),
+            integration: pb::Integration::Calendar as i32,
+            login_hint: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        query_param(begun.authorization_url.split_once('?').unwrap().1, "prompt"),
+        None
+    );
+}
+both_backends!(
+    reconnect_gets_refresh_token,
+    reconnecting_an_integration_whose_grant_lives_on_gets_a_refresh_token
+);
+
+/// Google's token answer for a code, forged with the simulator's key: a
+/// valid id_token for `sim-user-1`, and no refresh token.
+fn answer_without_refresh_token(sim: &tokenvault::google::sim::GoogleSim) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let id_token = sim.sign_claims(serde_json::json!({
+        "iss": sim.issuer(), "aud": CLIENT_ID, "sub": "sim-user-1",
+        "email": "user1@sim.test", "iat": now, "exp": now + 3600,
+    }));
+    serde_json::json!({
+        "access_token": "ya29.forged-without-refresh",
+        "expires_in": 3599,
+        "scope": format!("openid https://www.googleapis.com/auth/userinfo.email {GMAIL_SCOPE}"),
+        "token_type": "Bearer",
+        "id_token": id_token,
+    })
+    .to_string()
+}
+
+async fn a_connection_google_gave_no_refresh_token_is_consent_required(backend: Backend) {
+    let Some((tv, sim)) = spawn_vault_with_google(backend, |_| {}).await else {
+        return;
+    };
+    sim.inject(
+        Endpoint::Token,
+        Fault::Answer(200, answer_without_refresh_token(&sim)),
+        Some(1),
+    );
+    let c = connect(&tv, "norefresh", "u1", pb::Integration::Email).await;
+    assert_eq!(c.status, pb::ConnectionStatus::ConsentRequired as i32);
+    assert_eq!(c.status_reason, "no_refresh_token");
+    let err = lease(&tv, &c).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // Connecting again asks Google for consent and ends ACTIVE.
+    let again = connect(&tv, "norefresh", "u1", pb::Integration::Email).await;
+    assert_eq!(
+        again.connection_id, c.connection_id,
+        "same Google account: same connection"
+    );
+    assert_eq!(again.status, pb::ConnectionStatus::Active as i32);
+    assert!(
+        detail(&tv, "norefresh", &again.connection_id)
+            .await
+            .has_refresh_token
+    );
+}
+both_backends!(
+    no_refresh_token_consent_required,
+    a_connection_google_gave_no_refresh_token_is_consent_required
+);
+
+// --- 4. id_token failures are not retryable -----------------------------------
+
+async fn an_id_token_that_does_not_verify_is_refused_for_good(backend: Backend) {
+    let Some((tv, sim)) = spawn_vault_with_google(backend, |_| {}).await else {
+        return;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "iss": sim.issuer(), "aud": CLIENT_ID, "sub": "sim-user-1",
+        "email": "user1@sim.test", "iat": now, "exp": now + 3600,
+    });
+    let forged = |id_token: String| {
+        serde_json::json!({
+            "access_token": "ya29.forged", "expires_in": 3599, "token_type": "Bearer",
+            "refresh_token": "1//0forged", "scope": format!("openid {CALENDAR_SCOPE}"),
+            "id_token": id_token,
+        })
+        .to_string()
+    };
+    let mut wrong_audience = claims.clone();
+    wrong_audience["aud"] = serde_json::json!("another-client");
+    let cases = [
+        (
+            "untrusted key",
+            forged(sim.sign_with_untrusted_key(claims.clone())),
+        ),
+        ("wrong audience", forged(sim.sign_claims(wrong_audience))),
+        ("tampered", {
+            let token = sim.sign_claims(claims.clone());
+            let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+            parts[1] = parts[1].chars().rev().collect();
+            forged(parts.join("."))
+        }),
+    ];
+    for (what, answer) in cases {
+        // Through the browser callback: a 400 page that says what happened.
+        sim.inject(Endpoint::Token, Fault::Answer(200, answer.clone()), Some(1));
+        let begun = tv
+            .connections(As::App)
+            .begin_authorization(pb::BeginAuthorizationRequest {
+                tenant_id: "idt".into(),
+                account_id: "u1".into(),
+                integration: pb::Integration::Calendar as i32,
+                login_hint: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let query = follow_authorization(&begun.authorization_url).await;
+        let (status, body) = deliver_callback(&tv, &query).await;
+        assert_eq!(status, 400, "{what}: {body}");
+        assert!(body.contains("id_token_invalid"), "{what}: {body}");
+        assert!(body.contains("could not be verified"), "{what}: {body}");
+
+        // Through CompleteAuthorization: FAILED_PRECONDITION, not UNAVAILABLE.
+        sim.inject(Endpoint::Token, Fault::Answer(200, answer), Some(1));
+        let begun = tv
+            .connections(As::App)
+            .begin_authorization(pb::BeginAuthorizationRequest {
+                tenant_id: "idt".into(),
+                account_id: "u1".into(),
+                integration: pb::Integration::Calendar as i32,
+                login_hint: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let query = follow_authorization(&begun.authorization_url).await;
+        let err = tv
+            .connections(As::App)
+            .complete_authorization(pb::CompleteAuthorizationRequest {
+                state: query_param(&query, "state").unwrap(),
+                outcome: Some(pb::complete_authorization_request::Outcome::Code(
+                    query_param(&query, "code").unwrap(),
+                )),
+                tenant_id: "idt".into(),
+                account_id: "u1".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{what}: {err:?}");
+        assert!(err.message().contains("id_token"), "{what}: {err:?}");
+    }
+    let listed = tv
+        .connections(As::App)
+        .list_connections(pb::ListConnectionsRequest {
+            tenant_id: "idt".into(),
+            include_deleted: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.connections.is_empty(), "nothing was connected");
+}
+both_backends!(
+    id_token_refused_for_good,
+    an_id_token_that_does_not_verify_is_refused_for_good
+);
+
+// --- 6. audited reads and deletion.done ------------------------------------------
+
+async fn every_successful_read_rpc_is_audited(backend: Backend) {
+    let Some((tv, _sim)) = spawn_vault_with_google(backend, |_| {}).await else {
+        return;
+    };
+    let c = connect(&tv, "reads", "u1", pb::Integration::Calendar).await;
+    let receipt = tv
+        .connections(As::App)
+        .disconnect(pb::DisconnectRequest {
+            connection_id: c.connection_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let before_get = audit_actions(&tv, "connection.get").await.len();
+    get(&tv, &c.connection_id).await;
+    let gets = audit_actions(&tv, "connection.get").await;
+    assert_eq!(gets.len(), before_get + 1);
+    assert_eq!(gets.last().unwrap().1, c.connection_id);
+
+    let before_list = audit_actions(&tv, "connection.list").await.len();
+    tv.connections(As::App)
+        .list_connections(pb::ListConnectionsRequest {
+            tenant_id: "reads".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let lists = audit_actions(&tv, "connection.list").await;
+    assert_eq!(lists.len(), before_list + 1);
+    assert_eq!(lists.last().unwrap().1, "reads");
+
+    tv.connections(As::App)
+        .get_deletion_receipt(pb::GetDeletionReceiptRequest {
+            receipt_id: receipt.receipt_id.clone(),
+        })
+        .await
+        .unwrap();
+    let receipts = audit_actions(&tv, "receipt.get").await;
+    assert_eq!(receipts.len(), 1);
+    assert_eq!(receipts[0].1, receipt.receipt_id);
+
+    // Fail closed: with the audit log refusing, a read answers nothing.
+    tv.vault.audit().inject_failure(true);
+    let err = tv
+        .connections(As::App)
+        .get_connection(pb::GetConnectionRequest {
+            connection_id: c.connection_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    tv.vault.audit().inject_failure(false);
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // The deletion's own entry names its receipt.
+    let done = audit_actions(&tv, "deletion.done").await;
+    assert_eq!(done.len(), 1);
+    assert!(done[0].2.contains(&receipt.receipt_id), "{done:?}");
+    let report = tokenvault::audit::verify_chain(
+        tv.vault.store().as_ref(),
+        tv.vault.keyring().as_ref(),
+        1,
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(report.ok(), "{report:?}");
+}
+both_backends!(reads_are_audited, every_successful_read_rpc_is_audited);
+
+// --- refresh-token rotation ----------------------------------------------------------
+
+async fn rotated_refresh_tokens_are_kept_and_a_lost_answer_loses_no_token(backend: Backend) {
+    let sim = tokenvault::google::sim::GoogleSim::start(SimConfig {
+        rotate_refresh_tokens: true,
+        refresh_token_grace: Duration::from_secs(60),
+        ..crate::support::sim_config()
+    })
+    .await
+    .unwrap();
+    let Some(tv) = crate::support::spawn_vault_with(backend, |c| {
+        crate::support::use_google(c, &sim);
+    })
+    .await
+    else {
+        return;
+    };
+    let c = connect(&tv, "rot", "u1", pb::Integration::Calendar).await;
+    let raw = RawDb::open(&tv).await;
+    let first = raw.secret_row(&c.connection_id).await.unwrap();
+
+    // A rotated refresh: the new refresh token is stored with the new access token.
+    expire_stored_token(&tv, &c.connection_id).await;
+    lease(&tv, &c).await.expect("refresh");
+    let second = raw.secret_row(&c.connection_id).await.unwrap();
+    assert_ne!(
+        second.refresh_token, first.refresh_token,
+        "new refresh token stored"
+    );
+    // The old one dies after the grace period; the stored one keeps working.
+    sim.advance_clock(Duration::from_secs(120));
+    assert_eq!(sim.live_refresh_tokens("sim-user-1", CLIENT_ID), 1);
+    expire_stored_token(&tv, &c.connection_id).await;
+    lease(&tv, &c)
+        .await
+        .expect("refresh with the rotated token");
+    let third = raw.secret_row(&c.connection_id).await.unwrap();
+    assert_ne!(third.refresh_token, second.refresh_token);
+
+    // Google rotates but its answer never arrives — what a crash between
+    // Google's answer and the commit looks like to the database: the new
+    // refresh token exists only at Google, the stored one is now retired.
+    // The vault keeps the retired one (still valid for the grace period),
+    // tries again, and stores the token of the retry.
+    sim.advance_clock(Duration::from_secs(120));
+    sim.inject(Endpoint::Token, Fault::LoseAnswer, Some(1));
+    expire_stored_token(&tv, &c.connection_id).await;
+    let before = sim.refresh_calls();
+    lease(&tv, &c).await.expect("refresh after a lost answer");
+    assert_eq!(
+        sim.refresh_calls() - before,
+        2,
+        "the lost answer, then a retry"
+    );
+    let fourth = raw.secret_row(&c.connection_id).await.unwrap();
+    assert_ne!(fourth.refresh_token, third.refresh_token);
+    sim.advance_clock(Duration::from_secs(120));
+    expire_stored_token(&tv, &c.connection_id).await;
+    lease(&tv, &c)
+        .await
+        .expect("the token stored after the lost answer works after the grace period");
+    raw.close().await;
+}
+both_backends!(
+    refresh_token_rotation,
+    rotated_refresh_tokens_are_kept_and_a_lost_answer_loses_no_token
+);
+
+// --- malformed Google answers ---------------------------------------------------------
+
+async fn malformed_or_unexpected_google_answers_change_nothing(backend: Backend) {
+    let Some((tv, sim)) = spawn_vault_with_google(backend, |c| {
+        c.google.refresh_deadline_ms = 1_000;
+    })
+    .await
+    else {
+        return;
+    };
+    let c = connect(&tv, "bad", "u1", pb::Integration::Calendar).await;
+    expire_stored_token(&tv, &c.connection_id).await;
+    let raw = RawDb::open(&tv).await;
+    let stored = raw.secret_row(&c.connection_id).await.unwrap();
+    let cases: Vec<(&str, Fault)> = vec![
+        ("empty object", Fault::Answer(200, "{}".into())),
+        (
+            "no access_token",
+            Fault::Answer(
+                200,
+                r#"{"expires_in": 3599, "token_type": "Bearer"}"#.into(),
+            ),
+        ),
+        (
+            "expires_in of the wrong type",
+            Fault::Answer(
+                200,
+                r#"{"access_token": "ya29.x", "expires_in": "soon", "token_type": "Bearer"}"#
+                    .into(),
+            ),
+        ),
+        ("not JSON", Fault::Answer(200, "<html>hello</html>".into())),
+        ("HTML error page", Fault::HtmlPage(502)),
+        (
+            "429 with Retry-After",
+            Fault::RateLimited(Duration::from_secs(30)),
+        ),
+        (
+            "unknown OAuth error",
+            Fault::Answer(400, r#"{"error": "something_new"}"#.into()),
+        ),
+        ("cut-off JSON", Fault::MalformedJson),
+    ];
+    for (what, fault) in cases {
+        sim.clear_faults();
+        sim.inject(Endpoint::Token, fault, None);
+        let err = lease(&tv, &c).await.unwrap_err();
+        assert!(
+            matches!(err.code(), Code::Unavailable | Code::FailedPrecondition),
+            "{what}: {err:?}"
+        );
+        assert!(!err.message().is_empty(), "{what}");
+        assert_eq!(
+            raw.secret_row(&c.connection_id).await.as_ref(),
+            Some(&stored),
+            "{what}: stored tokens unchanged"
+        );
+        assert_eq!(
+            get(&tv, &c.connection_id).await.status,
+            pb::ConnectionStatus::Active as i32,
+            "{what}"
+        );
+    }
+    sim.clear_faults();
+    lease(&tv, &c).await.expect("a good answer still refreshes");
+    raw.close().await;
+}
+both_backends!(
+    malformed_google_answers,
+    malformed_or_unexpected_google_answers_change_nothing
+);
+
+// --- 5. refresh lock: a dead holder loses it fast ----------------------------------------
+
+/// Replica A takes a connection's refresh lock and is SIGKILLed while Google
+/// has not answered; replica B must lease within 5 s.
+async fn a_killed_refresh_lock_holder_is_taken_over_within_seconds(backend: Backend) {
+    use crate::serve_cli::ServeProcess;
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = crate::support::fresh_database(backend, dir.path()).await else {
+        return;
+    };
+    let sim = crate::support::start_google().await;
+    let mut config = crate::support::test_config(dir.path(), &url);
+    crate::support::use_google(&mut config, &sim);
+    config.google.refresh_deadline_ms = 30_000;
+    tokenvault::crypto::LocalKeyring::init(config.keyring_path()).unwrap();
+    let config_path = crate::support::write_config_file(dir.path(), &config, "");
+    let arg = config_path.display().to_string();
+    let mut a = ServeProcess::start(dir.path(), &["--config", &arg], &[]);
+    let b = ServeProcess::start(dir.path(), &["--config", &arg], &[]);
+    let client = |addr: &str| {
+        tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy()
+    };
+    let bearer =
+        |who: As| crate::support::Bearer(Some(format!("Bearer {}", who.key()).parse().unwrap()));
+    let mut app = pb::connection_service_client::ConnectionServiceClient::with_interceptor(
+        client(&a.grpc_addr),
+        bearer(As::App),
+    );
+    let begun = app
+        .begin_authorization(pb::BeginAuthorizationRequest {
+            tenant_id: "lock".into(),
+            account_id: "u1".into(),
+            integration: pb::Integration::Calendar as i32,
+            login_hint: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let redirect = follow_authorization(&begun.authorization_url).await;
+    let resp = reqwest::get(format!("http://{}/oauth/callback?{redirect}", a.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let c = app
+        .list_connections(pb::ListConnectionsRequest {
+            tenant_id: "lock".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connections
+        .remove(0);
+    let raw = RawDb::open_url(backend, &url).await;
+    raw.execute(&format!(
+        "UPDATE connection_secrets SET access_expires_at = 0 WHERE connection_id = '{}'",
+        c.connection_id
+    ))
+    .await;
+
+    // A's refresh hangs at Google while A holds the lock.
+    sim.inject(Endpoint::Token, Fault::Hang, Some(1));
+    let mut worker_a = pb::lease_service_client::LeaseServiceClient::with_interceptor(
+        client(&a.grpc_addr),
+        bearer(As::Worker),
+    );
+    let request = lease_request(&c.connection_id, pb::Integration::Calendar);
+    let held = tokio::spawn({
+        let request = request.clone();
+        async move { worker_a.lease_token(request).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while raw
+        .scalar(&format!(
+            "SELECT COUNT(*) FROM refresh_locks WHERE connection_id = '{}' AND expires_at > 0",
+            c.connection_id
+        ))
+        .await
+        == 0
+    {
+        assert!(Instant::now() < deadline, "A never took the refresh lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.signal("KILL");
+    a.wait(Duration::from_secs(10));
+    let killed = Instant::now();
+    let _ = held.await;
+
+    let mut worker_b = pb::lease_service_client::LeaseServiceClient::with_interceptor(
+        client(&b.grpc_addr),
+        bearer(As::Worker),
+    );
+    loop {
+        match worker_b.lease_token(request.clone()).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(
+                    killed.elapsed() < Duration::from_secs(5),
+                    "no lease on B within 5 s of the holder's death: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    eprintln!("lease on B {took:?} after SIGKILL of the lock holder");
+    raw.close().await;
+}
+both_backends!(
+    refresh_lock_takeover,
+    a_killed_refresh_lock_holder_is_taken_over_within_seconds
+);
