@@ -146,6 +146,8 @@ pub struct Config {
     pub google: GoogleConfig,
     /// Token leases.
     pub lease: LeaseConfig,
+    /// Proactive refresh: keeping grants fresh and finding revoked ones.
+    pub refresh: RefreshConfig,
     /// The file this configuration was read from, if any (for policy reloads).
     #[serde(skip)]
     pub source_file: Option<PathBuf>,
@@ -170,6 +172,7 @@ impl Default for Config {
             risc: RiscConfig::default(),
             google: GoogleConfig::default(),
             lease: LeaseConfig::default(),
+            refresh: RefreshConfig::default(),
             source_file: None,
         }
     }
@@ -515,6 +518,41 @@ impl Default for LeaseConfig {
     }
 }
 
+/// `[refresh]`: the proactive refresh sweeper. Google drops refresh tokens
+/// unused for six months (seven days after issue for apps in publishing
+/// status "Testing") and a user can remove the app at any time; the sweeper
+/// refreshes every ACTIVE connection not refreshed for `refresh_after_hours`,
+/// so grants stay in use and revoked ones are found (and the connection made
+/// REVOKED_UPSTREAM) before a worker needs a token. Each due connection is
+/// claimed by one replica; its refresh is single-flight with leases.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefreshConfig {
+    /// Whether this replica runs the sweeper.
+    pub sweeper: bool,
+    /// How often the sweeper looks for due connections.
+    pub check_interval_seconds: u64,
+    /// A connection not refreshed for this long is due.
+    pub refresh_after_hours: u64,
+    /// After a failed proactive refresh (Google unavailable), the next try.
+    pub retry_after_seconds: u64,
+    /// The most refresh calls per second this replica's sweeper makes to
+    /// Google (leases are not limited by it).
+    pub max_calls_per_second: u32,
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        Self {
+            sweeper: true,
+            check_interval_seconds: 60,
+            refresh_after_hours: 7 * 24,
+            retry_after_seconds: 900,
+            max_calls_per_second: 5,
+        }
+    }
+}
+
 /// `[auth]`: how callers prove an identity besides client certificates.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -794,6 +832,34 @@ impl Config {
             return Err(ConfigError::new(
                 "lease.max_ttl_seconds",
                 "must be at least 1",
+            ));
+        }
+        for (name, value) in [
+            (
+                "refresh.check_interval_seconds",
+                self.refresh.check_interval_seconds,
+            ),
+            (
+                "refresh.refresh_after_hours",
+                self.refresh.refresh_after_hours,
+            ),
+            (
+                "refresh.retry_after_seconds",
+                self.refresh.retry_after_seconds,
+            ),
+            (
+                "refresh.max_calls_per_second",
+                u64::from(self.refresh.max_calls_per_second),
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(name, "must be at least 1"));
+            }
+        }
+        if self.refresh.refresh_after_hours > 24 * 150 {
+            return Err(ConfigError::new(
+                "refresh.refresh_after_hours",
+                "must be at most 3600 (150 days): Google drops refresh tokens unused for six months",
             ));
         }
         for (i, key) in self.auth.api_keys.iter().enumerate() {

@@ -111,6 +111,11 @@ pub fn connection_json(c: &pb::Connection) -> Value {
         "token_expires_at": ts_json(c.token_expires_at.as_ref()),
         "deleted_at": ts_json(c.deleted_at.as_ref()),
         "deletion_receipt_id": c.deletion_receipt_id,
+        "status_reason": c.status_reason,
+        "last_refresh_at": ts_json(c.last_refresh_at.as_ref()),
+        "last_refresh_error": c.last_refresh_error,
+        "last_refresh_error_at": ts_json(c.last_refresh_error_at.as_ref()),
+        "next_check_at": ts_json(c.next_check_at.as_ref()),
     })
 }
 
@@ -475,6 +480,7 @@ pub fn connection_fields(d: &pb::ConnectionDetail) -> Fields {
             "status",
             enum_text!(pb::ConnectionStatus, "CONNECTION_STATUS_", c.status),
         )
+        .add("status_reason", c.status_reason)
         .add("google_subject", c.google_subject)
         .add("google_email", c.google_email)
         .add("granted_scopes", list_text(&c.granted_scopes))
@@ -484,6 +490,13 @@ pub fn connection_fields(d: &pb::ConnectionDetail) -> Fields {
         .add("token_expires_at", ts_text(c.token_expires_at.as_ref()))
         .add("deleted_at", ts_text(c.deleted_at.as_ref()))
         .add("deletion_receipt_id", c.deletion_receipt_id)
+        .add("last_refresh_at", ts_text(c.last_refresh_at.as_ref()))
+        .add("last_refresh_error", c.last_refresh_error)
+        .add(
+            "last_refresh_error_at",
+            ts_text(c.last_refresh_error_at.as_ref()),
+        )
+        .add("next_check_at", ts_text(c.next_check_at.as_ref()))
         .add(
             "kek_version",
             if d.kek_version == 0 {

@@ -73,12 +73,27 @@ pub enum GoogleError {
     /// Timeout, connection failure, 5xx or a malformed answer: may succeed later.
     #[error("Google unavailable: {0}")]
     Unavailable(String),
+    /// 429: Google asked the client to slow down and to wait this long
+    /// (its `Retry-After`) before trying again.
+    #[error("Google rate-limited the call; retry after {} s", .0.as_secs())]
+    RateLimited(Duration),
 }
 
 impl GoogleError {
     /// Whether retrying may succeed.
     pub fn retryable(&self) -> bool {
-        matches!(self, GoogleError::Unavailable(_))
+        matches!(
+            self,
+            GoogleError::Unavailable(_) | GoogleError::RateLimited(_)
+        )
+    }
+
+    /// How long Google asked to wait before the next call, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GoogleError::RateLimited(after) => Some(*after),
+            _ => None,
+        }
     }
 }
 
@@ -200,12 +215,16 @@ impl GoogleClient {
     /// Refreshes an access token.
     pub async fn refresh(&self, refresh_token: &str) -> Result<TokenGrant, GoogleError> {
         let rt = RefreshToken::new(refresh_token.to_owned());
+        let http = self.timed(GoogleEndpoint::Refresh);
         let resp = self
             .oauth
             .exchange_refresh_token(&rt)
-            .request_async(&self.timed(GoogleEndpoint::Refresh))
+            .request_async(&http)
             .await
-            .map_err(classify)?;
+            .map_err(|e| match http.retry_after() {
+                Some(after) => GoogleError::RateLimited(after),
+                None => classify(e),
+            })?;
         Ok(grant(resp))
     }
 
@@ -255,6 +274,7 @@ impl GoogleClient {
         TimedHttp {
             http: &self.http,
             endpoint,
+            retry_after: std::sync::atomic::AtomicU64::new(u64::MAX),
         }
     }
 
@@ -371,6 +391,19 @@ impl Drop for CallTimer {
 struct TimedHttp<'a> {
     http: &'a reqwest::Client,
     endpoint: GoogleEndpoint,
+    /// Seconds of the `Retry-After` of a 429 answer (`u64::MAX`: none).
+    retry_after: std::sync::atomic::AtomicU64,
+}
+
+impl TimedHttp<'_> {
+    /// The `Retry-After` of a 429 answer to the last call, if there was one
+    /// (a missing or HTTP-date header counts as one second).
+    fn retry_after(&self) -> Option<Duration> {
+        match self.retry_after.load(std::sync::atomic::Ordering::Relaxed) {
+            u64::MAX => None,
+            secs => Some(Duration::from_secs(secs)),
+        }
+    }
 }
 
 type OAuthHttpError = HttpClientError<reqwest::Error>;
@@ -383,6 +416,19 @@ impl<'c> AsyncHttpClient<'c> for TimedHttp<'_> {
         Box::pin(async move {
             let timer = CallTimer::start(self.endpoint);
             let result = self.http.call(request).await;
+            if let Ok(resp) = &result
+                && resp.status().as_u16() == 429
+            {
+                let secs = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(1)
+                    .min(86_400);
+                self.retry_after
+                    .store(secs, std::sync::atomic::Ordering::Relaxed);
+            }
             timer.finish(match &result {
                 Ok(resp) => CallStatus::Http(resp.status().as_u16()),
                 Err(HttpClientError::Reqwest(e)) => CallStatus::of_error(e),

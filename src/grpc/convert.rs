@@ -108,6 +108,14 @@ pub fn connection(c: &ConnectionRecord, token_expires_at: Option<Timestamp>) -> 
         } else {
             c.status_reason.clone().unwrap_or_default()
         },
+        last_refresh_at: opt_ts(c.health.last_refresh_at),
+        last_refresh_error: c.health.last_error.clone().unwrap_or_default(),
+        last_refresh_error_at: opt_ts(c.health.last_error_at),
+        next_check_at: if c.status == ConnectionStatus::Active {
+            opt_ts(c.health.next_check_at)
+        } else {
+            None
+        },
     }
 }
 

@@ -212,8 +212,31 @@ pub trait Store: Send + Sync + 'static {
         fence: i64,
     ) -> StoreResult<()>;
 
+    /// Claims up to `limit` ACTIVE connections whose next check is due at
+    /// `now` for the proactive refresh sweeper, moving their next check to
+    /// `claim_until` so that no other replica takes them meanwhile.
+    async fn refresh_claim_due(
+        &self,
+        now: Timestamp,
+        claim_until: Timestamp,
+        limit: i64,
+    ) -> StoreResult<Vec<ConnectionId>>;
+
+    /// ACTIVE connections whose next check is due at `now`.
+    async fn refresh_due_count(&self, now: Timestamp) -> StoreResult<i64>;
+
+    /// Records a failed refresh of an ACTIVE connection and when to try again.
+    async fn refresh_note_error(
+        &self,
+        id: &ConnectionId,
+        error: &str,
+        at: Timestamp,
+        next_check_at: Timestamp,
+    ) -> StoreResult<()>;
+
     /// Stores refreshed tokens if this holder still holds the lock with this
-    /// fence; false (nothing written) otherwise.
+    /// fence; false (nothing written) otherwise. Records the refresh in the
+    /// connection's refresh health.
     async fn secrets_refresh(
         &self,
         id: &ConnectionId,

@@ -33,6 +33,8 @@ fn id_list(ids: &[ConnectionId]) -> Vec<&str> {
 
 // Appended to SELECTs that lock the rows they read.
 const FOR_UPDATE: &str = " FOR UPDATE";
+/// Rows another transaction holds are passed over (the sweeper's claim).
+const SKIP_LOCKED: &str = " FOR UPDATE SKIP LOCKED";
 // Taken before appending events, so cursors are committed in cursor order and
 // a watcher reading "after cursor N" never skips an event committed later
 // with a smaller cursor.

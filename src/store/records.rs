@@ -34,6 +34,22 @@ pub struct ConnectionRecord {
     pub updated_at: Timestamp,
     /// When it was deleted.
     pub deleted_at: Option<Timestamp>,
+    /// How its refreshes have gone.
+    pub health: RefreshHealth,
+}
+
+/// How a connection's refreshes have gone, and when the proactive refresh
+/// sweeper looks at it next.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RefreshHealth {
+    /// The last time Google gave it new tokens (a refresh or a connect).
+    pub last_refresh_at: Option<Timestamp>,
+    /// The last refresh error, cleared by the next successful refresh.
+    pub last_error: Option<String>,
+    /// When that error happened.
+    pub last_error_at: Option<Timestamp>,
+    /// When the sweeper refreshes it next (ACTIVE connections only).
+    pub next_check_at: Option<Timestamp>,
 }
 
 /// The sealed secrets of a live connection.
@@ -446,6 +462,8 @@ pub struct RefreshedTokens<'a> {
     pub refresh_token: Option<&'a [u8]>,
     /// When.
     pub at: Timestamp,
+    /// When the sweeper should refresh the connection next.
+    pub next_check_at: Timestamp,
 }
 
 /// A lease as recorded: never the token, only an HMAC naming it.

@@ -34,7 +34,8 @@ static LEASE_LOOKUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT c.connection_id, c.tenant_id, c.account_id, c.integration, \
      c.google_subject, c.google_email, c.granted_scopes, c.status, c.status_reason, c.created_at, \
-     c.updated_at, c.deleted_at, d.kek_version, d.wrapped_dek, s.access_token, \
+     c.updated_at, c.deleted_at, c.last_refresh_at, c.last_refresh_error, c.last_refresh_error_at, \
+     c.next_check_at, d.kek_version, d.wrapped_dek, s.access_token, \
      s.access_expires_at, s.refresh_token, s.updated_at AS secrets_updated_at \
      FROM connections c \
      LEFT JOIN connection_deks d ON d.connection_id = c.connection_id \
@@ -360,7 +361,8 @@ fn stored<T>(parsed: Result<T, VaultError>, column: &str) -> StoreResult<T> {
 }
 
 const CONNECTION_COLUMNS: &str = "connection_id, tenant_id, account_id, integration, google_subject, \
-     google_email, granted_scopes, status, status_reason, created_at, updated_at, deleted_at";
+     google_email, granted_scopes, status, status_reason, created_at, updated_at, deleted_at, \
+     last_refresh_at, last_refresh_error, last_refresh_error_at, next_check_at";
 
 fn connection_from_row(row: &Row) -> StoreResult<ConnectionRecord> {
     Ok(ConnectionRecord {
@@ -385,6 +387,12 @@ fn connection_from_row(row: &Row) -> StoreResult<ConnectionRecord> {
         created_at: ts(row.try_get("created_at")?),
         updated_at: ts(row.try_get("updated_at")?),
         deleted_at: opt_ts(row.try_get("deleted_at")?),
+        health: crate::store::RefreshHealth {
+            last_refresh_at: opt_ts(row.try_get("last_refresh_at")?),
+            last_error: row.try_get("last_refresh_error")?,
+            last_error_at: opt_ts(row.try_get("last_refresh_error_at")?),
+            next_check_at: opt_ts(row.try_get("next_check_at")?),
+        },
     })
 }
 
@@ -575,7 +583,8 @@ async fn insert_connection(
         sqlx::query(
             "INSERT INTO connections (connection_id, tenant_id, account_id, integration, \
              google_subject, google_email, granted_scopes, status, status_reason, created_at, \
-             updated_at, deleted_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+             updated_at, deleted_at, last_refresh_at, next_check_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(c.id.as_str())
         .bind(c.tenant.as_str())
@@ -589,6 +598,8 @@ async fn insert_connection(
         .bind(c.created_at.as_micros())
         .bind(c.updated_at.as_micros())
         .bind(c.deleted_at.map(Timestamp::as_micros))
+        .bind(c.health.last_refresh_at.map(Timestamp::as_micros))
+        .bind(c.health.next_check_at.map(Timestamp::as_micros))
         .execute(&mut **tx)
         .await?;
     insert_secrets(tx, s).await
@@ -925,7 +936,9 @@ impl crate::store::Store for StoreImpl {
             // replace the old ones in place; the connection keeps its id.
             sqlx::query(
                 "UPDATE connections SET google_subject = $1, google_email = $2, granted_scopes = $3, \
-                 status = $4, status_reason = $5, updated_at = $6 WHERE connection_id = $7",
+                 status = $4, status_reason = $5, updated_at = $6, last_refresh_at = $7, \
+                 last_refresh_error = NULL, last_refresh_error_at = NULL, next_check_at = $8 \
+                 WHERE connection_id = $9",
             )
             .bind(c.google_subject.as_deref())
             .bind(c.google_email.as_deref())
@@ -933,6 +946,8 @@ impl crate::store::Store for StoreImpl {
             .bind(c.status.as_str())
             .bind(c.status_reason.as_deref())
             .bind(c.updated_at.as_micros())
+            .bind(c.health.last_refresh_at.map(Timestamp::as_micros))
+            .bind(c.health.next_check_at.map(Timestamp::as_micros))
             .bind(c.id.as_str())
             .execute(&mut *tx)
             .await?;
@@ -1191,6 +1206,60 @@ impl crate::store::Store for StoreImpl {
         Ok(())
     }
 
+    async fn refresh_claim_due(
+        &self,
+        now: Timestamp,
+        claim_until: Timestamp,
+        limit: i64,
+    ) -> StoreResult<Vec<ConnectionId>> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let ids: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "UPDATE connections SET next_check_at = $1 WHERE connection_id IN ( \
+               SELECT connection_id FROM connections \
+               WHERE status = 'active' AND next_check_at <= $2 \
+               ORDER BY next_check_at LIMIT $3{SKIP_LOCKED}) \
+             RETURNING connection_id"
+        )))
+        .bind(claim_until.as_micros())
+        .bind(now.as_micros())
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ids.into_iter().map(ConnectionId::from_stored).collect())
+    }
+
+    async fn refresh_due_count(&self, now: Timestamp) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM connections WHERE status = 'active' AND next_check_at <= $1",
+        )
+        .bind(now.as_micros())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn refresh_note_error(
+        &self,
+        id: &ConnectionId,
+        error: &str,
+        at: Timestamp,
+        next_check_at: Timestamp,
+    ) -> StoreResult<()> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE connections SET last_refresh_error = $1, last_refresh_error_at = $2, \
+             next_check_at = $3 WHERE connection_id = $4 AND status = 'active'",
+        )
+        .bind(error)
+        .bind(at.as_micros())
+        .bind(next_check_at.as_micros())
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn secrets_refresh(
         &self,
         id: &ConnectionId,
@@ -1220,6 +1289,17 @@ impl crate::store::Store for StoreImpl {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        // Refresh health; `updated_at`, which leases are checked against, is untouched.
+        sqlx::query(
+            "UPDATE connections SET last_refresh_at = $1, last_refresh_error = NULL, \
+             last_refresh_error_at = NULL, next_check_at = $2 \
+             WHERE connection_id = $3 AND status = 'active'",
+        )
+        .bind(t.at.as_micros())
+        .bind(t.next_check_at.as_micros())
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(n == 1)
     }
@@ -1969,7 +2049,8 @@ impl crate::store::Store for StoreImpl {
             delete_secrets(&mut tx, conn.id.as_str()).await?;
             sqlx::query(
                 "UPDATE connections SET status = $1, status_reason = $2, google_subject = NULL, \
-                 google_email = NULL, granted_scopes = '', updated_at = $3, deleted_at = $3 \
+                 google_email = NULL, granted_scopes = '', updated_at = $3, deleted_at = $3, \
+                 last_refresh_error = NULL, last_refresh_error_at = NULL, next_check_at = NULL \
                  WHERE connection_id = $4",
             )
             .bind(status.as_str())

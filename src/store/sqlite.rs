@@ -35,6 +35,8 @@ fn id_list(ids: &[ConnectionId]) -> String {
 
 // Appended to SELECTs that lock the rows they read.
 const FOR_UPDATE: &str = "";
+/// One writer at a time: nothing to skip.
+const SKIP_LOCKED: &str = "";
 // Taken before appending events, so cursors are committed in cursor order and
 // a watcher reading "after cursor N" never skips an event committed later
 // with a smaller cursor.

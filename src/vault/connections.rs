@@ -9,7 +9,7 @@ use crate::domain::{
     AccountId, ConnectionId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp,
     VaultError,
 };
-use crate::store::{ConnectionRecord, SecretsRecord};
+use crate::store::{ConnectionRecord, RefreshHealth, SecretsRecord};
 
 use super::Vault;
 
@@ -144,6 +144,11 @@ impl Vault {
             created_at: now,
             updated_at: now,
             deleted_at: None,
+            health: RefreshHealth {
+                last_refresh_at: Some(now),
+                next_check_at: Some(self.next_refresh_check(now)),
+                ..RefreshHealth::default()
+            },
         };
         let (dek, wrapped) = self.keys().new_dek(&dek_context(&record)).await?;
         let access = seal(

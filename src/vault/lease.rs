@@ -271,7 +271,8 @@ impl Vault {
             None => {
                 // Refreshed (here or elsewhere): the next lease reads it anew.
                 self.reader.forget(&conn.id);
-                self.fresh_access_token(conn, want, req.deadline).await?
+                self.fresh_access_token(conn, want, req.deadline, u32::MAX)
+                    .await?
             }
         };
         let now = Timestamp::now();
@@ -392,11 +393,12 @@ impl Vault {
 
     /// An access token valid until at least `want`, refreshing (once,
     /// across every caller and replica) when the stored one is not.
-    async fn fresh_access_token(
+    pub(super) async fn fresh_access_token(
         &self,
         conn: &ConnectionRecord,
         want: Timestamp,
         deadline: Instant,
+        max_attempts: u32,
     ) -> Result<(SecretString, Timestamp), VaultError> {
         let started = Timestamp::now();
         // A stored token is usable when it is fresh enough or was refreshed
@@ -436,7 +438,10 @@ impl Vault {
                     Ok(Some((token, expires, updated))) if usable(expires, updated) => {
                         Ok((token, expires))
                     }
-                    Ok(_) => self.refresh_holding(conn, fence, deadline).await,
+                    Ok(_) => {
+                        self.refresh_holding(conn, fence, deadline, max_attempts)
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
                 renewal.abort();
@@ -483,12 +488,58 @@ impl Vault {
     }
 
     /// Refreshes while holding the lock with `fence`, retrying transient
-    /// failures with backoff and jitter until the deadline.
+    /// failures with backoff and jitter until the deadline (at most
+    /// `max_attempts` calls to Google). A failure other than a revoked grant
+    /// is recorded in the connection's refresh health.
     async fn refresh_holding(
         &self,
         conn: &ConnectionRecord,
         fence: i64,
         deadline: Instant,
+        max_attempts: u32,
+    ) -> Result<(SecretString, Timestamp), VaultError> {
+        let result = self
+            .refresh_attempts(conn, fence, deadline, max_attempts)
+            .await;
+        let gone = match &result {
+            Err(VaultError::FailedPrecondition(_)) => self.is_gone(conn).await,
+            _ => false,
+        };
+        if let Err(e) = &result
+            && !gone
+        {
+            let now = Timestamp::now();
+            let retry = now.plus(Duration::from_secs(
+                self.settings.refresh.retry_after_seconds,
+            ));
+            let why = e.to_string();
+            if let Err(note) = self
+                .store()
+                .refresh_note_error(&conn.id, &why, now, retry)
+                .await
+            {
+                tracing::warn!(connection = %conn.id, error = %note, "cannot record a refresh error");
+            }
+        }
+        result
+    }
+
+    /// Whether the connection is no longer ACTIVE-able (deleted or revoked
+    /// upstream meanwhile).
+    async fn is_gone(&self, conn: &ConnectionRecord) -> bool {
+        matches!(
+            self.store().connection_get(&conn.id).await,
+            Ok(Some(c)) if c.status == ConnectionStatus::Deleted
+                || c.status == ConnectionStatus::RevokedUpstream
+        )
+    }
+
+    async fn refresh_attempts(
+        &self,
+        conn: &ConnectionRecord,
+        fence: i64,
+        deadline: Instant,
+        max_attempts: u32,
     ) -> Result<(SecretString, Timestamp), VaultError> {
         let google = self.google()?;
         let refresh = self.refresh_token_open(conn).await?.ok_or_else(|| {
@@ -537,6 +588,7 @@ impl Vault {
                                 access_expires_at: grant.expires_at,
                                 refresh_token: new_refresh.as_deref(),
                                 at: Timestamp::now(),
+                                next_check_at: self.next_refresh_check(Timestamp::now()),
                             },
                         )
                         .await?;
@@ -559,7 +611,21 @@ impl Vault {
                         conn.id
                     )));
                 }
-                Ok(Err(e)) if e.retryable() => e.to_string(),
+                // Google asked us to wait longer than the caller can: stop now.
+                Ok(Err(e))
+                    if e.retry_after()
+                        .is_some_and(|after| Instant::now() + after >= deadline) =>
+                {
+                    metrics::counter!("tokenvault_refresh_total", "outcome" => "rate_limited")
+                        .increment(1);
+                    return Err(VaultError::Unavailable(format!("{e}").into()));
+                }
+                Ok(Err(e)) if e.retryable() => {
+                    if let Some(after) = e.retry_after() {
+                        backoff = backoff.max(after);
+                    }
+                    e.to_string()
+                }
                 Ok(Err(e)) => {
                     return Err(VaultError::Unavailable(
                         format!("Google refused the refresh: {e}").into(),
@@ -568,7 +634,7 @@ impl Vault {
                 Err(_) => "timed out".to_owned(),
             };
             let wait = backoff + jitter(backoff / 2);
-            if Instant::now() + wait >= deadline {
+            if attempts >= max_attempts || Instant::now() + wait >= deadline {
                 metrics::counter!("tokenvault_refresh_total", "outcome" => "unavailable")
                     .increment(1);
                 tracing::warn!(connection = %conn.id, attempts, error = %err, "refresh failed within the deadline");

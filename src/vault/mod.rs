@@ -10,6 +10,7 @@ mod keys;
 mod lease;
 mod reader;
 mod risc;
+mod sweeper;
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ pub use events::WatchRequest;
 pub use keys::{KEY_CLAIM_TTL, KeyManager, KeyStatus, RotationStatus, VersionStatus};
 pub use lease::{Lease, LeaseRequest};
 pub use risc::RiscError;
+pub use sweeper::SweepReport;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, DeletionConfig, GoogleConfig, KeyringProviderKind, LeaseConfig};
@@ -57,6 +59,7 @@ struct Settings {
     google: GoogleConfig,
     lease: LeaseConfig,
     deletion: DeletionConfig,
+    refresh: crate::config::RefreshConfig,
 }
 
 impl Vault {
@@ -105,6 +108,7 @@ impl Vault {
                 google: config.google.clone(),
                 lease: config.lease.clone(),
                 deletion: config.deletion.clone(),
+                refresh: config.refresh.clone(),
             },
             refresh_gates: lease::RefreshGates::default(),
             instance_id,
@@ -125,6 +129,17 @@ impl Vault {
             std::time::Duration::from_millis(config.events.poll_interval_ms),
             |v| async move { v.refresh_event_head().await },
         ));
+        if config.refresh.sweeper && vault.google.is_some() {
+            tokio::spawn(every(
+                Arc::downgrade(&vault),
+                std::time::Duration::from_secs(config.refresh.check_interval_seconds),
+                |v| async move {
+                    if let Err(e) = v.refresh_sweep_pass().await {
+                        tracing::warn!(error = %e, "refresh sweep failed");
+                    }
+                },
+            ));
+        }
         tokio::spawn(every(
             Arc::downgrade(&vault),
             deletion::OUTBOX_POLL,

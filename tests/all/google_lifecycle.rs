@@ -715,8 +715,22 @@ async fn malformed_or_unexpected_google_answers_change_nothing(backend: Backend)
     ];
     for (what, fault) in cases {
         sim.clear_faults();
+        let rate_limited = matches!(fault, Fault::RateLimited(_));
         sim.inject(Endpoint::Token, fault, None);
+        let calls = sim.refresh_calls();
         let err = lease(&tv, &c).await.unwrap_err();
+        if rate_limited {
+            // Google asked for 30 s, the caller has 1 s: one call, then a clear answer.
+            assert_eq!(
+                sim.refresh_calls() - calls,
+                1,
+                "{what}: no retry inside Retry-After"
+            );
+            assert!(
+                err.message().contains("retry after 30 s"),
+                "{what}: {err:?}"
+            );
+        }
         assert!(
             matches!(err.code(), Code::Unavailable | Code::FailedPrecondition),
             "{what}: {err:?}"
@@ -856,4 +870,335 @@ async fn a_killed_refresh_lock_holder_is_taken_over_within_seconds(backend: Back
 both_backends!(
     refresh_lock_takeover,
     a_killed_refresh_lock_holder_is_taken_over_within_seconds
+);
+
+// --- proactive refresh ---------------------------------------------------------------------
+
+/// Connects `n` accounts of tenant `tenant`, each to its own Google user.
+async fn connect_many(
+    tv: &TestVault,
+    sim: &tokenvault::google::sim::GoogleSim,
+    tenant: &str,
+    n: usize,
+) -> Vec<pb::Connection> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let email = format!("{tenant}-{i}@sim.test");
+        sim.add_user(&email, &format!("{tenant}-sub-{i}"));
+        let begun = tv
+            .connections(As::App)
+            .begin_authorization(pb::BeginAuthorizationRequest {
+                tenant_id: tenant.into(),
+                account_id: format!("a{i}"),
+                integration: pb::Integration::Calendar as i32,
+                login_hint: Some(email),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let query = follow_authorization(&begun.authorization_url).await;
+        let (status, body) = deliver_callback(tv, &query).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let listed = tv
+        .connections(As::App)
+        .list_connections(pb::ListConnectionsRequest {
+            tenant_id: tenant.into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connections;
+    out.extend(listed);
+    assert_eq!(out.len(), n);
+    out
+}
+
+/// Makes every ACTIVE connection of `tenant` due for the sweeper.
+async fn make_due(tv: &TestVault, tenant: &str) {
+    let raw = RawDb::open(tv).await;
+    raw.execute(&format!(
+        "UPDATE connections SET next_check_at = 0 WHERE tenant_id = '{tenant}' AND status = 'active'"
+    ))
+    .await;
+    raw.close().await;
+}
+
+async fn the_sweeper_refreshes_idle_connections_and_finds_revoked_grants(backend: Backend) {
+    let Some((tv, sim)) = spawn_vault_with_google(backend, |c| {
+        c.refresh.sweeper = false; // passes are run by hand below
+    })
+    .await
+    else {
+        return;
+    };
+    let conns = connect_many(&tv, &sim, "sweep", 3).await;
+    let first = get(&tv, &conns[0].connection_id).await;
+    let next = first
+        .next_check_at
+        .expect("an ACTIVE connection has a next check");
+    let refreshed = first.last_refresh_at.expect("connected = refreshed");
+    assert!(
+        next.seconds - refreshed.seconds >= 7 * 86_400 - 1,
+        "due a week after its last refresh by default"
+    );
+    // Nothing is due yet: a pass does nothing.
+    let before = sim.refresh_calls();
+    assert_eq!(tv.vault.refresh_sweep_pass().await.unwrap().claimed, 0);
+    assert_eq!(sim.refresh_calls(), before);
+
+    // Idle past the threshold, and one user removed the app at Google.
+    make_due(&tv, "sweep").await;
+    sim.revoke_grant_silently("sweep-sub-2");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let report = tv.vault.refresh_sweep_pass().await.unwrap();
+    assert_eq!(report.claimed, 3, "{report:?}");
+    assert_eq!(report.refreshed, 2, "{report:?}");
+    assert_eq!(report.revoked, 1, "{report:?}");
+    assert_eq!(
+        sim.refresh_calls() - before,
+        3,
+        "one call per due connection"
+    );
+    for c in &conns[..2] {
+        let now = get(&tv, &c.connection_id).await;
+        assert_eq!(now.status, pb::ConnectionStatus::Active as i32);
+        assert!(now.last_refresh_at.unwrap().seconds >= refreshed.seconds);
+        assert!(
+            now.next_check_at.unwrap().seconds > now.last_refresh_at.unwrap().seconds + 86_400,
+            "next check moved a week ahead"
+        );
+        assert_eq!(now.last_refresh_error, "");
+    }
+    let revoked = get(&tv, &conns[2].connection_id).await;
+    assert_eq!(revoked.status, pb::ConnectionStatus::RevokedUpstream as i32);
+    assert_eq!(revoked.next_check_at, None);
+    let events = tv.vault.store().events_after(0, 100).await.unwrap();
+    assert!(
+        events.iter().any(
+            |e| e.event.kind == tokenvault::domain::EventKind::ConnectionDeleted
+                && e.event.connection_id.as_ref().map(|c| c.as_str())
+                    == Some(revoked.connection_id.as_str())
+                && e.event.reason == Some(tokenvault::domain::DeletionReason::UserRevokedAtGoogle)
+        ),
+        "the product backend learns it must ask for a reconnect"
+    );
+    // Done: the next pass has nothing to do.
+    assert_eq!(tv.vault.refresh_sweep_pass().await.unwrap().claimed, 0);
+
+    // Google unavailable: the error is recorded and retried later; tokens unchanged.
+    make_due(&tv, "sweep").await;
+    sim.inject(Endpoint::Token, Fault::Status(503), None);
+    let report = tv.vault.refresh_sweep_pass().await.unwrap();
+    sim.clear_faults();
+    assert_eq!(report.failed, 2, "{report:?}");
+    let failing = get(&tv, &conns[0].connection_id).await;
+    assert_eq!(failing.status, pb::ConnectionStatus::Active as i32);
+    assert!(!failing.last_refresh_error.is_empty());
+    assert!(failing.last_refresh_error_at.is_some());
+    let retry =
+        failing.next_check_at.unwrap().seconds - failing.last_refresh_error_at.unwrap().seconds;
+    assert!(
+        (890..=910).contains(&retry),
+        "retried 15 minutes later, not {retry} s"
+    );
+    // The admin CLI's view shows the same health.
+    let shown = detail(&tv, "sweep", &conns[0].connection_id).await;
+    assert_eq!(
+        shown.connection.unwrap().last_refresh_error,
+        failing.last_refresh_error
+    );
+}
+both_backends!(
+    sweeper_refreshes_and_finds_revoked,
+    the_sweeper_refreshes_idle_connections_and_finds_revoked_grants
+);
+
+async fn the_sweeper_keeps_to_its_rate_limit(backend: Backend) {
+    let Some((tv, sim)) = spawn_vault_with_google(backend, |c| {
+        c.refresh.sweeper = false;
+        c.refresh.max_calls_per_second = 4;
+    })
+    .await
+    else {
+        return;
+    };
+    connect_many(&tv, &sim, "rate", 9).await;
+    make_due(&tv, "rate").await;
+    let before = sim.refresh_calls();
+    let started = Instant::now();
+    let report = tv.vault.refresh_sweep_pass().await.unwrap();
+    let took = started.elapsed();
+    let calls = sim.refresh_calls() - before;
+    assert_eq!(report.refreshed, 9, "{report:?}");
+    assert_eq!(calls, 9);
+    // 4 calls a second: the 9th call starts no earlier than 2 s after the first.
+    assert!(
+        took >= Duration::from_millis(1_950),
+        "9 calls at 4/s took only {took:?}"
+    );
+    eprintln!("sweeper: {calls} refreshes at max 4/s took {took:?}");
+}
+both_backends!(sweeper_rate_limit, the_sweeper_keeps_to_its_rate_limit);
+
+/// Three `tokenvault serve` processes with the sweeper on, one database:
+/// every due connection is refreshed exactly once.
+async fn three_replicas_refresh_each_due_connection_once(backend: Backend) {
+    use crate::serve_cli::ServeProcess;
+    let Some((tv, sim)) = spawn_vault_with_google(backend, |c| {
+        c.refresh.sweeper = false;
+    })
+    .await
+    else {
+        return;
+    };
+    let conns = connect_many(&tv, &sim, "fleet", 8).await;
+    let config_path = crate::support::write_config_file(
+        tv.dir.path(),
+        &tv.config,
+        "[refresh]\ncheck_interval_seconds = 1\nmax_calls_per_second = 20\n",
+    );
+    let arg = config_path.display().to_string();
+    let replicas: Vec<ServeProcess> = (0..3)
+        .map(|_| ServeProcess::start(tv.dir.path(), &["--config", &arg], &[]))
+        .collect();
+    let before = sim.refresh_calls();
+    make_due(&tv, "fleet").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut done = 0;
+        for c in &conns {
+            let now = get(&tv, &c.connection_id).await;
+            if now.next_check_at.unwrap().seconds > 86_400 {
+                done += 1;
+            }
+        }
+        if done == conns.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} of {} refreshed",
+            conns.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let any double work show up before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sim.refresh_calls() - before,
+        conns.len() as u64,
+        "each due connection refreshed once across three replicas"
+    );
+    drop(replicas);
+}
+both_backends!(
+    sweeper_three_replicas,
+    three_replicas_refresh_each_due_connection_once
+);
+
+// --- deletion.done survives a crash ---------------------------------------------------------
+
+/// A burst of Disconnects against a `tokenvault serve` process that is
+/// SIGKILLed mid-burst: every deletion that committed has its
+/// `deletion.done` entry (it is written in the deletion's own transaction),
+/// and the audit chain verifies.
+async fn every_committed_deletion_has_its_done_entry_after_a_crash(backend: Backend) {
+    use crate::serve_cli::ServeProcess;
+    let Some((tv, _sim)) = spawn_vault_with_google(backend, |c| {
+        c.refresh.sweeper = false;
+        c.deletion.inline_revoke_timeout_ms = 200;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut ids = Vec::new();
+    for i in 0..120 {
+        let c = crate::support::seed_connection(
+            &tv.vault,
+            "crash",
+            &format!("a{i}"),
+            tokenvault::domain::Integration::Calendar,
+            "ya29.seeded",
+            Some("1//0seeded"),
+        )
+        .await;
+        ids.push(c.id.to_string());
+    }
+    let config_path = crate::support::write_config_file(tv.dir.path(), &tv.config, "");
+    let arg = config_path.display().to_string();
+    let mut replica = ServeProcess::start(tv.dir.path(), &["--config", &arg], &[]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", replica.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = crate::support::Bearer(Some(format!("Bearer {}", As::App.key()).parse().unwrap()));
+    let calls: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let mut app = pb::connection_service_client::ConnectionServiceClient::with_interceptor(
+                channel.clone(),
+                bearer.clone(),
+            );
+            let id = id.clone();
+            tokio::spawn(async move {
+                app.disconnect(pb::DisconnectRequest {
+                    connection_id: id,
+                    reason: String::new(),
+                })
+                .await
+            })
+        })
+        .collect();
+    // Kill it once some deletions have committed and others have not.
+    let raw = RawDb::open(&tv).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while raw.scalar("SELECT COUNT(*) FROM deletion_receipts").await < 10 {
+        assert!(Instant::now() < deadline, "no deletion committed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    replica.signal("KILL");
+    replica.wait(Duration::from_secs(10));
+    for call in calls {
+        let _ = call.await;
+    }
+    let committed = raw.scalar("SELECT COUNT(*) FROM deletion_receipts").await;
+    let done = raw
+        .scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'deletion.done'")
+        .await;
+    let requested = raw
+        .scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'deletion.request'")
+        .await;
+    eprintln!("{requested} deletions requested, {committed} committed before SIGKILL");
+    assert!(committed >= 10);
+    assert_eq!(
+        done, committed,
+        "a deletion.done for every committed deletion"
+    );
+    let orphans = raw
+        .scalar(
+            "SELECT COUNT(*) FROM deletion_receipts r WHERE NOT EXISTS ( \
+             SELECT 1 FROM audit_log a WHERE a.action = 'deletion.done' \
+             AND a.detail LIKE 'receipt=' || r.receipt_id || ' %')",
+        )
+        .await;
+    assert_eq!(orphans, 0, "every receipt named by its deletion.done");
+    raw.close().await;
+    let report = tokenvault::audit::verify_chain(
+        tv.vault.store().as_ref(),
+        tv.vault.keyring().as_ref(),
+        1,
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(report.ok(), "{report:?}");
+}
+both_backends!(
+    deletion_done_survives_crash,
+    every_committed_deletion_has_its_done_entry_after_a_crash
 );

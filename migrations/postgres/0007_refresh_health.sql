@@ -1,0 +1,20 @@
+-- Refresh health of each connection: its last successful refresh, its last
+-- refresh error, and when the proactive refresh sweeper checks it next (a
+-- replica claims a due connection by moving this forward). Tombstones keep
+-- the columns NULL.
+ALTER TABLE connections ADD COLUMN last_refresh_at BIGINT;
+ALTER TABLE connections ADD COLUMN last_refresh_error TEXT;
+ALTER TABLE connections ADD COLUMN last_refresh_error_at BIGINT;
+ALTER TABLE connections ADD COLUMN next_check_at BIGINT;
+
+-- Connections made before this migration: refreshed when their tokens were
+-- last stored, next checked seven days later (the default refresh_after_hours).
+UPDATE connections SET
+    last_refresh_at = (SELECT s.updated_at FROM connection_secrets s
+                       WHERE s.connection_id = connections.connection_id),
+    next_check_at = COALESCE((SELECT s.updated_at FROM connection_secrets s
+                              WHERE s.connection_id = connections.connection_id),
+                             created_at) + 604800000000
+WHERE status = 'active';
+
+CREATE INDEX connections_next_check ON connections (next_check_at) WHERE status = 'active';
