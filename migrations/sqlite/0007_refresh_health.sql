@@ -15,6 +15,13 @@ UPDATE connections SET
     next_check_at = COALESCE((SELECT s.updated_at FROM connection_secrets s
                               WHERE s.connection_id = connections.connection_id),
                              created_at) + 604800000000
-WHERE status = 'active';
+WHERE status NOT IN ('deleted', 'revoked_upstream');
+
+-- An ACTIVE connection that holds no refresh token fails at its first
+-- refresh (earlier versions made them when a reconnect got no consent
+-- screen): it waits for the user to connect again instead.
+UPDATE connections SET status = 'consent_required', status_reason = 'no_refresh_token'
+WHERE status = 'active' AND connection_id IN (
+    SELECT connection_id FROM connection_secrets WHERE refresh_token IS NULL);
 
 CREATE INDEX connections_next_check ON connections (next_check_at) WHERE status = 'active';

@@ -163,6 +163,17 @@ stored_enum!(
     }
 );
 
+impl ConnectionStatus {
+    /// Whether only a tombstone remains (no tokens, no Google data):
+    /// DELETED or REVOKED_UPSTREAM.
+    pub fn is_tombstone(self) -> bool {
+        matches!(
+            self,
+            ConnectionStatus::Deleted | ConnectionStatus::RevokedUpstream
+        )
+    }
+}
+
 stored_enum!(
     /// Why a connection was deleted.
     DeletionReason, "reason" {

@@ -151,17 +151,10 @@ async fn append_on(
         }
     }
     let mut tx = conn.begin().await?;
-    let head = read_audit_head(
-        &mut *tx,
-        "SELECT seq, entry_hash FROM audit_head WHERE id = 1 FOR UPDATE",
-    )
-    .await?;
-    let batch = seal_batch(head, drafts, sealer);
-    let recorded = append_batch(&mut *tx, &batch, leases)
-        .await?
-        .ok_or_else(|| VaultError::Internal("the locked audit chain head moved".into()))?;
+    let head = read_audit_head(&mut *tx, LOCK_AUDIT_HEAD).await?;
+    let appended = append_locked(&mut tx, head, drafts, leases, sealer).await?;
     tx.commit().await?;
-    Ok(batch.appended(recorded))
+    Ok(appended)
 }
 
 /// Reads the audit chain head and locks it until the transaction ends: the
@@ -169,19 +162,21 @@ async fn append_on(
 /// it takes the head before any row the audit writer locks after it.
 const LOCK_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1 FOR UPDATE";
 
-/// Appends `drafts` inside `tx`, which has held the head locked since it read
-/// `head` with [`LOCK_AUDIT_HEAD`].
+/// Appends `drafts` (and the `leases` that still hold) on `conn`, inside a
+/// transaction that has held the head locked since it read `head` with
+/// [`LOCK_AUDIT_HEAD`].
 async fn append_locked(
-    tx: &mut sqlx::Transaction<'static, Db>,
+    conn: &mut sqlx::PgConnection,
     head: ChainHead,
     drafts: &[AuditDraft],
+    leases: &[LeaseGrant],
     sealer: AuditSealer<'_>,
-) -> StoreResult<()> {
+) -> StoreResult<Appended> {
     let batch = seal_batch(head, drafts, sealer);
-    append_batch(&mut **tx, &batch, &[])
+    let recorded = append_batch(&mut *conn, &batch, leases)
         .await?
         .ok_or_else(|| VaultError::Internal("the locked audit chain head moved".into()))?;
-    Ok(())
+    Ok(batch.appended(recorded))
 }
 
 /// Runs [`APPEND_AUDIT`] for a sealed batch: `None` when the head was no

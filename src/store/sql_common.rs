@@ -963,7 +963,8 @@ impl crate::store::Store for StoreImpl {
             sqlx::query(
                 "UPDATE connections SET status = 'deleted', status_reason = 'replaced', \
                  google_subject = NULL, google_email = NULL, granted_scopes = '', \
-                 updated_at = $1, deleted_at = $1 WHERE connection_id = $2",
+                 updated_at = $1, deleted_at = $1, last_refresh_at = NULL, last_refresh_error = NULL, \
+                 last_refresh_error_at = NULL, next_check_at = NULL WHERE connection_id = $2",
             )
             .bind(c.created_at.as_micros())
             .bind(old_id)
@@ -1268,6 +1269,17 @@ impl crate::store::Store for StoreImpl {
         t: &RefreshedTokens<'_>,
     ) -> StoreResult<bool> {
         let (_guard, mut tx) = self.begin_write().await?;
+        // The connection row first, as a deletion takes it: a refresh and a
+        // deletion of one connection queue instead of deadlocking.
+        let status: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT status FROM connections WHERE connection_id = $1{FOR_UPDATE}"
+        )))
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if status.as_deref() != Some(ConnectionStatus::Active.as_str()) {
+            return Ok(false);
+        }
         let held: Option<i64> = sqlx::query_scalar(LOCK_REFRESH)
             .bind(id.as_str())
             .bind(holder)
@@ -1979,63 +1991,53 @@ impl crate::store::Store for StoreImpl {
             }
         };
         let target_ids: Vec<&str> = targets.iter().map(|c| c.id.as_str()).collect();
-        let mut deleted: Vec<DeletedConnection> = Vec::with_capacity(targets.len());
-        // The Google grants (subjects) this deletion revokes: one revocation
-        // per grant, carried by the first of its connections here.
-        let mut revoking: Vec<&str> = Vec::new();
-        for conn in &targets {
-            let upstream = match (&conn.google_subject, conn.status) {
-                _ if !req.revoke_upstream => UpstreamState::NotNeeded,
-                (_, ConnectionStatus::RevokedUpstream) | (None, _) => UpstreamState::NotNeeded,
-                // Another connection of this deletion revokes the same grant.
-                (Some(subject), _) if revoking.contains(&subject.as_str()) => UpstreamState::NotNeeded,
-                (Some(subject), _) => {
-                    // Lock every live connection on this Google account, so two
-                    // concurrent deletions cannot each think the other survives.
-                    let others: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                        "SELECT connection_id FROM connections WHERE google_subject = $1 \
-                         AND status <> 'deleted' ORDER BY connection_id{FOR_UPDATE}"
-                    )))
-                    .bind(subject)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    if others.iter().any(|o| !target_ids.contains(&o.as_str())) {
-                        UpstreamState::NotNeeded
-                    } else if let Some(carrier) = targets.iter().find(|t| {
-                        t.google_subject.as_deref() == Some(subject.as_str())
-                            && t.status != ConnectionStatus::RevokedUpstream
-                            && req.outbox.iter().any(|o| o.connection_id == t.id)
-                    }) {
-                        revoking.push(subject.as_str());
-                        if carrier.id == conn.id {
-                            UpstreamState::Pending
-                        } else {
-                            // Revisited below, once the carrier is reached.
-                            UpstreamState::NotNeeded
-                        }
-                    } else {
-                        // Tokens appeared after the outbox copies were prepared.
-                        return Ok(DeletionOutcome::Retry);
-                    }
+        // The Google grants (subjects) this deletion revokes, each once, by
+        // the one connection whose outbox copy the vault prepared for it.
+        let mut carriers: Vec<&ConnectionId> = Vec::new();
+        if req.revoke_upstream {
+            let mut subjects: Vec<&str> = targets
+                .iter()
+                .filter(|t| t.status != ConnectionStatus::RevokedUpstream)
+                .filter_map(|t| t.google_subject.as_deref())
+                .collect();
+            subjects.sort_unstable();
+            subjects.dedup();
+            for subject in subjects {
+                // Lock every live connection on this Google account, so two
+                // concurrent deletions cannot each think the other survives.
+                let live: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT connection_id FROM connections WHERE google_subject = $1 \
+                     AND status <> 'deleted' ORDER BY connection_id{FOR_UPDATE}"
+                )))
+                .bind(subject)
+                .fetch_all(&mut *tx)
+                .await?;
+                if live.iter().any(|o| !target_ids.contains(&o.as_str())) {
+                    continue; // another connection still uses the grant
                 }
-            };
-            deleted.push(DeletedConnection {
-                connection_id: conn.id.clone(),
-                integration: conn.integration,
-                upstream,
-            });
-        }
-        // A grant's carrier may come after another of its connections: mark it.
-        for subject in &revoking {
-            if let Some(carrier) = targets.iter().find(|t| {
-                t.google_subject.as_deref() == Some(*subject)
-                    && t.status != ConnectionStatus::RevokedUpstream
-                    && req.outbox.iter().any(|o| o.connection_id == t.id)
-            }) && let Some(d) = deleted.iter_mut().find(|d| d.connection_id == carrier.id)
-            {
-                d.upstream = UpstreamState::Pending;
+                let carrier = targets.iter().find(|t| {
+                    t.google_subject.as_deref() == Some(subject)
+                        && req.outbox.iter().any(|o| o.connection_id == t.id)
+                });
+                match carrier {
+                    Some(c) => carriers.push(&c.id),
+                    // Tokens appeared after the outbox copies were prepared.
+                    None => return Ok(DeletionOutcome::Retry),
+                }
             }
         }
+        let deleted: Vec<DeletedConnection> = targets
+            .iter()
+            .map(|conn| DeletedConnection {
+                connection_id: conn.id.clone(),
+                integration: conn.integration,
+                upstream: if carriers.contains(&&conn.id) {
+                    UpstreamState::Pending
+                } else {
+                    UpstreamState::NotNeeded
+                },
+            })
+            .collect();
         let reason = req.reason.as_str();
         let mut events = Vec::new();
         // Revoked at Google by the user: the connection says so, and the
@@ -2050,8 +2052,8 @@ impl crate::store::Store for StoreImpl {
             sqlx::query(
                 "UPDATE connections SET status = $1, status_reason = $2, google_subject = NULL, \
                  google_email = NULL, granted_scopes = '', updated_at = $3, deleted_at = $3, \
-                 last_refresh_error = NULL, last_refresh_error_at = NULL, next_check_at = NULL \
-                 WHERE connection_id = $4",
+                 last_refresh_at = NULL, last_refresh_error = NULL, last_refresh_error_at = NULL, \
+                 next_check_at = NULL WHERE connection_id = $4",
             )
             .bind(status.as_str())
             .bind(reason)
@@ -2165,6 +2167,8 @@ impl crate::store::Store for StoreImpl {
         insert_events(&mut tx, &events).await?;
         complete_receipts(&mut tx, req.at).await?;
         let done = AuditDraft {
+            // Stamped under the chain head's lock: entries stay in time order.
+            at: Timestamp::now(),
             detail: format!(
                 "receipt={} connections={}",
                 req.receipt_id,
@@ -2176,7 +2180,7 @@ impl crate::store::Store for StoreImpl {
             ),
             ..req.done.clone()
         };
-        append_locked(&mut tx, head, std::slice::from_ref(&done), sealer).await?;
+        append_locked(&mut tx, head, std::slice::from_ref(&done), &[], sealer).await?;
         tx.commit().await?;
         release(_guard);
         self.scrub().await;
@@ -2438,7 +2442,8 @@ impl crate::store::Store for StoreImpl {
         let mut events = Vec::new();
         for c in &conns {
             sqlx::query(
-                "UPDATE connections SET status = $1, status_reason = $2, updated_at = $3 WHERE connection_id = $4",
+                "UPDATE connections SET status = $1, status_reason = $2, updated_at = $3, \
+                 next_check_at = COALESCE(next_check_at, $3) WHERE connection_id = $4",
             )
             .bind(to)
             .bind(suspend.then_some(detail))
@@ -2583,7 +2588,7 @@ impl crate::store::Store for StoreImpl {
             }
         }
         n += sqlx::query(
-            "DELETE FROM connections WHERE status = 'deleted' AND deleted_at < $1 \
+            "DELETE FROM connections WHERE status IN ('deleted', 'revoked_upstream') AND deleted_at < $1 \
              AND NOT EXISTS (SELECT 1 FROM receipt_connections rc WHERE rc.connection_id = connections.connection_id) \
              AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.connection_id = connections.connection_id)",
         )

@@ -252,16 +252,22 @@ const READ_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id =
 /// already excludes every other writer).
 const LOCK_AUDIT_HEAD: &str = READ_AUDIT_HEAD;
 
-/// Appends `drafts` inside `tx`, a write transaction that read `head` with
-/// [`LOCK_AUDIT_HEAD`].
+/// Appends `drafts` (and every one of `leases`) on `conn`, inside a write
+/// transaction that read `head` with [`LOCK_AUDIT_HEAD`].
 async fn append_locked(
-    tx: &mut sqlx::Transaction<'static, Db>,
+    conn: &mut sqlx::SqliteConnection,
     head: ChainHead,
     drafts: &[AuditDraft],
+    leases: &[LeaseGrant],
     sealer: AuditSealer<'_>,
-) -> StoreResult<()> {
+) -> StoreResult<Appended> {
     let batch = seal_batch(head, drafts, sealer);
-    append_batch(tx, &batch, &[]).await
+    append_batch(conn, &batch, leases).await?;
+    let recorded = leases
+        .iter()
+        .map(|g| g.lease.lease_id.to_string())
+        .collect();
+    Ok(batch.appended(recorded))
 }
 
 /// Sets up the connection the audit writer keeps, once, when it is checked
@@ -318,8 +324,7 @@ async fn append_on(
         }
     }
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    let head = read_audit_head(&mut *tx, READ_AUDIT_HEAD).await?;
-    let batch = seal_batch(head, drafts, sealer);
+    let head = read_audit_head(&mut *tx, LOCK_AUDIT_HEAD).await?;
     let recorded: Vec<String> = if leases.is_empty() {
         Vec::new()
     } else {
@@ -333,9 +338,9 @@ async fn append_on(
         .filter(|g| recorded.iter().any(|id| id == g.lease.lease_id.as_str()))
         .cloned()
         .collect();
-    append_batch(&mut tx, &batch, &holding).await?;
+    let appended = append_locked(&mut tx, head, drafts, &holding, sealer).await?;
     tx.commit().await?;
-    Ok(batch.appended(recorded))
+    Ok(appended)
 }
 
 /// Runs [`APPEND_BATCH`] for a sealed batch (its own transaction unless

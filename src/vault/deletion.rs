@@ -18,8 +18,7 @@ use std::time::Duration;
 use crate::audit::{Actor, AuditLog, Outcome};
 use crate::crypto::{SecretString, TokenKind, open, seal};
 use crate::domain::{
-    ConnectionStatus, DeletionReason, Integration, ReceiptId, TenantId, Timestamp, UpstreamState,
-    VaultError,
+    DeletionReason, Integration, ReceiptId, TenantId, Timestamp, UpstreamState, VaultError,
 };
 use crate::google::GoogleError;
 use crate::store::{
@@ -70,16 +69,21 @@ impl Vault {
             let victims = self.deletion_victims(&target).await?;
             let mut outbox = Vec::new();
             if revoke_upstream {
-                // One copy per Google grant: the store revokes each grant once.
+                // One copy per Google grant (the store revokes each grant
+                // once): a refresh token if any of the grant's connections
+                // holds one — an access token may have expired, and revoking
+                // an expired one would leave the grant alive.
                 let mut sealed: Vec<&str> = Vec::new();
-                for conn in &victims {
-                    let subject = conn.google_subject.as_deref();
-                    if subject.is_some_and(|s| sealed.contains(&s)) {
-                        continue;
-                    }
-                    if let Some(t) = self.outbox_seal(conn, &receipt_id).await? {
-                        outbox.push(t);
-                        sealed.extend(subject);
+                for refresh_only in [true, false] {
+                    for conn in &victims {
+                        let subject = conn.google_subject.as_deref();
+                        if subject.is_some_and(|s| sealed.contains(&s)) {
+                            continue;
+                        }
+                        if let Some(t) = self.outbox_seal(conn, &receipt_id, refresh_only).await? {
+                            outbox.push(t);
+                            sealed.extend(subject);
+                        }
                     }
                 }
             }
@@ -226,19 +230,18 @@ impl Vault {
         };
         Ok(all
             .into_iter()
-            .filter(|c| {
-                c.status != ConnectionStatus::Deleted
-                    && c.status != ConnectionStatus::RevokedUpstream
-            })
+            .filter(|c| !c.status.is_tombstone())
             .collect())
     }
 
-    /// Seals a connection's refresh token (else its access token) under a new
-    /// DEK for the outbox; `None` when it holds neither.
+    /// Seals a connection's refresh token (else, unless `refresh_only`, its
+    /// access token) under a new DEK for the outbox; `None` when it holds
+    /// neither.
     async fn outbox_seal(
         &self,
         conn: &ConnectionRecord,
         receipt: &ReceiptId,
+        refresh_only: bool,
     ) -> Result<Option<OutboxToken>, VaultError> {
         let Some(secrets) = self.store().secrets_get(&conn.id).await? else {
             return Ok(None);
@@ -248,6 +251,7 @@ impl Vault {
                 self.token_open(conn, &secrets, TokenKind::Refresh, r)
                     .await?
             }
+            (None, _) if refresh_only => return Ok(None),
             (None, Some(a)) => {
                 self.token_open(conn, &secrets, TokenKind::Access, a)
                     .await?

@@ -72,6 +72,16 @@ pub struct Lease {
     pub scopes: ScopeSet,
 }
 
+/// The task renewing a refresh lock; dropping it stops the renewal, however
+/// the refresh ends (a caller that gives up drops the refresh mid-call).
+pub(super) struct Renewal(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Per-connection refresh gates of this process.
 #[derive(Default)]
 pub(super) struct RefreshGates {
@@ -425,7 +435,8 @@ impl Vault {
                     )));
                 }
             }
-            let now = Timestamp::now();
+            // Lock times are the database's, not this host's: replicas' clocks may differ.
+            let now = self.store().clock().await?;
             if let Some(fence) = self
                 .store()
                 .refresh_lock_acquire(&conn.id, &self.instance_id, now, now.plus(REFRESH_LOCK_TTL))
@@ -444,7 +455,7 @@ impl Vault {
                     }
                     Err(e) => Err(e),
                 };
-                renewal.abort();
+                drop(renewal);
                 if !matches!(result, Err(VaultError::FailedPrecondition(_))) {
                     self.store()
                         .refresh_lock_release(&conn.id, &self.instance_id, fence)
@@ -464,18 +475,25 @@ impl Vault {
 
     /// Keeps this process's refresh lock (with `fence`) alive until the
     /// returned task is aborted or the lock is lost.
-    fn renew_refresh_lock(&self, id: &ConnectionId, fence: i64) -> tokio::task::JoinHandle<()> {
+    fn renew_refresh_lock(&self, id: &ConnectionId, fence: i64) -> Renewal {
         let store = Arc::clone(self.store());
         let holder = self.instance_id.clone();
         let id = id.clone();
-        tokio::spawn(async move {
+        Renewal(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(REFRESH_LOCK_RENEW).await;
-                let until = Timestamp::now().plus(REFRESH_LOCK_TTL);
-                match store.refresh_lock_renew(&id, &holder, fence, until).await {
+                let renewed = match store.clock().await {
+                    Ok(now) => {
+                        store
+                            .refresh_lock_renew(&id, &holder, fence, now.plus(REFRESH_LOCK_TTL))
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match renewed {
                     Ok(true) => {}
                     Ok(false) => {
-                        tracing::warn!(connection = %id, "refresh lock lost before the refresh ended");
+                        tracing::debug!(connection = %id, "refresh lock no longer held (taken over, or its connection deleted)");
                         return;
                     }
                     // The next renewal tries again; the fence protects the write.
@@ -484,7 +502,7 @@ impl Vault {
                     }
                 }
             }
-        })
+        }))
     }
 
     /// Refreshes while holding the lock with `fence`, retrying transient
@@ -529,8 +547,7 @@ impl Vault {
     async fn is_gone(&self, conn: &ConnectionRecord) -> bool {
         matches!(
             self.store().connection_get(&conn.id).await,
-            Ok(Some(c)) if c.status == ConnectionStatus::Deleted
-                || c.status == ConnectionStatus::RevokedUpstream
+            Ok(Some(c)) if c.status.is_tombstone()
         )
     }
 

@@ -246,6 +246,54 @@ both_backends!(
     deleting_an_account_revokes_its_google_grant_once
 );
 
+/// The one revocation of a grant goes out with a refresh token when any of
+/// the grant's connections holds one: an access token may have expired, and
+/// Google answers `invalid_token` to that while the grant lives on.
+async fn the_grant_is_revoked_with_a_refresh_token_when_one_is_held(backend: Backend) {
+    use tokenvault::domain::{AccountId, ConnectionStatus, Integration, ScopeSet, TenantId};
+    let Some((tv, sim)) = spawn_vault_with_google(backend, |_| {}).await else {
+        return;
+    };
+    // First (so first in id order): a connection on the same Google account
+    // holding only an access token Google no longer knows.
+    tv.vault
+        .connection_store(
+            tokenvault::vault::NewConnection {
+                tenant: TenantId::parse("carrier").unwrap(),
+                account: AccountId::parse("u1").unwrap(),
+                integration: Integration::Calendar,
+                google_subject: "sim-user-1".into(),
+                google_email: "user1@sim.test".into(),
+                granted_scopes: ScopeSet::parse_spaced(CALENDAR_SCOPE).unwrap(),
+                status: ConnectionStatus::Active,
+                access_token: tokenvault::crypto::SecretString::new("ya29.expired".into()),
+                access_expires_at: tokenvault::domain::Timestamp::now(),
+                refresh_token: None,
+            },
+            &tokenvault::audit::Actor::system(),
+        )
+        .await
+        .unwrap();
+    connect(&tv, "carrier", "u1", pb::Integration::Email).await;
+    tv.connections(As::App)
+        .delete_account(pb::DeleteAccountRequest {
+            tenant_id: "carrier".into(),
+            account_id: "u1".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(sim.calls(Endpoint::Revoke), 1);
+    assert!(
+        sim.grant_revoked("sim-user-1", CLIENT_ID),
+        "revoked with the email connection's refresh token"
+    );
+}
+both_backends!(
+    revoke_carrier_holds_refresh_token,
+    the_grant_is_revoked_with_a_refresh_token_when_one_is_held
+);
+
 async fn concurrent_disconnects_of_one_grant_revoke_it_once(backend: Backend) {
     let Some((tv, sim)) = spawn_vault_with_google(backend, |_| {}).await else {
         return;
@@ -770,6 +818,7 @@ async fn a_killed_refresh_lock_holder_is_taken_over_within_seconds(backend: Back
     let mut config = crate::support::test_config(dir.path(), &url);
     crate::support::use_google(&mut config, &sim);
     config.google.refresh_deadline_ms = 30_000;
+    config.google.request_timeout_ms = 10_000;
     tokenvault::crypto::LocalKeyring::init(config.keyring_path()).unwrap();
     let config_path = crate::support::write_config_file(dir.path(), &config, "");
     let arg = config_path.display().to_string();
@@ -818,38 +867,76 @@ async fn a_killed_refresh_lock_holder_is_taken_over_within_seconds(backend: Back
     ))
     .await;
 
-    // A's refresh hangs at Google while A holds the lock.
-    sim.inject(Endpoint::Token, Fault::Hang, Some(1));
     let mut worker_a = pb::lease_service_client::LeaseServiceClient::with_interceptor(
         client(&a.grpc_addr),
         bearer(As::Worker),
     );
+    let mut worker_b = pb::lease_service_client::LeaseServiceClient::with_interceptor(
+        client(&b.grpc_addr),
+        bearer(As::Worker),
+    );
     let request = lease_request(&c.connection_id, pb::Integration::Calendar);
+    let lock_taken = || async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while raw
+            .scalar(&format!(
+                "SELECT COUNT(*) FROM refresh_locks WHERE connection_id = '{}' AND expires_at > 0",
+                c.connection_id
+            ))
+            .await
+            == 0
+        {
+            assert!(Instant::now() < deadline, "A never took the refresh lock");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    // A live holder keeps its lock beyond the lock's 3 s while Google takes
+    // 4.5 s: B waits for A's result instead of calling Google again.
+    sim.inject(
+        Endpoint::Token,
+        Fault::Latency(Duration::from_millis(4_500)),
+        Some(1),
+    );
+    let before = sim.refresh_calls();
+    let slow = tokio::spawn({
+        let mut worker = worker_a.clone();
+        let request = request.clone();
+        async move { worker.lease_token(request).await }
+    });
+    lock_taken().await;
+    let from_b = worker_b
+        .lease_token(request.clone())
+        .await
+        .expect("lease on B");
+    let from_a = slow.await.unwrap().expect("lease on A");
+    assert_eq!(
+        sim.refresh_calls() - before,
+        1,
+        "one refresh: the live holder kept its lock"
+    );
+    assert_eq!(
+        from_a.into_inner().access_token,
+        from_b.into_inner().access_token
+    );
+    raw.execute(&format!(
+        "UPDATE connection_secrets SET access_expires_at = 0 WHERE connection_id = '{}'",
+        c.connection_id
+    ))
+    .await;
+
+    // A's refresh hangs at Google while A holds the lock; then A dies.
+    sim.inject(Endpoint::Token, Fault::Hang, Some(1));
     let held = tokio::spawn({
         let request = request.clone();
         async move { worker_a.lease_token(request).await }
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while raw
-        .scalar(&format!(
-            "SELECT COUNT(*) FROM refresh_locks WHERE connection_id = '{}' AND expires_at > 0",
-            c.connection_id
-        ))
-        .await
-        == 0
-    {
-        assert!(Instant::now() < deadline, "A never took the refresh lock");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    lock_taken().await;
     a.signal("KILL");
     a.wait(Duration::from_secs(10));
     let killed = Instant::now();
     let _ = held.await;
 
-    let mut worker_b = pb::lease_service_client::LeaseServiceClient::with_interceptor(
-        client(&b.grpc_addr),
-        bearer(As::Worker),
-    );
     loop {
         match worker_b.lease_token(request.clone()).await {
             Ok(_) => break,
@@ -873,6 +960,10 @@ both_backends!(
 );
 
 // --- proactive refresh ---------------------------------------------------------------------
+
+fn micros(t: Option<&prost_types::Timestamp>) -> i64 {
+    t.map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1_000))
+}
 
 /// Connects `n` accounts of tenant `tenant`, each to its own Google user.
 async fn connect_many(
@@ -965,7 +1056,10 @@ async fn the_sweeper_refreshes_idle_connections_and_finds_revoked_grants(backend
     for c in &conns[..2] {
         let now = get(&tv, &c.connection_id).await;
         assert_eq!(now.status, pb::ConnectionStatus::Active as i32);
-        assert!(now.last_refresh_at.unwrap().seconds >= refreshed.seconds);
+        assert!(
+            micros(now.last_refresh_at.as_ref()) > micros(c.last_refresh_at.as_ref()),
+            "refreshed by the pass"
+        );
         assert!(
             now.next_check_at.unwrap().seconds > now.last_refresh_at.unwrap().seconds + 86_400,
             "next check moved a week ahead"
@@ -1071,7 +1165,7 @@ async fn three_replicas_refresh_each_due_connection_once(backend: Backend) {
         let mut done = 0;
         for c in &conns {
             let now = get(&tv, &c.connection_id).await;
-            if now.next_check_at.unwrap().seconds > 86_400 {
+            if micros(now.last_refresh_at.as_ref()) > micros(c.last_refresh_at.as_ref()) {
                 done += 1;
             }
         }
@@ -1201,4 +1295,45 @@ async fn every_committed_deletion_has_its_done_entry_after_a_crash(backend: Back
 both_backends!(
     deletion_done_survives_crash,
     every_committed_deletion_has_its_done_entry_after_a_crash
+);
+
+/// An app in publishing status "Testing": Google kills refresh tokens seven
+/// days after issue, used or not. The sweeper cannot prevent that, but finds
+/// it before a worker does.
+async fn the_sweeper_finds_testing_mode_tokens_that_expired(backend: Backend) {
+    let sim = tokenvault::google::sim::GoogleSim::start(SimConfig {
+        testing_mode: true,
+        ..crate::support::sim_config()
+    })
+    .await
+    .unwrap();
+    let Some(tv) = crate::support::spawn_vault_with(backend, |c| {
+        crate::support::use_google(c, &sim);
+        c.refresh.sweeper = false;
+        c.refresh.refresh_after_hours = 24;
+    })
+    .await
+    else {
+        return;
+    };
+    let c = connect(&tv, "testing", "u1", pb::Integration::Calendar).await;
+    // Day 1 … 6: the daily sweep keeps it fresh.
+    for _ in 0..6 {
+        sim.advance_clock(Duration::from_secs(86_400));
+        make_due(&tv, "testing").await;
+        let report = tv.vault.refresh_sweep_pass().await.unwrap();
+        assert_eq!(report.refreshed, 1, "{report:?}");
+    }
+    // Day 7: the refresh token is dead at Google whatever its use.
+    sim.advance_clock(Duration::from_secs(86_400));
+    make_due(&tv, "testing").await;
+    let report = tv.vault.refresh_sweep_pass().await.unwrap();
+    assert_eq!(report.revoked, 1, "{report:?}");
+    let now = get(&tv, &c.connection_id).await;
+    assert_eq!(now.status, pb::ConnectionStatus::RevokedUpstream as i32);
+    assert_eq!(now.status_reason, "user_revoked_at_google");
+}
+both_backends!(
+    sweeper_testing_mode,
+    the_sweeper_finds_testing_mode_tokens_that_expired
 );
