@@ -8,7 +8,8 @@
 //! The restart test needs PostgreSQL's `initdb` and `pg_ctl` (found like
 //! `.ci/run` finds them, or in `TV_PG_BIN`; as root it runs them as the
 //! `postgres` user). Without them it prints `SKIPPED (private postgres
-//! cluster)` and passes — unless `CI=true`, when it fails instead.
+//! cluster)` and passes — unless `CI=true` or `TV_REQUIRE_PRIVATE_POSTGRES=1`
+//! (`.ci/run` sets it), when it fails instead.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -360,9 +361,11 @@ async fn blocking(
         .expect("cluster operation panicked")
 }
 
-/// Whether this run must not skip for want of PostgreSQL binaries.
+/// Whether this run must not skip for want of PostgreSQL binaries: in CI
+/// (`CI=true`) and wherever `TV_REQUIRE_PRIVATE_POSTGRES=1` (`.ci/run` sets it).
 fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| v == "true" || v == "1");
+    set("CI") || set("TV_REQUIRE_PRIVATE_POSTGRES")
 }
 
 /// A vault on the private cluster.
