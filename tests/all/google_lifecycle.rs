@@ -41,6 +41,36 @@ fn worker_for(integration: pb::Integration) -> As {
     }
 }
 
+/// A channel to a `tokenvault serve` child process's gRPC address.
+fn channel_to(addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy()
+}
+
+fn bearer(who: As) -> crate::support::Bearer {
+    crate::support::Bearer(Some(format!("Bearer {}", who.key()).parse().unwrap()))
+}
+
+/// `LeaseService` of a `tokenvault serve` child process, called as `who`.
+fn leases_at(
+    addr: &str,
+    who: As,
+) -> pb::lease_service_client::LeaseServiceClient<crate::support::Authed> {
+    pb::lease_service_client::LeaseServiceClient::with_interceptor(channel_to(addr), bearer(who))
+}
+
+/// `ConnectionService` of a `tokenvault serve` child process, called as `who`.
+fn connections_at(
+    addr: &str,
+    who: As,
+) -> pb::connection_service_client::ConnectionServiceClient<crate::support::Authed> {
+    pb::connection_service_client::ConnectionServiceClient::with_interceptor(
+        channel_to(addr),
+        bearer(who),
+    )
+}
+
 async fn lease(
     tv: &TestVault,
     c: &pb::Connection,
@@ -810,71 +840,29 @@ both_backends!(
 /// has not answered; replica B must lease within 5 s.
 async fn a_killed_refresh_lock_holder_is_taken_over_within_seconds(backend: Backend) {
     use crate::serve_cli::ServeProcess;
-    let dir = tempfile::tempdir().unwrap();
-    let Some(url) = crate::support::fresh_database(backend, dir.path()).await else {
+    let Some((tv, sim)) = spawn_vault_with_google(backend, |c| {
+        c.refresh.sweeper = false;
+        c.google.refresh_deadline_ms = 30_000;
+        c.google.request_timeout_ms = 10_000;
+    })
+    .await
+    else {
         return;
     };
-    let sim = crate::support::start_google().await;
-    let mut config = crate::support::test_config(dir.path(), &url);
-    crate::support::use_google(&mut config, &sim);
-    config.google.refresh_deadline_ms = 30_000;
-    config.google.request_timeout_ms = 10_000;
-    tokenvault::crypto::LocalKeyring::init(config.keyring_path()).unwrap();
-    let config_path = crate::support::write_config_file(dir.path(), &config, "");
+    let c = connect(&tv, "lock", "u1", pb::Integration::Calendar).await;
+    let config_path = crate::support::write_config_file(tv.dir.path(), &tv.config, "");
     let arg = config_path.display().to_string();
-    let mut a = ServeProcess::start(dir.path(), &["--config", &arg], &[]);
-    let b = ServeProcess::start(dir.path(), &["--config", &arg], &[]);
-    let client = |addr: &str| {
-        tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_lazy()
-    };
-    let bearer =
-        |who: As| crate::support::Bearer(Some(format!("Bearer {}", who.key()).parse().unwrap()));
-    let mut app = pb::connection_service_client::ConnectionServiceClient::with_interceptor(
-        client(&a.grpc_addr),
-        bearer(As::App),
-    );
-    let begun = app
-        .begin_authorization(pb::BeginAuthorizationRequest {
-            tenant_id: "lock".into(),
-            account_id: "u1".into(),
-            integration: pb::Integration::Calendar as i32,
-            login_hint: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let redirect = follow_authorization(&begun.authorization_url).await;
-    let resp = reqwest::get(format!("http://{}/oauth/callback?{redirect}", a.http_addr))
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let c = app
-        .list_connections(pb::ListConnectionsRequest {
-            tenant_id: "lock".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .connections
-        .remove(0);
-    let raw = RawDb::open_url(backend, &url).await;
+    let mut a = ServeProcess::start(tv.dir.path(), &["--config", &arg], &[]);
+    let b = ServeProcess::start(tv.dir.path(), &["--config", &arg], &[]);
+    let raw = RawDb::open(&tv).await;
     raw.execute(&format!(
         "UPDATE connection_secrets SET access_expires_at = 0 WHERE connection_id = '{}'",
         c.connection_id
     ))
     .await;
 
-    let mut worker_a = pb::lease_service_client::LeaseServiceClient::with_interceptor(
-        client(&a.grpc_addr),
-        bearer(As::Worker),
-    );
-    let mut worker_b = pb::lease_service_client::LeaseServiceClient::with_interceptor(
-        client(&b.grpc_addr),
-        bearer(As::Worker),
-    );
+    let mut worker_a = leases_at(&a.grpc_addr, As::Worker);
+    let mut worker_b = leases_at(&b.grpc_addr, As::Worker);
     let request = lease_request(&c.connection_id, pb::Integration::Calendar);
     let lock_taken = || async {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1225,19 +1213,11 @@ async fn every_committed_deletion_has_its_done_entry_after_a_crash(backend: Back
     let config_path = crate::support::write_config_file(tv.dir.path(), &tv.config, "");
     let arg = config_path.display().to_string();
     let mut replica = ServeProcess::start(tv.dir.path(), &["--config", &arg], &[]);
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", replica.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let bearer = crate::support::Bearer(Some(format!("Bearer {}", As::App.key()).parse().unwrap()));
+    let app = connections_at(&replica.grpc_addr, As::App);
     let calls: Vec<_> = ids
         .iter()
         .map(|id| {
-            let mut app = pb::connection_service_client::ConnectionServiceClient::with_interceptor(
-                channel.clone(),
-                bearer.clone(),
-            );
+            let mut app = app.clone();
             let id = id.clone();
             tokio::spawn(async move {
                 app.disconnect(pb::DisconnectRequest {
