@@ -142,7 +142,16 @@ impl Expect {
         match self {
             Expect::Unauthenticated => code == Code::Unauthenticated,
             Expect::Denied => code == Code::PermissionDenied,
-            Expect::Allowed => !matches!(code, Code::Unauthenticated | Code::PermissionDenied),
+            // Allowed: past authorization, the call is answered on its merits
+            // (ok, or a documented refusal of its arguments) — never a crash.
+            Expect::Allowed => !matches!(
+                code,
+                Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::Internal
+                    | Code::Unknown
+                    | Code::DataLoss
+            ),
         }
     }
 }

@@ -513,7 +513,9 @@ async fn watch_streams_end_with_unavailable_at_shutdown(backend: Backend) {
         .expect("the stream ends");
     match end {
         Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
-        Ok(None) => {}
+        Ok(None) => {
+            panic!("the stream ended cleanly; a worker would take that for the end of the log")
+        }
         Ok(Some(e)) => panic!("unexpected event {e:?}"),
     }
 }
