@@ -15,7 +15,7 @@ use tokenvault::store::AuditFilter;
 use tonic::Code;
 
 use crate::both_backends;
-use crate::support::raw::RawDb;
+use crate::support::raw::{RawDb, expire_stored_token};
 use crate::support::{
     As, Backend, CALENDAR_SCOPE, CLIENT_ID, GMAIL_SCOPE, TestVault, connect, deliver_callback,
     follow_authorization, query_param, spawn_vault_with_google,
@@ -80,17 +80,6 @@ async fn lease(
         .lease_token(lease_request(&c.connection_id, integration))
         .await
         .map(tonic::Response::into_inner)
-}
-
-/// Makes the vault's stored access token look expired, so the next lease
-/// refreshes.
-async fn expire_stored_token(tv: &TestVault, connection_id: &str) {
-    let raw = RawDb::open(tv).await;
-    raw.execute(&format!(
-        "UPDATE connection_secrets SET access_expires_at = 0 WHERE connection_id = '{connection_id}'"
-    ))
-    .await;
-    raw.close().await;
 }
 
 async fn get(tv: &TestVault, id: &str) -> pb::Connection {

@@ -10,7 +10,7 @@ use tokenvault::proto::v1 as pb;
 use tonic::Code;
 
 use crate::both_backends;
-use crate::support::raw::RawDb;
+use crate::support::raw::{RawDb, expire_stored_token};
 use crate::support::{
     As, Backend, CALENDAR_SCOPE, GMAIL_SCOPE, TestVault, connect, deliver_callback,
     follow_authorization, query_param, spawn_vault_with_google,
@@ -299,16 +299,6 @@ async fn a_partial_grant_records_only_granted_scopes(backend: Backend) {
     assert_eq!(err.code(), Code::FailedPrecondition);
 }
 both_backends!(partial_grant, a_partial_grant_records_only_granted_scopes);
-
-/// Makes the vault's stored access token look expired.
-async fn expire_stored_token(tv: &TestVault, connection_id: &str) {
-    let raw = RawDb::open(tv).await;
-    raw.execute(&format!(
-        "UPDATE connection_secrets SET access_expires_at = 0 WHERE connection_id = '{connection_id}'"
-    ))
-    .await;
-    raw.close().await;
-}
 
 async fn invalid_grant_on_refresh_revokes_the_connection_and_destroys_its_tokens(backend: Backend) {
     let Some((tv, sim)) = spawn_vault_with_google(backend, |_| {}).await else {

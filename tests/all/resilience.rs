@@ -30,7 +30,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::both_backends;
-use crate::support::raw::RawDb;
+use crate::support::raw::expire_stored_token;
 use crate::support::{
     As, Authed, Backend, CALENDAR_SCOPE, TestVault, connect, seed_connection,
     spawn_vault_with_google, start_vault,
@@ -657,16 +657,6 @@ const REFRESH_DEADLINE: Duration = Duration::from_millis(1500);
 const GOOGLE_CALL_DEADLINE: Duration = Duration::from_secs(10);
 /// Slack for a loaded two-core machine running a debug build.
 const SLACK: Duration = Duration::from_millis(1000);
-
-/// Makes the vault's stored access token look expired.
-async fn expire_stored_token(tv: &TestVault, connection_id: &str) {
-    let raw = RawDb::open(tv).await;
-    raw.execute(&format!(
-        "UPDATE connection_secrets SET access_expires_at = 0 WHERE connection_id = '{connection_id}'"
-    ))
-    .await;
-    raw.close().await;
-}
 
 /// Leases fresh connections (four tasks) and expired ones (two tasks per
 /// connection) for `window`; returns the calls of each.

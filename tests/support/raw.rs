@@ -222,3 +222,14 @@ impl RawDb {
         }
     }
 }
+
+/// Makes the vault's stored access token of a connection look expired, so
+/// the next lease refreshes it.
+pub async fn expire_stored_token(tv: &TestVault, connection_id: &str) {
+    let raw = RawDb::open(tv).await;
+    raw.execute(&format!(
+        "UPDATE connection_secrets SET access_expires_at = 0 WHERE connection_id = '{connection_id}'"
+    ))
+    .await;
+    raw.close().await;
+}
