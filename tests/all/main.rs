@@ -11,6 +11,7 @@ mod deletion;
 mod dev_tour;
 mod encryption;
 mod events;
+mod fail_closed;
 mod foundation;
 mod google_lifecycle;
 mod google_sim;

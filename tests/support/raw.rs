@@ -215,6 +215,47 @@ impl RawDb {
         out
     }
 
+    /// Makes the database refuse every `op` (`INSERT`, `UPDATE` or `DELETE`)
+    /// on `table` with an error raised by a trigger, the way a full disk, a
+    /// revoked privilege or a violated constraint would: the failure comes from
+    /// the database inside the vault's own statement, not from the vault.
+    pub async fn refuse(&self, table: &str, op: &str) {
+        let name = format!("tv_refuse_{table}_{}", op.to_lowercase());
+        match self {
+            RawDb::Sqlite(_) => {
+                self.execute(&format!(
+                    "CREATE TRIGGER {name} BEFORE {op} ON {table} \
+                     BEGIN SELECT RAISE(ABORT, 'test: {op} on {table} refused'); END"
+                ))
+                .await;
+            }
+            RawDb::Postgres(_) => {
+                self.execute(
+                    "CREATE OR REPLACE FUNCTION tv_refuse() RETURNS trigger LANGUAGE plpgsql AS \
+                     $$ BEGIN RAISE EXCEPTION 'test: % on % refused', TG_OP, TG_TABLE_NAME; END $$",
+                )
+                .await;
+                self.execute(&format!(
+                    "CREATE TRIGGER {name} BEFORE {op} ON {table} \
+                     FOR EACH ROW EXECUTE FUNCTION tv_refuse()"
+                ))
+                .await;
+            }
+        }
+    }
+
+    /// Undoes [`RawDb::refuse`].
+    pub async fn allow(&self, table: &str, op: &str) {
+        let name = format!("tv_refuse_{table}_{}", op.to_lowercase());
+        match self {
+            RawDb::Sqlite(_) => self.execute(&format!("DROP TRIGGER {name}")).await,
+            RawDb::Postgres(_) => {
+                self.execute(&format!("DROP TRIGGER {name} ON {table}"))
+                    .await
+            }
+        }
+    }
+
     pub async fn close(self) {
         match self {
             RawDb::Sqlite(p) => p.close().await,
