@@ -474,6 +474,13 @@ async fn receipts_are_listed_and_old_ones_pruned(backend: Backend) {
         return;
     };
     let cal = connect(&tv, "t1", "u1", pb::Integration::Calendar).await;
+    // A worker holds a lease, so the disconnect logs two events (LEASE_REVOKED,
+    // then CONNECTION_DELETED): once both are pruned, cursor 1 lies before the
+    // retained range.
+    tv.leases(As::Worker)
+        .lease_token(lease(&cal.connection_id, "calendar_sync", CALENDAR_SCOPE))
+        .await
+        .expect("the worker leases before the disconnect");
     let r = disconnect(&tv, &cal.connection_id).await;
     let pending = tv
         .admin(As::Auditor)
@@ -499,8 +506,12 @@ async fn receipts_are_listed_and_old_ones_pruned(backend: Backend) {
     assert!(overdue.receipts.is_empty());
 
     // Once acknowledged, it is complete; past retention, it is pruned with
-    // its events and the tombstone.
+    // its events (the tombstone stays while the revoked lease's row does).
     let head = tv.vault.store().event_state().await.unwrap().head;
+    assert!(
+        head > 1,
+        "the disconnect logged LEASE_REVOKED and CONNECTION_DELETED; head is {head}"
+    );
     tv.events(As::Worker)
         .ack(pb::AckRequest {
             consumer: "calendar-sync".into(),
@@ -550,10 +561,10 @@ async fn receipts_are_listed_and_old_ones_pruned(backend: Backend) {
             after_cursor: Some(1),
             ..Default::default()
         })
-        .await;
-    if head > 1 {
-        assert_eq!(err.unwrap_err().code(), Code::OutOfRange);
-    }
+        .await
+        .expect_err("resuming after cursor 1 would skip the pruned events");
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("were pruned"), "{err:?}");
 }
 both_backends!(
     receipts_and_retention,
@@ -604,6 +615,16 @@ async fn the_outbox_finishes_a_revocation_after_a_sigkill(backend: Backend) {
     first.signal("KILL");
     first.wait(Duration::from_secs(10));
     assert!(!sim.grant_revoked(SUBJECT, CLIENT_ID));
+    // What the killed process left: no live secrets, one outbox row holding
+    // the token the revocation still needs.
+    let raw = RawDb::open(&tv).await;
+    assert!(raw.secret_row(&cal.connection_id).await.is_none());
+    assert_eq!(
+        raw.scalar("SELECT COUNT(*) FROM revocation_outbox").await,
+        1,
+        "the pending revocation survives the SIGKILL in the outbox"
+    );
+    raw.close().await;
 
     // Google recovers; a new process finishes the job from the outbox.
     sim.clear_faults();
@@ -628,7 +649,11 @@ async fn the_outbox_finishes_a_revocation_after_a_sigkill(backend: Backend) {
     second.signal("TERM");
     second.wait(Duration::from_secs(20));
     let raw = RawDb::open(&tv).await;
-    raw.execute("SELECT 1").await;
+    assert_eq!(
+        raw.scalar("SELECT COUNT(*) FROM revocation_outbox").await,
+        0,
+        "the outbox copy of the token is destroyed once Google confirms"
+    );
     if backend == Backend::Postgres {
         let dump = raw.postgres_dump().await;
         assert!(

@@ -330,25 +330,115 @@ async fn mtls_identities_from_san(backend: Backend) {
 }
 both_backends!(mtls_identities, mtls_identities_from_san);
 
-/// Connects with `client` and makes calls: none may succeed (the handshake
-/// is refused, either at connect or on the first use of the connection).
-async fn refused(tv: &TestVault, ca: &str, client: Option<&Pem>, connection_id: &str, what: &str) {
-    let channel = match tls_channel(tv.grpc_addr, ca, client).await {
-        Ok(c) => c,
-        Err(_) => return, // refused at connect
-    };
-    for _ in 0..2 {
-        let lease = LeaseServiceClient::new(channel.clone())
-            .lease_token(lease_request(connection_id))
-            .await;
-        assert!(lease.is_err(), "{what}: a lease succeeded: {lease:?}");
-        let health = HealthClient::new(channel.clone())
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await;
-        assert!(health.is_err(), "{what}: a health check succeeded");
+/// An error followed by the `Display` of every error in its source chain,
+/// lowercased: everything a client can learn of why a call failed.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = format!("{err:?}");
+    let mut next = Some(err);
+    while let Some(e) = next {
+        text.push_str(" | ");
+        text.push_str(&e.to_string());
+        next = e.source();
     }
+    text.to_lowercase()
+}
+
+/// What a client sees when the server refuses its certificate in the TLS
+/// handshake: the server's fatal alert (rustls: "received fatal alert: …",
+/// `AlertReceived(…)`), or — when the client was still writing as the server
+/// hung up — the peer resetting the connection or the pipe breaking.
+const SERVER_REFUSED: [&str; 6] = [
+    "received fatal alert",
+    "alertreceived",
+    "connection reset",
+    "connectionreset",
+    "broken pipe",
+    "brokenpipe",
+];
+
+/// Failures that are not a refusal by a listening server: nothing listening
+/// (TCP refused), a bad address, a timeout, or the client rejecting the
+/// server's certificate.
+const NOT_A_REFUSAL: [&str; 9] = [
+    "connection refused",
+    "connectionrefused",
+    "dns error",
+    "failed to lookup address",
+    "invalid uri",
+    "timed out",
+    "timeout",
+    "invalid peer certificate",
+    "invalidcertificate",
+];
+
+/// Connects with `client` and makes calls: none may succeed, every failure
+/// comes from the transport (not a gRPC answer of the vault), none is of the
+/// kind a missing or unreachable server gives, and at least one shows the
+/// server refusing the handshake. With TLS 1.3 the client's side of the
+/// handshake completes before the server has verified its certificate, so the
+/// refusal surfaces at connect or on the first use of the connection.
+async fn refused(tv: &TestVault, ca: &str, client: Option<&Pem>, connection_id: &str, what: &str) {
+    let mut failures = Vec::new();
+    match tls_channel(tv.grpc_addr, ca, client).await {
+        Err(e) => failures.push(error_chain(&e)),
+        Ok(channel) => {
+            for _ in 0..2 {
+                let lease = match LeaseServiceClient::new(channel.clone())
+                    .lease_token(lease_request(connection_id))
+                    .await
+                {
+                    Ok(r) => panic!("{what}: lease {} was granted", r.into_inner().lease_id),
+                    Err(status) => status,
+                };
+                let health = match HealthClient::new(channel.clone())
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                {
+                    Ok(r) => panic!("{what}: a health check answered {:?}", r.into_inner()),
+                    Err(status) => status,
+                };
+                for status in [lease, health] {
+                    assert!(
+                        std::error::Error::source(&status).is_some(),
+                        "{what}: the vault answered instead of refusing the handshake: {status:?}"
+                    );
+                    failures.push(error_chain(&status));
+                }
+            }
+        }
+    }
+    for failure in &failures {
+        let wrong = NOT_A_REFUSAL.iter().find(|m| failure.contains(**m));
+        assert!(
+            wrong.is_none(),
+            "{what}: failed with {wrong:?}, not a refused handshake: {failure}"
+        );
+    }
+    assert!(
+        failures
+            .iter()
+            .any(|f| SERVER_REFUSED.iter().any(|m| f.contains(m))),
+        "{what}: no failure shows the server refusing the TLS handshake: {failures:#?}"
+    );
+}
+
+/// The positive control for [`refused`]: the same listener completes a
+/// handshake with a trusted certificate and answers over it.
+async fn serves_trusted(tv: &TestVault, ca: &str, client: &Pem, when: &str) {
+    let channel = tls_channel(tv.grpc_addr, ca, Some(client))
+        .await
+        .unwrap_or_else(|e| panic!("{when}: a trusted certificate cannot connect: {e:?}"));
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{when}: health over mTLS failed: {e:?}"))
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving, "{when}");
 }
 
 async fn untrusted_and_expired_certificates_are_refused_and_audited(backend: Backend) {
@@ -368,6 +458,9 @@ async fn untrusted_and_expired_certificates_are_refused_and_audited(backend: Bac
     let id = seeded.id.to_string();
     let ca = pki.ca.pem();
 
+    // The listener is up and serves a trusted worker: what follows is refused
+    // for the certificate, not because nothing answers.
+    serves_trusted(&tv, &ca, &pki.worker, "before the refusals").await;
     refused(
         &tv,
         &ca,
@@ -419,18 +512,7 @@ async fn untrusted_and_expired_certificates_are_refused_and_audited(backend: Bac
     assert!(grants.is_empty(), "something was leased: {grants:?}");
 
     // The listener still serves trusted clients afterwards.
-    let worker = tls_channel(tv.grpc_addr, &ca, Some(&pki.worker))
-        .await
-        .expect("a trusted worker still connects");
-    let status = HealthClient::new(worker)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("health over mTLS")
-        .into_inner()
-        .status();
-    assert_eq!(status, ServingStatus::Serving);
+    serves_trusted(&tv, &ca, &pki.worker, "after the refusals").await;
 }
 both_backends!(
     refused_certificates,

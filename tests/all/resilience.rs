@@ -434,11 +434,16 @@ async fn postgres_restart_under_lease_load_fails_fast_recovers_and_loses_nothing
         let mut client = tv.leases(As::Worker);
         let id = ids[0].clone();
         async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 let call = call_once(&mut client, &id, PG_PROBE_DEADLINE).await;
                 if call.result.is_err() {
                     return call;
                 }
+                assert!(
+                    Instant::now() < deadline,
+                    "leases still succeeded 60 s after PostgreSQL stopped"
+                );
             }
         }
     });

@@ -16,9 +16,15 @@ use tonic::Code;
 
 use crate::both_backends;
 use crate::serve_cli::ServeProcess;
-use crate::support::{As, Backend, Bearer, spawn_vault, test_config};
+use crate::support::{As, Backend, Bearer, spawn_vault_with, test_config};
 
 const CONNECTIONS: usize = 10_000;
+
+/// Rotation pacing for the load test: 20 batches of 500 with 200 ms between
+/// them, so the run lasts at least 3.8 s and is certainly still running when
+/// the test asks again right after starting it.
+const BATCH_SIZE: u32 = 500;
+const BATCH_PAUSE_MS: u64 = 200;
 
 /// The token each seeded connection holds.
 fn token_of(i: usize) -> String {
@@ -87,7 +93,12 @@ async fn wait_for_completion(
 }
 
 async fn rotation_rewraps_every_dek_while_reads_continue(backend: Backend) {
-    let Some(tv) = spawn_vault(backend).await else {
+    let Some(tv) = spawn_vault_with(backend, |c| {
+        c.keyring.rotation_batch_size = BATCH_SIZE;
+        c.keyring.rotation_batch_pause_ms = BATCH_PAUSE_MS;
+    })
+    .await
+    else {
         return;
     };
     let ids = Arc::new(import(&tv.vault, CONNECTIONS).await);
@@ -130,15 +141,20 @@ async fn rotation_rewraps_every_dek_while_reads_continue(backend: Backend) {
         .into_inner();
     assert_eq!(run.target_version, 2);
     assert_eq!(run.total, CONNECTIONS as u64);
-    // Asking again while it runs reports the same run.
+    // Asking again while it runs (the pacing guarantees it still does)
+    // reports the same run instead of starting another.
     let again = admin
         .rotate_keys(pb::RotateKeysRequest {})
         .await
         .unwrap()
         .into_inner();
-    if again.state == pb::RotationState::Running as i32 {
-        assert_eq!(again.run_id, run.run_id);
-    }
+    assert_eq!(
+        again.state,
+        pb::RotationState::Running as i32,
+        "a paced rotation of {CONNECTIONS} keys cannot have finished yet: {again:?}"
+    );
+    assert_eq!(again.run_id, run.run_id, "a second rotation was started");
+    assert_eq!(again.target_version, 2);
     let reads_before = reads.load(Ordering::Relaxed);
     let status = wait_for_completion(&mut admin, Duration::from_secs(300)).await;
     let reads_during = reads.load(Ordering::Relaxed) - reads_before;
@@ -357,7 +373,13 @@ async fn a_rotation_killed_midway_resumes_after_restart(backend: Backend) {
         if progress.rewrapped >= 1000 {
             break;
         }
-        assert!(Instant::now() < deadline);
+        assert!(
+            Instant::now() < deadline,
+            "the rotation rewrapped only {} of {} keys in 60 s; it never got far enough to be \
+             killed midway",
+            progress.rewrapped,
+            progress.total
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop(admin);
