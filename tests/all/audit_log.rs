@@ -251,6 +251,7 @@ async fn the_writer_drains_and_stops_with_its_last_handle(backend: Backend) {
     let Some(url) = fresh_database(backend, dir.path()).await else {
         return;
     };
+    let _drop = crate::support::DropDatabase::new(&url);
     let store = tokenvault::store::open(&url).await.unwrap();
     let keyring: Arc<dyn KeyringProvider> =
         Arc::new(LocalKeyring::init(dir.path().join("keyring.json")).unwrap());

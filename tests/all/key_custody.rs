@@ -63,6 +63,7 @@ enum EnvKeys {
 
 /// A database, a Google simulator and the configuration replicas share.
 struct Fleet {
+    _drop: Option<crate::support::DropDatabase>,
     dir: tempfile::TempDir,
     sim: GoogleSim,
     config_path: String,
@@ -95,6 +96,7 @@ impl Fleet {
         );
         let path = write_config_file(dir.path(), &config, &extra);
         Some(Self {
+            _drop: crate::support::DropDatabase::new(&database_url),
             config_path: path.display().to_string(),
             dir,
             sim,

@@ -494,6 +494,7 @@ async fn one_refresh_across_three_vault_processes_sharing_postgres() {
     let Some(url) = crate::support::fresh_database(Backend::Postgres, dir.path()).await else {
         return;
     };
+    let _drop = crate::support::DropDatabase::new(&url);
     let sim = crate::support::start_google().await;
     let mut config = crate::support::test_config(dir.path(), &url);
     crate::support::use_google(&mut config, &sim);

@@ -307,6 +307,7 @@ async fn a_rotation_killed_midway_resumes_after_restart(backend: Backend) {
     let Some(database_url) = crate::support::fresh_database(backend, dir.path()).await else {
         return;
     };
+    let _drop = crate::support::DropDatabase::new(&database_url);
     let sim = crate::support::start_google().await;
     let config_path = write_config(dir.path(), &database_url, &sim);
     let config = tokenvault::config::Config::load_from(Some(&config_path), Vec::new()).unwrap();

@@ -110,6 +110,9 @@ pub struct TestVault {
     pub grpc_addr: std::net::SocketAddr,
     pub http_addr: std::net::SocketAddr,
     pub channel: Channel,
+    /// Drops the PostgreSQL database this vault was spawned on (last field:
+    /// it goes after the server).
+    pub database_guard: Option<DropDatabase>,
 }
 
 impl TestVault {
@@ -266,6 +269,51 @@ pub async fn fresh_postgres_database() -> Option<String> {
     Some(format!("{base}/{name}"))
 }
 
+/// Drops a test's PostgreSQL database when it goes out of scope, closing
+/// whatever connections are still open to it; declare it before what uses the
+/// database, so that it is dropped after.
+pub struct DropDatabase {
+    name: String,
+}
+
+impl DropDatabase {
+    /// A guard for `url` when it names a PostgreSQL test database; `None` otherwise.
+    pub fn new(url: &str) -> Option<Self> {
+        let name = url.strip_prefix("postgres://")?.rsplit_once('/')?.1;
+        name.starts_with("tv_test_").then(|| Self {
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.name);
+        // Its own thread and runtime: a drop cannot await, and may run on a
+        // runtime that is shutting down.
+        let dropped = std::thread::spawn(move || {
+            use sqlx::Connection as _;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&postgres_admin_url()).await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await?;
+                conn.close().await
+            })
+            .map_err(std::io::Error::other)
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) && !std::thread::panicking() {
+            panic!("could not drop the test database: {dropped:?}");
+        }
+    }
+}
+
 /// A fresh database URL for a backend inside `dir`.
 pub async fn fresh_database(backend: Backend, dir: &std::path::Path) -> Option<String> {
     match backend {
@@ -287,7 +335,10 @@ pub async fn spawn_vault_with(
 ) -> Option<TestVault> {
     let dir = tempfile::tempdir().expect("tempdir");
     let database_url = fresh_database(backend, dir.path()).await?;
-    Some(start_vault(backend, dir, database_url, adjust).await)
+    let guard = DropDatabase::new(&database_url);
+    let mut tv = start_vault(backend, dir, database_url, adjust).await;
+    tv.database_guard = guard;
+    Some(tv)
 }
 
 /// Starts a vault on `database_url` with its configuration and keyring in
@@ -324,6 +375,7 @@ pub async fn start_vault(
         config,
         database_url,
         channel,
+        database_guard: None,
     }
 }
 
