@@ -7,6 +7,7 @@ mod support;
 mod admin_cli;
 mod audit_log;
 mod authz_matrix;
+mod claims;
 mod deletion;
 mod dev_tour;
 mod encryption;
