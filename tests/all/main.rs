@@ -21,6 +21,7 @@ mod key_registry;
 mod malformed;
 mod mtls;
 mod oauth;
+mod replicas;
 mod resilience;
 mod rotation;
 pub mod serve_cli;
