@@ -549,6 +549,13 @@ impl GoogleSim {
         self.shared().model().grant_revoked(subject, client_id)
     }
 
+    /// Every authorization code, access token and refresh token the
+    /// simulator has issued and every PKCE verifier it has been sent, so that
+    /// a test can prove none of them is stored or logged in plaintext.
+    pub fn secrets_seen(&self) -> Vec<String> {
+        self.shared().model().secrets()
+    }
+
     /// Successful `POST /revoke` calls so far.
     pub fn revocations(&self) -> u64 {
         self.shared().model().revocations()

@@ -21,6 +21,7 @@ mod key_registry;
 mod malformed;
 mod mtls;
 mod oauth;
+mod plaintext;
 mod replicas;
 mod resilience;
 mod rotation;

@@ -257,6 +257,9 @@ pub(super) struct Model {
     access: HashMap<String, AccessRecord>,
     refresh: HashMap<String, RefreshRecord>,
     revocations: u64,
+    /// Every secret the simulator has issued or been shown: codes, access and
+    /// refresh tokens, PKCE verifiers (for tests that scan for plaintext).
+    secrets: Vec<String>,
     /// How far the simulated clock runs ahead of the real one.
     offset: Duration,
 }
@@ -277,6 +280,7 @@ impl Model {
             access: HashMap::new(),
             refresh: HashMap::new(),
             revocations: 0,
+            secrets: Vec::new(),
             offset: Duration::ZERO,
         }
     }
@@ -367,6 +371,12 @@ impl Model {
         Ok(format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes)))
     }
 
+    /// Every code, access token and refresh token issued and every PKCE
+    /// verifier received so far.
+    pub(super) fn secrets(&self) -> Vec<String> {
+        self.secrets.clone()
+    }
+
     /// Runs the consent step of an authorization request.
     pub(super) fn authorize(&mut self, req: &AuthRequest<'_>) -> Result<AuthOutcome, OAuthError> {
         let user = self.resolve_user(req.login_hint);
@@ -395,6 +405,7 @@ impl Model {
             return Ok(AuthOutcome::AccessDenied);
         }
         let code = self.random("4/0Sim")?;
+        self.secrets.push(code.clone());
         let grant = self.grants.entry(key).or_default();
         grant.live = true;
         grant.revoked_via_api = false;
@@ -448,6 +459,7 @@ impl Model {
             return Err(OAuthError::RedirectUriMismatch);
         }
         let verifier = code_verifier.ok_or(OAuthError::InvalidGrant("Missing code verifier."))?;
+        self.secrets.push(verifier.to_owned());
         if !pkce_matches(verifier, &record.code_challenge) {
             return Err(OAuthError::InvalidGrant(BAD_REQUEST));
         }
@@ -533,6 +545,7 @@ impl Model {
         scopes: &[String],
     ) -> Result<String, OAuthError> {
         let token = self.random("ya29.sim")?;
+        self.secrets.push(token.clone());
         self.access.insert(
             token.clone(),
             AccessRecord {
@@ -558,6 +571,7 @@ impl Model {
         scopes: &[String],
     ) -> Result<String, OAuthError> {
         let token = self.random("1//0Sim")?;
+        self.secrets.push(token.clone());
         let now = self.now();
         self.refresh.insert(
             token.clone(),
