@@ -109,12 +109,15 @@ async fn actions_after(raw: &RawDb, seq: i64) -> Vec<String> {
     .unwrap()
 }
 
-/// Runs `call` while the database refuses `op` on `table`; asserts it failed,
-/// changed no table, and added no audit entry other than one of `allowed`
-/// (and none at all when the audit table itself is refused).
+/// One write the database refuses: `op` on `table`, for the rows matching
+/// `when` (all when empty).
+type Step = (&'static str, &'static str, &'static str);
+
+/// Runs `call` while the database refuses `step`; asserts it failed, changed
+/// no table, and added no audit entry other than one of `allowed`.
 async fn refused_changes_nothing<T, F, Fut>(
     raw: &RawDb,
-    (table, op): (&str, &str),
+    (table, op, when): Step,
     allowed: &[&str],
     call: F,
 ) where
@@ -122,10 +125,10 @@ async fn refused_changes_nothing<T, F, Fut>(
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let what = format!("with {op} on {table} refused");
+    let what = format!("with {op} on {table} refused {when}");
     let before = state(raw).await;
     let seq = head(raw).await;
-    raw.refuse(table, op).await;
+    raw.refuse_when(table, op, when).await;
     let result = call().await;
     raw.allow(table, op).await;
     assert_refused(result, &what);
@@ -163,9 +166,9 @@ async fn a_lease_whose_record_the_database_refuses_is_not_granted(backend: Backe
     let mut leases = tv.leases(As::Worker);
     leases.lease_token(lease_request(&id)).await.expect("lease");
     for step in [
-        ("audit_log", "INSERT"),
-        ("audit_head", "UPDATE"),
-        ("leases", "INSERT"),
+        ("audit_log", "INSERT", ""),
+        ("audit_head", "UPDATE", ""),
+        ("leases", "INSERT", ""),
     ] {
         refused_changes_nothing(&raw, step, &[], || leases.lease_token(lease_request(&id))).await;
     }
@@ -185,18 +188,21 @@ both_backends!(
     a_lease_whose_record_the_database_refuses_is_not_granted
 );
 
-/// Every write a deletion makes, in its one transaction.
-const DELETION_STEPS: [(&str, &str); 10] = [
-    ("connection_secrets", "DELETE"),
-    ("connection_deks", "DELETE"),
-    ("connections", "UPDATE"),
-    ("leases", "UPDATE"),
-    ("events", "INSERT"),
-    ("deletion_receipts", "INSERT"),
-    ("receipt_connections", "INSERT"),
-    ("receipt_acks", "INSERT"),
-    ("revocation_outbox", "INSERT"),
-    ("audit_log", "INSERT"),
+/// Every write a deletion makes, in its one transaction: the last is its
+/// `deletion.done` audit entry (the request entry before it is written first,
+/// on its own).
+const DELETION_STEPS: [Step; 11] = [
+    ("connection_secrets", "DELETE", ""),
+    ("connection_deks", "DELETE", ""),
+    ("connections", "UPDATE", ""),
+    ("leases", "UPDATE", ""),
+    ("events", "INSERT", ""),
+    ("deletion_receipts", "INSERT", ""),
+    ("receipt_connections", "INSERT", ""),
+    ("receipt_acks", "INSERT", ""),
+    ("revocation_outbox", "INSERT", ""),
+    ("audit_log", "INSERT", ""),
+    ("audit_log", "INSERT", "NEW.action = 'deletion.done'"),
 ];
 
 async fn a_deletion_that_fails_half_way_changes_nothing(backend: Backend) {

@@ -220,11 +220,22 @@ impl RawDb {
     /// revoked privilege or a violated constraint would: the failure comes from
     /// the database inside the vault's own statement, not from the vault.
     pub async fn refuse(&self, table: &str, op: &str) {
+        self.refuse_when(table, op, "").await;
+    }
+
+    /// As [`RawDb::refuse`], only for rows matching `when` (an SQL condition
+    /// on `NEW`/`OLD`, e.g. `NEW.action = 'deletion.done'`); empty for all.
+    pub async fn refuse_when(&self, table: &str, op: &str, when: &str) {
         let name = format!("tv_refuse_{table}_{}", op.to_lowercase());
+        let when = if when.is_empty() {
+            String::new()
+        } else {
+            format!(" WHEN ({when})")
+        };
         match self {
             RawDb::Sqlite(_) => {
                 self.execute(&format!(
-                    "CREATE TRIGGER {name} BEFORE {op} ON {table} \
+                    "CREATE TRIGGER {name} BEFORE {op} ON {table} FOR EACH ROW{when} \
                      BEGIN SELECT RAISE(ABORT, 'test: {op} on {table} refused'); END"
                 ))
                 .await;
@@ -237,7 +248,7 @@ impl RawDb {
                 .await;
                 self.execute(&format!(
                     "CREATE TRIGGER {name} BEFORE {op} ON {table} \
-                     FOR EACH ROW EXECUTE FUNCTION tv_refuse()"
+                     FOR EACH ROW{when} EXECUTE FUNCTION tv_refuse()"
                 ))
                 .await;
             }
