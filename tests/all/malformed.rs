@@ -54,7 +54,7 @@ const MIB: usize = 1024 * 1024;
 /// How long any one call or exchange may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tables that calls may change: every admin call and every refusal is audited.
-const AUDIT_TABLES: [&str; 3] = ["audit_log", "audit_head", "audit_checkpoints"];
+pub(crate) const AUDIT_TABLES: [&str; 3] = ["audit_log", "audit_head", "audit_checkpoints"];
 
 // ---------------------------------------------------------------------------
 // Panics on the vault's threads
@@ -90,7 +90,7 @@ fn panic_log() -> &'static Mutex<Vec<(String, String)>> {
 /// `tv-malformed-<name>`: the vault and the Google simulator it starts run
 /// there too, so a panic in any request handler or connection task is seen
 /// (tokio would otherwise turn it into a silently closed stream).
-async fn watched(name: String, body: impl Future<Output = ()> + Send + 'static) {
+pub(crate) async fn watched(name: String, body: impl Future<Output = ()> + Send + 'static) {
     let thread = format!("{WATCHED}{name}");
     panic_log();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -182,7 +182,7 @@ fn caller(rpc: Rpc) -> As {
 }
 
 /// Sends `body` as the request message of `rpc`; OK or the status.
-async fn call(tv: &TestVault, rpc: Rpc, body: Vec<u8>) -> Result<(), Status> {
+pub(crate) async fn call(tv: &TestVault, rpc: Rpc, body: Vec<u8>) -> Result<(), Status> {
     let mut grpc = tonic::client::Grpc::new(tv.channel.clone());
     let mut request = tonic::Request::new(body);
     request.metadata_mut().insert(
@@ -241,8 +241,8 @@ struct Case {
 }
 
 /// The live connection the cases refer to (tenant `acme`, account `alice`).
-struct Fixture {
-    conn: String,
+pub(crate) struct Fixture {
+    pub(crate) conn: String,
 }
 
 #[derive(Default)]
@@ -1078,7 +1078,7 @@ fn garbage_bodies(rng: &mut Rng) -> Vec<(Rpc, Vec<u8>, Verdict)> {
 
 /// Whether a status is the clear refusal of a body that is not a message:
 /// INVALID_ARGUMENT saying it failed to decode.
-fn refuses_undecodable(s: &Status) -> bool {
+pub(crate) fn refuses_undecodable(s: &Status) -> bool {
     s.code() == Code::InvalidArgument && s.message().contains("failed to decode Protobuf message")
 }
 
@@ -1116,7 +1116,7 @@ fn answers(want: Want, got: &Result<(), Status>) -> bool {
 }
 
 /// Compares two snapshots; a line per changed table.
-fn snapshot_diff(
+pub(crate) fn snapshot_diff(
     before: &BTreeMap<String, Vec<String>>,
     after: &BTreeMap<String, Vec<String>>,
 ) -> Vec<String> {
@@ -1146,7 +1146,7 @@ fn snapshot_diff(
 
 /// A vault wired to a fresh Google simulator (also its RISC keys), with one
 /// live calendar connection.
-async fn vault_with_google(backend: Backend) -> Option<(TestVault, GoogleSim, Fixture)> {
+pub(crate) async fn vault_with_google(backend: Backend) -> Option<(TestVault, GoogleSim, Fixture)> {
     let sim = start_google().await;
     let tv = spawn_vault_with(backend, |c| {
         use_google(c, &sim);
@@ -1170,7 +1170,7 @@ async fn vault_with_google(backend: Backend) -> Option<(TestVault, GoogleSim, Fi
 
 /// After the abuse: the audit chain verifies, health says SERVING and a real
 /// lease is granted.
-async fn still_serving(tv: &TestVault, fx: &Fixture) {
+pub(crate) async fn still_serving(tv: &TestVault, fx: &Fixture) {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
@@ -2008,7 +2008,7 @@ impl Rng {
 }
 
 /// A valid request of every RPC (RotateKeys and KeyStatus have no fields).
-fn valid_requests() -> Vec<(Rpc, Vec<u8>)> {
+pub(crate) fn valid_requests() -> Vec<(Rpc, Vec<u8>)> {
     let conn = format!("conn_{}", new_uuid());
     let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
     vec![
