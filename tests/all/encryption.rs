@@ -354,7 +354,21 @@ async fn an_overdue_rotation_shows_in_key_status_and_metrics(backend: Backend) {
         .unwrap()
         .into_inner();
     assert!(!fresh.rotation_overdue);
-    let metrics = crate::foundation::reqwest_like_get(tv.http_addr, "/metrics").await;
+    // Metrics are process-wide and these gauges are set when scraped: a
+    // `serve` process of this vault's own (same database and keyring) is
+    // scraped, so that no other test's scrape can change what this one reads.
+    let config_path = crate::support::write_config_file(
+        tv.dir.path(),
+        &tv.config,
+        "[keyring]\nmax_kek_age_days = 30\n",
+    );
+    let child = crate::serve_cli::ServeProcess::start(
+        tv.dir.path(),
+        &["--config", &config_path.display().to_string()],
+        &[],
+    );
+    let child_http: std::net::SocketAddr = child.http_addr.parse().unwrap();
+    let metrics = crate::foundation::reqwest_like_get(child_http, "/metrics").await;
     assert!(
         metrics.contains("tokenvault_kek_rotation_overdue 0"),
         "{metrics}"
@@ -386,7 +400,7 @@ async fn an_overdue_rotation_shows_in_key_status_and_metrics(backend: Backend) {
         "{}",
         report.policy_detail
     );
-    let metrics = crate::foundation::reqwest_like_get(tv.http_addr, "/metrics").await;
+    let metrics = crate::foundation::reqwest_like_get(child_http, "/metrics").await;
     assert!(
         metrics.contains("tokenvault_kek_rotation_overdue 1"),
         "{metrics}"
