@@ -159,7 +159,32 @@ async fn a_replica_that_loses_a_version_stops_serving_and_recovers(backend: Back
 
     // Given the version, B picks it up without a restart and the rotation goes through.
     overwrite(&b.keyring_path(), &std::fs::read(a.keyring_path()).unwrap());
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // B re-reads its keyring within a sync interval (100 ms here) and records
+    // what it holds in the registry, which is what the rotation checks.
+    let v2 = KekVersion::new(2).unwrap();
+    let limit = Duration::from_secs(10);
+    let deadline = Instant::now() + limit;
+    loop {
+        let held = a
+            .vault
+            .keys()
+            .status()
+            .await
+            .unwrap()
+            .replicas
+            .into_iter()
+            .find(|(r, _)| r.replica_id == b_id)
+            .map(|(r, _)| r.versions);
+        if held.as_ref().is_some_and(|v| v.contains(&v2)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B did not record v2 in the registry within {limit:?} of its keyring file \
+             gaining it; the registry says it holds {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let run = a
         .admin(As::Admin)
         .rotate_keys(pb::RotateKeysRequest {})
@@ -303,8 +328,13 @@ async fn counting_vault(
     backend: Backend,
     dir: &Path,
     cache_ttl_seconds: u64,
-) -> Option<(Arc<Vault>, Arc<Counting>)> {
+) -> Option<(
+    Arc<Vault>,
+    Arc<Counting>,
+    Option<crate::support::DropDatabase>,
+)> {
     let url = crate::support::fresh_database(backend, dir).await?;
+    let guard = crate::support::DropDatabase::new(&url);
     let mut config = crate::support::test_config(dir, &url);
     config.lease.cache_ttl_seconds = cache_ttl_seconds;
     let keyring = Arc::new(Counting {
@@ -315,12 +345,12 @@ async fn counting_vault(
     let vault = Vault::from_parts(store, keyring.clone(), &config)
         .await
         .unwrap();
-    Some((vault, keyring))
+    Some((vault, keyring, guard))
 }
 
 async fn tokens_opened_again_do_not_call_the_provider(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let Some((vault, keyring)) = counting_vault(backend, dir.path(), 30).await else {
+    let Some((vault, keyring, _drop)) = counting_vault(backend, dir.path(), 30).await else {
         return;
     };
     let c = seed_connection(&vault, "t", "u", Integration::Calendar, "ya29.c", None).await;
@@ -347,7 +377,7 @@ async fn tokens_opened_again_do_not_call_the_provider(backend: Backend) {
 
     // With the cache turned off, every open unwraps.
     let dir = tempfile::tempdir().unwrap();
-    let Some((vault, keyring)) = counting_vault(backend, dir.path(), 0).await else {
+    let Some((vault, keyring, _drop)) = counting_vault(backend, dir.path(), 0).await else {
         return;
     };
     let c = seed_connection(&vault, "t", "u", Integration::Calendar, "ya29.d", None).await;
