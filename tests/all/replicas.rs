@@ -1110,3 +1110,83 @@ async fn outbox_workers_on_three_replicas_revoke_each_grant_exactly_once() {
     );
     stop_all(replicas).await;
 }
+
+/// Google calls are in the metrics of the process that made them, labelled by
+/// endpoint and status only: no label names a token or a person. (A serve
+/// process of the test's own, since metrics are process-wide.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn google_calls_are_measured_by_endpoint_and_status_only() {
+    let Some(fleet) = Fleet::new(Tuning::default()).await else {
+        return;
+    };
+    let [a] = fleet.start_all(["A"]);
+    let db = fleet.db().await;
+    let conn = a.connect("metrics").await;
+    let expire = || async {
+        sqlx::query("UPDATE connection_secrets SET access_expires_at = 0 WHERE connection_id = $1")
+            .bind(&conn.connection_id)
+            .execute(&db)
+            .await
+            .unwrap();
+    };
+    // A refresh Google answers 503 once, then one that hangs past the
+    // request timeout once; each is retried within the refresh deadline.
+    expire().await;
+    fleet
+        .sim
+        .inject(Endpoint::Token, Fault::Status(503), Some(1));
+    a.lease(&conn.connection_id)
+        .await
+        .expect("a lease after one 503");
+    expire().await;
+    fleet.sim.inject(Endpoint::Token, Fault::Hang, Some(1));
+    let _ = a.lease(&conn.connection_id).await;
+
+    let text = a.metrics().await;
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("tokenvault_google_request_seconds"))
+        .collect();
+    let has = |endpoint: &str, status: &str| {
+        lines.iter().any(|l| {
+            l.contains(&format!("endpoint=\"{endpoint}\""))
+                && l.contains(&format!("status=\"{status}\""))
+        })
+    };
+    for (endpoint, status) in [
+        ("token", "200"),
+        ("jwks", "200"),
+        ("refresh", "200"),
+        ("refresh", "503"),
+        ("refresh", "timeout"),
+    ] {
+        assert!(
+            has(endpoint, status),
+            "tokenvault_google_request_seconds{{endpoint={endpoint},status={status}}} in {lines:#?}"
+        );
+    }
+    for line in &lines {
+        let labels = line
+            .split_once('{')
+            .and_then(|(_, rest)| rest.split_once('}'))
+            .map_or("", |(labels, _)| labels);
+        for pair in labels.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').expect("label=value");
+            let value = value.trim_matches('"');
+            let allowed = match key {
+                "endpoint" => ["token", "refresh", "revoke", "jwks"].contains(&value),
+                "status" => {
+                    ["timeout", "error"].contains(&value)
+                        || (value.len() == 3 && value.bytes().all(|b| b.is_ascii_digit()))
+                }
+                "quantile" | "le" => value.parse::<f64>().is_ok() || value == "+Inf",
+                _ => false,
+            };
+            assert!(
+                allowed,
+                "label {key}={value:?} is not an endpoint, status or bucket: {line}"
+            );
+        }
+    }
+    stop_all([a]).await;
+}
