@@ -64,6 +64,7 @@ enum EnvKeys {
 /// A database, a Google simulator and the configuration replicas share.
 struct Fleet {
     _drop: Option<crate::support::DropDatabase>,
+    database_url: String,
     dir: tempfile::TempDir,
     sim: GoogleSim,
     config_path: String,
@@ -97,6 +98,7 @@ impl Fleet {
         let path = write_config_file(dir.path(), &config, &extra);
         Some(Self {
             _drop: crate::support::DropDatabase::new(&database_url),
+            database_url: database_url.clone(),
             config_path: path.display().to_string(),
             dir,
             sim,
@@ -719,6 +721,95 @@ async fn a_rotation_whose_replica_is_killed_is_taken_over_by_a_live_one() {
 }
 
 /// `tokenvault serve` with this configuration in `dir`; returns the exit code and stderr.
+/// The owner of a rotation stops (SIGSTOP: alive, its database sessions and
+/// any row locks still open, but no heartbeat), another replica takes the run
+/// over, then the first resumes (SIGCONT), possibly in the middle of a batch
+/// whose rows it holds locked. The owner check in each batch's transaction
+/// and the compare-and-swap on every wrapped key mean each key is rewrapped
+/// and counted exactly once, whoever did it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_rotation_owner_that_resumes_after_a_takeover_does_no_row_twice() {
+    let Some(fleet) = Fleet::new(
+        Provider::SharedFile,
+        "rotation_batch_size = 10\nrotation_batch_pause_ms = 100\n",
+    )
+    .await
+    else {
+        return;
+    };
+    let a = fleet.start(EnvKeys::V1);
+    let b = fleet.start(EnvKeys::V1);
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(b.connect(&format!("user{i}")).await);
+    }
+    let run = a
+        .admin()
+        .rotate_keys(pb::RotateKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Deadline::new(
+        "the rotation has started rewrapping",
+        Duration::from_secs(20),
+    );
+    while b.key_status().await.rotation.is_none_or(|r| r.done < 10) {
+        deadline.tick().await;
+    }
+    let first_owner = b.key_status().await.rotation.unwrap().owner;
+    a.process.signal("STOP");
+    let deadline = Deadline::new("B takes the run over", Duration::from_secs(30));
+    while b
+        .key_status()
+        .await
+        .rotation
+        .is_none_or(|r| r.owner == first_owner && r.state == pb::RotationState::Running as i32)
+    {
+        deadline.tick().await;
+    }
+    a.process.signal("CONT");
+    let deadline = Deadline::new("the rotation completes", Duration::from_secs(30));
+    while b
+        .key_status()
+        .await
+        .rotation
+        .is_none_or(|r| r.state != pb::RotationState::Completed as i32)
+    {
+        deadline.tick().await;
+    }
+    let finished = b.key_status().await.rotation.unwrap();
+    assert_eq!(finished.run_id, run.run_id);
+    assert_ne!(finished.owner, first_owner, "{finished:?}");
+    // Counted once each: the stored count is the sum of every committed
+    // batch, not clamped as the status is.
+    let db = sqlx::PgPool::connect(&fleet.database_url).await.unwrap();
+    let (rewrapped, total): (i64, i64) =
+        sqlx::query_as("SELECT rewrapped, total FROM rotation_runs WHERE run_id = $1")
+            .bind(&run.run_id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        rewrapped, total,
+        "every key rewrapped and counted exactly once"
+    );
+    let left: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM connection_deks WHERE kek_version = 1")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+    db.close().await;
+    for id in &ids {
+        a.lease(id).await.expect("lease on the resumed replica");
+        b.lease(id)
+            .await
+            .expect("lease on the replica that finished");
+    }
+    a.stop();
+    b.stop();
+}
+
 fn serve_fails(dir: &std::path::Path, toml: &str, env: &[(&str, String)]) -> (i32, String) {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     crate::serve_cli::serve_exit(dir, Some(toml), &env)
