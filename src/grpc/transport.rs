@@ -54,9 +54,11 @@ pub enum CertIdentity {
 }
 
 impl PeerInfo {
-    /// Whether the peer is on this machine.
+    /// Whether the peer is on this machine. An IPv4 peer of a dual-stack
+    /// (`[::]`) listener arrives as an IPv4-mapped IPv6 address
+    /// (`::ffff:127.0.0.1`), which is loopback too.
     pub fn is_loopback(&self) -> bool {
-        self.remote.is_some_and(|a| a.ip().is_loopback())
+        self.remote.is_some_and(|a| a.ip().to_canonical().is_loopback())
     }
 }
 

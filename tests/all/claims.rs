@@ -367,6 +367,8 @@ async fn api_keys_are_accepted_only_when_the_peer_is_loopback(backend: Backend) 
         ("127.0.0.1:50123", false),
         ("127.8.9.10:2", true),
         ("[::1]:50123", false),
+        // An IPv4 loopback peer of a dual-stack `[::]` listener.
+        ("[::ffff:127.0.0.1]:50123", true),
     ] {
         let peer = PeerInfo {
             remote: Some(remote.parse().unwrap()),
