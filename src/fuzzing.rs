@@ -252,6 +252,7 @@ fn parse_request(rpc: Rpc, bytes: &[u8]) -> Result<(), Refusal> {
                 integration: req.integration.map(convert::integration).transpose()?,
                 include_deleted: req.include_deleted,
                 status: req.status.map(convert::connection_status).transpose()?,
+                google_subject: None,
             };
             PageToken::request(req.page_size, &req.page_token, &format!("{filter:?}"))?;
         }
@@ -326,8 +327,9 @@ fn parse_request(rpc: Rpc, bytes: &[u8]) -> Result<(), Refusal> {
                 integration: req.integration.map(convert::integration).transpose()?,
                 include_deleted: req.include_deleted,
                 status: req.status.map(convert::connection_status).transpose()?,
+                google_subject: req.google_subject.clone(),
             };
-            let key = format!("{filter:?}{:?}", req.google_subject);
+            let key = format!("{filter:?}");
             PageToken::request(req.page_size, &req.page_token, &key)?;
         }
         Rpc::RevokeConnection => {

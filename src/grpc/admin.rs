@@ -94,45 +94,19 @@ impl pb::admin_service_server::AdminService for Admin {
             integration: req.integration.map(convert::integration).transpose()?,
             include_deleted: req.include_deleted,
             status: req.status.map(convert::connection_status).transpose()?,
+            google_subject: req.google_subject.clone(),
         };
-        let key = format!("{filter:?}{:?}", req.google_subject);
+        let key = format!("{filter:?}");
         let page = PageToken::request(req.page_size, &req.page_token, &key)?;
-        let records = self.0.vault.store().connection_list(&filter, &page).await?;
+        let details = self.0.vault.connection_details(&filter, &page).await?;
         let next = PageToken::next(
             &page,
-            records.len(),
-            records.last().map(|c| c.id.as_str()),
+            details.len(),
+            details.last().map(|d| d.connection.id.as_str()),
             &key,
         );
-        let mut out = Vec::with_capacity(records.len());
-        for c in records.iter().filter(|c| {
-            req.google_subject
-                .as_deref()
-                .is_none_or(|g| c.google_subject.as_deref() == Some(g))
-        }) {
-            let secrets = self.0.vault.store().secrets_get(&c.id).await?;
-            let open_leases = self
-                .0
-                .vault
-                .store()
-                .lease_open_count(Timestamp::now(), Some(&c.id))
-                .await?;
-            out.push(pb::ConnectionDetail {
-                connection: Some(
-                    convert::connection_shown(
-                        &self.0.vault,
-                        c,
-                        secrets.as_ref().and_then(|s| s.access_expires_at),
-                    )
-                    .await?,
-                ),
-                kek_version: secrets.as_ref().map_or(0, |s| s.kek_version.get()),
-                has_refresh_token: secrets.as_ref().is_some_and(|s| s.refresh_token.is_some()),
-                open_leases: u32::try_from(open_leases).unwrap_or(u32::MAX),
-            });
-        }
         Ok(Response::new(pb::AdminListConnectionsResponse {
-            connections: out,
+            connections: details.iter().map(convert::connection_detail).collect(),
             next_page_token: next,
         }))
     }

@@ -156,20 +156,21 @@ impl pb::connection_service_server::ConnectionService for Connections {
             integration: req.integration.map(convert::integration).transpose()?,
             include_deleted: req.include_deleted,
             status: req.status.map(convert::connection_status).transpose()?,
+            google_subject: None,
         };
         let key = format!("{filter:?}");
         let page = PageToken::request(req.page_size, &req.page_token, &key)?;
-        let records = self.0.vault.store().connection_list(&filter, &page).await?;
+        let details = self.0.vault.connection_details(&filter, &page).await?;
         let next = PageToken::next(
             &page,
-            records.len(),
-            records.last().map(|c| c.id.as_str()),
+            details.len(),
+            details.last().map(|d| d.connection.id.as_str()),
             &key,
         );
-        let mut connections = Vec::with_capacity(records.len());
-        for c in &records {
-            connections.push(convert::connection_shown(&self.0.vault, c, None).await?);
-        }
+        let connections: Vec<pb::Connection> = details
+            .iter()
+            .map(|d| convert::connection_listed(d, None))
+            .collect();
         self.0
             .vault
             .audit()

@@ -119,6 +119,28 @@ pub fn connection(c: &ConnectionRecord, token_expires_at: Option<Timestamp>) -> 
     }
 }
 
+/// A connection with its administrative detail, as read in one query.
+pub fn connection_detail(d: &crate::store::ConnectionDetailRecord) -> pb::ConnectionDetail {
+    pb::ConnectionDetail {
+        connection: Some(connection_listed(d, d.access_expires_at)),
+        kek_version: d.kek_version.map_or(0, |v| v.get()),
+        has_refresh_token: d.has_refresh_token,
+        open_leases: u32::try_from(d.open_leases).unwrap_or(u32::MAX),
+    }
+}
+
+/// A listed connection, with the receipt of its deletion if it has one.
+pub fn connection_listed(
+    d: &crate::store::ConnectionDetailRecord,
+    token_expires_at: Option<Timestamp>,
+) -> pb::Connection {
+    let mut shown = connection(&d.connection, token_expires_at);
+    if let Some(receipt) = &d.receipt_id {
+        shown.deletion_receipt_id = receipt.to_string();
+    }
+    shown
+}
+
 /// [`connection`], with the receipt of the deletion that left a tombstone.
 pub async fn connection_shown(
     vault: &Vault,

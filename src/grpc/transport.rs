@@ -58,7 +58,8 @@ impl PeerInfo {
     /// (`[::]`) listener arrives as an IPv4-mapped IPv6 address
     /// (`::ffff:127.0.0.1`), which is loopback too.
     pub fn is_loopback(&self) -> bool {
-        self.remote.is_some_and(|a| a.ip().to_canonical().is_loopback())
+        self.remote
+            .is_some_and(|a| a.ip().to_canonical().is_loopback())
     }
 }
 

@@ -148,6 +148,15 @@ pub trait Store: Send + Sync + 'static {
         page: &PageRequest,
     ) -> StoreResult<Vec<ConnectionRecord>>;
 
+    /// As [`Store::connection_list`], each with its administrative detail
+    /// (leases counted as open at `at`), in one query.
+    async fn connection_details(
+        &self,
+        filter: &ConnectionFilter,
+        page: &PageRequest,
+        at: Timestamp,
+    ) -> StoreResult<Vec<ConnectionDetailRecord>>;
+
     /// The wrapped DEK and sealed tokens of a live connection.
     async fn secrets_get(&self, id: &ConnectionId) -> StoreResult<Option<SecretsRecord>>;
 

@@ -308,6 +308,28 @@ pub struct ConnectionFilter {
     pub include_deleted: bool,
     /// Only connections with this status (DELETED ones too when that is it).
     pub status: Option<ConnectionStatus>,
+    /// Only connections of this Google account (its `sub`); tombstones have
+    /// none, so they never match.
+    pub google_subject: Option<String>,
+}
+
+/// A connection with what an administrator sees beside it, read in one
+/// query: its token's expiry and key version, whether it holds a refresh
+/// token, its open leases, and the receipt of its deletion.
+#[derive(Clone, Debug)]
+pub struct ConnectionDetailRecord {
+    /// The connection itself.
+    pub connection: ConnectionRecord,
+    /// The access token's expiry, while the connection holds tokens.
+    pub access_expires_at: Option<Timestamp>,
+    /// The version of the KEK its DEK is wrapped with, while it holds one.
+    pub kek_version: Option<KekVersion>,
+    /// Whether it holds a refresh token.
+    pub has_refresh_token: bool,
+    /// Leases neither expired nor revoked at the time of the query.
+    pub open_leases: i64,
+    /// The first receipt naming it, once it is deleted.
+    pub receipt_id: Option<ReceiptId>,
 }
 
 /// Keyset pagination: items after `after`, at most `limit`.

@@ -18,7 +18,7 @@ use crate::domain::{
 };
 use crate::store::{
     AuthzConsume, AuthzStateRecord, RefreshedTokens,
-    AuditCheckpoint, AuditDraft, AuditFilter, AuditRow, AuditSealer, Backend, ConnectionFilter, ConnectionRecord,
+    AuditCheckpoint, AuditDraft, AuditFilter, AuditRow, AuditSealer, Backend, ConnectionDetailRecord, ConnectionFilter, ConnectionRecord,
     DeletedConnection, DeletionOutcome, DeletionRequest, DeletionTarget, EventLogState,
     EventRecord, KekRecord, LeaseGrant, LeaseRecord, NewEvent, OutboxRow, OutboxToken, PageRequest,
     NewKek, ReceiptConnection, ReceiptFilter, ReceiptRecord, ReplicaRecord, Rewrap, RotationRun,
@@ -575,6 +575,40 @@ impl Filter {
     }
 }
 
+/// The query of one page of connections matching `filter`, ordered by id.
+fn connection_filter(filter: &ConnectionFilter, page: &PageRequest) -> Filter {
+    let mut f = Filter::new(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"));
+    if let Some(t) = &filter.tenant {
+        f.push("tenant_id = ?", FilterValue::Text(t.as_str().to_owned()));
+    }
+    if let Some(a) = &filter.account {
+        f.push("account_id = ?", FilterValue::Text(a.as_str().to_owned()));
+    }
+    if let Some(i) = filter.integration {
+        f.push("integration = ?", FilterValue::Text(i.as_str().to_owned()));
+    }
+    if let Some(s) = filter.status {
+        f.push("status = ?", FilterValue::Text(s.as_str().to_owned()));
+    } else if !filter.include_deleted {
+        f.push("status <> ?", FilterValue::Text("deleted".to_owned()));
+    }
+    if let Some(g) = &filter.google_subject {
+        if g.contains('\0') {
+            // No stored subject holds a NUL (and PostgreSQL text cannot).
+            f.sql.push_str(" AND 1 = 0");
+        } else {
+            f.push("google_subject = ?", FilterValue::Text(g.clone()));
+        }
+    }
+    if let Some(after) = &page.after {
+        f.push("connection_id > ?", FilterValue::Text(after.clone()));
+    }
+    f.sql.push_str(" ORDER BY connection_id");
+    f.binds.push(FilterValue::Int(page.limit));
+    f.sql.push_str(&format!(" LIMIT ${}", f.binds.len()));
+    f
+}
+
 async fn insert_connection(
     tx: &mut sqlx::Transaction<'static, Db>,
     c: &ConnectionRecord,
@@ -1007,29 +1041,55 @@ impl crate::store::Store for StoreImpl {
         filter: &ConnectionFilter,
         page: &PageRequest,
     ) -> StoreResult<Vec<ConnectionRecord>> {
-        let mut f = Filter::new(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"));
-        if let Some(t) = &filter.tenant {
-            f.push("tenant_id = ?", FilterValue::Text(t.as_str().to_owned()));
-        }
-        if let Some(a) = &filter.account {
-            f.push("account_id = ?", FilterValue::Text(a.as_str().to_owned()));
-        }
-        if let Some(i) = filter.integration {
-            f.push("integration = ?", FilterValue::Text(i.as_str().to_owned()));
-        }
-        if let Some(s) = filter.status {
-            f.push("status = ?", FilterValue::Text(s.as_str().to_owned()));
-        } else if !filter.include_deleted {
-            f.push("status <> ?", FilterValue::Text("deleted".to_owned()));
-        }
-        if let Some(after) = &page.after {
-            f.push("connection_id > ?", FilterValue::Text(after.clone()));
-        }
-        f.sql.push_str(" ORDER BY connection_id");
-        f.binds.push(FilterValue::Int(page.limit));
-        f.sql.push_str(&format!(" LIMIT ${}", f.binds.len()));
+        let f = connection_filter(filter, page);
         let rows = f.query().fetch_all(&self.pool).await?;
         rows.iter().map(connection_from_row).collect()
+    }
+
+    async fn connection_details(
+        &self,
+        filter: &ConnectionFilter,
+        page: &PageRequest,
+        at: Timestamp,
+    ) -> StoreResult<Vec<ConnectionDetailRecord>> {
+        // The page of connections first, exactly as `connection_list` reads
+        // it; then, per row of that page, its secrets, open leases and receipt.
+        let mut f = connection_filter(filter, page);
+        f.binds.push(FilterValue::Int(at.as_micros()));
+        let at_bind = f.binds.len();
+        f.sql = format!(
+            "SELECT c.*, s.access_expires_at, d.kek_version, \
+             CAST(CASE WHEN s.refresh_token IS NULL THEN 0 ELSE 1 END AS BIGINT) AS has_refresh_token, \
+             (SELECT COUNT(*) FROM leases l WHERE l.connection_id = c.connection_id \
+              AND l.expires_at > ${at_bind} AND l.revoked_at IS NULL) AS open_leases, \
+             (SELECT rc.receipt_id FROM receipt_connections rc WHERE rc.connection_id = c.connection_id \
+              ORDER BY rc.receipt_id LIMIT 1) AS receipt_id \
+             FROM ({}) c \
+             LEFT JOIN connection_secrets s ON s.connection_id = c.connection_id \
+             LEFT JOIN connection_deks d ON d.connection_id = c.connection_id \
+             ORDER BY c.connection_id",
+            f.sql
+        );
+        let rows = f.query().fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                let connection = connection_from_row(row)?;
+                let receipt: Option<String> = row.try_get("receipt_id")?;
+                Ok(ConnectionDetailRecord {
+                    access_expires_at: opt_ts(row.try_get("access_expires_at")?),
+                    kek_version: row
+                        .try_get::<Option<i64>, _>("kek_version")?
+                        .map(kek_from_db)
+                        .transpose()?,
+                    has_refresh_token: row.try_get::<i64, _>("has_refresh_token")? == 1,
+                    open_leases: row.try_get("open_leases")?,
+                    receipt_id: receipt
+                        .filter(|_| connection.deleted_at.is_some())
+                        .map(ReceiptId::from_stored),
+                    connection,
+                })
+            })
+            .collect()
     }
 
     async fn secrets_get(&self, id: &ConnectionId) -> StoreResult<Option<SecretsRecord>> {

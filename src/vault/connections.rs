@@ -206,6 +206,19 @@ impl Vault {
         Ok(plain.into_secret_string()?)
     }
 
+    /// One page of connections matching `filter`, each with what an
+    /// administrator sees beside it. The filter is applied in the query, so
+    /// a page is short only when it is the last.
+    pub async fn connection_details(
+        &self,
+        filter: &crate::store::ConnectionFilter,
+        page: &crate::store::PageRequest,
+    ) -> Result<Vec<crate::store::ConnectionDetailRecord>, VaultError> {
+        self.store()
+            .connection_details(filter, page, Timestamp::now())
+            .await
+    }
+
     /// One connection by id.
     pub async fn connection_get(&self, id: &ConnectionId) -> Result<ConnectionRecord, VaultError> {
         self.store()

@@ -979,3 +979,200 @@ async fn completions_and_help() {
         assert!(help.contains(line), "{line:?} missing from:\n{help}");
     }
 }
+
+/// Every page of `AdminService.ListConnections` with `filter` at
+/// `page_size`: the ids on each page.
+async fn admin_pages(
+    tv: &TestVault,
+    filter: pb::AdminListConnectionsRequest,
+    page_size: i32,
+) -> Vec<Vec<pb::ConnectionDetail>> {
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = tv
+            .admin(As::Admin)
+            .list_connections(pb::AdminListConnectionsRequest {
+                page_size,
+                page_token: token.clone(),
+                ..filter.clone()
+            })
+            .await
+            .expect("list connections")
+            .into_inner();
+        pages.push(page.connections);
+        if page.next_page_token.is_empty() {
+            return pages;
+        }
+        assert!(pages.len() < 50, "pagination does not end");
+        token = page.next_page_token;
+    }
+}
+
+/// Filters are applied in the query: every page but the last is full, the
+/// pages together hold exactly the matching connections, and each row's
+/// detail (tokens' key version, refresh token, open leases, receipt) is
+/// right.
+async fn admin_list_filters_return_full_pages(backend: Backend) {
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let c = seed_connection(
+            &tv.vault,
+            "pages",
+            &format!("u{i:02}"),
+            Integration::Calendar,
+            &format!("ya29.page-{i}"),
+            (i % 2 == 0).then_some("1//page-refresh"),
+        )
+        .await;
+        ids.push(c.id.to_string());
+    }
+    // One Google account behind seven scattered connections.
+    let shared: Vec<String> = [2, 5, 9, 13, 20, 24, 28]
+        .iter()
+        .map(|i| ids[*i].clone())
+        .collect();
+    let raw = RawDb::open(&tv).await;
+    raw.execute(&format!(
+        "UPDATE connections SET google_subject = 'sub-shared' WHERE connection_id IN ({})",
+        shared
+            .iter()
+            .map(|id| format!("'{id}'"))
+            .collect::<Vec<_>>()
+            .join(",")
+    ))
+    .await;
+    raw.close().await;
+    tv.leases(As::Worker)
+        .lease_token(pb::LeaseTokenRequest {
+            connection_id: shared[0].clone(),
+            purpose: "calendar_sync".into(),
+            scopes: vec![crate::support::CALENDAR_SCOPE.into()],
+            min_valid_seconds: 0,
+        })
+        .await
+        .expect("lease");
+    let mut deleted = Vec::new();
+    for i in [1, 5, 17, 29] {
+        let receipt = tv
+            .connections(As::App)
+            .disconnect(pb::DisconnectRequest {
+                connection_id: ids[i].clone(),
+                reason: String::new(),
+            })
+            .await
+            .expect("disconnect")
+            .into_inner();
+        deleted.push((ids[i].clone(), receipt.receipt_id));
+    }
+
+    let check =
+        |pages: &[Vec<pb::ConnectionDetail>], page_size: usize, want: &[String], what: &str| {
+            for (n, page) in pages.iter().enumerate() {
+                if n + 1 < pages.len() {
+                    assert_eq!(
+                        page.len(),
+                        page_size,
+                        "{what}: page {n} is short: {pages:?}"
+                    );
+                }
+            }
+            let mut got: Vec<String> = pages
+                .iter()
+                .flatten()
+                .map(|d| d.connection.as_ref().unwrap().connection_id.clone())
+                .collect();
+            got.sort();
+            let mut want = want.to_vec();
+            want.sort();
+            assert_eq!(got, want, "{what}");
+        };
+
+    // By Google account: six live ones (one of the seven was disconnected,
+    // and tombstones forget their subject).
+    let live_shared: Vec<String> = shared.iter().filter(|id| **id != ids[5]).cloned().collect();
+    let by_subject = pb::AdminListConnectionsRequest {
+        google_subject: Some("sub-shared".into()),
+        ..Default::default()
+    };
+    for size in [1, 2, 4, 5] {
+        let pages = admin_pages(&tv, by_subject.clone(), size).await;
+        check(
+            &pages,
+            size as usize,
+            &live_shared,
+            &format!("subject, page size {size}"),
+        );
+    }
+    let details: Vec<pb::ConnectionDetail> = admin_pages(&tv, by_subject, 10)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    for d in &details {
+        let c = d.connection.as_ref().unwrap();
+        let i = ids.iter().position(|id| *id == c.connection_id).unwrap();
+        assert_eq!(d.kek_version, 1, "{d:?}");
+        assert_eq!(d.has_refresh_token, i % 2 == 0, "{d:?}");
+        assert_eq!(
+            d.open_leases,
+            u32::from(c.connection_id == shared[0]),
+            "{d:?}"
+        );
+        assert!(c.token_expires_at.is_some(), "{d:?}");
+    }
+
+    // By status: the four tombstones, each naming its receipt and holding nothing.
+    let tombstones = pb::AdminListConnectionsRequest {
+        tenant_id: Some("pages".into()),
+        status: Some(pb::ConnectionStatus::Deleted as i32),
+        ..Default::default()
+    };
+    let want: Vec<String> = deleted.iter().map(|(id, _)| id.clone()).collect();
+    let pages = admin_pages(&tv, tombstones, 3).await;
+    check(&pages, 3, &want, "deleted, page size 3");
+    for d in pages.iter().flatten() {
+        let c = d.connection.as_ref().unwrap();
+        let receipt = &deleted
+            .iter()
+            .find(|(id, _)| *id == c.connection_id)
+            .unwrap()
+            .1;
+        assert_eq!(&c.deletion_receipt_id, receipt);
+        assert_eq!(
+            (d.kek_version, d.has_refresh_token, d.open_leases),
+            (0, false, 0)
+        );
+    }
+
+    // Everything live in the tenant, and everything with the tombstones.
+    let live: Vec<String> = ids
+        .iter()
+        .filter(|id| !want.contains(id))
+        .cloned()
+        .collect();
+    let tenant = pb::AdminListConnectionsRequest {
+        tenant_id: Some("pages".into()),
+        ..Default::default()
+    };
+    check(
+        &admin_pages(&tv, tenant.clone(), 7).await,
+        7,
+        &live,
+        "tenant, page size 7",
+    );
+    let all = pb::AdminListConnectionsRequest {
+        include_deleted: true,
+        ..tenant
+    };
+    check(
+        &admin_pages(&tv, all, 8).await,
+        8,
+        &ids,
+        "with tombstones, page size 8",
+    );
+}
+both_backends!(admin_list_pages, admin_list_filters_return_full_pages);
