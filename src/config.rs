@@ -958,12 +958,20 @@ impl Config {
                 let policy =
                     Policy::build(&self.inline_policy()).map_err(|e| format!("policy: {e}"))?;
                 let source = match &self.source_file {
-                    Some(p) => PolicySource::ConfigFile(p.clone()),
+                    Some(p) => PolicySource::ConfigFile(p.clone(), Self::reload_policy),
                     None => PolicySource::Fixed,
                 };
                 Ok((policy, source))
             }
         }
+    }
+
+    /// The policy of the configuration file at `path`, read again whole.
+    fn reload_policy(path: &Path) -> Result<crate::policy::Policy, String> {
+        Self::load(Some(path))
+            .map_err(|e| e.to_string())?
+            .policy_source()
+            .map(|(policy, _)| policy)
     }
 
     /// Creates `data_dir` (mode 0700) if needed and checks it is writable.

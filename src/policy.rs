@@ -292,9 +292,10 @@ impl Policy {
 pub enum PolicySource {
     /// A policy file.
     File(PathBuf),
-    /// The `[policy]` section of a configuration file (re-read whole; only
-    /// the policy is taken from it).
-    ConfigFile(PathBuf),
+    /// The `[policy]` section of a configuration file, re-read whole by the
+    /// loader the configuration supplies (only the policy is taken from it):
+    /// the policy does not know the configuration's format.
+    ConfigFile(PathBuf, fn(&Path) -> Result<Policy, String>),
     /// Fixed at start-up (configuration from the environment or code only).
     Fixed,
 }
@@ -345,10 +346,7 @@ impl SharedPolicy {
     pub fn reload(&self) -> Result<(usize, usize), String> {
         let policy = match &self.source {
             PolicySource::File(path) => load_file(path)?,
-            PolicySource::ConfigFile(path) => {
-                let config = crate::config::Config::load(Some(path)).map_err(|e| e.to_string())?;
-                config.policy_source()?.0
-            }
+            PolicySource::ConfigFile(path, load) => load(path)?,
             PolicySource::Fixed => {
                 return Err("the policy came from the environment; restart to change it".to_owned());
             }

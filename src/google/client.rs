@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use oauth2::basic::{
     BasicErrorResponse, BasicErrorResponseType, BasicRevocationErrorResponse,
@@ -25,6 +25,7 @@ use oauth2::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::calls::{CallStatus, CallTimer, GoogleEndpoint};
 use super::jwt::{IdClaims, JwksCache, JwtError, check_id_claims};
 use crate::config::GoogleConfig;
 use crate::crypto::SecretString;
@@ -283,107 +284,6 @@ impl GoogleClient {
         let claims = self.jwks.verify(id_token).await?;
         let now = Timestamp::now().seconds_nanos().0;
         check_id_claims(&claims, &self.issuers, &self.client_id, now)
-    }
-}
-
-/// A Google endpoint the vault calls: the `endpoint` label of
-/// `tokenvault_google_request_seconds`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum GoogleEndpoint {
-    /// The token endpoint, exchanging an authorization code.
-    Token,
-    /// The token endpoint, refreshing an access token.
-    Refresh,
-    /// The revocation endpoint.
-    Revoke,
-    /// A JWKS (Google's signing keys, or the RISC issuer's).
-    Jwks,
-}
-
-impl GoogleEndpoint {
-    /// The label value.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            GoogleEndpoint::Token => "token",
-            GoogleEndpoint::Refresh => "refresh",
-            GoogleEndpoint::Revoke => "revoke",
-            GoogleEndpoint::Jwks => "jwks",
-        }
-    }
-}
-
-/// How an outbound call ended: the `status` label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum CallStatus {
-    /// Google answered with this HTTP status.
-    Http(u16),
-    /// No answer in time: the HTTP client's timeout, or the caller's deadline
-    /// ran out first (the call was dropped unfinished).
-    Timeout,
-    /// No answer at all: connection refused or reset, TLS, a body that did not
-    /// arrive whole.
-    Error,
-}
-
-impl CallStatus {
-    /// The status of a reqwest failure.
-    pub(crate) fn of_error(e: &reqwest::Error) -> Self {
-        if e.is_timeout() {
-            CallStatus::Timeout
-        } else {
-            CallStatus::Error
-        }
-    }
-
-    fn label(self) -> std::borrow::Cow<'static, str> {
-        match self {
-            CallStatus::Http(code) => code.to_string().into(),
-            CallStatus::Timeout => "timeout".into(),
-            CallStatus::Error => "error".into(),
-        }
-    }
-}
-
-/// Times one outbound call into `tokenvault_google_request_seconds`. A timer
-/// dropped without [`CallTimer::finish`] — the caller stopped waiting, e.g.
-/// at a refresh deadline — records the call as `timeout`.
-pub(crate) struct CallTimer {
-    endpoint: GoogleEndpoint,
-    started: Instant,
-    finished: bool,
-}
-
-impl CallTimer {
-    /// Starts timing a call to `endpoint`.
-    pub(crate) fn start(endpoint: GoogleEndpoint) -> Self {
-        Self {
-            endpoint,
-            started: Instant::now(),
-            finished: false,
-        }
-    }
-
-    /// Records the call as ended with `status`.
-    pub(crate) fn finish(mut self, status: CallStatus) {
-        self.finished = true;
-        self.record(status);
-    }
-
-    fn record(&self, status: CallStatus) {
-        metrics::histogram!(
-            "tokenvault_google_request_seconds",
-            "endpoint" => self.endpoint.as_str(),
-            "status" => status.label(),
-        )
-        .record(self.started.elapsed().as_secs_f64());
-    }
-}
-
-impl Drop for CallTimer {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.record(CallStatus::Timeout);
-        }
     }
 }
 

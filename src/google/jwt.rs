@@ -11,7 +11,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::signature::{RSA_PKCS1_2048_8192_SHA256, RsaPublicKeyComponents};
 use serde::Deserialize;
 
-use super::client::{CallStatus, CallTimer, GoogleEndpoint};
+use super::calls::{CallStatus, CallTimer, GoogleEndpoint};
 
 /// Why a token was refused. Never carries the token.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -2,6 +2,7 @@
 //! code exchange, refresh, revocation), id_token verification against
 //! Google's JWKS, and a simulator of Google for tests and dev mode.
 
+mod calls;
 mod client;
 mod jwt;
 pub mod sim;
