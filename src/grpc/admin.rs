@@ -8,11 +8,9 @@ use tonic::{Request, Response, Status};
 use super::Context;
 use super::auth::{Caller, Role};
 use super::convert::{self, PageToken};
-use crate::audit::{Outcome, verify_chain};
+use crate::audit::Outcome;
 use crate::crypto::KekVersion;
-use crate::domain::{
-    AccountId, ConnectionId, DeletionReason, ReceiptId, TenantId, Timestamp, VaultError,
-};
+use crate::domain::{AccountId, ConnectionId, DeletionReason, ReceiptId, TenantId, VaultError};
 use crate::proto::v1 as pb;
 use crate::store::{AuditFilter, ConnectionFilter, DeletionTarget, ReceiptFilter};
 
@@ -119,27 +117,8 @@ impl pb::admin_service_server::AdminService for Admin {
         self.begin(&request, "AdminService.GetConnection", ADMIN, &target)
             .await?;
         let id = ConnectionId::parse(&target)?;
-        let c = self.0.vault.connection_get(&id).await?;
-        let secrets = self.0.vault.store().secrets_get(&id).await?;
-        let open_leases = self
-            .0
-            .vault
-            .store()
-            .lease_open_count(Timestamp::now(), Some(&id))
-            .await?;
-        Ok(Response::new(pb::ConnectionDetail {
-            connection: Some(
-                convert::connection_shown(
-                    &self.0.vault,
-                    &c,
-                    secrets.as_ref().and_then(|s| s.access_expires_at),
-                )
-                .await?,
-            ),
-            kek_version: secrets.as_ref().map_or(0, |s| s.kek_version.get()),
-            has_refresh_token: secrets.as_ref().is_some_and(|s| s.refresh_token.is_some()),
-            open_leases: u32::try_from(open_leases).unwrap_or(u32::MAX),
-        }))
+        let detail = self.0.vault.connection_detail(&id).await?;
+        Ok(Response::new(convert::connection_detail(&detail)))
     }
 
     async fn revoke_connection(
@@ -243,7 +222,7 @@ impl pb::admin_service_server::AdminService for Admin {
             req.incomplete_only, req.overdue_only, filter.tenant, filter.account
         );
         let page = PageToken::request(req.page_size, &req.page_token, &key)?;
-        let records = vault.store().receipt_list(&filter, &page).await?;
+        let records = vault.receipt_list(&filter, &page).await?;
         let next = PageToken::next(
             &page,
             records.len(),
@@ -384,13 +363,7 @@ impl pb::admin_service_server::AdminService for Admin {
                 filter.before_seq = Some(seq);
             }
         }
-        let rows = self
-            .0
-            .vault
-            .store()
-            .audit_query(&filter, page.limit)
-            .await?;
-        let (last_seq, _) = self.0.vault.store().audit_head().await?;
+        let (rows, last_seq) = self.0.vault.audit_query(&filter, page.limit).await?;
         let last = rows.last().map(|r| r.seq.to_string());
         Ok(Response::new(pb::QueryAuditResponse {
             entries: rows.iter().map(convert::audit_entry).collect(),
@@ -413,9 +386,7 @@ impl pb::admin_service_server::AdminService for Admin {
         if to.is_some_and(|to| to < from) {
             return Err(VaultError::invalid("from_seq", "is greater than to_seq").into());
         }
-        let vault = &self.0.vault;
-        let report =
-            verify_chain(vault.store().as_ref(), vault.keyring().as_ref(), from, to).await?;
+        let report = self.0.vault.audit_verify(from, to).await?;
         let unsigned = |s: i64| u64::try_from(s).unwrap_or(0);
         Ok(Response::new(pb::VerifyAuditResponse {
             ok: report.ok(),

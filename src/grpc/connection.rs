@@ -90,14 +90,11 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .vault
             .authorization_complete(completer, &req.state, completion)
             .await?;
-        let expires = self
-            .0
-            .vault
-            .store()
-            .secrets_get(&record.id)
-            .await?
-            .and_then(|s| s.access_expires_at);
-        Ok(Response::new(convert::connection(&record, expires)))
+        let detail = self.0.vault.connection_detail(&record.id).await?;
+        Ok(Response::new(convert::connection_listed(
+            &detail,
+            detail.access_expires_at,
+        )))
     }
 
     async fn get_connection(
@@ -111,15 +108,8 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
         let id = ConnectionId::parse(&request.get_ref().connection_id)?;
-        let record = self.0.vault.connection_get(&id).await?;
-        let expires = self
-            .0
-            .vault
-            .store()
-            .secrets_get(&id)
-            .await?
-            .and_then(|s| s.access_expires_at);
-        let shown = convert::connection_shown(&self.0.vault, &record, expires).await?;
+        let detail = self.0.vault.connection_detail(&id).await?;
+        let shown = convert::connection_listed(&detail, detail.access_expires_at);
         // Reads are audited too; no entry, no answer.
         self.0
             .vault

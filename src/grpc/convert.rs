@@ -141,21 +141,6 @@ pub fn connection_listed(
     shown
 }
 
-/// [`connection`], with the receipt of the deletion that left a tombstone.
-pub async fn connection_shown(
-    vault: &Vault,
-    c: &ConnectionRecord,
-    token_expires_at: Option<Timestamp>,
-) -> Result<pb::Connection, VaultError> {
-    let mut shown = connection(c, token_expires_at);
-    if c.deleted_at.is_some()
-        && let Some(receipt) = vault.store().receipt_of_connection(&c.id).await?
-    {
-        shown.deletion_receipt_id = receipt.to_string();
-    }
-    Ok(shown)
-}
-
 fn key_state_pb(s: KeyState) -> pb::KeyState {
     match s {
         KeyState::Primary => pb::KeyState::Primary,

@@ -157,6 +157,14 @@ pub trait Store: Send + Sync + 'static {
         at: Timestamp,
     ) -> StoreResult<Vec<ConnectionDetailRecord>>;
 
+    /// One connection by id, tombstones included, with its administrative
+    /// detail (leases counted as open at `at`), in one query.
+    async fn connection_detail(
+        &self,
+        id: &ConnectionId,
+        at: Timestamp,
+    ) -> StoreResult<Option<ConnectionDetailRecord>>;
+
     /// The wrapped DEK and sealed tokens of a live connection.
     async fn secrets_get(&self, id: &ConnectionId) -> StoreResult<Option<SecretsRecord>>;
 

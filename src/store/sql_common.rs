@@ -609,6 +609,53 @@ fn connection_filter(filter: &ConnectionFilter, page: &PageRequest) -> Filter {
     f
 }
 
+/// The connections `f` selects (a query of [`CONNECTION_COLUMNS`]), each with
+/// its secrets' expiry and key version, refresh-token presence, leases open
+/// at `at` and deletion receipt, in one query.
+async fn connection_details_of(
+    pool: &sqlx::Pool<Db>,
+    mut f: Filter,
+    at: Timestamp,
+) -> StoreResult<Vec<ConnectionDetailRecord>> {
+    // The connections first, exactly as `f` reads them; then, per row, its
+    // secrets, open leases and receipt.
+    f.binds.push(FilterValue::Int(at.as_micros()));
+    let at_bind = f.binds.len();
+    f.sql = format!(
+        "SELECT c.*, s.access_expires_at, d.kek_version, \
+         CAST(CASE WHEN s.refresh_token IS NULL THEN 0 ELSE 1 END AS BIGINT) AS has_refresh_token, \
+         (SELECT COUNT(*) FROM leases l WHERE l.connection_id = c.connection_id \
+          AND l.expires_at > ${at_bind} AND l.revoked_at IS NULL) AS open_leases, \
+         (SELECT rc.receipt_id FROM receipt_connections rc WHERE rc.connection_id = c.connection_id \
+          ORDER BY rc.receipt_id LIMIT 1) AS receipt_id \
+         FROM ({}) c \
+         LEFT JOIN connection_secrets s ON s.connection_id = c.connection_id \
+         LEFT JOIN connection_deks d ON d.connection_id = c.connection_id \
+         ORDER BY c.connection_id",
+        f.sql
+    );
+    let rows = f.query().fetch_all(pool).await?;
+    rows.iter()
+        .map(|row| {
+            let connection = connection_from_row(row)?;
+            let receipt: Option<String> = row.try_get("receipt_id")?;
+            Ok(ConnectionDetailRecord {
+                access_expires_at: opt_ts(row.try_get("access_expires_at")?),
+                kek_version: row
+                    .try_get::<Option<i64>, _>("kek_version")?
+                    .map(kek_from_db)
+                    .transpose()?,
+                has_refresh_token: row.try_get::<i64, _>("has_refresh_token")? == 1,
+                open_leases: row.try_get("open_leases")?,
+                receipt_id: receipt
+                    .filter(|_| connection.deleted_at.is_some())
+                    .map(ReceiptId::from_stored),
+                connection,
+            })
+        })
+        .collect()
+}
+
 async fn insert_connection(
     tx: &mut sqlx::Transaction<'static, Db>,
     c: &ConnectionRecord,
@@ -1052,44 +1099,17 @@ impl crate::store::Store for StoreImpl {
         page: &PageRequest,
         at: Timestamp,
     ) -> StoreResult<Vec<ConnectionDetailRecord>> {
-        // The page of connections first, exactly as `connection_list` reads
-        // it; then, per row of that page, its secrets, open leases and receipt.
-        let mut f = connection_filter(filter, page);
-        f.binds.push(FilterValue::Int(at.as_micros()));
-        let at_bind = f.binds.len();
-        f.sql = format!(
-            "SELECT c.*, s.access_expires_at, d.kek_version, \
-             CAST(CASE WHEN s.refresh_token IS NULL THEN 0 ELSE 1 END AS BIGINT) AS has_refresh_token, \
-             (SELECT COUNT(*) FROM leases l WHERE l.connection_id = c.connection_id \
-              AND l.expires_at > ${at_bind} AND l.revoked_at IS NULL) AS open_leases, \
-             (SELECT rc.receipt_id FROM receipt_connections rc WHERE rc.connection_id = c.connection_id \
-              ORDER BY rc.receipt_id LIMIT 1) AS receipt_id \
-             FROM ({}) c \
-             LEFT JOIN connection_secrets s ON s.connection_id = c.connection_id \
-             LEFT JOIN connection_deks d ON d.connection_id = c.connection_id \
-             ORDER BY c.connection_id",
-            f.sql
-        );
-        let rows = f.query().fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|row| {
-                let connection = connection_from_row(row)?;
-                let receipt: Option<String> = row.try_get("receipt_id")?;
-                Ok(ConnectionDetailRecord {
-                    access_expires_at: opt_ts(row.try_get("access_expires_at")?),
-                    kek_version: row
-                        .try_get::<Option<i64>, _>("kek_version")?
-                        .map(kek_from_db)
-                        .transpose()?,
-                    has_refresh_token: row.try_get::<i64, _>("has_refresh_token")? == 1,
-                    open_leases: row.try_get("open_leases")?,
-                    receipt_id: receipt
-                        .filter(|_| connection.deleted_at.is_some())
-                        .map(ReceiptId::from_stored),
-                    connection,
-                })
-            })
-            .collect()
+        connection_details_of(&self.pool, connection_filter(filter, page), at).await
+    }
+
+    async fn connection_detail(
+        &self,
+        id: &ConnectionId,
+        at: Timestamp,
+    ) -> StoreResult<Option<ConnectionDetailRecord>> {
+        let mut f = Filter::new(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"));
+        f.push("connection_id = ?", FilterValue::Text(id.as_str().to_owned()));
+        Ok(connection_details_of(&self.pool, f, at).await?.pop())
     }
 
     async fn secrets_get(&self, id: &ConnectionId) -> StoreResult<Option<SecretsRecord>> {

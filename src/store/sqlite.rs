@@ -148,13 +148,13 @@ const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// A `PASSIVE` checkpoint never waits for or blocks anyone, but under a
 /// steady stream of commits it never catches up either: frames committed
 /// while it copies are left for the next one, the WAL can only start over
-/// once every frame is copied, and so it grows for as long as the load lasts
-/// (about 50 MB/s under the lease benchmark). So once the WAL holds more
+/// once every frame is copied, and so it grows without bound for as long as
+/// the load lasts (see BENCHMARKS.md). So once the WAL holds more
 /// than [`WAL_RESTART_FRAMES`], the pass that has just copied the bulk
 /// without blocking anyone is followed by [`CATCH_UP_PASSES`] more, each
 /// copying what was committed during the one before, and then by one under
-/// the store's write lock: it copies only what was committed meanwhile (a
-/// few milliseconds' worth), nothing new can arrive, and the next write
+/// the store's write lock: it copies only what was committed meanwhile (the
+/// catch-up passes left little), nothing new can arrive, and the next write
 /// starts the WAL from the beginning. Ends when the pool closes.
 async fn checkpoint_in_background(pool: sqlx::SqlitePool, write_lock: Arc<Mutex<()>>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
@@ -274,13 +274,13 @@ async fn append_locked(
 /// out: a 2 MiB page cache instead of the pool's 32 MiB. Whenever a B-tree
 /// page split renumbers pages, SQLite parks one under a page number past
 /// 1 GiB, and the commit then walks the connection's whole page-cache hash
-/// table to drop pages past the end of the file; with 32 MiB of cache that
-/// walk cost ~10 µs per lease of the writer's time (measured), with 2 MiB
-/// about 2. The bundled SQLite is built with `SQLITE_ENABLE_MEMORY_MANAGEMENT`,
-/// so every connection's cache belongs to one shared page-cache group: this
-/// setting is when the writer starts recycling the group's least-recently-used
-/// pages rather than adding its own, not a hard cap (under lease load it held
-/// ~1,500 pages in a 2,048-bucket hash, against 8,192 buckets at 32 MiB).
+/// table to drop pages past the end of the file. That walk grows with the
+/// cache and is paid on the writer's serial path, so the writer keeps a small
+/// cache (the figures: see BENCHMARKS.md). The bundled SQLite is built with
+/// `SQLITE_ENABLE_MEMORY_MANAGEMENT`, so every connection's cache belongs to
+/// one shared page-cache group: this setting is when the writer starts
+/// recycling the group's least-recently-used pages rather than adding its
+/// own, not a hard cap.
 /// Pages that do not stay cached are read back from the OS cache. A writer
 /// connection handed back to the pool after an error keeps the setting, which
 /// costs the pool's other users nothing but speed.

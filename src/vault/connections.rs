@@ -219,6 +219,18 @@ impl Vault {
             .await
     }
 
+    /// One connection by id, tombstones included, with what an
+    /// administrator sees beside it.
+    pub async fn connection_detail(
+        &self,
+        id: &ConnectionId,
+    ) -> Result<crate::store::ConnectionDetailRecord, VaultError> {
+        self.store()
+            .connection_detail(id, Timestamp::now())
+            .await?
+            .ok_or_else(|| VaultError::not_found("connection", id))
+    }
+
     /// One connection by id.
     pub async fn connection_get(&self, id: &ConnectionId) -> Result<ConnectionRecord, VaultError> {
         self.store()

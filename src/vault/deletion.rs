@@ -166,6 +166,15 @@ impl Vault {
             .ok_or_else(|| VaultError::not_found("receipt", id))
     }
 
+    /// One page of receipts matching `filter`, ordered by id.
+    pub async fn receipt_list(
+        &self,
+        filter: &crate::store::ReceiptFilter,
+        page: &crate::store::PageRequest,
+    ) -> Result<Vec<ReceiptRecord>, VaultError> {
+        self.store().receipt_list(filter, page).await
+    }
+
     /// Whether a receipt is past its SLA and still incomplete.
     pub fn receipt_overdue(&self, r: &ReceiptRecord) -> bool {
         r.completed_at.is_none() && r.requested_at < self.receipt_sla_cutoff()

@@ -63,6 +63,34 @@ struct Settings {
 }
 
 impl Vault {
+    /// Audit entries matching `filter` (at most `limit`), and the sequence
+    /// number of the newest entry in the log.
+    pub async fn audit_query(
+        &self,
+        filter: &store::AuditFilter,
+        limit: i64,
+    ) -> Result<(Vec<store::AuditRow>, i64), VaultError> {
+        let rows = self.store().audit_query(filter, limit).await?;
+        let (last_seq, _) = self.store().audit_head().await?;
+        Ok((rows, last_seq))
+    }
+
+    /// Checks the audit chain from `from_seq` to `to_seq` (the head when
+    /// `None`): hashes, MACs and signed checkpoints.
+    pub async fn audit_verify(
+        &self,
+        from_seq: i64,
+        to_seq: Option<i64>,
+    ) -> Result<crate::audit::VerifyReport, VaultError> {
+        crate::audit::verify_chain(
+            self.store().as_ref(),
+            self.keyring().as_ref(),
+            from_seq,
+            to_seq,
+        )
+        .await
+    }
+
     /// Opens the store (applying migrations) and the keyring named by the
     /// configuration, registers key versions, and resumes an interrupted
     /// rotation. Must run inside a Tokio runtime.
