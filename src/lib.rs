@@ -5,7 +5,26 @@
 //!
 //! Layers, outermost first: transports (`grpc`, `http`, `cli`) call use cases
 //! (`vault`), which use the domain (`domain`), key material (`crypto`),
-//! persistence (`store`), the audit log (`audit`) and events (`events`).
+//! persistence (`store`), the audit log (`audit`), the access policy
+//! (`policy`) and Google (`google`). The event log is part of the use cases
+//! (`vault`) and the store; `grpc` serves it as `EventService`.
+//!
+//! Modules:
+//! - `audit`: the tamper-evident, hash-chained audit log, its signed checkpoints and verification.
+//! - `cli`: the command line: `serve`, offline `keys`, the `admin` and `dev` clients.
+//! - `config`: configuration from a TOML file and `TOKENVAULT_*` variables.
+//! - `crypto`: keyring providers, envelope encryption and secret types.
+//! - `domain`: identifiers, value types and the one error type, parsed at the edge.
+//! - `fuzzing`: database-free entry points into the network parsers, for fuzzing.
+//! - `google`: the OAuth client for Google, JWT verification and a Google simulator.
+//! - `grpc`: the gRPC transport: authentication, role checks, handlers, mTLS listener.
+//! - `http`: the HTTP side port: health, OAuth callback, metrics, RISC receiver.
+//! - `policy`: which identity holds which role, purposes and event consumers.
+//! - `proto`: the generated `tokenvault.v1` API and its descriptor set.
+//! - `server`: binds the listeners, serves, and shuts down gracefully.
+//! - `store`: the `Store` trait with its SQLite and PostgreSQL backends.
+//! - `telemetry`: tracing set-up and the Prometheus metrics recorder.
+//! - `vault`: the use cases: authorization flow, leases, deletion, events, keys, RISC, sweeper.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -40,7 +40,8 @@ const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// A recorder from `build_recorder` keeps every histogram sample until
 /// someone drains it: a scrape, or `run_upkeep`. A thread does the latter
 /// every few seconds, so memory stays flat when nothing scrapes `/metrics`
-/// (without it, about 100 bytes per lease accumulated for good).
+/// (without it, every recorded sample is kept for good and memory grows with
+/// every call; see BENCHMARKS.md, the soak section).
 pub fn metrics() -> Option<&'static PrometheusHandle> {
     METRICS
         .get_or_init(|| {

@@ -9,14 +9,14 @@
 //! fails closed: [`AuditLog::record`] returns only after the entry is
 //! committed, and callers perform their operation only if it succeeded.
 //!
-//! The writer's loop is the one serial step every lease passes through. On
-//! SQLite it runs on a thread of its own (`tokenvault-audit`, with a
-//! single-threaded Tokio runtime): the SQLite driver does its work on its own
-//! thread anyway, and on the shared runtime each of the loop's wake-ups waited
-//! behind the request tasks queued on the busy workers — a quarter of every
-//! batch's time under load (measured: batch median 0.93 → 0.66 ms, leases
-//! +11 %). On PostgreSQL the writer's connection does its I/O through the
-//! shared runtime's reactor, so the loop stays a task there.
+//! The writer's loop is the one serial step every lease passes through, so
+//! its wake-ups must not queue behind request work. On SQLite it runs on a
+//! thread of its own (`tokenvault-audit`, with a single-threaded Tokio
+//! runtime): the SQLite driver does its work on its own thread anyway, and on
+//! the shared runtime each of the loop's wake-ups would wait behind the
+//! request tasks queued on busy workers (what that cost: see BENCHMARKS.md,
+//! the lease section). On PostgreSQL the writer's connection does its I/O
+//! through the shared runtime's reactor, so the loop stays a task there.
 
 mod checkpoint;
 mod verify;

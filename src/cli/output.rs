@@ -426,7 +426,7 @@ pub fn list_text(items: &[String]) -> String {
     }
 }
 
-/// The table row of a connection (see [`connection_header`]).
+/// The table row of a connection (see [`connection_table`]).
 pub fn connection_row(d: &pb::ConnectionDetail) -> Vec<String> {
     let c = d.connection.clone().unwrap_or_default();
     vec![
