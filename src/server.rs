@@ -138,7 +138,8 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
 
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .trace_fn(grpc_span);
     let grpc_task = {
         let incoming =
             grpc::transport::incoming(grpc_listener, tls, vault.audit().clone(), stop.subscribe());
@@ -195,6 +196,28 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
 /// Keeps gRPC health in step with the vault's: SERVING while the database and
 /// keyring work, NOT_SERVING otherwise and once shutdown begins. Every
 /// minute it also runs the vault's housekeeping.
+/// The span every gRPC request runs in: its method and a request id, taken
+/// from a well-formed `x-request-id` header (the caller's trace of it) or
+/// made up. Nothing else of the request is recorded: headers carry
+/// credentials.
+fn grpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let given = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    let id = match given {
+        Some(v) => v.to_owned(),
+        None => uuid::Uuid::new_v4().simple().to_string()[..16].to_owned(),
+    };
+    tracing::info_span!("grpc", rpc = %request.uri().path(), request_id = %id)
+}
+
 async fn report_health(
     vault: Arc<Vault>,
     reporter: tonic_health::server::HealthReporter,

@@ -76,6 +76,11 @@ impl Vault {
     }
 
     /// Starts connecting a Google account.
+    #[tracing::instrument(
+        name = "authorization_begin",
+        skip_all,
+        fields(tenant = %tenant, account = %account, integration = %integration)
+    )]
     pub async fn authorization_begin(
         &self,
         actor: &Actor,
@@ -155,6 +160,8 @@ impl Vault {
     }
 
     /// Completes an authorization. Every refusal is audited and stores nothing.
+    /// (The span records nothing of the request: its state and code are secrets.)
+    #[tracing::instrument(name = "authorization_complete", skip_all)]
     pub async fn authorization_complete(
         &self,
         completer: Completer<'_>,

@@ -44,6 +44,11 @@ pub struct Deletion {
 impl Vault {
     /// Deletes a connection, or every live connection of an account, and
     /// returns the receipt. Repeating the call returns the same receipt.
+    #[tracing::instrument(
+        name = "delete",
+        skip_all,
+        fields(target = %target.subject_key(), reason = %reason)
+    )]
     pub async fn delete(
         &self,
         actor: &Actor,

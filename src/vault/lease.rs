@@ -120,6 +120,11 @@ impl Vault {
     /// Leases a connection's access token, if `policy` grants it to `actor`.
     /// Every grant and every denial is audited; if the audit entry cannot be
     /// written the caller gets no token.
+    #[tracing::instrument(
+        name = "lease",
+        skip_all,
+        fields(connection = %req.connection, purpose = %req.purpose, caller = %actor.identity)
+    )]
     pub async fn lease_token(
         &self,
         actor: &Actor,
@@ -351,6 +356,7 @@ impl Vault {
 
     /// Ends a lease early. Only its holder may release it; releasing an
     /// ended lease succeeds and says when it ended.
+    #[tracing::instrument(name = "lease_release", skip_all, fields(lease = %id))]
     pub async fn lease_release(
         &self,
         actor: &Actor,

@@ -90,6 +90,7 @@ fn invalid(why: impl Into<String>) -> RiscError {
 
 impl Vault {
     /// Verifies and processes one Security Event Token.
+    #[tracing::instrument(name = "risc", skip_all)]
     pub async fn risc_receive(&self, token: &str) -> Result<(), RiscError> {
         let set = self.risc_verify(token).await?;
         if self.store().risc_seen(&set.jti).await? {

@@ -280,6 +280,12 @@ async fn no_secret_the_vault_sees_is_at_rest_or_logged(backend: Backend) {
         child_log.contains("\"DEBUG\"") || child_log.contains("\"debug\""),
         "the child logged at debug level"
     );
+    // Lines logged while serving a request name it (the gRPC span).
+    assert!(
+        child_log.lines().any(|l| l.contains("\"request_id\"")
+            && l.contains("/tokenvault.v1.LeaseService/LeaseToken")),
+        "no log line of the child names its request"
+    );
     places.push(("the child's log".into(), child_log.into_bytes()));
     let scan = |place: &str, bytes: &[u8]| {
         if let Some(m) = finder.find(bytes) {
