@@ -42,8 +42,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as GrpcEn
 use crate::both_backends;
 use crate::support::raw::RawDb;
 use crate::support::{
-    As, Backend, Bearer, CALENDAR_SCOPE, CLIENT_ID, TestVault, connect, seed_connection,
-    spawn_vault, spawn_vault_with, spawn_vault_with_google, start_google, use_google,
+    As, Backend, Bearer, CALENDAR_SCOPE, CLIENT_ID, TestVault, connect, disconnect, post_risc,
+    receipt, receipt_until, seed_connection, spawn_vault, spawn_vault_with,
+    spawn_vault_with_google, start_google, use_google,
 };
 
 /// The simulator's default Google account, which `connect` signs in as.
@@ -75,49 +76,6 @@ async fn audit_rows(tv: &TestVault, prefix: &str) -> Vec<AuditRow> {
         )
         .await
         .expect("query the audit log")
-}
-
-async fn disconnect(tv: &TestVault, id: &str) -> pb::DeletionReceipt {
-    tv.connections(As::App)
-        .disconnect(pb::DisconnectRequest {
-            connection_id: id.into(),
-            reason: "claims test".into(),
-        })
-        .await
-        .expect("disconnect")
-        .into_inner()
-}
-
-async fn receipt(tv: &TestVault, id: &str) -> pb::DeletionReceipt {
-    tv.connections(As::App)
-        .get_deletion_receipt(pb::GetDeletionReceiptRequest {
-            receipt_id: id.into(),
-        })
-        .await
-        .expect("GetDeletionReceipt")
-        .into_inner()
-}
-
-/// Polls a receipt until `done` holds; panics after `limit`.
-async fn receipt_until(
-    tv: &TestVault,
-    id: &str,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&pb::DeletionReceipt) -> bool,
-) -> pb::DeletionReceipt {
-    let deadline = Instant::now() + limit;
-    loop {
-        let r = receipt(tv, id).await;
-        if done(&r) {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "receipt {id}: {what} not reached within {limit:?}: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn upstream(r: &pb::DeletionReceipt) -> pb::UpstreamRevocationState {
@@ -156,19 +114,6 @@ fn calendar_lease(connection_id: &str) -> pb::LeaseTokenRequest {
         scopes: vec![CALENDAR_SCOPE.into()],
         min_valid_seconds: 0,
     }
-}
-
-/// `POST /risc`: the HTTP status and body.
-async fn post_risc(tv: &TestVault, token: &str) -> (u16, String) {
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/risc", tv.http_addr))
-        .header("content-type", "application/secevent+jwt")
-        .body(token.to_owned())
-        .send()
-        .await
-        .expect("reach /risc");
-    let status = resp.status().as_u16();
-    (status, resp.text().await.unwrap_or_default())
 }
 
 /// A vault wired to a fresh Google simulator, its RISC receiver trusting the

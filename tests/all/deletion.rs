@@ -14,8 +14,8 @@ use tonic::Code;
 use crate::both_backends;
 use crate::support::raw::RawDb;
 use crate::support::{
-    As, Backend, CALENDAR_SCOPE, CLIENT_ID, GMAIL_SCOPE, TestVault, connect,
-    spawn_vault_with_google,
+    As, Backend, CALENDAR_SCOPE, CLIENT_ID, GMAIL_SCOPE, TestVault, connect, disconnect, post_risc,
+    receipt, receipt_until, spawn_vault_with_google,
 };
 
 const SUBJECT: &str = "sim-user-1";
@@ -26,45 +26,6 @@ fn lease(connection_id: &str, purpose: &str, scope: &str) -> pb::LeaseTokenReque
         purpose: purpose.into(),
         scopes: vec![scope.into()],
         min_valid_seconds: 0,
-    }
-}
-
-async fn disconnect(tv: &TestVault, id: &str) -> pb::DeletionReceipt {
-    tv.connections(As::App)
-        .disconnect(pb::DisconnectRequest {
-            connection_id: id.into(),
-            reason: "test".into(),
-        })
-        .await
-        .expect("disconnect")
-        .into_inner()
-}
-
-async fn receipt(tv: &TestVault, id: &str) -> pb::DeletionReceipt {
-    tv.connections(As::App)
-        .get_deletion_receipt(pb::GetDeletionReceiptRequest {
-            receipt_id: id.into(),
-        })
-        .await
-        .expect("receipt")
-        .into_inner()
-}
-
-/// Polls a receipt until `done` holds, at most `limit`.
-async fn receipt_until(
-    tv: &TestVault,
-    id: &str,
-    limit: Duration,
-    done: impl Fn(&pb::DeletionReceipt) -> bool,
-) -> pb::DeletionReceipt {
-    let deadline = Instant::now() + limit;
-    loop {
-        let r = receipt(tv, id).await;
-        if done(&r) {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "receipt never got there: {r:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -217,7 +178,7 @@ async fn delete_account_removes_everything_and_completes_on_acks(backend: Backen
         })
         .await
         .unwrap();
-    let done = receipt_until(&tv, &r.receipt_id, Duration::from_secs(5), |r| {
+    let done = receipt_until(&tv, &r.receipt_id, Duration::from_secs(5), "done", |r| {
         r.status == pb::ReceiptStatus::Complete as i32
     })
     .await;
@@ -323,7 +284,7 @@ async fn a_failing_revoke_is_retried_until_google_confirms(backend: Backend) {
             );
         }
     }
-    let done = receipt_until(&tv, &r.receipt_id, Duration::from_secs(15), |r| {
+    let done = receipt_until(&tv, &r.receipt_id, Duration::from_secs(15), "done", |r| {
         upstream(r) == pb::UpstreamRevocationState::Confirmed
     })
     .await;
@@ -341,18 +302,6 @@ both_backends!(
     revoke_retried,
     a_failing_revoke_is_retried_until_google_confirms
 );
-
-async fn post_risc(tv: &TestVault, body: &str) -> u16 {
-    reqwest::Client::new()
-        .post(format!("http://{}/risc", tv.http_addr))
-        .header("content-type", "application/secevent+jwt")
-        .body(body.to_owned())
-        .send()
-        .await
-        .expect("reach /risc")
-        .status()
-        .as_u16()
-}
 
 async fn status_of(tv: &TestVault, id: &str) -> pb::ConnectionStatus {
     let c = tv
@@ -395,7 +344,7 @@ async fn risc_events_are_verified_then_acted_on(backend: Backend) {
             {"subject": {"subject_type": "iss-sub", "iss": sim.risc_issuer(), "sub": SUBJECT}}},
     }));
     for body in [wrong_aud.as_str(), forged.as_str(), "not a token", ""] {
-        assert_eq!(post_risc(&tv, body).await, 400, "{body:.20}");
+        assert_eq!(post_risc(&tv, body).await.0, 400, "{body:.20}");
     }
     assert_eq!(
         status_of(&tv, &cal.connection_id).await,
@@ -409,9 +358,9 @@ async fn risc_events_are_verified_then_acted_on(backend: Backend) {
         SUBJECT,
         serde_json::json!({"reason": "hijacking"}),
     );
-    assert_eq!(post_risc(&tv, &disabled).await, 202);
+    assert_eq!(post_risc(&tv, &disabled).await.0, 202);
     assert_eq!(
-        post_risc(&tv, &disabled).await,
+        post_risc(&tv, &disabled).await.0,
         400,
         "a replayed jti is refused"
     );
@@ -426,7 +375,7 @@ async fn risc_events_are_verified_then_acted_on(backend: Backend) {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     let enabled = sim.sign_risc_event(CLIENT_ID, "account-enabled", SUBJECT, serde_json::json!({}));
-    assert_eq!(post_risc(&tv, &enabled).await, 202);
+    assert_eq!(post_risc(&tv, &enabled).await.0, 202);
     assert_eq!(
         status_of(&tv, &cal.connection_id).await,
         pb::ConnectionStatus::Active
@@ -438,7 +387,7 @@ async fn risc_events_are_verified_then_acted_on(backend: Backend) {
 
     // tokens-revoked runs the cascade, with nothing to revoke upstream.
     let revoked = sim.sign_risc_event(CLIENT_ID, "tokens-revoked", SUBJECT, serde_json::json!({}));
-    assert_eq!(post_risc(&tv, &revoked).await, 202);
+    assert_eq!(post_risc(&tv, &revoked).await.0, 202);
     assert_eq!(
         status_of(&tv, &cal.connection_id).await,
         pb::ConnectionStatus::RevokedUpstream,

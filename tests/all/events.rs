@@ -14,17 +14,9 @@ use tonic::transport::Channel;
 use crate::both_backends;
 use crate::support::raw::RawDb;
 use crate::support::{
-    As, Backend, Bearer, CALENDAR_SCOPE, TestVault, seed_connection, spawn_vault, spawn_vault_with,
+    As, Backend, Bearer, CALENDAR_SCOPE, TestVault, calendar_lease, seed_connection, spawn_vault,
+    spawn_vault_with,
 };
-
-fn lease_req(connection_id: &str) -> pb::LeaseTokenRequest {
-    pb::LeaseTokenRequest {
-        connection_id: connection_id.into(),
-        purpose: "calendar_sync".into(),
-        scopes: vec![CALENDAR_SCOPE.into()],
-        min_valid_seconds: 0,
-    }
-}
 
 fn watch_req(after: Option<u64>) -> pb::WatchRequest {
     pb::WatchRequest {
@@ -77,7 +69,7 @@ async fn a_deletion_reaches_watchers_on_another_replica_within_a_second(backend:
     .await;
     let lease = tv
         .leases(As::Worker)
-        .lease_token(lease_req(conn.id.as_str()))
+        .lease_token(calendar_lease(conn.id.as_str()))
         .await
         .unwrap()
         .into_inner();
@@ -151,7 +143,7 @@ async fn a_deletion_reaches_watchers_on_another_replica_within_a_second(backend:
         LeaseServiceClient::with_interceptor(channel.clone(), bearer(As::Worker)),
     ] {
         let err = client
-            .lease_token(lease_req(conn.id.as_str()))
+            .lease_token(calendar_lease(conn.id.as_str()))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -195,7 +187,7 @@ async fn a_replica_never_leases_from_a_record_another_replica_changed(backend: B
         None,
     )
     .await;
-    on_b.lease_token(lease_req(conn.id.as_str()))
+    on_b.lease_token(calendar_lease(conn.id.as_str()))
         .await
         .expect("B leases, and caches the record");
 
@@ -203,7 +195,7 @@ async fn a_replica_never_leases_from_a_record_another_replica_changed(backend: B
     let raw = RawDb::open(&tv).await;
     reconsent(&raw, conn.id.as_str(), "openid email").await;
     let err = on_b
-        .lease_token(lease_req(conn.id.as_str()))
+        .lease_token(calendar_lease(conn.id.as_str()))
         .await
         .expect_err("B's cached record still shows the scope; the store refuses it");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -240,7 +232,7 @@ async fn a_replica_never_leases_from_a_record_another_replica_changed(backend: B
     )
     .await;
     let lease = on_b
-        .lease_token(lease_req(conn.id.as_str()))
+        .lease_token(calendar_lease(conn.id.as_str()))
         .await
         .expect("granted again")
         .into_inner();
@@ -253,7 +245,7 @@ async fn a_replica_never_leases_from_a_record_another_replica_changed(backend: B
         .await
         .unwrap();
     let err = on_b
-        .lease_token(lease_req(conn.id.as_str()))
+        .lease_token(calendar_lease(conn.id.as_str()))
         .await
         .expect_err("suspended");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -428,7 +420,7 @@ async fn leases_are_recorded_without_the_token_and_release_early(backend: Backen
     let conn = seed_connection(&tv.vault, "t1", "a1", Integration::Calendar, token, None).await;
     let lease = tv
         .leases(As::Worker)
-        .lease_token(lease_req(conn.id.as_str()))
+        .lease_token(calendar_lease(conn.id.as_str()))
         .await
         .unwrap()
         .into_inner();

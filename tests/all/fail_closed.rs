@@ -17,7 +17,9 @@ use tonic::Code;
 
 use crate::both_backends;
 use crate::support::raw::{RawDb, expire_stored_token};
-use crate::support::{As, Backend, CALENDAR_SCOPE, TestVault, connect, spawn_vault_with_google};
+use crate::support::{
+    As, Backend, TestVault, calendar_lease, connect, post_risc, spawn_vault_with_google,
+};
 
 /// Tables that change on their own while a vault runs (replica heartbeats).
 const BACKGROUND: &[&str] = &["key_replicas"];
@@ -26,15 +28,6 @@ const BACKGROUND: &[&str] = &["key_replicas"];
 /// request entry (written, committed, before the operation began) but never
 /// the entry of an outcome that did not happen.
 const AUDIT: &[&str] = &["audit_log", "audit_head", "audit_checkpoints"];
-
-fn lease_request(id: &str) -> pb::LeaseTokenRequest {
-    pb::LeaseTokenRequest {
-        connection_id: id.to_owned(),
-        purpose: "calendar_sync".into(),
-        scopes: vec![CALENDAR_SCOPE.into()],
-        min_valid_seconds: 0,
-    }
-}
 
 /// The call failed the way a failed write must be reported: INTERNAL or
 /// UNAVAILABLE, and without the database's own words.
@@ -164,16 +157,19 @@ async fn a_lease_whose_record_the_database_refuses_is_not_granted(backend: Backe
     // The first lease puts the connection in the replica's cache: the
     // refused ones below take the hot path.
     let mut leases = tv.leases(As::Worker);
-    leases.lease_token(lease_request(&id)).await.expect("lease");
+    leases
+        .lease_token(calendar_lease(&id))
+        .await
+        .expect("lease");
     for step in [
         ("audit_log", "INSERT", ""),
         ("audit_head", "UPDATE", ""),
         ("leases", "INSERT", ""),
     ] {
-        refused_changes_nothing(&raw, step, &[], || leases.lease_token(lease_request(&id))).await;
+        refused_changes_nothing(&raw, step, &[], || leases.lease_token(calendar_lease(&id))).await;
     }
     leases
-        .lease_token(lease_request(&id))
+        .lease_token(calendar_lease(&id))
         .await
         .expect("a lease once the database accepts writes");
     assert_eq!(raw.scalar("SELECT COUNT(*) FROM leases").await, 2);
@@ -222,7 +218,7 @@ async fn a_deletion_that_fails_half_way_changes_nothing(backend: Backend) {
     connect(&tv, "t1", "u1", pb::Integration::Email).await;
     let mut leases = tv.leases(As::Worker);
     leases
-        .lease_token(lease_request(&cal))
+        .lease_token(calendar_lease(&cal))
         .await
         .expect("lease");
     let mut app = tv.connections(As::App);
@@ -254,7 +250,7 @@ async fn a_deletion_that_fails_half_way_changes_nothing(backend: Backend) {
     );
     // The same lease still works: the tokens were never touched.
     leases
-        .lease_token(lease_request(&cal))
+        .lease_token(calendar_lease(&cal))
         .await
         .expect("a lease after the failed deletions");
     // And with writes accepted the deletion goes through.
@@ -307,7 +303,7 @@ async fn a_refresh_whose_write_the_database_refuses_keeps_the_old_tokens(backend
         let refreshes = sim.refresh_calls();
         let seq = head(&raw).await;
         raw.refuse(table, op).await;
-        let result = leases.lease_token(lease_request(&id)).await;
+        let result = leases.lease_token(calendar_lease(&id)).await;
         raw.allow(table, op).await;
         assert_refused(result, &what);
         assert!(
@@ -323,7 +319,7 @@ async fn a_refresh_whose_write_the_database_refuses_keeps_the_old_tokens(backend
         assert!(added.iter().all(|a| a == "lease.deny"), "{what}: {added:?}");
     }
     let lease = leases
-        .lease_token(lease_request(&id))
+        .lease_token(calendar_lease(&id))
         .await
         .expect("a lease once the database accepts writes")
         .into_inner();
@@ -388,18 +384,6 @@ both_backends!(
     a_callback_whose_write_the_database_refuses_connects_nothing
 );
 
-async fn post_risc(tv: &TestVault, body: &str) -> u16 {
-    reqwest::Client::new()
-        .post(format!("http://{}/risc", tv.http_addr))
-        .header("content-type", "application/secevent+jwt")
-        .body(body.to_owned())
-        .send()
-        .await
-        .expect("reach /risc")
-        .status()
-        .as_u16()
-}
-
 async fn a_risc_event_whose_write_the_database_refuses_is_redelivered(backend: Backend) {
     let sim = crate::support::start_google().await;
     let Some(tv) = crate::support::spawn_vault_with(backend, |c| {
@@ -428,7 +412,7 @@ async fn a_risc_event_whose_write_the_database_refuses_is_redelivered(backend: B
     ] {
         let before = state(&raw).await;
         raw.refuse(table, op).await;
-        let status = post_risc(&tv, &revoked).await;
+        let (status, _) = post_risc(&tv, &revoked).await;
         raw.allow(table, op).await;
         assert_eq!(
             status, 503,
@@ -445,11 +429,11 @@ async fn a_risc_event_whose_write_the_database_refuses_is_redelivered(backend: B
     // The deletion itself committed before `risc_seen` was refused; the
     // redelivery finds it done and is accepted.
     assert_eq!(
-        post_risc(&tv, &revoked).await,
+        post_risc(&tv, &revoked).await.0,
         202,
         "the redelivered event is accepted"
     );
-    assert_eq!(post_risc(&tv, &revoked).await, 400, "and then spent");
+    assert_eq!(post_risc(&tv, &revoked).await.0, 400, "and then spent");
     let status = tv
         .connections(As::App)
         .get_connection(pb::GetConnectionRequest { connection_id: id })

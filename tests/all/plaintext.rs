@@ -21,7 +21,7 @@ use crate::both_backends;
 use crate::serve_cli::ServeProcess;
 use crate::support::raw::{RawDb, expire_stored_token};
 use crate::support::{
-    As, Backend, Bearer, CALENDAR_SCOPE, CLIENT_SECRET, TestVault, logs, spawn_vault_with_google,
+    As, Backend, Bearer, CLIENT_SECRET, TestVault, calendar_lease, logs, spawn_vault_with_google,
     write_config_file,
 };
 
@@ -55,15 +55,6 @@ fn keyring_secrets(tv: &TestVault) -> Vec<Vec<u8>> {
         keys.len()
     );
     keys
-}
-
-fn lease_request(id: &str) -> pb::LeaseTokenRequest {
-    pb::LeaseTokenRequest {
-        connection_id: id.to_owned(),
-        purpose: "calendar_sync".into(),
-        scopes: vec![CALENDAR_SCOPE.into()],
-        min_valid_seconds: 0,
-    }
 }
 
 /// The PostgreSQL write-ahead log segments modified since `since`, read
@@ -147,7 +138,7 @@ async fn no_secret_the_vault_sees_is_at_rest_or_logged(backend: Backend) {
     for id in &ids {
         leased.push(
             leases
-                .lease_token(lease_request(id))
+                .lease_token(calendar_lease(id))
                 .await
                 .unwrap()
                 .into_inner()
@@ -156,7 +147,7 @@ async fn no_secret_the_vault_sees_is_at_rest_or_logged(backend: Backend) {
         expire_stored_token(&tv, id).await;
         leased.push(
             leases
-                .lease_token(lease_request(id))
+                .lease_token(calendar_lease(id))
                 .await
                 .unwrap()
                 .into_inner()
@@ -193,7 +184,7 @@ async fn no_secret_the_vault_sees_is_at_rest_or_logged(backend: Backend) {
     expire_stored_token(&tv, &ids[1]).await;
     leased.push(
         on_child
-            .lease_token(lease_request(&ids[1]))
+            .lease_token(calendar_lease(&ids[1]))
             .await
             .expect("a lease from the child")
             .into_inner()

@@ -29,7 +29,7 @@ use tonic::transport::Channel;
 
 use crate::serve_cli::ServeProcess;
 use crate::support::{
-    As, Authed, Bearer, CALENDAR_SCOPE, CLIENT_ID, DropDatabase, follow_authorization,
+    As, Authed, Bearer, CLIENT_ID, DropDatabase, calendar_lease, follow_authorization,
     fresh_postgres_database, start_google, test_config, use_google, write_config_file,
 };
 
@@ -170,15 +170,6 @@ fn bearer(who: As) -> Bearer {
     Bearer(Some(format!("Bearer {}", who.key()).parse().unwrap()))
 }
 
-fn lease_request(connection_id: &str) -> pb::LeaseTokenRequest {
-    pb::LeaseTokenRequest {
-        connection_id: connection_id.to_owned(),
-        purpose: PURPOSE.into(),
-        scopes: vec![CALENDAR_SCOPE.into()],
-        min_valid_seconds: 0,
-    }
-}
-
 impl Replica {
     /// `ConnectionService` as the product backend.
     fn connections(&self) -> pb::connection_service_client::ConnectionServiceClient<Authed> {
@@ -206,7 +197,7 @@ impl Replica {
 
     async fn lease(&self, connection_id: &str) -> Result<pb::LeaseTokenResponse, tonic::Status> {
         self.leases()
-            .lease_token(lease_request(connection_id))
+            .lease_token(calendar_lease(connection_id))
             .await
             .map(tonic::Response::into_inner)
     }
@@ -663,7 +654,7 @@ async fn a_lease_storm_racing_a_disconnect_gets_no_lease_after_it_and_records_ev
             tasks.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let sent = Instant::now();
-                    let result = leases.lease_token(lease_request(&id)).await;
+                    let result = leases.lease_token(calendar_lease(&id)).await;
                     let returned = Instant::now();
                     let outcome = result
                         .map(|r| r.into_inner().lease_id)

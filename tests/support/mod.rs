@@ -635,3 +635,72 @@ pub fn write_config_file(dir: &std::path::Path, config: &Config, extra: &str) ->
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// A lease of the calendar scope for the calendar sync purpose, with the
+/// vault's default minimum validity.
+pub fn calendar_lease(connection_id: &str) -> tokenvault::proto::v1::LeaseTokenRequest {
+    tokenvault::proto::v1::LeaseTokenRequest {
+        connection_id: connection_id.to_owned(),
+        purpose: "calendar_sync".into(),
+        scopes: vec![CALENDAR_SCOPE.into()],
+        min_valid_seconds: 0,
+    }
+}
+
+/// Disconnects a connection as the app.
+pub async fn disconnect(tv: &TestVault, id: &str) -> tokenvault::proto::v1::DeletionReceipt {
+    tv.connections(As::App)
+        .disconnect(tokenvault::proto::v1::DisconnectRequest {
+            connection_id: id.into(),
+            reason: "test".into(),
+        })
+        .await
+        .expect("disconnect")
+        .into_inner()
+}
+
+/// A deletion receipt, as the app sees it.
+pub async fn receipt(tv: &TestVault, id: &str) -> tokenvault::proto::v1::DeletionReceipt {
+    tv.connections(As::App)
+        .get_deletion_receipt(tokenvault::proto::v1::GetDeletionReceiptRequest {
+            receipt_id: id.into(),
+        })
+        .await
+        .expect("GetDeletionReceipt")
+        .into_inner()
+}
+
+/// Polls a receipt until `done` holds; panics after `limit`, naming `what`.
+pub async fn receipt_until(
+    tv: &TestVault,
+    id: &str,
+    limit: std::time::Duration,
+    what: &str,
+    done: impl Fn(&tokenvault::proto::v1::DeletionReceipt) -> bool,
+) -> tokenvault::proto::v1::DeletionReceipt {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let r = receipt(tv, id).await;
+        if done(&r) {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "receipt {id}: {what} not reached within {limit:?}: {r:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Posts a body to the vault's `POST /risc`; the HTTP status and body.
+pub async fn post_risc(tv: &TestVault, body: &str) -> (u16, String) {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/risc", tv.http_addr))
+        .header("content-type", "application/secevent+jwt")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("reach /risc");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
+}
