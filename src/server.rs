@@ -213,9 +213,22 @@ fn grpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
         });
     let id = match given {
         Some(v) => v.to_owned(),
-        None => uuid::Uuid::new_v4().simple().to_string()[..16].to_owned(),
+        None => next_request_id(),
     };
     tracing::info_span!("grpc", rpc = %request.uri().path(), request_id = %id)
+}
+
+/// A fresh request id: a random per-process start plus a counter, so that
+/// ids are unique within a process and unlikely to collide across replicas,
+/// without a call to the system's random source per request.
+fn next_request_id() -> String {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static START: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = *START.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:016x}", start.wrapping_add(n))
 }
 
 async fn report_health(
