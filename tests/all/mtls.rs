@@ -346,14 +346,19 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 /// What a client sees when the server refuses its certificate in the TLS
 /// handshake: the server's fatal alert (rustls: "received fatal alert: …",
 /// `AlertReceived(…)`), or — when the client was still writing as the server
-/// hung up — the peer resetting the connection or the pipe breaking.
-const SERVER_REFUSED: [&str; 6] = [
+/// hung up, or its connection task read the alert before a request could —
+/// the peer resetting the connection, the pipe breaking, or hyper's
+/// "connection closed". (A server that is not there gives "connection
+/// refused" instead, and the trusted-certificate control around every
+/// refusal shows the listener serving.)
+const SERVER_REFUSED: [&str; 7] = [
     "received fatal alert",
     "alertreceived",
     "connection reset",
     "connectionreset",
     "broken pipe",
     "brokenpipe",
+    "connection closed",
 ];
 
 /// Failures that are not a refusal by a listening server: nothing listening
