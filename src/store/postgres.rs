@@ -4,51 +4,55 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::Row as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-type Db = sqlx::Postgres;
-type StoreImpl = PostgresStore;
-const BACKEND: Backend = Backend::Postgres;
+use self::dialect::Db;
+use super::audit::{Appended, SealedBatch, SealedRow, seal_batch};
+use super::common::ChainHead;
+use super::common::postgres::{HotConnections, read_audit_head};
+use crate::domain::{Timestamp, VaultError};
+use crate::store::{AuditDraft, AuditSealer, LeaseGrant, LeaseRecord, StoreResult};
 
-const LOCK_KEK_VERSION: &str = "SELECT state FROM kek_versions WHERE version = $1 FOR UPDATE";
-// Taken before writing a key wrapped by a version: waits for a retirement of
-// that version in progress, and then sees it.
-const SHARE_KEK_VERSION: &str = "SELECT state FROM kek_versions WHERE version = $1 FOR SHARE";
-// The server's clock, microseconds since the Unix epoch.
-const CLOCK_MICROS: &str = "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT";
-const LOCK_LIVE_CONNECTION: &str = "SELECT connection_id FROM connections \
-     WHERE tenant_id = $1 AND account_id = $2 AND integration = $3 AND status <> 'deleted' \
-     FOR UPDATE";
+/// What the SQL shared by both backends needs to know about this one
+/// (see `for_each_backend!`).
+pub(super) mod dialect {
+    use crate::store::Backend;
 
-const LOCK_REFRESH: &str = "SELECT fence FROM refresh_locks \
-     WHERE connection_id = $1 AND holder = $2 AND fence = $3 FOR UPDATE";
+    pub(in crate::store) type Db = sqlx::Postgres;
+    pub(in crate::store) type StoreImpl = super::PostgresStore;
+    pub(in crate::store) const BACKEND: Backend = Backend::Postgres;
 
-// The lease path's batched read takes its ids as one array parameter, so its
-// statement text is the same for any number of ids.
-const ID_IN_LIST: &str = "= ANY($1)";
+    // Taken before writing a key wrapped by a version: waits for a retirement of
+    // that version in progress, and then sees it.
+    pub(in crate::store) const SHARE_KEK_VERSION: &str =
+        "SELECT state FROM kek_versions WHERE version = $1 FOR SHARE";
+    // The server's clock, microseconds since the Unix epoch.
+    pub(in crate::store) const CLOCK_MICROS: &str =
+        "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT";
 
-fn id_list(ids: &[ConnectionId]) -> Vec<&str> {
-    ids.iter().map(ConnectionId::as_str).collect()
+    // Appended to SELECTs that lock the rows they read.
+    pub(in crate::store) const FOR_UPDATE: &str = " FOR UPDATE";
+    // Taken before appending events, so cursors are committed in cursor order and
+    // a watcher reading "after cursor N" never skips an event committed later
+    // with a smaller cursor.
+    pub(in crate::store) const EVENT_ORDER_LOCK: Option<&str> =
+        Some("SELECT pg_advisory_xact_lock(7431001)");
+
+    pub(in crate::store) use super::{
+        LOCK_AUDIT_HEAD, append_locked, append_on, prepare_audit_connection,
+    };
 }
-
-// Appended to SELECTs that lock the rows they read.
-const FOR_UPDATE: &str = " FOR UPDATE";
-/// Rows another transaction holds are passed over (the sweeper's claim).
-const SKIP_LOCKED: &str = " FOR UPDATE SKIP LOCKED";
-// Taken before appending events, so cursors are committed in cursor order and
-// a watcher reading "after cursor N" never skips an event committed later
-// with a smaller cursor.
-const EVENT_ORDER_LOCK: Option<&str> = Some("SELECT pg_advisory_xact_lock(7431001)");
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
 /// A store on a PostgreSQL database.
 pub struct PostgresStore {
-    pool: sqlx::PgPool,
+    pub(super) pool: sqlx::PgPool,
     /// The audit chain head this process last wrote (see `audit_append`).
-    head_cache: std::sync::Mutex<Option<ChainHead>>,
+    pub(super) head_cache: std::sync::Mutex<Option<ChainHead>>,
     /// Connections the audit writer and the lease reader keep checked out.
-    hot: HotConnections,
+    pub(super) hot: HotConnections,
 }
 
 impl PostgresStore {
@@ -77,9 +81,9 @@ impl PostgresStore {
     }
 
     /// Nothing to hold: row locks order PostgreSQL's writers.
-    async fn write_guard(&self) {}
+    pub(super) async fn write_guard(&self) {}
 
-    async fn begin_write(&self) -> StoreResult<((), sqlx::Transaction<'static, Db>)> {
+    pub(super) async fn begin_write(&self) -> StoreResult<((), sqlx::Transaction<'static, Db>)> {
         Ok(((), self.pool.begin().await?))
     }
 }
@@ -87,7 +91,7 @@ impl PostgresStore {
 impl PostgresStore {
     /// Nothing to do: deleted rows are invisible to every query at once and
     /// autovacuum reclaims their space.
-    async fn scrub(&self) {}
+    pub(super) async fn scrub(&self) {}
 }
 
 /// Appends one sealed batch in a single statement (one round trip, its own
@@ -128,7 +132,7 @@ const APPEND_AUDIT: &str = "WITH head AS ( \
        ARRAY(SELECT lease_id FROM granted) AS leases";
 
 /// Nothing to set up on the audit writer's PostgreSQL connection.
-async fn prepare_audit_connection(_conn: &mut sqlx::PgConnection) -> StoreResult<()> {
+pub(super) async fn prepare_audit_connection(_conn: &mut sqlx::PgConnection) -> StoreResult<()> {
     Ok(())
 }
 
@@ -136,7 +140,7 @@ async fn prepare_audit_connection(_conn: &mut sqlx::PgConnection) -> StoreResult
 /// statement does it all unless another replica moved the head since; then,
 /// and when nothing is cached, the head is locked (`FOR UPDATE`) in a
 /// transaction and the batch sealed onto it.
-async fn append_on(
+pub(super) async fn append_on(
     conn: &mut sqlx::PgConnection,
     cached: Option<ChainHead>,
     drafts: &[AuditDraft],
@@ -160,12 +164,13 @@ async fn append_on(
 /// Reads the audit chain head and locks it until the transaction ends: the
 /// first statement of a transaction that appends an entry of its own, so that
 /// it takes the head before any row the audit writer locks after it.
-const LOCK_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1 FOR UPDATE";
+pub(super) const LOCK_AUDIT_HEAD: &str =
+    "SELECT seq, entry_hash FROM audit_head WHERE id = 1 FOR UPDATE";
 
 /// Appends `drafts` (and the `leases` that still hold) on `conn`, inside a
 /// transaction that has held the head locked since it read `head` with
 /// [`LOCK_AUDIT_HEAD`].
-async fn append_locked(
+pub(super) async fn append_locked(
     conn: &mut sqlx::PgConnection,
     head: ChainHead,
     drafts: &[AuditDraft],
@@ -244,5 +249,3 @@ async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
     }
     Ok(Some(row.try_get("leases")?))
 }
-
-include!("sql_common.rs");

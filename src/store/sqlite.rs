@@ -9,52 +9,53 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::{Mutex, MutexGuard};
 
-type Db = sqlx::Sqlite;
-type StoreImpl = SqliteStore;
-const BACKEND: Backend = Backend::Sqlite;
+use self::dialect::Db;
+use super::audit::{Appended, SealedBatch, seal_batch};
+use super::common::ChainHead;
+use super::common::sqlite::{HotConnections, read_audit_head};
+use crate::domain::VaultError;
+use crate::store::{AuditDraft, AuditSealer, LeaseGrant, StoreResult};
 
-// SQLite has no row locks; the serialised write transaction is the lock.
-const LOCK_KEK_VERSION: &str = "SELECT state FROM kek_versions WHERE version = $1";
-const SHARE_KEK_VERSION: &str = "SELECT state FROM kek_versions WHERE version = $1";
-// The clock of the one host SQLite runs on, microseconds since the Unix epoch.
-const CLOCK_MICROS: &str = "SELECT CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)";
-const LOCK_LIVE_CONNECTION: &str = "SELECT connection_id FROM connections \
-     WHERE tenant_id = $1 AND account_id = $2 AND integration = $3 AND status <> 'deleted'";
+/// What the SQL shared by both backends needs to know about this one
+/// (see `for_each_backend!`).
+pub(super) mod dialect {
+    use crate::store::Backend;
 
-const LOCK_REFRESH: &str = "SELECT fence FROM refresh_locks \
-     WHERE connection_id = $1 AND holder = $2 AND fence = $3";
+    pub(in crate::store) type Db = sqlx::Sqlite;
+    pub(in crate::store) type StoreImpl = super::SqliteStore;
+    pub(in crate::store) const BACKEND: Backend = Backend::Sqlite;
 
-// The lease path's batched read takes its ids as one JSON array, so its
-// statement text is the same for any number of ids.
-const ID_IN_LIST: &str = "IN (SELECT value FROM json_each($1))";
+    pub(in crate::store) const SHARE_KEK_VERSION: &str =
+        "SELECT state FROM kek_versions WHERE version = $1";
+    // The clock of the one host SQLite runs on, microseconds since the Unix epoch.
+    pub(in crate::store) const CLOCK_MICROS: &str =
+        "SELECT CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)";
 
-fn id_list(ids: &[ConnectionId]) -> String {
-    serde_json::to_string(&ids.iter().map(ConnectionId::as_str).collect::<Vec<_>>())
-        .unwrap_or_else(|_| "[]".to_owned())
+    // Appended to SELECTs that lock the rows they read.
+    pub(in crate::store) const FOR_UPDATE: &str = "";
+    // Taken before appending events, so cursors are committed in cursor order and
+    // a watcher reading "after cursor N" never skips an event committed later
+    // with a smaller cursor.
+    pub(in crate::store) const EVENT_ORDER_LOCK: Option<&str> = None;
+
+    pub(in crate::store) use super::{
+        LOCK_AUDIT_HEAD, append_locked, append_on, prepare_audit_connection,
+    };
 }
-
-// Appended to SELECTs that lock the rows they read.
-const FOR_UPDATE: &str = "";
-/// One writer at a time: nothing to skip.
-const SKIP_LOCKED: &str = "";
-// Taken before appending events, so cursors are committed in cursor order and
-// a watcher reading "after cursor N" never skips an event committed later
-// with a smaller cursor.
-const EVENT_ORDER_LOCK: Option<&str> = None;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// A store on one SQLite file.
 pub struct SqliteStore {
-    pool: sqlx::SqlitePool,
-    write_lock: Arc<Mutex<()>>,
+    pub(super) pool: sqlx::SqlitePool,
+    pub(super) write_lock: Arc<Mutex<()>>,
     /// The audit chain head this process last wrote (see `audit_append`).
-    head_cache: std::sync::Mutex<Option<ChainHead>>,
+    pub(super) head_cache: std::sync::Mutex<Option<ChainHead>>,
     /// Connections the audit writer and the lease reader keep checked out.
     /// All audit appends go through one connection, whose page cache then
     /// stays warm (SQLite drops a connection's cache whenever another
     /// connection wrote since its last transaction).
-    hot: HotConnections,
+    pub(super) hot: HotConnections,
     /// The background WAL checkpoint task; it holds a handle to the pool, so
     /// it is stopped when the store goes away.
     checkpointer: tokio::task::AbortHandle,
@@ -115,11 +116,11 @@ impl SqliteStore {
     }
 
     /// Held by every write: SQLite takes one writer at a time.
-    async fn write_guard(&self) -> MutexGuard<'_, ()> {
+    pub(super) async fn write_guard(&self) -> MutexGuard<'_, ()> {
         self.write_lock.lock().await
     }
 
-    async fn begin_write(
+    pub(super) async fn begin_write(
         &self,
     ) -> StoreResult<(MutexGuard<'_, ()>, sqlx::Transaction<'static, Db>)> {
         let guard = self.write_guard().await;
@@ -214,7 +215,7 @@ impl SqliteStore {
     /// After destroying secrets: copies the WAL into the (zero-overwritten)
     /// database file and truncates the WAL, so no earlier page image holding
     /// the destroyed bytes stays on disk.
-    async fn scrub(&self) {
+    pub(super) async fn scrub(&self) {
         let _guard = self.write_guard().await;
         match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
             .fetch_one(&self.pool)
@@ -250,11 +251,11 @@ const READ_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id =
 
 /// Reads the audit chain head in a write transaction (`BEGIN IMMEDIATE`
 /// already excludes every other writer).
-const LOCK_AUDIT_HEAD: &str = READ_AUDIT_HEAD;
+pub(super) const LOCK_AUDIT_HEAD: &str = READ_AUDIT_HEAD;
 
 /// Appends `drafts` (and every one of `leases`) on `conn`, inside a write
 /// transaction that read `head` with [`LOCK_AUDIT_HEAD`].
-async fn append_locked(
+pub(super) async fn append_locked(
     conn: &mut sqlx::SqliteConnection,
     head: ChainHead,
     drafts: &[AuditDraft],
@@ -284,7 +285,7 @@ async fn append_locked(
 /// Pages that do not stay cached are read back from the OS cache. A writer
 /// connection handed back to the pool after an error keeps the setting, which
 /// costs the pool's other users nothing but speed.
-async fn prepare_audit_connection(conn: &mut sqlx::SqliteConnection) -> StoreResult<()> {
+pub(super) async fn prepare_audit_connection(conn: &mut sqlx::SqliteConnection) -> StoreResult<()> {
     sqlx::query("PRAGMA cache_size = -2048")
         .execute(&mut *conn)
         .await?;
@@ -300,7 +301,7 @@ async fn prepare_audit_connection(conn: &mut sqlx::SqliteConnection) -> StoreRes
 /// lock, and the leases that still hold ([`HOLDING_LEASES`]), and seals and
 /// records only those. Fixed statement texts (rows travel as one JSON
 /// argument), so each is prepared once per connection.
-async fn append_on(
+pub(super) async fn append_on(
     conn: &mut sqlx::SqliteConnection,
     cached: Option<ChainHead>,
     drafts: &[AuditDraft],
@@ -427,5 +428,3 @@ fn to_json(rows: &impl serde::Serialize) -> StoreResult<String> {
     serde_json::to_string(rows)
         .map_err(|e| VaultError::Internal(format!("encoding rows: {e}").into()))
 }
-
-include!("sql_common.rs");

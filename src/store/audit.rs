@@ -1,0 +1,268 @@
+//! The hash-chained audit log: entries, signed checkpoints and the chain
+//! head.
+//!
+//! Invariants: an entry's sequence number is the head's plus one and its
+//! `prev_hash` is the head's hash; a batch is written only if the head is
+//! still the one it was sealed onto (compare-and-swap), otherwise it is
+//! sealed again under the lock; the store computes no hash or MAC itself
+//! (the caller's `AuditSealer` does), so it never holds the audit key.
+//! Each backend's append statement lives with its dialect (`sqlite.rs`,
+//! `postgres.rs`).
+
+use async_trait::async_trait;
+
+use crate::store::common::ChainHead;
+use sqlx::Row as _;
+
+use crate::store::{
+    AuditCheckpoint, AuditDraft, AuditFilter, AuditRow, AuditSealer, LeaseGrant, StoreResult,
+};
+
+/// One audit entry sealed onto the chain.
+pub(in crate::store) struct SealedRow<'a> {
+    pub(in crate::store) seq: i64,
+    pub(in crate::store) prev_hash: Vec<u8>,
+    pub(in crate::store) entry_hash: Vec<u8>,
+    pub(in crate::store) mac: Vec<u8>,
+    pub(in crate::store) draft: &'a AuditDraft,
+}
+
+/// A group of audit entries sealed onto a known chain head, ready to insert.
+pub(in crate::store) struct SealedBatch<'a> {
+    /// The head the batch extends; the insert happens only if it still is.
+    pub(in crate::store) from: ChainHead,
+    /// The head after the batch.
+    pub(in crate::store) to: ChainHead,
+    pub(in crate::store) entries: Vec<SealedRow<'a>>,
+    pub(in crate::store) checkpoints: Vec<AuditCheckpoint>,
+}
+
+/// What an append wrote: the new head, the entries' sequence numbers and the
+/// ids of the leases recorded.
+pub(in crate::store) type Appended = (ChainHead, Vec<i64>, Vec<String>);
+
+impl SealedBatch<'_> {
+    pub(in crate::store) fn appended(self, recorded: Vec<String>) -> Appended {
+        let seqs = self.entries.iter().map(|e| e.seq).collect();
+        (self.to, seqs, recorded)
+    }
+}
+
+pub(in crate::store) fn seal_batch<'a>(
+    from: ChainHead,
+    drafts: &'a [AuditDraft],
+    sealer: AuditSealer<'_>,
+) -> SealedBatch<'a> {
+    let (mut seq, mut prev) = from.clone();
+    let mut entries = Vec::with_capacity(drafts.len());
+    let mut checkpoints = Vec::new();
+    for draft in drafts {
+        seq += 1;
+        let sealed = sealer(seq, &prev, draft);
+        checkpoints.extend(sealed.checkpoint);
+        let prev_hash = std::mem::replace(&mut prev, sealed.entry_hash.clone());
+        entries.push(SealedRow {
+            seq,
+            prev_hash,
+            entry_hash: sealed.entry_hash,
+            mac: sealed.mac,
+            draft,
+        });
+    }
+    SealedBatch {
+        from,
+        to: (seq, prev),
+        entries,
+        checkpoints,
+    }
+}
+
+/// The hash-chained audit log.
+#[async_trait]
+pub trait AuditStore: Send + Sync {
+    /// Appends entries to the hash chain in one transaction, serialised against
+    /// every other appender (on every replica). Returns the assigned sequence
+    /// numbers.
+    ///
+    /// `leases` are recorded in the same transaction, each only if its
+    /// connection is still ACTIVE and unchanged there (a deletion,
+    /// suspension or re-consent that committed first wins); the ids of the
+    /// leases recorded are returned with the sequence numbers.
+    async fn audit_append(
+        &self,
+        drafts: &[AuditDraft],
+        leases: &[LeaseGrant],
+        sealer: AuditSealer<'_>,
+    ) -> StoreResult<(Vec<i64>, Vec<String>)>;
+
+    /// Audit entries in sequence order within `[from_seq, to_seq]`, at most `limit`.
+    async fn audit_range(
+        &self,
+        from_seq: i64,
+        to_seq: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<AuditRow>>;
+
+    /// Audit entries matching a filter, in the filter's order.
+    async fn audit_query(&self, filter: &AuditFilter, limit: i64) -> StoreResult<Vec<AuditRow>>;
+
+    /// The chain head: last sequence number and hash (0 and empty when empty).
+    async fn audit_head(&self) -> StoreResult<(i64, Vec<u8>)>;
+
+    /// Signed checkpoints with `from_seq <= seq <= to_seq`, ascending.
+    async fn audit_checkpoints(
+        &self,
+        from_seq: i64,
+        to_seq: i64,
+    ) -> StoreResult<Vec<AuditCheckpoint>>;
+
+    /// The checkpoint with the highest sequence number, if any.
+    async fn audit_checkpoint_last(&self) -> StoreResult<Option<AuditCheckpoint>>;
+}
+
+for_each_backend! {
+impl StoreImpl {
+    /// Appends on the audit writer's held connection (each backend's
+    /// `append_on` seals and writes), holding the backend's write guard; the
+    /// connection goes back to the pool after an error.
+    pub(in crate::store) async fn append_sealing(
+        &self,
+        cached: Option<ChainHead>,
+        drafts: &[AuditDraft],
+        leases: &[LeaseGrant],
+        sealer: AuditSealer<'_>,
+    ) -> StoreResult<Appended> {
+        let _guard = self.write_guard().await;
+        let mut held = self.hot.writer.lock(&self.pool).await?;
+        let fresh = held.fresh;
+        let result = async {
+            let conn = held.conn()?;
+            if fresh {
+                prepare_audit_connection(conn).await?;
+            }
+            append_on(conn, cached, drafts, leases, sealer).await
+        }
+        .await;
+        held.discard_on_error(result)
+    }
+}
+
+pub(in crate::store) fn checkpoint_from_row(row: &Row) -> StoreResult<AuditCheckpoint> {
+    Ok(AuditCheckpoint {
+        seq: row.try_get("seq")?,
+        entry_hash: row.try_get("entry_hash")?,
+        signed_at: ts(row.try_get("signed_at")?),
+        public_key: row.try_get("public_key")?,
+        signature: row.try_get("signature")?,
+    })
+}
+
+pub(in crate::store) fn audit_from_row(row: &Row) -> StoreResult<AuditRow> {
+    Ok(AuditRow {
+        seq: row.try_get("seq")?,
+        draft: AuditDraft {
+            at: ts(row.try_get("at")?),
+            actor: row.try_get("actor")?,
+            role: row.try_get("role")?,
+            action: row.try_get("action")?,
+            target: row.try_get("target")?,
+            outcome: row.try_get("outcome")?,
+            detail: row.try_get("detail")?,
+        },
+        prev_hash: row.try_get("prev_hash")?,
+        entry_hash: row.try_get("entry_hash")?,
+        mac: row.try_get("mac")?,
+    })
+}
+
+#[async_trait]
+impl AuditStore for StoreImpl {
+    async fn audit_append(
+        &self,
+        drafts: &[AuditDraft],
+        leases: &[LeaseGrant],
+        sealer: AuditSealer<'_>,
+    ) -> StoreResult<(Vec<i64>, Vec<String>)> {
+        // This process's audit writer is the only appender here, so the head
+        // it last wrote is almost always still the head; other appenders
+        // (replicas, a second vault on the same SQLite file) are caught by a
+        // compare-and-swap on the head, after which the backend reads it
+        // under a lock and seals the batch again.
+        let cached = self.head_cache.lock().map_or(None, |h| h.clone());
+        let result = self.append_sealing(cached, drafts, leases, sealer).await;
+        if let Ok(mut h) = self.head_cache.lock() {
+            *h = result.as_ref().ok().map(|(batch_to, _, _)| batch_to.clone());
+        }
+        result.map(|(_, seqs, recorded)| (seqs, recorded))
+    }
+
+    async fn audit_range(&self, from_seq: i64, to_seq: i64, limit: i64) -> StoreResult<Vec<AuditRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM audit_log WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(from_seq)
+        .bind(to_seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn audit_query(&self, filter: &AuditFilter, limit: i64) -> StoreResult<Vec<AuditRow>> {
+        let mut f = Filter::new("SELECT * FROM audit_log");
+        if let Some(a) = &filter.actor {
+            f.push("actor = ?", FilterValue::Text(a.clone()));
+        }
+        if let Some(p) = &filter.action_prefix {
+            // Range scan instead of LIKE so no pattern characters need escaping.
+            f.push("action >= ?", FilterValue::Text(p.clone()));
+            f.push("action < ?", FilterValue::Text(format!("{p}\u{10FFFF}")));
+        }
+        if let Some(t) = &filter.target {
+            f.push("target = ?", FilterValue::Text(t.clone()));
+        }
+        if let Some(s) = filter.since {
+            f.push("at >= ?", FilterValue::Int(s.as_micros()));
+        }
+        if let Some(u) = filter.until {
+            f.push("at < ?", FilterValue::Int(u.as_micros()));
+        }
+        if let Some(o) = &filter.outcome {
+            f.push("outcome = ?", FilterValue::Text(o.clone()));
+        }
+        if let Some(b) = filter.before_seq {
+            f.push("seq < ?", FilterValue::Int(b));
+        }
+        if let Some(a) = filter.after_seq {
+            f.push("seq > ?", FilterValue::Int(a));
+        }
+        f.sql.push_str(if filter.ascending { " ORDER BY seq" } else { " ORDER BY seq DESC" });
+        f.binds.push(FilterValue::Int(limit));
+        f.sql.push_str(&format!(" LIMIT ${}", f.binds.len()));
+        let rows = f.query().fetch_all(&self.pool).await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn audit_checkpoints(&self, from_seq: i64, to_seq: i64) -> StoreResult<Vec<AuditCheckpoint>> {
+        let rows = sqlx::query(
+            "SELECT * FROM audit_checkpoints WHERE seq >= $1 AND seq <= $2 ORDER BY seq",
+        )
+        .bind(from_seq)
+        .bind(to_seq)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(checkpoint_from_row).collect()
+    }
+
+    async fn audit_checkpoint_last(&self) -> StoreResult<Option<AuditCheckpoint>> {
+        let row = sqlx::query("SELECT * FROM audit_checkpoints ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(checkpoint_from_row).transpose()
+    }
+
+    async fn audit_head(&self) -> StoreResult<(i64, Vec<u8>)> {
+        read_audit_head(&self.pool, "SELECT seq, entry_hash FROM audit_head WHERE id = 1").await
+    }
+}
+}
