@@ -1,7 +1,9 @@
 //! `tokenvault-google-sim`: runs the Google simulator on its own, for local
 //! development against `tokenvault serve`. Prints the base URL and every
 //! endpoint URL on stdout (`name=url`, one per line), logs requests (endpoint
-//! and status only) on stderr, and serves until Ctrl-C or SIGTERM.
+//! and status only) on stderr, and serves until Ctrl-C or SIGTERM. Built only
+//! with the `google-sim` feature: `cargo run --locked --features google-sim
+//! --bin tokenvault-google-sim`.
 
 #![forbid(unsafe_code)]
 

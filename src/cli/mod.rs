@@ -44,7 +44,7 @@ pub enum Command {
         config: Option<PathBuf>,
         /// Development mode, NOT FOR PRODUCTION: SQLite and a local keyring in
         /// ./tokenvault-dev-data, a simulated Google, fresh API keys printed on
-        /// stdout, loopback only.
+        /// stdout, loopback only. Needs a build with `--features google-sim`.
         #[arg(long)]
         dev: bool,
     },

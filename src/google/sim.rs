@@ -3,6 +3,7 @@
 //! served over real HTTP on loopback, with knobs for consent, fault injection
 //! and signed RISC security events.
 //!
+//! Compiled only with the `google-sim` feature, never into the product build.
 //! Integration tests start it in-process with [`GoogleSim::start`]; the
 //! `tokenvault-google-sim` binary runs it on its own. It follows Google's wire
 //! behaviour where clients tend to trip:
@@ -36,6 +37,10 @@
 //! Beyond Google, the simulator requires PKCE with S256 on every
 //! authorization, so a client that forgets it fails here first. It is a test
 //! double, not a security boundary.
+//!
+//! The simulator (this file, `model.rs`, `http.rs`) is longer than product
+//! modules because it follows Google's surface endpoint by endpoint; it is
+//! compiled only with the `google-sim` feature.
 
 mod http;
 mod keys;

@@ -1,6 +1,9 @@
 //! The simulator's HTTP surface: axum handlers for Google's endpoints, fault
 //! injection, and answers in Google's shapes. Logs name the endpoint and the
 //! status only, never a token, code, secret, state or verifier.
+//!
+//! Longer than product modules: one handler per Google endpoint, each
+//! answering in Google's exact shapes and error codes.
 
 use std::sync::Arc;
 use std::time::Duration;

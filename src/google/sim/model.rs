@@ -4,6 +4,10 @@
 //! A *grant* is what one Google user has consented to for one OAuth client.
 //! Every code, access token and refresh token belongs to a grant, and revoking
 //! any of them revokes the grant as a whole, as Google does.
+//!
+//! One file for the whole model on purpose: the grant rules (consent,
+//! refresh-token issue, rotation, expiry, revocation) interact, and are
+//! easiest to check against Google's documentation side by side.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
