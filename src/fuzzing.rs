@@ -3,10 +3,11 @@
 //! and run them through the parsers the server runs on them.
 //!
 //! - [`grpc_request`]: decodes any request message of the `tokenvault.v1` API
-//!   with `prost` and, when it decodes, parses its fields as the RPC's handler
-//!   does, in the same order and with the same parsers (`domain` newtypes,
-//!   `grpc::convert`, page tokens) and the checks the vault makes before it
-//!   reads storage (an OAuth state's length, a lease's empty scope list).
+//!   with `prost` and, when it decodes, parses it with the RPC handler's own
+//!   parser (its `TryFrom` impl in `grpc::requests`), then makes the checks
+//!   the vault makes before it reads storage (an OAuth state's length, a
+//!   lease's empty scope list), which stay in the vault because it audits
+//!   their refusals.
 //! - [`oauth_callback_query`]: the query string of `GET /oauth/callback`,
 //!   through axum's `Query` extractor and the callback's checks.
 //! - [`risc_body`]: the body of `POST /risc`, through the endpoint's size and
@@ -15,9 +16,11 @@
 //!
 //! The handlers themselves need a running vault; `tests/all/malformed.rs`
 //! sends the same requests to a real server and checks that it refuses them
-//! with the message [`grpc_request`] predicts, so the two cannot drift apart
-//! unnoticed. The cargo-fuzz targets in `fuzz/` and a stable smoke test call
-//! these functions; none of them may panic on any input.
+//! with the message [`grpc_request`] predicts. The parsing is the server's
+//! own, so what those tests still guard is the handlers' use of it (parsing
+//! after authorization, nothing read before) and the two vault checks
+//! mirrored here. The cargo-fuzz targets in `fuzz/` and a stable smoke test
+//! call these functions; none of them may panic on any input.
 
 use std::collections::HashMap;
 use std::future::Future as _;
@@ -26,16 +29,18 @@ use std::task::{Context, Poll, Waker};
 
 use prost::Message;
 
-use crate::crypto::{KekVersion, SecretString};
-use crate::domain::{
-    AccountId, ConnectionId, ConsumerName, LeaseId, Purpose, ReceiptId, ScopeSet, TenantId,
-    VaultError,
-};
+use crate::crypto::SecretString;
+use crate::domain::VaultError;
 use crate::google::{JwksCache, JwtError};
-use crate::grpc::convert::{self, PageToken};
+use crate::grpc::requests::{
+    AckRequest, BeginAuthorizationRequest, CompleteAuthorizationRequest, DeleteAccountRequest,
+    DestroyKeyRequest, DisconnectRequest, GetConnectionRequest, GetDeletionReceiptRequest,
+    LeaseTokenRequest, ListConnectionsRequest, ListDeletionReceiptsRequest, QueryAuditRequest,
+    ReleaseLeaseRequest, RetireKeyRequest, VerifyAuditRequest,
+};
+use crate::limits::{MAX_RISC_BODY_BYTES, MAX_STATE_BYTES};
 use crate::proto::v1 as pb;
-use crate::store::{AuditFilter, ConnectionFilter};
-use crate::vault::Completion;
+use crate::vault::{Completion, WatchRequest};
 
 /// What a parser made of its input.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -198,159 +203,66 @@ impl From<VaultError> for Refusal {
     }
 }
 
-/// The longest authorization code `CompleteAuthorization` accepts (as its handler).
-const MAX_CODE: usize = 2048;
-/// The longest OAuth state the vault looks up (as `Vault::authorization_complete`).
-const MAX_STATE: usize = 512;
-/// The largest `min_valid_seconds` `LeaseToken` accepts (as its handler).
-const MAX_MIN_VALID: u32 = 3000;
+/// Decodes `bytes` as `M` and parses it into `R`, as the server does.
+fn parse<M, R>(bytes: &[u8]) -> Result<R, Refusal>
+where
+    M: Message + Default,
+    R: TryFrom<M, Error = VaultError>,
+{
+    Ok(R::try_from(M::decode(bytes)?)?)
+}
 
 fn parse_request(rpc: Rpc, bytes: &[u8]) -> Result<(), Refusal> {
     match rpc {
         Rpc::BeginAuthorization => {
-            let req = pb::BeginAuthorizationRequest::decode(bytes)?;
-            TenantId::parse(&req.tenant_id)?;
-            AccountId::parse(&req.account_id)?;
-            convert::integration(req.integration)?;
-            req.login_hint
-                .as_deref()
-                .map(convert::login_hint)
-                .transpose()?;
+            parse::<pb::BeginAuthorizationRequest, BeginAuthorizationRequest>(bytes)?;
         }
         Rpc::CompleteAuthorization => {
-            let req = pb::CompleteAuthorizationRequest::decode(bytes)?;
-            if !req.tenant_id.is_empty() {
-                TenantId::parse(&req.tenant_id)?;
-            }
-            if !req.account_id.is_empty() {
-                AccountId::parse(&req.account_id)?;
-            }
-            match &req.outcome {
-                Some(pb::complete_authorization_request::Outcome::Code(code)) => {
-                    if code.len() > MAX_CODE {
-                        return Err(VaultError::invalid("code", "longer than 2048 bytes").into());
-                    }
-                }
-                Some(pb::complete_authorization_request::Outcome::Error(_)) => {}
-                None => return Err(VaultError::invalid("outcome", "set code or error").into()),
-            }
-            state(&req.state)?;
+            let req =
+                parse::<pb::CompleteAuthorizationRequest, CompleteAuthorizationRequest>(bytes)?;
+            state(req.state.expose())?;
         }
         Rpc::GetConnection | Rpc::AdminGetConnection => {
-            let req = pb::GetConnectionRequest::decode(bytes)?;
-            ConnectionId::parse(&req.connection_id)?;
+            parse::<pb::GetConnectionRequest, GetConnectionRequest>(bytes)?;
         }
         Rpc::ListConnections => {
-            let req = pb::ListConnectionsRequest::decode(bytes)?;
-            let filter = ConnectionFilter {
-                tenant: Some(TenantId::parse(&req.tenant_id)?),
-                account: req
-                    .account_id
-                    .as_deref()
-                    .map(AccountId::parse)
-                    .transpose()?,
-                integration: req.integration.map(convert::integration).transpose()?,
-                include_deleted: req.include_deleted,
-                status: req.status.map(convert::connection_status).transpose()?,
-                google_subject: None,
-            };
-            PageToken::request(req.page_size, &req.page_token, &format!("{filter:?}"))?;
+            parse::<pb::ListConnectionsRequest, ListConnectionsRequest>(bytes)?;
         }
         Rpc::Disconnect => {
-            let req = pb::DisconnectRequest::decode(bytes)?;
-            ConnectionId::parse(&req.connection_id)?;
-            convert::reason_text(&req.reason)?;
+            parse::<pb::DisconnectRequest, DisconnectRequest>(bytes)?;
         }
         Rpc::DeleteAccount | Rpc::AdminDeleteAccount => {
-            let req = pb::DeleteAccountRequest::decode(bytes)?;
-            TenantId::parse(&req.tenant_id)?;
-            AccountId::parse(&req.account_id)?;
-            convert::reason_text(&req.reason)?;
+            parse::<pb::DeleteAccountRequest, DeleteAccountRequest>(bytes)?;
         }
         Rpc::GetDeletionReceipt | Rpc::AdminGetDeletionReceipt => {
-            let req = pb::GetDeletionReceiptRequest::decode(bytes)?;
-            ReceiptId::parse(&req.receipt_id)?;
+            parse::<pb::GetDeletionReceiptRequest, GetDeletionReceiptRequest>(bytes)?;
         }
         Rpc::LeaseToken => {
-            let req = pb::LeaseTokenRequest::decode(bytes)?;
-            if req.min_valid_seconds > MAX_MIN_VALID {
-                return Err(VaultError::invalid(
-                    "min_valid_seconds",
-                    "must be at most 3000 (Google tokens live one hour)",
-                )
-                .into());
-            }
-            ConnectionId::parse(&req.connection_id)?;
-            Purpose::parse(&req.purpose)?;
-            let scopes = ScopeSet::parse(req.scopes.iter().map(String::as_str))?;
-            // Checked by `Vault::lease_token` before anything else.
-            if scopes.is_empty() {
+            let req = parse::<pb::LeaseTokenRequest, LeaseTokenRequest>(bytes)?;
+            // Checked (and the refusal audited) by `Vault::lease_token` before anything else.
+            if req.scopes.is_empty() {
                 return Err(VaultError::invalid("scopes", "name at least one scope").into());
             }
         }
         Rpc::ReleaseLease => {
-            let req = pb::ReleaseLeaseRequest::decode(bytes)?;
-            LeaseId::parse(&req.lease_id)?;
+            parse::<pb::ReleaseLeaseRequest, ReleaseLeaseRequest>(bytes)?;
         }
         Rpc::Watch => {
-            let req = pb::WatchRequest::decode(bytes)?;
-            ConsumerName::parse(&req.consumer)?;
-            req.after_cursor
-                .map(|c| {
-                    i64::try_from(c).map_err(|_| VaultError::invalid("after_cursor", "too large"))
-                })
-                .transpose()?;
-            for kind in &req.kinds {
-                convert::event_kind(*kind)?;
-            }
-            for integration in &req.integrations {
-                convert::integration(*integration)?;
-            }
+            parse::<pb::WatchRequest, WatchRequest>(bytes)?;
         }
         Rpc::Ack => {
-            let req = pb::AckRequest::decode(bytes)?;
-            ConsumerName::parse(&req.consumer)?;
-            if req.cursor == 0 {
-                return Err(VaultError::invalid("cursor", "must be a positive cursor").into());
-            }
-            i64::try_from(req.cursor).map_err(|_| VaultError::invalid("cursor", "too large"))?;
+            parse::<pb::AckRequest, AckRequest>(bytes)?;
         }
         Rpc::AdminListConnections => {
-            let req = pb::AdminListConnectionsRequest::decode(bytes)?;
-            let filter = ConnectionFilter {
-                tenant: req.tenant_id.as_deref().map(TenantId::parse).transpose()?,
-                account: req
-                    .account_id
-                    .as_deref()
-                    .map(AccountId::parse)
-                    .transpose()?,
-                integration: req.integration.map(convert::integration).transpose()?,
-                include_deleted: req.include_deleted,
-                status: req.status.map(convert::connection_status).transpose()?,
-                google_subject: req.google_subject.clone(),
-            };
-            let key = format!("{filter:?}");
-            PageToken::request(req.page_size, &req.page_token, &key)?;
+            parse::<pb::AdminListConnectionsRequest, ListConnectionsRequest>(bytes)?;
         }
         Rpc::RevokeConnection => {
-            let req = pb::RevokeConnectionRequest::decode(bytes)?;
-            ConnectionId::parse(&req.connection_id)?;
-            convert::reason_text(&req.reason)?;
+            parse::<pb::RevokeConnectionRequest, DisconnectRequest>(bytes)?;
         }
         Rpc::ListDeletionReceipts => {
-            let req = pb::ListDeletionReceiptsRequest::decode(bytes)?;
-            let tenant = req.tenant_id.as_deref().map(TenantId::parse).transpose()?;
-            let account = req
-                .account_id
-                .as_deref()
-                .map(AccountId::parse)
-                .transpose()?;
-            let key = format!(
-                "{}|{}|{tenant:?}|{account:?}",
-                req.incomplete_only, req.overdue_only
-            );
-            PageToken::request(req.page_size, &req.page_token, &key)?;
+            parse::<pb::ListDeletionReceiptsRequest, ListDeletionReceiptsRequest>(bytes)?;
         }
+        // No fields to parse.
         Rpc::KeyStatus => {
             pb::KeyStatusRequest::decode(bytes)?;
         }
@@ -361,88 +273,30 @@ fn parse_request(rpc: Rpc, bytes: &[u8]) -> Result<(), Refusal> {
             pb::KeyReportRequest::decode(bytes)?;
         }
         Rpc::RetireKey => {
-            let req = pb::RetireKeyRequest::decode(bytes)?;
-            kek_version(req.version)?;
+            parse::<pb::RetireKeyRequest, RetireKeyRequest>(bytes)?;
         }
         Rpc::DestroyKey => {
-            let req = pb::DestroyKeyRequest::decode(bytes)?;
-            kek_version(req.version)?;
+            parse::<pb::DestroyKeyRequest, DestroyKeyRequest>(bytes)?;
         }
-        Rpc::QueryAudit => query_audit(&pb::QueryAuditRequest::decode(bytes)?)?,
+        Rpc::QueryAudit => {
+            parse::<pb::QueryAuditRequest, QueryAuditRequest>(bytes)?;
+        }
         Rpc::VerifyAudit => {
-            let req = pb::VerifyAuditRequest::decode(bytes)?;
-            let from = req
-                .from_seq
-                .map_or(1, |s| i64::try_from(s).unwrap_or(i64::MAX));
-            let to = req.to_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
-            if to.is_some_and(|to| to < from) {
-                return Err(VaultError::invalid("from_seq", "is greater than to_seq").into());
-            }
+            parse::<pb::VerifyAuditRequest, VerifyAuditRequest>(bytes)?;
         }
     }
     Ok(())
 }
 
-fn kek_version(v: u32) -> Result<KekVersion, VaultError> {
-    KekVersion::new(v).ok_or_else(|| VaultError::invalid("version", "must be at least 1"))
-}
-
-/// The state checks `Vault::authorization_complete` makes before its lookup.
+/// The state checks `Vault::authorization_complete` makes before its lookup
+/// (which audits a refusal, so they are made there, not in
+/// `grpc::requests`): both the gRPC call and the HTTP callback reach them.
 fn state(state: &str) -> Result<(), VaultError> {
-    if state.is_empty() || state.len() > MAX_STATE {
+    if state.is_empty() || state.len() > MAX_STATE_BYTES {
         return Err(VaultError::invalid(
             "state",
             "unknown, expired or already used",
         ));
-    }
-    Ok(())
-}
-
-/// `AdminService.QueryAudit`'s parsing, as its handler.
-fn query_audit(req: &pb::QueryAuditRequest) -> Result<(), VaultError> {
-    let outcome = match req.outcome.map(pb::AuditOutcome::try_from) {
-        None => None,
-        Some(Ok(pb::AuditOutcome::Success)) => Some("ok".to_owned()),
-        Some(Ok(pb::AuditOutcome::Denied)) => Some("denied".to_owned()),
-        Some(Ok(pb::AuditOutcome::Failure)) => Some("failed".to_owned()),
-        Some(_) => return Err(VaultError::invalid("outcome", "unknown or unspecified")),
-    };
-    for (field, value) in [
-        ("actor", &req.actor),
-        ("action", &req.action),
-        ("target", &req.target),
-    ] {
-        if value
-            .as_deref()
-            .is_some_and(|v| v.chars().any(char::is_control))
-        {
-            return Err(VaultError::invalid(
-                field,
-                "must not contain control characters",
-            ));
-        }
-    }
-    let filter = AuditFilter {
-        actor: req.actor.clone(),
-        action_prefix: req.action.clone(),
-        target: req.target.clone(),
-        since: req.since.as_ref().map(convert::from_ts),
-        until: req.until.as_ref().map(convert::from_ts),
-        outcome,
-        before_seq: None,
-        after_seq: req.after_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX)),
-        ascending: !req.newest_first,
-    };
-    if let (Some(since), Some(until)) = (filter.since, filter.until)
-        && since > until
-    {
-        return Err(VaultError::invalid("since", "is after until"));
-    }
-    let page = PageToken::request(req.page_size, &req.page_token, &format!("{filter:?}"))?;
-    if let Some(after) = &page.after {
-        after
-            .parse::<i64>()
-            .map_err(|_| VaultError::invalid("page_token", "malformed"))?;
     }
     Ok(())
 }
@@ -475,16 +329,13 @@ pub fn oauth_callback_query(query: &str) -> Verdict {
     }
 }
 
-/// The largest body `POST /risc` reads as a token (as the route).
-const MAX_SET_BYTES: usize = 64 * 1024;
-
 /// Parses a `POST /risc` body as the route does: size and UTF-8 checks, then
 /// the RS256 JWT parser up to the signature check. The key cache used here
 /// holds no keys and cannot fetch any (its URL has no HTTP scheme), so a token
 /// that parses ends at "signing keys unavailable", reported as
 /// [`Verdict::Accepted`].
 pub fn risc_body(body: &[u8]) -> Verdict {
-    if body.len() > MAX_SET_BYTES {
+    if body.len() > MAX_RISC_BODY_BYTES {
         return Verdict::Rejected("token too large".to_owned());
     }
     let Ok(token) = std::str::from_utf8(body) else {

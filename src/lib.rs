@@ -16,9 +16,11 @@
 //! - `crypto`: keyring providers, envelope encryption and secret types.
 //! - `domain`: identifiers, value types and the one error type, parsed at the edge.
 //! - `fuzzing`: database-free entry points into the network parsers, for fuzzing.
-//! - `google`: the OAuth client for Google, JWT verification and a Google simulator.
+//! - `google`: the OAuth client for Google, JWT verification and, with the
+//!   `google-sim` feature (not in the product build), a Google simulator.
 //! - `grpc`: the gRPC transport: authentication, role checks, handlers, mTLS listener.
 //! - `http`: the HTTP side port: health, OAuth callback, metrics, RISC receiver.
+//! - `limits`: every limit on what a caller sends (sizes, lengths, page sizes), in one place.
 //! - `policy`: which identity holds which role, purposes and event consumers.
 //! - `proto`: the generated `tokenvault.v1` API and its descriptor set.
 //! - `server`: binds the listeners, serves, and shuts down gracefully.
@@ -38,6 +40,7 @@ pub mod fuzzing;
 pub mod google;
 pub mod grpc;
 pub mod http;
+pub mod limits;
 pub mod policy;
 pub mod proto;
 pub mod server;

@@ -4,19 +4,17 @@
 use std::fmt;
 
 use super::VaultError;
+use crate::limits::MAX_ID_BYTES;
 
-/// The longest identifier the vault accepts from a caller, in bytes.
-pub const MAX_ID_LEN: usize = 128;
-
-/// Checks a caller-chosen identifier: 1..=128 bytes of `[A-Za-z0-9._:@-]`.
+/// Checks a caller-chosen identifier: 1..=[`MAX_ID_BYTES`] bytes of `[A-Za-z0-9._:@-]`.
 fn parse_external(field: &'static str, value: &str) -> Result<String, VaultError> {
     if value.is_empty() {
         return Err(VaultError::invalid(field, "must not be empty"));
     }
-    if value.len() > MAX_ID_LEN {
+    if value.len() > MAX_ID_BYTES {
         return Err(VaultError::invalid(
             field,
-            format!("must be at most {MAX_ID_LEN} bytes"),
+            format!("must be at most {MAX_ID_BYTES} bytes"),
         ));
     }
     if !value
@@ -169,7 +167,7 @@ mod tests {
     fn external_ids_reject_empty_long_and_odd_characters() {
         assert!(TenantId::parse("acme-42").is_ok());
         assert!(TenantId::parse("").is_err());
-        assert!(TenantId::parse(&"a".repeat(MAX_ID_LEN + 1)).is_err());
+        assert!(TenantId::parse(&"a".repeat(MAX_ID_BYTES + 1)).is_err());
         assert!(AccountId::parse("bob smith").is_err());
         assert!(AccountId::parse("bob/../x").is_err());
         let err = AccountId::parse("").unwrap_err().to_string();

@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::VaultError;
+use crate::limits::{MAX_PURPOSE_BYTES, MAX_SCOPE_BYTES};
 
 /// A point in time with microsecond precision, stored as microseconds since the
 /// Unix epoch in both database backends.
@@ -235,9 +236,6 @@ stored_enum!(
     }
 );
 
-/// The longest scope or purpose string accepted.
-const MAX_TOKEN_LEN: usize = 256;
-
 /// An OAuth scope, e.g. `https://www.googleapis.com/auth/calendar.events`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Scope(String);
@@ -245,10 +243,10 @@ pub struct Scope(String);
 impl Scope {
     /// Parses one scope: printable ASCII without spaces or quotes (RFC 6749 §3.3).
     pub fn parse(value: &str) -> Result<Self, VaultError> {
-        if value.is_empty() || value.len() > MAX_TOKEN_LEN {
+        if value.is_empty() || value.len() > MAX_SCOPE_BYTES {
             return Err(VaultError::invalid(
                 "scopes",
-                format!("each scope must be 1..={MAX_TOKEN_LEN} bytes"),
+                format!("each scope must be 1..={MAX_SCOPE_BYTES} bytes"),
             ));
         }
         if !value
@@ -351,10 +349,13 @@ impl FromIterator<Scope> for ScopeSet {
 pub struct Purpose(String);
 
 impl Purpose {
-    /// Parses a purpose name: 1..=64 of `[a-z0-9_.-]`.
+    /// Parses a purpose name: 1..=[`MAX_PURPOSE_BYTES`] of `[a-z0-9_.-]`.
     pub fn parse(value: &str) -> Result<Self, VaultError> {
-        if value.is_empty() || value.len() > 64 {
-            return Err(VaultError::invalid("purpose", "must be 1..=64 bytes"));
+        if value.is_empty() || value.len() > MAX_PURPOSE_BYTES {
+            return Err(VaultError::invalid(
+                "purpose",
+                format!("must be 1..={MAX_PURPOSE_BYTES} bytes"),
+            ));
         }
         if !value.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')

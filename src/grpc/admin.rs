@@ -8,11 +8,16 @@ use tonic::{Request, Response, Status};
 use super::Context;
 use super::auth::{Caller, Role};
 use super::convert::{self, PageToken};
+use super::requests::{
+    DeleteAccountRequest, DestroyKeyRequest, DisconnectRequest, GetConnectionRequest,
+    GetDeletionReceiptRequest, ListConnectionsRequest, ListDeletionReceiptsRequest,
+    QueryAuditRequest, RetireKeyRequest, VerifyAuditRequest,
+};
 use crate::audit::Outcome;
 use crate::crypto::KekVersion;
-use crate::domain::{AccountId, ConnectionId, DeletionReason, ReceiptId, TenantId, VaultError};
+use crate::domain::{DeletionReason, VaultError};
 use crate::proto::v1 as pb;
-use crate::store::{AuditFilter, ConnectionFilter, DeletionTarget, ReceiptFilter};
+use crate::store::{DeletionTarget, ReceiptFilter};
 
 pub(super) struct Admin(pub Arc<Context>);
 
@@ -64,10 +69,6 @@ impl Admin {
     }
 }
 
-fn kek_version(v: u32) -> Result<KekVersion, VaultError> {
-    KekVersion::new(v).ok_or_else(|| VaultError::invalid("version", "must be at least 1"))
-}
-
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for Admin {
     async fn list_connections(
@@ -81,27 +82,17 @@ impl pb::admin_service_server::AdminService for Admin {
             "connections",
         )
         .await?;
-        let req = request.get_ref();
-        let filter = ConnectionFilter {
-            tenant: req.tenant_id.as_deref().map(TenantId::parse).transpose()?,
-            account: req
-                .account_id
-                .as_deref()
-                .map(AccountId::parse)
-                .transpose()?,
-            integration: req.integration.map(convert::integration).transpose()?,
-            include_deleted: req.include_deleted,
-            status: req.status.map(convert::connection_status).transpose()?,
-            google_subject: req.google_subject.clone(),
-        };
-        let key = format!("{filter:?}");
-        let page = PageToken::request(req.page_size, &req.page_token, &key)?;
+        let ListConnectionsRequest {
+            filter,
+            page,
+            page_key,
+        } = ListConnectionsRequest::try_from(request.into_inner())?;
         let details = self.0.vault.connection_details(&filter, &page).await?;
         let next = PageToken::next(
             &page,
             details.len(),
             details.last().map(|d| d.connection.id.as_str()),
-            &key,
+            &page_key,
         );
         Ok(Response::new(pb::AdminListConnectionsResponse {
             connections: details.iter().map(convert::connection_detail).collect(),
@@ -113,10 +104,14 @@ impl pb::admin_service_server::AdminService for Admin {
         &self,
         request: Request<pb::GetConnectionRequest>,
     ) -> Result<Response<pb::ConnectionDetail>, Status> {
-        let target = request.get_ref().connection_id.clone();
-        self.begin(&request, "AdminService.GetConnection", ADMIN, &target)
-            .await?;
-        let id = ConnectionId::parse(&target)?;
+        self.begin(
+            &request,
+            "AdminService.GetConnection",
+            ADMIN,
+            &request.get_ref().connection_id,
+        )
+        .await?;
+        let id = GetConnectionRequest::try_from(request.into_inner())?.connection;
         let detail = self.0.vault.connection_detail(&id).await?;
         Ok(Response::new(convert::connection_detail(&detail)))
     }
@@ -133,16 +128,14 @@ impl pb::admin_service_server::AdminService for Admin {
                 &request.get_ref().connection_id,
             )
             .await?;
-        let req = request.get_ref();
-        let id = ConnectionId::parse(&req.connection_id)?;
-        let reason = convert::reason_text(&req.reason)?;
+        let req = DisconnectRequest::try_from(request.into_inner())?;
         let vault = &self.0.vault;
         let done = vault
             .delete(
                 &caller.actor(),
-                DeletionTarget::Connection(id),
+                DeletionTarget::Connection(req.connection),
                 DeletionReason::AdminRevoked,
-                reason,
+                &req.reason,
             )
             .await?;
         Ok(Response::new(convert::receipt(vault, &done.receipt)))
@@ -160,17 +153,14 @@ impl pb::admin_service_server::AdminService for Admin {
         let caller = self
             .begin(&request, "AdminService.DeleteAccount", ADMIN, &target)
             .await?;
-        let req = request.get_ref();
-        let tenant = TenantId::parse(&req.tenant_id)?;
-        let account = AccountId::parse(&req.account_id)?;
-        let reason = convert::reason_text(&req.reason)?;
+        let req = DeleteAccountRequest::try_from(request.into_inner())?;
         let vault = &self.0.vault;
         let done = vault
             .delete(
                 &caller.actor(),
-                DeletionTarget::Account(tenant, account),
+                DeletionTarget::Account(req.tenant, req.account),
                 DeletionReason::AccountDeleted,
-                reason,
+                &req.reason,
             )
             .await?;
         Ok(Response::new(convert::receipt(vault, &done.receipt)))
@@ -187,7 +177,7 @@ impl pb::admin_service_server::AdminService for Admin {
             &request.get_ref().receipt_id,
         )
         .await?;
-        let id = ReceiptId::parse(&request.get_ref().receipt_id)?;
+        let id = GetDeletionReceiptRequest::try_from(request.into_inner())?.receipt;
         let vault = &self.0.vault;
         let receipt = vault.receipt_get(&id).await?;
         Ok(Response::new(convert::receipt(vault, &receipt)))
@@ -204,30 +194,20 @@ impl pb::admin_service_server::AdminService for Admin {
             "receipts",
         )
         .await?;
-        let req = request.get_ref();
+        let req = ListDeletionReceiptsRequest::try_from(request.into_inner())?;
         let vault = &self.0.vault;
         let filter = ReceiptFilter {
             incomplete_only: req.incomplete_only || req.overdue_only,
             requested_before: req.overdue_only.then(|| vault.receipt_sla_cutoff()),
-            tenant: req.tenant_id.as_deref().map(TenantId::parse).transpose()?,
-            account: req
-                .account_id
-                .as_deref()
-                .map(AccountId::parse)
-                .transpose()?,
+            tenant: req.tenant,
+            account: req.account,
         };
-        // The SLA cutoff moves with the clock; the token binds the filters as asked.
-        let key = format!(
-            "{}|{}|{:?}|{:?}",
-            req.incomplete_only, req.overdue_only, filter.tenant, filter.account
-        );
-        let page = PageToken::request(req.page_size, &req.page_token, &key)?;
-        let records = vault.receipt_list(&filter, &page).await?;
+        let records = vault.receipt_list(&filter, &req.page).await?;
         let next = PageToken::next(
-            &page,
+            &req.page,
             records.len(),
             records.last().map(|r| r.receipt_id.as_str()),
-            &key,
+            &req.page_key,
         );
         Ok(Response::new(pb::ListDeletionReceiptsResponse {
             receipts: records.iter().map(|r| convert::receipt(vault, r)).collect(),
@@ -269,7 +249,7 @@ impl pb::admin_service_server::AdminService for Admin {
                 &format!("kek:{raw}"),
             )
             .await?;
-        let version = kek_version(raw)?;
+        let version = RetireKeyRequest::try_from(request.into_inner())?.version;
         self.0.vault.keys().retire(version, &caller.actor()).await?;
         Ok(Response::new(self.key_version_info(version).await?))
     }
@@ -287,7 +267,7 @@ impl pb::admin_service_server::AdminService for Admin {
                 &format!("kek:{raw}"),
             )
             .await?;
-        let version = kek_version(raw)?;
+        let version = DestroyKeyRequest::try_from(request.into_inner())?.version;
         self.0
             .vault
             .keys()
@@ -312,62 +292,16 @@ impl pb::admin_service_server::AdminService for Admin {
     ) -> Result<Response<pb::QueryAuditResponse>, Status> {
         self.begin(&request, "AdminService.QueryAudit", READERS, "audit")
             .await?;
-        let req = request.get_ref();
-        let outcome = match req.outcome.map(pb::AuditOutcome::try_from) {
-            None => None,
-            Some(Ok(pb::AuditOutcome::Success)) => Some("ok".to_owned()),
-            Some(Ok(pb::AuditOutcome::Denied)) => Some("denied".to_owned()),
-            Some(Ok(pb::AuditOutcome::Failure)) => Some("failed".to_owned()),
-            Some(_) => return Err(VaultError::invalid("outcome", "unknown or unspecified").into()),
-        };
-        // No audit field holds a control character; PostgreSQL refuses NUL in text.
-        for (field, value) in [
-            ("actor", &req.actor),
-            ("action", &req.action),
-            ("target", &req.target),
-        ] {
-            if value
-                .as_deref()
-                .is_some_and(|v| v.chars().any(char::is_control))
-            {
-                return Err(
-                    VaultError::invalid(field, "must not contain control characters").into(),
-                );
-            }
-        }
-        let mut filter = AuditFilter {
-            actor: req.actor.clone(),
-            action_prefix: req.action.clone(),
-            target: req.target.clone(),
-            since: req.since.as_ref().map(convert::from_ts),
-            until: req.until.as_ref().map(convert::from_ts),
-            outcome,
-            before_seq: None,
-            after_seq: req.after_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX)),
-            ascending: !req.newest_first,
-        };
-        if let (Some(since), Some(until)) = (filter.since, filter.until)
-            && since > until
-        {
-            return Err(VaultError::invalid("since", "is after until").into());
-        }
-        let key = format!("{filter:?}");
-        let page = PageToken::request(req.page_size, &req.page_token, &key)?;
-        if let Some(after) = &page.after {
-            let seq: i64 = after
-                .parse()
-                .map_err(|_| VaultError::invalid("page_token", "malformed"))?;
-            if filter.ascending {
-                filter.after_seq = Some(filter.after_seq.map_or(seq, |a| a.max(seq)));
-            } else {
-                filter.before_seq = Some(seq);
-            }
-        }
+        let QueryAuditRequest {
+            filter,
+            page,
+            page_key,
+        } = QueryAuditRequest::try_from(request.into_inner())?;
         let (rows, last_seq) = self.0.vault.audit_query(&filter, page.limit).await?;
         let last = rows.last().map(|r| r.seq.to_string());
         Ok(Response::new(pb::QueryAuditResponse {
             entries: rows.iter().map(convert::audit_entry).collect(),
-            next_page_token: PageToken::next(&page, rows.len(), last.as_deref(), &key),
+            next_page_token: PageToken::next(&page, rows.len(), last.as_deref(), &page_key),
             last_seq: u64::try_from(last_seq).unwrap_or(0),
         }))
     }
@@ -378,15 +312,8 @@ impl pb::admin_service_server::AdminService for Admin {
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         self.begin(&request, "AdminService.VerifyAudit", READERS, "audit")
             .await?;
-        let req = request.get_ref();
-        let from = req
-            .from_seq
-            .map_or(1, |s| i64::try_from(s).unwrap_or(i64::MAX));
-        let to = req.to_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
-        if to.is_some_and(|to| to < from) {
-            return Err(VaultError::invalid("from_seq", "is greater than to_seq").into());
-        }
-        let report = self.0.vault.audit_verify(from, to).await?;
+        let req = VerifyAuditRequest::try_from(request.into_inner())?;
+        let report = self.0.vault.audit_verify(req.from_seq, req.to_seq).await?;
         let unsigned = |s: i64| u64::try_from(s).unwrap_or(0);
         Ok(Response::new(pb::VerifyAuditResponse {
             ok: report.ok(),

@@ -7,12 +7,15 @@ use tonic::{Request, Response, Status};
 use super::Context;
 use super::auth::Role;
 use super::convert::{self, PageToken};
+use super::requests::{
+    BeginAuthorizationRequest, CompleteAuthorizationRequest, DeleteAccountRequest,
+    DisconnectRequest, GetConnectionRequest, GetDeletionReceiptRequest, ListConnectionsRequest,
+};
 use crate::audit::Outcome;
-use crate::crypto::SecretString;
-use crate::domain::{AccountId, ConnectionId, DeletionReason, ReceiptId, TenantId, VaultError};
+use crate::domain::DeletionReason;
 use crate::proto::v1 as pb;
-use crate::store::{ConnectionFilter, DeletionTarget};
-use crate::vault::{Completer, Completion};
+use crate::store::DeletionTarget;
+use crate::vault::Completer;
 
 pub(super) struct Connections(pub Arc<Context>);
 
@@ -30,19 +33,17 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
-        let req = request.get_ref();
-        let tenant = TenantId::parse(&req.tenant_id)?;
-        let account = AccountId::parse(&req.account_id)?;
-        let integration = convert::integration(req.integration)?;
-        let hint = req
-            .login_hint
-            .as_deref()
-            .map(convert::login_hint)
-            .transpose()?;
+        let req = BeginAuthorizationRequest::try_from(request.into_inner())?;
         let begun = self
             .0
             .vault
-            .authorization_begin(&caller.actor(), tenant, account, integration, hint)
+            .authorization_begin(
+                &caller.actor(),
+                req.tenant,
+                req.account,
+                req.integration,
+                req.login_hint.as_deref(),
+            )
             .await?;
         Ok(Response::new(pb::BeginAuthorizationResponse {
             authorization_url: begun.url,
@@ -60,35 +61,17 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
-        let req = request.into_inner();
-        let tenant = (!req.tenant_id.is_empty())
-            .then(|| TenantId::parse(&req.tenant_id))
-            .transpose()?;
-        let account = (!req.account_id.is_empty())
-            .then(|| AccountId::parse(&req.account_id))
-            .transpose()?;
-        let completion = match req.outcome {
-            Some(pb::complete_authorization_request::Outcome::Code(code)) => {
-                if code.len() > 2048 {
-                    return Err(VaultError::invalid("code", "longer than 2048 bytes").into());
-                }
-                Completion::Code(SecretString::new(code))
-            }
-            Some(pb::complete_authorization_request::Outcome::Error(e)) => {
-                Completion::Error(e.error, e.error_description)
-            }
-            None => return Err(VaultError::invalid("outcome", "set code or error").into()),
-        };
+        let req = CompleteAuthorizationRequest::try_from(request.into_inner())?;
         let actor = caller.actor();
         let completer = Completer::Caller {
             actor: &actor,
-            tenant: tenant.as_ref(),
-            account: account.as_ref(),
+            tenant: req.tenant.as_ref(),
+            account: req.account.as_ref(),
         };
         let record = self
             .0
             .vault
-            .authorization_complete(completer, &req.state, completion)
+            .authorization_complete(completer, req.state.expose(), req.completion)
             .await?;
         let detail = self.0.vault.connection_detail(&record.id).await?;
         Ok(Response::new(convert::connection_listed(
@@ -107,7 +90,7 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
-        let id = ConnectionId::parse(&request.get_ref().connection_id)?;
+        let id = GetConnectionRequest::try_from(request.into_inner())?.connection;
         let detail = self.0.vault.connection_detail(&id).await?;
         let shown = convert::connection_listed(&detail, detail.access_expires_at);
         // Reads are audited too; no entry, no answer.
@@ -135,27 +118,17 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
-        let req = request.get_ref();
-        let filter = ConnectionFilter {
-            tenant: Some(TenantId::parse(&req.tenant_id)?),
-            account: req
-                .account_id
-                .as_deref()
-                .map(AccountId::parse)
-                .transpose()?,
-            integration: req.integration.map(convert::integration).transpose()?,
-            include_deleted: req.include_deleted,
-            status: req.status.map(convert::connection_status).transpose()?,
-            google_subject: None,
-        };
-        let key = format!("{filter:?}");
-        let page = PageToken::request(req.page_size, &req.page_token, &key)?;
+        let ListConnectionsRequest {
+            filter,
+            page,
+            page_key,
+        } = ListConnectionsRequest::try_from(request.into_inner())?;
         let details = self.0.vault.connection_details(&filter, &page).await?;
         let next = PageToken::next(
             &page,
             details.len(),
             details.last().map(|d| d.connection.id.as_str()),
-            &key,
+            &page_key,
         );
         let connections: Vec<pb::Connection> = details
             .iter()
@@ -194,16 +167,14 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
-        let req = request.get_ref();
-        let target = DeletionTarget::Connection(ConnectionId::parse(&req.connection_id)?);
-        let reason = convert::reason_text(&req.reason)?;
+        let req = DisconnectRequest::try_from(request.into_inner())?;
         let vault = &self.0.vault;
         let done = vault
             .delete(
                 &caller.actor(),
-                target,
+                DeletionTarget::Connection(req.connection),
                 DeletionReason::UserDisconnected,
-                reason,
+                &req.reason,
             )
             .await?;
         Ok(Response::new(convert::receipt(vault, &done.receipt)))
@@ -219,19 +190,14 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
-        let req = request.get_ref();
-        let target = DeletionTarget::Account(
-            TenantId::parse(&req.tenant_id)?,
-            AccountId::parse(&req.account_id)?,
-        );
-        let reason = convert::reason_text(&req.reason)?;
+        let req = DeleteAccountRequest::try_from(request.into_inner())?;
         let vault = &self.0.vault;
         let done = vault
             .delete(
                 &caller.actor(),
-                target,
+                DeletionTarget::Account(req.tenant, req.account),
                 DeletionReason::AccountDeleted,
-                reason,
+                &req.reason,
             )
             .await?;
         Ok(Response::new(convert::receipt(vault, &done.receipt)))
@@ -247,7 +213,7 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .auth
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
-        let id = ReceiptId::parse(&request.get_ref().receipt_id)?;
+        let id = GetDeletionReceiptRequest::try_from(request.into_inner())?.receipt;
         let vault = &self.0.vault;
         let receipt = vault.receipt_get(&id).await?;
         vault

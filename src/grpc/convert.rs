@@ -9,15 +9,12 @@ use crate::domain::{
     ConnectionStatus, DeletionReason, EventKind, Integration, KeyState, Timestamp, UpstreamState,
     VaultError,
 };
+use crate::limits::{DEFAULT_PAGE_SIZE, MAX_LOGIN_HINT_BYTES, MAX_PAGE_SIZE, MAX_REASON_BYTES};
 use crate::proto::v1 as pb;
 use crate::store::{
     AuditRow, ConnectionRecord, EventRecord, PageRequest, ReceiptRecord, ReplicaRecord,
 };
 use crate::vault::{KeyStatus, RotationStatus, Vault, VersionStatus};
-
-/// Default and maximum page sizes of list RPCs.
-const DEFAULT_PAGE: i64 = 100;
-const MAX_PAGE: i64 = 1000;
 
 /// A protobuf timestamp.
 pub fn ts(t: Timestamp) -> prost_types::Timestamp {
@@ -296,10 +293,13 @@ pub fn audit_entry(r: &AuditRow) -> pb::AuditEntry {
 
 /// Parses an optional `login_hint` (an email or Google subject).
 pub fn login_hint(value: &str) -> Result<&str, VaultError> {
-    if value.is_empty() || value.len() > 320 || !value.bytes().all(|b| b.is_ascii_graphic()) {
+    if value.is_empty()
+        || value.len() > MAX_LOGIN_HINT_BYTES
+        || !value.bytes().all(|b| b.is_ascii_graphic())
+    {
         return Err(VaultError::invalid(
             "login_hint",
-            "must be 1..=320 printable ASCII characters",
+            format!("must be 1..={MAX_LOGIN_HINT_BYTES} printable ASCII characters"),
         ));
     }
     Ok(value)
@@ -346,8 +346,8 @@ impl PageToken {
     pub fn request(page_size: i32, token: &str, filters: &str) -> Result<PageRequest, VaultError> {
         let limit = match i64::from(page_size) {
             n if n < 0 => return Err(VaultError::invalid("page_size", "must not be negative")),
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
+            0 => i64::from(DEFAULT_PAGE_SIZE),
+            n => n.min(i64::from(MAX_PAGE_SIZE)),
         };
         let after = if token.is_empty() {
             None
@@ -387,13 +387,14 @@ impl PageToken {
     }
 }
 
-/// The longest free-text deletion reason accepted (bytes).
-const MAX_REASON: usize = 1024;
-
-/// A caller's free-text deletion reason.
+/// A caller's free-text deletion reason: at most [`MAX_REASON_BYTES`], no
+/// control characters.
 pub fn reason_text(value: &str) -> Result<&str, VaultError> {
-    if value.len() > MAX_REASON {
-        return Err(VaultError::invalid("reason", "at most 1024 bytes"));
+    if value.len() > MAX_REASON_BYTES {
+        return Err(VaultError::invalid(
+            "reason",
+            format!("at most {MAX_REASON_BYTES} bytes"),
+        ));
     }
     if value.chars().any(char::is_control) {
         return Err(VaultError::invalid(
@@ -567,7 +568,10 @@ mod tests {
         assert!(PageToken::request(2, &next, "tenant=b").is_err());
         assert!(PageToken::request(2, "%%%", "tenant=a").is_err());
         assert!(PageToken::request(-1, "", "").is_err());
-        assert_eq!(PageToken::request(5000, "", "").unwrap().limit, MAX_PAGE);
+        assert_eq!(
+            PageToken::request(5000, "", "").unwrap().limit,
+            i64::from(MAX_PAGE_SIZE)
+        );
         assert_eq!(PageToken::next(&page, 1, Some("conn_x"), "tenant=a"), "");
     }
 

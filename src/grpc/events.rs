@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::Context;
 use super::auth::{Caller, Role};
 use super::convert;
+use super::requests::AckRequest;
 use crate::audit::Outcome;
 use crate::domain::{ConsumerName, VaultError};
 use crate::proto::v1 as pb;
@@ -21,7 +22,9 @@ const WORKER: &[Role] = &[Role::Worker];
 
 impl Events {
     /// Authorizes the call and checks the caller may act as `consumer`
-    /// (refusals audited).
+    /// (refusals audited). The consumer is parsed here, before the rest of
+    /// the request (`requests.rs` parses the rest, given the consumer), so a
+    /// caller that may not act as it is refused whatever the other fields hold.
     async fn consumer<T>(
         &self,
         request: &Request<T>,
@@ -66,29 +69,10 @@ impl pb::event_service_server::EventService for Events {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let req = request.get_ref();
         let (_, consumer) = self
-            .consumer(&request, "EventService.Watch", &req.consumer)
+            .consumer(&request, "EventService.Watch", &request.get_ref().consumer)
             .await?;
-        let watch = WatchRequest {
-            consumer,
-            after_cursor: req
-                .after_cursor
-                .map(|c| {
-                    i64::try_from(c).map_err(|_| VaultError::invalid("after_cursor", "too large"))
-                })
-                .transpose()?,
-            kinds: req
-                .kinds
-                .iter()
-                .map(|k| convert::event_kind(*k))
-                .collect::<Result<_, _>>()?,
-            integrations: req
-                .integrations
-                .iter()
-                .map(|i| convert::integration(*i))
-                .collect::<Result<_, _>>()?,
-        };
+        let watch = WatchRequest::try_from((consumer, request.into_inner()))?;
         let rx = self.0.vault.events_watch(watch).await?;
         let stream = ReceiverStream::new(rx).map(|item| match item {
             Ok(e) => Ok(convert::event(&e)),
@@ -101,19 +85,14 @@ impl pb::event_service_server::EventService for Events {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        let req = request.get_ref();
         let (caller, consumer) = self
-            .consumer(&request, "EventService.Ack", &req.consumer)
+            .consumer(&request, "EventService.Ack", &request.get_ref().consumer)
             .await?;
-        if req.cursor == 0 {
-            return Err(VaultError::invalid("cursor", "must be a positive cursor").into());
-        }
-        let cursor =
-            i64::try_from(req.cursor).map_err(|_| VaultError::invalid("cursor", "too large"))?;
+        let ack = AckRequest::try_from((consumer, request.into_inner()))?;
         let position = self
             .0
             .vault
-            .events_ack(&caller.actor(), &consumer, cursor)
+            .events_ack(&caller.actor(), &ack.consumer, ack.cursor)
             .await?;
         Ok(Response::new(pb::AckResponse {
             position: u64::try_from(position).unwrap_or(0),

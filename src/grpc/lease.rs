@@ -6,10 +6,8 @@ use tonic::{Request, Response, Status};
 
 use super::Context;
 use super::auth::Role;
-use std::time::Duration;
-
 use super::convert;
-use crate::domain::{ConnectionId, LeaseId, Purpose, ScopeSet, VaultError};
+use super::requests::{LeaseTokenRequest, ReleaseLeaseRequest};
 use crate::proto::v1 as pb;
 use crate::vault::LeaseRequest;
 
@@ -30,18 +28,7 @@ impl pb::lease_service_server::LeaseService for Leases {
             .authorize(&self.0.vault, &request, rpc, WORKER)
             .await?;
         let deadline = convert::deadline(request.metadata(), self.0.vault.refresh_deadline());
-        let req = request.get_ref();
-        let min_valid = match req.min_valid_seconds {
-            0 => self.0.vault.default_min_valid(),
-            n if n > 3000 => {
-                return Err(VaultError::invalid(
-                    "min_valid_seconds",
-                    "must be at most 3000 (Google tokens live one hour)",
-                )
-                .into());
-            }
-            n => Duration::from_secs(u64::from(n)),
-        };
+        let req = LeaseTokenRequest::try_from(request.into_inner())?;
         let lease = self
             .0
             .vault
@@ -49,10 +36,12 @@ impl pb::lease_service_server::LeaseService for Leases {
                 &caller.actor(),
                 &caller.policy,
                 LeaseRequest {
-                    connection: ConnectionId::parse(&req.connection_id)?,
-                    purpose: Purpose::parse(&req.purpose)?,
-                    scopes: ScopeSet::parse(req.scopes.iter().map(String::as_str))?,
-                    min_valid,
+                    connection: req.connection,
+                    purpose: req.purpose,
+                    scopes: req.scopes,
+                    min_valid: req
+                        .min_valid
+                        .unwrap_or_else(|| self.0.vault.default_min_valid()),
                     deadline,
                 },
             )
@@ -76,7 +65,7 @@ impl pb::lease_service_server::LeaseService for Leases {
             .auth
             .authorize(&self.0.vault, &request, rpc, WORKER)
             .await?;
-        let id = LeaseId::parse(&request.get_ref().lease_id)?;
+        let id = ReleaseLeaseRequest::try_from(request.into_inner())?.lease;
         let ended = self.0.vault.lease_release(&caller.actor(), &id).await?;
         Ok(Response::new(pb::ReleaseLeaseResponse {
             lease_id: id.to_string(),

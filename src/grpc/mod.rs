@@ -1,6 +1,7 @@
 //! The gRPC transport: thin handlers that authenticate the caller, parse the
-//! request into domain types, call the vault and convert the result. Errors
-//! become `tonic::Status` in one place (`status.rs`).
+//! request into domain types (once, in `requests.rs`), call the vault and
+//! convert the result. Errors become `tonic::Status` in one place
+//! (`status.rs`).
 
 mod admin;
 pub mod auth;
@@ -8,6 +9,7 @@ mod connection;
 pub mod convert;
 mod events;
 mod lease;
+pub mod requests;
 mod status;
 pub mod transport;
 
@@ -31,8 +33,9 @@ pub struct Context {
     pub auth: Authenticator,
 }
 
-/// The largest request the server decodes (bytes).
-pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// The largest request the server decodes (bytes); defined with the other
+/// request limits in [`crate::limits`].
+pub use crate::limits::MAX_REQUEST_BYTES;
 
 /// The four `tokenvault.v1` services, health and reflection, as routes.
 pub fn routes<H>(

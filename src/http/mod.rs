@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 
 use crate::crypto::SecretString;
 use crate::domain::{ConnectionStatus, VaultError};
+use crate::limits::MAX_RISC_BODY_BYTES;
 use crate::vault::{Completer, Completion, ID_TOKEN_REFUSED, RiscError, Vault};
 
 /// Builds the HTTP router.
@@ -36,9 +37,6 @@ async fn healthz(State(vault): State<Arc<Vault>>) -> (StatusCode, String) {
     }
 }
 
-/// The largest Security Event Token accepted (bytes).
-const MAX_SET_BYTES: usize = 64 * 1024;
-
 /// `POST /risc`: a Security Event Token (RFC 8417) as the body (RFC 8935
 /// push delivery). 202 when accepted, 400 with an RFC 8935 error body when
 /// invalid (nothing changed), 503 when the vault cannot process it now
@@ -53,7 +51,7 @@ async fn risc(State(vault): State<Arc<Vault>>, body: axum::body::Bytes) -> Respo
         )
             .into_response()
     };
-    if body.len() > MAX_SET_BYTES {
+    if body.len() > MAX_RISC_BODY_BYTES {
         return bad("token too large".to_owned());
     }
     let Ok(token) = std::str::from_utf8(&body) else {

@@ -14,8 +14,10 @@
 //! Also the stable smoke test of `tokenvault::fuzzing`, the entry points of
 //! the cargo-fuzz targets in `fuzz/`: thousands of pseudo-random and mutated
 //! valid inputs, none of which may panic; and every gRPC case below is checked
-//! against `fuzzing::grpc_request`, so the fuzzing module's copy of the
-//! handlers' parsing cannot drift from the server's.
+//! against `fuzzing::grpc_request`, which runs the handlers' own parsers
+//! (`grpc::requests`) and mirrors two checks of the vault's: a handler that
+//! stops parsing through them, or a mirror that drifts from the vault, is
+//! caught. Field limits come from `tokenvault::limits`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -31,6 +33,11 @@ use prost::bytes::{Buf as _, BufMut as _};
 use tokenvault::domain::Integration;
 use tokenvault::fuzzing::{self, Rpc, Verdict};
 use tokenvault::google::sim::GoogleSim;
+use tokenvault::limits::{
+    MAX_CODE_BYTES, MAX_ID_BYTES, MAX_LOGIN_HINT_BYTES, MAX_MIN_VALID_SECONDS, MAX_PAGE_SIZE,
+    MAX_PURPOSE_BYTES, MAX_REASON_BYTES, MAX_REQUEST_BYTES, MAX_RISC_BODY_BYTES, MAX_SCOPE_BYTES,
+    MAX_STATE_BYTES,
+};
 use tokenvault::proto::v1 as pb;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -51,6 +58,8 @@ const KIB10: usize = 10 * 1024;
 const BIG: usize = 128 * 1024;
 /// 1 MiB: beyond the server's request limit, refused before decoding.
 const MIB: usize = 1024 * 1024;
+// The sizes above are where their docs say, whatever the request limit becomes.
+const _: () = assert!(KIB10 < BIG && BIG < MAX_REQUEST_BYTES && MIB > MAX_REQUEST_BYTES);
 /// How long any one call or exchange may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tables that calls may change: every admin call and every refusal is audited.
@@ -345,7 +354,7 @@ fn bad_external() -> Vec<(&'static str, String)> {
         ("a path", "../etc/passwd".into()),
         ("NUL", "a\0b".into()),
         ("non-ASCII", "tenant-é".into()),
-        ("129 bytes", a(129)),
+        ("one byte too long", a(MAX_ID_BYTES + 1)),
         ("10 KiB", a(KIB10)),
         ("128 KiB", a(BIG)),
     ]
@@ -354,7 +363,7 @@ fn bad_external() -> Vec<(&'static str, String)> {
 /// Malformed free-text deletion reasons.
 fn bad_reasons() -> Vec<(&'static str, String)> {
     vec![
-        ("1025 bytes", a(1025)),
+        ("one byte too long", a(MAX_REASON_BYTES + 1)),
         ("128 KiB", a(BIG)),
         ("a control character", "bell\u{7}".into()),
         ("a newline", "two\nlines".into()),
@@ -422,7 +431,7 @@ fn cases(fx: &Fixture) -> Vec<Case> {
     let hints = vec![
         ("empty", String::new()),
         ("a space", "a b".into()),
-        ("321 bytes", a(321)),
+        ("one byte too long", a(MAX_LOGIN_HINT_BYTES + 1)),
         ("128 KiB", a(BIG)),
     ];
     c.text(
@@ -445,14 +454,17 @@ fn cases(fx: &Fixture) -> Vec<Case> {
     c.add(r, "unknown state", &m, InvalidStored("state"));
     let states = vec![
         ("empty", String::new()),
-        ("513 bytes", a(513)),
+        ("one byte too long", a(MAX_STATE_BYTES + 1)),
         ("128 KiB", a(BIG)),
     ];
     c.text(r, &m, "state", |m, v| m.state = v, states, Invalid("state"));
     let mut none = m.clone();
     none.outcome = None;
     c.add(r, "neither code nor error", &none, Invalid("outcome"));
-    let codes = vec![("2049 bytes", a(2049)), ("128 KiB", a(BIG))];
+    let codes = vec![
+        ("one byte too long", a(MAX_CODE_BYTES + 1)),
+        ("128 KiB", a(BIG)),
+    ];
     c.text(
         r,
         &m,
@@ -712,7 +724,7 @@ fn cases(fx: &Fixture) -> Vec<Case> {
     let purposes = vec![
         ("empty", String::new()),
         ("upper case and a space", "Calendar Sync".into()),
-        ("65 bytes", a(65)),
+        ("one byte too long", a(MAX_PURPOSE_BYTES + 1)),
         ("128 KiB", a(BIG)),
     ];
     c.text(
@@ -728,7 +740,7 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         ("an empty one", vec![String::new()]),
         ("a space", vec!["a b".into()]),
         ("a quote", vec![CALENDAR_SCOPE.into(), "bad\"scope".into()]),
-        ("257 bytes", vec![a(257)]),
+        ("one byte too long", vec![a(MAX_SCOPE_BYTES + 1)]),
         ("128 KiB", vec![a(BIG)]),
         ("10,000 empty ones", vec![String::new(); 10_000]),
     ];
@@ -755,7 +767,7 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         &m,
         "min_valid_seconds",
         set,
-        [3001, u32::MAX],
+        [MAX_MIN_VALID_SECONDS + 1, u32::MAX],
         Invalid("min_valid_seconds"),
     );
 
@@ -1679,7 +1691,11 @@ async fn http_port_survives_garbage(tv: &TestVault, sim: &GoogleSim, rng: &mut R
             .into_bytes(),
             &[400],
         ),
-        ("70 KiB", a(70 * 1024).into_bytes(), &[400]),
+        (
+            "one byte too long",
+            a(MAX_RISC_BODY_BYTES + 1).into_bytes(),
+            &[400],
+        ),
         ("1 MiB", a(MIB).into_bytes(), &[400]),
         ("3 MiB", a(3 * MIB).into_bytes(), &[400, 413]),
         (
@@ -2125,7 +2141,7 @@ pub(crate) fn valid_requests() -> Vec<(Rpc, Vec<u8>)> {
                 status: Some(5),
                 google_subject: Some("1234".into()),
                 include_deleted: false,
-                page_size: 1000,
+                page_size: MAX_PAGE_SIZE,
                 page_token: String::new(),
             }
             .encode_to_vec(),
@@ -2321,7 +2337,7 @@ fn fuzzing_entry_points_survive_random_and_mutated_inputs() {
         "callback mutations should reach every verdict: {verdicts:?}"
     );
     assert_eq!(
-        fuzzing::oauth_callback_query(&format!("state={}&code=x", a(600))),
+        fuzzing::oauth_callback_query(&format!("state={}&code=x", a(MAX_STATE_BYTES + 1))),
         Verdict::Rejected("invalid state: unknown, expired or already used".into())
     );
 
@@ -2353,7 +2369,7 @@ fn fuzzing_entry_points_survive_random_and_mutated_inputs() {
         "RISC mutations should be both refused and accepted: {verdicts:?}"
     );
     assert_eq!(
-        fuzzing::risc_body(&vec![b'a'; 70 * 1024]),
+        fuzzing::risc_body(&vec![b'a'; MAX_RISC_BODY_BYTES + 1]),
         Verdict::Rejected("token too large".into())
     );
     println!("fuzzing smoke test: {:.1?}", started.elapsed());

@@ -1,0 +1,598 @@
+//! One method per `tokenvault admin` subcommand: each makes its RPCs and
+//! writes the result through [`crate::cli::output`].
+
+use super::*;
+
+impl Admin {
+    /// Prints `json` or, for tables, what `table` writes.
+    pub(super) fn print(
+        &self,
+        json: impl FnOnce() -> Value,
+        table: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<(), CliError> {
+        let mut out = io::stdout().lock();
+        match self.output {
+            OutputFormat::Json => output::write_json(&mut out, &json()),
+            OutputFormat::Table => table(&mut out),
+        }
+        .and_then(|()| out.flush())
+        .map_err(write_failed)
+    }
+
+    pub(super) fn print_receipt(&self, r: &pb::DeletionReceipt) -> Result<(), CliError> {
+        self.print(
+            || output::receipt_json(r),
+            |out| output::receipt_fields(r).write(out),
+        )
+    }
+
+    pub(super) fn print_key_version(&self, v: &pb::KeyVersionInfo) -> Result<(), CliError> {
+        self.print(
+            || output::key_version_json(v),
+            |out| writeln!(out, "{}", output::key_version_text(v)),
+        )
+    }
+
+    pub(super) async fn connections(
+        &mut self,
+        command: ConnectionsCommand,
+    ) -> Result<(), CliError> {
+        match command {
+            ConnectionsCommand::List(args) => {
+                let client = self.client.clone();
+                let (found, more) = collect(args.limit, |page_size, page_token| {
+                    let mut client = client.clone();
+                    let request = pb::AdminListConnectionsRequest {
+                        tenant_id: args.tenant.clone(),
+                        account_id: args.account.clone(),
+                        integration: args.integration.map(|i| i.proto() as i32),
+                        status: args.status.map(|s| s.proto() as i32),
+                        google_subject: args.google_subject.clone(),
+                        include_deleted: args.include_deleted,
+                        page_size,
+                        page_token,
+                    };
+                    async move {
+                        let r = answer("ListConnections", client.list_connections(request).await)?;
+                        Ok((r.connections, r.next_page_token))
+                    }
+                })
+                .await?;
+                self.print(
+                    || {
+                        json!({
+                            "connections": found.iter().map(output::connection_detail_json).collect::<Vec<_>>(),
+                            "more": more,
+                        })
+                    },
+                    |out| {
+                        let mut t = output::connection_table();
+                        for d in &found {
+                            t.row(output::connection_row(d));
+                        }
+                        t.write(out)?;
+                        more_note(out, more, found.len())
+                    },
+                )
+            }
+            ConnectionsCommand::Show { id } => {
+                let d = answer(
+                    "GetConnection",
+                    self.client
+                        .get_connection(pb::GetConnectionRequest { connection_id: id })
+                        .await,
+                )?;
+                self.print(
+                    || output::connection_detail_json(&d),
+                    |out| output::connection_fields(&d).write(out),
+                )
+            }
+            ConnectionsCommand::Revoke { id, reason } => {
+                let r = answer(
+                    "RevokeConnection",
+                    self.client
+                        .revoke_connection(pb::RevokeConnectionRequest {
+                            connection_id: id,
+                            reason,
+                        })
+                        .await,
+                )?;
+                self.print_receipt(&r)
+            }
+        }
+    }
+
+    pub(super) async fn accounts(&mut self, command: AccountsCommand) -> Result<(), CliError> {
+        match command {
+            AccountsCommand::Delete {
+                tenant,
+                account,
+                reason,
+                yes: _,
+            } => {
+                let r = answer(
+                    "DeleteAccount",
+                    self.client
+                        .delete_account(pb::DeleteAccountRequest {
+                            tenant_id: tenant,
+                            account_id: account,
+                            reason,
+                        })
+                        .await,
+                )?;
+                self.print_receipt(&r)
+            }
+        }
+    }
+
+    pub(super) async fn receipts(&mut self, command: ReceiptsCommand) -> Result<(), CliError> {
+        match command {
+            ReceiptsCommand::Show { id } => {
+                let r = answer(
+                    "GetDeletionReceipt",
+                    self.client
+                        .get_deletion_receipt(pb::GetDeletionReceiptRequest { receipt_id: id })
+                        .await,
+                )?;
+                self.print_receipt(&r)
+            }
+            ReceiptsCommand::List {
+                incomplete,
+                overdue,
+                tenant,
+                account,
+                limit,
+            } => {
+                let client = self.client.clone();
+                let (found, more) = collect(limit, |page_size, page_token| {
+                    let mut client = client.clone();
+                    let request = pb::ListDeletionReceiptsRequest {
+                        incomplete_only: incomplete,
+                        overdue_only: overdue,
+                        tenant_id: tenant.clone(),
+                        account_id: account.clone(),
+                        page_size,
+                        page_token,
+                    };
+                    async move {
+                        let r = answer(
+                            "ListDeletionReceipts",
+                            client.list_deletion_receipts(request).await,
+                        )?;
+                        Ok((r.receipts, r.next_page_token))
+                    }
+                })
+                .await?;
+                self.print(
+                    || {
+                        json!({
+                            "receipts": found.iter().map(output::receipt_json).collect::<Vec<_>>(),
+                            "more": more,
+                        })
+                    },
+                    |out| {
+                        let mut t = output::receipt_table();
+                        for r in &found {
+                            t.row(output::receipt_row(r));
+                        }
+                        t.write(out)?;
+                        more_note(out, more, found.len())
+                    },
+                )
+            }
+        }
+    }
+
+    pub(super) async fn key_status(&mut self) -> Result<pb::KeyStatusResponse, CliError> {
+        answer(
+            "KeyStatus",
+            self.client.key_status(pb::KeyStatusRequest {}).await,
+        )
+    }
+
+    pub(super) async fn keys(&mut self, command: AdminKeysCommand) -> Result<(), CliError> {
+        match command {
+            AdminKeysCommand::Status => {
+                let s = self.key_status().await?;
+                self.print(
+                    || output::key_status_json(&s),
+                    |out| {
+                        let mut f = Fields::new();
+                        f.add("provider", s.provider.clone())
+                            .add("primary_version", format!("v{}", s.primary_version))
+                            .add(
+                                "oldest_version_in_use",
+                                format!(
+                                    "v{} (age {})",
+                                    s.oldest_version_in_use,
+                                    age_text(s.oldest_in_use_age_seconds)
+                                ),
+                            )
+                            .add("max_kek_age_days", s.max_kek_age_days.to_string())
+                            .add("rotation_overdue", yes_no(s.rotation_overdue))
+                            .add(
+                                "rotation",
+                                s.rotation
+                                    .as_ref()
+                                    .map_or_else(|| "-".to_owned(), output::rotation_text),
+                            );
+                        f.write(out)?;
+                        writeln!(out)?;
+                        output::key_versions_table(&s.versions).write(out)?;
+                        writeln!(out)?;
+                        output::replicas_table(&s.replicas).write(out)
+                    },
+                )
+            }
+            AdminKeysCommand::Rotate { wait } => {
+                let mut run = answer(
+                    "RotateKeys",
+                    self.client.rotate_keys(pb::RotateKeysRequest {}).await,
+                )?;
+                if wait {
+                    run = self.wait_for_rotation(run).await?;
+                }
+                self.print(
+                    || output::rotation_json(&run),
+                    |out| writeln!(out, "{}", output::rotation_text(&run)),
+                )?;
+                if run.state == pb::RotationState::Failed as i32 {
+                    return Err(CliError::failed(format!(
+                        "rotation {} failed: {}",
+                        run.run_id, run.last_error
+                    )));
+                }
+                Ok(())
+            }
+            AdminKeysCommand::Retire { version } => {
+                let v = answer(
+                    "RetireKey",
+                    self.client
+                        .retire_key(pb::RetireKeyRequest { version })
+                        .await,
+                )?;
+                self.print_key_version(&v)
+            }
+            AdminKeysCommand::Destroy { version, yes: _ } => {
+                let v = answer(
+                    "DestroyKey",
+                    self.client
+                        .destroy_key(pb::DestroyKeyRequest { version })
+                        .await,
+                )?;
+                self.print_key_version(&v)
+            }
+            AdminKeysCommand::Report => {
+                let r = answer(
+                    "KeyReport",
+                    self.client.key_report(pb::KeyReportRequest {}).await,
+                )?;
+                self.print(
+                    || output::key_report_json(&r),
+                    |out| {
+                        let mut f = Fields::new();
+                        f.add("generated_at", output::ts_text(r.generated_at.as_ref()))
+                            .add("provider", r.provider.clone())
+                            .add("primary_version", format!("v{}", r.primary_version))
+                            .add(
+                                "oldest_version_in_use",
+                                format!(
+                                    "v{} (age {})",
+                                    r.oldest_version_in_use,
+                                    age_text(r.oldest_in_use_age_seconds)
+                                ),
+                            )
+                            .add("max_kek_age_days", r.max_kek_age_days.to_string())
+                            .add("policy_met", yes_no(r.policy_met))
+                            .add("policy_detail", r.policy_detail.clone());
+                        f.write(out)?;
+                        writeln!(out)?;
+                        output::key_versions_table(&r.versions).write(out)?;
+                        writeln!(out)?;
+                        writeln!(out, "lifecycle:")?;
+                        for v in &r.versions {
+                            for line in output::key_lifecycle_lines(v) {
+                                writeln!(out, "  {line}")?;
+                            }
+                        }
+                        writeln!(out)?;
+                        if r.rotations.is_empty() {
+                            writeln!(out, "no rotations")?;
+                        } else {
+                            writeln!(out, "rotations:")?;
+                            for run in &r.rotations {
+                                writeln!(out, "  {}", output::rotation_text(run))?;
+                            }
+                        }
+                        writeln!(out)?;
+                        output::replicas_table(&r.replicas).write(out)
+                    },
+                )
+            }
+        }
+    }
+
+    /// Polls KeyStatus until `run` has completed or failed.
+    pub(super) async fn wait_for_rotation(
+        &mut self,
+        mut run: pb::RotationProgress,
+    ) -> Result<pb::RotationProgress, CliError> {
+        let progress = show_progress();
+        let running = pb::RotationState::Running as i32;
+        while run.state == running {
+            if progress {
+                eprint!("\r{}", rotation_progress_line(&run));
+            }
+            tokio::time::sleep(ROTATION_POLL).await;
+            let status = self.key_status().await?;
+            match status.rotation {
+                Some(latest) if latest.run_id == run.run_id => run = latest,
+                Some(latest) => {
+                    return Err(CliError::failed(format!(
+                        "rotation {} was superseded by rotation {}",
+                        run.run_id, latest.run_id
+                    )));
+                }
+                None => {
+                    return Err(CliError::failed(format!(
+                        "rotation {} is no longer reported by the vault",
+                        run.run_id
+                    )));
+                }
+            }
+        }
+        if progress {
+            eprintln!("\r{}", rotation_progress_line(&run));
+        }
+        Ok(run)
+    }
+
+    pub(super) async fn query_audit(
+        &mut self,
+        request: pb::QueryAuditRequest,
+    ) -> Result<pb::QueryAuditResponse, CliError> {
+        answer("QueryAudit", self.client.query_audit(request).await)
+    }
+
+    pub(super) async fn audit(&mut self, command: AuditCommand) -> Result<(), CliError> {
+        match command {
+            AuditCommand::Tail { lines, follow } => self.audit_tail(lines, follow).await,
+            AuditCommand::Query(args) => {
+                let client = self.client.clone();
+                let last_seq = std::cell::Cell::new(0);
+                let (found, more) = collect(args.limit, |page_size, page_token| {
+                    let mut client = client.clone();
+                    let request = pb::QueryAuditRequest {
+                        actor: args.actor.clone(),
+                        action: args.action.clone(),
+                        target: args.target.clone(),
+                        outcome: args.outcome.map(|o| o.proto() as i32),
+                        since: args.since,
+                        until: args.until,
+                        after_seq: None,
+                        newest_first: args.newest_first,
+                        page_size,
+                        page_token,
+                    };
+                    let last_seq = &last_seq;
+                    async move {
+                        let r = answer("QueryAudit", client.query_audit(request).await)?;
+                        if last_seq.get() == 0 {
+                            last_seq.set(r.last_seq);
+                        }
+                        Ok((r.entries, r.next_page_token))
+                    }
+                })
+                .await?;
+                self.print(
+                    || {
+                        json!({
+                            "entries": found.iter().map(output::audit_entry_json).collect::<Vec<_>>(),
+                            "last_seq": last_seq.get(),
+                            "more": more,
+                        })
+                    },
+                    |out| {
+                        let mut t = output::audit_table();
+                        for e in &found {
+                            t.row(output::audit_row(e));
+                        }
+                        t.write(out)?;
+                        more_note(out, more, found.len())
+                    },
+                )
+            }
+            AuditCommand::Verify { from, to } => {
+                let v = answer(
+                    "VerifyAudit",
+                    self.client
+                        .verify_audit(pb::VerifyAuditRequest {
+                            from_seq: from,
+                            to_seq: to,
+                        })
+                        .await,
+                )?;
+                let broken = v
+                    .first_broken_seq
+                    .map_or_else(|| "unknown".to_owned(), |s| s.to_string());
+                self.print(
+                    || output::verify_json(&v),
+                    |out| {
+                        writeln!(
+                            out,
+                            "entries checked: {} (range {}..={}), checkpoints verified: {}",
+                            v.entries_checked, v.from_seq, v.to_seq, v.checkpoints_verified
+                        )?;
+                        if v.ok {
+                            writeln!(out, "ok: {}", v.detail)
+                        } else {
+                            writeln!(out, "first broken entry: {broken}: {}", v.detail)
+                        }
+                    },
+                )?;
+                if v.ok {
+                    Ok(())
+                } else {
+                    Err(CliError::failed(format!(
+                        "the audit log does not verify: first broken entry: {broken}: {}",
+                        v.detail
+                    )))
+                }
+            }
+            AuditCommand::Export { out } => self.audit_export(out).await,
+        }
+    }
+
+    /// `audit tail`: the newest `lines` entries, oldest first; then, with
+    /// `follow`, every new entry as it is appended.
+    pub(super) async fn audit_tail(&mut self, lines: usize, follow: bool) -> Result<(), CliError> {
+        let mut newest = Vec::new();
+        let mut token = String::new();
+        let mut last_seq = 0;
+        while newest.len() < lines {
+            let r = self
+                .query_audit(pb::QueryAuditRequest {
+                    newest_first: true,
+                    page_size: page_size(lines, newest.len()),
+                    page_token: token,
+                    ..Default::default()
+                })
+                .await?;
+            last_seq = last_seq.max(r.last_seq);
+            newest.extend(r.entries);
+            if r.next_page_token.is_empty() {
+                break;
+            }
+            token = r.next_page_token;
+        }
+        if lines == 0 {
+            last_seq = self.query_audit(head_request()).await?.last_seq;
+        }
+        newest.truncate(lines);
+        newest.reverse();
+        let mut cursor = newest.last().map_or(last_seq, |e| e.seq);
+
+        let mut out = io::stdout();
+        let json = self.output == OutputFormat::Json;
+        let mut table = output::audit_table();
+        for e in &newest {
+            table.row(output::audit_row(e));
+        }
+        if !follow {
+            return self.print(
+                || {
+                    json!({
+                        "entries": newest.iter().map(output::audit_entry_json).collect::<Vec<_>>(),
+                        "last_seq": last_seq,
+                    })
+                },
+                |out| table.write(out),
+            );
+        }
+        if json {
+            for e in &newest {
+                output::write_json_line(&mut out, &output::audit_entry_json(e))
+                    .map_err(write_failed)?;
+            }
+        } else {
+            table.write(&mut out).map_err(write_failed)?;
+        }
+        out.flush().map_err(write_failed)?;
+        let mut widths = table.widths();
+        loop {
+            tokio::time::sleep(FOLLOW_POLL).await;
+            let mut token = String::new();
+            loop {
+                let r = self
+                    .query_audit(pb::QueryAuditRequest {
+                        after_seq: Some(cursor),
+                        page_size: page_size(0, 0),
+                        page_token: token,
+                        ..Default::default()
+                    })
+                    .await?;
+                let mut rows = output::audit_table();
+                for e in &r.entries {
+                    cursor = cursor.max(e.seq);
+                    if json {
+                        output::write_json_line(&mut out, &output::audit_entry_json(e))
+                            .map_err(write_failed)?;
+                    } else {
+                        rows.row(output::audit_row(e));
+                    }
+                }
+                if !json {
+                    widths = widths
+                        .iter()
+                        .zip(rows.widths())
+                        .map(|(a, b)| (*a).max(b))
+                        .collect();
+                    rows.write_rows(&mut out, &widths).map_err(write_failed)?;
+                }
+                out.flush().map_err(write_failed)?;
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                token = r.next_page_token;
+            }
+        }
+    }
+
+    /// `audit export`: entries 1 to the newest at the start, as JSON Lines.
+    pub(super) async fn audit_export(&mut self, path: Option<PathBuf>) -> Result<(), CliError> {
+        let mut sink: Box<dyn Write> = match &path {
+            Some(p) => Box::new(io::BufWriter::new(std::fs::File::create(p).map_err(
+                |e| CliError::failed(format!("cannot create {}: {e}", p.display())),
+            )?)),
+            None => Box::new(io::BufWriter::new(io::stdout())),
+        };
+        let progress = show_progress();
+        let mut token = String::new();
+        let mut end: Option<u64> = None;
+        let mut written = 0u64;
+        'pages: loop {
+            let r = self
+                .query_audit(pb::QueryAuditRequest {
+                    page_size: page_size(0, 0),
+                    page_token: token,
+                    ..Default::default()
+                })
+                .await?;
+            let last = *end.get_or_insert(r.last_seq);
+            for e in &r.entries {
+                if e.seq > last {
+                    break 'pages;
+                }
+                output::write_json_line(&mut sink, &output::audit_entry_json(e))
+                    .map_err(write_failed)?;
+                written += 1;
+            }
+            if progress {
+                eprint!("\rexported {written}/{last} entries");
+            }
+            if r.next_page_token.is_empty() {
+                break;
+            }
+            token = r.next_page_token;
+        }
+        if progress {
+            eprintln!();
+        }
+        sink.flush().map_err(write_failed)?;
+        drop(sink);
+        let last_seq = end.unwrap_or(0);
+        if let Some(p) = path {
+            self.print(
+                || json!({ "out": p.display().to_string(), "entries": written, "last_seq": last_seq }),
+                |out| {
+                    writeln!(
+                        out,
+                        "exported {written} entries (up to seq {last_seq}) to {}",
+                        p.display()
+                    )
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
