@@ -32,7 +32,7 @@ pub use verify::{VerifyReport, verify_chain};
 
 use crate::crypto::{KeyringProvider, MacPurpose};
 use crate::domain::{Timestamp, VaultError};
-use crate::store::{AuditDraft, Backend, LeaseGrant, SealedEntry, Store};
+use crate::store::{AuditDraft, AuditStore, Backend, LeaseGrant, SealedEntry, Store};
 
 /// The most entries committed in one group.
 const MAX_GROUP: usize = 512;
@@ -303,7 +303,7 @@ impl AuditLog {
 }
 
 async fn writer(
-    store: Arc<dyn Store>,
+    store: Arc<dyn AuditStore>,
     sealer: Arc<Sealer>,
     mut rx: mpsc::Receiver<Job>,
     fault: Arc<AtomicBool>,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use crate::crypto::{KeyringProvider, MacPurpose};
 use crate::domain::VaultError;
-use crate::store::Store;
+use crate::store::AuditStore;
 
 use super::checkpoint::{CheckpointSigner, signature_valid};
 use super::entry_hash;
@@ -48,7 +48,7 @@ impl VerifyReport {
 /// covers. Every signed checkpoint in the range must match the entry it
 /// names, and no checkpoint may lie beyond the chain head (a truncated log).
 pub async fn verify_chain(
-    store: &dyn Store,
+    store: &dyn AuditStore,
     keyring: &dyn KeyringProvider,
     from_seq: i64,
     to_seq: Option<i64>,

@@ -6,6 +6,9 @@
 //! (`CONNECTION_STATUS_ACTIVE`; an unknown value stays a number), bytes are
 //! lowercase hex, and 64-bit integers are JSON numbers. Tables show enums by
 //! their short lowercase names (`active`) and times to the second.
+//!
+//! Every command's rendering lives here, not beside the command, so that
+//! table and JSON conventions stay the same across `admin`, `keys` and `dev`.
 
 use std::io::{self, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1,5 +1,8 @@
 //! Plain records exchanged with the store. Sealed bytes are opaque here: only
 //! `crypto` can open them.
+//!
+//! Data types only, no logic: the vocabulary every aggregate module shares,
+//! kept in one file so that a record read by several aggregates has one home.
 
 use crate::crypto::KekVersion;
 use crate::domain::{

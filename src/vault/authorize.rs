@@ -9,7 +9,7 @@ use std::time::Duration;
 use oauth2::{PkceCodeChallenge, PkceCodeVerifier};
 
 use crate::audit::{Actor, Outcome};
-use crate::crypto::{MacPurpose, SecretString, TokenKind, WrappedDek, open, random_token, seal};
+use crate::crypto::{MacPurpose, SecretString, TokenKind, WrappedDek, random_token};
 use crate::domain::{
     AccountId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp, VaultError,
 };
@@ -97,8 +97,6 @@ impl Vault {
             .to_vec();
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let verifier = SecretString::new(verifier.secret().to_owned());
-        let key_ctx = KeyContext::oauth_state(tenant.as_str(), account.as_str(), &state_hash);
-        let dctx = key_ctx.as_dek();
         // Google shows consent — and issues a refresh token — only on a first
         // consent, for new scopes, or when asked. Ask whenever the connection
         // being made would otherwise hold no refresh token.
@@ -117,12 +115,11 @@ impl Vault {
             .await?;
         let mut retried = false;
         let record = loop {
-            let (dek, wrapped) = self.keys().new_dek(&dctx).await?;
-            let sealed_verifier = seal(
-                &dek,
-                &dctx.token(TokenKind::PkceVerifier),
-                verifier.expose().as_bytes(),
-            )?;
+            let owner = KeyContext::oauth_state(tenant.as_str(), account.as_str(), &state_hash);
+            let cipher = self.keys().new_cipher(owner).await?;
+            let sealed_verifier =
+                cipher.seal(TokenKind::PkceVerifier, verifier.expose().as_bytes())?;
+            let wrapped = cipher.wrapped();
             let now = Timestamp::now();
             let record = AuthzStateRecord {
                 state_hash: state_hash.clone(),
@@ -131,7 +128,7 @@ impl Vault {
                 integration,
                 caller: actor.identity.clone(),
                 kek_version: wrapped.kek_version,
-                wrapped_dek: wrapped.bytes,
+                wrapped_dek: wrapped.bytes.clone(),
                 sealed_verifier,
                 created_at: now,
                 expires_at: now.plus(STATE_TTL),
@@ -187,7 +184,7 @@ impl Vault {
             }
         };
         let bad_state = || VaultError::invalid("state", "unknown, expired or already used");
-        if state.is_empty() || state.len() > 512 {
+        if state.is_empty() || state.len() > crate::limits::MAX_STATE_BYTES {
             return refuse("-".into(), "malformed state".into(), bad_state()).await;
         }
         let state_hash = self
@@ -255,20 +252,17 @@ impl Vault {
         };
 
         // Open the PKCE verifier sealed at begin.
-        let key_ctx =
+        let owner =
             KeyContext::oauth_state(rec.tenant.as_str(), rec.account.as_str(), &rec.state_hash);
-        let dctx = key_ctx.as_dek();
         let wrapped = WrappedDek {
             kek_version: rec.kek_version,
             bytes: rec.wrapped_dek.clone(),
         };
-        let dek = self.keys().open_dek(&wrapped, &dctx).await?;
-        let verifier = open(
-            &dek,
-            &dctx.token(TokenKind::PkceVerifier),
-            &rec.sealed_verifier,
-        )?
-        .into_secret_string()?;
+        let verifier = self
+            .keys()
+            .open_cipher(owner, wrapped)
+            .await?
+            .open(TokenKind::PkceVerifier, &rec.sealed_verifier)?;
         let verifier = PkceCodeVerifier::new(verifier.expose().to_owned());
 
         let grant = match google.exchange_code(code.expose(), verifier.secret()).await {

@@ -1,10 +1,8 @@
 //! Storing a connection's tokens (sealed under a fresh per-connection DEK) and
 //! the read path that opens them again.
 
-use std::sync::Arc;
-
 use crate::audit::Actor;
-use crate::crypto::{DekContext, Key256, SecretString, TokenKind, WrappedDek, open, seal};
+use crate::crypto::{SecretString, TokenKind};
 use crate::domain::{
     AccountId, ConnectionId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp,
     VaultError,
@@ -57,14 +55,6 @@ pub struct OpenedToken {
     pub access_token: SecretString,
     /// When it expires.
     pub expires_at: Option<Timestamp>,
-}
-
-pub(super) fn dek_context(c: &ConnectionRecord) -> DekContext<'_> {
-    DekContext {
-        tenant: c.tenant.as_str(),
-        account: c.account.as_str(),
-        connection: c.id.as_str(),
-    }
 }
 
 impl Vault {
@@ -150,24 +140,17 @@ impl Vault {
                 ..RefreshHealth::default()
             },
         };
-        let (dek, wrapped) = self.keys().new_dek(&dek_context(&record)).await?;
-        let access = seal(
-            &dek,
-            &dek_context(&record).token(TokenKind::Access),
-            new.access_token.expose().as_bytes(),
-        )?;
+        let cipher = self.keys().new_connection_cipher(&record).await?;
+        let access = cipher.seal(TokenKind::Access, new.access_token.expose().as_bytes())?;
         let refresh = match &new.refresh_token {
-            Some(t) => Some(seal(
-                &dek,
-                &dek_context(&record).token(TokenKind::Refresh),
-                t.expose().as_bytes(),
-            )?),
+            Some(t) => Some(cipher.seal(TokenKind::Refresh, t.expose().as_bytes())?),
             None => None,
         };
+        let wrapped = cipher.wrapped();
         let secrets = SecretsRecord {
             connection_id: record.id.clone(),
             kek_version: wrapped.kek_version,
-            wrapped_dek: wrapped.bytes,
+            wrapped_dek: wrapped.bytes.clone(),
             access_token: Some(access),
             access_expires_at: Some(new.access_expires_at),
             refresh_token: refresh,
@@ -176,24 +159,8 @@ impl Vault {
         Ok((record, secrets))
     }
 
-    /// Unwraps a connection's DEK from its stored secrets (from the key
-    /// manager's cache when it opened these exact bytes recently).
-    pub(super) async fn connection_dek(
-        &self,
-        connection: &ConnectionRecord,
-        secrets: &SecretsRecord,
-    ) -> Result<Arc<Key256>, VaultError> {
-        let wrapped = WrappedDek {
-            kek_version: secrets.kek_version,
-            bytes: secrets.wrapped_dek.clone(),
-        };
-        self.keys()
-            .open_connection_dek(&connection.id, &wrapped, &dek_context(connection))
-            .await
-    }
-
     /// Opens one of a connection's sealed tokens (`sealed` is a field of
-    /// `secrets`) under its DEK.
+    /// `secrets`) with the connection's cipher.
     pub(super) async fn token_open(
         &self,
         connection: &ConnectionRecord,
@@ -201,9 +168,10 @@ impl Vault {
         kind: TokenKind,
         sealed: &[u8],
     ) -> Result<SecretString, VaultError> {
-        let dek = self.connection_dek(connection, secrets).await?;
-        let plain = open(&dek, &dek_context(connection).token(kind), sealed)?;
-        Ok(plain.into_secret_string()?)
+        self.keys()
+            .connection_cipher(connection, secrets)
+            .await?
+            .open(kind, sealed)
     }
 
     /// One page of connections matching `filter`, each with what an

@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use crate::audit::{Actor, AuditLog, Outcome};
-use crate::crypto::{SecretString, TokenKind, open, seal};
+use crate::crypto::{SecretString, TokenKind};
 use crate::domain::{
     DeletionReason, Integration, ReceiptId, TenantId, Timestamp, UpstreamState, VaultError,
 };
@@ -273,18 +273,14 @@ impl Vault {
             (None, None) => return Ok(None),
         };
         // The outbox copy's key and token are bound to the receipt and connection.
-        let key_ctx = KeyContext::outbox(receipt, &conn.tenant, &conn.id);
-        let ctx = key_ctx.as_dek();
-        let (dek, wrapped) = self.keys().new_dek(&ctx).await?;
-        let sealed = seal(
-            &dek,
-            &ctx.token(TokenKind::OutboxRefresh),
-            token.expose().as_bytes(),
-        )?;
+        let owner = KeyContext::outbox(receipt, &conn.tenant, &conn.id);
+        let cipher = self.keys().new_cipher(owner).await?;
+        let sealed = cipher.seal(TokenKind::OutboxRefresh, token.expose().as_bytes())?;
+        let wrapped = cipher.wrapped();
         Ok(Some(OutboxToken {
             connection_id: conn.id.clone(),
             kek_version: wrapped.kek_version,
-            wrapped_dek: wrapped.bytes,
+            wrapped_dek: wrapped.bytes.clone(),
             sealed_token: sealed,
         }))
     }
@@ -294,19 +290,15 @@ impl Vault {
         row: &OutboxRow,
         tenant: &TenantId,
     ) -> Result<SecretString, VaultError> {
-        let key_ctx = KeyContext::outbox(&row.receipt_id, tenant, &row.token.connection_id);
-        let ctx = key_ctx.as_dek();
+        let owner = KeyContext::outbox(&row.receipt_id, tenant, &row.token.connection_id);
         let wrapped = crate::crypto::WrappedDek {
             kek_version: row.token.kek_version,
             bytes: row.token.wrapped_dek.clone(),
         };
-        let dek = self.keys().open_dek(&wrapped, &ctx).await?;
-        let plain = open(
-            &dek,
-            &ctx.token(TokenKind::OutboxRefresh),
-            &row.token.sealed_token,
-        )?;
-        Ok(plain.into_secret_string()?)
+        self.keys()
+            .open_cipher(owner, wrapped)
+            .await?
+            .open(TokenKind::OutboxRefresh, &row.token.sealed_token)
     }
 
     /// Tries the receipt's pending revocations once, inline.

@@ -9,6 +9,10 @@
 //! wait for its result. A failed refresh never loses or overwrites the
 //! stored refresh token; `invalid_grant` marks the connection
 //! REVOKED_UPSTREAM and destroys its tokens.
+//!
+//! Longer than most modules on purpose: the lease path (batched read, policy,
+//! refresh on demand, batched audit append) is one use case, read top to
+//! bottom; its storage side is `store::leases`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -17,7 +21,7 @@ use std::time::{Duration, Instant};
 use ring::rand::SecureRandom as _;
 
 use crate::audit::{Actor, LeaseRecorded, Outcome};
-use crate::crypto::{SecretString, TokenKind, fingerprint, seal};
+use crate::crypto::{SecretString, TokenKind, fingerprint};
 use crate::domain::{
     ConnectionId, ConnectionStatus, DeletionReason, LeaseId, Purpose, ScopeSet, Timestamp,
     VaultError,
@@ -29,7 +33,6 @@ use crate::store::{
 };
 
 use super::Vault;
-use super::connections::dek_context;
 
 /// How often a waiter looks for another replica's refresh result.
 const REFRESH_POLL: Duration = Duration::from_millis(25);
@@ -585,19 +588,11 @@ impl Vault {
                             conn.id
                         ))
                     })?;
-                    let dctx = dek_context(conn);
-                    let dek = self.connection_dek(conn, &secrets).await?;
-                    let access = seal(
-                        &dek,
-                        &dctx.token(TokenKind::Access),
-                        grant.access_token.expose().as_bytes(),
-                    )?;
+                    let cipher = self.keys().connection_cipher(conn, &secrets).await?;
+                    let access =
+                        cipher.seal(TokenKind::Access, grant.access_token.expose().as_bytes())?;
                     let new_refresh = match &grant.refresh_token {
-                        Some(r) => Some(seal(
-                            &dek,
-                            &dctx.token(TokenKind::Refresh),
-                            r.expose().as_bytes(),
-                        )?),
+                        Some(r) => Some(cipher.seal(TokenKind::Refresh, r.expose().as_bytes())?),
                         None => None,
                     };
                     let stored = self

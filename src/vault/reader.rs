@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::{ConnectionId, ConnectionStatus, VaultError};
-use crate::store::{ConnectionRecord, SecretsRecord, Store};
+use crate::store::{ConnectionRecord, LeaseStore, SecretsRecord};
 
 /// The most ids read in one query.
 const MAX_BATCH: usize = 256;
@@ -123,7 +123,7 @@ impl LeaseReader {
     /// Starts the batching task on the current runtime; it ends when the
     /// handle is dropped. Records are cached for `ttl`, at
     /// most `capacity` of them; either at zero turns the cache off.
-    pub(super) fn start(store: Arc<dyn Store>, ttl: Duration, capacity: usize) -> Self {
+    pub(super) fn start(store: Arc<dyn LeaseStore>, ttl: Duration, capacity: usize) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(run(store, rx));
         Self {
@@ -186,7 +186,7 @@ impl LeaseReader {
     }
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<(ConnectionId, Reply)>) {
+async fn run(store: Arc<dyn LeaseStore>, mut rx: mpsc::Receiver<(ConnectionId, Reply)>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -204,7 +204,7 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<(ConnectionId, Reply)
     }
 }
 
-async fn read_batch(store: &dyn Store, batch: Vec<(ConnectionId, Reply)>) {
+async fn read_batch(store: &dyn LeaseStore, batch: Vec<(ConnectionId, Reply)>) {
     let mut ids: Vec<ConnectionId> = batch.iter().map(|(id, _)| id.clone()).collect();
     ids.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
     ids.dedup();
