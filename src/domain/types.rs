@@ -67,6 +67,14 @@ impl Timestamp {
     }
 }
 
+/// The stored form (microseconds since the Unix epoch), as sqlx's `FromRow`
+/// reads a timestamp column.
+impl From<i64> for Timestamp {
+    fn from(micros: i64) -> Self {
+        Self::from_micros(micros)
+    }
+}
+
 /// The last microsecond RFC 3339 formatting covers: 9999-12-31T23:59:59.999999Z.
 const MAX_RFC3339_MICROS: i64 = 253_402_300_800 * 1_000_000 - 1;
 
@@ -117,7 +125,7 @@ macro_rules! stored_enum {
                     $field,
                     format!(
                         "unknown value {:?}; expected one of: {}",
-                        value,
+                        super::excerpt(value),
                         [$($text),+].join(", ")
                     ),
                 ))

@@ -10,9 +10,9 @@
 //! `postgres.rs`).
 
 use async_trait::async_trait;
+use sqlx::FromRow as _;
 
 use crate::store::common::ChainHead;
-use sqlx::Row as _;
 
 use crate::store::{
     AuditCheckpoint, AuditDraft, AuditFilter, AuditRow, AuditSealer, LeaseGrant, StoreResult,
@@ -147,34 +147,6 @@ impl StoreImpl {
     }
 }
 
-pub(in crate::store) fn checkpoint_from_row(row: &Row) -> StoreResult<AuditCheckpoint> {
-    Ok(AuditCheckpoint {
-        seq: row.try_get("seq")?,
-        entry_hash: row.try_get("entry_hash")?,
-        signed_at: ts(row.try_get("signed_at")?),
-        public_key: row.try_get("public_key")?,
-        signature: row.try_get("signature")?,
-    })
-}
-
-pub(in crate::store) fn audit_from_row(row: &Row) -> StoreResult<AuditRow> {
-    Ok(AuditRow {
-        seq: row.try_get("seq")?,
-        draft: AuditDraft {
-            at: ts(row.try_get("at")?),
-            actor: row.try_get("actor")?,
-            role: row.try_get("role")?,
-            action: row.try_get("action")?,
-            target: row.try_get("target")?,
-            outcome: row.try_get("outcome")?,
-            detail: row.try_get("detail")?,
-        },
-        prev_hash: row.try_get("prev_hash")?,
-        entry_hash: row.try_get("entry_hash")?,
-        mac: row.try_get("mac")?,
-    })
-}
-
 #[async_trait]
 impl AuditStore for StoreImpl {
     async fn audit_append(
@@ -205,7 +177,7 @@ impl AuditStore for StoreImpl {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(audit_from_row).collect()
+        rows.iter().map(|r| Ok(AuditRow::from_row(r)?)).collect()
     }
 
     async fn audit_query(&self, filter: &AuditFilter, limit: i64) -> StoreResult<Vec<AuditRow>> {
@@ -240,7 +212,7 @@ impl AuditStore for StoreImpl {
         f.binds.push(FilterValue::Int(limit));
         f.sql.push_str(&format!(" LIMIT ${}", f.binds.len()));
         let rows = f.query().fetch_all(&self.pool).await?;
-        rows.iter().map(audit_from_row).collect()
+        rows.iter().map(|r| Ok(AuditRow::from_row(r)?)).collect()
     }
 
     async fn audit_checkpoints(&self, from_seq: i64, to_seq: i64) -> StoreResult<Vec<AuditCheckpoint>> {
@@ -251,14 +223,14 @@ impl AuditStore for StoreImpl {
         .bind(to_seq)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(checkpoint_from_row).collect()
+        rows.iter().map(|r| Ok(AuditCheckpoint::from_row(r)?)).collect()
     }
 
     async fn audit_checkpoint_last(&self) -> StoreResult<Option<AuditCheckpoint>> {
         let row = sqlx::query("SELECT * FROM audit_checkpoints ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(checkpoint_from_row).transpose()
+        row.as_ref().map(|r| Ok(AuditCheckpoint::from_row(r)?)).transpose()
     }
 
     async fn audit_head(&self) -> StoreResult<(i64, Vec<u8>)> {

@@ -345,9 +345,10 @@ pub struct PageRequest {
 }
 
 /// An audit entry before it is chained.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct AuditDraft {
     /// When it happened.
+    #[sqlx(try_from = "i64")]
     pub at: Timestamp,
     /// Who did it (identity).
     pub actor: String,
@@ -374,13 +375,14 @@ pub struct SealedEntry {
 }
 
 /// A signed checkpoint of the audit chain.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct AuditCheckpoint {
     /// The entry it vouches for.
     pub seq: i64,
     /// That entry's hash.
     pub entry_hash: Vec<u8>,
     /// When it was signed.
+    #[sqlx(try_from = "i64")]
     pub signed_at: Timestamp,
     /// The Ed25519 public key that verifies `signature`.
     pub public_key: Vec<u8>,
@@ -389,11 +391,12 @@ pub struct AuditCheckpoint {
 }
 
 /// A stored audit entry.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct AuditRow {
     /// Position in the chain, from 1.
     pub seq: i64,
     /// The entry.
+    #[sqlx(flatten)]
     pub draft: AuditDraft,
     /// Hash of the previous entry.
     pub prev_hash: Vec<u8>,
