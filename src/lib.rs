@@ -15,6 +15,7 @@
 //! - `config`: configuration from a TOML file and `TOKENVAULT_*` variables.
 //! - `crypto`: keyring providers, envelope encryption and secret types.
 //! - `domain`: identifiers, value types and the one error type, parsed at the edge.
+//! - `files`: files the vault creates, owner-only (0600).
 //! - `fuzzing`: database-free entry points into the network parsers, for fuzzing.
 //! - `google`: the OAuth client for Google, JWT verification and, with the
 //!   `google-sim` feature (not in the product build), a Google simulator.
@@ -36,6 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod files;
 pub mod fuzzing;
 pub mod google;
 pub mod grpc;

@@ -3,6 +3,11 @@
 //! may act as. Each purpose names the integrations and scopes it allows,
 //! optionally limited to some tenants. Anything not granted is denied.
 //!
+//! A worker whose every purpose is limited to some tenants is limited to
+//! those tenants as a whole ([`Policy::tenant_scope`]): its event stream
+//! carries only their events, and a connection of any other tenant answers
+//! it exactly as a connection that does not exist.
+//!
 //! The policy is written in TOML, either inline in the configuration's
 //! `[policy]` section or in its own file (`policy.file`). `SIGHUP` reloads it
 //! from where it came from; a policy that does not validate is refused and the
@@ -30,7 +35,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Integration, Purpose, ScopeSet, TenantId};
+use crate::domain::{Integration, Purpose, ScopeSet, TenantId, scope_list};
 
 /// The roles of the design contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -115,13 +120,72 @@ pub struct Grant {
     pub role: Role,
     purposes: BTreeSet<String>,
     consumers: BTreeSet<String>,
+    /// The tenants it may see, from its purposes' limits.
+    tenants: TenantScope,
 }
 
 #[derive(Debug, Clone)]
 struct PurposeRule {
     integrations: BTreeSet<Integration>,
     scopes: ScopeSet,
-    tenants: BTreeSet<String>,
+    /// Empty: every tenant.
+    tenants: BTreeSet<TenantId>,
+}
+
+/// The tenants whose data an identity may see: their connections (as leases
+/// and as answers about connection ids) and their events.
+///
+/// Tenant limits are written on purposes, so only a worker can be limited: it
+/// is limited when every purpose it holds names tenants, and then to the
+/// union of those tenants. A worker holding one purpose without a limit, or
+/// no purpose at all (a watcher only), and every other role, see every tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantScope {
+    /// Every tenant: no limit applies.
+    All,
+    /// Only these tenants (none, for an identity the policy does not name).
+    Only(BTreeSet<TenantId>),
+}
+
+/// What an identity the policy does not name may see: nothing.
+static NO_TENANT: TenantScope = TenantScope::Only(BTreeSet::new());
+
+impl TenantScope {
+    /// Whether data of `tenant` may be shown. Data that names no tenant can
+    /// be attributed to none, so only a caller without a limit gets it.
+    pub fn sees(&self, tenant: Option<&TenantId>) -> bool {
+        match self {
+            TenantScope::All => true,
+            TenantScope::Only(tenants) => tenant.is_some_and(|t| tenants.contains(t)),
+        }
+    }
+
+    /// Whether a tenant limit applies.
+    pub fn is_limited(&self) -> bool {
+        matches!(self, TenantScope::Only(_))
+    }
+
+    /// The scope of a role holding `purposes` (names defined in `rules`).
+    fn of(role: Role, purposes: &BTreeSet<String>, rules: &HashMap<String, PurposeRule>) -> Self {
+        if role != Role::Worker {
+            return TenantScope::All;
+        }
+        let mut tenants = BTreeSet::new();
+        let mut limited = false;
+        // `Policy::build` checks that every granted purpose is defined.
+        for rule in purposes.iter().filter_map(|p| rules.get(p)) {
+            if rule.tenants.is_empty() {
+                return TenantScope::All;
+            }
+            limited = true;
+            tenants.extend(rule.tenants.iter().cloned());
+        }
+        if limited {
+            TenantScope::Only(tenants)
+        } else {
+            TenantScope::All
+        }
+    }
 }
 
 /// A validated policy.
@@ -164,15 +228,17 @@ impl Policy {
             }
             let scopes = ScopeSet::parse(p.scopes.iter().map(String::as_str))
                 .map_err(|e| format!("{at}.scopes: {e}"))?;
-            for t in &p.tenants {
-                TenantId::parse(t).map_err(|e| format!("{at}.tenants: {e}"))?;
-            }
+            let tenants = p
+                .tenants
+                .iter()
+                .map(|t| TenantId::parse(t).map_err(|e| format!("{at}.tenants: {e}")))
+                .collect::<Result<BTreeSet<_>, _>>()?;
             purposes.insert(
                 name.clone(),
                 PurposeRule {
                     integrations,
                     scopes,
-                    tenants: p.tenants.iter().cloned().collect(),
+                    tenants,
                 },
             );
         }
@@ -204,11 +270,13 @@ impl Policy {
                 crate::domain::ConsumerName::parse(c)
                     .map_err(|e| format!("{at}.consumers: {e}"))?;
             }
+            let granted: BTreeSet<String> = entry.purposes.iter().cloned().collect();
             identities.insert(
                 identity.clone(),
                 Grant {
                     role,
-                    purposes: entry.purposes.iter().cloned().collect(),
+                    tenants: TenantScope::of(role, &granted, &purposes),
+                    purposes: granted,
                     consumers: entry.consumers.iter().cloned().collect(),
                 },
             );
@@ -239,7 +307,8 @@ impl Policy {
     }
 
     /// Whether `identity` may lease for `ask`; the error says what is not
-    /// granted (names only, never a secret).
+    /// granted (names only, never a secret; of the scopes, at most a few
+    /// excerpts, see [`scope_list`]).
     pub fn check_lease(&self, identity: &str, ask: &LeaseAsk<'_>) -> Result<(), String> {
         let purpose = ask.purpose.as_str();
         let Some(grant) = self.identities.get(identity) else {
@@ -259,24 +328,27 @@ impl Policy {
                 ask.integration
             ));
         }
-        if !rule.tenants.is_empty() && !rule.tenants.contains(ask.tenant.as_str()) {
+        if !rule.tenants.is_empty() && !rule.tenants.contains(ask.tenant) {
             return Err(format!(
                 "purpose {purpose:?} does not allow tenant {}",
                 ask.tenant
             ));
         }
         if !rule.scopes.covers(ask.scopes) {
-            let missing: Vec<&str> = rule
-                .scopes
-                .missing_from(ask.scopes)
-                .map(|s| s.as_str())
-                .collect();
             return Err(format!(
                 "purpose {purpose:?} does not allow {}",
-                missing.join(" ")
+                scope_list(rule.scopes.missing_from(ask.scopes))
             ));
         }
         Ok(())
+    }
+
+    /// The tenants `identity` may see (see [`TenantScope`]); an identity the
+    /// policy does not name sees none.
+    pub fn tenant_scope(&self, identity: &str) -> &TenantScope {
+        self.identities
+            .get(identity)
+            .map_or(&NO_TENANT, |g| &g.tenants)
     }
 
     /// Whether `identity` may watch and acknowledge as `consumer`.
@@ -459,6 +531,39 @@ mod tests {
             .check_lease(w, &ask(&purpose, Integration::Email, &other, &s))
             .unwrap_err();
         assert!(e.contains("globex"), "{e}");
+    }
+
+    #[test]
+    fn a_worker_is_tenant_limited_only_when_every_purpose_is() {
+        let acme = TenantId::parse("acme").unwrap();
+        let globex = TenantId::parse("globex").unwrap();
+        let w = "spiffe://t/calendar-sync";
+        let mut d = doc();
+        d.identities.get_mut(w).unwrap().purposes = vec!["acme_only".into()];
+        let p = Policy::build(&d).unwrap();
+        let scope = p.tenant_scope(w);
+        assert!(scope.is_limited());
+        assert!(scope.sees(Some(&acme)));
+        assert!(!scope.sees(Some(&globex)));
+        assert!(!scope.sees(None), "an event naming no tenant is not shown");
+
+        // One purpose without a limit lifts it.
+        d.identities
+            .get_mut(w)
+            .unwrap()
+            .purposes
+            .push("calendar_sync".into());
+        let p = Policy::build(&d).unwrap();
+        assert_eq!(p.tenant_scope(w), &TenantScope::All);
+
+        // No purpose at all (a watcher only), and the other roles: no limit.
+        d.identities.get_mut(w).unwrap().purposes.clear();
+        let p = Policy::build(&d).unwrap();
+        assert_eq!(p.tenant_scope(w), &TenantScope::All);
+        assert_eq!(p.tenant_scope("app"), &TenantScope::All);
+
+        // An identity the policy does not name sees nothing.
+        assert!(!p.tenant_scope("stranger").sees(Some(&acme)));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! then background work stops and the database pool closes.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use tonic_health::ServingStatus;
 
 use crate::audit::{Actor, Outcome};
 use crate::config::Config;
+use crate::grpc::auth::{ApiKeyChanges, ApiKeys, SharedApiKeys};
 use crate::grpc::{self, Authenticator, Context};
 use crate::policy::SharedPolicy;
 use crate::vault::Vault;
@@ -37,19 +39,31 @@ pub struct RunningServer {
     pub vault: Arc<Vault>,
     /// The access policy in force.
     pub policy: Arc<SharedPolicy>,
+    /// The API keys in force.
+    pub api_keys: Arc<SharedApiKeys>,
+    /// The configuration file API keys are reloaded from (none when the
+    /// configuration came from the environment only: they are fixed then).
+    config_file: Option<PathBuf>,
+    /// Whether the TLS listener was built to require a client certificate
+    /// because no API key was configured (`tls.client_ca_file` without
+    /// keys): keys added by a reload then take effect after a restart only.
+    certificates_required: bool,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     grace: Duration,
 }
 
 impl RunningServer {
-    /// Re-reads the policy from its source (SIGHUP). A policy that does not
-    /// validate is refused and the one in force stays; either way the attempt
-    /// is audited and logged.
+    /// Re-reads the policy from its source and the API keys from the
+    /// configuration file (SIGHUP). If either no longer validates, the reload
+    /// is refused and both stay as they are; either way the attempt is audited
+    /// (`policy.reload`) and logged, and a reload that went through also
+    /// audits what it changed in the API keys (`auth.reload`).
     pub async fn reload_policy(&self) -> Result<(), String> {
-        let result = self.policy.reload();
+        let result = self.reload_policy_and_keys();
         let (outcome, detail) = match &result {
-            Ok((ids, purposes)) => {
+            Ok(reloaded) => {
+                let (ids, purposes) = reloaded.policy;
                 tracing::info!(identities = ids, purposes, "policy reloaded");
                 (
                     Outcome::Ok,
@@ -57,22 +71,66 @@ impl RunningServer {
                 )
             }
             Err(e) => {
-                tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
+                tracing::error!(
+                    error = %e,
+                    "policy reload refused; the previous policy and API keys stay in force"
+                );
                 (
                     Outcome::Failed,
-                    format!("refused, previous policy kept: {e}"),
+                    format!("refused, previous policy and API keys kept: {e}"),
                 )
             }
         };
+        self.audit_reload("policy.reload", "policy", outcome, detail)
+            .await;
+        if let Ok(Reloaded {
+            api_keys: Some(changes),
+            ..
+        }) = &result
+        {
+            tracing::info!(
+                added = %names(&changes.added),
+                removed = %names(&changes.removed),
+                keys = changes.count,
+                "API keys reloaded"
+            );
+            if self.certificates_required && !changes.added.is_empty() {
+                tracing::warn!(
+                    "API keys added to a vault that started without any: the TLS listener \
+                     requires a client certificate (tls.client_ca_file) until it restarts"
+                );
+            }
+            self.audit_reload("auth.reload", "api_keys", Outcome::Ok, changes.to_string())
+                .await;
+        }
+        result.map(|_| ())
+    }
+
+    /// Validates the configuration file first, then reloads the policy, and
+    /// only then swaps the API keys: a refusal at either step changes nothing.
+    fn reload_policy_and_keys(&self) -> Result<Reloaded, String> {
+        let api_keys = match &self.config_file {
+            Some(path) => Some(ApiKeys::from_config(
+                &Config::load(Some(path.as_path()))
+                    .map_err(|e| e.to_string())?
+                    .auth,
+            )),
+            None => None,
+        };
+        let policy = self.policy.reload()?;
+        let api_keys = api_keys.map(|keys| self.api_keys.replace(keys));
+        Ok(Reloaded { policy, api_keys })
+    }
+
+    async fn audit_reload(&self, action: &str, target: &str, outcome: Outcome, detail: String) {
         if let Err(e) = self
             .vault
             .audit()
-            .record(&Actor::system(), "policy.reload", "policy", outcome, detail)
+            .record(&Actor::system(), action, target, outcome, detail)
             .await
         {
-            tracing::error!(error = %e, "could not audit the policy reload");
+            tracing::error!(error = %e, action, "could not audit the reload");
         }
-        result.map(|_| ())
     }
 
     /// Stops accepting, drains in-flight calls, then stops background work.
@@ -92,6 +150,22 @@ impl RunningServer {
         self.vault.shutdown().await;
         tracing::info!("tokenvault stopped");
     }
+}
+
+/// What a reload put in force.
+struct Reloaded {
+    /// The policy's identities and purposes.
+    policy: (usize, usize),
+    /// What changed in the API keys; `None` when they are fixed.
+    api_keys: Option<ApiKeyChanges>,
+}
+
+/// API key names as one log field: `alice sha256:1a2b3c4d, bob sha256:…`.
+fn names(keys: &[grpc::auth::ApiKeyName]) -> String {
+    keys.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Opens the vault from configuration and starts both listeners.
@@ -129,9 +203,11 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
     let tls = grpc::transport::server_config(config).map_err(StartError)?;
     let (stop, _) = watch::channel(false);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let auth = Authenticator::new(&config.auth, policy.clone());
+    let api_keys = auth.api_keys().clone();
     let ctx = Arc::new(Context {
         vault: vault.clone(),
-        auth: Authenticator::new(&config.auth, policy.clone()),
+        auth,
     });
     let routes = grpc::routes(ctx, health_service)
         .map_err(|e| StartError(format!("cannot build reflection service: {e}")))?;
@@ -187,6 +263,10 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
         http_addr,
         vault,
         policy,
+        api_keys,
+        config_file: config.source_file.clone(),
+        certificates_required: config.tls.client_ca_file.is_some()
+            && config.auth.api_keys.is_empty(),
         stop,
         tasks: vec![grpc_task, http_task, health_task],
         grace: Duration::from_secs(config.server.shutdown_grace_seconds),
@@ -302,7 +382,7 @@ pub async fn serve_then(
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             _ = hangup.recv() => {
-                tracing::info!("SIGHUP: reloading the policy");
+                tracing::info!("SIGHUP: reloading the policy and the API keys");
                 let _ = server.reload_policy().await;
             }
         }

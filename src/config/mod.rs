@@ -571,7 +571,12 @@ impl Config {
         }
         // One probe per process: replicas may share a data directory.
         let probe = dir.join(format!(".write-probe-{}", std::process::id()));
-        std::fs::write(&probe, b"").map_err(err)?;
+        crate::files::private_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe)
+            .map_err(err)?;
         std::fs::remove_file(&probe).map_err(err)?;
         Ok(())
     }

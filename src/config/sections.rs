@@ -307,7 +307,8 @@ impl Default for RefreshConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// API keys (accepted from loopback peers only), stored as SHA-256 hashes.
+    /// API keys (accepted from loopback peers only), stored as SHA-256 hashes;
+    /// reloaded with the policy on SIGHUP when read from a configuration file.
     pub api_keys: Vec<ApiKeyConfig>,
 }
 

@@ -4,7 +4,9 @@
 
 use std::borrow::Cow;
 
+use super::Scope;
 use crate::crypto::CryptoError;
+use crate::limits::{MAX_QUOTED_CHARS, MAX_QUOTED_SCOPES};
 
 /// Everything that can go wrong in a vault operation.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,39 @@ impl VaultError {
     }
 }
 
+/// A caller-sent value as a message or an audit entry may quote it: the
+/// value itself when it has at most [`MAX_QUOTED_CHARS`] characters, else its
+/// first [`MAX_QUOTED_CHARS`] characters followed by "…" (cut on a character
+/// boundary). Messages never quote more of one value than this.
+pub fn excerpt(value: &str) -> Cow<'_, str> {
+    match value.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => Cow::Borrowed(value),
+        Some((end, _)) => Cow::Owned(format!("{}…", &value[..end])),
+    }
+}
+
+/// Scopes a caller sent, as a message or an audit entry may name them: the
+/// first [`MAX_QUOTED_SCOPES`], each an [`excerpt`], separated by spaces, then
+/// "(and N more)" counting the rest, which are never listed.
+pub fn scope_list<'a>(scopes: impl IntoIterator<Item = &'a Scope>) -> String {
+    let mut out = String::new();
+    let mut more = 0usize;
+    for (i, scope) in scopes.into_iter().enumerate() {
+        if i >= MAX_QUOTED_SCOPES {
+            more += 1;
+            continue;
+        }
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(&excerpt(scope.as_str()));
+    }
+    if more > 0 {
+        out.push_str(&format!(" (and {more} more)"));
+    }
+    out
+}
+
 impl From<sqlx::Error> for VaultError {
     fn from(err: sqlx::Error) -> Self {
         use sqlx::Error as E;
@@ -119,5 +154,49 @@ impl From<sqlx::Error> for VaultError {
             }
             _ => Self::Storage(err.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_excerpt_keeps_short_values_and_cuts_long_ones_on_a_character_boundary() {
+        let short = "a".repeat(MAX_QUOTED_CHARS);
+        assert_eq!(excerpt(&short), short);
+        let long = "é".repeat(MAX_QUOTED_CHARS + 1);
+        let cut = excerpt(&long);
+        assert_eq!(cut, format!("{}…", "é".repeat(MAX_QUOTED_CHARS)));
+        assert_eq!(
+            excerpt(&"x".repeat(100_000)).chars().count(),
+            MAX_QUOTED_CHARS + 1
+        );
+    }
+
+    #[test]
+    fn a_scope_list_names_a_few_scopes_and_counts_the_rest() {
+        let scopes: Vec<Scope> = (0..10)
+            .map(|i| Scope::parse(&format!("scope-{i}")).unwrap())
+            .collect();
+        assert_eq!(scope_list(&scopes[..1]), "scope-0");
+        assert_eq!(
+            scope_list(&scopes[..MAX_QUOTED_SCOPES]),
+            (0..MAX_QUOTED_SCOPES)
+                .map(|i| format!("scope-{i}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let listed = scope_list(&scopes);
+        assert!(
+            listed.ends_with(&format!(" (and {} more)", 10 - MAX_QUOTED_SCOPES)),
+            "{listed}"
+        );
+        assert!(!listed.contains("scope-9"), "{listed}");
+        let long = Scope::parse(&"s".repeat(200)).unwrap();
+        assert_eq!(
+            scope_list([&long]),
+            format!("{}…", "s".repeat(MAX_QUOTED_CHARS))
+        );
     }
 }

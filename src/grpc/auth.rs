@@ -2,11 +2,11 @@
 //! An identity comes from the connection's verified client certificate (its
 //! URI SAN, else DNS SAN; see `transport`) or, from loopback peers only, from
 //! an API key (`authorization: Bearer …`, stored as SHA-256 hashes in the
-//! configuration). The policy in force maps the identity to a role. Every
-//! refusal is written to the audit log.
+//! configuration; SIGHUP reloads them with the policy). The policy in force
+//! maps the identity to a role. Every refusal is written to the audit log.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use ring::digest;
 use tonic::{Request, Status};
@@ -40,29 +40,185 @@ impl Caller {
     }
 }
 
-/// Checks callers against the configured keys and the policy in force.
+/// The API keys in force: the SHA-256 of each key and the identity it
+/// authenticates as. Swapped whole when SIGHUP reloads the configuration.
+/// Deliberately not `Debug`: logs name a key by [`ApiKeyName`] only.
+#[derive(Default)]
+pub struct ApiKeys(HashMap<[u8; 32], String>);
+
+impl ApiKeys {
+    /// The key table of validated configuration (`Config::validate` checked
+    /// that every `sha256` is 64 hex digits).
+    pub fn from_config(config: &AuthConfig) -> Self {
+        Self(
+            config
+                .api_keys
+                .iter()
+                .filter_map(|k| {
+                    let bytes: [u8; 32] = hex::decode(&k.sha256).ok()?.try_into().ok()?;
+                    Some((bytes, k.identity.clone()))
+                })
+                .collect(),
+        )
+    }
+
+    /// How many keys there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The identity of the key whose SHA-256 is `hash`.
+    fn identity(&self, hash: &[u8; 32]) -> Option<&str> {
+        self.0.get(hash).map(String::as_str)
+    }
+
+    /// What differs from `self` in `next`: a key is one (hash, identity)
+    /// pair, so a key moved to another identity is removed and added.
+    pub fn changes_to(&self, next: &ApiKeys) -> ApiKeyChanges {
+        let only_in = |a: &ApiKeys, b: &ApiKeys| {
+            let mut names: Vec<ApiKeyName> =
+                a.0.iter()
+                    .filter(|(hash, identity)| b.0.get(*hash) != Some(*identity))
+                    .map(|(hash, identity)| ApiKeyName::new(identity, hash))
+                    .collect();
+            names.sort();
+            names
+        };
+        ApiKeyChanges {
+            added: only_in(next, self),
+            removed: only_in(self, next),
+            count: next.len(),
+        }
+    }
+}
+
+/// How logs and the audit log name an API key: its identity and the first 8
+/// hex digits of the SHA-256 the configuration holds (enough to find the
+/// `[[auth.api_keys]]` entry, and to tell two keys of one identity apart;
+/// never the key, nor its whole hash).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ApiKeyName {
+    /// The identity the key authenticates as.
+    pub identity: String,
+    /// The first 8 hex digits of the key's SHA-256.
+    pub sha256_prefix: String,
+}
+
+impl ApiKeyName {
+    fn new(identity: &str, hash: &[u8; 32]) -> Self {
+        Self {
+            identity: identity.to_owned(),
+            sha256_prefix: hex::encode(&hash[..4]),
+        }
+    }
+}
+
+impl std::fmt::Display for ApiKeyName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} sha256:{}", self.identity, self.sha256_prefix)
+    }
+}
+
+/// What a reload changed in the API keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiKeyChanges {
+    /// Keys that authenticate now and did not before.
+    pub added: Vec<ApiKeyName>,
+    /// Keys that authenticated before and no longer do.
+    pub removed: Vec<ApiKeyName>,
+    /// How many keys are in force now.
+    pub count: usize,
+}
+
+impl ApiKeyChanges {
+    /// Whether the reload changed no key.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// As the audit log records it:
+/// `api_keys added=[alice sha256:1a2b3c4d] removed=[] now 3 keys`.
+impl std::fmt::Display for ApiKeyChanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |names: &[ApiKeyName]| {
+            names
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        write!(
+            f,
+            "api_keys added=[{}] removed=[{}] now {} keys",
+            list(&self.added),
+            list(&self.removed),
+            self.count
+        )
+    }
+}
+
+/// The API keys in force, swappable at run time without dropping
+/// connections (as [`SharedPolicy`] is for the policy).
+pub struct SharedApiKeys {
+    current: RwLock<Arc<ApiKeys>>,
+}
+
+impl SharedApiKeys {
+    /// Holds `keys`.
+    pub fn new(keys: ApiKeys) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(keys)),
+        }
+    }
+
+    /// The keys in force.
+    pub fn current(&self) -> Arc<ApiKeys> {
+        // A poisoned lock only means a writer panicked; the Arc inside is
+        // still a complete key table (it is replaced whole).
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts `keys` in force; returns what changed.
+    pub fn replace(&self, keys: ApiKeys) -> ApiKeyChanges {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let changes = current.changes_to(&keys);
+        *current = Arc::new(keys);
+        changes
+    }
+}
+
+/// Checks callers against the API keys and the policy in force.
 pub struct Authenticator {
-    api_keys: HashMap<[u8; 32], String>,
+    api_keys: Arc<SharedApiKeys>,
     policy: Arc<SharedPolicy>,
 }
 
 impl Authenticator {
     /// Builds the key table from validated configuration.
     pub fn new(config: &AuthConfig, policy: Arc<SharedPolicy>) -> Self {
-        let api_keys = config
-            .api_keys
-            .iter()
-            .filter_map(|k| {
-                let bytes: [u8; 32] = hex::decode(&k.sha256).ok()?.try_into().ok()?;
-                Some((bytes, k.identity.clone()))
-            })
-            .collect();
-        Self { api_keys, policy }
+        Self {
+            api_keys: Arc::new(SharedApiKeys::new(ApiKeys::from_config(config))),
+            policy,
+        }
     }
 
     /// The policy, for reloads.
     pub fn policy(&self) -> &Arc<SharedPolicy> {
         &self.policy
+    }
+
+    /// The API keys, for reloads.
+    pub fn api_keys(&self) -> &Arc<SharedApiKeys> {
+        &self.api_keys
     }
 
     /// Hashes an API key the way the configuration stores it.
@@ -96,7 +252,11 @@ impl Authenticator {
             .as_ref()
             .try_into()
             .map_err(|_| "hash length")?;
-        self.api_keys.get(&hash).cloned().ok_or("unknown API key")
+        self.api_keys
+            .current()
+            .identity(&hash)
+            .map(str::to_owned)
+            .ok_or("unknown API key")
     }
 
     /// Authenticates the caller and checks that its role is one of `allowed`.
@@ -164,5 +324,71 @@ impl Authenticator {
             )));
         }
         Ok(caller)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ApiKeyConfig;
+
+    fn keys(entries: &[(&str, &str)]) -> ApiKeys {
+        ApiKeys::from_config(&AuthConfig {
+            api_keys: entries
+                .iter()
+                .map(|(identity, key)| ApiKeyConfig {
+                    identity: (*identity).to_owned(),
+                    sha256: Authenticator::hash_api_key(key),
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn changes_name_identities_and_hash_prefixes_never_keys() {
+        let before = keys(&[("alice", "key-a"), ("bob", "key-b")]);
+        let after = keys(&[("alice", "key-a"), ("carol", "key-c")]);
+        let changes = before.changes_to(&after);
+        let (carol, bob) = (
+            Authenticator::hash_api_key("key-c"),
+            Authenticator::hash_api_key("key-b"),
+        );
+        let (carol, bob) = (&carol[..8], &bob[..8]);
+        assert_eq!(
+            changes.to_string(),
+            format!("api_keys added=[carol sha256:{carol}] removed=[bob sha256:{bob}] now 2 keys")
+        );
+        let text = changes.to_string();
+        assert!(!text.contains("key-b") && !text.contains(&Authenticator::hash_api_key("key-b")));
+        assert!(
+            before
+                .changes_to(&keys(&[("bob", "key-b"), ("alice", "key-a")]))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_key_moved_to_another_identity_is_removed_and_added() {
+        let changes = keys(&[("alice", "key")]).changes_to(&keys(&[("mallory", "key")]));
+        assert_eq!(changes.added.len(), 1);
+        assert_eq!(changes.added[0].identity, "mallory");
+        assert_eq!(changes.removed.len(), 1);
+        assert_eq!(changes.removed[0].identity, "alice");
+    }
+
+    #[test]
+    fn a_replaced_key_table_is_the_one_in_force() {
+        let shared = SharedApiKeys::new(keys(&[("alice", "key-a")]));
+        let hash = |k: &str| -> [u8; 32] {
+            hex::decode(Authenticator::hash_api_key(k))
+                .unwrap()
+                .try_into()
+                .unwrap()
+        };
+        assert_eq!(shared.current().identity(&hash("key-a")), Some("alice"));
+        let changes = shared.replace(keys(&[("bob", "key-b")]));
+        assert_eq!(changes.removed[0].identity, "alice");
+        assert_eq!(shared.current().identity(&hash("key-a")), None);
+        assert_eq!(shared.current().identity(&hash("key-b")), Some("bob"));
     }
 }

@@ -9,7 +9,9 @@ use crate::domain::{
     ConnectionStatus, DeletionReason, EventKind, Integration, KeyState, Timestamp, UpstreamState,
     VaultError,
 };
-use crate::limits::{DEFAULT_PAGE_SIZE, MAX_LOGIN_HINT_BYTES, MAX_PAGE_SIZE, MAX_REASON_BYTES};
+use crate::limits::{
+    DEFAULT_PAGE_SIZE, MAX_LOGIN_HINT_BYTES, MAX_PAGE_SIZE, MAX_PAGE_TOKEN_BYTES, MAX_REASON_BYTES,
+};
 use crate::proto::v1 as pb;
 use crate::store::{
     AuditRow, ConnectionRecord, EventRecord, PageRequest, ReceiptRecord, ReplicaRecord,
@@ -342,13 +344,20 @@ pub struct PageToken;
 
 impl PageToken {
     /// Parses `page_size` and `page_token` into a page request. `filters`
-    /// describes the request's filters; a token issued for others is refused.
+    /// describes the request's filters; a token issued for others, or longer
+    /// than [`MAX_PAGE_TOKEN_BYTES`], is refused.
     pub fn request(page_size: i32, token: &str, filters: &str) -> Result<PageRequest, VaultError> {
         let limit = match i64::from(page_size) {
             n if n < 0 => return Err(VaultError::invalid("page_size", "must not be negative")),
             0 => i64::from(DEFAULT_PAGE_SIZE),
             n => n.min(i64::from(MAX_PAGE_SIZE)),
         };
+        if token.len() > MAX_PAGE_TOKEN_BYTES {
+            return Err(VaultError::invalid(
+                "page_token",
+                format!("at most {MAX_PAGE_TOKEN_BYTES} bytes"),
+            ));
+        }
         let after = if token.is_empty() {
             None
         } else {
@@ -567,6 +576,13 @@ mod tests {
         assert_eq!(again.after.as_deref(), Some("conn_x"));
         assert!(PageToken::request(2, &next, "tenant=b").is_err());
         assert!(PageToken::request(2, "%%%", "tenant=a").is_err());
+        let long = "A".repeat(MAX_PAGE_TOKEN_BYTES + 1);
+        assert_eq!(
+            PageToken::request(2, &long, "tenant=a")
+                .unwrap_err()
+                .to_string(),
+            format!("invalid page_token: at most {MAX_PAGE_TOKEN_BYTES} bytes")
+        );
         assert!(PageToken::request(-1, "", "").is_err());
         assert_eq!(
             PageToken::request(5000, "", "").unwrap().limit,

@@ -1,4 +1,5 @@
-//! `tokenvault.v1.EventService` (role worker).
+//! `tokenvault.v1.EventService` (role worker). A tenant-limited worker's
+//! stream is filtered to its tenants in the vault (`vault::events`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use super::requests::AckRequest;
 use crate::audit::Outcome;
 use crate::domain::{ConsumerName, VaultError};
 use crate::proto::v1 as pb;
-use crate::vault::WatchRequest;
+use crate::vault::{WatchRequest, Watcher};
 
 pub(super) struct Events(pub Arc<Context>);
 
@@ -69,11 +70,16 @@ impl pb::event_service_server::EventService for Events {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let (_, consumer) = self
+        let (caller, consumer) = self
             .consumer(&request, "EventService.Watch", &request.get_ref().consumer)
             .await?;
         let watch = WatchRequest::try_from((consumer, request.into_inner()))?;
-        let rx = self.0.vault.events_watch(watch).await?;
+        // The vault filters by tenant with the policy in force at each page.
+        let watcher = Watcher {
+            identity: caller.identity,
+            policy: self.0.auth.policy().clone(),
+        };
+        let rx = self.0.vault.events_watch(watch, watcher).await?;
         let stream = ReceiverStream::new(rx).map(|item| match item {
             Ok(e) => Ok(convert::event(&e)),
             Err(e) => Err(Status::from(e)),
@@ -88,6 +94,36 @@ impl pb::event_service_server::EventService for Events {
         let (caller, consumer) = self
             .consumer(&request, "EventService.Ack", &request.get_ref().consumer)
             .await?;
+        // A tenant-limited caller is not sent other tenants' events, and a
+        // consumer's ack covers every event before it: acking for a consumer
+        // that deletion receipts wait for would record other tenants'
+        // deletions as purged by a worker that never saw them.
+        if caller.policy.tenant_scope(&caller.identity).is_limited()
+            && self.0.vault.receipts_wait_for(&consumer)
+        {
+            self.0
+                .vault
+                .audit()
+                .record(
+                    &caller.actor(),
+                    "authz.deny",
+                    "EventService.Ack",
+                    Outcome::Denied,
+                    format!(
+                        "tenant-limited caller may not acknowledge for required consumer {consumer}"
+                    ),
+                )
+                .await?;
+            return Err(VaultError::PermissionDenied(
+                format!(
+                    "{} is limited to some tenants and may not acknowledge as {consumer}: \
+                     deletion receipts wait for {consumer}, whose acknowledgements cover every tenant's events",
+                    caller.identity
+                )
+                .into(),
+            )
+            .into());
+        }
         let ack = AckRequest::try_from((consumer, request.into_inner()))?;
         let position = self
             .0

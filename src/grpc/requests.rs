@@ -12,6 +12,10 @@
 //!   one, with a [`VaultError::InvalidArgument`] naming it: the same request
 //!   always gets the same message, which the malformed-input tests compare
 //!   word for word with what `fuzzing::grpc_request` predicts.
+//! - Every field is bounded (see [`crate::limits`]). A repeated field is
+//!   counted before any of its elements is parsed, and a refusal states the
+//!   limit and the count, never the values: bulk input is neither parsed nor
+//!   echoed.
 //! - Nothing here reads storage, the clock or the policy; checks that do, or
 //!   that the vault audits (an OAuth state's length in
 //!   `Vault::authorization_complete`, a lease's empty scope list in
@@ -33,10 +37,26 @@ use crate::domain::{
     AccountId, ConnectionId, ConsumerName, EventKind, Integration, LeaseId, Purpose, ReceiptId,
     ScopeSet, TenantId, VaultError,
 };
-use crate::limits::{MAX_CODE_BYTES, MAX_MIN_VALID_SECONDS};
+use crate::limits::{
+    MAX_AUDIT_FILTER_BYTES, MAX_CODE_BYTES, MAX_FILTER_VALUES, MAX_GOOGLE_SUBJECT_BYTES,
+    MAX_MIN_VALID_SECONDS, MAX_SCOPES_PER_LEASE,
+};
 use crate::proto::v1 as pb;
 use crate::store::{AuditFilter, ConnectionFilter, PageRequest};
 use crate::vault::{Completion, WatchRequest};
+
+/// Refuses a repeated field with more than `max` elements before any is
+/// parsed; the message names the field and the limit and counts what was
+/// sent, quoting none of it ("at most 64 scopes (got 10000)").
+fn count(field: &'static str, noun: &str, got: usize, max: usize) -> Result<(), VaultError> {
+    if got > max {
+        return Err(VaultError::invalid(
+            field,
+            format!("at most {max} {noun} (got {got})"),
+        ));
+    }
+    Ok(())
+}
 
 // ---------------------------------------------------------------------------
 // ConnectionService
@@ -205,8 +225,17 @@ impl TryFrom<pb::AdminListConnectionsRequest> for ListConnectionsRequest {
             integration: req.integration.map(convert::integration).transpose()?,
             include_deleted: req.include_deleted,
             status: req.status.map(convert::connection_status).transpose()?,
-            // An exact-match filter applied in memory: any value is valid.
-            google_subject: req.google_subject,
+            // An exact-match filter applied in memory: any value up to the
+            // longest subject OpenID Connect allows is valid.
+            google_subject: match req.google_subject {
+                Some(s) if s.len() > MAX_GOOGLE_SUBJECT_BYTES => {
+                    return Err(VaultError::invalid(
+                        "google_subject",
+                        format!("at most {MAX_GOOGLE_SUBJECT_BYTES} bytes"),
+                    ));
+                }
+                subject => subject,
+            },
         };
         Self::with_page(filter, req.page_size, &req.page_token)
     }
@@ -297,7 +326,8 @@ impl TryFrom<pb::GetDeletionReceiptRequest> for GetDeletionReceiptRequest {
 /// `LeaseService.LeaseToken`, parsed. The handler adds what is not in the
 /// message (the vault's default `min_valid`, the call's deadline) to make a
 /// [`crate::vault::LeaseRequest`]. An empty scope list parses: the vault
-/// refuses it, and audits the refusal.
+/// refuses it, and audits the refusal. More than
+/// [`MAX_SCOPES_PER_LEASE`] scopes are refused here, before any is parsed.
 #[derive(Debug)]
 pub struct LeaseTokenRequest {
     /// The connection whose token is asked for.
@@ -330,6 +360,7 @@ impl TryFrom<pb::LeaseTokenRequest> for LeaseTokenRequest {
         };
         let connection = ConnectionId::parse(&req.connection_id)?;
         let purpose = Purpose::parse(&req.purpose)?;
+        count("scopes", "scopes", req.scopes.len(), MAX_SCOPES_PER_LEASE)?;
         let scopes = ScopeSet::parse(req.scopes.iter().map(String::as_str))?;
         Ok(Self {
             connection,
@@ -362,7 +393,8 @@ impl TryFrom<pb::ReleaseLeaseRequest> for ReleaseLeaseRequest {
 // ---------------------------------------------------------------------------
 
 /// `EventService.Watch` with its consumer parsed (and, in the handler,
-/// permitted) already: the cursor, then the kinds, then the integrations.
+/// permitted) already: the cursor, then the kinds, then the integrations,
+/// each list counted (at most [`MAX_FILTER_VALUES`]) before it is parsed.
 impl TryFrom<(ConsumerName, pb::WatchRequest)> for WatchRequest {
     type Error = VaultError;
 
@@ -371,11 +403,18 @@ impl TryFrom<(ConsumerName, pb::WatchRequest)> for WatchRequest {
             .after_cursor
             .map(|c| i64::try_from(c).map_err(|_| VaultError::invalid("after_cursor", "too large")))
             .transpose()?;
+        count("kinds", "kinds", req.kinds.len(), MAX_FILTER_VALUES)?;
         let kinds: Vec<EventKind> = req
             .kinds
             .iter()
             .map(|k| convert::event_kind(*k))
             .collect::<Result<_, VaultError>>()?;
+        count(
+            "integrations",
+            "integrations",
+            req.integrations.len(),
+            MAX_FILTER_VALUES,
+        )?;
         let integrations: Vec<Integration> = req
             .integrations
             .iter()
@@ -545,16 +584,23 @@ impl TryFrom<pb::QueryAuditRequest> for QueryAuditRequest {
             Some(Ok(pb::AuditOutcome::Failure)) => Some("failed".to_owned()),
             Some(_) => return Err(VaultError::invalid("outcome", "unknown or unspecified")),
         };
-        // No audit field holds a control character; PostgreSQL refuses NUL in text.
+        // No audit field is longer than the limit or holds a control
+        // character; PostgreSQL refuses NUL in text.
         for (field, value) in [
             ("actor", &req.actor),
             ("action", &req.action),
             ("target", &req.target),
         ] {
-            if value
-                .as_deref()
-                .is_some_and(|v| v.chars().any(char::is_control))
-            {
+            let Some(value) = value.as_deref() else {
+                continue;
+            };
+            if value.len() > MAX_AUDIT_FILTER_BYTES {
+                return Err(VaultError::invalid(
+                    field,
+                    format!("at most {MAX_AUDIT_FILTER_BYTES} bytes"),
+                ));
+            }
+            if value.chars().any(char::is_control) {
                 return Err(VaultError::invalid(
                     field,
                     "must not contain control characters",
@@ -683,6 +729,97 @@ mod tests {
         let mut req = lease(0);
         req.scopes.clear();
         assert!(LeaseTokenRequest::try_from(req).unwrap().scopes.is_empty());
+    }
+
+    #[test]
+    fn scopes_are_counted_before_any_is_parsed_and_never_echoed() {
+        let scopes = |n: usize| (0..n).map(|i| format!("scope-{i:05}")).collect::<Vec<_>>();
+        let mut req = lease(0);
+        req.scopes = scopes(MAX_SCOPES_PER_LEASE);
+        let parsed = LeaseTokenRequest::try_from(req.clone()).unwrap();
+        assert_eq!(parsed.scopes.iter().count(), MAX_SCOPES_PER_LEASE);
+
+        req.scopes = scopes(MAX_SCOPES_PER_LEASE + 1);
+        assert_eq!(
+            refusal(LeaseTokenRequest::try_from(req.clone())),
+            format!(
+                "invalid scopes: at most {MAX_SCOPES_PER_LEASE} scopes (got {})",
+                MAX_SCOPES_PER_LEASE + 1
+            )
+        );
+        // 10,000 scopes none of which would parse: the count decides, and
+        // the message quotes none of them.
+        req.scopes = vec!["bad scope".to_owned(); 10_000];
+        let message = refusal(LeaseTokenRequest::try_from(req));
+        assert_eq!(
+            message,
+            format!("invalid scopes: at most {MAX_SCOPES_PER_LEASE} scopes (got 10000)")
+        );
+    }
+
+    #[test]
+    fn watch_filters_are_counted_before_they_are_parsed() {
+        let watch = |kinds: Vec<i32>, integrations: Vec<i32>| pb::WatchRequest {
+            consumer: "calendar-sync".into(),
+            after_cursor: None,
+            kinds,
+            integrations,
+        };
+        let at = WatchRequest::try_from(watch(
+            vec![1; MAX_FILTER_VALUES],
+            vec![1; MAX_FILTER_VALUES],
+        ))
+        .unwrap();
+        assert_eq!(
+            (at.kinds.len(), at.integrations.len()),
+            (MAX_FILTER_VALUES, MAX_FILTER_VALUES)
+        );
+        // Unknown values, too many of them: the count decides.
+        assert_eq!(
+            refusal(WatchRequest::try_from(watch(vec![99; 1000], vec![]))),
+            format!("invalid kinds: at most {MAX_FILTER_VALUES} kinds (got 1000)")
+        );
+        assert_eq!(
+            refusal(WatchRequest::try_from(watch(
+                vec![],
+                vec![1; MAX_FILTER_VALUES + 1]
+            ))),
+            format!(
+                "invalid integrations: at most {MAX_FILTER_VALUES} integrations (got {})",
+                MAX_FILTER_VALUES + 1
+            )
+        );
+    }
+
+    #[test]
+    fn free_text_filters_are_bounded_without_being_echoed() {
+        let audit = |actor: String| pb::QueryAuditRequest {
+            actor: Some(actor),
+            ..Default::default()
+        };
+        QueryAuditRequest::try_from(audit("a".repeat(MAX_AUDIT_FILTER_BYTES))).unwrap();
+        assert_eq!(
+            refusal(QueryAuditRequest::try_from(audit(
+                "a".repeat(MAX_AUDIT_FILTER_BYTES + 1)
+            ))),
+            format!("invalid actor: at most {MAX_AUDIT_FILTER_BYTES} bytes")
+        );
+        let subject = |s: String| pb::AdminListConnectionsRequest {
+            google_subject: Some(s),
+            ..Default::default()
+        };
+        let at = ListConnectionsRequest::try_from(subject("1".repeat(MAX_GOOGLE_SUBJECT_BYTES)))
+            .unwrap();
+        assert_eq!(
+            at.filter.google_subject.map(|s| s.len()),
+            Some(MAX_GOOGLE_SUBJECT_BYTES)
+        );
+        assert_eq!(
+            refusal(ListConnectionsRequest::try_from(subject(
+                "1".repeat(MAX_GOOGLE_SUBJECT_BYTES + 1)
+            ))),
+            format!("invalid google_subject: at most {MAX_GOOGLE_SUBJECT_BYTES} bytes")
+        );
     }
 
     #[test]

@@ -1,10 +1,37 @@
 //! The one place where a [`VaultError`] becomes a `tonic::Status`: it decides
 //! the code and what the caller may read. Internal details are logged, never
 //! sent; no variant carries secret bytes to begin with.
+//!
+//! Every message sent is at most [`MAX_STATUS_MESSAGE_BYTES`] (1 KiB). The
+//! messages are short by construction — limits are stated, not the values
+//! that broke them, and caller input is quoted only as a short excerpt — so
+//! the cut made here is a last line of defence: a message that somehow grew
+//! (say, from a dependency's error text) still reaches the caller as the
+//! real error, not as RESOURCE_EXHAUSTED from headers too large for HTTP/2.
 
 use tonic::{Code, Status};
 
 use crate::domain::VaultError;
+use crate::limits::MAX_STATUS_MESSAGE_BYTES;
+
+/// What ends a message that was cut.
+const CUT: &str = "…";
+
+/// `message`, cut to at most [`MAX_STATUS_MESSAGE_BYTES`] bytes on a
+/// character boundary and then ending in "…", when it is longer.
+fn bounded(mut message: String) -> String {
+    if message.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return message;
+    }
+    let mut end = MAX_STATUS_MESSAGE_BYTES - CUT.len();
+    // A character is at most 4 bytes: this stops within 3 steps.
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(CUT);
+    message
+}
 
 impl From<VaultError> for Status {
     fn from(err: VaultError) -> Self {
@@ -37,7 +64,7 @@ impl From<VaultError> for Status {
             }
             _ => err.to_string(),
         };
-        Status::new(code, message)
+        Status::new(code, bounded(message))
     }
 }
 
@@ -86,5 +113,39 @@ mod tests {
         assert!(!status.message().contains("connection_secrets"));
         let status = Status::from(VaultError::invalid("tenant_id", "must not be empty"));
         assert_eq!(status.message(), "invalid tenant_id: must not be empty");
+    }
+
+    #[test]
+    fn messages_longer_than_1_kib_are_cut_on_a_character_boundary() {
+        // Two-byte characters, so the limit falls inside one.
+        let long = VaultError::precondition("é".repeat(MAX_STATUS_MESSAGE_BYTES));
+        let status = Status::from(long);
+        let message = status.message();
+        assert!(
+            message.len() <= MAX_STATUS_MESSAGE_BYTES,
+            "{}",
+            message.len()
+        );
+        assert!(
+            message.len() > MAX_STATUS_MESSAGE_BYTES - 8,
+            "{}",
+            message.len()
+        );
+        assert!(message.ends_with("é…"), "{message}");
+        assert!(message.trim_end_matches('…').chars().all(|c| c == 'é'));
+
+        let long = VaultError::PermissionDenied("x".repeat(10 * MAX_STATUS_MESSAGE_BYTES).into());
+        let status = Status::from(long);
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(status.message().len(), MAX_STATUS_MESSAGE_BYTES);
+        assert!(status.message().ends_with("x…"));
+
+        let exact = "y".repeat(MAX_STATUS_MESSAGE_BYTES);
+        let status = Status::from(VaultError::precondition(exact.clone()));
+        assert_eq!(
+            status.message(),
+            exact,
+            "a message of exactly the limit is sent whole"
+        );
     }
 }

@@ -94,6 +94,41 @@ impl SqliteStore {
             // When the WAL starts over after a checkpoint, its file is cut
             // back to this size rather than keeping its high-water mark.
             .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string());
+        // The database file is created here, 0600, before SQLite opens it:
+        // SQLite would create it 0644 (less the umask). SQLite creates the
+        // -wal, -shm and -journal files with the database file's mode
+        // (`findCreateFileMode`, `unixOpenSharedMemory`), so they follow.
+        // Files left by an earlier, looser run are narrowed to the owner:
+        // SQLite only sets the mode of a file it finds empty.
+        let in_memory = {
+            use sqlx::ConnectOptions as _;
+            options
+                .to_url_lossy()
+                .query_pairs()
+                .any(|(k, v)| k == "mode" && v == "memory")
+        };
+        if !in_memory {
+            let db = options.get_filename();
+            let failed = |e: std::io::Error| {
+                VaultError::Storage(format!(
+                    "cannot make the SQLite database {} owner-only: {e}",
+                    db.display()
+                ))
+            };
+            crate::files::create_private_if_missing(db).map_err(failed)?;
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let mut path = db.as_os_str().to_owned();
+                path.push(suffix);
+                let path = std::path::PathBuf::from(path);
+                if let Some(was) = crate::files::restrict_to_owner(&path).map_err(failed)? {
+                    tracing::warn!(
+                        path = %path.display(),
+                        mode = %format!("{was:04o}"),
+                        "database file was readable by group or others; group and other permissions removed"
+                    );
+                }
+            }
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)

@@ -193,7 +193,7 @@ impl Vault {
         Timestamp::from_micros(Timestamp::now().as_micros().saturating_sub(sla))
     }
 
-    fn required_consumers(&self) -> Vec<(Integration, String)> {
+    pub(super) fn required_consumers(&self) -> Vec<(Integration, String)> {
         let mut out = Vec::new();
         for (integration, consumers) in &self.settings.deletion.required_consumers {
             if let Ok(i) = Integration::parse(integration) {

@@ -9,11 +9,27 @@
 //! moved" — and read the events themselves, in cursor order, from the
 //! database; cursors are committed in order (see the store), so reading
 //! "after my last cursor" never skips one.
+//!
+//! A watcher limited to some tenants ([`crate::policy::TenantScope`]) is
+//! sent only their events. The filter runs here, on the server, before an
+//! event reaches the transport, so no field of another tenant's event —
+//! tenant, account, connection or lease id, detail — goes on the wire. An
+//! event that names no tenant (none does today: every event names a
+//! connection or an account) could be anyone's, so only watchers without a
+//! limit get it. The stream's own position moves past every event it reads,
+//! sent or not, and cursors stay plain positions in the one log: a limited
+//! watcher acks the cursor of the last event it acted on, which covers the
+//! skipped events before it (or any cursor up to the newest), and resumes
+//! from there. What it learns of other tenants is that its cursors have gaps
+//! and, from an OUT_OF_RANGE answer, the newest cursor.
+
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::audit::{Actor, Outcome};
 use crate::domain::{ConsumerName, EventKind, Integration, Timestamp, VaultError};
+use crate::policy::SharedPolicy;
 use crate::store::EventRecord;
 
 use super::Vault;
@@ -63,6 +79,26 @@ pub struct WatchRequest {
     pub integrations: Vec<Integration>,
 }
 
+/// Who is watching, for the tenant filter: the caller's identity and the
+/// policy in force. The filter reads the policy again for every page it
+/// sends, so a reload that narrows the watcher's tenants applies to a running
+/// stream too, and an identity the reload removes is sent nothing more.
+#[derive(Clone)]
+pub struct Watcher {
+    /// The caller's identity.
+    pub identity: String,
+    /// The policy in force, reloadable.
+    pub policy: Arc<SharedPolicy>,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
 impl WatchRequest {
     fn wants(&self, e: &EventRecord) -> bool {
         (self.kinds.is_empty() || self.kinds.contains(&e.event.kind))
@@ -76,10 +112,12 @@ impl WatchRequest {
 impl Vault {
     /// Starts a watch: checks the start position, then streams past and
     /// future events until the receiver is dropped or the vault shuts down
-    /// (the stream then ends with UNAVAILABLE).
+    /// (the stream then ends with UNAVAILABLE). Only events of tenants the
+    /// watcher may see are sent (see the module doc).
     pub async fn events_watch(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         req: WatchRequest,
+        watcher: Watcher,
     ) -> Result<mpsc::Receiver<Result<EventRecord, VaultError>>, VaultError> {
         let state = self.store().event_state().await?;
         let start = match req.after_cursor {
@@ -112,13 +150,14 @@ impl Vault {
         self.events.advance(state.head);
         let (tx, rx) = mpsc::channel(PAGE as usize);
         let vault = self.clone();
-        tokio::spawn(async move { vault.stream_events(req, start, tx).await });
+        tokio::spawn(async move { vault.stream_events(req, watcher, start, tx).await });
         Ok(rx)
     }
 
     async fn stream_events(
         &self,
         req: WatchRequest,
+        watcher: Watcher,
         mut position: i64,
         tx: mpsc::Sender<Result<EventRecord, VaultError>>,
     ) {
@@ -134,9 +173,13 @@ impl Vault {
                 }
             };
             let full = page.len() as i64 == PAGE;
+            let policy = watcher.policy.current();
+            let tenants = policy.tenant_scope(&watcher.identity);
             for e in page {
+                // Past every event read, sent or not: the next page starts after it.
                 position = e.cursor;
-                if req.wants(&e) && tx.send(Ok(e)).await.is_err() {
+                let shown = req.wants(&e) && tenants.sees(e.event.tenant.as_ref());
+                if shown && tx.send(Ok(e)).await.is_err() {
                     return;
                 }
             }
@@ -158,8 +201,23 @@ impl Vault {
         }
     }
 
+    /// Whether deletion receipts wait for `consumer`'s acknowledgements
+    /// (`deletion.required_consumers`).
+    pub fn receipts_wait_for(&self, consumer: &ConsumerName) -> bool {
+        self.required_consumers()
+            .iter()
+            .any(|(_, c)| c == consumer.as_str())
+    }
+
     /// Acknowledges every event up to `cursor` for `consumer`; returns the
-    /// durable position.
+    /// durable position. Any cursor up to the newest is accepted, whether or
+    /// not the caller was sent the event at it: a tenant-limited watcher acks
+    /// past the other tenants' events it was not sent. A consumer's position
+    /// is one position in the one log, and its ack is stamped on the receipts
+    /// of every event it covers, whatever their tenant: so the transport
+    /// refuses an ack from a tenant-limited caller for a consumer that
+    /// deletion receipts wait for ([`Vault::receipts_wait_for`]), which would
+    /// otherwise record other tenants' data as purged unseen.
     pub async fn events_ack(
         &self,
         actor: &Actor,

@@ -23,8 +23,8 @@ use ring::rand::SecureRandom as _;
 use crate::audit::{Actor, LeaseRecorded, Outcome};
 use crate::crypto::{SecretString, TokenKind, fingerprint};
 use crate::domain::{
-    ConnectionId, ConnectionStatus, DeletionReason, LeaseId, Purpose, ScopeSet, Timestamp,
-    VaultError,
+    ConnectionId, ConnectionStatus, DeletionReason, LeaseId, Purpose, ScopeSet, TenantId,
+    Timestamp, VaultError, scope_list,
 };
 use crate::google::GoogleError;
 use crate::policy::{LeaseAsk, Policy};
@@ -75,6 +75,25 @@ pub struct Lease {
     pub scopes: ScopeSet,
 }
 
+/// A refused lease: the error the caller gets and, for the audit log only,
+/// what the caller is not told.
+struct Refusal {
+    /// What the caller gets.
+    error: VaultError,
+    /// The tenant of a connection that exists but that the caller may not
+    /// see; the caller was told NOT_FOUND, as for an id that does not exist.
+    foreign_tenant: Option<TenantId>,
+}
+
+impl From<VaultError> for Refusal {
+    fn from(error: VaultError) -> Self {
+        Self {
+            error,
+            foreign_tenant: None,
+        }
+    }
+}
+
 /// The task renewing a refresh lock; dropping it stops the renewal, however
 /// the refresh ends (a caller that gives up drops the refresh mid-call).
 pub(super) struct Renewal(tokio::task::JoinHandle<()>);
@@ -123,6 +142,16 @@ impl Vault {
     /// Leases a connection's access token, if `policy` grants it to `actor`.
     /// Every grant and every denial is audited; if the audit entry cannot be
     /// written the caller gets no token.
+    ///
+    /// A caller limited to some tenants ([`crate::policy::TenantScope`]) is
+    /// answered for a connection of another tenant exactly as for an id that
+    /// does not exist: NOT_FOUND, `connection <id> not found`, decided before
+    /// any other check of the connection, the same metric label
+    /// (`reason=not_found`) and the same audit entry (`lease.deny`, outcome
+    /// `denied` — a limited caller's unknown id is recorded as a denial too —
+    /// detail `reason=not_found: connection <id> not found`). Only reviewers
+    /// reading the audit log see the difference: the foreign connection's
+    /// entry ends by naming the tenant it is in.
     #[tracing::instrument(
         name = "lease",
         skip_all,
@@ -135,7 +164,10 @@ impl Vault {
         req: LeaseRequest,
     ) -> Result<Lease, VaultError> {
         let started = Instant::now();
-        let result = self.lease_token_inner(actor, policy, &req).await;
+        let (result, foreign_tenant) = match self.lease_token_inner(actor, policy, &req).await {
+            Ok(lease) => (Ok(lease), None),
+            Err(refusal) => (Err(refusal.error), refusal.foreign_tenant),
+        };
         let purpose = req.purpose.to_string();
         metrics::histogram!("tokenvault_lease_seconds").record(started.elapsed().as_secs_f64());
         match &result {
@@ -148,9 +180,12 @@ impl Vault {
                     .increment(1);
             }
             Err(e) => {
+                let limited = policy.tenant_scope(&actor.identity).is_limited();
                 let (reason, outcome) = match e {
                     VaultError::PermissionDenied(_) => ("policy", Outcome::Denied),
                     VaultError::FailedPrecondition(_) => ("precondition", Outcome::Failed),
+                    // Missing or in another tenant: one entry shape for both.
+                    VaultError::NotFound { .. } if limited => ("not_found", Outcome::Denied),
                     VaultError::NotFound { .. } => ("not_found", Outcome::Failed),
                     VaultError::InvalidArgument { .. } => ("invalid", Outcome::Failed),
                     VaultError::Unavailable(_) => ("unavailable", Outcome::Failed),
@@ -158,14 +193,22 @@ impl Vault {
                 };
                 metrics::counter!("tokenvault_lease_denials_total", "purpose" => purpose.clone(), "reason" => reason)
                     .increment(1);
-                let scopes = req.scopes.to_spaced();
+                // The scopes asked for may be anything a worker sent: name a
+                // few, count the rest, so that a denial's entry stays small.
+                let scopes = scope_list(req.scopes.iter());
+                let mut detail = format!("purpose={purpose} scopes={scopes} reason={reason}: {e}");
+                if let Some(tenant) = &foreign_tenant {
+                    detail.push_str(&format!(
+                        " (for reviewers: it exists in tenant {tenant}, outside the caller's tenants)"
+                    ));
+                }
                 self.audit()
                     .record(
                         actor,
                         "lease.deny",
                         req.connection.as_str(),
                         outcome,
-                        format!("purpose={purpose} scopes={scopes} reason={reason}: {e}"),
+                        detail,
                     )
                     .await?;
             }
@@ -178,9 +221,9 @@ impl Vault {
         actor: &Actor,
         policy: &Policy,
         req: &LeaseRequest,
-    ) -> Result<Lease, VaultError> {
+    ) -> Result<Lease, Refusal> {
         if req.scopes.is_empty() {
-            return Err(VaultError::invalid("scopes", "name at least one scope"));
+            return Err(VaultError::invalid("scopes", "name at least one scope").into());
         }
         if !policy.allows_purpose(&actor.identity, &req.purpose) {
             return Err(VaultError::PermissionDenied(
@@ -190,7 +233,8 @@ impl Vault {
                     req.purpose.as_str()
                 )
                 .into(),
-            ));
+            )
+            .into());
         }
         // A cached record may be out of date; the store records no lease on a
         // connection that changed since it was read, and then one read from
@@ -201,10 +245,10 @@ impl Vault {
         self.lease_attempt(actor, policy, req, true)
             .await?
             .ok_or_else(|| {
-                VaultError::precondition(format!(
+                Refusal::from(VaultError::precondition(format!(
                     "connection {} was deleted, suspended or changed while the lease was being granted",
                     req.connection
-                ))
+                )))
             })
     }
 
@@ -219,13 +263,26 @@ impl Vault {
         policy: &Policy,
         req: &LeaseRequest,
         fresh: bool,
-    ) -> Result<Option<Lease>, VaultError> {
+    ) -> Result<Option<Lease>, Refusal> {
         let read_started = Instant::now();
         let found = self.reader.get(&req.connection, fresh).await;
         metrics::histogram!("tokenvault_lease_stage_seconds", "stage" => "read")
             .record(read_started.elapsed().as_secs_f64());
         let read = found?.ok_or_else(|| VaultError::not_found("connection", &req.connection))?;
         let conn: &ConnectionRecord = &read.conn;
+        // Before any check that could tell them apart (integration, status,
+        // scopes): a connection in a tenant the caller may not see is
+        // answered exactly as a missing one, with the error built the same
+        // way from the id the caller sent.
+        if !policy
+            .tenant_scope(&actor.identity)
+            .sees(Some(&conn.tenant))
+        {
+            return Err(Refusal {
+                error: VaultError::not_found("connection", &req.connection),
+                foreign_tenant: Some(conn.tenant.clone()),
+            });
+        }
         policy
             .check_lease(
                 &actor.identity,
@@ -241,7 +298,8 @@ impl Vault {
             return Err(VaultError::precondition(format!(
                 "connection {} is {}; it cannot be leased",
                 conn.id, conn.status
-            )));
+            ))
+            .into());
         }
         if !conn.granted_scopes.covers(&req.scopes) {
             if read.cached {
@@ -249,16 +307,12 @@ impl Vault {
                 self.reader.forget(&conn.id);
                 return Ok(None);
             }
-            let missing: Vec<&str> = conn
-                .granted_scopes
-                .missing_from(&req.scopes)
-                .map(|s| s.as_str())
-                .collect();
+            let missing = scope_list(conn.granted_scopes.missing_from(&req.scopes));
             return Err(VaultError::precondition(format!(
-                "Google did not grant {} for connection {}",
-                missing.join(" "),
+                "Google did not grant {missing} for connection {}",
                 conn.id
-            )));
+            ))
+            .into());
         }
         let want = Timestamp::now().plus(req.min_valid);
         // The common case: the token read with the connection is fresh enough.
@@ -279,7 +333,7 @@ impl Vault {
                         self.reader.forget(&conn.id);
                         return Ok(None);
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 }
             }
             _ => None,

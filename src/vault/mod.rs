@@ -17,7 +17,7 @@ use std::sync::Arc;
 pub use authorize::{BeginOutcome, Completer, Completion, ID_TOKEN_REFUSED, STATE_TTL};
 pub use connections::{NewConnection, OpenedToken};
 pub use deletion::Deletion;
-pub use events::WatchRequest;
+pub use events::{WatchRequest, Watcher};
 pub use keys::{KEY_CLAIM_TTL, KeyManager, KeyStatus, RotationStatus, VersionStatus};
 pub use lease::{Lease, LeaseRequest};
 pub use risc::RiscError;

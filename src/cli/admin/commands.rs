@@ -541,9 +541,16 @@ impl Admin {
     /// `audit export`: entries 1 to the newest at the start, as JSON Lines.
     pub(super) async fn audit_export(&mut self, path: Option<PathBuf>) -> Result<(), CliError> {
         let mut sink: Box<dyn Write> = match &path {
-            Some(p) => Box::new(io::BufWriter::new(std::fs::File::create(p).map_err(
-                |e| CliError::failed(format!("cannot create {}: {e}", p.display())),
-            )?)),
+            // Owner-only (0600), like every file the vault writes: the log
+            // names identities, connections and token fingerprints.
+            Some(p) => Box::new(io::BufWriter::new(
+                crate::files::private_options()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(p)
+                    .map_err(|e| CliError::failed(format!("cannot create {}: {e}", p.display())))?,
+            )),
             None => Box::new(io::BufWriter::new(io::stdout())),
         };
         let progress = show_progress();
