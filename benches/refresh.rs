@@ -110,6 +110,7 @@ fn config(dir: &std::path::Path, url: String, sim: &GoogleSim) -> Config {
             role: "app".into(),
             purposes: vec![],
             consumers: vec![],
+            authenticate: None,
         },
     );
     c.policy.identities.insert(
@@ -118,6 +119,7 @@ fn config(dir: &std::path::Path, url: String, sim: &GoogleSim) -> Config {
             role: "worker".into(),
             purposes: vec!["calendar_sync".into()],
             consumers: vec!["calendar-sync".into()],
+            authenticate: None,
         },
     );
     c.policy.purposes.insert(

@@ -10,7 +10,8 @@
 //! (`vault`) and the store; `grpc` serves it as `EventService`.
 //!
 //! Modules:
-//! - `audit`: the tamper-evident, hash-chained audit log, its signed checkpoints and verification.
+//! - `audit`: the tamper-evident, hash-chained audit log, its signed checkpoints, their
+//!   witness outside the database, and verification.
 //! - `cli`: the command line: `serve`, offline `keys`, the `admin` and `dev` clients.
 //! - `config`: configuration from a TOML file and `TOKENVAULT_*` variables.
 //! - `crypto`: keyring providers, envelope encryption and secret types.

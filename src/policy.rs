@@ -21,12 +21,22 @@
 //!
 //! [identities."crm-backend"]
 //! role = "app"
+//! authenticate = "api_key"   # or "certificate"; see below
 //!
 //! [purposes.calendar_sync]
 //! integrations = ["calendar"]
 //! scopes = ["https://www.googleapis.com/auth/calendar.events"]
 //! tenants = []          # empty: every tenant
 //! ```
+//!
+//! Certificate identities and API-key identities are distinct name spaces:
+//! each identity authenticates one way only ([`AuthMethod`]), so a client
+//! certificate whose SAN spells an API-key identity's name (or an API key
+//! configured for a certificate identity) reaches nothing. An entry says which
+//! way with `authenticate`; without it, an identity that holds an API key
+//! (`[[auth.api_keys]]`) authenticates by API key, every other one by
+//! certificate. The policy is therefore built knowing which identities hold
+//! keys ([`ApiKeyHolders`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -76,6 +86,60 @@ impl fmt::Display for Role {
     }
 }
 
+/// How an identity proves who it is. An identity is reached one way only: a
+/// caller that authenticated the other way is refused, whatever name its
+/// credential carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    /// A client certificate signed by `tls.client_ca_file`, naming the identity
+    /// in its URI SAN, else its DNS SAN (`certificate`).
+    Certificate,
+    /// An API key of `[[auth.api_keys]]`, presented by a loopback peer
+    /// (`api_key`).
+    ApiKey,
+}
+
+impl AuthMethod {
+    /// The name the policy file uses: `certificate` or `api_key`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Certificate => "certificate",
+            AuthMethod::ApiKey => "api_key",
+        }
+    }
+}
+
+/// As messages name it: `certificate`, `API key`.
+impl fmt::Display for AuthMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AuthMethod::Certificate => "certificate",
+            AuthMethod::ApiKey => "API key",
+        })
+    }
+}
+
+/// The identities that hold at least one API key (`[[auth.api_keys]]`): what
+/// the policy needs to know of the keys to tell how an identity without
+/// `authenticate` authenticates, and to refuse `authenticate = "api_key"` for
+/// an identity no key names (a typo would otherwise lock it out silently).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiKeyHolders(BTreeSet<String>);
+
+impl ApiKeyHolders {
+    /// The holders of keys configured for `identities` (one per key; repeats
+    /// are fine).
+    pub fn new<'a>(identities: impl IntoIterator<Item = &'a str>) -> Self {
+        Self(identities.into_iter().map(str::to_owned).collect())
+    }
+
+    /// Whether `identity` holds a key.
+    pub fn holds(&self, identity: &str) -> bool {
+        self.0.contains(identity)
+    }
+}
+
 /// A policy as written (the `[policy]` section, or a policy file).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -98,6 +162,11 @@ pub struct IdentityEntry {
     /// Workers: the event consumers it may watch and acknowledge as.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumers: Vec<String>,
+    /// How it authenticates: `certificate` or `api_key`, and only that way.
+    /// Absent: by API key if an `[[auth.api_keys]]` entry names it, else by
+    /// certificate. `api_key` for an identity no key names is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authenticate: Option<AuthMethod>,
 }
 
 /// One purpose, as written.
@@ -118,10 +187,20 @@ pub struct PurposeEntry {
 pub struct Grant {
     /// Its role.
     pub role: Role,
+    /// The one way it authenticates (written, or derived from the API keys).
+    authenticate: AuthMethod,
     purposes: BTreeSet<String>,
     consumers: BTreeSet<String>,
     /// The tenants it may see, from its purposes' limits.
     tenants: TenantScope,
+}
+
+impl Grant {
+    /// The one way this identity authenticates; a caller that proved it the
+    /// other way is refused.
+    pub fn authenticate(&self) -> AuthMethod {
+        self.authenticate
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +272,8 @@ impl TenantScope {
 pub struct Policy {
     identities: HashMap<String, Grant>,
     purposes: HashMap<String, PurposeRule>,
+    /// Identities that hold API keys but authenticate by certificate.
+    keys_refused: BTreeSet<String>,
 }
 
 /// What a lease asks for, for the policy check.
@@ -209,8 +290,10 @@ pub struct LeaseAsk<'a> {
 }
 
 impl Policy {
-    /// Validates a written policy; the error names the offending entry.
-    pub fn build(doc: &PolicyDocument) -> Result<Self, String> {
+    /// Validates a written policy against the API keys in force (`keys`: who
+    /// holds one, which decides how an identity without `authenticate`
+    /// authenticates); the error names the offending entry.
+    pub fn build(doc: &PolicyDocument, keys: &ApiKeyHolders) -> Result<Self, String> {
         let mut purposes = HashMap::new();
         for (name, p) in &doc.purposes {
             let at = format!("purposes.{name}");
@@ -243,6 +326,7 @@ impl Policy {
             );
         }
         let mut identities = HashMap::new();
+        let mut keys_refused = BTreeSet::new();
         for (identity, entry) in &doc.identities {
             let at = format!("identities.\"{identity}\"");
             if identity.trim().is_empty() || identity.len() > 512 {
@@ -270,11 +354,27 @@ impl Policy {
                 crate::domain::ConsumerName::parse(c)
                     .map_err(|e| format!("{at}.consumers: {e}"))?;
             }
+            let has_key = keys.holds(identity);
+            let authenticate = match entry.authenticate {
+                Some(AuthMethod::ApiKey) if !has_key => {
+                    return Err(format!(
+                        "{at}.authenticate: \"api_key\", but no [[auth.api_keys]] entry names \
+                         this identity"
+                    ));
+                }
+                Some(method) => method,
+                None if has_key => AuthMethod::ApiKey,
+                None => AuthMethod::Certificate,
+            };
+            if authenticate == AuthMethod::Certificate && has_key {
+                keys_refused.insert(identity.clone());
+            }
             let granted: BTreeSet<String> = entry.purposes.iter().cloned().collect();
             identities.insert(
                 identity.clone(),
                 Grant {
                     role,
+                    authenticate,
                     tenants: TenantScope::of(role, &granted, &purposes),
                     purposes: granted,
                     consumers: entry.consumers.iter().cloned().collect(),
@@ -284,7 +384,16 @@ impl Policy {
         Ok(Self {
             identities,
             purposes,
+            keys_refused,
         })
+    }
+
+    /// Identities that hold API keys the policy makes useless: they
+    /// authenticate by certificate (`authenticate = "certificate"`), so their
+    /// keys are refused. Not an error (it lets an identity move from keys to
+    /// certificates before its keys are removed); worth a warning.
+    pub fn api_keys_refused(&self) -> impl Iterator<Item = &str> {
+        self.keys_refused.iter().map(String::as_str)
     }
 
     /// The identity's grant, if the policy names it.
@@ -365,19 +474,20 @@ pub enum PolicySource {
     /// A policy file.
     File(PathBuf),
     /// The `[policy]` section of a configuration file, re-read whole by the
-    /// loader the configuration supplies (only the policy is taken from it):
-    /// the policy does not know the configuration's format.
+    /// loader the configuration supplies (only the policy is taken from it,
+    /// built against that file's own API keys): the policy does not know the
+    /// configuration's format.
     ConfigFile(PathBuf, fn(&Path) -> Result<Policy, String>),
     /// Fixed at start-up (configuration from the environment or code only).
     Fixed,
 }
 
-/// Reads and validates a policy file.
-pub fn load_file(path: &Path) -> Result<Policy, String> {
+/// Reads and validates a policy file against the API keys in force.
+pub fn load_file(path: &Path, keys: &ApiKeyHolders) -> Result<Policy, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let doc: PolicyDocument = toml_parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Policy::build(&doc).map_err(|e| format!("{}: {e}", path.display()))
+    Policy::build(&doc, keys).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn toml_parse(text: &str) -> Result<PolicyDocument, String> {
@@ -413,11 +523,13 @@ impl SharedPolicy {
             .clone()
     }
 
-    /// Re-reads the policy from its source. On error the policy in force is
-    /// kept and the error says why.
-    pub fn reload(&self) -> Result<(usize, usize), String> {
+    /// Re-reads the policy from its source, built against `keys` (the API
+    /// keys that will be in force with it; a `ConfigFile` source uses its
+    /// file's own). On error the policy in force is kept and the error says
+    /// why.
+    pub fn reload(&self, keys: &ApiKeyHolders) -> Result<(usize, usize), String> {
         let policy = match &self.source {
-            PolicySource::File(path) => load_file(path)?,
+            PolicySource::File(path) => load_file(path, keys)?,
             PolicySource::ConfigFile(path, load) => load(path)?,
             PolicySource::Fixed => {
                 return Err("the policy came from the environment; restart to change it".to_owned());
@@ -435,6 +547,11 @@ mod tests {
 
     const CAL: &str = "https://www.googleapis.com/auth/calendar.events";
     const GMAIL: &str = "https://www.googleapis.com/auth/gmail.modify";
+
+    /// Builds `d` as if no API key were configured.
+    fn build(d: &PolicyDocument) -> Result<Policy, String> {
+        Policy::build(d, &ApiKeyHolders::default())
+    }
 
     fn doc() -> PolicyDocument {
         toml_parse(&format!(
@@ -473,7 +590,7 @@ mod tests {
 
     #[test]
     fn grants_exactly_what_is_written() {
-        let p = Policy::build(&doc()).unwrap();
+        let p = build(&doc()).unwrap();
         let cal = Purpose::parse("calendar_sync").unwrap();
         let t = TenantId::parse("t1").unwrap();
         let s = ScopeSet::parse([CAL]).unwrap();
@@ -517,7 +634,7 @@ mod tests {
             .unwrap()
             .purposes
             .push("acme_only".into());
-        let p = Policy::build(&d).unwrap();
+        let p = build(&d).unwrap();
         let purpose = Purpose::parse("acme_only").unwrap();
         let s = ScopeSet::parse([GMAIL]).unwrap();
         let acme = TenantId::parse("acme").unwrap();
@@ -540,7 +657,7 @@ mod tests {
         let w = "spiffe://t/calendar-sync";
         let mut d = doc();
         d.identities.get_mut(w).unwrap().purposes = vec!["acme_only".into()];
-        let p = Policy::build(&d).unwrap();
+        let p = build(&d).unwrap();
         let scope = p.tenant_scope(w);
         assert!(scope.is_limited());
         assert!(scope.sees(Some(&acme)));
@@ -553,12 +670,12 @@ mod tests {
             .unwrap()
             .purposes
             .push("calendar_sync".into());
-        let p = Policy::build(&d).unwrap();
+        let p = build(&d).unwrap();
         assert_eq!(p.tenant_scope(w), &TenantScope::All);
 
         // No purpose at all (a watcher only), and the other roles: no limit.
         d.identities.get_mut(w).unwrap().purposes.clear();
-        let p = Policy::build(&d).unwrap();
+        let p = build(&d).unwrap();
         assert_eq!(p.tenant_scope(w), &TenantScope::All);
         assert_eq!(p.tenant_scope("app"), &TenantScope::All);
 
@@ -570,11 +687,7 @@ mod tests {
     fn invalid_policies_are_refused_with_the_entry_named() {
         let mut d = doc();
         d.identities.get_mut("app").unwrap().role = "root".into();
-        assert!(
-            Policy::build(&d)
-                .unwrap_err()
-                .contains("identities.\"app\".role")
-        );
+        assert!(build(&d).unwrap_err().contains("identities.\"app\".role"));
 
         let mut d = doc();
         d.identities
@@ -582,24 +695,68 @@ mod tests {
             .unwrap()
             .purposes
             .push("nope".into());
-        assert!(Policy::build(&d).unwrap_err().contains("\"nope\""));
+        assert!(build(&d).unwrap_err().contains("\"nope\""));
 
         let mut d = doc();
         d.identities.get_mut("app").unwrap().purposes = vec!["calendar_sync".into()];
-        assert!(Policy::build(&d).unwrap_err().contains("only a worker"));
+        assert!(build(&d).unwrap_err().contains("only a worker"));
 
         let mut d = doc();
         d.purposes.get_mut("calendar_sync").unwrap().integrations = vec!["fax".into()];
         assert!(
-            Policy::build(&d)
+            build(&d)
                 .unwrap_err()
                 .contains("purposes.calendar_sync.integrations")
         );
 
         let mut d = doc();
         d.purposes.get_mut("calendar_sync").unwrap().scopes = vec![];
-        assert!(Policy::build(&d).unwrap_err().contains("scopes"));
+        assert!(build(&d).unwrap_err().contains("scopes"));
 
         assert!(toml_parse("[identities.x]\nrole = \"app\"\ncolour = 1\n").is_err());
+    }
+
+    #[test]
+    fn each_identity_authenticates_one_way() {
+        let w = "spiffe://t/calendar-sync";
+        let method = |p: &Policy, id: &str| p.grant(id).map(Grant::authenticate);
+
+        // Unsaid: an identity holding an API key authenticates by key, the
+        // others by certificate.
+        let p = Policy::build(&doc(), &ApiKeyHolders::new(["app", "not-in-the-policy"])).unwrap();
+        assert_eq!(method(&p, "app"), Some(AuthMethod::ApiKey));
+        assert_eq!(method(&p, w), Some(AuthMethod::Certificate));
+        assert_eq!(p.api_keys_refused().count(), 0);
+        let p = build(&doc()).unwrap();
+        assert_eq!(method(&p, "app"), Some(AuthMethod::Certificate));
+
+        // Said: it holds whatever the keys, and keys it makes useless are listed.
+        let mut d = doc();
+        d.identities.get_mut("app").unwrap().authenticate = Some(AuthMethod::Certificate);
+        let p = Policy::build(&d, &ApiKeyHolders::new(["app"])).unwrap();
+        assert_eq!(method(&p, "app"), Some(AuthMethod::Certificate));
+        assert_eq!(p.api_keys_refused().collect::<Vec<_>>(), ["app"]);
+
+        // `api_key` for an identity no key names is an error naming it.
+        let mut d = doc();
+        d.identities.get_mut(w).unwrap().authenticate = Some(AuthMethod::ApiKey);
+        let e = build(&d).unwrap_err();
+        assert!(
+            e.contains(&format!("identities.\"{w}\".authenticate")),
+            "{e}"
+        );
+        let p = Policy::build(&d, &ApiKeyHolders::new([w])).unwrap();
+        assert_eq!(method(&p, w), Some(AuthMethod::ApiKey));
+
+        // Written as snake_case; anything else is refused.
+        let parsed =
+            toml_parse("[identities.x]\nrole = \"app\"\nauthenticate = \"api_key\"\n").unwrap();
+        assert_eq!(
+            parsed.identities["x"].authenticate,
+            Some(AuthMethod::ApiKey)
+        );
+        assert!(
+            toml_parse("[identities.x]\nrole = \"app\"\nauthenticate = \"password\"\n").is_err()
+        );
     }
 }

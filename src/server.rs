@@ -17,8 +17,9 @@ use tonic_health::ServingStatus;
 use crate::audit::{Actor, Outcome};
 use crate::config::Config;
 use crate::grpc::auth::{ApiKeyChanges, ApiKeys, SharedApiKeys};
+use crate::grpc::refusals::{RefusalAggregator, RefusalLimits};
 use crate::grpc::{self, Authenticator, Context};
-use crate::policy::SharedPolicy;
+use crate::policy::{ApiKeyHolders, Policy, SharedPolicy};
 use crate::vault::Vault;
 
 /// How often the health reporter re-checks the database and keyring.
@@ -44,10 +45,16 @@ pub struct RunningServer {
     /// The configuration file API keys are reloaded from (none when the
     /// configuration came from the environment only: they are fixed then).
     config_file: Option<PathBuf>,
+    /// Who held API keys at start: the holders a reloaded policy is built
+    /// against while the keys are fixed (no `config_file`).
+    key_holders_at_start: ApiKeyHolders,
     /// Whether the TLS listener was built to require a client certificate
     /// because no API key was configured (`tls.client_ca_file` without
     /// keys): keys added by a reload then take effect after a restart only.
     certificates_required: bool,
+    /// Refused authentication counted in the current window: flushed to the
+    /// audit log once in-flight calls have drained.
+    refusals: Arc<RefusalAggregator>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     grace: Duration,
@@ -106,19 +113,21 @@ impl RunningServer {
         result.map(|_| ())
     }
 
-    /// Validates the configuration file first, then reloads the policy, and
-    /// only then swaps the API keys: a refusal at either step changes nothing.
+    /// Validates the configuration file first, then reloads the policy
+    /// (built against the API keys that come with it), and only then swaps
+    /// the API keys: a refusal at either step changes nothing.
     fn reload_policy_and_keys(&self) -> Result<Reloaded, String> {
-        let api_keys = match &self.config_file {
-            Some(path) => Some(ApiKeys::from_config(
-                &Config::load(Some(path.as_path()))
-                    .map_err(|e| e.to_string())?
-                    .auth,
-            )),
+        let config = match &self.config_file {
+            Some(path) => Some(Config::load(Some(path.as_path())).map_err(|e| e.to_string())?),
             None => None,
         };
-        let policy = self.policy.reload()?;
-        let api_keys = api_keys.map(|keys| self.api_keys.replace(keys));
+        let holders = config.as_ref().map_or_else(
+            || self.key_holders_at_start.clone(),
+            Config::api_key_holders,
+        );
+        let policy = self.policy.reload(&holders)?;
+        warn_of_refused_keys(&self.policy.current());
+        let api_keys = config.map(|c| self.api_keys.replace(ApiKeys::from_config(&c.auth)));
         Ok(Reloaded { policy, api_keys })
     }
 
@@ -133,7 +142,8 @@ impl RunningServer {
         }
     }
 
-    /// Stops accepting, drains in-flight calls, then stops background work.
+    /// Stops accepting, drains in-flight calls, writes the refusals counted
+    /// since the last window closed, then stops background work.
     pub async fn shutdown(self) {
         // Watch streams end first (with UNAVAILABLE), so the drain below
         // does not wait on them.
@@ -147,6 +157,18 @@ impl RunningServer {
         if tokio::time::timeout(self.grace, drain).await.is_err() {
             tracing::warn!(grace = ?self.grace, "in-flight calls did not finish within the grace period");
         }
+        // Bounded like the drain: an unreachable database must not hold the
+        // shutdown up; what is not written by then goes with the process.
+        if tokio::time::timeout(self.grace, self.refusals.flush(self.vault.audit()))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace = ?self.grace,
+                "the refused authentication counted since the last window could not be audited \
+                 within the grace period"
+            );
+        }
         self.vault.shutdown().await;
         tracing::info!("tokenvault stopped");
     }
@@ -158,6 +180,18 @@ struct Reloaded {
     policy: (usize, usize),
     /// What changed in the API keys; `None` when they are fixed.
     api_keys: Option<ApiKeyChanges>,
+}
+
+/// Warns of API keys the policy makes useless: their identity authenticates
+/// by certificate (`authenticate = "certificate"`), so they are refused.
+fn warn_of_refused_keys(policy: &Policy) {
+    for identity in policy.api_keys_refused() {
+        tracing::warn!(
+            identity,
+            "the API keys of this identity are refused: the policy has it authenticate by \
+             certificate; remove them from [[auth.api_keys]]"
+        );
+    }
 }
 
 /// API key names as one log field: `alice sha256:1a2b3c4d, bob sha256:…`.
@@ -199,11 +233,13 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
         .map_err(|e| StartError(e.to_string()))?;
 
     let (policy, source) = config.policy_source().map_err(StartError)?;
+    warn_of_refused_keys(&policy);
     let policy = Arc::new(SharedPolicy::new(policy, source));
     let tls = grpc::transport::server_config(config).map_err(StartError)?;
     let (stop, _) = watch::channel(false);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let auth = Authenticator::new(&config.auth, policy.clone());
+    let refusals = Arc::new(RefusalAggregator::new(RefusalLimits::from(&config.audit)));
+    let auth = Authenticator::new(&config.auth, policy.clone(), refusals.clone());
     let api_keys = auth.api_keys().clone();
     let ctx = Arc::new(Context {
         vault: vault.clone(),
@@ -217,8 +253,13 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
         .tcp_nodelay(true)
         .trace_fn(grpc_span);
     let grpc_task = {
-        let incoming =
-            grpc::transport::incoming(grpc_listener, tls, vault.audit().clone(), stop.subscribe());
+        let incoming = grpc::transport::incoming(
+            grpc_listener,
+            tls,
+            vault.audit().clone(),
+            refusals.clone(),
+            stop.subscribe(),
+        );
         let mut stop = stop.subscribe();
         let router = builder.add_routes(routes);
         tokio::spawn(async move {
@@ -251,6 +292,11 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
     // The first status is set before start returns, so no caller ever sees
     // "service not registered"; the task keeps it current.
     set_health(&health_reporter, check_health(&vault).await).await;
+    let refusals_task = tokio::spawn(
+        refusals
+            .clone()
+            .run(vault.audit().clone(), stop.subscribe()),
+    );
     let health_task = tokio::spawn(report_health(
         vault.clone(),
         health_reporter,
@@ -265,10 +311,12 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
         policy,
         api_keys,
         config_file: config.source_file.clone(),
+        key_holders_at_start: config.api_key_holders(),
         certificates_required: config.tls.client_ca_file.is_some()
             && config.auth.api_keys.is_empty(),
         stop,
-        tasks: vec![grpc_task, http_task, health_task],
+        refusals,
+        tasks: vec![grpc_task, http_task, health_task, refusals_task],
         grace: Duration::from_secs(config.server.shutdown_grace_seconds),
     })
 }

@@ -84,6 +84,17 @@ fn describe() {
         "Leases refused, by purpose and reason."
     );
     describe_counter!(
+        "tokenvault_authn_refusals_total",
+        "Calls and TLS handshakes refused before the caller had an identity, by reason \
+         (no credentials, unknown API key, certificate problem, …)."
+    );
+    describe_counter!(
+        "tokenvault_authn_refusal_entries_total",
+        "Audit entries for refused authentication, by kind (first: a source's first \
+         refusal of a window; aggregate: its count at the end of the window; overflow: the \
+         sources beyond audit.refusal_max_sources) and outcome (written, failed)."
+    );
+    describe_counter!(
         "tokenvault_refresh_total",
         "Token refreshes by outcome (ok, invalid_grant, unavailable)."
     );
@@ -112,4 +123,14 @@ fn describe() {
         "DEKs the latest rotation run has to rewrap."
     );
     describe_gauge!("tokenvault_rotation_running", "1 while a rotation runs.");
+    describe_counter!(
+        "tokenvault_audit_witness_errors_total",
+        "Failures to write signed audit checkpoints to the audit witness \
+         (audit.witness_file); the checkpoints are committed in the database and appended \
+         at the next checkpoint."
+    );
+    describe_gauge!(
+        "tokenvault_audit_witness_seq",
+        "The sequence number of the newest checkpoint this replica wrote to its audit witness."
+    );
 }

@@ -250,6 +250,7 @@ pub async fn start_worker_vault_with(
             role: "worker".into(),
             purposes: vec![PURPOSE.into()],
             consumers: vec!["calendar-sync".into()],
+            authenticate: None,
         },
     );
     config.policy.purposes.insert(

@@ -6,7 +6,9 @@
 //! holds it can check that the entries between two checkpoints are the ones
 //! the vault wrote (recomputing the SHA-256 chain needs no key), without the
 //! MAC key and without the whole history. A checkpoint past the chain head
-//! proves that the tail of the log was cut off.
+//! proves that the tail of the log was cut off — as long as it is still in
+//! the database; each one is also written to the audit witness outside it
+//! (see the `witness` module).
 
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
 use zeroize::Zeroizing;
@@ -36,6 +38,11 @@ impl CheckpointSigner {
             key,
             every: i64::try_from(every.max(1)).unwrap_or(i64::MAX),
         }
+    }
+
+    /// Every how many entries a checkpoint is signed.
+    pub fn every(&self) -> i64 {
+        self.every
     }
 
     /// The public key that verifies this keyring's checkpoints.

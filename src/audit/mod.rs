@@ -17,10 +17,17 @@
 //! request tasks queued on busy workers (what that cost: see BENCHMARKS.md,
 //! the lease section). On PostgreSQL the writer's connection does its I/O
 //! through the shared runtime's reactor, so the loop stays a task there.
+//!
+//! Signed checkpoints kept in the database cannot prove its tail to someone
+//! who can rewrite the database; the writer also appends each one to the
+//! audit witness, a file outside the database, after its batch commits (see
+//! the `witness` module for when, and for what happens when that fails).
 
 mod checkpoint;
 mod verify;
+mod witness;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -28,11 +35,17 @@ use ring::digest;
 use tokio::sync::{mpsc, oneshot};
 
 pub use checkpoint::CheckpointSigner;
-pub use verify::{VerifyReport, verify_chain};
+pub use verify::{VerifyReport, verify_chain, verify_with_witness};
+pub use witness::{
+    LOG_TARGET as WITNESS_LOG_TARGET, Witness, WitnessContents, WitnessRecord, Witnessed,
+    read as read_witness,
+};
 
 use crate::crypto::{KeyringProvider, MacPurpose};
 use crate::domain::{Timestamp, VaultError};
-use crate::store::{AuditDraft, AuditStore, Backend, LeaseGrant, SealedEntry, Store};
+use crate::store::{
+    AuditCheckpoint, AuditDraft, AuditStore, Backend, LeaseGrant, SealedEntry, Store,
+};
 
 /// The most entries committed in one group.
 const MAX_GROUP: usize = 512;
@@ -152,6 +165,8 @@ pub struct AuditLog {
     jobs: mpsc::Sender<Job>,
     fault: Arc<AtomicBool>,
     sealer: Arc<Sealer>,
+    /// Where the writer witnesses checkpoints, if anywhere.
+    witness: Option<Arc<Path>>,
 }
 
 impl AuditLog {
@@ -164,11 +179,24 @@ impl AuditLog {
         keyring: Arc<dyn KeyringProvider>,
         checkpoint_every: u64,
     ) -> Result<Self, VaultError> {
+        Self::start_witnessed(store, keyring, checkpoint_every, None)
+    }
+
+    /// As [`AuditLog::start`]; with a `witness`, the writer also appends
+    /// every checkpoint to it once the checkpoint's batch has committed, and
+    /// before it answers that batch's callers.
+    pub fn start_witnessed(
+        store: Arc<dyn Store>,
+        keyring: Arc<dyn KeyringProvider>,
+        checkpoint_every: u64,
+        witness: Option<Witness>,
+    ) -> Result<Self, VaultError> {
         let (jobs, rx) = mpsc::channel(8 * MAX_GROUP);
         let fault = Arc::new(AtomicBool::new(false));
         let signer = CheckpointSigner::new(keyring.as_ref(), checkpoint_every);
         let sealer = Arc::new(Sealer { keyring, signer });
-        let writer = writer(store.clone(), sealer.clone(), rx, fault.clone());
+        let witness_path = witness.as_ref().map(|w| Arc::<Path>::from(w.path()));
+        let writer = writer(store.clone(), sealer.clone(), rx, fault.clone(), witness);
         match store.backend() {
             Backend::Sqlite => {
                 let failed = |what: &str, e: std::io::Error| {
@@ -191,7 +219,13 @@ impl AuditLog {
             jobs,
             fault,
             sealer,
+            witness: witness_path,
         })
+    }
+
+    /// The witness file the writer appends checkpoints to, if any.
+    pub fn witness_path(&self) -> Option<&Path> {
+        self.witness.as_deref()
     }
 
     /// Appends an entry and waits until it is committed. An error means the
@@ -307,7 +341,9 @@ async fn writer(
     sealer: Arc<Sealer>,
     mut rx: mpsc::Receiver<Job>,
     fault: Arc<AtomicBool>,
+    mut witness: Option<Witness>,
 ) {
+    let every = sealer.signer.every();
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_GROUP);
     // Set while the database is known to be unreachable: until when, and why.
     let mut unreachable: Option<(std::time::Instant, String)> = None;
@@ -334,12 +370,26 @@ async fn writer(
         {
             unreachable = None;
         }
+        // The checkpoints sealed for this batch, for the witness, in sealing
+        // order (the store seals a batch again when another appender moved
+        // the head first).
+        let sealed: std::sync::Mutex<Vec<AuditCheckpoint>> = std::sync::Mutex::new(Vec::new());
+        let witnessing = witness.is_some();
         let result = if fault.load(Ordering::SeqCst) {
             Err("injected audit failure".to_owned())
         } else if let Some((_, why)) = &unreachable {
             Err(why.clone())
         } else {
-            let seal = |seq: i64, prev: &[u8], d: &AuditDraft| sealer.seal(seq, prev, d);
+            let seal = |seq: i64, prev: &[u8], d: &AuditDraft| {
+                let entry = sealer.seal(seq, prev, d);
+                if witnessing
+                    && let Some(c) = &entry.checkpoint
+                    && let Ok(mut s) = sealed.lock()
+                {
+                    s.push(c.clone());
+                }
+                entry
+            };
             store
                 .audit_append(&drafts, &leases, &seal)
                 .await
@@ -355,6 +405,15 @@ async fn writer(
         metrics::histogram!("tokenvault_audit_batch_entries").record(entries as f64);
         match result {
             Ok((seqs, recorded)) => {
+                if let Some(w) = witness.as_mut() {
+                    let sealed = sealed
+                        .into_inner()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let committed = committed_checkpoints(sealed, &seqs);
+                    if !committed.is_empty() {
+                        w.after_commit(&*store, committed, every).await;
+                    }
+                }
                 let recorded: std::collections::HashSet<String> = recorded.into_iter().collect();
                 for ((waits_on, reply), seq) in replies.into_iter().zip(seqs) {
                     let outcome = match waits_on {
@@ -374,6 +433,23 @@ async fn writer(
             }
         }
     }
+}
+
+/// The checkpoints of a batch that committed as sequence numbers `seqs`:
+/// those sealed for these numbers, each as last sealed (a batch sealed again
+/// onto a moved head replaces what it sealed before; checkpoint positions
+/// depend on the sequence number alone).
+fn committed_checkpoints(sealed: Vec<AuditCheckpoint>, seqs: &[i64]) -> Vec<AuditCheckpoint> {
+    let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+        return Vec::new();
+    };
+    let mut by_seq = std::collections::BTreeMap::new();
+    for c in sealed {
+        if (first..=last).contains(&c.seq) {
+            by_seq.insert(c.seq, c);
+        }
+    }
+    by_seq.into_values().collect()
 }
 
 /// The SHA-256 of an entry: an unambiguous (length-prefixed) encoding of its

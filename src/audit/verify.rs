@@ -1,15 +1,17 @@
 //! Verification of the audit chain: recomputes every hash and MAC, checks the
 //! signed checkpoints in the range, and names the first entry that does not
-//! match.
+//! match; then compares the database with the audit witness, which names a
+//! tail that was cut off together with its checkpoints.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 
 use crate::crypto::{KeyringProvider, MacPurpose};
 use crate::domain::VaultError;
 use crate::store::AuditStore;
 
 use super::checkpoint::{CheckpointSigner, signature_valid};
-use super::entry_hash;
+use super::{entry_hash, witness};
 
 /// The previous-hash of entry 1.
 const GENESIS_HASH: [u8; 32] = [0; 32];
@@ -34,6 +36,11 @@ pub struct VerifyReport {
     pub checkpoints_verified: u64,
     /// The Ed25519 public key that verifies this vault's checkpoints.
     pub checkpoint_public_key: Vec<u8>,
+    /// Signed checkpoints within the range that a witness file holds and the
+    /// database holds alike (see [`verify_with_witness`]).
+    pub checkpoints_witnessed: u64,
+    /// The witness files compared with the database.
+    pub witness_files: Vec<PathBuf>,
 }
 
 impl VerifyReport {
@@ -65,6 +72,8 @@ pub async fn verify_chain(
         to_seq: to,
         checkpoints_verified: 0,
         checkpoint_public_key: public_key.clone(),
+        checkpoints_witnessed: 0,
+        witness_files: Vec::new(),
     };
     let broken = |mut report: VerifyReport, seq: i64, detail: String| {
         report.first_broken_seq = Some(seq);
@@ -171,4 +180,144 @@ pub async fn verify_chain(
         report.entries_checked, from, to, report.checkpoints_verified
     );
     Ok(report)
+}
+
+/// Verifies the chain as [`verify_chain`] does and, if it verifies, compares
+/// the database with the audit witness files `witness_files` (see the
+/// `witness` module): every checkpoint a witness holds must carry this
+/// vault's signature; one past the chain head means the log's tail was cut
+/// off, its checkpoints deleted and the head moved back; one within the range
+/// must be in the database, unchanged. The first disagreement, by sequence
+/// number, fails the report, naming the checkpoint, when it was signed and
+/// where it was witnessed. A witness file that does not exist checks
+/// nothing, and the summary says so.
+pub async fn verify_with_witness(
+    store: &dyn AuditStore,
+    keyring: &dyn KeyringProvider,
+    from_seq: i64,
+    to_seq: Option<i64>,
+    witness_files: &[PathBuf],
+) -> Result<VerifyReport, VaultError> {
+    let mut report = verify_chain(store, keyring, from_seq, to_seq).await?;
+    report.witness_files = witness_files.to_vec();
+    if !report.ok() || witness_files.is_empty() {
+        return Ok(report);
+    }
+    // The witnesses are read before the head: a checkpoint is witnessed only
+    // once it has committed, so every one witnessed by now is at or below the
+    // head read next, unless entries were taken away.
+    let mut witnessed = Vec::new();
+    let mut notes = Vec::new();
+    for path in witness_files {
+        match witness::read(path).await {
+            Ok(Some(contents)) => {
+                if let Some(first) = contents.unreadable.first() {
+                    notes.push(format!(
+                        "{}: {} lines that are not checkpoint records ignored (the first: line {first})",
+                        path.display(),
+                        contents.unreadable.len()
+                    ));
+                }
+                witnessed.extend(contents.checkpoints);
+            }
+            Ok(None) => notes.push(format!("no witness file at {}", path.display())),
+            Err(e) => {
+                return Err(VaultError::precondition(format!(
+                    "the audit witness {} cannot be read: {e}",
+                    path.display()
+                )));
+            }
+        }
+    }
+    witnessed.sort_by_key(|w| w.checkpoint.seq);
+    let (head_seq, _) = store.audit_head().await?;
+    let (from, to) = (report.from_seq, report.to_seq);
+    let in_range: Vec<i64> = witnessed
+        .iter()
+        .map(|w| w.checkpoint.seq)
+        .filter(|seq| (from..=to).contains(seq))
+        .collect();
+    let stored: BTreeMap<i64, _> = match (in_range.first(), in_range.last()) {
+        (Some(&lo), Some(&hi)) => store
+            .audit_checkpoints(lo, hi)
+            .await?
+            .into_iter()
+            .map(|c| (c.seq, c))
+            .collect(),
+        _ => BTreeMap::new(),
+    };
+    let mut matched = BTreeSet::new();
+    for w in &witnessed {
+        let c = &w.checkpoint;
+        let named = format!(
+            "checkpoint at seq {} (signed at {}, witnessed in {} line {})",
+            c.seq,
+            c.signed_at,
+            w.file.display(),
+            w.line
+        );
+        if !signature_valid(c, &report.checkpoint_public_key) {
+            return Ok(broken_at(
+                report,
+                c.seq,
+                format!(
+                    "the audit witness holds a {named} that this vault did not sign \
+                     (a witness of another vault, or a forged line)"
+                ),
+            ));
+        }
+        if c.seq > head_seq {
+            return Ok(broken_at(
+                report,
+                head_seq + 1,
+                format!(
+                    "the audit log's tail was cut: {named} is missing from the database, \
+                     whose last entry is {head_seq}"
+                ),
+            ));
+        }
+        if !(from..=to).contains(&c.seq) {
+            continue;
+        }
+        match stored.get(&c.seq) {
+            None => {
+                return Ok(broken_at(
+                    report,
+                    c.seq,
+                    format!("{named} is missing from the database"),
+                ));
+            }
+            Some(s) if s != c => {
+                return Ok(broken_at(
+                    report,
+                    c.seq,
+                    format!(
+                        "{named} differs from the database's: the log was cut before seq {} \
+                         and written again",
+                        c.seq
+                    ),
+                ));
+            }
+            Some(_) => {
+                matched.insert(c.seq);
+            }
+        }
+    }
+    report.checkpoints_witnessed = matched.len() as u64;
+    report.detail.push_str(&format!(
+        "; {} of them held alike by the audit witness",
+        report.checkpoints_witnessed
+    ));
+    for note in notes {
+        report.detail.push_str("; ");
+        report.detail.push_str(&note);
+    }
+    Ok(report)
+}
+
+/// `report`, failed at `seq` for `detail`.
+fn broken_at(mut report: VerifyReport, seq: i64, detail: String) -> VerifyReport {
+    report.first_broken_seq = Some(seq);
+    report.detail = detail;
+    report
 }

@@ -296,6 +296,8 @@ pub fn verify_json(v: &pb::VerifyAuditResponse) -> Value {
         "to_seq": v.to_seq,
         "checkpoints_verified": v.checkpoints_verified,
         "checkpoint_public_key": v.checkpoint_public_key,
+        "checkpoints_witnessed": v.checkpoints_witnessed,
+        "witness_files": v.witness_files,
     })
 }
 

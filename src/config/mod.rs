@@ -306,6 +306,14 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("keyring.json"))
     }
 
+    /// The effective audit witness file.
+    pub fn audit_witness_path(&self) -> PathBuf {
+        self.audit
+            .witness_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit-witness.jsonl"))
+    }
+
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(url) = &self.database_url {
@@ -410,6 +418,17 @@ impl Config {
             crate::domain::ScopeSet::parse(scopes.iter().map(String::as_str))
                 .map_err(|e| ConfigError::new(name, e.to_string()))?;
         }
+        for (name, value) in [
+            ("google.max_pending_states", self.google.max_pending_states),
+            (
+                "google.max_states_per_caller_per_minute",
+                self.google.max_states_per_caller_per_minute,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(name, "must be at least 1"));
+            }
+        }
         if self.lease.max_ttl_seconds == 0 {
             return Err(ConfigError::new(
                 "lease.max_ttl_seconds",
@@ -461,7 +480,7 @@ impl Config {
             ));
         }
         if self.policy.file.is_none() {
-            crate::policy::Policy::build(&self.inline_policy())
+            crate::policy::Policy::build(&self.inline_policy(), &self.api_key_holders())
                 .map_err(|e| ConfigError::new("policy", e))?;
         }
         for (integration, consumers) in &self.deletion.required_consumers {
@@ -506,6 +525,29 @@ impl Config {
                 "must be between 1 and 1000000",
             ));
         }
+        if self
+            .audit
+            .witness_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(ConfigError::new(
+                "audit.witness_file",
+                "must name a file (leave it unset for <data_dir>/audit-witness.jsonl)",
+            ));
+        }
+        if !(1..=3_600).contains(&self.audit.refusal_window_seconds) {
+            return Err(ConfigError::new(
+                "audit.refusal_window_seconds",
+                "must be between 1 and 3600",
+            ));
+        }
+        if !(1..=10_000).contains(&self.audit.refusal_max_sources) {
+            return Err(ConfigError::new(
+                "audit.refusal_max_sources",
+                "must be between 1 and 10000",
+            ));
+        }
         if !(50..=1000).contains(&self.events.poll_interval_ms) {
             return Err(ConfigError::new(
                 "events.poll_interval_ms",
@@ -524,21 +566,28 @@ impl Config {
         }
     }
 
-    /// The policy to enforce and where to reload it from: the policy file if
-    /// one is named, else the inline `[policy]` (reloadable when it came from
-    /// a configuration file).
+    /// The identities `[[auth.api_keys]]` gives a key: the policy is built
+    /// against them (they decide how an identity authenticates).
+    pub fn api_key_holders(&self) -> crate::policy::ApiKeyHolders {
+        crate::policy::ApiKeyHolders::new(self.auth.api_keys.iter().map(|k| k.identity.as_str()))
+    }
+
+    /// The policy to enforce, built against this configuration's API keys,
+    /// and where to reload it from: the policy file if one is named, else the
+    /// inline `[policy]` (reloadable when it came from a configuration file).
     pub fn policy_source(
         &self,
     ) -> Result<(crate::policy::Policy, crate::policy::PolicySource), String> {
         use crate::policy::{Policy, PolicySource, load_file};
+        let keys = self.api_key_holders();
         match &self.policy.file {
             Some(path) => Ok((
-                load_file(path).map_err(|e| format!("policy.file: {e}"))?,
+                load_file(path, &keys).map_err(|e| format!("policy.file: {e}"))?,
                 PolicySource::File(path.clone()),
             )),
             None => {
-                let policy =
-                    Policy::build(&self.inline_policy()).map_err(|e| format!("policy: {e}"))?;
+                let policy = Policy::build(&self.inline_policy(), &keys)
+                    .map_err(|e| format!("policy: {e}"))?;
                 let source = match &self.source_file {
                     Some(p) => PolicySource::ConfigFile(p.clone(), Self::reload_policy),
                     None => PolicySource::Fixed,
@@ -622,6 +671,10 @@ mod tests {
             c.keyring_path(),
             PathBuf::from("./tokenvault-data/keyring.json")
         );
+        assert_eq!(
+            c.audit_witness_path(),
+            PathBuf::from("./tokenvault-data/audit-witness.jsonl")
+        );
     }
 
     #[test]
@@ -661,6 +714,14 @@ mod tests {
         assert!(e.problem.contains("loopback"), "{e}");
         let e = Config::load_from(Some(Path::new("/nonexistent/tv.toml")), env(&[])).unwrap_err();
         assert_eq!(e.setting, "config file");
+        let e = load_toml("[google]\nmax_pending_states = 0\n", &[]).unwrap_err();
+        assert_eq!(e.setting, "google.max_pending_states", "{e}");
+        let e = load_toml(
+            "",
+            &[("TOKENVAULT_GOOGLE__MAX_STATES_PER_CALLER_PER_MINUTE", "0")],
+        )
+        .unwrap_err();
+        assert_eq!(e.setting, "google.max_states_per_caller_per_minute", "{e}");
     }
 
     #[test]

@@ -212,6 +212,16 @@ pub struct GoogleConfig {
     /// How long a lease may wait for a refresh (retries included) when the
     /// caller set no shorter deadline.
     pub refresh_deadline_ms: u64,
+    /// The most pending authorizations (begun, neither completed nor
+    /// expired) one caller holds for one (tenant, account): beginning one
+    /// more evicts the oldest, whose callback is then refused as an unknown
+    /// state. A user may have a few tabs open.
+    pub max_pending_states: u32,
+    /// The most authorizations one caller may begin per minute on one
+    /// replica (a token bucket: bursts up to this many, refilled evenly over
+    /// the minute); beyond it `BeginAuthorization` answers
+    /// RESOURCE_EXHAUSTED. A CRM backend may begin them for many users.
+    pub max_states_per_caller_per_minute: u32,
 }
 
 impl Default for GoogleConfig {
@@ -235,6 +245,8 @@ impl Default for GoogleConfig {
             connect_timeout_ms: 2_000,
             request_timeout_ms: 5_000,
             refresh_deadline_ms: 10_000,
+            max_pending_states: 10,
+            max_states_per_caller_per_minute: 600,
         }
     }
 }
@@ -411,12 +423,34 @@ pub struct AuditConfig {
     /// A signed checkpoint (Ed25519 over the entry's hash) is written with
     /// every entry whose sequence number is a multiple of this.
     pub checkpoint_every: u64,
+    /// Refused authentication (calls without usable credentials, refused
+    /// client certificates) is counted per peer address and reason over
+    /// windows this long: a source's first refusal of a window is audited at
+    /// once, the rest as one entry with their count when the window ends
+    /// (see `crate::grpc::refusals`).
+    pub refusal_window_seconds: u64,
+    /// The most sources (peer address and reason) audited individually per
+    /// window; refusals from any other source are folded into one
+    /// `authn.refuse.overflow` entry. Unauthenticated callers add at most
+    /// `2 × refusal_max_sources + 1` entries to the audit log per window,
+    /// whatever their rate or number of addresses.
+    pub refusal_max_sources: u32,
+    /// The audit witness: a JSON Lines file outside the database to which
+    /// this replica appends every signed checkpoint, so that `audit verify`
+    /// can name a tail cut off the log together with its checkpoints.
+    /// Default `<data_dir>/audit-witness.jsonl`; it protects only where the
+    /// database's owner cannot rewrite it (another volume, another owner,
+    /// `chattr +a`, or shipped off the host).
+    pub witness_file: Option<PathBuf>,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
             checkpoint_every: 1000,
+            refusal_window_seconds: 60,
+            refusal_max_sources: 30,
+            witness_file: None,
         }
     }
 }

@@ -47,6 +47,11 @@ pub enum VaultError {
     #[error("{0}")]
     OutOfRange(Cow<'static, str>),
 
+    /// The caller reached a limit on how often it may ask (authorizations
+    /// begun per minute); the message says when retrying succeeds.
+    #[error("{0}")]
+    ResourceExhausted(Cow<'static, str>),
+
     /// A dependency (database, keyring, Google) cannot be reached right now;
     /// retrying later may succeed.
     #[error("{0}")]

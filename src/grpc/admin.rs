@@ -324,6 +324,12 @@ impl pb::admin_service_server::AdminService for Admin {
             to_seq: unsigned(report.to_seq),
             checkpoints_verified: report.checkpoints_verified,
             checkpoint_public_key: hex::encode(&report.checkpoint_public_key),
+            checkpoints_witnessed: report.checkpoints_witnessed,
+            witness_files: report
+                .witness_files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
         }))
     }
 }

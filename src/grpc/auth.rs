@@ -3,7 +3,15 @@
 //! URI SAN, else DNS SAN; see `transport`) or, from loopback peers only, from
 //! an API key (`authorization: Bearer …`, stored as SHA-256 hashes in the
 //! configuration; SIGHUP reloads them with the policy). The policy in force
-//! maps the identity to a role. Every refusal is written to the audit log.
+//! maps the identity to a role.
+//!
+//! Every refusal is audited. A caller refused *before* it has an identity
+//! (no or bad credentials) is counted by the [`RefusalAggregator`], which
+//! keeps what anonymous callers can write to the audit log within
+//! configured bounds and never answers differently because of it; a caller
+//! with an identity that is refused or denied (`authz.deny`) is audited call
+//! by call, and fails closed: if that entry cannot be written it gets
+//! UNAVAILABLE, never access.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -11,6 +19,7 @@ use std::sync::{Arc, RwLock};
 use ring::digest;
 use tonic::{Request, Status};
 
+use super::refusals::{Peer, Reason, RefusalAggregator};
 use super::transport::{CertIdentity, PeerInfo};
 use crate::audit::{Actor, Outcome};
 use crate::config::AuthConfig;
@@ -200,14 +209,21 @@ impl SharedApiKeys {
 pub struct Authenticator {
     api_keys: Arc<SharedApiKeys>,
     policy: Arc<SharedPolicy>,
+    refusals: Arc<RefusalAggregator>,
 }
 
 impl Authenticator {
-    /// Builds the key table from validated configuration.
-    pub fn new(config: &AuthConfig, policy: Arc<SharedPolicy>) -> Self {
+    /// Builds the key table from validated configuration; calls refused for
+    /// their credentials are counted and audited by `refusals`.
+    pub fn new(
+        config: &AuthConfig,
+        policy: Arc<SharedPolicy>,
+        refusals: Arc<RefusalAggregator>,
+    ) -> Self {
         Self {
             api_keys: Arc::new(SharedApiKeys::new(ApiKeys::from_config(config))),
             policy,
+            refusals,
         }
     }
 
@@ -226,42 +242,52 @@ impl Authenticator {
         hex::encode(digest::digest(&digest::SHA256, key.as_bytes()))
     }
 
-    fn identify<T>(&self, request: &Request<T>) -> Result<String, &'static str> {
+    /// Who the caller says it is, and how it proved it: the verified client
+    /// certificate's identity when one was presented, else the identity of
+    /// its API key (loopback peers only). Whether the identity may be reached
+    /// that way is the policy's to say ([`crate::policy::AuthMethod`]).
+    fn identify<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(String, crate::policy::AuthMethod), Reason> {
         let peer = request.extensions().get::<PeerInfo>();
         match peer.and_then(|p| p.certificate.as_ref()) {
-            Some(CertIdentity::Named(id)) => return Ok(id.clone()),
-            Some(CertIdentity::NoSan) => {
-                return Err("the client certificate carries no URI or DNS SAN to identify it");
+            Some(CertIdentity::Named(id)) => {
+                return Ok((id.clone(), crate::policy::AuthMethod::Certificate));
             }
+            Some(CertIdentity::NoSan) => return Err(Reason::CertificateWithoutSan),
             None => {}
         }
         let Some(value) = request.metadata().get("authorization") else {
-            return Err(
-                "no credentials: present a client certificate, or on loopback an API key as `authorization: Bearer <key>`",
-            );
+            return Err(Reason::NoCredentials);
         };
         let key = value
             .to_str()
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or("malformed authorization header; expected `Bearer <key>`")?;
+            .ok_or(Reason::MalformedAuthorization)?;
         if !peer.is_some_and(PeerInfo::is_loopback) {
-            return Err("API keys are accepted from loopback peers only");
+            return Err(Reason::ApiKeyNotFromLoopback);
         }
+        // A SHA-256 digest is 32 bytes: the conversion cannot fail (and if it
+        // did, no key would match).
         let hash: [u8; 32] = digest::digest(&digest::SHA256, key.as_bytes())
             .as_ref()
             .try_into()
-            .map_err(|_| "hash length")?;
+            .map_err(|_| Reason::UnknownApiKey)?;
         self.api_keys
             .current()
             .identity(&hash)
-            .map(str::to_owned)
-            .ok_or("unknown API key")
+            .map(|id| (id.to_owned(), crate::policy::AuthMethod::ApiKey))
+            .ok_or(Reason::UnknownApiKey)
     }
 
     /// Authenticates the caller and checks that its role is one of `allowed`.
-    /// Refusals are audited (fail-closed: if the audit fails the caller gets
-    /// UNAVAILABLE, never access).
+    /// A caller without a usable credential gets UNAUTHENTICATED, counted and
+    /// audited by the [`RefusalAggregator`] (whose audit entry, when it
+    /// writes one, never changes the answer). An identified caller that is
+    /// refused or denied is audited one entry per call, fail-closed: if the
+    /// entry cannot be written the caller gets UNAVAILABLE, never access.
     pub async fn authorize<T>(
         &self,
         vault: &Arc<Vault>,
@@ -269,18 +295,19 @@ impl Authenticator {
         rpc: &'static str,
         allowed: &[Role],
     ) -> Result<Caller, Status> {
-        let identity = match self.identify(request) {
+        let (identity, method) = match self.identify(request) {
             Ok(id) => id,
-            Err(why) => {
-                let anon = Actor {
-                    identity: "anonymous".to_owned(),
-                    role: String::new(),
-                };
-                vault
-                    .audit()
-                    .record(&anon, "authn.refuse", rpc, Outcome::Denied, why)
-                    .await?;
-                return Err(Status::unauthenticated(why));
+            Err(reason) => {
+                let peer = Peer::of(
+                    request
+                        .extensions()
+                        .get::<PeerInfo>()
+                        .and_then(|p| p.remote),
+                );
+                self.refusals
+                    .refuse_call(vault.audit(), peer, reason, rpc)
+                    .await;
+                return Err(Status::unauthenticated(reason.to_string()));
             }
         };
         let policy = self.policy.current();
@@ -303,6 +330,28 @@ impl Authenticator {
                 "{identity} has no role in the policy"
             )));
         };
+        // Certificate identities and API-key identities are distinct: an
+        // identity is reached only the way the policy says it authenticates,
+        // so a CA-signed certificate whose SAN spells an API-key identity's
+        // name (or a key configured for a certificate identity) gets nothing.
+        // Naming the expected method tells the operator what is wrong and an
+        // attacker nothing: the caller already holds a valid credential.
+        if let Some(expected) = policy
+            .grant(&identity)
+            .map(|g| g.authenticate())
+            .filter(|expected| *expected != method)
+        {
+            let why = format!("{identity} authenticates by {expected}, not by {method}");
+            let actor = Actor {
+                identity: identity.clone(),
+                role: String::new(),
+            };
+            vault
+                .audit()
+                .record(&actor, "authn.method", rpc, Outcome::Denied, why.as_str())
+                .await?;
+            return Err(Status::unauthenticated(why));
+        }
         let caller = Caller {
             identity,
             role,

@@ -9,6 +9,7 @@ mod connection;
 pub mod convert;
 mod events;
 mod lease;
+pub mod refusals;
 pub mod requests;
 mod status;
 pub mod transport;

@@ -42,6 +42,7 @@ impl From<VaultError> for Status {
             VaultError::Unauthenticated(_) => Code::Unauthenticated,
             VaultError::PermissionDenied(_) => Code::PermissionDenied,
             VaultError::OutOfRange(_) => Code::OutOfRange,
+            VaultError::ResourceExhausted(_) => Code::ResourceExhausted,
             VaultError::Unavailable(_)
             | VaultError::AuditUnavailable(_)
             | VaultError::KeyVersionChanged(_) => Code::Unavailable,
@@ -87,6 +88,10 @@ mod tests {
             (
                 VaultError::precondition("rotation running"),
                 Code::FailedPrecondition,
+            ),
+            (
+                VaultError::ResourceExhausted("too many authorizations".into()),
+                Code::ResourceExhausted,
             ),
             (VaultError::Unavailable("db down".into()), Code::Unavailable),
             (

@@ -5,7 +5,8 @@
 //! caller's identity — the verified leaf certificate's URI SAN (`spiffe://…`),
 //! else its first DNS SAN — is read once per connection and handed to every
 //! request as a [`PeerInfo`] extension; and handshakes refused for a
-//! certificate (unknown CA, expired, …) are written to the audit log.
+//! certificate (unknown CA, expired, …) are audited, through the
+//! [`RefusalAggregator`] that bounds what anonymous peers can write.
 //! Handshakes run concurrently, each with a timeout, so a slow client cannot
 //! stall the accept loop.
 
@@ -27,7 +28,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::audit::{Actor, AuditLog, Outcome};
+use super::refusals::{CertificateProblem, Reason, RefusalAggregator};
+use crate::audit::AuditLog;
 use crate::config::Config;
 
 /// How long a TLS handshake may take.
@@ -225,11 +227,12 @@ pub fn cert_identity(leaf: &[u8]) -> CertIdentity {
 }
 
 /// Accepts connections until `stop`, handshaking TLS when configured;
-/// certificate refusals are audited.
+/// certificate refusals are counted and audited by `refusals`.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     audit: AuditLog,
+    refusals: Arc<RefusalAggregator>,
     mut stop: watch::Receiver<bool>,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(256);
@@ -262,6 +265,7 @@ pub fn incoming(
             };
             let tx = tx.clone();
             let audit = audit.clone();
+            let refusals = refusals.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
@@ -278,7 +282,7 @@ pub fn incoming(
                         };
                         let _ = tx.send(Ok(Conn::Tls(Box::new(tls), peer))).await;
                     }
-                    Ok(Err(e)) => refused(&audit, remote, &e).await,
+                    Ok(Err(e)) => refused(&audit, &refusals, remote, &e).await,
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                 }
             });
@@ -287,36 +291,41 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// Audits a handshake refused because of the client's certificate; other
-/// handshake failures (port scans, plain HTTP) are only logged.
-async fn refused(audit: &AuditLog, remote: SocketAddr, e: &io::Error) {
+/// Counts and audits a handshake refused because of the client's
+/// certificate (the source's first refusal of a window logged at warn, the
+/// rest at debug, so that logs stay bounded too); other handshake failures
+/// (port scans, plain HTTP) are only logged.
+async fn refused(
+    audit: &AuditLog,
+    refusals: &RefusalAggregator,
+    remote: SocketAddr,
+    e: &io::Error,
+) {
     let cert_error = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         .and_then(|r| match r {
-            rustls::Error::InvalidCertificate(c) => Some(format!("{c:?}")),
-            rustls::Error::NoCertificatesPresented => Some("no certificate presented".to_owned()),
+            rustls::Error::InvalidCertificate(c) => Some((
+                Reason::Certificate(CertificateProblem::of(c)),
+                format!("{c:?}"),
+            )),
+            rustls::Error::NoCertificatesPresented => Some((
+                Reason::NoClientCertificate,
+                "no certificate presented".to_owned(),
+            )),
             _ => None,
         });
-    let Some(why) = cert_error else {
+    let Some((reason, why)) = cert_error else {
         tracing::debug!(%remote, error = %e, "TLS handshake failed");
         return;
     };
-    tracing::warn!(%remote, reason = %why, "client certificate refused");
-    let anon = Actor {
-        identity: format!("tls:{remote}"),
-        role: String::new(),
-    };
-    if let Err(err) = audit
-        .record(
-            &anon,
-            "authn.refuse",
-            "tls.handshake",
-            Outcome::Denied,
-            format!("client certificate refused: {why}"),
-        )
+    let why = format!("client certificate refused: {why}");
+    if refusals
+        .refuse_handshake(audit, remote, reason, why.clone())
         .await
     {
-        tracing::error!(error = %err, "could not audit a refused client certificate");
+        tracing::warn!(%remote, reason = %why, "client certificate refused");
+    } else {
+        tracing::debug!(%remote, reason = %why, "client certificate refused again");
     }
 }

@@ -46,6 +46,10 @@ pub(super) mod dialect {
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
+/// How long a session may sit idle inside a transaction before PostgreSQL
+/// ends it (see `PostgresStore::connect`).
+const IDLE_IN_TRANSACTION: &str = "10s";
+
 /// A store on a PostgreSQL database.
 pub struct PostgresStore {
     pub(super) pool: sqlx::PgPool,
@@ -58,9 +62,19 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects to `url` and applies migrations.
     pub async fn connect(url: &str) -> StoreResult<Self> {
-        let options = PgConnectOptions::from_str(url).map_err(|e| {
-            VaultError::invalid("database_url", format!("not a valid PostgreSQL URL ({e})"))
-        })?;
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| {
+                VaultError::invalid("database_url", format!("not a valid PostgreSQL URL ({e})"))
+            })?
+            // A replica that freezes inside a transaction (a paused VM, a
+            // SIGSTOP, a stalled host) must not hold its row locks — on a
+            // rotation run, a refresh lock, the audit head — for the rest of
+            // the fleet forever: the server ends such a session, its
+            // transaction rolls back, and the others go on (take the run
+            // over, retry). The vault never waits on anything but the
+            // database inside a transaction, so a live replica never idles
+            // in one for this long.
+            .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .min_connections(1)

@@ -452,8 +452,6 @@ pub struct AuthzStateRecord {
     pub created_at: Timestamp,
     /// When it expires.
     pub expires_at: Timestamp,
-    /// When it was used.
-    pub consumed_at: Option<Timestamp>,
 }
 
 impl std::fmt::Debug for AuthzStateRecord {
@@ -464,7 +462,6 @@ impl std::fmt::Debug for AuthzStateRecord {
             .field("integration", &self.integration)
             .field("caller", &self.caller)
             .field("expires_at", &self.expires_at)
-            .field("consumed_at", &self.consumed_at)
             .finish_non_exhaustive()
     }
 }
@@ -472,11 +469,12 @@ impl std::fmt::Debug for AuthzStateRecord {
 /// The outcome of consuming an authorization state.
 #[derive(Debug)]
 pub enum AuthzConsume {
-    /// First use: now consumed.
+    /// First use: the state is deleted and returned (expired or not; the
+    /// caller judges its expiry).
     Consumed(AuthzStateRecord),
-    /// Already used before.
-    Replayed(AuthzStateRecord),
-    /// No such state.
+    /// No such state: never issued, already used, evicted or purged. A used
+    /// state is deleted, so a replay is indistinguishable from a state that
+    /// was never issued.
     Unknown,
 }
 

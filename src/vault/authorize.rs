@@ -1,8 +1,16 @@
 //! Connecting a Google account: `BeginAuthorization` builds Google's URL
 //! (code flow, offline access, PKCE S256, a single-use state stored hashed and
 //! bound to tenant, account, integration and caller); completion — from the
-//! OAuth callback or `CompleteAuthorization` — consumes the state, exchanges
-//! the code, verifies the id_token and stores only the scopes Google granted.
+//! OAuth callback or `CompleteAuthorization` — consumes (deletes) the state,
+//! exchanges the code, verifies the id_token and stores only the scopes
+//! Google granted.
+//!
+//! Pending states are bounded: a caller may begin at most
+//! `google.max_states_per_caller_per_minute` authorizations a minute on one
+//! replica (beyond it: RESOURCE_EXHAUSTED, audited, nothing stored), and holds
+//! at most `google.max_pending_states` unexpired states per (tenant, account):
+//! beginning one more evicts the oldest rather than refusing, so the tab a
+//! user opened last always works, and storage stays bounded either way.
 
 use std::time::Duration;
 
@@ -11,11 +19,12 @@ use oauth2::{PkceCodeChallenge, PkceCodeVerifier};
 use crate::audit::{Actor, Outcome};
 use crate::crypto::{MacPurpose, SecretString, TokenKind, WrappedDek, random_token};
 use crate::domain::{
-    AccountId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp, VaultError,
+    AccountId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp, VaultError, excerpt,
 };
 use crate::store::{AuthzConsume, AuthzStateRecord, ConnectionRecord};
 
 use super::keys::KeyContext;
+use super::rate::retry_seconds;
 use super::{NewConnection, Vault};
 
 /// How long a state stays valid.
@@ -90,6 +99,32 @@ impl Vault {
         login_hint: Option<&str>,
     ) -> Result<BeginOutcome, VaultError> {
         let google = self.google()?;
+        let target = format!("{tenant}/{account}");
+        if let Err(wait) = self.begin_rate.take(&actor.identity) {
+            let per_minute = self.begin_rate.per_minute();
+            metrics::counter!("tokenvault_oauth_begin_limited_total", "limit" => "caller_rate")
+                .increment(1);
+            self.audit()
+                .record(
+                    actor,
+                    "oauth.begin",
+                    &target,
+                    Outcome::Denied,
+                    format!(
+                        "integration={integration} refused: more than {per_minute} \
+                         authorizations a minute by this caller (google.max_states_per_caller_per_minute)"
+                    ),
+                )
+                .await?;
+            return Err(VaultError::ResourceExhausted(
+                format!(
+                    "too many authorizations started by {}; retry in {} s",
+                    excerpt(&actor.identity),
+                    retry_seconds(wait)
+                )
+                .into(),
+            ));
+        }
         let state = random_token(32)?;
         let state_hash = self
             .keyring()
@@ -108,13 +143,14 @@ impl Vault {
             .record(
                 actor,
                 "oauth.begin",
-                &format!("{tenant}/{account}"),
+                &target,
                 Outcome::Ok,
                 format!("integration={integration} prompt_consent={prompt_consent}"),
             )
             .await?;
+        let max_pending = self.settings.google.max_pending_states;
         let mut retried = false;
-        let record = loop {
+        let (record, evicted) = loop {
             let owner = KeyContext::oauth_state(tenant.as_str(), account.as_str(), &state_hash);
             let cipher = self.keys().new_cipher(owner).await?;
             let sealed_verifier =
@@ -132,17 +168,32 @@ impl Vault {
                 sealed_verifier,
                 created_at: now,
                 expires_at: now.plus(STATE_TTL),
-                consumed_at: None,
             };
-            match self.store().authz_insert(&record).await {
+            match self.store().authz_insert(&record, max_pending).await {
                 // A rotation made another version primary meanwhile: wrap again.
                 Err(VaultError::KeyVersionChanged(_)) if !retried => retried = true,
-                stored => {
-                    stored?;
-                    break record;
-                }
+                stored => break (record, stored?),
             }
         };
+        if evicted > 0 {
+            // The begin itself was audited before anything was stored; this
+            // records what it displaced. Should this entry fail, the caller
+            // never receives the new state (stored only hashed, so unusable).
+            metrics::counter!("tokenvault_oauth_begin_limited_total", "limit" => "pending_states")
+                .increment(evicted);
+            self.audit()
+                .record(
+                    actor,
+                    "oauth.evict",
+                    &target,
+                    Outcome::Ok,
+                    format!(
+                        "integration={integration} evicted={evicted} oldest pending states of this \
+                         caller (google.max_pending_states={max_pending})"
+                    ),
+                )
+                .await?;
+        }
         let url = google.authorization_url(
             &self.requested_scopes(integration),
             state.expose(),
@@ -192,14 +243,16 @@ impl Vault {
             .mac(MacPurpose::StateHash, state.as_bytes())
             .to_vec();
         let now = Timestamp::now();
-        let rec = match self.store().authz_consume(&state_hash, now).await? {
+        let rec = match self.store().authz_consume(&state_hash).await? {
             AuthzConsume::Consumed(rec) => rec,
-            AuthzConsume::Replayed(rec) => {
-                let target = format!("{}/{}", rec.tenant, rec.account);
-                return refuse(target, "state replayed".into(), bad_state()).await;
-            }
+            // A used state is deleted: a replay reads as a state never issued.
             AuthzConsume::Unknown => {
-                return refuse("-".into(), "unknown state".into(), bad_state()).await;
+                return refuse(
+                    "-".into(),
+                    "unknown state (never issued, already used, evicted or expired)".into(),
+                    bad_state(),
+                )
+                .await;
             }
         };
         let target = format!("{}/{}", rec.tenant, rec.account);

@@ -8,6 +8,7 @@ mod deletion;
 mod events;
 mod keys;
 mod lease;
+mod rate;
 mod reader;
 mod risc;
 mod sweeper;
@@ -23,7 +24,7 @@ pub use lease::{Lease, LeaseRequest};
 pub use risc::RiscError;
 pub use sweeper::SweepReport;
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, Witness};
 use crate::config::{Config, DeletionConfig, GoogleConfig, KeyringProviderKind, LeaseConfig};
 use crate::crypto::{CryptoError, EnvKeyring, KeyringProvider, LocalKeyring, Pkcs11Keyring};
 use crate::domain::VaultError;
@@ -52,6 +53,8 @@ pub struct Vault {
     /// The event cursor up to which connections named by events were dropped
     /// from this replica's caches.
     cache_events_seen: std::sync::atomic::AtomicI64,
+    /// How many authorizations each caller has begun lately, on this replica.
+    begin_rate: rate::CallerRate,
 }
 
 /// The configuration the use cases read.
@@ -76,17 +79,26 @@ impl Vault {
     }
 
     /// Checks the audit chain from `from_seq` to `to_seq` (the head when
-    /// `None`): hashes, MACs and signed checkpoints.
+    /// `None`): hashes, MACs and signed checkpoints; then compares it with
+    /// this replica's audit witness (`audit.witness_file`), which names a
+    /// tail cut off together with its checkpoints.
     pub async fn audit_verify(
         &self,
         from_seq: i64,
         to_seq: Option<i64>,
     ) -> Result<crate::audit::VerifyReport, VaultError> {
-        crate::audit::verify_chain(
+        let witnesses: Vec<std::path::PathBuf> = self
+            .audit
+            .witness_path()
+            .map(std::path::Path::to_path_buf)
+            .into_iter()
+            .collect();
+        crate::audit::verify_with_witness(
             self.store().as_ref(),
             self.keyring().as_ref(),
             from_seq,
             to_seq,
+            &witnesses,
         )
         .await
     }
@@ -106,12 +118,32 @@ impl Vault {
         keyring: Arc<dyn KeyringProvider>,
         config: &Config,
     ) -> Result<Arc<Self>, VaultError> {
-        let audit = AuditLog::start(
+        let instance_id = format!("vault-{}", uuid::Uuid::new_v4());
+        let witness_path = config.audit_witness_path();
+        let witness = Witness::open(&witness_path, &instance_id).map_err(|e| {
+            VaultError::precondition(format!(
+                "audit.witness_file: cannot open {} for appending: {e}",
+                witness_path.display()
+            ))
+        })?;
+        let witnessed = witness.last_seq();
+        let audit = AuditLog::start_witnessed(
             store.clone(),
             keyring.clone(),
             config.audit.checkpoint_every,
+            Some(witness),
         )?;
-        let instance_id = format!("vault-{}", uuid::Uuid::new_v4());
+        let (head, _) = store.audit_head().await?;
+        if witnessed > head {
+            tracing::error!(
+                witness = %witness_path.display(),
+                witnessed,
+                head,
+                "the audit witness holds a checkpoint past the database's last entry: the log's \
+                 tail was cut off, or the database was restored from a backup; run \
+                 `tokenvault admin audit verify`"
+            );
+        }
         let keys = KeyManager::new(
             store.clone(),
             keyring.clone(),
@@ -149,6 +181,7 @@ impl Vault {
                 config.lease.cache_entries,
             ),
             cache_events_seen: std::sync::atomic::AtomicI64::new(events_head),
+            begin_rate: rate::CallerRate::new(config.google.max_states_per_caller_per_minute),
         });
         vault.keys.resume_rotation().await?;
         vault.keys.start();

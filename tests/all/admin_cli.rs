@@ -878,6 +878,7 @@ async fn admin_over_mutual_tls(backend: Backend) {
                 role: "admin".to_owned(),
                 purposes: vec![],
                 consumers: vec![],
+                authenticate: None,
             },
         );
     })

@@ -451,10 +451,9 @@ async fn a_key_wrapped_under_a_former_primary_is_not_stored(backend: Backend) {
         sealed_verifier: vec![1, 2, 3],
         created_at: Timestamp::now(),
         expires_at: Timestamp::now().plus(Duration::from_secs(600)),
-        consumed_at: None,
     };
     for _ in 0..2 {
-        let err = store.authz_insert(&record).await.unwrap_err();
+        let err = store.authz_insert(&record, 10).await.unwrap_err();
         assert!(
             matches!(err, VaultError::KeyVersionChanged(v) if v == KekVersion::FIRST),
             "{err:?}"
@@ -470,10 +469,13 @@ async fn a_key_wrapped_under_a_former_primary_is_not_stored(backend: Backend) {
     // Under the primary the same write goes through.
     let v2 = KekVersion::new(2).unwrap();
     store
-        .authz_insert(&tokenvault::store::AuthzStateRecord {
-            kek_version: v2,
-            ..record
-        })
+        .authz_insert(
+            &tokenvault::store::AuthzStateRecord {
+                kek_version: v2,
+                ..record
+            },
+            10,
+        )
         .await
         .unwrap();
 }

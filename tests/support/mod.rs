@@ -181,6 +181,7 @@ pub fn test_config(dir: &std::path::Path, database_url: &str) -> Config {
                     role: role.to_owned(),
                     purposes,
                     consumers,
+                    authenticate: None,
                 },
             );
         }
@@ -212,6 +213,9 @@ pub fn policy_toml(config: &Config, prefix: &str) -> String {
             "[{prefix}identities.{identity:?}]\nrole = {:?}\npurposes = {:?}\nconsumers = {:?}\n",
             e.role, e.purposes, e.consumers
         ));
+        if let Some(method) = e.authenticate {
+            text.push_str(&format!("authenticate = {:?}\n", method.as_str()));
+        }
     }
     for (name, p) in &config.policy.purposes {
         text.push_str(&format!(

@@ -423,6 +423,14 @@ impl Admin {
                             "entries checked: {} (range {}..={}), checkpoints verified: {}",
                             v.entries_checked, v.from_seq, v.to_seq, v.checkpoints_verified
                         )?;
+                        if !v.witness_files.is_empty() {
+                            writeln!(
+                                out,
+                                "checkpoints witnessed: {} (witness: {})",
+                                v.checkpoints_witnessed,
+                                v.witness_files.join(", ")
+                            )?;
+                        }
                         if v.ok {
                             writeln!(out, "ok: {}", v.detail)
                         } else {

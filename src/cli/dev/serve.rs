@@ -119,6 +119,7 @@ impl DevKeys {
                         role: role.role.to_owned(),
                         purposes: role.purpose.map(str::to_owned).into_iter().collect(),
                         consumers: role.consumer.map(str::to_owned).into_iter().collect(),
+                        authenticate: None,
                     },
                 )
             })
