@@ -12,6 +12,7 @@ use tokenvault::proto::v1 as pb;
 use tonic::Code;
 
 use crate::both_backends;
+use crate::support::audit_fill_to as fill_to;
 use crate::support::raw::RawDb;
 use crate::support::{
     As, Backend, CALENDAR_SCOPE, TestVault, fresh_database, seed_connection, spawn_vault_with,
@@ -19,28 +20,6 @@ use crate::support::{
 
 async fn vault_checkpointing_every(backend: Backend, every: u64) -> Option<TestVault> {
     spawn_vault_with(backend, |c| c.audit.checkpoint_every = every).await
-}
-
-/// Appends test entries until the chain head is at `seq`.
-async fn fill_to(tv: &TestVault, seq: i64) {
-    loop {
-        let (head, _) = tv.vault.store().audit_head().await.unwrap();
-        if head >= seq {
-            assert_eq!(head, seq, "overshot");
-            return;
-        }
-        tv.vault
-            .audit()
-            .record(
-                &Actor::system(),
-                "test.fill",
-                "t",
-                Outcome::Ok,
-                head.to_string(),
-            )
-            .await
-            .unwrap();
-    }
 }
 
 async fn verify(tv: &TestVault, from: Option<u64>, to: Option<u64>) -> pb::VerifyAuditResponse {

@@ -5,37 +5,16 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 
-use tokenvault::audit::{Actor, Outcome, WitnessRecord};
+use tokenvault::audit::WitnessRecord;
 use tokenvault::proto::v1 as pb;
 
 use crate::both_backends;
+use crate::support::audit_fill_to as fill_to;
 use crate::support::raw::RawDb;
 use crate::support::{As, Backend, TestVault, spawn_vault_with};
 
 /// A signed checkpoint every this many entries.
 const EVERY: u64 = 4;
-
-/// Appends test entries until the chain head is at `seq`.
-async fn fill_to(tv: &TestVault, seq: i64) {
-    loop {
-        let (head, _) = tv.vault.store().audit_head().await.unwrap();
-        if head >= seq {
-            assert_eq!(head, seq, "overshot");
-            return;
-        }
-        tv.vault
-            .audit()
-            .record(
-                &Actor::system(),
-                "test.fill",
-                "t",
-                Outcome::Ok,
-                head.to_string(),
-            )
-            .await
-            .unwrap();
-    }
-}
 
 /// The records in the vault's witness file, in file order.
 fn witness_records(tv: &TestVault) -> Vec<WitnessRecord> {

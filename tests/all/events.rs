@@ -12,6 +12,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::both_backends;
+use crate::support::next_event;
 use crate::support::raw::RawDb;
 use crate::support::{
     As, Backend, Bearer, CALENDAR_SCOPE, TestVault, calendar_lease, seed_connection, spawn_vault,
@@ -41,16 +42,6 @@ async fn second_replica(tv: &TestVault) -> (tokenvault::server::RunningServer, C
 
 fn bearer(who: As) -> Bearer {
     Bearer(Some(format!("Bearer {}", who.key()).parse().unwrap()))
-}
-
-async fn next_event(
-    stream: &mut tonic::Streaming<pb::Event>,
-    within: Duration,
-) -> Option<pb::Event> {
-    tokio::time::timeout(within, stream.message())
-        .await
-        .ok()
-        .and_then(|m| m.expect("stream error"))
 }
 
 async fn a_deletion_reaches_watchers_on_another_replica_within_a_second(backend: Backend) {

@@ -11,6 +11,7 @@ use tokenvault::store::{AuditFilter, AuditRow, ConnectionRecord};
 use tonic::{Code, Status};
 
 use crate::both_backends;
+use crate::support::next_event;
 use crate::support::{
     As, Backend, TestVault, calendar_lease, disconnect, seed_connection, spawn_vault_with,
 };
@@ -48,16 +49,6 @@ fn watch(consumer: &str, after: Option<u64>) -> pb::WatchRequest {
         after_cursor: after,
         ..Default::default()
     }
-}
-
-async fn next_event(
-    stream: &mut tonic::Streaming<pb::Event>,
-    within: Duration,
-) -> Option<pb::Event> {
-    tokio::time::timeout(within, stream.message())
-        .await
-        .ok()
-        .and_then(|m| m.expect("stream error"))
 }
 
 /// The next `n` events, failing if they do not come within a few seconds each.

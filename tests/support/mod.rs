@@ -708,3 +708,37 @@ pub async fn post_risc(tv: &TestVault, body: &str) -> (u16, String) {
     let status = resp.status().as_u16();
     (status, resp.text().await.unwrap_or_default())
 }
+
+/// Appends test entries (`test.fill`) until the audit chain's head is at
+/// `seq`; panics if it is already past it.
+pub async fn audit_fill_to(tv: &TestVault, seq: i64) {
+    loop {
+        let (head, _) = tv.vault.store().audit_head().await.unwrap();
+        if head >= seq {
+            assert_eq!(head, seq, "overshot");
+            return;
+        }
+        tv.vault
+            .audit()
+            .record(
+                &tokenvault::audit::Actor::system(),
+                "test.fill",
+                "t",
+                tokenvault::audit::Outcome::Ok,
+                head.to_string(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// The next event on a Watch stream, or `None` if none comes `within`.
+pub async fn next_event(
+    stream: &mut tonic::Streaming<tokenvault::proto::v1::Event>,
+    within: std::time::Duration,
+) -> Option<tokenvault::proto::v1::Event> {
+    tokio::time::timeout(within, stream.message())
+        .await
+        .ok()
+        .and_then(|m| m.expect("stream error"))
+}
