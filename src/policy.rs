@@ -473,11 +473,11 @@ impl Policy {
 pub enum PolicySource {
     /// A policy file.
     File(PathBuf),
-    /// The `[policy]` section of a configuration file, re-read whole by the
-    /// loader the configuration supplies (only the policy is taken from it,
-    /// built against that file's own API keys): the policy does not know the
-    /// configuration's format.
-    ConfigFile(PathBuf, fn(&Path) -> Result<Policy, String>),
+    /// The `[policy]` section of a configuration file. The policy does not
+    /// know the configuration's format: whoever reloads reads the file once,
+    /// for the policy and the API keys alike, and hands its `[policy]` to
+    /// [`SharedPolicy::reload`].
+    ConfigFile(PathBuf),
     /// Fixed at start-up (configuration from the environment or code only).
     Fixed,
 }
@@ -524,13 +524,22 @@ impl SharedPolicy {
     }
 
     /// Re-reads the policy from its source, built against `keys` (the API
-    /// keys that will be in force with it; a `ConfigFile` source uses its
-    /// file's own). On error the policy in force is kept and the error says
-    /// why.
-    pub fn reload(&self, keys: &ApiKeyHolders) -> Result<(usize, usize), String> {
+    /// keys that will be in force with it). A `ConfigFile` source takes
+    /// `from_config`, the `[policy]` of that file as the caller has just read
+    /// it. On error the policy in force is kept and the error says why.
+    pub fn reload(
+        &self,
+        keys: &ApiKeyHolders,
+        from_config: Option<&PolicyDocument>,
+    ) -> Result<(usize, usize), String> {
         let policy = match &self.source {
             PolicySource::File(path) => load_file(path, keys)?,
-            PolicySource::ConfigFile(path, load) => load(path)?,
+            PolicySource::ConfigFile(path) => {
+                let doc = from_config.ok_or_else(|| {
+                    format!("{} must be read again to reload its policy", path.display())
+                })?;
+                Policy::build(doc, keys).map_err(|e| format!("policy: {e}"))?
+            }
             PolicySource::Fixed => {
                 return Err("the policy came from the environment; restart to change it".to_owned());
             }

@@ -125,7 +125,8 @@ impl RunningServer {
             || self.key_holders_at_start.clone(),
             Config::api_key_holders,
         );
-        let policy = self.policy.reload(&holders)?;
+        let inline = config.as_ref().map(Config::inline_policy);
+        let policy = self.policy.reload(&holders, inline.as_ref())?;
         warn_of_refused_keys(&self.policy.current());
         let api_keys = config.map(|c| self.api_keys.replace(ApiKeys::from_config(&c.auth)));
         Ok(Reloaded { policy, api_keys })

@@ -559,7 +559,8 @@ impl Config {
         Ok(())
     }
 
-    fn inline_policy(&self) -> crate::policy::PolicyDocument {
+    /// The inline `[policy]` section, as a policy document.
+    pub fn inline_policy(&self) -> crate::policy::PolicyDocument {
         crate::policy::PolicyDocument {
             identities: self.policy.identities.clone(),
             purposes: self.policy.purposes.clone(),
@@ -589,20 +590,12 @@ impl Config {
                 let policy = Policy::build(&self.inline_policy(), &keys)
                     .map_err(|e| format!("policy: {e}"))?;
                 let source = match &self.source_file {
-                    Some(p) => PolicySource::ConfigFile(p.clone(), Self::reload_policy),
+                    Some(p) => PolicySource::ConfigFile(p.clone()),
                     None => PolicySource::Fixed,
                 };
                 Ok((policy, source))
             }
         }
-    }
-
-    /// The policy of the configuration file at `path`, read again whole.
-    fn reload_policy(path: &Path) -> Result<crate::policy::Policy, String> {
-        Self::load(Some(path))
-            .map_err(|e| e.to_string())?
-            .policy_source()
-            .map(|(policy, _)| policy)
     }
 
     /// Creates `data_dir` (mode 0700) if needed and checks it is writable.
