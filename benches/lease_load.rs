@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench lease_load -- [--backend sqlite|postgres] [--connections 10000]
 //!     [--concurrency 64] [--seconds 10] [--warmup 2] [--channels 4]
-//!     [--keyring local|pkcs11|both]
+//!     [--keyring local|pkcs11|both] [--flood N] [--flood-rounds 3] [--refusal-delay-ms N]
 //! ```
 //!
 //! `--keyring pkcs11` keeps the KEKs in a SoftHSM2 token made for the run (the
@@ -13,6 +13,34 @@
 //! their leases alternately (local, pkcs11, pkcs11, local) in one run, so
 //! that the comparison sees the same machine; leases served from cached
 //! records must not touch the HSM, so pkcs11 should stay within 10 % of local.
+//!
+//! `--flood N` (default 0: off) measures leases under an anonymous flood.
+//! After the workloads below (and the keyring comparison, if any), it runs
+//! the LeaseToken workload `--flood-rounds` (3) times four more times on the
+//! first vault, quiet, flood, flood, quiet (an ABBA order, repeated, so that
+//! a drift in the machine or the growing database weighs on both kinds
+//! alike), each `--warmup` seconds unmeasured and `--seconds` measured
+//! with the same `--concurrency` and channels. During a flood phase, warmup
+//! included, `N` more tasks each open an HTTP/2 connection of their own (as
+//! separate attackers would) and call
+//! `tokenvault.v1.ConnectionService/GetConnection` back to back with a
+//! well-formed connection id and no `authorization` header at all: every
+//! such call should end UNAUTHENTICATED. It prints the leases of both quiet
+//! phases and of both flood phases, each with their latencies merged
+//! (p50/p95/p99), the flood's calls per second and codes, the audit entries
+//! its refusals wrote (`authn.refuse*` entries between the audit heads before
+//! and after each flood phase; all flood calls come from one address, so per
+//! `audit.refusal_window_seconds` window at most one entry at its first
+//! refusal and one with the count at the window's end, which may fall after
+//! the phase), whether the goal (lease p95 under flood at most 1.2 times the
+//! quiet p95, no lease errors under flood) is met, and a markdown table row.
+//! The flood phases do not count toward the lease and Health/Check goal
+//! above. Each task waits for each answer, so a delay the server puts
+//! before a refusal bounds the flood's rate (shown as its calls per second).
+//! `--refusal-delay-ms` sets the vault's `auth.refusal_delay_ms` (default:
+//! the vault's default), to see the flood with and without that delay.
+//! Each task takes two file descriptors (the client and the server end of its
+//! connection are both in this process): a large `N` may need `ulimit -n`.
 //!
 //! PostgreSQL: `TV_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`); a fresh database is created
@@ -46,10 +74,12 @@
 //!    (`/proc/self/stat`: client and server together; steadier than
 //!    throughput on a shared machine) and the whole machine's (`/proc/stat`:
 //!    every process, so a PostgreSQL server's share of a lease too); the
-//!    lease/health throughput ratio;
-//!    whether the goal (lease throughput at least 50 % of Health/Check's,
-//!    lease p99 at most 10 ms, no errors) is met; and a markdown table row
-//!    for BENCHMARKS.md.
+//!    lease/health throughput ratio; the hot storage per lease (the
+//!    database's growth over the lease workload's measured window, as
+//!    `common::database_bytes` counts it, divided by the leases granted in
+//!    it); whether the goals (lease throughput at least 50 % of
+//!    Health/Check's, lease p99 at most 10 ms, no errors; at most 250 B of hot
+//!    storage per lease) are met; and a markdown table row for BENCHMARKS.md.
 //!
 //! The client and the server share the machine and the same multi-threaded
 //! tokio runtime (one worker thread per core unless `TOKIO_WORKER_THREADS`
@@ -59,11 +89,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom as _, SystemRandom};
-use tokenvault::proto::v1::LeaseTokenRequest;
+use tokenvault::domain::ConnectionId;
+use tokenvault::grpc::refusals;
+use tokenvault::proto::v1::connection_service_client::ConnectionServiceClient;
 use tokenvault::proto::v1::lease_service_client::LeaseServiceClient;
+use tokenvault::proto::v1::{GetConnectionRequest, LeaseTokenRequest};
+use tokenvault::store::AuditFilter;
+use tokenvault::vault::Vault;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -72,6 +108,15 @@ use tonic_health::pb::health_client::HealthClient;
 const GOAL_RATIO: f64 = 0.5;
 /// Goal: lease p99 at most this many milliseconds.
 const GOAL_P99_MS: f64 = 10.0;
+/// Goal: hot storage per lease (database growth over the measured window per
+/// lease granted) at most this many bytes.
+const GOAL_BYTES_PER_LEASE: u64 = 250;
+/// Goal of `--flood`: lease p95 under the flood at most this many times the
+/// quiet p95.
+const GOAL_FLOOD_P95_RATIO: f64 = 1.2;
+/// At most this many refusal entries are read back per flood phase (a few
+/// per refusal window are expected).
+const REFUSAL_ENTRIES_LIMIT: i64 = 100_000;
 
 struct Args {
     backend: String,
@@ -81,6 +126,12 @@ struct Args {
     seconds: u64,
     warmup: u64,
     channels: usize,
+    /// Anonymous flood tasks (0: no flood phases).
+    flood: usize,
+    /// `auth.refusal_delay_ms` of the vault (default: the vault's own).
+    refusal_delay_ms: Option<u64>,
+    /// Rounds of quiet, flood, flood, quiet phases (`--flood`).
+    flood_rounds: usize,
 }
 
 fn args() -> Args {
@@ -92,6 +143,9 @@ fn args() -> Args {
         seconds: 10,
         warmup: 2,
         channels: 4,
+        flood: 0,
+        refusal_delay_ms: None,
+        flood_rounds: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -118,6 +172,20 @@ fn args() -> Args {
                     .and_then(|v| v.parse().ok())
                     .expect("--channels N")
             }
+            "--flood" => a.flood = it.next().and_then(|v| v.parse().ok()).expect("--flood N"),
+            "--flood-rounds" => {
+                a.flood_rounds = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--flood-rounds N");
+            }
+            "--refusal-delay-ms" => {
+                a.refusal_delay_ms = Some(
+                    it.next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("--refusal-delay-ms N"),
+                );
+            }
             _ => {} // cargo bench passes --bench
         }
     }
@@ -125,6 +193,7 @@ fn args() -> Args {
     assert!(a.concurrency > 0, "--concurrency must be at least 1");
     assert!(a.channels > 0, "--channels must be at least 1");
     assert!(a.seconds > 0, "--seconds must be at least 1");
+    assert!(a.flood_rounds > 0, "--flood-rounds must be at least 1");
     assert!(
         matches!(a.keyring.as_str(), "local" | "pkcs11" | "both"),
         "--keyring local|pkcs11|both"
@@ -135,8 +204,9 @@ fn args() -> Args {
 #[path = "common/mod.rs"]
 mod common;
 use common::{
-    Bearer, BenchKeyring, CALENDAR_SCOPE, PURPOSE, XorShift, database, drop_database,
-    percentile_ms, seed_calendar_connections, softhsm_token, start_worker_vault_with,
+    Bearer, BenchKeyring, CALENDAR_SCOPE, PURPOSE, XorShift, database, database_bytes,
+    drop_database, percentile_ms, seed_calendar_connections, softhsm_token,
+    start_worker_vault_with,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -253,6 +323,9 @@ struct Report {
     p90: f64,
     p99: f64,
     max: f64,
+    /// Latency of each successful call, microseconds, sorted: phases of one
+    /// kind are merged from these (`--flood`).
+    latencies_us: Vec<u32>,
     /// CPU time of the whole process (client and server) during the measured
     /// window, seconds.
     cpu_seconds: Option<f64>,
@@ -358,8 +431,20 @@ async fn run(
     bearer: &Bearer,
     ids: &Arc<Vec<String>>,
 ) -> Report {
+    run_from(kind, a, channels, bearer, ids, Instant::now()).await
+}
+
+/// Runs one workload whose warmup starts at `t0` (now, or a moment ago when
+/// something else was started with it).
+async fn run_from(
+    kind: Kind,
+    a: &Args,
+    channels: &[Channel],
+    bearer: &Bearer,
+    ids: &Arc<Vec<String>>,
+    t0: Instant,
+) -> Report {
     let rng = SystemRandom::new();
-    let t0 = Instant::now();
     let measure_from = t0 + Duration::from_secs(a.warmup);
     let until = measure_from + Duration::from_secs(a.seconds);
     let handles: Vec<_> = (0..a.concurrency)
@@ -406,6 +491,7 @@ async fn run(
         p90: percentile_ms(&all, 90.0),
         p99: percentile_ms(&all, 99.0),
         max: all.last().map_or(f64::NAN, |&m| f64::from(m) / 1000.0),
+        latencies_us: all,
         cpu_seconds: cpu.as_ref().ok().and_then(|c| c.0),
         machine_cpu_seconds: cpu.as_ref().ok().and_then(|c| c.1),
     }
@@ -474,10 +560,41 @@ async fn main() {
     println!();
     let health = run(Kind::Health, &a, channels, bearer, ids).await;
     health.print();
-    let lease = run(Kind::Lease, &a, channels, bearer, ids).await;
+    let t0 = Instant::now();
+    let sizes = {
+        let url = vaults[0].url.clone();
+        let measure_from = t0 + Duration::from_secs(a.warmup);
+        let until = measure_from + Duration::from_secs(a.seconds);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            let from = database_bytes(&url).await;
+            tokio::time::sleep_until(until.into()).await;
+            (from, database_bytes(&url).await)
+        })
+    };
+    let lease = run_from(Kind::Lease, &a, channels, bearer, ids, t0).await;
     lease.print();
+    let hot_bytes_per_lease = match sizes.await {
+        Ok((Some(from), Some(to))) if lease.ok > 0 => {
+            let per_lease = to.saturating_sub(from) as f64 / lease.ok as f64;
+            println!(
+                "  storage    {per_lease:.0} B per lease (database {:+.1} MiB over the measured \
+                 window, {} leases; goal <= {GOAL_BYTES_PER_LEASE} B)",
+                (to as f64 - from as f64) / (1024.0 * 1024.0),
+                lease.ok
+            );
+            Some(per_lease)
+        }
+        _ => {
+            println!("  storage    n/a (the database size could not be read)");
+            None
+        }
+    };
     if vaults.len() == 2 {
         compare_keyrings(&a, &vaults, lease.clone()).await;
+    }
+    if a.flood > 0 {
+        flood_phases(&a, &vaults[0]).await;
     }
     wal_sampler.abort();
     if a.backend == "sqlite" {
@@ -530,13 +647,23 @@ async fn main() {
             missed.join("; ")
         );
     }
+    match hot_bytes_per_lease {
+        Some(b) if b <= GOAL_BYTES_PER_LEASE as f64 => {
+            println!("goal: hot storage <= {GOAL_BYTES_PER_LEASE} B per lease: MET ({b:.0} B)");
+        }
+        Some(b) => {
+            println!("goal: hot storage <= {GOAL_BYTES_PER_LEASE} B per lease: NOT MET ({b:.0} B)")
+        }
+        None => println!("goal: hot storage <= {GOAL_BYTES_PER_LEASE} B per lease: not measured"),
+    }
+    let storage = hot_bytes_per_lease.map_or("n/a".to_owned(), |b| format!("{b:.0} B"));
     println!();
     println!(
-        "| backend | connections | concurrency | health calls/s | lease calls/s | ratio | lease p50 | lease p99 |"
+        "| backend | connections | concurrency | health calls/s | lease calls/s | ratio | lease p50 | lease p99 | storage per lease |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     println!(
-        "| {} | {} | {} | {:.0} | {:.0} | {:.1}% | {:.2} ms | {:.2} ms |",
+        "| {} | {} | {} | {:.0} | {:.0} | {:.1}% | {:.2} ms | {:.2} ms | {storage} |",
         a.backend,
         a.connections,
         a.concurrency,
@@ -582,6 +709,10 @@ struct BenchVault {
     dir: tempfile::TempDir,
     server: tokenvault::server::RunningServer,
     cleanup: Option<(String, String)>,
+    /// The database's URL (for its size).
+    url: String,
+    /// Where more connections come from (`--flood` opens one per task).
+    endpoint: Endpoint,
     channels: Vec<Channel>,
     bearer: Bearer,
     ids: Arc<Vec<String>>,
@@ -592,7 +723,13 @@ impl BenchVault {
         let dir = tempfile::tempdir().expect("tempdir");
         let (url, cleanup) = database(&a.backend, dir.path()).await;
         let rng = SystemRandom::new();
-        let (server, key) = start_worker_vault_with(dir.path(), url, &rng, &keyring).await;
+        let refusal_delay_ms = a.refusal_delay_ms;
+        let (server, key) = start_worker_vault_with(dir.path(), url.clone(), &rng, &keyring, |c| {
+            if let Some(ms) = refusal_delay_ms {
+                c.auth.refusal_delay_ms = ms;
+            }
+        })
+        .await;
         let start = Instant::now();
         let ids = seed_calendar_connections(
             &server.vault,
@@ -622,6 +759,8 @@ impl BenchVault {
             dir,
             server,
             cleanup,
+            url,
+            endpoint,
             channels,
             bearer: Bearer::key(&key),
             ids: Arc::new(ids),
@@ -687,5 +826,268 @@ async fn compare_keyrings(a: &Args, vaults: &[BenchVault], first_local: Report) 
         } else {
             "NOT MET"
         }
+    );
+}
+
+/// What the anonymous callers of `--flood` saw in measured windows.
+#[derive(Default)]
+struct FloodStats {
+    /// Calls started in a measured window.
+    calls: u64,
+    /// Those calls by the code they ended with (`Ok` for a success).
+    codes: BTreeMap<String, u64>,
+}
+
+impl FloodStats {
+    fn merge(&mut self, other: FloodStats) {
+        self.calls += other.calls;
+        for (code, n) in other.codes {
+            *self.codes.entry(code).or_default() += n;
+        }
+    }
+
+    /// Calls that did not end UNAUTHENTICATED (a success or another refusal).
+    fn unexpected(&self) -> u64 {
+        self.codes
+            .iter()
+            .filter(|(code, _)| code.as_str() != "Unauthenticated")
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// `{Unauthenticated: n, …}`.
+    fn codes_text(&self) -> String {
+        let list: Vec<String> = self
+            .codes
+            .iter()
+            .map(|(code, n)| format!("{code}: {n}"))
+            .collect();
+        format!("{{{}}}", list.join(", "))
+    }
+}
+
+/// One anonymous caller of `--flood`: `ConnectionService/GetConnection` back
+/// to back on its own connection, with a well-formed connection id and no
+/// `authorization` header, until `stop`; counts the calls that start within
+/// `[measure_from, until)` by the code they end with.
+async fn flood_task(
+    channel: Channel,
+    stop: Arc<AtomicBool>,
+    measure_from: Instant,
+    until: Instant,
+) -> FloodStats {
+    let mut client = ConnectionServiceClient::new(channel);
+    // `conn_<uuid>`: it passes the request's validation, were it reached.
+    let request = GetConnectionRequest {
+        connection_id: ConnectionId::generate().to_string(),
+    };
+    let mut codes: HashMap<tonic::Code, u64> = HashMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let start = Instant::now();
+        let code = match client.get_connection(request.clone()).await {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => status.code(),
+        };
+        if start >= measure_from && start < until {
+            *codes.entry(code).or_default() += 1;
+        }
+    }
+    FloodStats {
+        calls: codes.values().sum(),
+        codes: codes
+            .into_iter()
+            .map(|(code, n)| (format!("{code:?}"), n))
+            .collect(),
+    }
+}
+
+/// One LeaseToken phase of `--flood` on `v`, with `flood` anonymous tasks
+/// (each on a connection of its own, opened before the phase) calling for
+/// the whole phase, warmup included; none for a quiet phase.
+async fn lease_phase(a: &Args, v: &BenchVault, flood: usize) -> (Report, FloodStats) {
+    let mut flood_channels = Vec::with_capacity(flood);
+    for _ in 0..flood {
+        flood_channels.push(
+            v.endpoint
+                .connect()
+                .await
+                .expect("connect a flood task to the vault"),
+        );
+    }
+    let t0 = Instant::now();
+    let measure_from = t0 + Duration::from_secs(a.warmup);
+    let until = measure_from + Duration::from_secs(a.seconds);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooders: Vec<_> = flood_channels
+        .into_iter()
+        .map(|channel| tokio::spawn(flood_task(channel, stop.clone(), measure_from, until)))
+        .collect();
+    let report = run_from(Kind::Lease, a, &v.channels, &v.bearer, &v.ids, t0).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut stats = FloodStats::default();
+    for h in flooders {
+        stats.merge(h.await.expect("flood task panicked"));
+    }
+    (report, stats)
+}
+
+/// The newest audit sequence number (0 when the log is empty); `None` when
+/// the store cannot say.
+async fn audit_seq(vault: &Vault) -> Option<i64> {
+    vault.store().audit_head().await.ok().map(|(seq, _)| seq)
+}
+
+/// Audit entries with a sequence number in `(from, to]`: how many in all
+/// (the leases' own included) and how many are refusal entries
+/// (`authn.refuse`, `authn.refuse.overflow`).
+async fn audit_growth(vault: &Vault, from: i64, to: i64) -> Option<(i64, usize)> {
+    let filter = AuditFilter {
+        action_prefix: Some(refusals::REFUSE.to_owned()),
+        after_seq: Some(from),
+        before_seq: Some(to + 1),
+        ascending: true,
+        ..Default::default()
+    };
+    let (rows, _) = vault
+        .audit_query(&filter, REFUSAL_ENTRIES_LIMIT)
+        .await
+        .ok()?;
+    Some((to - from, rows.len()))
+}
+
+/// Leases of several phases taken together.
+struct Combined {
+    leases_per_second: f64,
+    errors: u64,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+}
+
+impl Combined {
+    /// Throughput over the phases' measured windows, their errors, and the
+    /// percentiles of their latencies merged.
+    fn of(reports: &[Report]) -> Self {
+        let mut all: Vec<u32> = reports
+            .iter()
+            .flat_map(|r| r.latencies_us.iter().copied())
+            .collect();
+        all.sort_unstable();
+        let seconds: f64 = reports.iter().map(|r| r.seconds).sum();
+        Self {
+            leases_per_second: all.len() as f64 / seconds,
+            errors: reports.iter().map(Report::error_count).sum(),
+            p50: percentile_ms(&all, 50.0),
+            p95: percentile_ms(&all, 95.0),
+            p99: percentile_ms(&all, 99.0),
+        }
+    }
+
+    fn print(&self, name: &str, what: &str) {
+        println!(
+            "  {name:<5}  {:>8.0} leases/s  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  errors {}  ({what})",
+            self.leases_per_second, self.p50, self.p95, self.p99, self.errors
+        );
+    }
+}
+
+/// `--flood N`: leases on `v` measured quiet, under the anonymous flood,
+/// under it again and quiet again; prints each phase, then both kinds with
+/// their phases merged, the flood's calls and codes, the refusal entries it
+/// wrote to the audit log, the goal and a markdown table row.
+async fn flood_phases(a: &Args, v: &BenchVault) {
+    let vault: &Vault = &v.server.vault;
+    let (mut quiet, mut flooded) = (Vec::new(), Vec::new());
+    let mut calls = FloodStats::default();
+    // (all entries, refusal entries) written during the flood phases.
+    let mut audit: Option<(i64, usize)> = Some((0, 0));
+    println!();
+    println!(
+        "flood: leases quiet, under {} anonymous tasks, again, and quiet again ({} keyring)",
+        a.flood,
+        v.keyring.name()
+    );
+    let phases: Vec<usize> = (0..a.flood_rounds)
+        .flat_map(|_| [0, a.flood, a.flood, 0])
+        .collect();
+    let total = phases.len();
+    for (i, flood) in phases.into_iter().enumerate() {
+        let before = audit_seq(vault).await;
+        let (report, stats) = lease_phase(a, v, flood).await;
+        let after = audit_seq(vault).await;
+        if flood == 0 {
+            println!("(phase {} of {total}: quiet)", i + 1);
+            report.print();
+            quiet.push(report);
+            continue;
+        }
+        println!("(phase {} of {total}: {flood} anonymous tasks)", i + 1);
+        report.print();
+        println!(
+            "  flood      {:>10} calls ({:.0} calls/s), codes {}",
+            stats.calls,
+            stats.calls as f64 / report.seconds,
+            stats.codes_text()
+        );
+        let growth = match (before, after) {
+            (Some(from), Some(to)) => audit_growth(vault, from, to).await,
+            _ => None,
+        };
+        if let Some((all, refused)) = growth {
+            println!(
+                "  audit      {all} entries written during the phase, {refused} of them refusals"
+            );
+        }
+        audit = audit
+            .zip(growth)
+            .map(|((all, refused), (more, more_refused))| (all + more, refused + more_refused));
+        flooded.push(report);
+        calls.merge(stats);
+    }
+
+    let (quiet, flooded) = (Combined::of(&quiet), Combined::of(&flooded));
+    let flood_seconds = 2.0 * a.flood_rounds as f64 * a.seconds as f64;
+    let calls_per_second = calls.calls as f64 / flood_seconds;
+    let refusal_entries = audit.map_or("n/a".to_owned(), |(_, refused)| refused.to_string());
+    let ratio = flooded.p95 / quiet.p95;
+    println!();
+    println!(
+        "flood: {} anonymous tasks (GetConnection without credentials), each on its own connection",
+        a.flood
+    );
+    quiet.print("quiet", "combined over both quiet phases");
+    flooded.print("flood", "combined over both flood phases");
+    println!(
+        "  flood calls/s: {calls_per_second:.0}, codes: {}, audit entries written during flood: {refusal_entries} refusal entries{}",
+        calls.codes_text(),
+        audit.map_or(String::new(), |(all, _)| format!(
+            " ({all} entries in all, the leases' own included)"
+        ))
+    );
+    if calls.unexpected() > 0 {
+        println!(
+            "  WARNING: {} of {} flood calls did not end UNAUTHENTICATED",
+            calls.unexpected(),
+            calls.calls
+        );
+    }
+    let verdict = if ratio.is_nan() || ratio > GOAL_FLOOD_P95_RATIO {
+        "NOT met".to_owned()
+    } else if flooded.errors > 0 {
+        format!("NOT met ({} lease errors under flood)", flooded.errors)
+    } else {
+        "met".to_owned()
+    };
+    println!(
+        "  p95 under flood / quiet p95: {ratio:.2}  (goal <= {GOAL_FLOOD_P95_RATIO:.2}): {verdict}"
+    );
+    println!();
+    println!(
+        "| backend | concurrency | flood tasks | quiet lease p95 | flood lease p95 | ratio | flood calls/s | audit entries during flood |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| {} | {} | {} | {:.2} ms | {:.2} ms | {ratio:.2} | {calls_per_second:.0} | {refusal_entries} |",
+        a.backend, a.concurrency, a.flood, quiet.p95, flooded.p95
     );
 }

@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::grpc::auth::{ApiKeyChanges, ApiKeys, SharedApiKeys};
 use crate::grpc::refusals::{RefusalAggregator, RefusalLimits};
 use crate::grpc::{self, Authenticator, Context};
+use crate::http::serve::HttpLimits;
 use crate::policy::{ApiKeyHolders, Policy, SharedPolicy};
 use crate::vault::Vault;
 
@@ -36,6 +37,8 @@ pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     /// Where HTTP listens.
     pub http_addr: SocketAddr,
+    /// Where `/metrics` is served on its own (`http.metrics_addr`), if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
     /// The vault behind it.
     pub vault: Arc<Vault>,
     /// The access policy in force.
@@ -232,6 +235,23 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
     let http_addr = http_listener
         .local_addr()
         .map_err(|e| StartError(e.to_string()))?;
+    let metrics_listener = match config.http.metrics_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                StartError(format!("http.metrics_addr: cannot listen on {addr}: {e}"))
+            })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| StartError(e.to_string()))?;
+            Some((listener, bound))
+        }
+        None => None,
+    };
+    let http_tls_config = http_tls(config, http_addr)?;
+    let metrics_tls_config = match &metrics_listener {
+        Some((_, addr)) => http_tls(config, *addr)?,
+        None => None,
+    };
 
     let (policy, source) = config.policy_source().map_err(StartError)?;
     warn_of_refused_keys(&policy);
@@ -275,20 +295,27 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
             }
         })
     };
-    let http_task = {
-        let mut stop = stop.subscribe();
-        let app = crate::http::router(vault.clone());
-        tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(http_listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        })
+    let limits = HttpLimits::new(&config.http);
+    let http_task = tokio::spawn(crate::http::serve::serve(
+        http_listener,
+        http_tls_config,
+        crate::http::router(vault.clone(), metrics_listener.is_none()),
+        limits,
+        stop.subscribe(),
+    ));
+    let mut tasks = vec![grpc_task, http_task];
+    let metrics_addr = match metrics_listener {
+        Some((listener, addr)) => {
+            tasks.push(tokio::spawn(crate::http::serve::serve(
+                listener,
+                metrics_tls_config,
+                crate::http::metrics_router(vault.clone()),
+                limits,
+                stop.subscribe(),
+            )));
+            Some(addr)
+        }
+        None => None,
     };
     // The first status is set before start returns, so no caller ever sees
     // "service not registered"; the task keeps it current.
@@ -304,10 +331,12 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
         stop.subscribe(),
     ));
 
-    tracing::info!(%grpc_addr, %http_addr, backend = vault.store().backend().as_str(), tls = config.tls.enabled(), "tokenvault serving");
+    tasks.extend([health_task, refusals_task]);
+    tracing::info!(%grpc_addr, %http_addr, metrics_addr = ?metrics_addr, backend = vault.store().backend().as_str(), tls = config.tls.enabled(), "tokenvault serving");
     Ok(RunningServer {
         grpc_addr,
         http_addr,
+        metrics_addr,
         vault,
         policy,
         api_keys,
@@ -317,9 +346,28 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
             && config.auth.api_keys.is_empty(),
         stop,
         refusals,
-        tasks: vec![grpc_task, http_task, health_task, refusals_task],
+        tasks,
         grace: Duration::from_secs(config.server.shutdown_grace_seconds),
     })
+}
+
+/// TLS for an HTTP listener: beyond loopback it is served with the server's
+/// certificate (configuration refuses such an address without one); on
+/// loopback in plain HTTP, for a proxy or agent on the same host.
+fn http_tls(
+    config: &Config,
+    addr: SocketAddr,
+) -> Result<Option<Arc<rustls::ServerConfig>>, StartError> {
+    if addr.ip().to_canonical().is_loopback() {
+        return Ok(None);
+    }
+    match grpc::transport::http_server_config(config).map_err(StartError)? {
+        Some(tls) => Ok(Some(tls)),
+        None => Err(StartError(format!(
+            "{addr} is not a loopback address; serving HTTP beyond loopback requires [tls] \
+             cert_file and key_file"
+        ))),
+    }
 }
 
 /// Keeps gRPC health in step with the vault's: SERVING while the database and

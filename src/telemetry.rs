@@ -2,7 +2,13 @@
 //! configured level, overridable with `RUST_LOG`) and the Prometheus metrics
 //! recorder behind `GET /metrics`. Metrics never carry tokens, keys or
 //! identifiers of people: labels are purposes, outcomes and key versions.
+//!
+//! Human-readable lines are coloured only when stderr is a terminal and
+//! `NO_COLOR` is unset or empty (<https://no-color.org/>): files, pipes and
+//! log collectors get plain text. JSON lines never carry colour codes.
 
+use std::ffi::OsStr;
+use std::io::IsTerminal as _;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -20,13 +26,28 @@ pub fn init(log: &LogConfig) {
             // The level was validated with the rest of the configuration.
             EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"))
         });
+    let use_colour = colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = match log.format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Human => builder.with_ansi(use_colour).try_init(),
+        LogFormat::Json => builder
+            .with_ansi(false)
+            .json()
+            .flatten_event(true)
+            .try_init(),
     };
+}
+
+/// Whether human-readable log lines are coloured: only on a terminal, and not
+/// when `NO_COLOR` is set to a non-empty value (<https://no-color.org/>; an
+/// empty `NO_COLOR` counts as unset).
+fn colour(is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(OsStr::is_empty)
 }
 
 static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -94,6 +115,16 @@ fn describe() {
          refusal of a window; aggregate: its count at the end of the window; overflow: the \
          sources beyond audit.refusal_max_sources) and outcome (written, failed)."
     );
+    describe_gauge!(
+        "tokenvault_http_connections",
+        "HTTP connections held (at most http.max_connections)."
+    );
+    describe_counter!(
+        "tokenvault_http_connections_closed_total",
+        "HTTP connections closed to make room, by reason (limit: the oldest idle one for a \
+         new one; accept_failed: an idle one when accepting ran out of descriptors; refused: \
+         a new one while every held one had a request in progress)."
+    );
     describe_counter!(
         "tokenvault_refresh_total",
         "Token refreshes by outcome (ok, invalid_grant, unavailable)."
@@ -133,4 +164,20 @@ fn describe() {
         "tokenvault_audit_witness_seq",
         "The sequence number of the newest checkpoint this replica wrote to its audit witness."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some(OsStr::new(""))));
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(true, Some(OsStr::new("0"))));
+        assert!(!colour(false, None));
+        assert!(!colour(false, Some(OsStr::new(""))));
+        assert!(!colour(false, Some(OsStr::new("1"))));
+    }
 }

@@ -33,6 +33,34 @@ pub async fn database(backend: &str, dir: &std::path::Path) -> (String, Option<(
     }
 }
 
+/// The database's size in bytes as its backend counts it: SQLite's pages in
+/// use (`page_count − freelist_count`, times `page_size`; a fresh connection
+/// sees the pages still in the WAL), PostgreSQL's `pg_database_size` (tables,
+/// indexes and TOAST; not the WAL). `None` when it cannot be read.
+pub async fn database_bytes(url: &str) -> Option<u64> {
+    if url.starts_with("sqlite:") {
+        let mut c = sqlx::SqliteConnection::connect(url).await.ok()?;
+        let mut pragma = async |name: &str| -> Option<i64> {
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!("PRAGMA {name}")))
+                .fetch_one(&mut c)
+                .await
+                .ok()
+        };
+        let pages = pragma("page_count").await?;
+        let free = pragma("freelist_count").await?;
+        let size = pragma("page_size").await?;
+        u64::try_from((pages - free) * size).ok()
+    } else {
+        let mut c = sqlx::PgConnection::connect(url).await.ok()?;
+        let bytes: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+            .fetch_one(&mut c)
+            .await
+            .ok()?;
+        let _ = c.close().await;
+        u64::try_from(bytes).ok()
+    }
+}
+
 /// Drops a database [`database`] created; failures are reported, not fatal.
 pub async fn drop_database(admin: &str, name: &str) {
     match sqlx::PgConnection::connect(admin).await {
@@ -221,15 +249,17 @@ pub async fn start_worker_vault(
     database_url: String,
     rng: &SystemRandom,
 ) -> (RunningServer, String) {
-    start_worker_vault_with(dir, database_url, rng, &BenchKeyring::Local).await
+    start_worker_vault_with(dir, database_url, rng, &BenchKeyring::Local, |_| {}).await
 }
 
-/// As [`start_worker_vault`], with the given keyring.
+/// As [`start_worker_vault`], with the given keyring, after `adjust` has had
+/// its say on the configuration.
 pub async fn start_worker_vault_with(
     dir: &std::path::Path,
     database_url: String,
     rng: &SystemRandom,
     keyring: &BenchKeyring,
+    adjust: impl FnOnce(&mut Config),
 ) -> (RunningServer, String) {
     let key = format!("tv-bench-{}", random_hex(rng, 16));
     let mut config = Config {
@@ -261,6 +291,7 @@ pub async fn start_worker_vault_with(
             tenants: vec![],
         },
     );
+    adjust(&mut config);
     match keyring {
         BenchKeyring::Local => {
             LocalKeyring::init(config.keyring_path()).expect("init keyring");

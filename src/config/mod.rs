@@ -1,7 +1,9 @@
 //! Configuration: a TOML file plus `TOKENVAULT_*` environment variables, with
 //! the flat names of the design contract for the settings every deployment
 //! touches (`grpc_addr`, `http_addr`, `data_dir`, `database_url`) and sections
-//! for the rest (`TOKENVAULT_<SECTION>__<KEY>`). Unknown keys are errors.
+//! for the rest (`TOKENVAULT_<SECTION>__<KEY>`). Unknown keys are errors
+//! (the variables Kubernetes injects for a Service named `tokenvault` are not
+//! keys and are ignored: see `env`).
 //! Every error is one line naming the setting and what is wrong with it.
 
 use std::fmt;
@@ -134,6 +136,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Server behaviour.
     pub server: ServerConfig,
+    /// The HTTP port's connection limits and timeouts.
+    pub http: HttpConfig,
     /// How callers authenticate (API keys).
     pub auth: AuthConfig,
     /// Who may do what: identities, roles, purposes.
@@ -168,6 +172,7 @@ impl Default for Config {
             keyring: KeyringConfig::default(),
             tls: TlsConfig::default(),
             server: ServerConfig::default(),
+            http: HttpConfig::default(),
             auth: AuthConfig::default(),
             policy: PolicyConfig::default(),
             events: EventsConfig::default(),
@@ -346,7 +351,11 @@ impl Config {
             }
         }
         if !self.tls.enabled() {
-            for (name, addr) in [("grpc_addr", self.grpc_addr), ("http_addr", self.http_addr)] {
+            let metrics = self.http.metrics_addr.map(|a| ("http.metrics_addr", a));
+            for (name, addr) in [("grpc_addr", self.grpc_addr), ("http_addr", self.http_addr)]
+                .into_iter()
+                .chain(metrics)
+            {
                 if !addr.ip().is_loopback() {
                     return Err(ConfigError::new(
                         name,
@@ -356,6 +365,32 @@ impl Config {
                     ));
                 }
             }
+        }
+        if !(1..=100_000).contains(&self.http.max_connections) {
+            return Err(ConfigError::new(
+                "http.max_connections",
+                "must be 1..=100000",
+            ));
+        }
+        for (name, seconds) in [
+            (
+                "http.header_read_timeout_seconds",
+                self.http.header_read_timeout_seconds,
+            ),
+            (
+                "http.body_read_timeout_seconds",
+                self.http.body_read_timeout_seconds,
+            ),
+        ] {
+            if !(1..=3_600).contains(&seconds) {
+                return Err(ConfigError::new(name, "must be 1..=3600"));
+            }
+        }
+        if self.auth.refusal_delay_ms > 10_000 {
+            return Err(ConfigError::new(
+                "auth.refusal_delay_ms",
+                "must be 0..=10000",
+            ));
         }
         if self.keyring.max_kek_age_days == 0 {
             return Err(ConfigError::new(
@@ -554,8 +589,7 @@ impl Config {
                 "must be between 50 and 1000 (events must reach every replica within 1 s)",
             ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| ConfigError::new("log.level", format!("not a valid filter ({e})")))?;
+        check_log_level(&self.log.level).map_err(|e| ConfigError::new("log.level", e))?;
         Ok(())
     }
 
@@ -622,6 +656,42 @@ impl Config {
         std::fs::remove_file(&probe).map_err(err)?;
         Ok(())
     }
+}
+
+/// The levels a `log.level` directive may name on its own (in any case).
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a `log.level` filter: tracing's `EnvFilter` syntax, where every
+/// comma-separated directive is either a level name (`info`) or names a
+/// target or span (`tokenvault=debug`, `[grpc]=trace`). A bare word that is
+/// not a level is refused, although tracing reads it as a target to log at
+/// every level: here it is a misspelt level (`verbose`) that would hide every
+/// line. So is a filter with no directive, which hides every line too, and a
+/// directive with spaces around it, which tracing takes as part of its name.
+/// The problem, as one line, on error.
+fn check_log_level(level: &str) -> Result<(), String> {
+    const EXPECTED: &str =
+        "is not a level (trace, debug, info, warn, error, off) or a target=level directive";
+    // Split as tracing splits it (empty directives are skipped).
+    let directives: Vec<&str> = level.split(',').filter(|d| !d.is_empty()).collect();
+    if directives.is_empty() {
+        return Err(format!("{level:?} {EXPECTED}"));
+    }
+    if let Some(d) = directives.iter().find(|d| d.trim() != **d) {
+        return Err(format!(
+            "{d:?} has spaces around it (separate directives with a comma alone)"
+        ));
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(level)
+        .map_err(|e| format!("{level:?} is not a valid filter ({e})"))?;
+    for d in directives {
+        let is_level = LOG_LEVELS.iter().any(|l| d.eq_ignore_ascii_case(l));
+        if !is_level && !d.contains(['=', '[']) {
+            return Err(format!("{d:?} {EXPECTED}"));
+        }
+    }
+    Ok(())
 }
 
 /// Sets mode 0700 on directories the vault creates.
@@ -775,5 +845,47 @@ mod tests {
         assert_eq!(c.pkcs11_settings().unwrap().pin.expose(), "4321");
         let e = load_toml(&with_file, &[("TOKENVAULT_KEYRING__PKCS11__PIN", "1")]).unwrap_err();
         assert_eq!(e.setting, "keyring.pkcs11.pin", "{e}");
+    }
+
+    #[test]
+    fn log_levels_are_level_names_or_target_directives() {
+        for level in [
+            "info",
+            "TRACE",
+            "Warn",
+            "off",
+            "info,",
+            "warn,tokenvault=debug",
+            "tokenvault::store=trace,sqlx=warn",
+            "tokenvault=",
+            "[grpc]=debug",
+            "tokenvault[lease]=trace",
+        ] {
+            let c = load_toml(&format!("[log]\nlevel = {level:?}\n"), &[])
+                .unwrap_or_else(|e| panic!("{level:?}: {e}"));
+            assert_eq!(c.log.level, level);
+        }
+        for (level, quoted) in [
+            ("verbose", "\"verbose\""),
+            ("info,verbose", "\"verbose\""),
+            ("tokenvault", "\"tokenvault\""),
+            ("", "\"\""),
+            (",", "\",\""),
+            ("info, tokenvault=debug", "\" tokenvault=debug\""),
+            ("info ", "\"info \""),
+            ("tokenvault=verbose", "\"tokenvault=verbose\""),
+            ("tokenvault=debug=x", "\"tokenvault=debug=x\""),
+        ] {
+            let e = load_toml(&format!("[log]\nlevel = {level:?}\n"), &[]).unwrap_err();
+            assert_eq!(e.setting, "log.level", "{level:?}: {e}");
+            assert!(e.problem.starts_with(quoted), "{level:?}: {e}");
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+        let e = load_toml("", &[("TOKENVAULT_LOG__LEVEL", "verbose")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "configuration error: log.level: \"verbose\" is not a level (trace, debug, info, \
+             warn, error, off) or a target=level directive"
+        );
     }
 }

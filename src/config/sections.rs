@@ -175,6 +175,39 @@ impl Default for ServerConfig {
     }
 }
 
+/// `[http]`: the HTTP port's defences (see `crate::http::serve`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// The most connections served at once. A new connection beyond it
+    /// closes the oldest one that has no request in progress (and is refused
+    /// when every one has); lowered at start to half the process's open-file
+    /// limit, so that accepting never fails for want of descriptors.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, counted from
+    /// the connection's start or the end of its previous response: it is the
+    /// keep-alive idle timeout too.
+    pub header_read_timeout_seconds: u64,
+    /// How long a client may take to send a request's body once its headers
+    /// are in (HTTP 408 and the connection closed after it).
+    pub body_read_timeout_seconds: u64,
+    /// Where `GET /metrics` is served instead of `http_addr` (which then
+    /// answers 404 for it). Beyond loopback it is served over TLS, like
+    /// `http_addr`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            header_read_timeout_seconds: 10,
+            body_read_timeout_seconds: 10,
+            metrics_addr: None,
+        }
+    }
+}
+
 /// `[google]`: the OAuth client registered in the Google Cloud project, and
 /// Google's endpoints (defaults: the real ones).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -316,12 +349,27 @@ impl Default for RefreshConfig {
 }
 
 /// `[auth]`: how callers prove an identity besides client certificates.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// API keys (accepted from loopback peers only), stored as SHA-256 hashes;
     /// reloaded with the policy on SIGHUP when read from a configuration file.
     pub api_keys: Vec<ApiKeyConfig>,
+    /// How long a call refused for want of usable credentials waits before
+    /// its UNAUTHENTICATED answer, in milliseconds (0: none). Callers with
+    /// credentials never wait; a client looping on refused calls is slowed to
+    /// one call per delay per stream, which bounds the CPU an anonymous flood
+    /// takes from authenticated work.
+    pub refusal_delay_ms: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            refusal_delay_ms: 100,
+        }
+    }
 }
 
 /// `[policy]`: the access policy, inline or in its own file (`file`), never

@@ -210,6 +210,8 @@ pub struct Authenticator {
     api_keys: Arc<SharedApiKeys>,
     policy: Arc<SharedPolicy>,
     refusals: Arc<RefusalAggregator>,
+    /// How long a call refused for its credentials waits for its answer.
+    refusal_delay: std::time::Duration,
 }
 
 impl Authenticator {
@@ -224,6 +226,7 @@ impl Authenticator {
             api_keys: Arc::new(SharedApiKeys::new(ApiKeys::from_config(config))),
             policy,
             refusals,
+            refusal_delay: std::time::Duration::from_millis(config.refusal_delay_ms),
         }
     }
 
@@ -285,7 +288,7 @@ impl Authenticator {
     /// Authenticates the caller and checks that its role is one of `allowed`.
     /// A caller without a usable credential gets UNAUTHENTICATED, counted and
     /// audited by the [`RefusalAggregator`] (whose audit entry, when it
-    /// writes one, never changes the answer). An identified caller that is
+    /// writes one, never changes the answer), after `auth.refusal_delay_ms`. An identified caller that is
     /// refused or denied is audited one entry per call, fail-closed: if the
     /// entry cannot be written the caller gets UNAVAILABLE, never access.
     pub async fn authorize<T>(
@@ -307,6 +310,12 @@ impl Authenticator {
                 self.refusals
                     .refuse_call(vault.audit(), peer, reason, rpc)
                     .await;
+                // The answer is the same, only later (`auth.refusal_delay_ms`):
+                // a client looping on refused calls gets one per delay per
+                // stream, and the waiting costs a timer, not a core.
+                if !self.refusal_delay.is_zero() {
+                    tokio::time::sleep(self.refusal_delay).await;
+                }
                 return Err(Status::unauthenticated(reason.to_string()));
             }
         };
@@ -390,6 +399,7 @@ mod tests {
                     sha256: Authenticator::hash_api_key(key),
                 })
                 .collect(),
+            ..AuthConfig::default()
         })
     }
 

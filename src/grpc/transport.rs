@@ -147,16 +147,9 @@ impl AsyncWrite for Conn {
 /// unless API keys are configured (then a caller without one must present an
 /// API key from loopback).
 pub fn server_config(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
-    let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) else {
+    let Some((certs, key)) = server_identity(config)? else {
         return Ok(None);
     };
-    let certs = read_certs("tls.cert_file", cert)?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        format!(
-            "tls.key_file: cannot read a PEM private key from {}: {e}",
-            key.display()
-        )
-    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -185,6 +178,41 @@ pub fn server_config(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>
         .map_err(|e| format!("tls: the certificate and key do not form a usable identity: {e}"))?;
     server.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Some(Arc::new(server)))
+}
+
+/// The rustls configuration of the HTTP port beyond loopback: the same
+/// server certificate and key as gRPC, HTTP/1.1, and no client certificate
+/// (Google's redirects come from browsers and its RISC pushes present none).
+pub fn http_server_config(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+    let Some((certs, key)) = server_identity(config)? else {
+        return Ok(None);
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("tls: the certificate and key do not form a usable identity: {e}"))?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(Arc::new(server)))
+}
+
+/// The server's certificate chain and key from `[tls]`, when configured.
+type ServerIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn server_identity(config: &Config) -> Result<Option<ServerIdentity>, String> {
+    let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) else {
+        return Ok(None);
+    };
+    let certs = read_certs("tls.cert_file", cert)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        format!(
+            "tls.key_file: cannot read a PEM private key from {}: {e}",
+            key.display()
+        )
+    })?;
+    Ok(Some((certs, key)))
 }
 
 fn read_certs(name: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {

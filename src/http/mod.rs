@@ -1,6 +1,11 @@
 //! The HTTP side port: `GET /healthz` for load balancers and
 //! `GET /oauth/callback`, Google's redirect target, and `GET /metrics`
-//! (Prometheus), and `POST /risc`, Google's Cross-Account Protection receiver.
+//! (Prometheus, on `http.metrics_addr` instead when one is set), and
+//! `POST /risc`, Google's Cross-Account Protection receiver. [`serve`] holds
+//! the connections and what a client may cost; the routes here see a request
+//! only once its body is read, within [`body_limit`].
+
+pub mod serve;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,14 +21,63 @@ use crate::domain::{ConnectionStatus, VaultError};
 use crate::limits::MAX_RISC_BODY_BYTES;
 use crate::vault::{Completer, Completion, ID_TOKEN_REFUSED, RiscError, Vault};
 
-/// Builds the HTTP router.
-pub fn router(vault: Arc<Vault>) -> Router {
-    Router::new()
+/// Builds the HTTP router; `with_metrics` false leaves `/metrics` to
+/// [`metrics_router`] on its own address.
+pub fn router(vault: Arc<Vault>, with_metrics: bool) -> Router {
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/oauth/callback", get(oauth_callback))
+        .route("/risc", post(risc));
+    let router = if with_metrics {
+        router.route("/metrics", get(metrics))
+    } else {
+        router
+    };
+    router.with_state(vault)
+}
+
+/// The router of `http.metrics_addr`: `/metrics` and `/healthz`.
+pub fn metrics_router(vault: Arc<Vault>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .route("/risc", post(risc))
         .with_state(vault)
+}
+
+/// What [`serve`] reads of a request's body before routing it: at most
+/// `bytes`, and `too_large` answers a larger one.
+pub struct BodyLimit {
+    /// The largest body read.
+    pub bytes: usize,
+    /// The answer to a larger body.
+    pub too_large: fn() -> Response,
+}
+
+/// The body limit of a path: a Security Event Token for `/risc`, nothing
+/// for the `GET` routes.
+pub fn body_limit(path: &str) -> BodyLimit {
+    match path {
+        "/risc" => BodyLimit {
+            bytes: MAX_RISC_BODY_BYTES,
+            too_large: || risc_invalid("token too large".to_owned()),
+        },
+        _ => BodyLimit {
+            bytes: 0,
+            too_large: || (StatusCode::PAYLOAD_TOO_LARGE, "no body expected\n").into_response(),
+        },
+    }
+}
+
+/// RFC 8935's answer to an invalid Security Event Token: 400 with an error
+/// body; nothing changed.
+fn risc_invalid(description: String) -> Response {
+    metrics::counter!("tokenvault_risc_events_total", "outcome" => "invalid").increment(1);
+    (
+        StatusCode::BAD_REQUEST,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::json!({"err": "invalid_request", "description": description}).to_string(),
+    )
+        .into_response()
 }
 
 /// 200 `ok` when the database answers and the primary key works; 503 otherwise.
@@ -42,15 +96,7 @@ async fn healthz(State(vault): State<Arc<Vault>>) -> (StatusCode, String) {
 /// invalid (nothing changed), 503 when the vault cannot process it now
 /// (Google retries).
 async fn risc(State(vault): State<Arc<Vault>>, body: axum::body::Bytes) -> Response {
-    let bad = |description: String| {
-        metrics::counter!("tokenvault_risc_events_total", "outcome" => "invalid").increment(1);
-        (
-            StatusCode::BAD_REQUEST,
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::json!({"err": "invalid_request", "description": description}).to_string(),
-        )
-            .into_response()
-    };
+    let bad = risc_invalid;
     if body.len() > MAX_RISC_BODY_BYTES {
         return bad("token too large".to_owned());
     }

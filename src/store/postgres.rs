@@ -75,6 +75,7 @@ impl PostgresStore {
             // database inside a transaction, so a live replica never idles
             // in one for this long.
             .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]);
+        let target = connect_target(&options);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .min_connections(1)
@@ -82,7 +83,8 @@ impl PostgresStore {
             // call fails with UNAVAILABLE after this long instead of hanging.
             .acquire_timeout(Duration::from_secs(2))
             .connect_with(options)
-            .await?;
+            .await
+            .map_err(|e| connect_failed(&target, e))?;
         MIGRATOR
             .run(&pool)
             .await
@@ -99,6 +101,43 @@ impl PostgresStore {
 
     pub(super) async fn begin_write(&self) -> StoreResult<((), sqlx::Transaction<'static, Db>)> {
         Ok(((), self.pool.begin().await?))
+    }
+}
+
+/// Where a connection goes, for messages: `host:port` (or the Unix socket's
+/// path) and the database when one is named, as in `db.internal:5432
+/// (database tokenvault)`. Never the user's password, nor the URL, which may
+/// carry it.
+fn connect_target(options: &PgConnectOptions) -> String {
+    let port = options.get_port();
+    let host = options.get_host();
+    // As sqlx connects: a socket directory given as `host=/dir` or `/dir` as the host.
+    let socket = match options.get_socket() {
+        Some(dir) => Some(dir.as_path()),
+        None if host.starts_with('/') => Some(std::path::Path::new(host)),
+        None => None,
+    };
+    let mut target = match socket {
+        Some(dir) => dir.join(format!(".s.PGSQL.{port}")).display().to_string(),
+        // An IPv6 address from PGHOST comes without brackets (one from a URL has them).
+        None if host.contains(':') && !host.starts_with('[') => format!("[{host}]:{port}"),
+        None => format!("{host}:{port}"),
+    };
+    if let Some(database) = options.get_database() {
+        target.push_str(&format!(" (database {database})"));
+    }
+    target
+}
+
+/// A failure to connect to the database at `target` (see [`connect_target`])
+/// as one line naming it: UNAVAILABLE when the database cannot be reached (as
+/// any outage is), a storage error when it refuses the connection (a wrong
+/// password, a missing database).
+fn connect_failed(target: &str, err: sqlx::Error) -> VaultError {
+    let message = format!("cannot connect to PostgreSQL at {target}: {err}");
+    match VaultError::from(err) {
+        VaultError::Unavailable(_) => VaultError::Unavailable(message.into()),
+        _ => VaultError::Storage(message),
     }
 }
 
@@ -262,4 +301,45 @@ async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
         return Ok(None);
     }
     Ok(Some(row.try_get("leases")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(url: &str) -> String {
+        connect_target(&PgConnectOptions::from_str(url).unwrap())
+    }
+
+    #[test]
+    fn connect_errors_name_host_port_and_database_but_never_the_password() {
+        let url = "postgres://vault:s3cret-pw@db.internal:6543/tokenvault?password=s3cret-q";
+        let t = target(url);
+        assert_eq!(t, "db.internal:6543 (database tokenvault)");
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = connect_failed(&t, sqlx::Error::Io(refused));
+        assert!(matches!(e, VaultError::Unavailable(_)), "{e:?}");
+        let message = e.to_string();
+        assert!(
+            message.starts_with(
+                "cannot connect to PostgreSQL at db.internal:6543 (database tokenvault): "
+            ),
+            "{message}"
+        );
+        for secret in ["s3cret", "vault:", "postgres://"] {
+            assert!(!message.contains(secret), "{message}");
+        }
+        let e = connect_failed(&t, sqlx::Error::PoolTimedOut);
+        assert!(matches!(e, VaultError::Unavailable(_)), "{e:?}");
+        assert!(!e.to_string().contains('\n'), "{e}");
+
+        assert_eq!(
+            target("postgres://u:pw@[::1]:5433/db"),
+            "[::1]:5433 (database db)"
+        );
+        assert_eq!(
+            target("postgres://u:pw@localhost:5433/db?host=/run/postgresql/"),
+            "/run/postgresql/.s.PGSQL.5433 (database db)"
+        );
+    }
 }

@@ -129,11 +129,13 @@ impl SqliteStore {
                 }
             }
         }
+        let target = open_target(in_memory, options.get_filename());
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
             .connect_with(options)
-            .await?;
+            .await
+            .map_err(|e| open_failed(&target, e))?;
         MIGRATOR
             .run(&pool)
             .await
@@ -161,6 +163,27 @@ impl SqliteStore {
         let guard = self.write_guard().await;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         Ok((guard, tx))
+    }
+}
+
+/// The database a connection opens, for messages: its file's path, or "in
+/// memory".
+fn open_target(in_memory: bool, file: &std::path::Path) -> String {
+    if in_memory {
+        "in memory".to_owned()
+    } else {
+        file.display().to_string()
+    }
+}
+
+/// A failure to open the database `target` (see [`open_target`]) as one line
+/// naming it: UNAVAILABLE for an I/O failure (as any outage is), a storage
+/// error otherwise (a file SQLite cannot open or that is not a database).
+fn open_failed(target: &str, err: sqlx::Error) -> VaultError {
+    let message = format!("cannot open the SQLite database {target}: {err}");
+    match VaultError::from(err) {
+        VaultError::Unavailable(_) => VaultError::Unavailable(message.into()),
+        _ => VaultError::Storage(message),
     }
 }
 
@@ -462,4 +485,50 @@ fn lease_rows(leases: &[LeaseGrant]) -> StoreResult<String> {
 fn to_json(rows: &impl serde::Serialize) -> StoreResult<String> {
     serde_json::to_string(rows)
         .map_err(|e| VaultError::Internal(format!("encoding rows: {e}").into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_errors_name_the_file() {
+        let file = std::path::Path::new("/var/lib/tokenvault/tokenvault.db");
+        let target = open_target(false, file);
+        let e = open_failed(&target, sqlx::Error::Protocol("broken".into()));
+        assert!(matches!(e, VaultError::Storage(_)), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("cannot open the SQLite database /var/lib/tokenvault/tokenvault.db: "),
+            "{e}"
+        );
+        let refused = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let e = open_failed(&target, sqlx::Error::Io(refused));
+        assert!(matches!(e, VaultError::Unavailable(_)), "{e:?}");
+        assert!(
+            e.to_string().contains("/var/lib/tokenvault/tokenvault.db"),
+            "{e}"
+        );
+        assert_eq!(open_target(true, file), "in memory");
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_database_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenvault.db");
+        std::fs::write(&path, [b'x'; 4096]).unwrap();
+        let url = format!("sqlite://{}", path.display());
+        let Err(e) = SqliteStore::connect(&url).await else {
+            panic!("opened a file that is not a database");
+        };
+        let message = e.to_string();
+        assert!(
+            message.contains(&format!(
+                "cannot open the SQLite database {}: ",
+                path.display()
+            )),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "{message}");
+    }
 }

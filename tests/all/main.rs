@@ -19,6 +19,7 @@ mod file_modes;
 mod foundation;
 mod google_lifecycle;
 mod google_sim;
+mod http_port;
 mod identities;
 mod key_custody;
 mod key_registry;

@@ -24,9 +24,29 @@ impl ServeProcess {
     /// until it logs its listen addresses.
     pub fn start(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
-            .args(args)
-            .current_dir(cwd)
+        cmd.arg("serve").args(args);
+        Self::run(cmd, cwd, env)
+    }
+
+    /// Like [`ServeProcess::start`], with the soft open-file limit lowered
+    /// to `open_files` (`ulimit -n`) before the server starts.
+    pub fn start_with_open_files(
+        cwd: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        open_files: u64,
+    ) -> Self {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -S -n {open_files} && exec \"$0\" \"$@\""))
+            .arg(BIN)
+            .arg("serve")
+            .args(args);
+        Self::run(cmd, cwd, env)
+    }
+
+    fn run(mut cmd: Command, cwd: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        cmd.current_dir(cwd)
             .env("TOKENVAULT_GRPC_ADDR", "127.0.0.1:0")
             .env("TOKENVAULT_HTTP_ADDR", "127.0.0.1:0")
             .env("TOKENVAULT_LOG__FORMAT", "json")
@@ -217,6 +237,40 @@ fn bad_configuration_exits_non_zero_with_one_line_naming_the_setting() {
             "data_dir",
         ),
         (Some("[log]\nformat = \"xml\"\n"), vec![], "log.format"),
+        (
+            Some("[http]\nmetrics_addr = \"0.0.0.0:9100\"\n"),
+            vec![],
+            "http.metrics_addr",
+        ),
+        (
+            None,
+            vec![("TOKENVAULT_HTTP__MAX_CONNECTIONS", "0")],
+            "http.max_connections",
+        ),
+        (
+            Some("[http]\nheader_read_timeout_seconds = 0\n"),
+            vec![],
+            "http.header_read_timeout_seconds",
+        ),
+        (
+            Some("[auth]\nrefusal_delay_ms = 60000\n"),
+            vec![],
+            "auth.refusal_delay_ms",
+        ),
+        (Some("[log]\nlevel = \"verbose\"\n"), vec![], "log.level"),
+        (None, vec![("TOKENVAULT_PORTX", "1")], "portx"),
+        // Kubernetes service links are not settings: the error names the bad one.
+        (
+            None,
+            vec![
+                ("TOKENVAULT_PORT", "tcp://10.0.0.1:50051"),
+                ("TOKENVAULT_PORT_50051_TCP_ADDR", "10.0.0.1"),
+                ("TOKENVAULT_SERVICE_HOST", "10.0.0.1"),
+                ("TOKENVAULT_SERVICE_PORT_GRPC", "50051"),
+                ("TOKENVAULT_LOG__LEVEL", "verbose"),
+            ],
+            "log.level",
+        ),
     ];
     for (toml, env, setting) in cases {
         let (code, stderr) = bad_config(toml, &env);
