@@ -39,22 +39,35 @@ pub const CLIENT_CONFIG_ENV: &str = "TOKENVAULT_CLI_ADMIN_CONFIG";
 /// The environment variable naming the server.
 pub const SERVER_ENV: &str = "TOKENVAULT_CLI_SERVER";
 
+/// The environment variable naming the CA certificate file (`--ca-cert`).
+pub const CA_CERT_ENV: &str = "TOKENVAULT_CLI_CA_CERT";
+
+/// The environment variable naming the client certificate file (`--client-cert`).
+pub const CLIENT_CERT_ENV: &str = "TOKENVAULT_CLI_CLIENT_CERT";
+
+/// The environment variable naming the client private key file (`--client-key`).
+pub const CLIENT_KEY_ENV: &str = "TOKENVAULT_CLI_CLIENT_KEY";
+
 /// Connection flags of `tokenvault admin`; they may be given after any
-/// subcommand.
+/// subcommand. A flag beats its environment variable, which beats the client
+/// configuration file's setting.
 #[derive(Debug, Clone, Default, Args)]
 #[command(next_help_heading = "Connection")]
 pub struct ConnectionFlags {
     /// The vault's gRPC address; `https://` uses TLS [default: http://127.0.0.1:50051]
     #[arg(long, global = true, env = SERVER_ENV, value_name = "URL")]
     pub server: Option<String>,
-    /// PEM file of the CA that signed the vault's certificate (required with https://).
-    #[arg(long, global = true, value_name = "PATH")]
+    /// PEM file of the CA that signed the vault's certificate (required with https://);
+    /// the flag beats the environment, which beats `ca_cert` in the client config file.
+    #[arg(long, global = true, env = CA_CERT_ENV, value_name = "PATH")]
     pub ca_cert: Option<PathBuf>,
-    /// PEM client certificate for mutual TLS.
-    #[arg(long, global = true, value_name = "PATH")]
+    /// PEM client certificate for mutual TLS; the flag beats the environment, which
+    /// beats `client_cert` in the client config file.
+    #[arg(long, global = true, env = CLIENT_CERT_ENV, value_name = "PATH")]
     pub client_cert: Option<PathBuf>,
-    /// PEM private key of the client certificate.
-    #[arg(long, global = true, value_name = "PATH")]
+    /// PEM private key of the client certificate; the flag beats the environment, which
+    /// beats `client_key` in the client config file.
+    #[arg(long, global = true, env = CLIENT_KEY_ENV, value_name = "PATH")]
     pub client_key: Option<PathBuf>,
     /// File holding the API key (else the TOKENVAULT_CLI_API_KEY environment variable).
     #[arg(long, global = true, value_name = "PATH")]

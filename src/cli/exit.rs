@@ -6,6 +6,7 @@
 //! problems so that scripts can react to them.
 
 use std::fmt;
+use std::io;
 
 use tonic::Code;
 
@@ -28,6 +29,10 @@ pub enum Exit {
     /// 5: the server could not be reached: no connection, a connect timeout,
     /// or UNAVAILABLE.
     Unreachable,
+    /// 0, and nothing on stderr: the reader of stdout went away (a broken
+    /// pipe, as in `tokenvault admin audit export | head`). Whoever reads the
+    /// output has all it wanted, so the command ends quietly and successfully.
+    Closed,
 }
 
 impl Exit {
@@ -39,6 +44,7 @@ impl Exit {
             Exit::NotFound => 3,
             Exit::Denied => 4,
             Exit::Unreachable => 5,
+            Exit::Closed => 0,
         }
     }
 
@@ -110,6 +116,23 @@ impl CliError {
         )
     }
 
+    /// A failure to write the results (to stdout, or to an output file): a
+    /// broken pipe is the quiet end [`Exit::Closed`], anything else fails
+    /// (exit 1).
+    pub fn output(error: io::Error) -> Self {
+        if is_broken_pipe(&error) {
+            Self::new(Exit::Closed, "the output was closed")
+        } else {
+            Self::failed(format!("cannot write the output: {error}"))
+        }
+    }
+
+    /// Whether this "failure" ends the process quietly with status 0
+    /// ([`Exit::Closed`]): nothing is printed for it.
+    pub fn is_quiet(&self) -> bool {
+        self.exit == Exit::Closed
+    }
+
     /// The server could not be reached at `server`.
     pub fn unreachable(server: &str, error: &dyn std::error::Error) -> Self {
         Self::new(
@@ -132,6 +155,12 @@ impl From<String> for CliError {
     fn from(message: String) -> Self {
         Self::failed(message)
     }
+}
+
+/// Whether a write failed because the reader of the pipe went away (EPIPE;
+/// Rust ignores SIGPIPE, so the write returns this error instead).
+pub fn is_broken_pipe(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::BrokenPipe
 }
 
 /// The canonical name of a gRPC status code (`NOT_FOUND`).
@@ -208,5 +237,32 @@ mod tests {
     #[test]
     fn offline_failures_exit_1() {
         assert_eq!(CliError::from("boom".to_owned()).exit.code(), 1);
+    }
+
+    #[test]
+    fn a_broken_pipe_ends_quietly_with_status_0_and_other_write_errors_fail() {
+        let closed = CliError::output(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert_eq!(closed.exit, Exit::Closed);
+        assert_eq!(closed.exit.code(), 0);
+        assert!(closed.is_quiet());
+
+        for kind in [
+            io::ErrorKind::PermissionDenied,
+            io::ErrorKind::WriteZero,
+            io::ErrorKind::Other,
+        ] {
+            let e = CliError::output(io::Error::from(kind));
+            assert_eq!(e.exit, Exit::Failed, "{kind:?}");
+            assert!(!e.is_quiet(), "{kind:?}");
+            assert!(e.message.starts_with("cannot write the output: "), "{e}");
+        }
+    }
+
+    /// EPIPE (32 on Linux and the BSDs), as the operating system reports it.
+    #[cfg(unix)]
+    #[test]
+    fn epipe_from_the_os_is_a_broken_pipe() {
+        assert!(is_broken_pipe(&io::Error::from_raw_os_error(32)));
+        assert!(CliError::output(io::Error::from_raw_os_error(32)).is_quiet());
     }
 }

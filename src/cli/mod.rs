@@ -110,6 +110,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout went away (`… | head`): a quiet, successful end.
+        Err(error) if error.is_quiet() => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("tokenvault: {error}");
             ExitCode::from(error.exit.code())
@@ -160,17 +162,22 @@ fn run(cli: Cli) -> Result<(), CliError> {
             command: KeysCommand::NewApiKey { identity },
         } => {
             let key = crate::crypto::random_token(32).map_err(|e| e.to_string())?;
-            println!("API key for {identity} (shown once; give it to the caller):");
-            println!("  {}", key.expose());
-            println!();
-            println!("Add to the vault's configuration:");
-            println!("  [[auth.api_keys]]");
-            println!("  identity = {identity:?}");
-            println!(
-                "  sha256 = \"{}\"",
-                Authenticator::hash_api_key(key.expose())
-            );
-            Ok(())
+            print_stdout(|out| {
+                writeln!(
+                    out,
+                    "API key for {identity} (shown once; give it to the caller):"
+                )?;
+                writeln!(out, "  {}", key.expose())?;
+                writeln!(out)?;
+                writeln!(out, "Add to the vault's configuration:")?;
+                writeln!(out, "  [[auth.api_keys]]")?;
+                writeln!(out, "  identity = {identity:?}")?;
+                writeln!(
+                    out,
+                    "  sha256 = \"{}\"",
+                    Authenticator::hash_api_key(key.expose())
+                )
+            })
         }
         Command::Admin(args) => {
             // One thread is plenty for a client that makes one call at a time.
@@ -206,7 +213,7 @@ fn completions(shell: CompletionShell) -> Result<(), CliError> {
     stdout
         .write_all(&script)
         .and_then(|()| stdout.flush())
-        .map_err(|e| CliError::failed(format!("cannot write the completions: {e}")))
+        .map_err(CliError::output)
 }
 
 /// `tokenvault keys init --env [--version N]`: prints new env keyring values.
@@ -214,25 +221,48 @@ fn keys_init_env(version: u32) -> Result<(), CliError> {
     let version = KekVersion::new(version)
         .ok_or_else(|| CliError::from("--version must be at least 1".to_owned()))?;
     let values = EnvKeyring::generate_values(version).map_err(|e| e.to_string())?;
-    if version == KekVersion::FIRST {
-        println!("# A new env keyring: key version 1 and the MAC root key. Give both to every");
-        println!("# replica (a secret store, not a file next to the database backups):");
-        println!("TOKENVAULT_KEYRING__PROVIDER=env");
-        println!("TOKENVAULT_KEYRING__KEYS={}", values.keys.expose());
-        println!(
-            "TOKENVAULT_KEYRING__MAC_KEY={}",
-            values.mac_root_key.expose()
-        );
-    } else {
-        println!(
-            "# Key version {version}: append this entry to TOKENVAULT_KEYRING__KEYS (entries are"
-        );
-        println!(
-            "# comma-separated) on every replica and restart them, then rotate. Keep the MAC key."
-        );
-        println!("{}", values.keys.expose());
-    }
-    Ok(())
+    print_stdout(|out| {
+        if version == KekVersion::FIRST {
+            writeln!(
+                out,
+                "# A new env keyring: key version 1 and the MAC root key. Give both to every"
+            )?;
+            writeln!(
+                out,
+                "# replica (a secret store, not a file next to the database backups):"
+            )?;
+            writeln!(out, "TOKENVAULT_KEYRING__PROVIDER=env")?;
+            writeln!(out, "TOKENVAULT_KEYRING__KEYS={}", values.keys.expose())?;
+            writeln!(
+                out,
+                "TOKENVAULT_KEYRING__MAC_KEY={}",
+                values.mac_root_key.expose()
+            )
+        } else {
+            writeln!(
+                out,
+                "# Key version {version}: append this entry to TOKENVAULT_KEYRING__KEYS (entries are"
+            )?;
+            writeln!(
+                out,
+                "# comma-separated) on every replica and restart them, then rotate. Keep the MAC key."
+            )?;
+            writeln!(out, "{}", values.keys.expose())
+        }
+    })
+}
+
+/// Runs `write` on the locked stdout and flushes it; a write error becomes
+/// [`CliError::output`] (a broken pipe ends quietly) instead of the panic of
+/// `println!`.
+fn print_stdout(
+    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<(), CliError> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    write(&mut stdout)
+        .and_then(|()| stdout.flush())
+        .map_err(CliError::output)
 }
 
 /// `tokenvault keys init`: creates the keyring, registers version 1 and
@@ -323,15 +353,15 @@ async fn first_start_keyring(config: &Config) -> Result<(), String> {
         return Err(match config.keyring.provider {
             KeyringProviderKind::Pkcs11 => format!(
                 "keyring.pkcs11.token_label: token {:?} holds no keys labelled {}/…, but the \
-                 database uses {} key version(s); use the token (or prefix) that holds them",
+                 database uses {}; use the token (or prefix) that holds them",
                 config.keyring.pkcs11.token_label,
                 config.keyring.pkcs11.label_prefix,
-                known.len()
+                output::plural(known.len(), "key version", "key versions")
             ),
             _ => format!(
-                "keyring.path: {} is missing, but the database uses {} key version(s); restore the keyring from its backup",
+                "keyring.path: {} is missing, but the database uses {}; restore the keyring from its backup",
                 config.keyring_path().display(),
-                known.len()
+                output::plural(known.len(), "key version", "key versions")
             ),
         });
     }

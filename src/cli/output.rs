@@ -17,6 +17,18 @@ use serde_json::{Value, json};
 
 use crate::proto::v1 as pb;
 
+/// A count and the noun that fits it: `1 attempt`, `0 attempts`, `2 attempts`.
+pub fn plural<N>(n: N, one: &str, many: &str) -> String
+where
+    N: std::fmt::Display + PartialEq + From<u8>,
+{
+    let noun = if n == N::from(1) { one } else { many };
+    format!("{n} {noun}")
+}
+
+/// The environment variable read for `--output` (`-o`) when the flag is not given.
+pub const OUTPUT_ENV: &str = "TOKENVAULT_CLI_OUTPUT";
+
 /// `--output`: how results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
@@ -548,14 +560,14 @@ pub fn receipt_fields(r: &pb::DeletionReceipt) -> Fields {
     }
     for u in &r.upstream_revocations {
         let mut text = format!(
-            "{}: {} ({} attempts)",
+            "{}: {} ({})",
             u.connection_id,
             enum_text!(
                 pb::UpstreamRevocationState,
                 "UPSTREAM_REVOCATION_STATE_",
                 u.state
             ),
-            u.attempts
+            plural(u.attempts, "attempt", "attempts")
         );
         if !u.last_error.is_empty() {
             text.push_str(&format!("; last error: {}", u.last_error));
@@ -720,10 +732,10 @@ pub fn replicas_table(replicas: &[pb::ReplicaInfo]) -> Table {
 /// One key version on one line.
 pub fn key_version_text(v: &pb::KeyVersionInfo) -> String {
     format!(
-        "v{}: {} ({} wrapped keys)",
+        "v{}: {} ({})",
         v.version,
         enum_text!(pb::KeyState, "KEY_STATE_", v.state),
-        v.dek_count
+        plural(v.dek_count, "wrapped key", "wrapped keys")
     )
 }
 
@@ -778,6 +790,27 @@ pub fn audit_row(e: &pb::AuditEntry) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_of_one_take_the_singular() {
+        assert_eq!(plural(0u32, "attempt", "attempts"), "0 attempts");
+        assert_eq!(plural(1u32, "attempt", "attempts"), "1 attempt");
+        assert_eq!(plural(2u64, "entry", "entries"), "2 entries");
+        assert_eq!(
+            plural(1usize, "key version", "key versions"),
+            "1 key version"
+        );
+        let v = pb::KeyVersionInfo {
+            version: 2,
+            dek_count: 1,
+            ..Default::default()
+        };
+        assert!(
+            key_version_text(&v).ends_with("(1 wrapped key)"),
+            "{}",
+            key_version_text(&v)
+        );
+    }
 
     #[test]
     fn timestamps_are_rfc3339_and_never_panic() {

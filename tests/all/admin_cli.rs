@@ -1177,3 +1177,81 @@ async fn admin_list_filters_return_full_pages(backend: Backend) {
     );
 }
 both_backends!(admin_list_pages, admin_list_filters_return_full_pages);
+
+/// `tokenvault` with no client settings from the environment or a file,
+/// for commands that fail before they connect (no vault needed).
+fn offline_tokenvault(env: &[(&str, &str)], args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    for name in [
+        "TOKENVAULT_CLI_SERVER",
+        "TOKENVAULT_CLI_API_KEY",
+        "TOKENVAULT_CLI_ADMIN_CONFIG",
+        "TOKENVAULT_CLI_OUTPUT",
+        "TOKENVAULT_CLI_CA_CERT",
+        "TOKENVAULT_CLI_CLIENT_CERT",
+        "TOKENVAULT_CLI_CLIENT_KEY",
+    ] {
+        cmd.env_remove(name);
+    }
+    cmd.env("XDG_CONFIG_HOME", "/nonexistent/tokenvault-test")
+        .env("HOME", "/nonexistent/tokenvault-test")
+        .envs(env.iter().copied())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_short_flag_and_connection_environment_variables() {
+    // `-o` is `--output`, and TOKENVAULT_CLI_OUTPUT stands in for it.
+    let plain = ["admin", "--server", "http://127.0.0.1:1", "keys", "status"];
+    let mut with_o = plain.to_vec();
+    with_o.extend(["-o", "yaml"]);
+    let no_env: [(&str, &str); 0] = [];
+    let output_env = [("TOKENVAULT_CLI_OUTPUT", "yaml")];
+    for (env, args) in [(&no_env[..], &with_o[..]), (&output_env[..], &plain[..])] {
+        let r = finish(offline_tokenvault(env, args)).await;
+        let stderr = r.fails(2);
+        assert!(stderr.contains("invalid value 'yaml'"), "{r:#?}");
+    }
+
+    // The certificate variables are read (and refused without https://).
+    for name in ["TOKENVAULT_CLI_CA_CERT", "TOKENVAULT_CLI_CLIENT_CERT"] {
+        let r = finish(offline_tokenvault(&[(name, "/nonexistent/x.pem")], &plain)).await;
+        let stderr = r.fails(2);
+        assert!(stderr.contains("need an https:// server"), "{name}: {r:#?}");
+    }
+    // The environment's CA file is used; a flag beats it.
+    let tls = ["admin", "--server", "https://127.0.0.1:1", "keys", "status"];
+    let env = [("TOKENVAULT_CLI_CA_CERT", "/nonexistent/env-ca.pem")];
+    let r = finish(offline_tokenvault(&env, &tls)).await;
+    assert!(r.fails(2).contains("/nonexistent/env-ca.pem"), "{r:#?}");
+    let mut flagged = tls.to_vec();
+    flagged.extend(["--ca-cert", "/nonexistent/flag-ca.pem"]);
+    let r = finish(offline_tokenvault(&env, &flagged)).await;
+    assert!(r.fails(2).contains("/nonexistent/flag-ca.pem"), "{r:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_quietly_with_status_0() {
+    let cases: [&[&str]; 2] = [&["completions", "bash"], &["keys", "new-api-key", "ci"]];
+    for args in cases {
+        // A pipe whose reader is gone before the child writes: EPIPE.
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        let mut cmd = offline_tokenvault(&[], args);
+        cmd.stdout(Stdio::from(writer));
+        let child = cmd.spawn().expect("run tokenvault");
+        drop(cmd);
+        let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .expect("the command finished within 30 s")
+            .expect("wait for tokenvault");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert_eq!(stderr, "", "{args:?}");
+    }
+}

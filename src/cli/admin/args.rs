@@ -11,8 +11,10 @@ pub struct AdminArgs {
     pub connection: ConnectionFlags,
     /// How to print results.
     #[arg(
+        short = 'o',
         long,
         global = true,
+        env = output::OUTPUT_ENV,
         value_enum,
         default_value_t,
         help_heading = "Output"

@@ -602,7 +602,8 @@ impl Admin {
                 |out| {
                     writeln!(
                         out,
-                        "exported {written} entries (up to seq {last_seq}) to {}",
+                        "exported {} (up to seq {last_seq}) to {}",
+                        output::plural(written, "entry", "entries"),
                         p.display()
                     )
                 },

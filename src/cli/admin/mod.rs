@@ -137,8 +137,10 @@ fn answer<T>(rpc: &str, result: Result<tonic::Response<T>, tonic::Status>) -> Re
         .map_err(|status| CliError::status(rpc, &status))
 }
 
+/// A failed write of the results; a broken pipe ends the command quietly
+/// (see [`CliError::output`]).
 fn write_failed(e: io::Error) -> CliError {
-    CliError::failed(format!("cannot write the output: {e}"))
+    CliError::output(e)
 }
 
 /// The page size to ask for when `have` of `limit` (0 = no limit) are there.

@@ -373,7 +373,7 @@ fn print_fields(fields: &Fields) -> Result<(), CliError> {
     fields
         .write(&mut stdout)
         .and_then(|()| stdout.flush())
-        .map_err(|e| CliError::failed(format!("cannot write the output: {e}")))
+        .map_err(CliError::output)
 }
 
 /// The `export NAME=VALUE` lines of the env file (`TOKENVAULT_CLI_*` only);
