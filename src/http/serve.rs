@@ -23,8 +23,10 @@
 //!   the connection closes). A TLS handshake gets `header_read_timeout`.
 //! - **Handlers never wait on the client.** A request's body is read in full,
 //!   up to its route's limit ([`super::body_limit`]), before it is routed;
-//!   a larger body gets the route's refusal without being read further, and
-//!   the connection closes after the answer.
+//!   a larger body gets the route's refusal once the rest is read and
+//!   discarded (at most [`MAX_DRAIN_BYTES`] more, within the body deadline,
+//!   so that the answer is not lost to a reset), else the connection closes
+//!   after the answer.
 //! - **Bounded memory per connection.** Headers larger than
 //!   [`MAX_HEAD_BYTES`] are refused by hyper (431) before a route sees them.
 //! - **Graceful stop.** When `stop` turns true, accepting ends, idle
@@ -39,10 +41,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::Body as AxumBody;
+use axum::body::Bytes;
 use axum::http::{HeaderValue, Request, Response, StatusCode, header};
 use axum::response::IntoResponse;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -59,6 +62,10 @@ use crate::vault::stopped;
 /// hyper's read buffer per connection. Google's redirect with its `code`,
 /// `state` and granted scopes fits several times over.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// The most bytes of an oversized body read and discarded so that its answer
+/// arrives (see [`read_body`]); beyond them the connection is closed.
+pub const MAX_DRAIN_BYTES: usize = 8 * 1024 * 1024;
 
 /// How often at most the log says the connection limit is shedding.
 const SHED_WARNING_EVERY: Duration = Duration::from_secs(60);
@@ -233,44 +240,90 @@ async fn handle(
     app: Router,
     slot: Arc<Slot>,
     body_read_timeout: Duration,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<AxumBody>, Infallible> {
     let _busy = Busy::new(&slot);
     let limit = super::body_limit(req.uri().path());
     let (parts, body) = req.into_parts();
-    let read = tokio::time::timeout(body_read_timeout, Limited::new(body, limit.bytes).collect());
-    let body = match read.await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Ok(closing((limit.too_large)()));
+    let body = match read_body(body, limit.bytes, body_read_timeout).await {
+        ReadBody::Read(bytes) => bytes,
+        ReadBody::TooLarge { drained: true } => return Ok((limit.too_large)()),
+        ReadBody::TooLarge { drained: false } => return Ok(closing((limit.too_large)())),
+        ReadBody::Unreadable => {
+            let answer = (
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read\n",
+            );
+            return Ok(closing(answer.into_response()));
         }
-        Ok(Err(_)) => {
-            return Ok(closing(
-                (
-                    StatusCode::BAD_REQUEST,
-                    "the request body could not be read\n",
-                )
-                    .into_response(),
-            ));
-        }
-        Err(_) => {
-            return Ok(closing(
-                (
-                    StatusCode::REQUEST_TIMEOUT,
-                    "the request body was too slow\n",
-                )
-                    .into_response(),
-            ));
+        ReadBody::TooSlow => {
+            let answer = (
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body was too slow\n",
+            );
+            return Ok(closing(answer.into_response()));
         }
     };
     let mut app = app;
-    std::future::poll_fn(|cx| tower_service::Service::<Request<Body>>::poll_ready(&mut app, cx))
-        .await?;
-    tower_service::Service::call(&mut app, Request::from_parts(parts, Body::from(body))).await
+    std::future::poll_fn(|cx| {
+        tower_service::Service::<Request<AxumBody>>::poll_ready(&mut app, cx)
+    })
+    .await?;
+    let request = Request::from_parts(parts, AxumBody::from(body));
+    tower_service::Service::call(&mut app, request).await
+}
+
+/// What reading a request's body came to.
+enum ReadBody {
+    /// The whole body, within the limit.
+    Read(Bytes),
+    /// Over the limit. `drained`: the rest was read and discarded (at most
+    /// [`MAX_DRAIN_BYTES`]), so the answer reaches the client and the
+    /// connection can carry another request; otherwise the connection closes
+    /// after the answer.
+    TooLarge { drained: bool },
+    /// The body could not be read (a malformed chunk, a reset).
+    Unreadable,
+    /// The body did not arrive within its deadline.
+    TooSlow,
+}
+
+/// Reads `body` within `timeout`, keeping at most `limit` bytes. A larger
+/// body is read on and discarded up to [`MAX_DRAIN_BYTES`] more (within the
+/// same deadline): closing a connection on unread data makes the kernel
+/// reset it, and the reset can destroy the answer before the client reads it.
+async fn read_body(mut body: Incoming, limit: usize, timeout: Duration) -> ReadBody {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) if seen > limit => return ReadBody::TooLarge { drained: false },
+            Err(_) => return ReadBody::TooSlow,
+            Ok(None) => break,
+            Ok(Some(Err(_))) if seen > limit => return ReadBody::TooLarge { drained: false },
+            Ok(Some(Err(_))) => return ReadBody::Unreadable,
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            kept.extend_from_slice(&data);
+        } else if seen > limit.saturating_add(MAX_DRAIN_BYTES) {
+            return ReadBody::TooLarge { drained: false };
+        }
+    }
+    if seen > limit {
+        ReadBody::TooLarge { drained: true }
+    } else {
+        ReadBody::Read(Bytes::from(kept))
+    }
 }
 
 /// `response` with `Connection: close`: what is left of the request is not
 /// read, so the connection cannot carry another.
-fn closing(mut response: Response<Body>) -> Response<Body> {
+fn closing(mut response: Response<AxumBody>) -> Response<AxumBody> {
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));

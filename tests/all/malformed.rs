@@ -1171,6 +1171,11 @@ pub(crate) async fn vault_with_google(backend: Backend) -> Option<(TestVault, Go
         use_google(c, &sim);
         c.risc.jwks_uri = sim.jwks_uri();
         c.risc.issuer = sim.risc_issuer();
+        // The replica's heartbeat (`key_replicas.seen_at`) is the vault's own
+        // liveness record, not a change a call made: these tests compare
+        // every table before and after a refused call, so it must not fall
+        // between the two snapshots.
+        c.keyring.heartbeat_seconds = 3_600;
     })
     .await?;
     let conn = seed_connection(
