@@ -5,7 +5,16 @@
 //! cargo bench --bench lease_load -- [--backend sqlite|postgres] [--connections 10000]
 //!     [--concurrency 64] [--seconds 10] [--warmup 2] [--channels 4]
 //!     [--keyring local|pkcs11|both] [--flood N] [--flood-rounds 3] [--refusal-delay-ms N]
+//!     [--replicas N]
 //! ```
+//!
+//! `--replicas N` (PostgreSQL, local keyring) starts N − 1 more vault
+//! processes (`tokenvault serve`) on the first vault's database and keyring
+//! file after the workloads below, and measures leases against the first
+//! vault alone and spread over all N, alternately (1, N, N, 1) with the same
+//! `--concurrency`: throughput, latency and the audit chain head conflicts
+//! per batch over every replica (`tokenvault_audit_head_conflicts_total` over
+//! `tokenvault_audit_batch_entries_count`, from each one's `/metrics`).
 //!
 //! `--keyring pkcs11` keeps the KEKs in a SoftHSM2 token made for the run (the
 //! benchmark re-runs itself with `SOFTHSM2_CONF` pointing at it). `--keyring
@@ -132,6 +141,8 @@ struct Args {
     refusal_delay_ms: Option<u64>,
     /// Rounds of quiet, flood, flood, quiet phases (`--flood`).
     flood_rounds: usize,
+    /// Vault processes for the replica phases (1: none).
+    replicas: usize,
 }
 
 fn args() -> Args {
@@ -146,6 +157,7 @@ fn args() -> Args {
         flood: 0,
         refusal_delay_ms: None,
         flood_rounds: 3,
+        replicas: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -179,6 +191,12 @@ fn args() -> Args {
                     .and_then(|v| v.parse().ok())
                     .expect("--flood-rounds N");
             }
+            "--replicas" => {
+                a.replicas = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--replicas N");
+            }
             "--refusal-delay-ms" => {
                 a.refusal_delay_ms = Some(
                     it.next()
@@ -194,6 +212,11 @@ fn args() -> Args {
     assert!(a.channels > 0, "--channels must be at least 1");
     assert!(a.seconds > 0, "--seconds must be at least 1");
     assert!(a.flood_rounds > 0, "--flood-rounds must be at least 1");
+    assert!(a.replicas > 0, "--replicas must be at least 1");
+    assert!(
+        a.replicas == 1 || (a.backend == "postgres" && a.keyring == "local"),
+        "--replicas above 1 needs --backend postgres and --keyring local"
+    );
     assert!(
         matches!(a.keyring.as_str(), "local" | "pkcs11" | "both"),
         "--keyring local|pkcs11|both"
@@ -203,6 +226,8 @@ fn args() -> Args {
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/replicas.rs"]
+mod replicas;
 use common::{
     Bearer, BenchKeyring, CALENDAR_SCOPE, PURPOSE, XorShift, database, database_bytes,
     drop_database, percentile_ms, seed_calendar_connections, softhsm_token,
@@ -596,6 +621,9 @@ async fn main() {
     if a.flood > 0 {
         flood_phases(&a, &vaults[0]).await;
     }
+    if a.replicas > 1 {
+        replica_phases(&a, &vaults[0]).await;
+    }
     wal_sampler.abort();
     if a.backend == "sqlite" {
         println!(
@@ -682,17 +710,29 @@ async fn main() {
         println!(
             "server batching, lease stages and the DEK cache (from /metrics; over the whole run, every vault of this process):"
         );
-        for line in text.lines().filter(|l| {
-            (l.starts_with("tokenvault_audit_batch")
-                || l.starts_with("tokenvault_lease_read_batch")
-                || l.starts_with("tokenvault_lease_stage")
-                || l.starts_with("tokenvault_sqlite_checkpoint"))
-                && (l.contains("quantile=\"0.5\"")
-                    || l.contains("quantile=\"0.99\"")
-                    || l.contains("_sum")
-                    || l.contains("_count"))
-                || l.starts_with("tokenvault_dek_cache_total{")
-        }) {
+        for family in [
+            "tokenvault_audit_batch_entries",
+            "tokenvault_audit_batch_seconds",
+            "tokenvault_lease_read_batch_ids",
+            "tokenvault_lease_read_batch_seconds",
+            "tokenvault_lease_stage_seconds",
+            "tokenvault_sqlite_checkpoint_blocking_seconds",
+        ] {
+            for h in histograms(&text, family) {
+                println!(
+                    "  {family}{}: count {:.0}, mean {:.4}, p50 <= {}, p99 <= {}",
+                    h.labels,
+                    h.count,
+                    h.sum / h.count.max(1.0),
+                    h.quantile(0.5),
+                    h.quantile(0.99)
+                );
+            }
+        }
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("tokenvault_dek_cache_total{"))
+        {
             println!("  {line}");
         }
     }
@@ -715,6 +755,8 @@ struct BenchVault {
     endpoint: Endpoint,
     channels: Vec<Channel>,
     bearer: Bearer,
+    /// The SHA-256 of the worker's API key, as a configuration names it.
+    key_sha256: String,
     ids: Arc<Vec<String>>,
 }
 
@@ -763,6 +805,7 @@ impl BenchVault {
             endpoint,
             channels,
             bearer: Bearer::key(&key),
+            key_sha256: tokenvault::grpc::auth::Authenticator::hash_api_key(&key),
             ids: Arc::new(ids),
         }
     }
@@ -1090,4 +1133,210 @@ async fn flood_phases(a: &Args, v: &BenchVault) {
         "| {} | {} | {} | {:.2} ms | {:.2} ms | {ratio:.2} | {calls_per_second:.0} | {refusal_entries} |",
         a.backend, a.concurrency, a.flood, quiet.p95, flooded.p95
     );
+}
+
+/// `--replicas N` (PostgreSQL): N − 1 more vault processes on the first
+/// vault's database and keyring; leases measured against the first vault
+/// alone and spread over all N, alternately (1, N, N, 1), with the same
+/// client concurrency; for each, the head conflicts per audit batch summed
+/// over every replica's `/metrics` (a batch whose chain head another
+/// replica moved is sealed again under the lock).
+async fn replica_phases(a: &Args, v: &BenchVault) {
+    let n = a.replicas;
+    let started = Instant::now();
+    let others = replicas::start(
+        n - 1,
+        &v.url,
+        &v.dir.path().join("keyring.json"),
+        &v.key_sha256,
+    )
+    .await;
+    println!();
+    println!(
+        "replicas: {} more vault processes on the same database, healthy in {:.1?}",
+        n - 1,
+        started.elapsed()
+    );
+    let mut spread = v.channels.clone();
+    for r in &others {
+        let endpoint = Endpoint::from_shared(format!("http://{}", r.grpc))
+            .expect("endpoint")
+            .tcp_nodelay(true);
+        for _ in 0..a.channels {
+            spread.push(endpoint.connect().await.expect("connect to a replica"));
+        }
+    }
+    let mut endpoints = vec![v.server.http_addr];
+    endpoints.extend(others.iter().map(|r| r.http));
+    const NAMES: [&str; 2] = [
+        "tokenvault_audit_head_conflicts_total",
+        "tokenvault_audit_batch_entries_count",
+    ];
+    let (mut alone, mut fleet) = (Vec::new(), Vec::new());
+    let (mut alone_counts, mut fleet_counts) = ([0.0; 2], [0.0; 2]);
+    for (i, many) in [false, true, true, false].into_iter().enumerate() {
+        let channels = if many { &spread } else { &v.channels };
+        let before = replicas::metric_sums(&endpoints, &NAMES).await;
+        let report = run(Kind::Lease, a, channels, &v.bearer, &v.ids).await;
+        let after = replicas::metric_sums(&endpoints, &NAMES).await;
+        let (conflicts, batches) = (after[0] - before[0], after[1] - before[1]);
+        println!(
+            "  phase {}: {} {:>8.0} leases/s  p99 {:.2} ms  errors {}  head conflicts {conflicts:.0} in {batches:.0} batches",
+            i + 1,
+            if many {
+                format!("{n} replicas")
+            } else {
+                "1 replica ".to_owned()
+            },
+            report.throughput(),
+            report.p99,
+            report.error_count()
+        );
+        let counts = if many {
+            &mut fleet_counts
+        } else {
+            &mut alone_counts
+        };
+        counts[0] += conflicts;
+        counts[1] += batches;
+        if many {
+            fleet.push(report);
+        } else {
+            alone.push(report);
+        }
+    }
+    let (one, all) = (Combined::of(&alone), Combined::of(&fleet));
+    one.print("1", "one vault, phases 1 and 4");
+    all.print(&n.to_string(), "spread over every replica, phases 2 and 3");
+    let per_batch = |c: [f64; 2]| if c[1] > 0.0 { c[0] / c[1] } else { f64::NAN };
+    println!(
+        "head conflicts per batch: {:.3} with 1 replica, {:.3} with {n} ({:.0} of {:.0} batches)",
+        per_batch(alone_counts),
+        per_batch(fleet_counts),
+        fleet_counts[0],
+        fleet_counts[1]
+    );
+    let ratio = all.leases_per_second / one.leases_per_second;
+    println!(
+        "goal: {n} replicas lease at least as fast as 1 and no batch waits on another replica's \
+         chain: {} (throughput {:.2}x, {:.3} conflicts per batch)",
+        if ratio >= 1.0 && fleet_counts[0] == 0.0 && all.errors == 0 {
+            "MET"
+        } else {
+            "NOT MET"
+        },
+        ratio,
+        per_batch(fleet_counts)
+    );
+    println!();
+    println!("| replicas | leases/s | p50 | p99 | errors | head conflicts per batch |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let n_label = n.to_string();
+    for (label, c, counts) in [
+        ("1", &one, alone_counts),
+        (n_label.as_str(), &all, fleet_counts),
+    ] {
+        println!(
+            "| {label} | {:.0} | {:.2} ms | {:.2} ms | {} | {:.3} |",
+            c.leases_per_second,
+            c.p50,
+            c.p99,
+            c.errors,
+            per_batch(counts)
+        );
+    }
+    drop(spread);
+    drop(others);
+}
+
+/// One series of a histogram in the Prometheus text format.
+struct Histogram {
+    /// Its labels other than `le`, as written (`{stage="read"}`, or empty).
+    labels: String,
+    /// Cumulative counts by upper bound, ascending.
+    buckets: Vec<(f64, f64)>,
+    sum: f64,
+    count: f64,
+}
+
+impl Histogram {
+    /// The upper bound of the first bucket holding the `q` quantile (what
+    /// `histogram_quantile` would interpolate within), as text.
+    fn quantile(&self, q: f64) -> String {
+        let want = q * self.count;
+        self.buckets
+            .iter()
+            .find(|(_, n)| *n >= want && *n > 0.0)
+            .map_or_else(|| "n/a".to_owned(), |(le, _)| format!("{le}"))
+    }
+}
+
+/// The series of `family` in a `/metrics` text.
+fn histograms(text: &str, family: &str) -> Vec<Histogram> {
+    let mut by_labels: BTreeMap<String, Histogram> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(family) else {
+            continue;
+        };
+        let Some((series, value)) = rest.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (kind, labels) = match series.find('{') {
+            Some(i) => (&series[..i], &series[i..]),
+            None => (series, ""),
+        };
+        match kind {
+            "_bucket" => {
+                // `le` is the last label the exporter writes.
+                let (others, le) = match labels.rfind("le=\"") {
+                    Some(i) => (&labels[..i], &labels[i + 4..labels.len() - 2]),
+                    None => continue,
+                };
+                let others = others.trim_end_matches(',');
+                let others = if others == "{" {
+                    String::new()
+                } else {
+                    format!("{others}}}")
+                };
+                let bound = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap_or(f64::NAN)
+                };
+                let h = by_labels
+                    .entry(others.clone())
+                    .or_insert_with(|| Histogram {
+                        labels: others,
+                        buckets: Vec::new(),
+                        sum: 0.0,
+                        count: 0.0,
+                    });
+                h.buckets.push((bound, value));
+            }
+            "_sum" | "_count" => {
+                let h = by_labels
+                    .entry(labels.to_owned())
+                    .or_insert_with(|| Histogram {
+                        labels: labels.to_owned(),
+                        buckets: Vec::new(),
+                        sum: 0.0,
+                        count: 0.0,
+                    });
+                if kind == "_sum" {
+                    h.sum = value;
+                } else {
+                    h.count = value;
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut all: Vec<Histogram> = by_labels.into_values().filter(|h| h.count > 0.0).collect();
+    for h in &mut all {
+        h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    all
 }

@@ -5,6 +5,7 @@
 //! cargo bench --locked --bench soak -- [--backend sqlite|postgres] [--minutes 10]
 //!     [--rate 500] [--connections 1000] [--channels 4] [--max-in-flight 1024]
 //!     [--deadline-ms 5000] [--interval 60] [--rss-from N]
+//!     [--hot-retention SECONDS [--archive-interval 10]] [--lease-ttl 900]
 //! ```
 //!
 //! PostgreSQL: `TV_TEST_POSTGRES_URL` (default
@@ -40,9 +41,16 @@
 //!    connections with their statement caches) grows and then levels off; a
 //!    leak keeps growing over the second half too.
 //!
-//! Lease rows and audit entries accumulate in the database for the whole run
-//! (500 calls/s for 10 minutes is 300,000 of each): the soak also shows
-//! whether latency creeps as they grow.
+//! Without `--hot-retention`, lease rows and audit entries accumulate in the
+//! database for the whole run (500 calls/s for 10 minutes is 300,000 of
+//! each): the soak also shows whether latency creeps as they grow. With it,
+//! the audit archive is on (`audit.archive_dir` in the soak's directory,
+//! `audit.hot_retention_seconds` and `lease.record_retention_seconds` set to
+//! it, leases `--lease-ttl` long): the database should stop growing once
+//! the first retention window has passed, and the summary adds the
+//! database's growth from then to the end (judged: < 10 %), the archive's
+//! size and an `audit verify` over archive and live table (judged: it
+//! passes).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -58,7 +66,7 @@ use tonic::transport::{Channel, Endpoint};
 mod common;
 use common::{
     Bearer, CALENDAR_SCOPE, PURPOSE, XorShift, database, drop_database, percentile_ms,
-    seed_calendar_connections, start_worker_vault,
+    seed_calendar_connections, start_worker_vault_with,
 };
 
 /// How often the generator wakes up to send what is due.
@@ -79,6 +87,13 @@ struct Args {
     interval: Duration,
     /// Interval from which RSS growth is judged; 0 = half-way.
     rss_from: usize,
+    /// With a value: the audit archive on, entries and lease rows kept this
+    /// many seconds in the database.
+    hot_retention: Option<u64>,
+    /// `audit.archive_interval_seconds` when the archive is on.
+    archive_interval: u64,
+    /// `lease.max_ttl_seconds`.
+    lease_ttl: u64,
 }
 
 fn args() -> Args {
@@ -92,6 +107,9 @@ fn args() -> Args {
         deadline: Duration::from_secs(5),
         interval: Duration::from_secs(60),
         rss_from: 0,
+        hot_retention: None,
+        archive_interval: 10,
+        lease_ttl: 900,
     };
     let mut it = std::env::args().skip(1);
     fn num<T: std::str::FromStr>(v: Option<String>, flag: &str) -> T {
@@ -109,6 +127,9 @@ fn args() -> Args {
             "--deadline-ms" => a.deadline = Duration::from_millis(num(it.next(), "--deadline-ms")),
             "--interval" => a.interval = Duration::from_secs(num(it.next(), "--interval")),
             "--rss-from" => a.rss_from = num(it.next(), "--rss-from"),
+            "--hot-retention" => a.hot_retention = Some(num(it.next(), "--hot-retention")),
+            "--archive-interval" => a.archive_interval = num(it.next(), "--archive-interval"),
+            "--lease-ttl" => a.lease_ttl = num(it.next(), "--lease-ttl"),
             _ => {} // cargo bench passes --bench
         }
     }
@@ -148,8 +169,8 @@ enum DbSize {
 }
 
 impl DbSize {
-    async fn mib(&self) -> String {
-        let bytes = match self {
+    async fn bytes(&self) -> Option<u64> {
+        match self {
             DbSize::Sqlite(path) => {
                 let wal = path.with_extension("db-wal");
                 [path.as_path(), wal.as_path()]
@@ -165,11 +186,7 @@ impl DbSize {
                     .ok()
                     .and_then(|b| u64::try_from(b).ok())
             }
-        };
-        bytes.map_or_else(
-            || "?".to_owned(),
-            |b| format!("{:.1}", b as f64 / (1024.0 * 1024.0)),
-        )
+        }
     }
 }
 
@@ -200,6 +217,8 @@ struct Totals {
     worst_p99: f64,
     /// RSS at the end of each interval.
     rss: Vec<Option<u64>>,
+    /// The database's size at the end of each interval, bytes.
+    db: Vec<Option<u64>>,
 }
 
 impl Totals {
@@ -209,7 +228,11 @@ impl Totals {
 }
 
 /// Prints one interval's line and folds it into the totals.
-fn report(index: usize, sent: u64, window: Window, db: &str, totals: &mut Totals) {
+fn report(index: usize, sent: u64, window: Window, db: Option<u64>, totals: &mut Totals) {
+    let db_mib = db.map_or_else(
+        || "?".to_owned(),
+        |b| format!("{:.1}", b as f64 / (1024.0 * 1024.0)),
+    );
     let mut ok = window.ok_us;
     ok.sort_unstable();
     let errors: u64 = window.errors.values().map(|(n, _)| n).sum();
@@ -217,7 +240,7 @@ fn report(index: usize, sent: u64, window: Window, db: &str, totals: &mut Totals
     let max = ok.last().map_or(f64::NAN, |&m| f64::from(m) / 1000.0);
     let rss = rss_kib();
     println!(
-        "{index:>6} {sent:>9} {:>9} {errors:>7} {p50:>8.2} {p99:>8.2} {max:>8.2} {:>9} {db:>8}",
+        "{index:>6} {sent:>9} {:>9} {errors:>7} {p50:>8.2} {p99:>8.2} {max:>8.2} {:>9} {db_mib:>8}",
         ok.len(),
         mib(rss)
     );
@@ -235,6 +258,7 @@ fn report(index: usize, sent: u64, window: Window, db: &str, totals: &mut Totals
         totals.worst_p99 = p99;
     }
     totals.rss.push(rss);
+    totals.db.push(db);
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -279,7 +303,25 @@ async fn main() {
         ),
     };
     let rng = SystemRandom::new();
-    let (server, key) = start_worker_vault(dir.path(), url, &rng).await;
+    let archive_dir = dir.path().join("archive");
+    let (server, key) =
+        start_worker_vault_with(dir.path(), url, &rng, &common::BenchKeyring::Local, |c| {
+            c.lease.max_ttl_seconds = a.lease_ttl;
+            if let Some(keep) = a.hot_retention {
+                c.audit.archive_dir = Some(archive_dir.clone());
+                c.audit.hot_retention_seconds = keep;
+                c.audit.archive_interval_seconds = a.archive_interval;
+                c.lease.record_retention_seconds = keep;
+            }
+        })
+        .await;
+    if let Some(keep) = a.hot_retention {
+        println!(
+            "audit archive on: entries and lease rows kept {keep} s, archived every {} s, \
+             leases {} s long",
+            a.archive_interval, a.lease_ttl
+        );
+    }
 
     let token_life = Duration::from_secs(7200).max(duration + Duration::from_secs(900));
     let ids =
@@ -374,7 +416,7 @@ async fn main() {
                 reported,
                 sent_in_window,
                 w,
-                &db_size.mib().await,
+                db_size.bytes().await,
                 &mut totals,
             );
             sent_in_window = 0;
@@ -398,7 +440,7 @@ async fn main() {
             reported,
             sent_in_window,
             w,
-            &db_size.mib().await,
+            db_size.bytes().await,
             &mut totals,
         );
     }
@@ -473,6 +515,67 @@ async fn main() {
             }
             Some(_) => {}
             None => missed.push("RSS unknown (no /proc/self/status)".to_owned()),
+        }
+    }
+    if let Some(keep) = a.hot_retention {
+        // The database is flat once the first retention window (and the
+        // leases' own lifetime, before their rows may go) has passed, with
+        // one archive and one maintenance pass to spare.
+        let settled = Duration::from_secs(keep + 2 * a.lease_ttl + a.archive_interval + 60);
+        let from = (settled.as_secs_f64() / a.interval.as_secs_f64()).ceil() as usize + 1;
+        let at = |m: usize| totals.db.get(m.wrapping_sub(1)).copied().flatten();
+        match (at(from), totals.db.last().copied().flatten()) {
+            (Some(f), Some(e)) if from < totals.db.len() && f > 0 => {
+                let g = e as f64 / f as f64 - 1.0;
+                println!(
+                    "database: {:.1} MiB after minute {from}, {:.1} MiB at the end ({:+.1}%)",
+                    f as f64 / 1048576.0,
+                    e as f64 / 1048576.0,
+                    g * 100.0
+                );
+                if g >= MAX_RSS_GROWTH {
+                    missed.push(format!(
+                        "database grew {:.1}% >= 10% after minute {from}",
+                        g * 100.0
+                    ));
+                }
+            }
+            _ => missed.push(format!(
+                "{} intervals: too short to judge the database from minute {from}",
+                totals.db.len()
+            )),
+        }
+        let archived: u64 = std::fs::read_dir(&archive_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        let segments = server
+            .vault
+            .store()
+            .audit_segments()
+            .await
+            .unwrap_or_default();
+        println!(
+            "archive: {} segments, {:.1} MiB, entries 1..={}",
+            segments.len(),
+            archived as f64 / 1048576.0,
+            segments.last().map_or(0, |s| s.last_seq)
+        );
+        let started = Instant::now();
+        match server.vault.audit_verify(1, None).await {
+            Ok(r) if r.ok() => println!(
+                "audit verify: ok in {:.1} s: {}",
+                started.elapsed().as_secs_f64(),
+                r.detail
+            ),
+            Ok(r) => missed.push(format!(
+                "audit verify failed at {:?}: {}",
+                r.first_broken_seq, r.detail
+            )),
+            Err(e) => missed.push(format!("audit verify: {e}")),
         }
     }
     let rss_text = format!("RSS from minute {rss_from} to the end {}", pct(judged));

@@ -269,10 +269,13 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
     let routes = grpc::routes(ctx, health_service)
         .map_err(|e| StartError(format!("cannot build reflection service: {e}")))?;
 
+    // Every call is measured (`grpc_server_*`), after the routes have
+    // rewritten their refusals: the code counted is the code sent.
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .tcp_nodelay(true)
-        .trace_fn(grpc_span);
+        .trace_fn(grpc_span)
+        .layer(grpc::RpcMetricsLayer);
     let grpc_task = {
         let incoming = grpc::transport::incoming(
             grpc_listener,

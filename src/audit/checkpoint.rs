@@ -55,15 +55,21 @@ impl CheckpointSigner {
         if seq % self.every != 0 {
             return None;
         }
+        Some(self.sign(seq, entry_hash))
+    }
+
+    /// A signed checkpoint for entry `seq`, wherever it falls (the seal that
+    /// ends an archive segment).
+    pub fn sign(&self, seq: i64, entry_hash: &[u8]) -> AuditCheckpoint {
         let signed_at = Timestamp::now();
         let signature = self.key.sign(&message(seq, entry_hash, signed_at));
-        Some(AuditCheckpoint {
+        AuditCheckpoint {
             seq,
             entry_hash: entry_hash.to_vec(),
             signed_at,
             public_key: self.public_key(),
             signature: signature.as_ref().to_vec(),
-        })
+        }
     }
 }
 

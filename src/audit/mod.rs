@@ -23,6 +23,7 @@
 //! audit witness, a file outside the database, after its batch commits (see
 //! the `witness` module for when, and for what happens when that fails).
 
+pub mod archive;
 mod checkpoint;
 mod verify;
 mod witness;
@@ -156,6 +157,21 @@ impl Sealer {
             checkpoint: self.signer.checkpoint(seq, &hash),
             entry_hash: hash,
         }
+    }
+
+    /// Whether a stored entry's hash is its contents' and its MAC verifies.
+    pub fn entry_intact(&self, row: &crate::store::AuditRow) -> bool {
+        let hash = entry_hash(row.seq, &row.prev_hash, &row.draft);
+        hash == row.entry_hash
+            && self
+                .keyring
+                .mac_verify(MacPurpose::AuditChain, &hash, &row.mac)
+    }
+
+    /// A checkpoint signed for entry `seq` wherever it falls: the seal of an
+    /// archive segment.
+    pub fn sign_seal(&self, seq: i64, entry_hash: &[u8]) -> AuditCheckpoint {
+        self.signer.sign(seq, entry_hash)
     }
 }
 

@@ -4,17 +4,16 @@
 //! tail that was cut off together with its checkpoints.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::crypto::{KeyringProvider, MacPurpose};
 use crate::domain::VaultError;
-use crate::store::AuditStore;
+use crate::store::{AuditCheckpoint, AuditStore};
 
 use super::checkpoint::{CheckpointSigner, signature_valid};
-use super::{entry_hash, witness};
+use super::{archive, entry_hash, witness};
 
-/// The previous-hash of entry 1.
-const GENESIS_HASH: [u8; 32] = [0; 32];
+use crate::store::audit::GENESIS_HASH;
 
 /// Entries read per page while verifying.
 const PAGE: i64 = 1000;
@@ -62,7 +61,16 @@ pub async fn verify_chain(
 ) -> Result<VerifyReport, VaultError> {
     let (head_seq, head_hash) = store.audit_head().await?;
     let public_key = CheckpointSigner::new(keyring, 1).public_key();
-    let from = from_seq.max(1);
+    // Entries up to the last archived segment's are the archive's to prove
+    // (`verify_with_witness`); the live table is checked after them, its
+    // first entry linking to the segment's last hash.
+    let archived = store
+        .audit_segments()
+        .await?
+        .last()
+        .map(|s| (s.last_seq, s.last_hash.clone()));
+    let archived_to = archived.as_ref().map_or(0, |(seq, _)| *seq);
+    let from = from_seq.max(1).max(archived_to + 1);
     let to = to_seq.unwrap_or(head_seq).min(head_seq);
     let mut report = VerifyReport {
         entries_checked: 0,
@@ -106,7 +114,10 @@ pub async fn verify_chain(
         .map(|c| (c.seq, c))
         .collect();
     let mut expected_seq = from;
-    let mut prev: Option<Vec<u8>> = None;
+    let mut prev: Option<Vec<u8>> = match archived {
+        Some((seq, hash)) if from == seq + 1 => Some(hash),
+        _ => None,
+    };
     while expected_seq <= to {
         let rows = store.audit_range(expected_seq, to, PAGE).await?;
         if rows.is_empty() {
@@ -168,7 +179,11 @@ pub async fn verify_chain(
             prev = Some(hash);
         }
     }
-    if to == head_seq && head_seq > 0 && prev.as_deref() != Some(head_hash.as_slice()) {
+    if to == head_seq
+        && head_seq > 0
+        && head_seq >= from
+        && prev.as_deref() != Some(head_hash.as_slice())
+    {
         return broken(
             report,
             head_seq,
@@ -191,16 +206,105 @@ pub async fn verify_chain(
 /// number, fails the report, naming the checkpoint, when it was signed and
 /// where it was witnessed. A witness file that does not exist checks
 /// nothing, and the summary says so.
+///
+/// Entries moved to the archive (see the `archive` module) are checked there
+/// when `archive_dir` is given, from entry 1, before the live table, as one
+/// chain; without it the summary says which entries went unchecked. An
+/// archiver that moves entries out of the live table while this runs (on
+/// another replica; this replica's waits) can make entries look missing: a
+/// failed verification during which the archive grew is run again, up to
+/// three times in all.
 pub async fn verify_with_witness(
     store: &dyn AuditStore,
     keyring: &dyn KeyringProvider,
     from_seq: i64,
     to_seq: Option<i64>,
     witness_files: &[PathBuf],
+    archive_dir: Option<&Path>,
 ) -> Result<VerifyReport, VaultError> {
+    let archived_to =
+        || async { Ok::<_, VaultError>(store.audit_segments().await?.last().map(|s| s.last_seq)) };
+    let mut attempt = 1;
+    loop {
+        let before = archived_to().await?;
+        let report =
+            verify_once(store, keyring, from_seq, to_seq, witness_files, archive_dir).await?;
+        if report.ok() || attempt == 3 || archived_to().await? == before {
+            return Ok(report);
+        }
+        attempt += 1;
+    }
+}
+
+async fn verify_once(
+    store: &dyn AuditStore,
+    keyring: &dyn KeyringProvider,
+    from_seq: i64,
+    to_seq: Option<i64>,
+    witness_files: &[PathBuf],
+    archive_dir: Option<&Path>,
+) -> Result<VerifyReport, VaultError> {
+    let segments = store.audit_segments().await?;
+    let archived_to = segments.last().map_or(0, |s| s.last_seq);
+    let mut archived_checkpoints: Option<BTreeMap<i64, AuditCheckpoint>> = None;
+    let mut archive_notes = Vec::new();
+    let mut archive_counts = (0, 0);
+    if archived_to >= from_seq.max(1) {
+        let public_key = CheckpointSigner::new(keyring, 1).public_key();
+        match archive_dir {
+            Some(dir) => {
+                let a = archive::verify_archive(&segments, dir, keyring, &public_key).await;
+                let checkpoints = a.checkpoints.len() as u64 + a.seals;
+                if let Some((seq, why)) = a.broken {
+                    let (head_seq, _) = store.audit_head().await?;
+                    return Ok(VerifyReport {
+                        entries_checked: a.entries,
+                        first_broken_seq: Some(seq),
+                        detail: why,
+                        from_seq: 1,
+                        to_seq: to_seq.unwrap_or(head_seq).min(head_seq),
+                        checkpoints_verified: checkpoints,
+                        checkpoint_public_key: public_key,
+                        checkpoints_witnessed: 0,
+                        witness_files: witness_files.to_vec(),
+                    });
+                }
+                archive_notes.push(format!(
+                    "entries 1..={archived_to} verified in {} sealed archive segments under {}",
+                    a.segments,
+                    dir.display()
+                ));
+                if let Some(first) = a.unrecorded.first() {
+                    archive_notes.push(format!(
+                        "{} files in the archive directory that no recorded segment names \
+                         (the first: {first}), ignored",
+                        a.unrecorded.len()
+                    ));
+                }
+                archive_counts = (a.entries, checkpoints);
+                archived_checkpoints = Some(a.checkpoints);
+            }
+            None => archive_notes.push(format!(
+                "entries 1..={archived_to} are archived in {} segments and were not checked \
+                 here: this replica has no audit.archive_dir",
+                segments.len()
+            )),
+        }
+    }
     let mut report = verify_chain(store, keyring, from_seq, to_seq).await?;
     report.witness_files = witness_files.to_vec();
-    if !report.ok() || witness_files.is_empty() {
+    if !report.ok() {
+        return Ok(report);
+    }
+    if archived_checkpoints.is_some() {
+        report.from_seq = 1;
+        report.entries_checked += archive_counts.0;
+        report.checkpoints_verified += archive_counts.1;
+    }
+    if !archive_notes.is_empty() {
+        report.detail = format!("{}; {}", report.detail, archive_notes.join("; "));
+    }
+    if witness_files.is_empty() {
         return Ok(report);
     }
     // The witnesses are read before the head: a checkpoint is witnessed only
@@ -237,7 +341,7 @@ pub async fn verify_with_witness(
         .map(|w| w.checkpoint.seq)
         .filter(|seq| (from..=to).contains(seq))
         .collect();
-    let stored: BTreeMap<i64, _> = match (in_range.first(), in_range.last()) {
+    let mut stored: BTreeMap<i64, _> = match (in_range.first(), in_range.last()) {
         (Some(&lo), Some(&hi)) => store
             .audit_checkpoints(lo, hi)
             .await?
@@ -246,6 +350,10 @@ pub async fn verify_with_witness(
             .collect(),
         _ => BTreeMap::new(),
     };
+    let archive_checked = archived_checkpoints.is_some();
+    // Pruned entries' checkpoints are in the archive (the prune may lag, so
+    // the live table can hold a few of them too, alike).
+    stored.extend(archived_checkpoints.unwrap_or_default());
     let mut matched = BTreeSet::new();
     for w in &witnessed {
         let c = &w.checkpoint;
@@ -276,7 +384,7 @@ pub async fn verify_with_witness(
                 ),
             ));
         }
-        if !(from..=to).contains(&c.seq) {
+        if !(from..=to).contains(&c.seq) || (c.seq <= archived_to && !archive_checked) {
             continue;
         }
         match stored.get(&c.seq) {

@@ -571,6 +571,41 @@ impl Config {
                 "must name a file (leave it unset for <data_dir>/audit-witness.jsonl)",
             ));
         }
+        if !(1..=3_650 * 86_400).contains(&self.lease.record_retention_seconds) {
+            return Err(ConfigError::new(
+                "lease.record_retention_seconds",
+                "must be between 1 and 315360000 (ten years)",
+            ));
+        }
+        if self
+            .audit
+            .archive_dir
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(ConfigError::new(
+                "audit.archive_dir",
+                "must name a directory (leave it unset to keep every entry in the database)",
+            ));
+        }
+        if !(1..=3_650 * 86_400).contains(&self.audit.hot_retention_seconds) {
+            return Err(ConfigError::new(
+                "audit.hot_retention_seconds",
+                "must be between 1 and 315360000 (ten years)",
+            ));
+        }
+        if !(1..=10_000_000).contains(&self.audit.segment_max_entries) {
+            return Err(ConfigError::new(
+                "audit.segment_max_entries",
+                "must be between 1 and 10000000",
+            ));
+        }
+        if !(1..=86_400).contains(&self.audit.archive_interval_seconds) {
+            return Err(ConfigError::new(
+                "audit.archive_interval_seconds",
+                "must be between 1 and 86400",
+            ));
+        }
         if !(1..=3_600).contains(&self.audit.refusal_window_seconds) {
             return Err(ConfigError::new(
                 "audit.refusal_window_seconds",

@@ -300,6 +300,10 @@ pub struct LeaseConfig {
     pub cache_ttl_seconds: u64,
     /// The most records that cache holds.
     pub cache_entries: usize,
+    /// How long a lease's row is kept after the lease expired (its grant
+    /// stays in the audit log). `ReleaseLease` of a lease whose row is gone
+    /// answers NOT_FOUND.
+    pub record_retention_seconds: u64,
 }
 
 impl Default for LeaseConfig {
@@ -309,6 +313,7 @@ impl Default for LeaseConfig {
             default_min_valid_seconds: 60,
             cache_ttl_seconds: 30,
             cache_entries: 100_000,
+            record_retention_seconds: 86_400,
         }
     }
 }
@@ -490,6 +495,19 @@ pub struct AuditConfig {
     /// database's owner cannot rewrite it (another volume, another owner,
     /// `chattr +a`, or shipped off the host).
     pub witness_file: Option<PathBuf>,
+    /// The audit archive: a directory where entries older than
+    /// `hot_retention_seconds` are written in sealed segment files before
+    /// they are pruned from the database (see `crate::audit::archive`).
+    /// Unset: nothing is archived or pruned and the live table keeps every
+    /// entry. On a fleet, set it on one replica, or to storage every
+    /// replica shares: `audit verify` reads it.
+    pub archive_dir: Option<PathBuf>,
+    /// How long entries stay in the database before they are archived.
+    pub hot_retention_seconds: u64,
+    /// The most entries in one archive segment.
+    pub segment_max_entries: u64,
+    /// How often the archiver looks for entries past the hot retention.
+    pub archive_interval_seconds: u64,
 }
 
 impl Default for AuditConfig {
@@ -499,6 +517,10 @@ impl Default for AuditConfig {
             refusal_window_seconds: 60,
             refusal_max_sources: 30,
             witness_file: None,
+            archive_dir: None,
+            hot_retention_seconds: 30 * 86_400,
+            segment_max_entries: 100_000,
+            archive_interval_seconds: 60,
         }
     }
 }

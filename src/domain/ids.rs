@@ -99,6 +99,15 @@ macro_rules! minted_id {
                 parse_minted($field, $prefix, value).map(Self)
             }
 
+            /// A string that sorts above every id minted before `at` and
+            /// below those minted after (UUIDv7 text sorts by time).
+            #[allow(dead_code, reason = "not every id type is pruned by age")]
+            pub fn minted_before(at: crate::domain::Timestamp) -> String {
+                let millis = u64::try_from(at.as_micros() / 1_000).unwrap_or(0);
+                let bound = uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid();
+                format!("{}{}", $prefix, bound)
+            }
+
             /// The identifier as stored and sent.
             pub fn as_str(&self) -> &str {
                 &self.0

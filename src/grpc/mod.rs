@@ -1,7 +1,7 @@
 //! The gRPC transport: thin handlers that authenticate the caller, parse the
 //! request into domain types (once, in `requests.rs`), call the vault and
 //! convert the result. Errors become `tonic::Status` in one place
-//! (`status.rs`).
+//! (`status.rs`); every call is measured in one place (`rpc_metrics.rs`).
 
 mod admin;
 pub mod auth;
@@ -11,6 +11,7 @@ mod events;
 mod lease;
 pub mod refusals;
 pub mod requests;
+pub mod rpc_metrics;
 mod status;
 pub mod transport;
 
@@ -25,6 +26,7 @@ use crate::proto::v1::lease_service_server::LeaseServiceServer;
 use crate::vault::Vault;
 
 pub use auth::{Authenticator, Caller, Role};
+pub use rpc_metrics::RpcMetricsLayer;
 
 /// What every handler needs.
 pub struct Context {
@@ -38,7 +40,8 @@ pub struct Context {
 /// request limits in [`crate::limits`].
 pub use crate::limits::MAX_REQUEST_BYTES;
 
-/// The four `tokenvault.v1` services, health and reflection, as routes.
+/// The four `tokenvault.v1` services, health and reflection (v1 and
+/// v1alpha), as routes.
 pub fn routes<H>(
     ctx: Arc<Context>,
     health: tonic_health::pb::health_server::HealthServer<H>,
@@ -46,14 +49,18 @@ pub fn routes<H>(
 where
     H: tonic_health::pb::health_server::Health,
 {
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions: v1, and v1alpha for the clients that
+    // speak only that (Postman, Evans, grpcurl before 1.8.8).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
     let mut routes = Routes::builder();
     routes
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
         .add_service(
             ConnectionServiceServer::new(connection::Connections(ctx.clone()))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),

@@ -119,7 +119,8 @@ async fn risc(State(vault): State<Arc<Vault>>, body: axum::body::Bytes) -> Respo
     }
 }
 
-/// Prometheus text exposition. Key-state gauges are computed at scrape time.
+/// Prometheus text exposition. Key-state gauges are computed at scrape time,
+/// and the `process_*` families read from `/proc` then.
 async fn metrics(State(vault): State<Arc<Vault>>) -> Response {
     let Some(handle) = crate::telemetry::metrics() else {
         return (
@@ -146,7 +147,7 @@ async fn metrics(State(vault): State<Arc<Vault>>) -> Response {
             if let Some(r) = &status.rotation {
                 metrics::gauge!("tokenvault_rotation_rewrapped").set(r.run.rewrapped as f64);
                 metrics::gauge!("tokenvault_rotation_done").set(r.done as f64);
-                metrics::gauge!("tokenvault_rotation_total").set(r.run.total as f64);
+                metrics::gauge!("tokenvault_rotation_deks").set(r.run.total as f64);
                 metrics::gauge!("tokenvault_rotation_running").set(if r.run.state == "running" {
                     1.0
                 } else {
@@ -157,8 +158,8 @@ async fn metrics(State(vault): State<Arc<Vault>>) -> Response {
         Err(e) => tracing::warn!(error = %e, "key status unavailable for metrics"),
     }
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        handle.render(),
+        [(header::CONTENT_TYPE, crate::telemetry::CONTENT_TYPE)],
+        crate::telemetry::render(handle),
     )
         .into_response()
 }

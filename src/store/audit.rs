@@ -15,7 +15,8 @@ use sqlx::FromRow as _;
 use crate::store::common::ChainHead;
 
 use crate::store::{
-    AuditCheckpoint, AuditDraft, AuditFilter, AuditRow, AuditSealer, LeaseGrant, StoreResult,
+    AuditCheckpoint, AuditDraft, AuditFilter, AuditRow, AuditSealer, AuditSegment, LeaseGrant,
+    StoreResult,
 };
 
 /// One audit entry sealed onto the chain.
@@ -118,7 +119,30 @@ pub trait AuditStore: Send + Sync {
 
     /// The checkpoint with the highest sequence number, if any.
     async fn audit_checkpoint_last(&self) -> StoreResult<Option<AuditCheckpoint>>;
+
+    /// The archive's segments, in chain order.
+    async fn audit_segments(&self) -> StoreResult<Vec<AuditSegment>>;
+
+    /// Records a sealed segment, marking its entries archived. Records
+    /// nothing and returns false unless the segment continues the archive
+    /// (its first entry follows the last segment's and links to its hash; in
+    /// an empty archive, it is entry 1 linking to the genesis hash) and its
+    /// last entry is still in the live table with the hash it names: another
+    /// archiver got there first, or the live table changed under it.
+    async fn audit_segment_record(&self, segment: &AuditSegment) -> StoreResult<bool>;
+
+    /// Deletes from the live table at most `limit` archived entries, oldest
+    /// first, with their checkpoints; returns how many entries it deleted.
+    /// Each call is one short transaction, so that pruning a segment does not
+    /// hold the write lock the lease path needs.
+    async fn audit_prune_archived(&self, limit: i64) -> StoreResult<u64>;
+
+    /// The lowest sequence number in the live table (`None` when it is empty).
+    async fn audit_first_live(&self) -> StoreResult<Option<i64>>;
 }
+
+/// The previous-hash of entry 1.
+pub const GENESIS_HASH: [u8; 32] = [0; 32];
 
 for_each_backend! {
 impl StoreImpl {
@@ -235,6 +259,90 @@ impl AuditStore for StoreImpl {
 
     async fn audit_head(&self) -> StoreResult<(i64, Vec<u8>)> {
         read_audit_head(&self.pool, "SELECT seq, entry_hash FROM audit_head WHERE id = 1").await
+    }
+
+    async fn audit_segments(&self) -> StoreResult<Vec<AuditSegment>> {
+        let rows = sqlx::query("SELECT * FROM audit_segments ORDER BY first_seq")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(AuditSegment::from_row(r)?)).collect()
+    }
+
+    async fn audit_segment_record(&self, segment: &AuditSegment) -> StoreResult<bool> {
+        let (_guard, mut tx) = self.begin_write().await?;
+        let last: Option<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT last_seq, last_hash FROM audit_segments ORDER BY first_seq DESC LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let continues = match &last {
+            None => segment.first_seq == 1 && segment.prev_hash == GENESIS_HASH,
+            Some((seq, hash)) => segment.first_seq == seq + 1 && &segment.prev_hash == hash,
+        };
+        if !continues || segment.last_seq < segment.first_seq {
+            return Ok(false);
+        }
+        let live: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT entry_hash FROM audit_log WHERE seq = $1")
+                .bind(segment.last_seq)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if live.as_deref() != Some(segment.last_hash.as_slice()) {
+            return Ok(false);
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO audit_segments (first_seq, last_seq, prev_hash, last_hash, file_name, \
+             file_sha256, sealed_at, sealed_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (first_seq) DO NOTHING",
+        )
+        .bind(segment.first_seq)
+        .bind(segment.last_seq)
+        .bind(&segment.prev_hash)
+        .bind(&segment.last_hash)
+        .bind(&segment.file_name)
+        .bind(&segment.file_sha256)
+        .bind(segment.sealed_at.as_micros())
+        .bind(&segment.sealed_by)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(inserted == 1)
+    }
+
+    async fn audit_prune_archived(&self, limit: i64) -> StoreResult<u64> {
+        let archived: Option<i64> = sqlx::query_scalar("SELECT MAX(last_seq) FROM audit_segments")
+            .fetch_one(&self.pool)
+            .await?;
+        let Some(archived) = archived else {
+            return Ok(0);
+        };
+        let Some(first) = self.audit_first_live().await? else {
+            return Ok(0);
+        };
+        if first > archived {
+            return Ok(0);
+        }
+        let upto = archived.min(first.saturating_add(limit.max(1) - 1));
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query("DELETE FROM audit_checkpoints WHERE seq <= $1")
+            .bind(upto)
+            .execute(&mut *tx)
+            .await?;
+        let deleted = sqlx::query("DELETE FROM audit_log WHERE seq >= $1 AND seq <= $2")
+            .bind(first)
+            .bind(upto)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn audit_first_live(&self) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar("SELECT MIN(seq) FROM audit_log")
+            .fetch_one(&self.pool)
+            .await?)
     }
 }
 }

@@ -48,8 +48,16 @@ pub trait LeaseStore: Send + Sync {
         connection: Option<&ConnectionId>,
     ) -> StoreResult<i64>;
 
-    /// Deletes lease rows that ended before `before`.
-    async fn lease_prune(&self, before: Timestamp) -> StoreResult<u64>;
+    /// Deletes at most `limit` lease rows that expired before `before`,
+    /// oldest first, among those granted before `granted_before`: lease ids
+    /// are time-ordered, so the rows are found by a range of the primary key
+    /// and each call is one short transaction.
+    async fn lease_prune(
+        &self,
+        before: Timestamp,
+        granted_before: Timestamp,
+        limit: i64,
+    ) -> StoreResult<u64>;
 }
 
 for_each_backend! {
@@ -202,13 +210,23 @@ impl LeaseStore for StoreImpl {
         })
     }
 
-    async fn lease_prune(&self, before: Timestamp) -> StoreResult<u64> {
+    async fn lease_prune(
+        &self,
+        before: Timestamp,
+        granted_before: Timestamp,
+        limit: i64,
+    ) -> StoreResult<u64> {
         let (_guard, mut tx) = self.begin_write().await?;
-        let n = sqlx::query("DELETE FROM leases WHERE expires_at < $1")
-            .bind(before.as_micros())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let n = sqlx::query(
+            "DELETE FROM leases WHERE lease_id IN (SELECT lease_id FROM leases \
+             WHERE lease_id < $1 AND expires_at < $2 ORDER BY lease_id LIMIT $3)",
+        )
+        .bind(LeaseId::minted_before(granted_before))
+        .bind(before.as_micros())
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
         Ok(n)
     }

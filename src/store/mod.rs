@@ -191,6 +191,14 @@ pub trait Store:
 
     /// The database's clock, which every replica's heartbeat is stamped and judged by.
     async fn clock(&self) -> StoreResult<Timestamp>;
+
+    /// Makes the space of rows a prune deleted from `tables` reusable, where
+    /// the database would not do it by itself: on a PostgreSQL server whose
+    /// autovacuum is off, `VACUUM`s them (which takes no lock that writers
+    /// wait on) and returns true. SQLite reuses freed pages by itself, and a
+    /// PostgreSQL server with autovacuum on vacuums them as they churn (the
+    /// migrations tune their thresholds); both return false.
+    async fn reclaim(&self, tables: &[&'static str]) -> StoreResult<bool>;
 }
 
 /// Opens the store named by a database URL and applies migrations.

@@ -206,6 +206,9 @@ pub(super) async fn append_on(
         if let Some(recorded) = append_batch(&mut *conn, &batch, leases).await? {
             return Ok(batch.appended(recorded));
         }
+        // Another appender (a replica, a deletion's own entry) moved the
+        // head: the batch is sealed again under the lock.
+        metrics::counter!("tokenvault_audit_head_conflicts_total").increment(1);
     }
     let mut tx = conn.begin().await?;
     let head = read_audit_head(&mut *tx, LOCK_AUDIT_HEAD).await?;

@@ -390,6 +390,30 @@ pub struct AuditCheckpoint {
     pub signature: Vec<u8>,
 }
 
+/// A sealed segment of the audit log's archive (see `crate::audit::archive`):
+/// entries `first_seq..=last_seq`, written to `file_name` under the archive
+/// directory before they were pruned from the live table.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct AuditSegment {
+    /// The first entry in the segment.
+    pub first_seq: i64,
+    /// The last entry in the segment.
+    pub last_seq: i64,
+    /// The hash of the entry before `first_seq` (32 zero bytes before entry 1).
+    pub prev_hash: Vec<u8>,
+    /// The hash of entry `last_seq`.
+    pub last_hash: Vec<u8>,
+    /// The file's name within the archive directory.
+    pub file_name: String,
+    /// The SHA-256 of the whole file.
+    pub file_sha256: Vec<u8>,
+    /// When it was sealed.
+    #[sqlx(try_from = "i64")]
+    pub sealed_at: Timestamp,
+    /// The replica that sealed it.
+    pub sealed_by: String,
+}
+
 /// A stored audit entry.
 #[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct AuditRow {

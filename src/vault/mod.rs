@@ -55,6 +55,7 @@ pub struct Vault {
     cache_events_seen: std::sync::atomic::AtomicI64,
     /// How many authorizations each caller has begun lately, on this replica.
     begin_rate: rate::CallerRate,
+    archive_turn: ArchiveTurn,
 }
 
 /// The configuration the use cases read.
@@ -63,7 +64,14 @@ struct Settings {
     lease: LeaseConfig,
     deletion: DeletionConfig,
     refresh: crate::config::RefreshConfig,
+    /// Where and when the audit log is archived; `None`: never.
+    archive: Option<crate::audit::archive::ArchiveSettings>,
 }
+
+/// Held by an archive pass and by a verification of the audit log: on one
+/// replica they take turns, so that a verification never sees entries leave
+/// the live table under it.
+type ArchiveTurn = tokio::sync::Mutex<()>;
 
 impl Vault {
     /// Audit entries matching `filter` (at most `limit`), and the sequence
@@ -73,8 +81,39 @@ impl Vault {
         filter: &store::AuditFilter,
         limit: i64,
     ) -> Result<(Vec<store::AuditRow>, i64), VaultError> {
-        let rows = self.store().audit_query(filter, limit).await?;
         let (last_seq, _) = self.store().audit_head().await?;
+        let Some(archive) = &self.settings.archive else {
+            return Ok((self.store().audit_query(filter, limit).await?, last_seq));
+        };
+        // Archived entries are read from the archive, the rest from the
+        // live table (which may still hold archived entries the prune has
+        // not reached: they are the archive's).
+        let segments = self.store().audit_segments().await?;
+        let archived_to = segments.last().map_or(0, |s| s.last_seq);
+        let mut live_filter = filter.clone();
+        live_filter.after_seq = Some(filter.after_seq.unwrap_or(0).max(archived_to));
+        let want = usize::try_from(limit).unwrap_or(0);
+        let from_archive = |want: usize| {
+            let segments = &segments;
+            async move {
+                if want == 0 || archived_to == 0 {
+                    return Ok(Vec::new());
+                }
+                crate::audit::archive::query(segments, &archive.dir, filter, want).await
+            }
+        };
+        let rows = if filter.ascending {
+            let mut rows = from_archive(want).await?;
+            let rest = want.saturating_sub(rows.len());
+            if rest > 0 {
+                rows.extend(self.store().audit_query(&live_filter, rest as i64).await?);
+            }
+            rows
+        } else {
+            let mut rows = self.store().audit_query(&live_filter, limit).await?;
+            rows.extend(from_archive(want.saturating_sub(rows.len())).await?);
+            rows
+        };
         Ok((rows, last_seq))
     }
 
@@ -87,6 +126,7 @@ impl Vault {
         from_seq: i64,
         to_seq: Option<i64>,
     ) -> Result<crate::audit::VerifyReport, VaultError> {
+        let _turn = self.archive_turn.lock().await;
         let witnesses: Vec<std::path::PathBuf> = self
             .audit
             .witness_path()
@@ -99,6 +139,7 @@ impl Vault {
             from_seq,
             to_seq,
             &witnesses,
+            self.settings.archive.as_ref().map(|a| a.dir.as_path()),
         )
         .await
     }
@@ -169,6 +210,15 @@ impl Vault {
                 lease: config.lease.clone(),
                 deletion: config.deletion.clone(),
                 refresh: config.refresh.clone(),
+                archive: config.audit.archive_dir.as_ref().map(|dir| {
+                    crate::audit::archive::ArchiveSettings {
+                        dir: dir.clone(),
+                        hot_retention: std::time::Duration::from_secs(
+                            config.audit.hot_retention_seconds,
+                        ),
+                        segment_max_entries: config.audit.segment_max_entries,
+                    }
+                }),
             },
             refresh_gates: lease::RefreshGates::default(),
             instance_id,
@@ -182,6 +232,7 @@ impl Vault {
             ),
             cache_events_seen: std::sync::atomic::AtomicI64::new(events_head),
             begin_rate: rate::CallerRate::new(config.google.max_states_per_caller_per_minute),
+            archive_turn: ArchiveTurn::default(),
         });
         vault.keys.resume_rotation().await?;
         vault.keys.start();
@@ -200,6 +251,20 @@ impl Vault {
                     }
                 },
             ));
+        }
+        if vault.settings.archive.is_some() {
+            // The first pass one interval after start, not during it.
+            let period = std::time::Duration::from_secs(config.audit.archive_interval_seconds);
+            let weak = Arc::downgrade(&vault);
+            tokio::spawn(async move {
+                tokio::time::sleep(period).await;
+                every(weak, period, |v| async move {
+                    if let Err(e) = v.audit_archive_pass().await {
+                        tracing::warn!(error = %e, "audit archive pass failed");
+                    }
+                })
+                .await;
+            });
         }
         tokio::spawn(every(
             Arc::downgrade(&vault),
@@ -275,9 +340,26 @@ impl Vault {
         let before = crate::domain::Timestamp::from_micros(
             now.as_micros() - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX),
         );
-        let pruned = self.store.lease_prune(before).await?;
+        // Lease rows, in short steps with room between them for the lease
+        // path. A lease expires at most lease.max_ttl_seconds after its grant.
+        let lease = &self.settings.lease;
+        let lease_cutoff = crate::domain::Timestamp::from_micros(
+            now.as_micros()
+                .saturating_sub(secs_to_micros(lease.record_retention_seconds)),
+        );
+        let granted_before = crate::domain::Timestamp::from_micros(
+            lease_cutoff
+                .as_micros()
+                .saturating_sub(secs_to_micros(lease.max_ttl_seconds)),
+        );
+        let pruned = paced(|| {
+            self.store
+                .lease_prune(lease_cutoff, granted_before, PRUNE_STEP)
+        })
+        .await?;
         if pruned > 0 {
             tracing::debug!(pruned, "lease rows past retention deleted");
+            self.store.reclaim(&["leases"]).await?;
         }
         let open = self.store.lease_open_count(now, None).await?;
         metrics::gauge!("tokenvault_open_leases").set(open as f64);
@@ -304,6 +386,97 @@ impl Vault {
         Ok(())
     }
 
+    /// One pass of the audit archiver (see `crate::audit::archive`): seals
+    /// every entry past the hot retention into segments, records each one
+    /// (after an `audit.archive` entry: no entry, no archive), then prunes
+    /// the archived entries from the live table in short steps. Does nothing
+    /// without `audit.archive_dir`.
+    pub async fn audit_archive_pass(&self) -> Result<ArchivePass, VaultError> {
+        use crate::audit::{Actor, Outcome, archive};
+        let mut pass = ArchivePass::default();
+        let Some(settings) = &self.settings.archive else {
+            return Ok(pass);
+        };
+        let _turn = self.archive_turn.lock().await;
+        while !*self.stopping.borrow() {
+            let Some(w) = archive::write_next_segment(
+                self.store.as_ref(),
+                self.audit.sealer(),
+                settings,
+                &self.instance_id,
+                crate::domain::Timestamp::now(),
+            )
+            .await?
+            else {
+                break;
+            };
+            let s = &w.segment;
+            let entries = u64::try_from(s.last_seq - s.first_seq + 1).unwrap_or(0);
+            let detail = format!(
+                "entries {}..={} sealed in {} (sha256 {})",
+                s.first_seq,
+                s.last_seq,
+                w.path.display(),
+                hex::encode(&s.file_sha256)
+            );
+            let recorded = match self
+                .audit
+                .record(
+                    &Actor::system(),
+                    "audit.archive",
+                    &s.file_name,
+                    Outcome::Ok,
+                    detail,
+                )
+                .await
+            {
+                Ok(_) => self.store.audit_segment_record(s).await,
+                Err(e) => Err(e),
+            };
+            match recorded {
+                Ok(true) => {}
+                other => {
+                    // The file goes unless a recorded segment names it (an
+                    // archiver that wrote the very same bytes won the race).
+                    let named = self
+                        .store
+                        .audit_segments()
+                        .await
+                        .map_or(true, |all| all.iter().any(|r| r.file_name == s.file_name));
+                    if !named {
+                        let _ = std::fs::remove_file(&w.path);
+                    }
+                    let why = match other {
+                        Err(e) => e,
+                        _ => VaultError::precondition(format!(
+                            "audit archive: entries {}..={} were archived by another replica                              first, or changed; {} removed",
+                            s.first_seq, s.last_seq, s.file_name
+                        )),
+                    };
+                    return Err(why);
+                }
+            }
+            pass.segments += 1;
+            pass.entries += entries;
+            metrics::counter!("tokenvault_audit_archived_entries_total").increment(entries);
+            if entries < settings.segment_max_entries {
+                break;
+            }
+        }
+        pass.pruned = paced(|| async {
+            let pruned = self.store.audit_prune_archived(PRUNE_STEP).await?;
+            metrics::counter!("tokenvault_audit_pruned_entries_total").increment(pruned);
+            Ok(pruned)
+        })
+        .await?;
+        if pass.pruned > 0 {
+            self.store
+                .reclaim(&["audit_log", "audit_checkpoints"])
+                .await?;
+        }
+        Ok(pass)
+    }
+
     /// Tells watchers and background tasks that the vault is stopping.
     pub fn begin_shutdown(&self) {
         self.stopping.send_replace(true);
@@ -315,6 +488,47 @@ impl Vault {
         self.keys.shutdown().await;
         self.store.close().await;
     }
+}
+
+/// Rows deleted per transaction by the prunes (archived audit entries,
+/// expired lease rows).
+const PRUNE_STEP: i64 = 1_000;
+
+/// Runs `step` (one short delete transaction, returning the rows it deleted)
+/// until it deletes less than a full step, pausing after each for as long as
+/// it took (at least 5 ms): a prune holds the database's write lock at most
+/// half the time, so the lease path's batches wait at most one step.
+async fn paced<F, Fut>(mut step: F) -> Result<u64, VaultError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, VaultError>>,
+{
+    let mut total = 0;
+    loop {
+        let started = std::time::Instant::now();
+        let n = step().await?;
+        total += n;
+        if n < PRUNE_STEP as u64 {
+            return Ok(total);
+        }
+        let took = started.elapsed();
+        tokio::time::sleep(took.max(std::time::Duration::from_millis(5))).await;
+    }
+}
+
+fn secs_to_micros(secs: u64) -> i64 {
+    i64::try_from(secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX)
+}
+
+/// What one pass of the audit archiver did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ArchivePass {
+    /// Segments sealed and recorded.
+    pub segments: u64,
+    /// Entries in them.
+    pub entries: u64,
+    /// Archived entries deleted from the live table.
+    pub pruned: u64,
 }
 
 /// Opens the configured keyring provider. A setting at fault is reported as

@@ -86,6 +86,55 @@ async fn reflection_lists_the_four_services(backend: Backend) {
 }
 both_backends!(reflection, reflection_lists_the_four_services);
 
+/// Clients that speak only v1alpha reflection (Postman, Evans, grpcurl
+/// before 1.8.8) list the same services.
+async fn v1alpha_reflection_lists_the_four_services(backend: Backend) {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let mut client = ServerReflectionClient::new(tv.channel.clone());
+    let list = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let symbol = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "tokenvault.v1.LeaseService".into(),
+        )),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(vec![list, symbol]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().expect("a response");
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in tokenvault::grpc::SERVICE_NAMES {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+    let resp = stream.message().await.unwrap().expect("a second response");
+    let Some(MessageResponse::FileDescriptorResponse(files)) = resp.message_response else {
+        panic!("unexpected reflection response");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+}
+both_backends!(
+    reflection_v1alpha,
+    v1alpha_reflection_lists_the_four_services
+);
+
 async fn calls_without_credentials_are_unauthenticated_and_audited(backend: Backend) {
     let Some(tv) = spawn_vault(backend).await else {
         return;

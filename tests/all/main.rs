@@ -5,6 +5,7 @@
 mod support;
 
 mod admin_cli;
+mod audit_archive;
 mod audit_log;
 mod audit_witness;
 mod authz_matrix;
@@ -24,6 +25,7 @@ mod identities;
 mod key_custody;
 mod key_registry;
 pub mod malformed;
+mod metrics;
 mod mtls;
 mod oauth;
 mod oauth_states;

@@ -255,25 +255,15 @@ fn calendar_lease(conn: &tokenvault::store::ConnectionRecord) -> tokenvault::sto
     }
 }
 
-async fn a_lease_batched_with_a_deleted_connection_is_not_recorded(backend: Backend) {
-    use tokenvault::domain::{DeletionReason, Timestamp};
-    use tokenvault::store::{AuditDraft, DeletionTarget, SealedEntry};
-    let Some(tv) = spawn_vault(backend).await else {
-        return;
-    };
-    let v = &tv.vault;
-    let live = seed_connection(v, "acme", "alice", Integration::Calendar, "ya29.a", None).await;
-    let gone = seed_connection(v, "acme", "bob", Integration::Calendar, "ya29.b", None).await;
-    // Deleted after the lease path read it, before the grant is written.
-    v.delete(
-        &Actor::system(),
-        DeletionTarget::Connection(gone.id.clone()),
-        DeletionReason::UserDisconnected,
-        "test",
-    )
-    .await
-    .unwrap();
-    let leases = [calendar_lease(&live), calendar_lease(&gone)];
+/// Appends the grants of `leases` straight through the store, as the audit
+/// writer would (with a stand-in sealer): the entries' sequence numbers and
+/// the ids of the leases recorded.
+async fn append_grants(
+    v: &Vault,
+    leases: &[tokenvault::store::LeaseGrant],
+) -> (Vec<i64>, Vec<String>) {
+    use tokenvault::domain::Timestamp;
+    use tokenvault::store::{AuditDraft, SealedEntry};
     let drafts: Vec<AuditDraft> = leases
         .iter()
         .map(|g| AuditDraft {
@@ -291,11 +281,32 @@ async fn a_lease_batched_with_a_deleted_connection_is_not_recorded(backend: Back
         mac: vec![0; 32],
         checkpoint: None,
     };
-    let (seqs, recorded) = v
-        .store()
-        .audit_append(&drafts, &leases, &sealer)
+    v.store()
+        .audit_append(&drafts, leases, &sealer)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn a_lease_batched_with_a_deleted_connection_is_not_recorded(backend: Backend) {
+    use tokenvault::domain::DeletionReason;
+    use tokenvault::store::DeletionTarget;
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let v = &tv.vault;
+    let live = seed_connection(v, "acme", "alice", Integration::Calendar, "ya29.a", None).await;
+    let gone = seed_connection(v, "acme", "bob", Integration::Calendar, "ya29.b", None).await;
+    // Deleted after the lease path read it, before the grant is written.
+    v.delete(
+        &Actor::system(),
+        DeletionTarget::Connection(gone.id.clone()),
+        DeletionReason::UserDisconnected,
+        "test",
+    )
+    .await
+    .unwrap();
+    let leases = [calendar_lease(&live), calendar_lease(&gone)];
+    let (seqs, recorded) = append_grants(v, &leases).await;
     assert_eq!(seqs.len(), 2, "both entries are in the log");
     assert_eq!(recorded, vec![leases[0].lease.lease_id.to_string()]);
     assert!(
@@ -540,3 +551,57 @@ async fn sqlite_wal_starts_over_under_continuous_writes() {
          (the file reached {largest} bytes)"
     );
 }
+
+/// Expired lease rows are pruned oldest first, a bounded number per call, by
+/// a range of their time-ordered ids: a lease granted after the bound, or
+/// not yet expired, stays.
+async fn expired_leases_are_pruned_oldest_first_in_steps(backend: Backend) {
+    use tokenvault::domain::Timestamp;
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let v = &tv.vault;
+    let conn = seed_connection(v, "acme", "alice", Integration::Calendar, "ya29.a", None).await;
+    let mut leases = Vec::new();
+    for i in 0..6 {
+        let mut g = calendar_lease(&conn);
+        // The last one has not expired.
+        if i < 5 {
+            g.lease.expires_at = Timestamp::from_micros(Timestamp::now().as_micros() - 10_000_000);
+        }
+        leases.push(g);
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    }
+    let bound = Timestamp::now();
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    // Granted after the bound, expired: stays.
+    let mut late = calendar_lease(&conn);
+    late.lease.expires_at = Timestamp::from_micros(Timestamp::now().as_micros() - 10_000_000);
+    leases.push(late);
+    let (_, recorded) = append_grants(v, &leases).await;
+    assert_eq!(recorded.len(), 7);
+    let present = |i: usize| {
+        let id = leases[i].lease.lease_id.clone();
+        async move { v.store().lease_get(&id).await.unwrap().is_some() }
+    };
+    let now = Timestamp::now();
+    assert_eq!(v.store().lease_prune(now, bound, 2).await.unwrap(), 2);
+    assert!(!present(0).await && !present(1).await && present(2).await);
+    assert_eq!(v.store().lease_prune(now, bound, 100).await.unwrap(), 3);
+    for i in 2..5 {
+        assert!(!present(i).await, "lease {i} expired before the bound");
+    }
+    assert!(present(5).await, "not expired");
+    assert!(present(6).await, "granted after the bound");
+    assert_eq!(v.store().lease_prune(now, bound, 100).await.unwrap(), 0);
+    // The freed space is reusable: SQLite's free list needs nothing; on a
+    // PostgreSQL server without autovacuum the store vacuums the table.
+    let reclaimed = v.store().reclaim(&["leases"]).await.unwrap();
+    if backend == Backend::Sqlite {
+        assert!(!reclaimed);
+    }
+}
+both_backends!(
+    lease_prune_steps,
+    expired_leases_are_pruned_oldest_first_in_steps
+);
