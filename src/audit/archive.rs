@@ -197,8 +197,17 @@ pub async fn write_next_segment(
     let failed = |what: &str, e: std::io::Error| {
         VaultError::Internal(format!("audit archive: {what}: {e}").into())
     };
-    std::fs::create_dir_all(&settings.dir)
-        .map_err(|e| failed(&format!("creating {}", settings.dir.display()), e))?;
+    if !settings.dir.is_dir() {
+        // A directory made here must survive a crash like the files in it.
+        std::fs::create_dir_all(&settings.dir)
+            .and_then(|()| match settings.dir.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => {
+                    std::fs::File::open(parent)?.sync_all()
+                }
+                _ => Ok(()),
+            })
+            .map_err(|e| failed(&format!("creating {}", settings.dir.display()), e))?;
+    }
     let tmp = settings
         .dir
         .join(format!(".segment-{}.tmp", uuid::Uuid::new_v4()));
@@ -298,7 +307,10 @@ pub async fn write_next_segment(
     .await
     .map_err(|e| VaultError::Internal(format!("audit archive: {e}").into()))?
     .map_err(|e| {
+        // Neither the temporary file nor a renamed one whose directory
+        // entry may not be durable is left for a later pass to trip on.
         let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&path);
         failed(&format!("writing {}", path.display()), e)
     })?;
     Ok(Some(WrittenSegment {
@@ -583,6 +595,9 @@ pub async fn query(
     filter: &AuditFilter,
     limit: usize,
 ) -> Result<Vec<AuditRow>, VaultError> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
     let after = filter.after_seq.unwrap_or(0);
     let before = filter.before_seq.unwrap_or(i64::MAX);
     let mut reached: Vec<&AuditSegment> = segments

@@ -53,22 +53,37 @@ impl VerifyReport {
 /// above 1 trusts the stored `prev_hash` of the first entry, which its own MAC
 /// covers. Every signed checkpoint in the range must match the entry it
 /// names, and no checkpoint may lie beyond the chain head (a truncated log).
+///
+/// Entries up to the last archived segment's are the archive's to prove
+/// (`verify_with_witness`); the live table is checked after them, its first
+/// entry linking to the segment's last hash.
 pub async fn verify_chain(
     store: &dyn AuditStore,
     keyring: &dyn KeyringProvider,
     from_seq: i64,
     to_seq: Option<i64>,
 ) -> Result<VerifyReport, VaultError> {
-    let (head_seq, head_hash) = store.audit_head().await?;
-    let public_key = CheckpointSigner::new(keyring, 1).public_key();
-    // Entries up to the last archived segment's are the archive's to prove
-    // (`verify_with_witness`); the live table is checked after them, its
-    // first entry linking to the segment's last hash.
     let archived = store
         .audit_segments()
         .await?
         .last()
         .map(|s| (s.last_seq, s.last_hash.clone()));
+    verify_live(store, keyring, from_seq, to_seq, archived).await
+}
+
+/// [`verify_chain`] after an archive whose last segment ends at the entry
+/// and hash `archived` (as read once by the caller, so that archive and live
+/// table are checked against the same snapshot: entries an archiver prunes
+/// meanwhile show up as missing, never as unchecked).
+async fn verify_live(
+    store: &dyn AuditStore,
+    keyring: &dyn KeyringProvider,
+    from_seq: i64,
+    to_seq: Option<i64>,
+    archived: Option<(i64, Vec<u8>)>,
+) -> Result<VerifyReport, VaultError> {
+    let (head_seq, head_hash) = store.audit_head().await?;
+    let public_key = CheckpointSigner::new(keyring, 1).public_key();
     let archived_to = archived.as_ref().map_or(0, |(seq, _)| *seq);
     let from = from_seq.max(1).max(archived_to + 1);
     let to = to_seq.unwrap_or(head_seq).min(head_seq);
@@ -209,11 +224,12 @@ pub async fn verify_chain(
 ///
 /// Entries moved to the archive (see the `archive` module) are checked there
 /// when `archive_dir` is given, from entry 1, before the live table, as one
-/// chain; without it the summary says which entries went unchecked. An
-/// archiver that moves entries out of the live table while this runs (on
-/// another replica; this replica's waits) can make entries look missing: a
-/// failed verification during which the archive grew is run again, up to
-/// three times in all.
+/// chain; without it the summary says which entries went unchecked. The
+/// whole archive is checked whatever the range (a break in it fails the
+/// report). An archiver that moves entries out of the live table while this
+/// runs (on another replica; this replica's waits) makes entries look
+/// missing: a failed verification during which the archive grew is run
+/// again, up to three times in all.
 pub async fn verify_with_witness(
     store: &dyn AuditStore,
     keyring: &dyn KeyringProvider,
@@ -291,7 +307,8 @@ async fn verify_once(
             )),
         }
     }
-    let mut report = verify_chain(store, keyring, from_seq, to_seq).await?;
+    let archived = segments.last().map(|s| (s.last_seq, s.last_hash.clone()));
+    let mut report = verify_live(store, keyring, from_seq, to_seq, archived).await?;
     report.witness_files = witness_files.to_vec();
     if !report.ok() {
         return Ok(report);
@@ -350,9 +367,9 @@ async fn verify_once(
             .collect(),
         _ => BTreeMap::new(),
     };
-    let archive_checked = archived_checkpoints.is_some();
     // Pruned entries' checkpoints are in the archive (the prune may lag, so
-    // the live table can hold a few of them too, alike).
+    // the live table can hold a few of them too, alike). When the archive
+    // was not checked, the range starts after it.
     stored.extend(archived_checkpoints.unwrap_or_default());
     let mut matched = BTreeSet::new();
     for w in &witnessed {
@@ -384,7 +401,7 @@ async fn verify_once(
                 ),
             ));
         }
-        if !(from..=to).contains(&c.seq) || (c.seq <= archived_to && !archive_checked) {
+        if !(from..=to).contains(&c.seq) {
             continue;
         }
         match stored.get(&c.seq) {

@@ -81,9 +81,10 @@ impl Vault {
         filter: &store::AuditFilter,
         limit: i64,
     ) -> Result<(Vec<store::AuditRow>, i64), VaultError> {
-        let (last_seq, _) = self.store().audit_head().await?;
         let Some(archive) = &self.settings.archive else {
-            return Ok((self.store().audit_query(filter, limit).await?, last_seq));
+            let rows = self.store().audit_query(filter, limit).await?;
+            let (last_seq, _) = self.store().audit_head().await?;
+            return Ok((rows, last_seq));
         };
         // Archived entries are read from the archive, the rest from the
         // live table (which may still hold archived entries the prune has
@@ -93,15 +94,8 @@ impl Vault {
         let mut live_filter = filter.clone();
         live_filter.after_seq = Some(filter.after_seq.unwrap_or(0).max(archived_to));
         let want = usize::try_from(limit).unwrap_or(0);
-        let from_archive = |want: usize| {
-            let segments = &segments;
-            async move {
-                if want == 0 || archived_to == 0 {
-                    return Ok(Vec::new());
-                }
-                crate::audit::archive::query(segments, &archive.dir, filter, want).await
-            }
-        };
+        let from_archive =
+            |want| crate::audit::archive::query(&segments, &archive.dir, filter, want);
         let rows = if filter.ascending {
             let mut rows = from_archive(want).await?;
             let rest = want.saturating_sub(rows.len());
@@ -114,6 +108,8 @@ impl Vault {
             rows.extend(from_archive(want.saturating_sub(rows.len())).await?);
             rows
         };
+        // The head after the rows: no row is newer than it.
+        let (last_seq, _) = self.store().audit_head().await?;
         Ok((rows, last_seq))
     }
 
@@ -419,7 +415,28 @@ impl Vault {
                 w.path.display(),
                 hex::encode(&s.file_sha256)
             );
-            let recorded = match self
+            // Another replica's archiver may have recorded these entries
+            // while this one wrote them: then this file goes, and no entry
+            // names it.
+            let continues = self
+                .store
+                .audit_segments()
+                .await?
+                .last()
+                .map_or(s.first_seq == 1, |last| {
+                    last.last_seq + 1 == s.first_seq && last.last_hash == s.prev_hash
+                });
+            if !continues {
+                remove_unrecorded(self.store.as_ref(), &w).await;
+                tracing::debug!(
+                    first = s.first_seq,
+                    last = s.last_seq,
+                    "audit archive: another replica archived these entries first"
+                );
+                break;
+            }
+            // No entry, no archive: the file goes if this cannot be written.
+            if let Err(e) = self
                 .audit
                 .record(
                     &Actor::system(),
@@ -430,31 +447,31 @@ impl Vault {
                 )
                 .await
             {
-                Ok(_) => self.store.audit_segment_record(s).await,
-                Err(e) => Err(e),
-            };
-            match recorded {
-                Ok(true) => {}
-                other => {
-                    // The file goes unless a recorded segment names it (an
-                    // archiver that wrote the very same bytes won the race).
-                    let named = self
-                        .store
-                        .audit_segments()
-                        .await
-                        .map_or(true, |all| all.iter().any(|r| r.file_name == s.file_name));
-                    if !named {
-                        let _ = std::fs::remove_file(&w.path);
-                    }
-                    let why = match other {
-                        Err(e) => e,
-                        _ => VaultError::precondition(format!(
-                            "audit archive: entries {}..={} were archived by another replica                              first, or changed; {} removed",
-                            s.first_seq, s.last_seq, s.file_name
-                        )),
-                    };
-                    return Err(why);
-                }
+                remove_unrecorded(self.store.as_ref(), &w).await;
+                return Err(e);
+            }
+            let recorded = self.store.audit_segment_record(s).await;
+            if !matches!(recorded, Ok(true)) {
+                // Lost the race after all, or the database failed: the entry
+                // written above stands, so a second one says the file went.
+                remove_unrecorded(self.store.as_ref(), &w).await;
+                let why = match recorded {
+                    Err(ref e) => e.to_string(),
+                    _ => "another replica archived these entries first".to_owned(),
+                };
+                self.audit
+                    .record(
+                        &Actor::system(),
+                        "audit.archive",
+                        &s.file_name,
+                        Outcome::Failed,
+                        format!(
+                            "entries {}..={} not archived here ({why}); the file was removed",
+                            s.first_seq, s.last_seq
+                        ),
+                    )
+                    .await?;
+                return recorded.map(|_| pass);
             }
             pass.segments += 1;
             pass.entries += entries;
@@ -487,6 +504,17 @@ impl Vault {
         self.begin_shutdown();
         self.keys.shutdown().await;
         self.store.close().await;
+    }
+}
+
+/// Removes a segment file that no recorded segment names (one that does was
+/// written, byte for byte, by the archiver that won).
+async fn remove_unrecorded(store: &dyn store::Store, w: &crate::audit::archive::WrittenSegment) {
+    let named = store.audit_segments().await.map_or(true, |all| {
+        all.iter().any(|r| r.file_name == w.segment.file_name)
+    });
+    if !named {
+        let _ = std::fs::remove_file(&w.path);
     }
 }
 
