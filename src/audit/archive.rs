@@ -37,14 +37,14 @@ use std::path::{Path, PathBuf};
 use ring::digest;
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{KeyringProvider, MacPurpose};
+use crate::crypto::KeyringProvider;
 use crate::domain::{Timestamp, VaultError};
 use crate::store::audit::GENESIS_HASH;
 use crate::store::{AuditCheckpoint, AuditDraft, AuditFilter, AuditRow, AuditSegment, AuditStore};
 
-use super::checkpoint::signature_valid;
+use super::Sealer;
+use super::verify::{check_checkpoint, check_entry};
 use super::witness::WitnessRecord;
-use super::{Sealer, entry_hash};
 
 /// The format named in every segment's header.
 pub const SEGMENT_FORMAT: &str = "tokenvault-audit-segment-v1";
@@ -183,9 +183,7 @@ pub async fn write_next_segment(
         None => (1, GENESIS_HASH.to_vec()),
     };
     let (head, _) = store.audit_head().await?;
-    let cutoff = now
-        .as_micros()
-        .saturating_sub(i64::try_from(settings.hot_retention.as_micros()).unwrap_or(i64::MAX));
+    let cutoff = now.minus(settings.hot_retention).as_micros();
     let first = next;
     let prev_of_first = prev.clone();
     let max = i64::try_from(settings.segment_max_entries.max(1)).unwrap_or(i64::MAX);
@@ -523,22 +521,10 @@ fn check_segment(
                         "previous-hash link does not match the entry before it".to_owned(),
                     ));
                 }
-                let hash = entry_hash(row.seq, &row.prev_hash, &row.draft);
-                if hash != row.entry_hash {
-                    return Err((row.seq, "entry contents do not match its hash".to_owned()));
-                }
-                if !keyring.mac_verify(MacPurpose::AuditChain, &hash, &row.mac) {
-                    return Err((
-                        row.seq,
-                        "entry MAC does not verify under the audit key".to_owned(),
-                    ));
-                }
+                let hash = check_entry(keyring, &row).map_err(|why| (row.seq, why.to_owned()))?;
                 report.entries += 1;
                 prev = hash;
                 expected += 1;
-            }
-            SegmentLine::Checkpoint(w) | SegmentLine::Seal(w) if w.seq != expected - 1 => {
-                return Err((w.seq, format!("line {}: a checkpoint out of place", n + 1)));
             }
             line @ (SegmentLine::Checkpoint(_) | SegmentLine::Seal(_)) => {
                 let (w, seal) = match line {
@@ -546,16 +532,11 @@ fn check_segment(
                     SegmentLine::Checkpoint(w) => (w, false),
                     _ => unreachable!("matched above"),
                 };
+                if w.seq != expected - 1 {
+                    return Err((w.seq, format!("line {}: a checkpoint out of place", n + 1)));
+                }
                 let c = w.checkpoint().map_err(|why| (w.seq, why))?;
-                if !signature_valid(&c, public_key) {
-                    return Err((c.seq, "a signed checkpoint does not verify".to_owned()));
-                }
-                if c.entry_hash != prev {
-                    return Err((
-                        c.seq,
-                        "entry does not match its signed checkpoint".to_owned(),
-                    ));
-                }
+                check_checkpoint(&c, public_key, &prev).map_err(|why| (c.seq, why.to_owned()))?;
                 if seal {
                     sealed = true;
                     report.seals += 1;

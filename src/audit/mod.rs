@@ -161,11 +161,7 @@ impl Sealer {
 
     /// Whether a stored entry's hash is its contents' and its MAC verifies.
     pub fn entry_intact(&self, row: &crate::store::AuditRow) -> bool {
-        let hash = entry_hash(row.seq, &row.prev_hash, &row.draft);
-        hash == row.entry_hash
-            && self
-                .keyring
-                .mac_verify(MacPurpose::AuditChain, &hash, &row.mac)
+        verify::check_entry(self.keyring.as_ref(), row).is_ok()
     }
 
     /// A checkpoint signed for entry `seq` wherever it falls: the seal of an

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::crypto::{KeyringProvider, MacPurpose};
 use crate::domain::VaultError;
-use crate::store::{AuditCheckpoint, AuditStore};
+use crate::store::{AuditCheckpoint, AuditRow, AuditStore};
 
 use super::checkpoint::{CheckpointSigner, signature_valid};
 use super::{archive, entry_hash, witness};
@@ -158,35 +158,13 @@ async fn verify_live(
                     "first entry links to a predecessor".to_owned(),
                 );
             }
-            let hash = entry_hash(row.seq, &row.prev_hash, &row.draft);
-            if hash != row.entry_hash {
-                return broken(
-                    report,
-                    row.seq,
-                    "entry contents do not match its hash".to_owned(),
-                );
-            }
-            if !keyring.mac_verify(MacPurpose::AuditChain, &hash, &row.mac) {
-                return broken(
-                    report,
-                    row.seq,
-                    "entry MAC does not verify under the audit key".to_owned(),
-                );
-            }
+            let hash = match check_entry(keyring, &row) {
+                Ok(hash) => hash,
+                Err(why) => return broken(report, row.seq, why.to_owned()),
+            };
             if let Some(c) = checkpoints.remove(&row.seq) {
-                if !signature_valid(&c, &public_key) {
-                    return broken(
-                        report,
-                        row.seq,
-                        "the signed checkpoint of this entry does not verify".to_owned(),
-                    );
-                }
-                if c.entry_hash != hash {
-                    return broken(
-                        report,
-                        row.seq,
-                        "entry does not match its signed checkpoint".to_owned(),
-                    );
+                if let Err(why) = check_checkpoint(&c, &public_key, &hash) {
+                    return broken(report, row.seq, why.to_owned());
                 }
                 report.checkpoints_verified += 1;
             }
@@ -210,6 +188,39 @@ async fn verify_live(
         report.entries_checked, from, to, report.checkpoints_verified
     );
     Ok(report)
+}
+
+/// Checks a stored entry's hash against its contents and its MAC under the
+/// audit key: the entry's hash, or what is wrong with it. (Its link to the
+/// entry before is the caller's to check.)
+pub(super) fn check_entry(
+    keyring: &dyn KeyringProvider,
+    row: &AuditRow,
+) -> Result<Vec<u8>, &'static str> {
+    let hash = entry_hash(row.seq, &row.prev_hash, &row.draft);
+    if hash != row.entry_hash {
+        return Err("entry contents do not match its hash");
+    }
+    if !keyring.mac_verify(MacPurpose::AuditChain, &hash, &row.mac) {
+        return Err("entry MAC does not verify under the audit key");
+    }
+    Ok(hash)
+}
+
+/// Checks a signed checkpoint against this vault's public key and the hash
+/// of the entry it names.
+pub(super) fn check_checkpoint(
+    c: &AuditCheckpoint,
+    public_key: &[u8],
+    hash: &[u8],
+) -> Result<(), &'static str> {
+    if !signature_valid(c, public_key) {
+        return Err("the signed checkpoint of this entry does not verify");
+    }
+    if c.entry_hash != hash {
+        return Err("entry does not match its signed checkpoint");
+    }
+    Ok(())
 }
 
 /// Verifies the chain as [`verify_chain`] does and, if it verifies, compares

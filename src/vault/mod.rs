@@ -333,21 +333,13 @@ impl Vault {
         }
         let retention =
             std::time::Duration::from_secs(self.settings.deletion.retention_days * 86_400);
-        let before = crate::domain::Timestamp::from_micros(
-            now.as_micros() - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX),
-        );
+        let before = now.minus(retention);
         // Lease rows, in short steps with room between them for the lease
         // path. A lease expires at most lease.max_ttl_seconds after its grant.
         let lease = &self.settings.lease;
-        let lease_cutoff = crate::domain::Timestamp::from_micros(
-            now.as_micros()
-                .saturating_sub(secs_to_micros(lease.record_retention_seconds)),
-        );
-        let granted_before = crate::domain::Timestamp::from_micros(
-            lease_cutoff
-                .as_micros()
-                .saturating_sub(secs_to_micros(lease.max_ttl_seconds)),
-        );
+        let secs = std::time::Duration::from_secs;
+        let lease_cutoff = now.minus(secs(lease.record_retention_seconds));
+        let granted_before = lease_cutoff.minus(secs(lease.max_ttl_seconds));
         let pruned = paced(|| {
             self.store
                 .lease_prune(lease_cutoff, granted_before, PRUNE_STEP)
@@ -542,10 +534,6 @@ where
         let took = started.elapsed();
         tokio::time::sleep(took.max(std::time::Duration::from_millis(5))).await;
     }
-}
-
-fn secs_to_micros(secs: u64) -> i64 {
-    i64::try_from(secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX)
 }
 
 /// What one pass of the audit archiver did.
