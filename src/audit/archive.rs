@@ -178,8 +178,8 @@ pub async fn write_next_segment(
     replica: &str,
     now: Timestamp,
 ) -> Result<Option<WrittenSegment>, VaultError> {
-    let (mut next, mut prev) = match store.audit_segments().await?.last() {
-        Some(s) => (s.last_seq + 1, s.last_hash.clone()),
+    let (mut next, mut prev) = match store.audit_segment_last().await? {
+        Some(s) => (s.last_seq + 1, s.last_hash),
         None => (1, GENESIS_HASH.to_vec()),
     };
     let (head, _) = store.audit_head().await?;

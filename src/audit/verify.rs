@@ -64,10 +64,9 @@ pub async fn verify_chain(
     to_seq: Option<i64>,
 ) -> Result<VerifyReport, VaultError> {
     let archived = store
-        .audit_segments()
+        .audit_segment_last()
         .await?
-        .last()
-        .map(|s| (s.last_seq, s.last_hash.clone()));
+        .map(|s| (s.last_seq, s.last_hash));
     verify_live(store, keyring, from_seq, to_seq, archived).await
 }
 
@@ -250,7 +249,7 @@ pub async fn verify_with_witness(
     archive_dir: Option<&Path>,
 ) -> Result<VerifyReport, VaultError> {
     let archived_to =
-        || async { Ok::<_, VaultError>(store.audit_segments().await?.last().map(|s| s.last_seq)) };
+        || async { Ok::<_, VaultError>(store.audit_segment_last().await?.map(|s| s.last_seq)) };
     let mut attempt = 1;
     loop {
         let before = archived_to().await?;

@@ -123,6 +123,9 @@ pub trait AuditStore: Send + Sync {
     /// The archive's segments, in chain order.
     async fn audit_segments(&self) -> StoreResult<Vec<AuditSegment>>;
 
+    /// The archive's last segment, if any: where the live table begins.
+    async fn audit_segment_last(&self) -> StoreResult<Option<AuditSegment>>;
+
     /// Records a sealed segment, marking its entries archived. Records
     /// nothing and returns false unless the segment continues the archive
     /// (its first entry follows the last segment's and links to its hash; in
@@ -266,6 +269,13 @@ impl AuditStore for StoreImpl {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(|r| Ok(AuditSegment::from_row(r)?)).collect()
+    }
+
+    async fn audit_segment_last(&self) -> StoreResult<Option<AuditSegment>> {
+        let row = sqlx::query("SELECT * FROM audit_segments ORDER BY first_seq DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(|r| Ok(AuditSegment::from_row(r)?)).transpose()
     }
 
     async fn audit_segment_record(&self, segment: &AuditSegment) -> StoreResult<bool> {

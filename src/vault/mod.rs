@@ -89,13 +89,24 @@ impl Vault {
         // Archived entries are read from the archive, the rest from the
         // live table (which may still hold archived entries the prune has
         // not reached: they are the archive's).
-        let segments = self.store().audit_segments().await?;
-        let archived_to = segments.last().map_or(0, |s| s.last_seq);
+        // The segment list is read only when the query reaches the archive
+        // (a follower polling for new entries does not).
+        let archived_to = self
+            .store()
+            .audit_segment_last()
+            .await?
+            .map_or(0, |s| s.last_seq);
         let mut live_filter = filter.clone();
         live_filter.after_seq = Some(filter.after_seq.unwrap_or(0).max(archived_to));
         let want = usize::try_from(limit).unwrap_or(0);
-        let from_archive =
-            |want| crate::audit::archive::query(&segments, &archive.dir, filter, want);
+        let reaches_archive = filter.after_seq.unwrap_or(0) < archived_to;
+        let from_archive = |want: usize| async move {
+            if !reaches_archive || want == 0 {
+                return Ok(Vec::new());
+            }
+            let segments = self.store().audit_segments().await?;
+            crate::audit::archive::query(&segments, &archive.dir, filter, want).await
+        };
         let rows = if filter.ascending {
             let mut rows = from_archive(want).await?;
             let rest = want.saturating_sub(rows.len());
@@ -412,9 +423,8 @@ impl Vault {
             // names it.
             let continues = self
                 .store
-                .audit_segments()
+                .audit_segment_last()
                 .await?
-                .last()
                 .map_or(s.first_seq == 1, |last| {
                     last.last_seq + 1 == s.first_seq && last.last_hash == s.prev_hash
                 });

@@ -83,6 +83,10 @@ async fn archive_prune_and_verify_as_one_chain(backend: Backend) {
     let segments = store.audit_segments().await.unwrap();
     let ranges: Vec<(i64, i64)> = segments.iter().map(|s| (s.first_seq, s.last_seq)).collect();
     assert_eq!(ranges, vec![(1, 10), (11, 20), (21, 30)]);
+    assert_eq!(
+        store.audit_segment_last().await.unwrap().as_ref(),
+        segments.last()
+    );
     let files = segment_files(&dir);
     assert_eq!(files.len(), 3, "{files:?}");
     for f in &files {
