@@ -5,7 +5,7 @@
 //! cargo bench --bench lease_load -- [--backend sqlite|postgres] [--connections 10000]
 //!     [--concurrency 64] [--seconds 10] [--warmup 2] [--channels 4]
 //!     [--keyring local|pkcs11|both] [--flood N] [--flood-rounds 3] [--refusal-delay-ms N]
-//!     [--replicas N]
+//!     [--replicas N] [--scale-to N]
 //! ```
 //!
 //! `--replicas N` (PostgreSQL, local keyring) starts N − 1 more vault
@@ -15,6 +15,13 @@
 //! `--concurrency`: throughput, latency and the audit chain head conflicts
 //! per batch over every replica (`tokenvault_audit_head_conflicts_total` over
 //! `tokenvault_audit_batch_entries_count`, from each one's `/metrics`).
+//!
+//! `--scale-to N` (e.g. 1000000) seeds a second vault of the same backend
+//! and keyring with N connections through the bulk import path, then
+//! measures leases on it and on the first vault alternately (first, N, N,
+//! first): the goal is at least 80 % of the first vault's lease rate. Each
+//! lease picks its connection uniformly, so at N the record cache misses and
+//! the indexes are as deep as they are in production.
 //!
 //! `--keyring pkcs11` keeps the KEKs in a SoftHSM2 token made for the run (the
 //! benchmark re-runs itself with `SOFTHSM2_CONF` pointing at it). `--keyring
@@ -120,6 +127,10 @@ const GOAL_P99_MS: f64 = 10.0;
 /// Goal: hot storage per lease (database growth over the measured window per
 /// lease granted) at most this many bytes.
 const GOAL_BYTES_PER_LEASE: u64 = 250;
+/// Goal of `--scale-to`: lease throughput at the larger number of
+/// connections, as a share of that at `--connections`.
+const GOAL_SCALE_RATIO: f64 = 0.8;
+
 /// Goal of `--flood`: lease p95 under the flood at most this many times the
 /// quiet p95.
 const GOAL_FLOOD_P95_RATIO: f64 = 1.2;
@@ -143,6 +154,8 @@ struct Args {
     flood_rounds: usize,
     /// Vault processes for the replica phases (1: none).
     replicas: usize,
+    /// Connections of a second vault for the scale phases (0: none).
+    scale_to: usize,
 }
 
 fn args() -> Args {
@@ -158,6 +171,7 @@ fn args() -> Args {
         refusal_delay_ms: None,
         flood_rounds: 3,
         replicas: 1,
+        scale_to: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -197,6 +211,12 @@ fn args() -> Args {
                     .and_then(|v| v.parse().ok())
                     .expect("--replicas N");
             }
+            "--scale-to" => {
+                a.scale_to = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--scale-to N");
+            }
             "--refusal-delay-ms" => {
                 a.refusal_delay_ms = Some(
                     it.next()
@@ -230,7 +250,7 @@ mod common;
 mod replicas;
 use common::{
     Bearer, BenchKeyring, CALENDAR_SCOPE, PURPOSE, XorShift, database, database_bytes,
-    drop_database, percentile_ms, seed_calendar_connections, softhsm_token,
+    drop_database, percentile_ms, seed_calendar_connections, settle_database, softhsm_token,
     start_worker_vault_with,
 };
 
@@ -624,6 +644,9 @@ async fn main() {
     if a.replicas > 1 {
         replica_phases(&a, &vaults[0]).await;
     }
+    if a.scale_to > 0 {
+        scale_phases(&a, &vaults[0], lease.clone()).await;
+    }
     wal_sampler.abort();
     if a.backend == "sqlite" {
         println!(
@@ -818,6 +841,96 @@ impl BenchVault {
         }
         drop(self.dir);
     }
+}
+
+/// `--scale-to N`: a second vault of the same backend and keyring seeded with
+/// N connections, and leases measured on the two alternately (the first
+/// vault was measured first; then the large one twice, then the first
+/// again), so a drift over the run falls on both. Leases pick their
+/// connection uniformly, so at N the reads miss the caches and walk deeper
+/// indexes as they would in production.
+async fn scale_phases(a: &Args, small: &BenchVault, first_small: Report) {
+    let big_args = Args {
+        connections: a.scale_to,
+        backend: a.backend.clone(),
+        keyring: a.keyring.clone(),
+        ..*a
+    };
+    println!();
+    println!(
+        "scale: seeding a second vault with {} connections",
+        a.scale_to
+    );
+    let big = BenchVault::start(&big_args, small.keyring.clone()).await;
+    let settling = settle_database(&big.url).await;
+    println!(
+        "  settled the database after the import in {settling:.2?} ({})",
+        if a.backend == "sqlite" {
+            "WAL checkpointed and truncated"
+        } else {
+            "VACUUM ANALYZE"
+        }
+    );
+    if let Some(bytes) = database_bytes(&big.url).await {
+        println!(
+            "  database after seeding: {:.1} MiB ({:.0} B per connection)",
+            bytes as f64 / (1024.0 * 1024.0),
+            bytes as f64 / a.scale_to as f64
+        );
+    }
+    let mut reports: [Vec<Report>; 2] = [vec![first_small], Vec::new()];
+    for i in [1, 1, 0] {
+        let v = if i == 0 { small } else { &big };
+        let r = run(Kind::Lease, a, &v.channels, &v.bearer, &v.ids).await;
+        println!("({} connections)", v.ids.len());
+        r.print();
+        reports[i].push(r);
+    }
+    let total = |rs: &[Report]| {
+        let ok: usize = rs.iter().map(|r| r.ok).sum();
+        let secs: f64 = rs.iter().map(|r| r.seconds).sum();
+        let errors: u64 = rs.iter().map(Report::error_count).sum();
+        let p99 = rs.iter().map(|r| r.p99).fold(0.0, f64::max);
+        (ok as f64 / secs, errors, p99)
+    };
+    let (s, b) = (total(&reports[0]), total(&reports[1]));
+    println!();
+    println!(
+        "connections, leases measured alternately (2 x {} s each):",
+        a.seconds
+    );
+    for (n, (rate, errors, p99)) in [(a.connections, s), (a.scale_to, b)] {
+        println!(
+            "  {n:>9} connections {rate:>8.0} leases/s  worst p99 {p99:.2} ms  errors {errors}"
+        );
+    }
+    let ratio = b.0 / s.0;
+    let verdict = if ratio >= GOAL_SCALE_RATIO && b.1 == 0 {
+        "MET"
+    } else {
+        "NOT MET"
+    };
+    println!(
+        "goal: leases at {} connections >= {:.0}% of those at {}: {verdict} ({:.1}%)",
+        a.scale_to,
+        GOAL_SCALE_RATIO * 100.0,
+        a.connections,
+        ratio * 100.0
+    );
+    println!(
+        "| backend | connections | leases/s | worst p99 | ratio |\n| --- | --- | --- | --- | --- |\n\
+         | {} | {} | {:.0} | {:.2} ms | 100% |\n| {} | {} | {:.0} | {:.2} ms | {:.1}% |",
+        a.backend,
+        a.connections,
+        s.0,
+        s.2,
+        a.backend,
+        a.scale_to,
+        b.0,
+        b.2,
+        ratio * 100.0
+    );
+    big.stop().await;
 }
 
 /// `--keyring both`: leases on the local and the pkcs11 vault, alternately

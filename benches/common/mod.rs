@@ -61,6 +61,42 @@ pub async fn database_bytes(url: &str) -> Option<u64> {
     }
 }
 
+/// Brings a database that has just taken a bulk import to the state it
+/// would be in after running a while, before it is measured: on SQLite the
+/// import's WAL is checkpointed into the database file and truncated (else
+/// the vault's background checkpoints copy it during the measurement); on
+/// PostgreSQL the tables are vacuumed and analysed (autovacuum may be off,
+/// and the planner has no statistics for rows it has not seen). Returns how
+/// long it took.
+pub async fn settle_database(url: &str) -> Duration {
+    let start = std::time::Instant::now();
+    let outcome = if url.starts_with("sqlite:") {
+        match sqlx::SqliteConnection::connect(url).await {
+            Ok(mut c) => sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&mut c)
+                .await
+                .map(drop),
+            Err(e) => Err(e),
+        }
+    } else {
+        match sqlx::PgConnection::connect(url).await {
+            Ok(mut c) => {
+                let r = sqlx::query("VACUUM ANALYZE")
+                    .execute(&mut c)
+                    .await
+                    .map(drop);
+                let _ = c.close().await;
+                r
+            }
+            Err(e) => Err(e),
+        }
+    };
+    if let Err(e) = outcome {
+        println!("  (settling the database failed: {e})");
+    }
+    start.elapsed()
+}
+
 /// Drops a database [`database`] created; failures are reported, not fatal.
 pub async fn drop_database(admin: &str, name: &str) {
     match sqlx::PgConnection::connect(admin).await {

@@ -7,6 +7,12 @@
 //! would show in `ps`. It is sent as `authorization: Bearer <key>`, and only
 //! over TLS or to a loopback address (the vault accepts API keys from loopback
 //! peers only, and anything else would send it in clear text).
+//!
+//! An `https://` server's certificate is checked against `--ca-cert` when one
+//! is given (a private CA, as most deployments use), else against the Mozilla
+//! root CAs built into the binary (webpki-roots), as a browser would; a
+//! certificate neither trusts fails the connection (exit 5) with a message
+//! saying to pass `--ca-cert`.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -57,8 +63,9 @@ pub struct ConnectionFlags {
     /// The vault's gRPC address; `https://` uses TLS [default: http://127.0.0.1:50051]
     #[arg(long, global = true, env = SERVER_ENV, value_name = "URL")]
     pub server: Option<String>,
-    /// PEM file of the CA that signed the vault's certificate (required with https://);
-    /// the flag beats the environment, which beats `ca_cert` in the client config file.
+    /// PEM file of the CA that signed the vault's certificate, for https:// [default: the
+    /// Mozilla root CAs built in]; the flag beats the environment, which beats `ca_cert`
+    /// in the client config file.
     #[arg(long, global = true, env = CA_CERT_ENV, value_name = "PATH")]
     pub ca_cert: Option<PathBuf>,
     /// PEM client certificate for mutual TLS; the flag beats the environment, which
@@ -220,10 +227,27 @@ impl ClientSettings {
                 "--ca-cert and --client-cert need an https:// server",
             ));
         }
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| CliError::unreachable(&self.server, &e))?;
+        let channel = endpoint.connect().await.map_err(|e| {
+            let mut error = CliError::unreachable(&self.server, &e);
+            // Recognised by type; by rustls' wording too, should a layer between
+            // rustls and tonic ever re-wrap the error as text.
+            let untrusted =
+                untrusted_certificate(&e) || error.message.contains("invalid peer certificate");
+            if tls && untrusted {
+                error.message.push_str(match self.ca_cert {
+                    Some(_) => {
+                        "; the vault's certificate does not verify against the CA in --ca-cert \
+                         (another CA, another name, or out of its validity)"
+                    }
+                    None => {
+                        "; the vault's certificate does not verify against the public CAs \
+                         this client knows (the Mozilla roots): pass --ca-cert with the CA \
+                         that signed it"
+                    }
+                });
+            }
+            error
+        })?;
         Ok(AdminServiceClient::with_interceptor(
             channel,
             BearerAuth(bearer),
@@ -231,12 +255,12 @@ impl ClientSettings {
     }
 
     fn tls_config(&self) -> Result<ClientTlsConfig, CliError> {
-        let Some(ca) = &self.ca_cert else {
-            return Err(CliError::usage(
-                "an https:// server needs --ca-cert (the CA that signed the vault's certificate)",
-            ));
+        let mut tls = match &self.ca_cert {
+            Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(ca)?)),
+            // No CA given: the public web's roots, compiled in (no system
+            // certificate store is read).
+            None => ClientTlsConfig::new().with_webpki_roots(),
         };
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(ca)?));
         match (&self.client_cert, &self.client_key) {
             (Some(cert), Some(key)) => {
                 let key = Zeroizing::new(read_pem(key)?);
@@ -314,6 +338,26 @@ fn read_api_key(path: &Path) -> Result<ApiKey, CliError> {
             .map_err(|e| CliError::usage(format!("cannot read {}: {e}", path.display())))?,
     );
     Ok(ApiKey(Zeroizing::new(text.trim().to_owned())))
+}
+
+/// Whether a connection failed because the server's certificate is not
+/// trusted (rustls' `InvalidCertificate`: an unknown issuer, a wrong name, an
+/// expired certificate), anywhere in `error`'s chain. tokio-rustls reports
+/// it as an `io::Error` wrapping the rustls error.
+fn untrusted_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if matches!(tls, Some(rustls::Error::InvalidCertificate(_))) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Whether `host` (from a URI, IPv6 in brackets) is a loopback address.
@@ -441,6 +485,28 @@ mod tests {
         let flags = ConnectionFlags::default();
         let s = ClientSettings::resolve_with(&flags, env_of(&[(API_KEY_ENV, "sekrit")])).unwrap();
         assert!(!format!("{s:?}").contains("sekrit"));
+    }
+
+    #[test]
+    fn an_untrusted_certificate_is_recognised_through_the_io_error() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, tls);
+        assert!(untrusted_certificate(&io));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!untrusted_certificate(&refused));
+    }
+
+    #[test]
+    fn https_without_a_ca_uses_the_built_in_roots() {
+        let flags = ConnectionFlags {
+            server: Some("https://vault.example:50051".to_owned()),
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().display().to_string();
+        let s =
+            ClientSettings::resolve_with(&flags, env_of(&[("XDG_CONFIG_HOME", &home)])).unwrap();
+        assert!(s.tls_config().is_ok());
     }
 
     #[test]

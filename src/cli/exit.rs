@@ -26,8 +26,9 @@ pub enum Exit {
     NotFound,
     /// 4: the server answered PERMISSION_DENIED or UNAUTHENTICATED.
     Denied,
-    /// 5: the server could not be reached: no connection, a connect timeout,
-    /// or UNAVAILABLE.
+    /// 5: the server could not be reached: no connection (including a TLS
+    /// handshake that fails, e.g. on a certificate the client does not
+    /// trust), a connect timeout, or UNAVAILABLE.
     Unreachable,
     /// 0, and nothing on stderr: the reader of stdout went away (a broken
     /// pipe, as in `tokenvault admin audit export | head`). Whoever reads the
@@ -70,7 +71,8 @@ Exit status:
      command without a terminal and without --yes, a bad client configuration
   3  not found (NOT_FOUND)
   4  permission denied (PERMISSION_DENIED, UNAUTHENTICATED)
-  5  server unreachable (cannot connect, connect timeout, UNAVAILABLE)";
+  5  server unreachable (cannot connect or complete the TLS handshake, connect
+     timeout, UNAVAILABLE)";
 
 /// A command's failure: the message printed as `tokenvault: <message>` on
 /// stderr and the exit status.

@@ -4,13 +4,17 @@
 //! client and `tokenvault completions`.
 //!
 //! Every failure prints `tokenvault: <message>` on stderr and exits with the
-//! status its [`CliError`] carries (see [`Exit`]).
+//! status its [`CliError`] carries (see [`Exit`]). Every command that prints
+//! a result (`admin …`, `keys …`, `dev …`) takes `--output json` (`-o json`,
+//! or `TOKENVAULT_CLI_OUTPUT=json`) for one JSON document on stdout, in the
+//! same words its table uses (see [`output`]).
 
 pub mod admin;
 pub mod client;
 pub mod dev;
 pub mod exit;
 pub mod output;
+pub mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +28,7 @@ use crate::grpc::Authenticator;
 use crate::vault::Vault;
 
 pub use exit::{CliError, Exit};
+use output::OutputFormat;
 
 /// tokenvault: the Google OAuth token vault.
 #[derive(Debug, Parser)]
@@ -50,6 +55,17 @@ pub enum Command {
     },
     /// Offline key management.
     Keys {
+        /// How to print results.
+        #[arg(
+            short = 'o',
+            long,
+            global = true,
+            env = output::OUTPUT_ENV,
+            value_enum,
+            default_value_t,
+            help_heading = "Output"
+        )]
+        output: OutputFormat,
         /// The key command.
         #[command(subcommand)]
         command: KeysCommand,
@@ -145,40 +161,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             })?;
             Ok(())
         }
-        Command::Keys {
-            command: KeysCommand::Init {
-                env: true, version, ..
-            },
-        } => keys_init_env(version),
-        Command::Keys {
-            command: KeysCommand::Init { config, .. },
-        } => {
-            let config = load(config.as_deref())?;
-            config.prepare_data_dir().map_err(|e| e.to_string())?;
-            crate::telemetry::init(&config.log);
-            Ok(runtime()?.block_on(keys_init(&config))?)
-        }
-        Command::Keys {
-            command: KeysCommand::NewApiKey { identity },
-        } => {
-            let key = crate::crypto::random_token(32).map_err(|e| e.to_string())?;
-            print_stdout(|out| {
-                writeln!(
-                    out,
-                    "API key for {identity} (shown once; give it to the caller):"
-                )?;
-                writeln!(out, "  {}", key.expose())?;
-                writeln!(out)?;
-                writeln!(out, "Add to the vault's configuration:")?;
-                writeln!(out, "  [[auth.api_keys]]")?;
-                writeln!(out, "  identity = {identity:?}")?;
-                writeln!(
-                    out,
-                    "  sha256 = \"{}\"",
-                    Authenticator::hash_api_key(key.expose())
-                )
-            })
-        }
+        Command::Keys { output, command } => keys(output, command),
         Command::Admin(args) => {
             // One thread is plenty for a client that makes one call at a time.
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -216,11 +199,107 @@ fn completions(shell: CompletionShell) -> Result<(), CliError> {
         .map_err(CliError::output)
 }
 
+/// `tokenvault keys …`.
+fn keys(format: OutputFormat, command: KeysCommand) -> Result<(), CliError> {
+    match command {
+        KeysCommand::Init {
+            env: true, version, ..
+        } => keys_init_env(format, version),
+        KeysCommand::Init { config, .. } => {
+            let config = load(config.as_deref())?;
+            config.prepare_data_dir().map_err(|e| e.to_string())?;
+            crate::telemetry::init(&config.log);
+            let created = runtime()?.block_on(keys_init(&config))?;
+            output::print(
+                format,
+                || created.json.clone(),
+                |out| writeln!(out, "{}", created.text),
+            )
+        }
+        KeysCommand::NewApiKey { identity } => keys_new_api_key(format, &identity),
+    }
+}
+
+/// `tokenvault keys new-api-key IDENTITY`: a new key, shown once, and the
+/// configuration entry holding its hash.
+fn keys_new_api_key(format: OutputFormat, identity: &str) -> Result<(), CliError> {
+    /// The JSON document, borrowing the key: no copy of it is left behind
+    /// in a `serde_json::Value`.
+    #[derive(serde::Serialize)]
+    struct NewApiKey<'a> {
+        identity: &'a str,
+        api_key: &'a str,
+        sha256: &'a str,
+    }
+    let key = crate::crypto::random_token(32).map_err(|e| e.to_string())?;
+    let sha256 = Authenticator::hash_api_key(key.expose());
+    if format == OutputFormat::Json {
+        return print_secret_json(&NewApiKey {
+            identity,
+            api_key: key.expose(),
+            sha256: &sha256,
+        });
+    }
+    print_stdout(|out| {
+        writeln!(
+            out,
+            "API key for {identity} (shown once; give it to the caller):"
+        )?;
+        writeln!(out, "  {}", key.expose())?;
+        writeln!(out)?;
+        writeln!(out, "Add to the vault's configuration:")?;
+        writeln!(out, "  [[auth.api_keys]]")?;
+        writeln!(out, "  identity = {identity:?}")?;
+        writeln!(out, "  sha256 = \"{sha256}\"")
+    })
+}
+
+/// Prints a JSON document that holds secret material (a new key), written
+/// straight from the borrowed values rather than through a
+/// `serde_json::Value` that would keep an unzeroized copy.
+fn print_secret_json(document: &impl serde::Serialize) -> Result<(), CliError> {
+    print_stdout(|out| {
+        serde_json::to_writer_pretty(&mut *out, document)?;
+        writeln!(out)
+    })
+}
+
 /// `tokenvault keys init --env [--version N]`: prints new env keyring values.
-fn keys_init_env(version: u32) -> Result<(), CliError> {
-    let version = KekVersion::new(version)
+fn keys_init_env(format: OutputFormat, version: u32) -> Result<(), CliError> {
+    /// The variables of a new env keyring (version 1).
+    #[derive(serde::Serialize)]
+    struct Variables<'a> {
+        #[serde(rename = "TOKENVAULT_KEYRING__PROVIDER")]
+        provider: &'a str,
+        #[serde(rename = "TOKENVAULT_KEYRING__KEYS")]
+        keys: &'a str,
+        #[serde(rename = "TOKENVAULT_KEYRING__MAC_KEY")]
+        mac_key: &'a str,
+    }
+    /// The JSON document: the whole keyring for version 1, else the entry
+    /// to append to TOKENVAULT_KEYRING__KEYS (the other is `null`).
+    #[derive(serde::Serialize)]
+    struct EnvValues<'a> {
+        version: u32,
+        variables: Option<Variables<'a>>,
+        keys_entry: Option<&'a str>,
+    }
+    let kek = KekVersion::new(version)
         .ok_or_else(|| CliError::from("--version must be at least 1".to_owned()))?;
-    let values = EnvKeyring::generate_values(version).map_err(|e| e.to_string())?;
+    let values = EnvKeyring::generate_values(kek).map_err(|e| e.to_string())?;
+    if format == OutputFormat::Json {
+        let first = kek == KekVersion::FIRST;
+        return print_secret_json(&EnvValues {
+            version,
+            variables: first.then(|| Variables {
+                provider: "env",
+                keys: values.keys.expose(),
+                mac_key: values.mac_root_key.expose(),
+            }),
+            keys_entry: (!first).then(|| values.keys.expose()),
+        });
+    }
+    let version = kek;
     print_stdout(|out| {
         if version == KekVersion::FIRST {
             writeln!(
@@ -265,26 +344,50 @@ fn print_stdout(
         .map_err(CliError::output)
 }
 
+/// What `tokenvault keys init` created, for people and as JSON.
+struct KeyringCreated {
+    text: String,
+    json: serde_json::Value,
+}
+
 /// `tokenvault keys init`: creates the keyring, registers version 1 and
 /// audits the creation.
-async fn keys_init(config: &Config) -> Result<(), String> {
+async fn keys_init(config: &Config) -> Result<KeyringCreated, String> {
     let created = match config.keyring.provider {
         KeyringProviderKind::Local => {
             let path = config.keyring_path();
             LocalKeyring::init(&path).map_err(|e| e.to_string())?;
-            format!(
-                "created keyring {} with key version v1 (mode 0600); back it up separately from the database",
-                path.display()
-            )
+            KeyringCreated {
+                text: format!(
+                    "created keyring {} with key version v1 (mode 0600); back it up separately from the database",
+                    path.display()
+                ),
+                json: serde_json::json!({
+                    "provider": "local",
+                    "version": 1,
+                    "path": path.display().to_string(),
+                    "token_label": null,
+                    "label_prefix": null,
+                }),
+            }
         }
         KeyringProviderKind::Pkcs11 => {
             let settings = config.pkcs11_settings().map_err(|e| e.to_string())?;
             Pkcs11Keyring::init(&settings).map_err(|e| e.to_string())?;
-            format!(
-                "created key version v1 and the MAC root key in token {:?} (labels {}/…); they \
-                 cannot leave it: back up the token as its vendor documents",
-                settings.token_label, settings.label_prefix
-            )
+            KeyringCreated {
+                text: format!(
+                    "created key version v1 and the MAC root key in token {:?} (labels {}/…); they \
+                     cannot leave it: back up the token as its vendor documents",
+                    settings.token_label, settings.label_prefix
+                ),
+                json: serde_json::json!({
+                    "provider": "pkcs11",
+                    "version": 1,
+                    "path": null,
+                    "token_label": settings.token_label.to_string(),
+                    "label_prefix": settings.label_prefix.to_string(),
+                }),
+            }
         }
         KeyringProviderKind::Env => {
             return Err(
@@ -307,8 +410,7 @@ async fn keys_init(config: &Config) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     vault.shutdown().await;
-    println!("{created}");
-    Ok(())
+    Ok(created)
 }
 
 /// On a first start, the local keyring file or the HSM's keys are created —

@@ -1,11 +1,16 @@
-//! What `tokenvault admin` prints: JSON documents built from the
-//! `tokenvault.v1` messages, and aligned tables for people.
+//! What `tokenvault admin`, `keys` and `dev` print: JSON documents built
+//! from the `tokenvault.v1` messages, and aligned tables for people.
 //!
-//! JSON uses the proto field names (snake_case); timestamps are RFC 3339
-//! strings in UTC (`null` when unset), enums are their proto value names
-//! (`CONNECTION_STATUS_ACTIVE`; an unknown value stays a number), bytes are
-//! lowercase hex, and 64-bit integers are JSON numbers. Tables show enums by
-//! their short lowercase names (`active`) and times to the second.
+//! JSON and tables use one vocabulary. JSON uses the proto field names
+//! (snake_case); enums are the words the tables show (`active`, `calendar`,
+//! `insufficient_scope`: the proto value name without its type prefix, in
+//! lowercase; an unknown value stays a number). "None" has one spelling,
+//! `null`: an unset timestamp, an empty string (a tombstone's
+//! `google_email`, the `role` of an unauthenticated caller), a key version 0
+//! (a connection that holds no key); where a table shows `-`, JSON has
+//! `null`, never `""`. Lists are arrays (empty when empty), timestamps are
+//! RFC 3339 strings in UTC with microseconds, bytes are lowercase hex, and
+//! 64-bit integers are JSON numbers. Tables show times to the second.
 //!
 //! Every command's rendering lives here, not beside the command, so that
 //! table and JSON conventions stay the same across `admin`, `keys` and `dev`.
@@ -15,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
+use super::exit::CliError;
 use crate::proto::v1 as pb;
 
 /// A count and the noun that fits it: `1 attempt`, `0 attempts`, `2 attempts`.
@@ -37,6 +43,24 @@ pub enum OutputFormat {
     Table,
     /// One JSON document per command on stdout.
     Json,
+}
+
+/// Prints one result on stdout: the JSON document `json` builds, or what
+/// `text` writes for people; then flushes. A failed write is
+/// [`CliError::output`] (a closed pipe ends the command quietly) instead of
+/// the panic of `println!`.
+pub fn print(
+    format: OutputFormat,
+    json: impl FnOnce() -> Value,
+    text: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<(), CliError> {
+    let mut out = io::stdout().lock();
+    match format {
+        OutputFormat::Json => write_json(&mut out, &json()),
+        OutputFormat::Table => text(&mut out),
+    }
+    .and_then(|()| out.flush())
+    .map_err(CliError::output)
 }
 
 /// Seconds since the epoch from which humantime can no longer format a time
@@ -79,13 +103,13 @@ pub fn ts_text(ts: Option<&prost_types::Timestamp>) -> String {
     }
 }
 
-/// The proto name of an enum value (`INTEGRATION_CALENDAR`), or the number
-/// when this client does not know it.
+/// An enum value in JSON: the word the tables show (`calendar`,
+/// `insufficient_scope`), or the number when this client does not know it.
 macro_rules! enum_json {
-    ($ty:ty, $value:expr) => {{
+    ($ty:ty, $prefix:literal, $value:expr) => {{
         let v: i32 = $value;
         match <$ty>::try_from(v) {
-            Ok(e) => Value::from(e.as_str_name()),
+            Ok(e) => Value::from(short_name(e.as_str_name(), $prefix)),
             Err(_) => Value::from(v),
         }
     }};
@@ -112,33 +136,34 @@ fn short_name(name: &str, prefix: &str) -> String {
 /// `tokenvault.v1.Connection`.
 pub fn connection_json(c: &pb::Connection) -> Value {
     json!({
-        "connection_id": c.connection_id,
-        "tenant_id": c.tenant_id,
-        "account_id": c.account_id,
-        "integration": enum_json!(pb::Integration, c.integration),
-        "google_subject": c.google_subject,
-        "google_email": c.google_email,
+        "connection_id": text_json(&c.connection_id),
+        "tenant_id": text_json(&c.tenant_id),
+        "account_id": text_json(&c.account_id),
+        "integration": enum_json!(pb::Integration, "INTEGRATION_", c.integration),
+        "google_subject": text_json(&c.google_subject),
+        "google_email": text_json(&c.google_email),
         "granted_scopes": c.granted_scopes,
         "missing_scopes": c.missing_scopes,
-        "status": enum_json!(pb::ConnectionStatus, c.status),
+        "status": enum_json!(pb::ConnectionStatus, "CONNECTION_STATUS_", c.status),
         "created_at": ts_json(c.created_at.as_ref()),
         "updated_at": ts_json(c.updated_at.as_ref()),
         "token_expires_at": ts_json(c.token_expires_at.as_ref()),
         "deleted_at": ts_json(c.deleted_at.as_ref()),
-        "deletion_receipt_id": c.deletion_receipt_id,
-        "status_reason": c.status_reason,
+        "deletion_receipt_id": text_json(&c.deletion_receipt_id),
+        "status_reason": text_json(&c.status_reason),
         "last_refresh_at": ts_json(c.last_refresh_at.as_ref()),
-        "last_refresh_error": c.last_refresh_error,
+        "last_refresh_error": text_json(&c.last_refresh_error),
         "last_refresh_error_at": ts_json(c.last_refresh_error_at.as_ref()),
         "next_check_at": ts_json(c.next_check_at.as_ref()),
     })
 }
 
-/// `tokenvault.v1.ConnectionDetail`.
+/// `tokenvault.v1.ConnectionDetail`; `kek_version` is `null` when the
+/// connection holds no key (a tombstone), as the table's `-`.
 pub fn connection_detail_json(d: &pb::ConnectionDetail) -> Value {
     json!({
         "connection": d.connection.as_ref().map_or(Value::Null, connection_json),
-        "kek_version": d.kek_version,
+        "kek_version": version_json(d.kek_version),
         "has_refresh_token": d.has_refresh_token,
         "open_leases": d.open_leases,
     })
@@ -147,36 +172,36 @@ pub fn connection_detail_json(d: &pb::ConnectionDetail) -> Value {
 /// `tokenvault.v1.UpstreamRevocation`.
 fn upstream_json(u: &pb::UpstreamRevocation) -> Value {
     json!({
-        "connection_id": u.connection_id,
-        "state": enum_json!(pb::UpstreamRevocationState, u.state),
+        "connection_id": text_json(&u.connection_id),
+        "state": enum_json!(pb::UpstreamRevocationState, "UPSTREAM_REVOCATION_STATE_", u.state),
         "attempts": u.attempts,
         "last_attempt_at": ts_json(u.last_attempt_at.as_ref()),
         "next_attempt_at": ts_json(u.next_attempt_at.as_ref()),
         "confirmed_at": ts_json(u.confirmed_at.as_ref()),
         "failed_at": ts_json(u.failed_at.as_ref()),
-        "last_error": u.last_error,
+        "last_error": text_json(&u.last_error),
     })
 }
 
 /// `tokenvault.v1.DeletionReceipt`.
 pub fn receipt_json(r: &pb::DeletionReceipt) -> Value {
     json!({
-        "receipt_id": r.receipt_id,
-        "tenant_id": r.tenant_id,
-        "account_id": r.account_id,
+        "receipt_id": text_json(&r.receipt_id),
+        "tenant_id": text_json(&r.tenant_id),
+        "account_id": text_json(&r.account_id),
         "connection_ids": r.connection_ids,
-        "reason": enum_json!(pb::DeletionReason, r.reason),
-        "reason_detail": r.reason_detail,
-        "requested_by": r.requested_by,
+        "reason": enum_json!(pb::DeletionReason, "DELETION_REASON_", r.reason),
+        "reason_detail": text_json(&r.reason_detail),
+        "requested_by": text_json(&r.requested_by),
         "requested_at": ts_json(r.requested_at.as_ref()),
         "tokens_destroyed_at": ts_json(r.tokens_destroyed_at.as_ref()),
         "upstream_revocations": r.upstream_revocations.iter().map(upstream_json).collect::<Vec<_>>(),
         "required_consumers": r.required_consumers,
         "consumer_acks": r.consumer_acks.iter().map(|a| json!({
-            "consumer": a.consumer,
+            "consumer": text_json(&a.consumer),
             "acknowledged_at": ts_json(a.acknowledged_at.as_ref()),
         })).collect::<Vec<_>>(),
-        "status": enum_json!(pb::ReceiptStatus, r.status),
+        "status": enum_json!(pb::ReceiptStatus, "RECEIPT_STATUS_", r.status),
         "completed_at": ts_json(r.completed_at.as_ref()),
         "overdue": r.overdue,
     })
@@ -186,7 +211,7 @@ pub fn receipt_json(r: &pb::DeletionReceipt) -> Value {
 pub fn key_version_json(v: &pb::KeyVersionInfo) -> Value {
     json!({
         "version": v.version,
-        "state": enum_json!(pb::KeyState, v.state),
+        "state": enum_json!(pb::KeyState, "KEY_STATE_", v.state),
         "created_at": ts_json(v.created_at.as_ref()),
         "primary_since": ts_json(v.primary_since.as_ref()),
         "primary_until": ts_json(v.primary_until.as_ref()),
@@ -198,17 +223,17 @@ pub fn key_version_json(v: &pb::KeyVersionInfo) -> Value {
             "oauth_state": v.oauth_state_keys,
             "outbox": v.outbox_keys,
         },
-        "provider": v.provider,
-        "created_by": v.created_by,
-        "promoted_by": non_empty(&v.promoted_by),
-        "retired_by": non_empty(&v.retired_by),
-        "destroyed_by": non_empty(&v.destroyed_by),
+        "provider": text_json(&v.provider),
+        "created_by": text_json(&v.created_by),
+        "promoted_by": text_json(&v.promoted_by),
+        "retired_by": text_json(&v.retired_by),
+        "destroyed_by": text_json(&v.destroyed_by),
         "held_by": v.held_by,
     })
 }
 
-/// `null` for an empty string: "none" has one spelling in JSON.
-fn non_empty(s: &str) -> Value {
+/// A string in JSON, `null` when empty: "none" has one spelling.
+pub fn text_json(s: &str) -> Value {
     if s.is_empty() {
         Value::Null
     } else {
@@ -216,13 +241,22 @@ fn non_empty(s: &str) -> Value {
     }
 }
 
+/// A key version in JSON, `null` for 0 (no version), as the tables' `-`.
+pub fn version_json(version: u32) -> Value {
+    if version == 0 {
+        Value::Null
+    } else {
+        Value::from(version)
+    }
+}
+
 /// `tokenvault.v1.ReplicaInfo`.
 pub fn replica_json(r: &pb::ReplicaInfo) -> Value {
     json!({
-        "replica_id": r.replica_id,
-        "host": r.host,
+        "replica_id": text_json(&r.replica_id),
+        "host": text_json(&r.host),
         "pid": r.pid,
-        "provider": r.provider,
+        "provider": text_json(&r.provider),
         "versions": r.versions,
         "started_at": ts_json(r.started_at.as_ref()),
         "last_seen_at": ts_json(r.last_seen_at.as_ref()),
@@ -233,32 +267,32 @@ pub fn replica_json(r: &pb::ReplicaInfo) -> Value {
 /// `tokenvault.v1.RotationProgress`.
 pub fn rotation_json(r: &pb::RotationProgress) -> Value {
     json!({
-        "run_id": r.run_id,
+        "run_id": text_json(&r.run_id),
         "target_version": r.target_version,
-        "state": enum_json!(pb::RotationState, r.state),
+        "state": enum_json!(pb::RotationState, "ROTATION_STATE_", r.state),
         "started_at": ts_json(r.started_at.as_ref()),
         "finished_at": ts_json(r.finished_at.as_ref()),
         "rewrapped": r.rewrapped,
         "done": r.done,
         "total": r.total,
-        "started_by": r.started_by,
-        "owner": non_empty(&r.owner),
-        "last_error": non_empty(&r.last_error),
+        "started_by": text_json(&r.started_by),
+        "owner": text_json(&r.owner),
+        "last_error": text_json(&r.last_error),
     })
 }
 
 /// `tokenvault.v1.KeyStatusResponse`.
 pub fn key_status_json(s: &pb::KeyStatusResponse) -> Value {
     json!({
-        "provider": s.provider,
-        "primary_version": s.primary_version,
+        "provider": text_json(&s.provider),
+        "primary_version": version_json(s.primary_version),
         "versions": s.versions.iter().map(key_version_json).collect::<Vec<_>>(),
         "rotation": s.rotation.as_ref().map_or(Value::Null, rotation_json),
-        "oldest_version_in_use": s.oldest_version_in_use,
+        "oldest_version_in_use": version_json(s.oldest_version_in_use),
         "oldest_in_use_age_seconds": s.oldest_in_use_age_seconds,
         "max_kek_age_days": s.max_kek_age_days,
         "rotation_overdue": s.rotation_overdue,
-        "replica_id": s.replica_id,
+        "replica_id": text_json(&s.replica_id),
         "replicas": s.replicas.iter().map(replica_json).collect::<Vec<_>>(),
     })
 }
@@ -267,33 +301,34 @@ pub fn key_status_json(s: &pb::KeyStatusResponse) -> Value {
 pub fn key_report_json(r: &pb::KeyReportResponse) -> Value {
     json!({
         "generated_at": ts_json(r.generated_at.as_ref()),
-        "provider": r.provider,
-        "primary_version": r.primary_version,
+        "provider": text_json(&r.provider),
+        "primary_version": version_json(r.primary_version),
         "versions": r.versions.iter().map(key_version_json).collect::<Vec<_>>(),
         "rotations": r.rotations.iter().map(rotation_json).collect::<Vec<_>>(),
-        "oldest_version_in_use": r.oldest_version_in_use,
+        "oldest_version_in_use": version_json(r.oldest_version_in_use),
         "oldest_in_use_age_seconds": r.oldest_in_use_age_seconds,
         "max_kek_age_days": r.max_kek_age_days,
         "policy_met": r.policy_met,
-        "policy_detail": r.policy_detail,
+        "policy_detail": text_json(&r.policy_detail),
         "replicas": r.replicas.iter().map(replica_json).collect::<Vec<_>>(),
     })
 }
 
-/// `tokenvault.v1.AuditEntry`.
+/// `tokenvault.v1.AuditEntry`; `role` is `null` for an unauthenticated
+/// caller (the table's `-`).
 pub fn audit_entry_json(e: &pb::AuditEntry) -> Value {
     json!({
         "seq": e.seq,
         "at": ts_json(e.at.as_ref()),
-        "actor": e.actor,
-        "role": e.role,
-        "action": e.action,
-        "target": e.target,
-        "outcome": enum_json!(pb::AuditOutcome, e.outcome),
-        "detail": e.detail,
-        "prev_hash": hex::encode(&e.prev_hash),
-        "entry_hash": hex::encode(&e.entry_hash),
-        "mac": hex::encode(&e.mac),
+        "actor": text_json(&e.actor),
+        "role": text_json(&e.role),
+        "action": text_json(&e.action),
+        "target": text_json(&e.target),
+        "outcome": enum_json!(pb::AuditOutcome, "AUDIT_OUTCOME_", e.outcome),
+        "detail": text_json(&e.detail),
+        "prev_hash": text_json(&hex::encode(&e.prev_hash)),
+        "entry_hash": text_json(&hex::encode(&e.entry_hash)),
+        "mac": text_json(&hex::encode(&e.mac)),
     })
 }
 
@@ -303,13 +338,49 @@ pub fn verify_json(v: &pb::VerifyAuditResponse) -> Value {
         "ok": v.ok,
         "entries_checked": v.entries_checked,
         "first_broken_seq": v.first_broken_seq,
-        "detail": v.detail,
+        "detail": text_json(&v.detail),
         "from_seq": v.from_seq,
         "to_seq": v.to_seq,
         "checkpoints_verified": v.checkpoints_verified,
-        "checkpoint_public_key": v.checkpoint_public_key,
+        "checkpoint_public_key": text_json(&v.checkpoint_public_key),
         "checkpoints_witnessed": v.checkpoints_witnessed,
         "witness_files": v.witness_files,
+    })
+}
+
+/// `tokenvault.v1.LeaseTokenResponse` as `dev lease` shows it: everything
+/// but the token, of which only the length is given.
+pub fn lease_json(
+    lease: &pb::LeaseTokenResponse,
+    connection_id: &str,
+    purpose: &str,
+    token_chars: usize,
+) -> Value {
+    json!({
+        "lease_id": text_json(&lease.lease_id),
+        "connection_id": text_json(connection_id),
+        "purpose": text_json(purpose),
+        "granted_scopes": lease.granted_scopes,
+        "token_expires_at": ts_json(lease.token_expires_at.as_ref()),
+        "lease_expires_at": ts_json(lease.lease_expires_at.as_ref()),
+        "access_token_chars": token_chars,
+    })
+}
+
+/// `tokenvault.v1.Event`.
+pub fn event_json(e: &pb::Event) -> Value {
+    json!({
+        "cursor": e.cursor,
+        "kind": enum_json!(pb::EventKind, "EVENT_KIND_", e.kind),
+        "occurred_at": ts_json(e.occurred_at.as_ref()),
+        "tenant_id": text_json(&e.tenant_id),
+        "account_id": text_json(&e.account_id),
+        "connection_id": text_json(&e.connection_id),
+        "integration": enum_json!(pb::Integration, "INTEGRATION_", e.integration),
+        "lease_id": text_json(&e.lease_id),
+        "receipt_id": text_json(&e.receipt_id),
+        "reason": enum_json!(pb::DeletionReason, "DELETION_REASON_", e.reason),
+        "detail": text_json(&e.detail),
     })
 }
 
@@ -739,6 +810,11 @@ pub fn key_version_text(v: &pb::KeyVersionInfo) -> String {
     )
 }
 
+/// A rotation state as the tables show it (`running`, `completed`, `failed`).
+pub fn rotation_state_text(state: i32) -> String {
+    enum_text!(pb::RotationState, "ROTATION_STATE_", state)
+}
+
 /// A rotation run on one line.
 pub fn rotation_text(r: &pb::RotationProgress) -> String {
     let mut text = format!(
@@ -835,7 +911,7 @@ mod tests {
             ..Default::default()
         };
         let v = connection_json(&c);
-        assert_eq!(v["integration"], "INTEGRATION_EMAIL");
+        assert_eq!(v["integration"], "email");
         assert_eq!(v["status"], 99);
         let row = connection_row(&pb::ConnectionDetail {
             connection: Some(pb::Connection {
@@ -846,6 +922,76 @@ mod tests {
         });
         assert_eq!(row[3], "email");
         assert_eq!(row[4], "insufficient_scope");
+    }
+
+    /// Every JSON rendering: the tables' words for enums, and `null`, never
+    /// `""`, for what is not there.
+    #[test]
+    fn json_uses_the_table_words_and_null_for_none() {
+        let detail = pb::ConnectionDetail {
+            connection: Some(pb::Connection {
+                connection_id: "conn_1".into(),
+                integration: pb::Integration::Calendar as i32,
+                status: pb::ConnectionStatus::InsufficientScope as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let row = connection_row(&detail);
+        let v = connection_detail_json(&detail);
+        assert_eq!(v["connection"]["integration"], row[3].as_str());
+        assert_eq!(v["connection"]["status"], row[4].as_str());
+        assert_eq!(v["connection"]["status"], "insufficient_scope");
+        assert_eq!(v["connection"]["google_email"], Value::Null);
+        assert_eq!(v["connection"]["deletion_receipt_id"], Value::Null);
+        assert_eq!(v["kek_version"], Value::Null);
+
+        let entry = pb::AuditEntry {
+            seq: 1,
+            outcome: pb::AuditOutcome::Denied as i32,
+            ..Default::default()
+        };
+        let v = audit_entry_json(&entry);
+        assert_eq!(v["outcome"], audit_row(&entry)[6].as_str());
+        assert_eq!(v["outcome"], "denied");
+        assert_eq!(v["role"], Value::Null);
+
+        let receipt = pb::DeletionReceipt {
+            reason: pb::DeletionReason::AdminRevoked as i32,
+            status: pb::ReceiptStatus::Pending as i32,
+            upstream_revocations: vec![pb::UpstreamRevocation::default()],
+            ..Default::default()
+        };
+        let run = pb::RotationProgress {
+            state: pb::RotationState::Completed as i32,
+            ..Default::default()
+        };
+        let version = pb::KeyVersionInfo {
+            state: pb::KeyState::Primary as i32,
+            ..Default::default()
+        };
+        assert_eq!(receipt_json(&receipt)["reason"], "admin_revoked");
+        assert_eq!(rotation_json(&run)["state"], "completed");
+        assert_eq!(key_version_json(&version)["state"], "primary");
+        let documents = [
+            connection_detail_json(&detail),
+            audit_entry_json(&entry),
+            receipt_json(&receipt),
+            rotation_json(&run),
+            key_version_json(&version),
+            key_status_json(&pb::KeyStatusResponse::default()),
+            key_report_json(&pb::KeyReportResponse::default()),
+            verify_json(&pb::VerifyAuditResponse::default()),
+            event_json(&pb::Event::default()),
+        ];
+        for doc in documents {
+            let text = doc.to_string();
+            assert!(!text.contains("\"\""), "an empty string in {text}");
+            assert!(
+                !text.contains("_UNSPECIFIED"),
+                "a proto enum name in {text}"
+            );
+        }
     }
 
     #[test]

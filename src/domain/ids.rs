@@ -9,10 +9,10 @@ use crate::limits::MAX_ID_BYTES;
 /// Checks a caller-chosen identifier: 1..=[`MAX_ID_BYTES`] bytes of `[A-Za-z0-9._:@-]`.
 fn parse_external(field: &'static str, value: &str) -> Result<String, VaultError> {
     if value.is_empty() {
-        return Err(VaultError::invalid(field, "must not be empty"));
+        return Err(VaultError::missing(field, "must not be empty"));
     }
     if value.len() > MAX_ID_BYTES {
-        return Err(VaultError::invalid(
+        return Err(VaultError::too_long(
             field,
             format!("must be at most {MAX_ID_BYTES} bytes"),
         ));

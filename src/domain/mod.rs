@@ -6,7 +6,7 @@ mod error;
 mod ids;
 mod types;
 
-pub use error::{VaultError, excerpt, scope_list};
+pub use error::{Detail, ERROR_DOMAIN, ErrorReason, VaultError, excerpt, scope_list};
 pub use ids::{AccountId, ConnectionId, ConsumerName, LeaseId, ReceiptId, TenantId};
 pub use types::{
     ConnectionStatus, DeletionReason, EventKind, Integration, KeyState, Purpose, Scope, ScopeSet,

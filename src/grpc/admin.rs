@@ -1,8 +1,12 @@
 //! `tokenvault.v1.AdminService` (roles admin and auditor). Every call is
-//! audited; auditors may only read.
+//! audited; auditors may only read. `FollowAudit` is audited once, when its
+//! stream opens, not for each batch it sends.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 use super::Context;
@@ -18,6 +22,7 @@ use crate::crypto::KekVersion;
 use crate::domain::{DeletionReason, VaultError};
 use crate::proto::v1 as pb;
 use crate::store::{DeletionTarget, ReceiptFilter};
+use crate::vault::FollowFrom;
 
 pub(super) struct Admin(pub Arc<Context>);
 
@@ -304,6 +309,36 @@ impl pb::admin_service_server::AdminService for Admin {
             next_page_token: PageToken::next(&page, rows.len(), last.as_deref(), &page_key),
             last_seq: u64::try_from(last_seq).unwrap_or(0),
         }))
+    }
+
+    type FollowAuditStream =
+        Pin<Box<dyn Stream<Item = Result<pb::FollowAuditResponse, Status>> + Send>>;
+
+    async fn follow_audit(
+        &self,
+        request: Request<pb::FollowAuditRequest>,
+    ) -> Result<Response<Self::FollowAuditStream>, Status> {
+        // The one audit entry of the whole follow: the reads that feed the
+        // stream are not audited (see `vault::audit_follow`).
+        self.begin(&request, "AdminService.FollowAudit", READERS, "audit")
+            .await?;
+        let req = request.into_inner();
+        let from = match req.after_seq {
+            Some(seq) => FollowFrom::After(
+                i64::try_from(seq)
+                    .map_err(|_| VaultError::invalid("after_seq", "at most 2^63 - 1"))?,
+            ),
+            None => FollowFrom::Newest(req.backlog),
+        };
+        let rx = self.0.vault.audit_follow(from).await?;
+        let stream = ReceiverStream::new(rx).map(|item| match item {
+            Ok(batch) => Ok(pb::FollowAuditResponse {
+                entries: batch.rows.iter().map(convert::audit_entry).collect(),
+                caught_up: batch.caught_up,
+            }),
+            Err(e) => Err(Status::from(e)),
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn verify_audit(

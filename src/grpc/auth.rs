@@ -12,6 +12,11 @@
 //! with an identity that is refused or denied (`authz.deny`) is audited call
 //! by call, and fails closed: if that entry cannot be written it gets
 //! UNAVAILABLE, never access.
+//!
+//! Its refusals are [`VaultError`]s like any other, so that they reach the
+//! caller through `grpc::status` with their ErrorInfo: `CREDENTIALS_MISSING`
+//! or `CREDENTIALS_INVALID` (UNAUTHENTICATED), `ROLE_NOT_ALLOWED`
+//! (PERMISSION_DENIED).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -23,6 +28,7 @@ use super::refusals::{Peer, Reason, RefusalAggregator};
 use super::transport::{CertIdentity, PeerInfo};
 use crate::audit::{Actor, Outcome};
 use crate::config::AuthConfig;
+use crate::domain::{ErrorReason, VaultError};
 use crate::policy::{Policy, SharedPolicy};
 use crate::vault::Vault;
 
@@ -316,7 +322,9 @@ impl Authenticator {
                 if !self.refusal_delay.is_zero() {
                     tokio::time::sleep(self.refusal_delay).await;
                 }
-                return Err(Status::unauthenticated(reason.to_string()));
+                return Err(VaultError::Unauthenticated(reason.to_string().into())
+                    .because(reason.error_reason())
+                    .into());
             }
         };
         let policy = self.policy.current();
@@ -335,9 +343,11 @@ impl Authenticator {
                     "identity has no role",
                 )
                 .await?;
-            return Err(Status::permission_denied(format!(
-                "{identity} has no role in the policy"
-            )));
+            return Err(VaultError::PermissionDenied(
+                format!("{identity} has no role in the policy").into(),
+            )
+            .because(ErrorReason::RoleNotAllowed)
+            .into());
         };
         // Certificate identities and API-key identities are distinct: an
         // identity is reached only the way the policy says it authenticates,
@@ -359,7 +369,9 @@ impl Authenticator {
                 .audit()
                 .record(&actor, "authn.method", rpc, Outcome::Denied, why.as_str())
                 .await?;
-            return Err(Status::unauthenticated(why));
+            return Err(VaultError::Unauthenticated(why.into())
+                .because(ErrorReason::CredentialsInvalid)
+                .into());
         }
         let caller = Caller {
             identity,
@@ -377,9 +389,11 @@ impl Authenticator {
                     format!("role {role} may not call {rpc}"),
                 )
                 .await?;
-            return Err(Status::permission_denied(format!(
-                "role {role} may not call {rpc}"
-            )));
+            return Err(VaultError::PermissionDenied(
+                format!("role {role} may not call {rpc}").into(),
+            )
+            .because(ErrorReason::RoleNotAllowed)
+            .into());
         }
         Ok(caller)
     }

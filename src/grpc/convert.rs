@@ -353,7 +353,7 @@ impl PageToken {
             n => n.min(i64::from(MAX_PAGE_SIZE)),
         };
         if token.len() > MAX_PAGE_TOKEN_BYTES {
-            return Err(VaultError::invalid(
+            return Err(VaultError::too_long(
                 "page_token",
                 format!("at most {MAX_PAGE_TOKEN_BYTES} bytes"),
             ));
@@ -400,7 +400,7 @@ impl PageToken {
 /// control characters.
 pub fn reason_text(value: &str) -> Result<&str, VaultError> {
     if value.len() > MAX_REASON_BYTES {
-        return Err(VaultError::invalid(
+        return Err(VaultError::too_long(
             "reason",
             format!("at most {MAX_REASON_BYTES} bytes"),
         ));

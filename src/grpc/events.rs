@@ -13,7 +13,7 @@ use super::auth::{Caller, Role};
 use super::convert;
 use super::requests::AckRequest;
 use crate::audit::Outcome;
-use crate::domain::{ConsumerName, VaultError};
+use crate::domain::{ConsumerName, ErrorReason, VaultError};
 use crate::proto::v1 as pb;
 use crate::vault::{WatchRequest, Watcher};
 
@@ -56,6 +56,7 @@ impl Events {
             return Err(VaultError::PermissionDenied(
                 format!("{} may not act as consumer {consumer}", caller.identity).into(),
             )
+            .because(ErrorReason::ConsumerNotAllowed)
             .into());
         }
         Ok((caller, consumer))
@@ -122,6 +123,7 @@ impl pb::event_service_server::EventService for Events {
                 )
                 .into(),
             )
+            .because(ErrorReason::ConsumerNotAllowed)
             .into());
         }
         let ack = AckRequest::try_from((consumer, request.into_inner()))?;

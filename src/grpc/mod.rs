@@ -86,7 +86,9 @@ where
 /// [`MAX_REQUEST_BYTES`] with OUT_OF_RANGE (a code the API gives event
 /// cursors only), one whose body is not the request message with INTERNAL
 /// (which the API keeps for the vault's own bugs). Callers get
-/// INVALID_ARGUMENT instead, as for any other request they must change.
+/// INVALID_ARGUMENT instead, as for any other request they must change,
+/// with the reason `REQUEST_TOO_LARGE` or `REQUEST_MALFORMED` (see
+/// `status::add_error_info`).
 async fn refused_requests(mut response: axum::response::Response) -> axum::response::Response {
     use axum::http::HeaderValue;
     let headers = response.headers_mut();
@@ -109,6 +111,9 @@ async fn refused_requests(mut response: axum::response::Response) -> axum::respo
     if too_large || undecodable {
         headers.insert("grpc-status", HeaderValue::from_static("3"));
     }
+    // Like every status the vault sends, these (and any other refusal made
+    // before a handler ran) carry an ErrorInfo with a documented reason.
+    self::status::add_error_info(response.headers_mut());
     response
 }
 

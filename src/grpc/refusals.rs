@@ -62,6 +62,7 @@ use tokio::sync::watch;
 
 use crate::audit::{Actor, AuditLog, Outcome};
 use crate::config::AuditConfig;
+use crate::domain::ErrorReason;
 
 /// The audit action of a refusal entry (a source's first, or its count at
 /// the end of a window).
@@ -122,6 +123,22 @@ impl Reason {
     /// Whether the refusal is of a TLS handshake (else of a call).
     pub fn is_handshake(self) -> bool {
         matches!(self, Self::NoClientCertificate | Self::Certificate(_))
+    }
+
+    /// The reason a refused call's UNAUTHENTICATED status carries (its
+    /// `google.rpc.ErrorInfo`): `CREDENTIALS_MISSING` when nothing was
+    /// presented, `CREDENTIALS_INVALID` when what was presented is not
+    /// accepted. As coarse as the message on purpose: which key or
+    /// certificate check failed is for the audit log, not the caller.
+    pub fn error_reason(self) -> ErrorReason {
+        match self {
+            Self::NoCredentials | Self::NoClientCertificate => ErrorReason::CredentialsMissing,
+            Self::MalformedAuthorization
+            | Self::ApiKeyNotFromLoopback
+            | Self::UnknownApiKey
+            | Self::CertificateWithoutSan
+            | Self::Certificate(_) => ErrorReason::CredentialsInvalid,
+        }
     }
 }
 
@@ -706,5 +723,25 @@ mod tests {
         );
         assert!(Reason::NoClientCertificate.is_handshake());
         assert!(!Reason::UnknownApiKey.is_handshake());
+    }
+
+    #[test]
+    fn only_a_call_without_credentials_is_told_they_are_missing() {
+        assert_eq!(
+            Reason::NoCredentials.error_reason(),
+            ErrorReason::CredentialsMissing
+        );
+        for reason in [
+            Reason::MalformedAuthorization,
+            Reason::ApiKeyNotFromLoopback,
+            Reason::UnknownApiKey,
+            Reason::CertificateWithoutSan,
+        ] {
+            assert_eq!(
+                reason.error_reason(),
+                ErrorReason::CredentialsInvalid,
+                "{reason}"
+            );
+        }
     }
 }

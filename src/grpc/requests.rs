@@ -11,7 +11,11 @@
 //! - Each impl parses its fields in a fixed order and stops at the first bad
 //!   one, with a [`VaultError::InvalidArgument`] naming it: the same request
 //!   always gets the same message, which the malformed-input tests compare
-//!   word for word with what `fuzzing::grpc_request` predicts.
+//!   word for word with what `fuzzing::grpc_request` predicts. Its reason
+//!   says what kind of fault it is: [`VaultError::missing`] (FIELD_MISSING)
+//!   for a required field left unset, [`VaultError::too_long`]
+//!   (FIELD_TOO_LONG) for a value or a list over its limit,
+//!   [`VaultError::invalid`] (FIELD_INVALID) for anything else.
 //! - Every field is bounded (see [`crate::limits`]). A repeated field is
 //!   counted before any of its elements is parsed, and a refusal states the
 //!   limit and the count, never the values: bulk input is neither parsed nor
@@ -50,7 +54,7 @@ use crate::vault::{Completion, WatchRequest};
 /// sent, quoting none of it ("at most 64 scopes (got 10000)").
 fn count(field: &'static str, noun: &str, got: usize, max: usize) -> Result<(), VaultError> {
     if got > max {
-        return Err(VaultError::invalid(
+        return Err(VaultError::too_long(
             field,
             format!("at most {max} {noun} (got {got})"),
         ));
@@ -126,7 +130,7 @@ impl TryFrom<pb::CompleteAuthorizationRequest> for CompleteAuthorizationRequest 
             Some(Outcome::Code(code)) => {
                 let code = SecretString::new(code);
                 if code.len() > MAX_CODE_BYTES {
-                    return Err(VaultError::invalid(
+                    return Err(VaultError::too_long(
                         "code",
                         format!("longer than {MAX_CODE_BYTES} bytes"),
                     ));
@@ -134,7 +138,7 @@ impl TryFrom<pb::CompleteAuthorizationRequest> for CompleteAuthorizationRequest 
                 Completion::Code(code)
             }
             Some(Outcome::Error(e)) => Completion::Error(e.error, e.error_description),
-            None => return Err(VaultError::invalid("outcome", "set code or error")),
+            None => return Err(VaultError::missing("outcome", "set code or error")),
         };
         Ok(Self {
             tenant,
@@ -229,7 +233,7 @@ impl TryFrom<pb::AdminListConnectionsRequest> for ListConnectionsRequest {
             // longest subject OpenID Connect allows is valid.
             google_subject: match req.google_subject {
                 Some(s) if s.len() > MAX_GOOGLE_SUBJECT_BYTES => {
-                    return Err(VaultError::invalid(
+                    return Err(VaultError::too_long(
                         "google_subject",
                         format!("at most {MAX_GOOGLE_SUBJECT_BYTES} bytes"),
                     ));
@@ -595,7 +599,7 @@ impl TryFrom<pb::QueryAuditRequest> for QueryAuditRequest {
                 continue;
             };
             if value.len() > MAX_AUDIT_FILTER_BYTES {
-                return Err(VaultError::invalid(
+                return Err(VaultError::too_long(
                     field,
                     format!("at most {MAX_AUDIT_FILTER_BYTES} bytes"),
                 ));
@@ -844,6 +848,40 @@ mod tests {
         assert_eq!(
             refusal(CompleteAuthorizationRequest::try_from(none)),
             "invalid outcome: set code or error"
+        );
+    }
+
+    #[test]
+    fn a_refusal_says_whether_a_field_is_missing_too_long_or_invalid() {
+        use crate::domain::ErrorReason;
+        use crate::proto::v1::complete_authorization_request::Outcome;
+        let reason = |parsed: Result<(), VaultError>| match parsed {
+            Ok(()) => panic!("accepted"),
+            Err(e) => e.reason(),
+        };
+        // No outcome: neither a code nor an error.
+        let unset = pb::CompleteAuthorizationRequest::default();
+        assert_eq!(
+            reason(CompleteAuthorizationRequest::try_from(unset).map(drop)),
+            ErrorReason::FieldMissing
+        );
+        let long_code = pb::CompleteAuthorizationRequest {
+            outcome: Some(Outcome::Code("c".repeat(MAX_CODE_BYTES + 1))),
+            ..Default::default()
+        };
+        assert_eq!(
+            reason(CompleteAuthorizationRequest::try_from(long_code).map(drop)),
+            ErrorReason::FieldTooLong
+        );
+        let mut many = lease(0);
+        many.scopes = vec!["openid".to_owned(); MAX_SCOPES_PER_LEASE + 1];
+        assert_eq!(
+            reason(LeaseTokenRequest::try_from(many).map(drop)),
+            ErrorReason::FieldTooLong
+        );
+        assert_eq!(
+            reason(LeaseTokenRequest::try_from(lease(MAX_MIN_VALID_SECONDS + 1)).map(drop)),
+            ErrorReason::FieldInvalid
         );
     }
 

@@ -95,11 +95,147 @@ for_each_backend! {
 sqlite {
     const LOCK_LIVE_CONNECTION: &str = "SELECT connection_id FROM connections \
          WHERE tenant_id = $1 AND account_id = $2 AND integration = $3 AND status <> 'deleted'";
+
+    /// Inserts `rows` with three set-based statements (one per table), each
+    /// taking its rows as one JSON array of arrays (blobs in hex), so a batch
+    /// costs three round trips to SQLite's worker thread whatever its size.
+    async fn insert_connections(
+        tx: &mut sqlx::Transaction<'static, Db>,
+        rows: &[(ConnectionRecord, SecretsRecord)],
+    ) -> StoreResult<()> {
+        use serde_json::json;
+        let micros = |t: Option<Timestamp>| t.map(Timestamp::as_micros);
+        let connections: Vec<_> = rows
+            .iter()
+            .map(|(c, _)| {
+                json!([
+                    c.id.as_str(),
+                    c.tenant.as_str(),
+                    c.account.as_str(),
+                    c.integration.as_str(),
+                    c.google_subject.as_deref(),
+                    c.google_email.as_deref(),
+                    c.granted_scopes.to_spaced(),
+                    c.status.as_str(),
+                    c.status_reason.as_deref(),
+                    c.created_at.as_micros(),
+                    c.updated_at.as_micros(),
+                    micros(c.deleted_at),
+                    micros(c.health.last_refresh_at),
+                    micros(c.health.next_check_at),
+                ])
+            })
+            .collect();
+        let deks: Vec<_> = rows
+            .iter()
+            .map(|(_, s)| {
+                json!([s.connection_id.as_str(), kek_to_db(s.kek_version), hex::encode(&s.wrapped_dek)])
+            })
+            .collect();
+        let secrets: Vec<_> = rows
+            .iter()
+            .map(|(_, s)| {
+                json!([
+                    s.connection_id.as_str(),
+                    s.access_token.as_deref().map(hex::encode),
+                    micros(s.access_expires_at),
+                    s.refresh_token.as_deref().map(hex::encode),
+                    s.updated_at.as_micros(),
+                ])
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO connections (connection_id, tenant_id, account_id, integration, \
+             google_subject, google_email, granted_scopes, status, status_reason, created_at, \
+             updated_at, deleted_at, last_refresh_at, next_check_at) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
+             value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, \
+             value ->> 12, value ->> 13 FROM json_each($1)",
+        )
+        .bind(serde_json::Value::Array(connections).to_string())
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO connection_deks (connection_id, kek_version, wrapped_dek) \
+             SELECT value ->> 0, value ->> 1, unhex(value ->> 2) FROM json_each($1)",
+        )
+        .bind(serde_json::Value::Array(deks).to_string())
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO connection_secrets (connection_id, access_token, access_expires_at, \
+             refresh_token, updated_at) \
+             SELECT value ->> 0, unhex(value ->> 1), value ->> 2, unhex(value ->> 3), value ->> 4 \
+             FROM json_each($1)",
+        )
+        .bind(serde_json::Value::Array(secrets).to_string())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
 }
 postgres {
     const LOCK_LIVE_CONNECTION: &str = "SELECT connection_id FROM connections \
          WHERE tenant_id = $1 AND account_id = $2 AND integration = $3 AND status <> 'deleted' \
          FOR UPDATE";
+
+    /// Inserts `rows` with three set-based statements (one per table), each
+    /// taking its columns as arrays (`UNNEST`), so a batch costs three round
+    /// trips whatever its size.
+    async fn insert_connections(
+        tx: &mut sqlx::Transaction<'static, Db>,
+        rows: &[(ConnectionRecord, SecretsRecord)],
+    ) -> StoreResult<()> {
+        let micros = |t: Option<Timestamp>| t.map(Timestamp::as_micros);
+        let conns = || rows.iter().map(|(c, _)| c);
+        let secrets = || rows.iter().map(|(_, s)| s);
+        sqlx::query(
+            "INSERT INTO connections (connection_id, tenant_id, account_id, integration, \
+             google_subject, google_email, granted_scopes, status, status_reason, created_at, \
+             updated_at, deleted_at, last_refresh_at, next_check_at) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[], \
+             $12::bigint[], $13::bigint[], $14::bigint[])",
+        )
+        .bind(conns().map(|c| c.id.as_str()).collect::<Vec<_>>())
+        .bind(conns().map(|c| c.tenant.as_str()).collect::<Vec<_>>())
+        .bind(conns().map(|c| c.account.as_str()).collect::<Vec<_>>())
+        .bind(conns().map(|c| c.integration.as_str()).collect::<Vec<_>>())
+        .bind(conns().map(|c| c.google_subject.as_deref()).collect::<Vec<_>>())
+        .bind(conns().map(|c| c.google_email.as_deref()).collect::<Vec<_>>())
+        .bind(conns().map(|c| c.granted_scopes.to_spaced()).collect::<Vec<_>>())
+        .bind(conns().map(|c| c.status.as_str()).collect::<Vec<_>>())
+        .bind(conns().map(|c| c.status_reason.as_deref()).collect::<Vec<_>>())
+        .bind(conns().map(|c| c.created_at.as_micros()).collect::<Vec<_>>())
+        .bind(conns().map(|c| c.updated_at.as_micros()).collect::<Vec<_>>())
+        .bind(conns().map(|c| micros(c.deleted_at)).collect::<Vec<_>>())
+        .bind(conns().map(|c| micros(c.health.last_refresh_at)).collect::<Vec<_>>())
+        .bind(conns().map(|c| micros(c.health.next_check_at)).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO connection_deks (connection_id, kek_version, wrapped_dek) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bytea[])",
+        )
+        .bind(secrets().map(|s| s.connection_id.as_str()).collect::<Vec<_>>())
+        .bind(secrets().map(|s| kek_to_db(s.kek_version)).collect::<Vec<_>>())
+        .bind(secrets().map(|s| s.wrapped_dek.as_slice()).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO connection_secrets (connection_id, access_token, access_expires_at, \
+             refresh_token, updated_at) \
+             SELECT * FROM UNNEST($1::text[], $2::bytea[], $3::bigint[], $4::bytea[], $5::bigint[])",
+        )
+        .bind(secrets().map(|s| s.connection_id.as_str()).collect::<Vec<_>>())
+        .bind(secrets().map(|s| s.access_token.as_deref()).collect::<Vec<_>>())
+        .bind(secrets().map(|s| micros(s.access_expires_at)).collect::<Vec<_>>())
+        .bind(secrets().map(|s| s.refresh_token.as_deref()).collect::<Vec<_>>())
+        .bind(secrets().map(|s| s.updated_at.as_micros()).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
 }
 /// The query of one page of connections matching `filter`, ordered by id.
 pub(in crate::store) fn connection_filter(filter: &ConnectionFilter, page: &PageRequest) -> Filter {
@@ -304,9 +440,7 @@ impl ConnectionStore for StoreImpl {
         for v in versions {
             check_wrapping_version(&mut tx, v).await?;
         }
-        for (c, s) in rows {
-            insert_connection(&mut tx, c, s).await?;
-        }
+        insert_connections(&mut tx, rows).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -19,7 +19,8 @@ use oauth2::{PkceCodeChallenge, PkceCodeVerifier};
 use crate::audit::{Actor, Outcome};
 use crate::crypto::{MacPurpose, SecretString, TokenKind, WrappedDek, random_token};
 use crate::domain::{
-    AccountId, ConnectionStatus, Integration, ScopeSet, TenantId, Timestamp, VaultError, excerpt,
+    AccountId, ConnectionStatus, ErrorReason, Integration, ScopeSet, TenantId, Timestamp,
+    VaultError, excerpt,
 };
 use crate::store::{AuthzConsume, AuthzStateRecord, ConnectionRecord};
 
@@ -123,7 +124,8 @@ impl Vault {
                     retry_seconds(wait)
                 )
                 .into(),
-            ));
+            )
+            .because(ErrorReason::RateLimited));
         }
         let state = random_token(32)?;
         let state_hash = self
@@ -283,7 +285,7 @@ impl Vault {
                 return refuse(
                     target,
                     "missing code".into(),
-                    VaultError::invalid("code", "missing"),
+                    VaultError::missing("code", "missing"),
                 )
                 .await;
             }
@@ -298,7 +300,8 @@ impl Vault {
                     format!("google error {error}"),
                     VaultError::precondition(format!(
                         "Google returned {error}; nothing was connected"
-                    )),
+                    ))
+                    .because(ErrorReason::AuthorizationFailed),
                 )
                 .await;
             }
@@ -332,7 +335,8 @@ impl Vault {
                 return refuse(
                     target,
                     format!("exchange failed: {e}"),
-                    VaultError::Unavailable(e.to_string().into()),
+                    VaultError::Unavailable(e.to_string().into())
+                        .because(ErrorReason::GoogleUnavailable),
                 )
                 .await;
             }
@@ -340,7 +344,8 @@ impl Vault {
                 return refuse(
                     target,
                     format!("exchange refused: {e}"),
-                    VaultError::precondition(e.to_string()),
+                    VaultError::precondition(e.to_string())
+                        .because(ErrorReason::AuthorizationFailed),
                 )
                 .await;
             }
@@ -354,7 +359,8 @@ impl Vault {
                 "no id_token".into(),
                 VaultError::precondition(format!(
                     "{ID_TOKEN_REFUSED}: Google sent no id_token; nothing was connected; begin the authorization again"
-                )),
+                ))
+                .because(ErrorReason::AuthorizationFailed),
             )
             .await;
         };
@@ -366,7 +372,8 @@ impl Vault {
                     format!("id_token not checked: {e}"),
                     VaultError::Unavailable(
                         format!("Google's signing keys are unavailable ({e}); nothing was connected; begin the authorization again later").into(),
-                    ),
+                    )
+                    .because(ErrorReason::GoogleUnavailable),
                 )
                 .await;
             }
@@ -376,7 +383,8 @@ impl Vault {
                     format!("id_token refused: {e}"),
                     VaultError::precondition(format!(
                         "{ID_TOKEN_REFUSED}: {e}; nothing was connected; begin the authorization again"
-                    )),
+                    ))
+                    .because(ErrorReason::AuthorizationFailed),
                 )
                 .await;
             }

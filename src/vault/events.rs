@@ -28,7 +28,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use crate::audit::{Actor, Outcome};
-use crate::domain::{ConsumerName, EventKind, Integration, Timestamp, VaultError};
+use crate::domain::{ConsumerName, ErrorReason, EventKind, Integration, Timestamp, VaultError};
 use crate::policy::SharedPolicy;
 use crate::store::EventRecord;
 
@@ -143,7 +143,8 @@ impl Vault {
                     state.pruned_through
                 )
                 .into(),
-            ));
+            )
+            .because(ErrorReason::EventsPruned));
         } else {
             start
         };
@@ -192,7 +193,8 @@ impl Vault {
                     let _ = tx
                         .send(Err(VaultError::Unavailable(
                             "the server is shutting down; reconnect and resume from your last cursor".into(),
-                        )))
+                        )
+                        .because(ErrorReason::ShuttingDown)))
                         .await;
                     return;
                 }

@@ -23,8 +23,8 @@ use ring::rand::SecureRandom as _;
 use crate::audit::{Actor, LeaseRecorded, Outcome};
 use crate::crypto::{SecretString, TokenKind, fingerprint};
 use crate::domain::{
-    ConnectionId, ConnectionStatus, DeletionReason, LeaseId, Purpose, ScopeSet, TenantId,
-    Timestamp, VaultError, scope_list,
+    ConnectionId, ConnectionStatus, DeletionReason, ErrorReason, LeaseId, Purpose, ScopeSet,
+    TenantId, Timestamp, VaultError, scope_list,
 };
 use crate::google::GoogleError;
 use crate::policy::{LeaseAsk, Policy};
@@ -223,7 +223,7 @@ impl Vault {
         req: &LeaseRequest,
     ) -> Result<Lease, Refusal> {
         if req.scopes.is_empty() {
-            return Err(VaultError::invalid("scopes", "name at least one scope").into());
+            return Err(VaultError::missing("scopes", "name at least one scope").into());
         }
         if !policy.allows_purpose(&actor.identity, &req.purpose) {
             return Err(VaultError::PermissionDenied(
@@ -234,6 +234,7 @@ impl Vault {
                 )
                 .into(),
             )
+            .because(ErrorReason::PurposeNotAllowed)
             .into());
         }
         // A cached record may be out of date; the store records no lease on a
@@ -245,10 +246,13 @@ impl Vault {
         self.lease_attempt(actor, policy, req, true)
             .await?
             .ok_or_else(|| {
-                Refusal::from(VaultError::precondition(format!(
-                    "connection {} was deleted, suspended or changed while the lease was being granted",
-                    req.connection
-                )))
+                Refusal::from(
+                    VaultError::precondition(format!(
+                        "connection {} was deleted, suspended or changed while the lease was being granted",
+                        req.connection
+                    ))
+                    .because(ErrorReason::ConnectionChanged),
+                )
             })
     }
 
@@ -293,12 +297,18 @@ impl Vault {
                     scopes: &req.scopes,
                 },
             )
-            .map_err(|why| VaultError::PermissionDenied(why.into()))?;
+            // The purpose was checked above: what is left is the purpose's
+            // rule (integration, tenant, scopes), which the policy reports as
+            // one string, so one reason.
+            .map_err(|why| {
+                VaultError::PermissionDenied(why.into()).because(ErrorReason::PolicyDenied)
+            })?;
         if conn.status != ConnectionStatus::Active {
             return Err(VaultError::precondition(format!(
                 "connection {} is {}; it cannot be leased",
                 conn.id, conn.status
             ))
+            .because(ErrorReason::unusable(conn.status))
             .into());
         }
         if !conn.granted_scopes.covers(&req.scopes) {
@@ -312,6 +322,7 @@ impl Vault {
                 "Google did not grant {missing} for connection {}",
                 conn.id
             ))
+            .because(ErrorReason::ScopeNotGranted)
             .into());
         }
         let want = Timestamp::now().plus(req.min_valid);
@@ -436,7 +447,8 @@ impl Vault {
                 .await?;
             return Err(VaultError::PermissionDenied(
                 format!("lease {id} belongs to another identity").into(),
-            ));
+            )
+            .because(ErrorReason::LeaseNotOwned));
         }
         self.audit()
             .record(actor, "lease.release", id.as_str(), Outcome::Ok, "")
@@ -482,6 +494,7 @@ impl Vault {
             .await
             .map_err(|_| {
                 VaultError::Unavailable("token refresh did not finish within the deadline".into())
+                    .because(ErrorReason::GoogleUnavailable)
             })?;
         loop {
             match self.access_open(conn).await? {
@@ -495,7 +508,8 @@ impl Vault {
                     return Err(VaultError::precondition(format!(
                         "connection {} is {}; it cannot be leased",
                         conn.id, now.status
-                    )));
+                    ))
+                    .because(ErrorReason::unusable(now.status)));
                 }
             }
             // Lock times are the database's, not this host's: replicas' clocks may differ.
@@ -530,7 +544,8 @@ impl Vault {
                 return Err(VaultError::Unavailable(
                     "a token refresh in progress elsewhere did not finish within the deadline"
                         .into(),
-                ));
+                )
+                .because(ErrorReason::GoogleUnavailable));
             }
             tokio::time::sleep(REFRESH_POLL).await;
         }
@@ -627,6 +642,7 @@ impl Vault {
                 "connection {} holds no refresh token and its access token expired; reconnect it",
                 conn.id
             ))
+            .because(ErrorReason::ReconnectRequired)
         })?;
         let mut backoff = Duration::from_millis(100);
         let mut attempts = 0u32;
@@ -641,6 +657,7 @@ impl Vault {
                             "connection {} was deleted during refresh",
                             conn.id
                         ))
+                        .because(ErrorReason::ConnectionDeleted)
                     })?;
                     let cipher = self.keys().connection_cipher(conn, &secrets).await?;
                     let access =
@@ -681,7 +698,8 @@ impl Vault {
                         "Google answered invalid_grant: the user revoked access at Google or the grant expired; \
                          connection {} is REVOKED_UPSTREAM and its tokens were destroyed; the user must reconnect",
                         conn.id
-                    )));
+                    ))
+                    .because(ErrorReason::ReconnectRequired));
                 }
                 // Google asked us to wait longer than the caller can: stop now.
                 Ok(Err(e))
@@ -690,7 +708,8 @@ impl Vault {
                 {
                     metrics::counter!("tokenvault_refresh_total", "outcome" => "rate_limited")
                         .increment(1);
-                    return Err(VaultError::Unavailable(format!("{e}").into()));
+                    return Err(VaultError::Unavailable(format!("{e}").into())
+                        .because(ErrorReason::GoogleUnavailable));
                 }
                 Ok(Err(e)) if e.retryable() => {
                     if let Some(after) = e.retry_after() {
@@ -701,7 +720,8 @@ impl Vault {
                 Ok(Err(e)) => {
                     return Err(VaultError::Unavailable(
                         format!("Google refused the refresh: {e}").into(),
-                    ));
+                    )
+                    .because(ErrorReason::GoogleUnavailable));
                 }
                 Err(_) => "timed out".to_owned(),
             };
@@ -712,7 +732,8 @@ impl Vault {
                 tracing::warn!(connection = %conn.id, attempts, error = %err, "refresh failed within the deadline");
                 return Err(VaultError::Unavailable(
                     format!("Google did not refresh the token within the deadline ({attempts} attempts; last: {err})").into(),
-                ));
+                )
+                .because(ErrorReason::GoogleUnavailable));
             }
             tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));

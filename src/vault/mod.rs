@@ -2,6 +2,7 @@
 //! A [`Vault`] owns the store, the keyring handle and the audit log; gRPC,
 //! HTTP and CLI handlers only parse, authorize and call in here.
 
+mod audit_follow;
 mod authorize;
 mod connections;
 mod deletion;
@@ -15,6 +16,7 @@ mod sweeper;
 
 use std::sync::Arc;
 
+pub use audit_follow::{AUDIT_FOLLOW_POLL, AuditBatch, FollowFrom};
 pub use authorize::{BeginOutcome, Completer, Completion, ID_TOKEN_REFUSED, STATE_TTL};
 pub use connections::{NewConnection, OpenedToken};
 pub use deletion::Deletion;
@@ -309,6 +311,7 @@ impl Vault {
     pub fn google(&self) -> Result<&GoogleClient, VaultError> {
         self.google.as_ref().ok_or_else(|| {
             VaultError::precondition("no Google OAuth client configured (google.client_id)")
+                .because(crate::domain::ErrorReason::GoogleNotConfigured)
         })
     }
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::domain::{ConnectionId, ConnectionStatus, VaultError};
+use crate::domain::{ConnectionId, ConnectionStatus, ErrorReason, VaultError};
 use crate::store::{ConnectionRecord, LeaseStore, SecretsRecord};
 
 /// The most ids read in one query.
@@ -155,15 +155,18 @@ impl LeaseReader {
             metrics::counter!("tokenvault_lease_cache_total", "result" => "miss").increment(1);
         }
         let (reply, rx) = oneshot::channel();
-        let stopped = || VaultError::Unavailable("the vault is shutting down".into());
+        let stopped = || {
+            VaultError::Unavailable("the vault is shutting down".into())
+                .because(ErrorReason::ShuttingDown)
+        };
         self.tx
             .send((id.clone(), reply))
             .await
             .map_err(|_| stopped())?;
-        let found = rx
-            .await
-            .map_err(|_| stopped())?
-            .map_err(|e| VaultError::Unavailable(format!("database: {e}").into()))?;
+        let found = rx.await.map_err(|_| stopped())?.map_err(|e| {
+            VaultError::Unavailable(format!("database: {e}").into())
+                .because(ErrorReason::DatabaseUnavailable)
+        })?;
         Ok(found.map(|(conn, secrets)| {
             let (conn, secrets) = (Arc::new(conn), secrets.map(Arc::new));
             if self.cache.enabled()

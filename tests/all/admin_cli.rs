@@ -2,7 +2,10 @@
 //! process, against a running vault on each backend. Every command's normal
 //! path (JSON parsed and checked, tables smoke-tested), the documented exit
 //! statuses, audit-log tampering found through the binary, and mutual TLS
-//! with certificates made at test time.
+//! with certificates made at test time. Also what every command shares:
+//! `--output json` in the tables' words on `admin`, `keys` and `dev`, one
+//! audit entry per `audit tail --follow`, progress without control codes
+//! when stderr is not a terminal, and `https://` without `--ca-cert`.
 //!
 //! Children run under `tokio::process` so that the in-process vault, on the
 //! same runtime, keeps serving while a test waits for them.
@@ -19,7 +22,9 @@ use tokio::process::Command;
 use crate::both_backends;
 use crate::mtls::{Pki, uri};
 use crate::support::raw::RawDb;
-use crate::support::{As, Backend, TestVault, seed_connection, spawn_vault, spawn_vault_with};
+use crate::support::{
+    As, Backend, CALENDAR_SCOPE, TestVault, seed_connection, spawn_vault, spawn_vault_with,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
 
@@ -64,6 +69,10 @@ fn tokenvault(tv: &TestVault) -> Command {
     cmd.env_remove("TOKENVAULT_CLI_SERVER")
         .env_remove("TOKENVAULT_CLI_API_KEY")
         .env_remove("TOKENVAULT_CLI_ADMIN_CONFIG")
+        .env_remove("TOKENVAULT_CLI_OUTPUT")
+        .env_remove("TOKENVAULT_CLI_CA_CERT")
+        .env_remove("TOKENVAULT_CLI_CLIENT_CERT")
+        .env_remove("TOKENVAULT_CLI_CLIENT_KEY")
         .env("XDG_CONFIG_HOME", &nowhere)
         .env("HOME", &nowhere)
         .stdin(Stdio::null())
@@ -172,7 +181,7 @@ async fn connections_accounts_and_receipts(backend: Backend) {
     assert_eq!(connection_ids(&email), [c3.as_str()]);
     assert_eq!(
         email["connections"][0]["connection"]["integration"],
-        "INTEGRATION_EMAIL"
+        "email"
     );
     let by_subject = admin_json(
         &tv,
@@ -202,7 +211,7 @@ async fn connections_accounts_and_receipts(backend: Backend) {
     let shown = admin_json(&tv, As::Admin, &["connections", "show", &c1]).await;
     assert_eq!(shown["connection"]["connection_id"], c1.as_str());
     assert_eq!(shown["connection"]["tenant_id"], "t1");
-    assert_eq!(shown["connection"]["status"], "CONNECTION_STATUS_ACTIVE");
+    assert_eq!(shown["connection"]["status"], "active");
     assert_eq!(shown["connection"]["google_email"], "u1@example.test");
     assert!(
         shown["connection"]["created_at"]
@@ -224,7 +233,7 @@ async fn connections_accounts_and_receipts(backend: Backend) {
     let rid = receipt["receipt_id"].as_str().unwrap().to_owned();
     assert!(rid.starts_with("rcpt_"), "{receipt}");
     assert_eq!(receipt["connection_ids"], serde_json::json!([c1]));
-    assert_eq!(receipt["reason"], "DELETION_REASON_ADMIN_REVOKED");
+    assert_eq!(receipt["reason"], "admin_revoked");
     assert_eq!(receipt["reason_detail"], "cli test");
     assert_eq!(receipt["requested_by"], As::Admin.identity());
     assert!(receipt["tokens_destroyed_at"].is_string(), "{receipt}");
@@ -235,9 +244,10 @@ async fn connections_accounts_and_receipts(backend: Backend) {
     let by_auditor = admin_json(&tv, As::Auditor, &["receipts", "show", &rid]).await;
     assert_eq!(by_auditor["receipt_id"], rid.as_str());
     let tomb = admin_json(&tv, As::Admin, &["connections", "show", &c1]).await;
-    assert_eq!(tomb["connection"]["status"], "CONNECTION_STATUS_DELETED");
+    assert_eq!(tomb["connection"]["status"], "deleted");
     assert_eq!(tomb["connection"]["deletion_receipt_id"], rid.as_str());
-    assert_eq!(tomb["kek_version"], 0);
+    // No key: `null`, as the table's `-`.
+    assert_eq!(tomb["kek_version"], Value::Null);
     let deleted = admin_json(
         &tv,
         As::Admin,
@@ -266,7 +276,7 @@ async fn connections_accounts_and_receipts(backend: Backend) {
     assert!(message.contains("--yes"), "{refused:#?}");
     assert!(refused.stdout.is_empty(), "{refused:#?}");
     let still = admin_json(&tv, As::Admin, &["connections", "show", &c2]).await;
-    assert_eq!(still["connection"]["status"], "CONNECTION_STATUS_ACTIVE");
+    assert_eq!(still["connection"]["status"], "active");
     // …done with it.
     let account = admin_json(
         &tv,
@@ -276,13 +286,13 @@ async fn connections_accounts_and_receipts(backend: Backend) {
         ],
     )
     .await;
-    assert_eq!(account["reason"], "DELETION_REASON_ACCOUNT_DELETED");
+    assert_eq!(account["reason"], "account_deleted");
     assert_eq!(account["connection_ids"], serde_json::json!([c2]));
     assert_eq!(account["tenant_id"], "t1");
     assert_eq!(account["account_id"], "u2");
     let rid2 = account["receipt_id"].as_str().unwrap().to_owned();
     let gone = admin_json(&tv, As::Admin, &["connections", "show", &c2]).await;
-    assert_eq!(gone["connection"]["status"], "CONNECTION_STATUS_DELETED");
+    assert_eq!(gone["connection"]["status"], "deleted");
 
     // receipts list, with filters.
     let receipts = admin_json(&tv, As::Admin, &["receipts", "list"]).await;
@@ -335,7 +345,7 @@ async fn documented_exit_statuses(backend: Backend) {
         .await
         .id
         .to_string();
-    let active = |v: Value| v["connection"]["status"] == "CONNECTION_STATUS_ACTIVE";
+    let active = |v: Value| v["connection"]["status"] == "active";
 
     // 3: not found.
     let r = admin(
@@ -495,7 +505,7 @@ async fn key_lifecycle(backend: Backend) {
     assert_eq!(status["provider"], "local");
     assert_eq!(status["primary_version"], 1);
     assert_eq!(status["versions"].as_array().unwrap().len(), 1);
-    assert_eq!(status["versions"][0]["state"], "KEY_STATE_PRIMARY");
+    assert_eq!(status["versions"][0]["state"], "primary");
     assert_eq!(status["versions"][0]["dek_count"], 2);
     assert_eq!(status["rotation"], Value::Null);
     assert_eq!(status["rotation_overdue"], false);
@@ -512,8 +522,33 @@ async fn key_lifecycle(backend: Backend) {
         "{text}"
     );
 
-    let run = admin_json(&tv, As::Admin, &["keys", "rotate", "--wait"]).await;
-    assert_eq!(run["state"], "ROTATION_STATE_COMPLETED", "{run}");
+    // Progress on a stderr that is not a terminal: plain lines without
+    // control codes, the first when the wait starts, the last saying how the
+    // rotation ended; the result alone on stdout.
+    let rotated = admin(
+        &tv,
+        As::Admin,
+        &["keys", "rotate", "--wait", "--output", "json"],
+    )
+    .await;
+    let run = rotated.json();
+    assert!(
+        !rotated.stderr.contains('\x1b') && !rotated.stderr.contains('\r'),
+        "control codes in the progress: {rotated:#?}"
+    );
+    let progress: Vec<&str> = rotated.stderr.lines().collect();
+    assert!(
+        progress
+            .first()
+            .is_some_and(|l| l.starts_with("rotating to v2: ")),
+        "{rotated:#?}"
+    );
+    let ended = "rotation to v2 completed: 2/2 wrapped keys (100%) in ";
+    assert!(
+        progress.last().is_some_and(|l| l.starts_with(ended)),
+        "{rotated:#?}"
+    );
+    assert_eq!(run["state"], "completed", "{run}");
     assert_eq!(run["target_version"], 2);
     assert_eq!(run["total"], 2);
     assert_eq!(run["rewrapped"], 2);
@@ -522,11 +557,11 @@ async fn key_lifecycle(backend: Backend) {
 
     let retired = admin_json(&tv, As::Admin, &["keys", "retire", "v1"]).await;
     assert_eq!(retired["version"], 1);
-    assert_eq!(retired["state"], "KEY_STATE_RETIRED");
+    assert_eq!(retired["state"], "retired");
     assert!(retired["retired_at"].is_string(), "{retired}");
     let destroyed = admin_json(&tv, As::Admin, &["keys", "destroy", "1", "--yes"]).await;
     assert_eq!(destroyed["version"], 1);
-    assert_eq!(destroyed["state"], "KEY_STATE_DESTROYED");
+    assert_eq!(destroyed["state"], "destroyed");
 
     let report = admin_json(&tv, As::Auditor, &["keys", "report"]).await;
     assert_eq!(report["primary_version"], 2);
@@ -536,10 +571,7 @@ async fn key_lifecycle(backend: Backend) {
         .iter()
         .map(|v| (v["version"].as_u64().unwrap(), v["state"].as_str().unwrap()))
         .collect();
-    assert_eq!(
-        versions,
-        [(1, "KEY_STATE_DESTROYED"), (2, "KEY_STATE_PRIMARY")]
-    );
+    assert_eq!(versions, [(1, "destroyed"), (2, "primary")]);
     assert_eq!(report["versions"][1]["dek_count"], 2);
     let rotations = report["rotations"].as_array().unwrap();
     assert_eq!(rotations.len(), 1, "{report}");
@@ -583,7 +615,7 @@ async fn audit_commands(backend: Backend) {
     assert_eq!(entries[2]["action"], "admin.call");
     assert_eq!(entries[2]["detail"], "AdminService.QueryAudit");
     assert_eq!(entries[2]["actor"], As::Auditor.identity());
-    assert_eq!(entries[2]["outcome"], "AUDIT_OUTCOME_SUCCESS");
+    assert_eq!(entries[2]["outcome"], "success");
     assert_eq!(entries[2]["entry_hash"].as_str().unwrap().len(), 64);
     assert_eq!(entries[2]["prev_hash"], entries[1]["entry_hash"]);
     let table = admin(&tv, As::Auditor, &["audit", "tail", "-n", "2"]).await;
@@ -596,11 +628,7 @@ async fn audit_commands(backend: Backend) {
     let denied = admin_json(&tv, As::Auditor, &["audit", "query", "--outcome", "denied"]).await;
     let denied = denied["entries"].as_array().unwrap().clone();
     assert!(!denied.is_empty());
-    assert!(
-        denied
-            .iter()
-            .all(|e| e["outcome"] == "AUDIT_OUTCOME_DENIED")
-    );
+    assert!(denied.iter().all(|e| e["outcome"] == "denied"));
     assert!(
         denied.iter().any(|e| e["actor"] == As::Nobody.identity()),
         "{denied:?}"
@@ -756,7 +784,9 @@ async fn audit_commands(backend: Backend) {
             .expect("the newest entry"),
     )
     .unwrap();
-    assert_eq!(first["detail"], "AdminService.QueryAudit");
+    // The newest entry when the stream opened is the follow's own.
+    assert_eq!(first["detail"], "AdminService.FollowAudit");
+    assert_eq!(first["outcome"], "success");
     // A call the vault audits with a target of our choosing (it is not found).
     let marker = unknown_id("conn_");
     let err = tv
@@ -928,10 +958,22 @@ async fn admin_over_mutual_tls(backend: Backend) {
     assert_eq!(tail["entries"][0]["actor"], ADMIN_URI);
     assert_eq!(tail["entries"][0]["role"], "admin");
 
-    // https:// without the CA is a usage error, not a silent plain connection.
+    // https:// without --ca-cert is not refused before connecting: the
+    // client trusts the public roots built into it, which did not sign this
+    // vault's certificate, and says so (exit 5: no connection was made).
     let mut cmd = tokenvault(&tv);
-    cmd.args(["admin", "--server", &server, "keys", "status"]);
-    assert!(finish(cmd).await.fails(2).contains("--ca-cert"));
+    cmd.args(["admin", "--server", &server])
+        .args(["--client-cert", &cert, "--client-key", &key])
+        .args(["keys", "status"]);
+    let r = finish(cmd).await;
+    let stderr = r.fails(5);
+    assert!(
+        stderr.contains("cannot connect to https://localhost:"),
+        "{r:#?}"
+    );
+    assert!(stderr.contains("UnknownIssuer"), "{r:#?}");
+    assert!(stderr.contains("pass --ca-cert"), "{r:#?}");
+    assert!(r.stdout.is_empty(), "{r:#?}");
 }
 both_backends!(mtls_cli, admin_over_mutual_tls);
 
@@ -1255,3 +1297,376 @@ async fn a_closed_stdout_ends_quietly_with_status_0() {
         assert_eq!(stderr, "", "{args:?}");
     }
 }
+
+/// `audit tail --follow` is audited once, when it starts: the follow is one
+/// `FollowAudit` stream whose reads are not audited, so a follower that runs
+/// for a few seconds (several of the server's reads) adds one entry to the
+/// log, not one per read. The entries it follows still reach it.
+async fn a_follow_is_audited_once(backend: Backend) {
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let (before, _) = tv.vault.store().audit_head().await.expect("audit head");
+    let mut cmd = tokenvault(&tv);
+    cmd.env("TOKENVAULT_CLI_API_KEY", As::Auditor.key())
+        .args(["admin", "--server", &format!("http://{}", tv.grpc_addr)])
+        .args(["audit", "tail", "-n", "1", "--follow", "--output", "json"]);
+    let mut child = cmd.spawn().expect("spawn audit tail --follow");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // The backlog's one entry, the follow's own: the stream is open.
+    let first: Value = serde_json::from_str(
+        &next_line(&mut lines, Duration::from_secs(10))
+            .await
+            .expect("the follow's own entry"),
+    )
+    .unwrap();
+    assert_eq!(first["detail"], "AdminService.FollowAudit", "{first}");
+    let marker = unknown_id("conn_");
+    let err = tv
+        .admin(As::Admin)
+        .get_connection(pb::GetConnectionRequest {
+            connection_id: marker.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let mut seen = Vec::new();
+    let found = loop {
+        let Some(line) = next_line(&mut lines, Duration::from_secs(10)).await else {
+            break false;
+        };
+        let entry: Value = serde_json::from_str(&line).expect("a JSON line per entry");
+        seen.push(entry["seq"].as_u64().unwrap());
+        if entry["target"] == marker.as_str() {
+            break true;
+        }
+    };
+    assert!(found, "the new entry never showed; saw {seen:?}");
+    // Four more seconds of following: eight reads at the server's interval
+    // (four polls, and four entries, with the old per-second QueryAudit).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    child.kill().await.unwrap();
+    let _ = child.wait().await;
+
+    let by_follower = tv
+        .vault
+        .store()
+        .audit_query(
+            &tokenvault::store::AuditFilter {
+                actor: Some(As::Auditor.identity().to_owned()),
+                after_seq: Some(before),
+                ascending: true,
+                ..Default::default()
+            },
+            1000,
+        )
+        .await
+        .expect("query the audit log");
+    let details: Vec<&str> = by_follower
+        .iter()
+        .map(|r| r.draft.detail.as_str())
+        .collect();
+    assert_eq!(
+        details,
+        ["AdminService.FollowAudit"],
+        "one entry for the whole follow"
+    );
+}
+both_backends!(follow_audited_once_cli, a_follow_is_audited_once);
+
+/// The cell of `line` in the column titled `title` of a table whose header
+/// is `header` (cells are left-aligned under their titles).
+fn cell(header: &str, line: &str, title: &str) -> String {
+    let start = header.find(title).expect("the column");
+    line.get(start..)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The enum fields of the JSON documents.
+const ENUM_FIELDS: [&str; 6] = [
+    "status",
+    "integration",
+    "outcome",
+    "state",
+    "reason",
+    "kind",
+];
+
+/// Where `value` breaks the JSON conventions: an empty string (where
+/// `null` belongs), or an enum field not in the tables' lowercase words.
+fn vocabulary_problems(value: &Value, path: &str, problems: &mut Vec<String>) {
+    match value {
+        Value::String(text) if text.is_empty() => problems.push(format!("{path}: \"\"")),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                vocabulary_problems(item, &format!("{path}[{i}]"), problems);
+            }
+        }
+        Value::Object(fields) => {
+            for (name, field) in fields {
+                if let Value::String(word) = field
+                    && ENUM_FIELDS.contains(&name.as_str())
+                    && *word != word.to_lowercase()
+                {
+                    problems.push(format!("{path}.{name}: {word}"));
+                }
+                vocabulary_problems(field, &format!("{path}.{name}"), problems);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `--output json` speaks the tables' words (`active`, `calendar`,
+/// `denied`), and "none" has one spelling, `null`: no JSON document holds
+/// `""` or a proto enum name.
+async fn json_and_tables_share_one_vocabulary(backend: Backend) {
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let id = seed_connection(&tv.vault, "t1", "u1", Integration::Calendar, "a", None)
+        .await
+        .id
+        .to_string();
+    // A caller with no role: its audit entry has no role either.
+    admin(&tv, As::Nobody, &["keys", "status"]).await.fails(4);
+
+    let commands: [&[&str]; 6] = [
+        &["connections", "list"],
+        &["connections", "show", id.as_str()],
+        &["audit", "query"],
+        &["audit", "tail", "-n", "5"],
+        &["keys", "status"],
+        &["keys", "report"],
+    ];
+    for args in commands {
+        let mut with_json = args.to_vec();
+        with_json.extend(["-o", "json"]);
+        let doc = admin(&tv, As::Admin, &with_json).await.json();
+        let mut problems = Vec::new();
+        vocabulary_problems(&doc, "$", &mut problems);
+        assert!(problems.is_empty(), "{args:?}: {problems:?} in {doc}");
+    }
+
+    // Connections: the words of the table's columns.
+    let shown = admin_json(&tv, As::Admin, &["connections", "show", &id]).await;
+    let listed = admin_json(&tv, As::Admin, &["connections", "list"]).await;
+    let table = admin(&tv, As::Admin, &["connections", "list"]).await;
+    let lines: Vec<&str> = table.ok().lines().collect();
+    let row = lines
+        .iter()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{table:#?}"));
+    for doc in [&shown, &listed["connections"][0]] {
+        let c = &doc["connection"];
+        assert_eq!(c["status"], cell(lines[0], row, "STATUS").as_str(), "{doc}");
+        assert_eq!(c["status"], "active", "{doc}");
+        assert_eq!(
+            c["integration"],
+            cell(lines[0], row, "INTEGRATION").as_str(),
+            "{doc}"
+        );
+        assert_eq!(c["integration"], "calendar", "{doc}");
+        assert_eq!(c["deletion_receipt_id"], Value::Null, "{doc}");
+        assert_eq!(c["deleted_at"], Value::Null, "{doc}");
+    }
+
+    // Audit entries: the outcome word of the table, and `null` where the
+    // table shows `-` (no role).
+    let denied = admin_json(&tv, As::Auditor, &["audit", "query", "--outcome", "denied"]).await;
+    let entry = denied["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["actor"] == As::Nobody.identity())
+        .unwrap_or_else(|| panic!("no entry for the caller without a role: {denied}"))
+        .clone();
+    assert_eq!(entry["role"], Value::Null, "{entry}");
+    assert_eq!(entry["outcome"], "denied", "{entry}");
+    let table = admin(&tv, As::Auditor, &["audit", "query", "--outcome", "denied"]).await;
+    let lines: Vec<&str> = table.ok().lines().collect();
+    let row = lines
+        .iter()
+        .find(|l| l.contains(As::Nobody.identity()))
+        .unwrap_or_else(|| panic!("{table:#?}"));
+    assert_eq!(cell(lines[0], row, "ROLE"), "-");
+    assert_eq!(cell(lines[0], row, "OUTCOME"), "denied");
+    // The table's word is a filter value too.
+    let ok = admin_json(
+        &tv,
+        As::Auditor,
+        &["audit", "query", "--outcome", "success", "--limit", "5"],
+    )
+    .await;
+    let outcomes: Vec<&Value> = ok["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["outcome"])
+        .collect();
+    assert!(!outcomes.is_empty(), "{ok}");
+    assert!(outcomes.iter().all(|o| **o == "success"), "{ok}");
+}
+both_backends!(json_vocabulary_cli, json_and_tables_share_one_vocabulary);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_key_commands_print_json() {
+    // keys new-api-key: the key, its identity and the hash the configuration holds.
+    let r = finish(offline_tokenvault(
+        &[],
+        &["keys", "new-api-key", "ci-bot", "-o", "json"],
+    ))
+    .await;
+    let v = r.json();
+    assert_eq!(v["identity"], "ci-bot");
+    let key = v["api_key"].as_str().expect("the key").to_owned();
+    assert!(!key.is_empty(), "{v}");
+    assert_eq!(
+        v["sha256"],
+        tokenvault::grpc::Authenticator::hash_api_key(&key).as_str()
+    );
+    // Without --output json, the text as before.
+    let r = finish(offline_tokenvault(&[], &["keys", "new-api-key", "ci-bot"])).await;
+    assert!(r.ok().starts_with("API key for ci-bot"), "{r:#?}");
+
+    // keys init --env, through TOKENVAULT_CLI_OUTPUT: a whole keyring for v1…
+    let r = finish(offline_tokenvault(
+        &[("TOKENVAULT_CLI_OUTPUT", "json")],
+        &["keys", "init", "--env"],
+    ))
+    .await;
+    let v = r.json();
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["variables"]["TOKENVAULT_KEYRING__PROVIDER"], "env");
+    for name in ["TOKENVAULT_KEYRING__KEYS", "TOKENVAULT_KEYRING__MAC_KEY"] {
+        assert!(
+            v["variables"][name].as_str().is_some_and(|k| !k.is_empty()),
+            "{name}: {v}"
+        );
+    }
+    assert_eq!(v["keys_entry"], Value::Null);
+    // …and only the entry to append for a later version.
+    let r = finish(offline_tokenvault(
+        &[],
+        &[
+            "keys",
+            "init",
+            "--env",
+            "--version",
+            "3",
+            "--output",
+            "json",
+        ],
+    ))
+    .await;
+    let v = r.json();
+    assert_eq!(v["version"], 3);
+    assert_eq!(v["variables"], Value::Null);
+    assert!(
+        v["keys_entry"].as_str().is_some_and(|k| !k.is_empty()),
+        "{v}"
+    );
+}
+
+/// `tokenvault dev <args>` against `tv` as its calendar-sync worker, with no
+/// env file.
+fn dev_command(tv: &TestVault, args: &[&str]) -> Command {
+    let mut cmd = tokenvault(tv);
+    cmd.env_remove("TOKENVAULT_CLI_APP_KEY")
+        .env_remove("TOKENVAULT_CLI_EMAIL_WORKER_KEY")
+        .env_remove("TOKENVAULT_CLI_DEV_ENV_FILE")
+        .env("TOKENVAULT_CLI_WORKER_KEY", As::Worker.key())
+        .arg("dev")
+        .arg("--server")
+        .arg(format!("http://{}", tv.grpc_addr))
+        .arg("--env-file")
+        .arg(tv.dir.path().join("no-dev.env"))
+        .args(args);
+    cmd
+}
+
+/// The `dev` commands take `--output json` too: one JSON document on
+/// stdout, the steps on stderr, a leased token never shown.
+async fn dev_commands_print_json(backend: Backend) {
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    const TOKEN: &str = "ya29.dev-json-never-printed";
+    let id = seed_connection(&tv.vault, "t1", "u1", Integration::Calendar, TOKEN, None)
+        .await
+        .id
+        .to_string();
+
+    let r = finish(dev_command(
+        &tv,
+        &[
+            "lease",
+            "--connection",
+            &id,
+            "--scope",
+            CALENDAR_SCOPE,
+            "-o",
+            "json",
+        ],
+    ))
+    .await;
+    let lease = r.json();
+    assert!(
+        lease["lease_id"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("lease_")),
+        "{lease}"
+    );
+    assert_eq!(lease["connection_id"], id.as_str());
+    assert_eq!(lease["purpose"], "calendar_sync");
+    assert_eq!(lease["granted_scopes"], serde_json::json!([CALENDAR_SCOPE]));
+    assert_eq!(lease["access_token_chars"], TOKEN.len());
+    assert!(lease["lease_expires_at"].is_string(), "{lease}");
+    assert!(
+        !r.stdout.contains(TOKEN) && !r.stderr.contains(TOKEN),
+        "the token was printed: {r:#?}"
+    );
+    assert!(
+        r.stderr.contains("-> LeaseService.LeaseToken"),
+        "the steps go to stderr: {r:#?}"
+    );
+
+    // A deletion event for the worker to acknowledge.
+    crate::support::disconnect(&tv, &id).await;
+    let r = finish(dev_command(
+        &tv,
+        &["ack", "--consumer", "calendar-sync", "--output", "json"],
+    ))
+    .await;
+    let acked = r.json();
+    assert_eq!(acked["consumer"], "calendar-sync");
+    let events = acked["events"].as_array().expect("the events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "connection_deleted" && e["connection_id"] == id.as_str()),
+        "{acked}"
+    );
+    assert_eq!(
+        acked["position"],
+        events.last().unwrap()["cursor"],
+        "{acked}"
+    );
+    let mut problems = Vec::new();
+    vocabulary_problems(&acked, "$", &mut problems);
+    assert!(problems.is_empty(), "{problems:?} in {acked}");
+    assert!(r.stderr.contains("calendar-sync acknowledged"), "{r:#?}");
+
+    // Nothing left: `position` is null, not absent or 0.
+    let r = finish(dev_command(
+        &tv,
+        &["ack", "--consumer", "calendar-sync", "--output", "json"],
+    ))
+    .await;
+    let again = r.json();
+    assert_eq!(again["position"], Value::Null, "{again}");
+    assert_eq!(again["events"], serde_json::json!([]), "{again}");
+}
+both_backends!(dev_json_cli, dev_commands_print_json);

@@ -83,6 +83,7 @@ const ROWS: &[Row] = &[
     row("tokenvault.v1.AdminService/KeyStatus", READERS),
     row("tokenvault.v1.AdminService/KeyReport", READERS),
     row("tokenvault.v1.AdminService/QueryAudit", READERS),
+    row("tokenvault.v1.AdminService/FollowAudit", READERS),
     row("tokenvault.v1.AdminService/VerifyAudit", READERS),
     row("tokenvault.v1.AdminService/RevokeConnection", ADMIN),
     row("tokenvault.v1.AdminService/DeleteAccount", ADMIN),
@@ -342,6 +343,14 @@ async fn call(tv: &TestVault, fx: &Fixtures, who: Option<As>, rpc: &str) -> Resu
             .query_audit(pb::QueryAuditRequest {
                 page_size: 1,
                 ..Default::default()
+            })
+            .await
+            .map(drop),
+        // The stream opening is the answer; dropping it ends the follow.
+        "AdminService/FollowAudit" => admin
+            .follow_audit(pb::FollowAuditRequest {
+                after_seq: None,
+                backlog: 1,
             })
             .await
             .map(drop),

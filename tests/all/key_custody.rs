@@ -433,7 +433,7 @@ async fn a_rotation_completes_on_every_replica(provider: Provider) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (code, run, stderr) = admin_cli(&a, &["keys", "rotate", "--wait"]).await;
     assert_eq!(code, 0, "rotate failed: {stderr}");
-    assert_eq!(run["state"], "ROTATION_STATE_COMPLETED", "{run}");
+    assert_eq!(run["state"], "completed", "{run}");
     assert_eq!(run["target_version"], 2);
     let total = run["total"].as_u64().unwrap();
     assert_eq!(run["done"].as_u64(), Some(total), "N/N: {run}");
@@ -441,11 +441,11 @@ async fn a_rotation_completes_on_every_replica(provider: Provider) {
     // Retire at once: nothing of any kind is left on v1.
     let (code, retired, stderr) = admin_cli(&a, &["keys", "retire", "1"]).await;
     assert_eq!(code, 0, "retire failed: {stderr}");
-    assert_eq!(retired["state"], "KEY_STATE_RETIRED");
+    assert_eq!(retired["state"], "retired");
     if !is_env {
         let (code, destroyed, stderr) = admin_cli(&a, &["keys", "destroy", "1", "--yes"]).await;
         assert_eq!(code, 0, "destroy failed: {stderr}");
-        assert_eq!(destroyed["state"], "KEY_STATE_DESTROYED");
+        assert_eq!(destroyed["state"], "destroyed");
         // The others see the destruction and keep leasing from their caches and the database.
         tokio::time::sleep(Duration::from_millis(1500)).await;
     } else {
@@ -478,7 +478,7 @@ async fn a_rotation_completes_on_every_replica(provider: Provider) {
         let (code, destroyed, stderr) =
             admin_cli(&restarted[0], &["keys", "destroy", "1", "--yes"]).await;
         assert_eq!(code, 0, "destroy failed: {stderr}");
-        assert_eq!(destroyed["state"], "KEY_STATE_DESTROYED");
+        assert_eq!(destroyed["state"], "destroyed");
         let c = restarted.pop().unwrap();
         let b = restarted.pop().unwrap();
         let a = restarted.pop().unwrap();
@@ -524,10 +524,10 @@ async fn a_rotation_completes_on_every_replica(provider: Provider) {
     let (code, report, stderr) = admin_cli(&c, &["keys", "report"]).await;
     assert_eq!(code, 0, "{stderr}");
     let versions = report["versions"].as_array().unwrap();
-    assert_eq!(versions[0]["state"], "KEY_STATE_DESTROYED", "{report}");
+    assert_eq!(versions[0]["state"], "destroyed", "{report}");
     assert_eq!(versions[0]["destroyed_by"], As::Admin.identity());
     assert_eq!(versions[0]["retired_by"], As::Admin.identity());
-    assert_eq!(versions[1]["state"], "KEY_STATE_PRIMARY");
+    assert_eq!(versions[1]["state"], "primary");
     assert_eq!(versions[1]["promoted_by"], As::Admin.identity());
     assert_eq!(versions[0]["dek_count"], 0);
     let live: Vec<&Value> = report["replicas"]
@@ -656,7 +656,7 @@ async fn a_replica_without_the_new_version_makes_the_rotation_refuse() {
     let c = fleet.start(EnvKeys::V1V2);
     let (code, run, stderr) = admin_cli(&a, &["keys", "rotate", "--wait"]).await;
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(run["state"], "ROTATION_STATE_COMPLETED");
+    assert_eq!(run["state"], "completed");
     assert_eq!(c.lease(&id).await.unwrap(), token);
     for r in [a, b, c] {
         r.stop();

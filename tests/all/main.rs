@@ -31,6 +31,7 @@ mod oauth;
 mod oauth_states;
 mod plaintext;
 mod properties;
+mod python_worker;
 mod refusals;
 mod reload;
 mod replicas;

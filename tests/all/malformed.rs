@@ -6,7 +6,10 @@
 //! bytes. Each gets a clear answer — INVALID_ARGUMENT naming the field (or,
 //! for a request over the 256 KiB limit or one that is not a message, saying
 //! so), NOT_FOUND for a well-formed unknown id, OUT_OF_RANGE where the
-//! contract says so, HTTP 4xx, or a closed connection — while nothing at rest
+//! contract says so, HTTP 4xx, or a closed connection; every gRPC refusal
+//! carries a `google.rpc.ErrorInfo` of the domain `tokenvault` with a
+//! documented reason, and one about a field a `google.rpc.BadRequest` naming
+//! it (see [`rich_error_problem`]) — while nothing at rest
 //! changes (every table but the audit log's is compared before and after, and
 //! the audit chain still verifies), no thread of the vault panics, and the
 //! server then serves a health check and a real lease.
@@ -30,7 +33,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use prost::Message as _;
 use prost::bytes::{Buf as _, BufMut as _};
-use tokenvault::domain::Integration;
+use tokenvault::domain::{ErrorReason, Integration};
 use tokenvault::fuzzing::{self, Rpc, Verdict};
 use tokenvault::google::sim::GoogleSim;
 use tokenvault::limits::{
@@ -43,6 +46,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
+use tonic_types::StatusExt as _;
 
 use crate::both_backends;
 use crate::support::raw::RawDb;
@@ -1118,6 +1122,63 @@ fn short(code: Code) -> &'static str {
     }
 }
 
+/// What is wrong with the rich error details of the refusal `s`, if
+/// anything. Every refusal carries a `google.rpc.ErrorInfo` whose domain is
+/// `tokenvault` and whose reason is one of `ErrorReason` (which the README's
+/// "Error reasons" table lists, a unit test keeps the two equal) — `want`,
+/// when the case decides which. An INVALID_ARGUMENT about a field
+/// (`FIELD_*`) also carries a `google.rpc.BadRequest` with one violation
+/// naming the field its message names; any other INVALID_ARGUMENT is a
+/// refusal of the whole request (`REQUEST_TOO_LARGE`, `REQUEST_MALFORMED`).
+pub(crate) fn rich_error_problem(s: &Status, want: Option<ErrorReason>) -> Option<String> {
+    let Some(info) = s.get_details_error_info() else {
+        return Some(format!("{} without an ErrorInfo", short(s.code())));
+    };
+    if info.domain != "tokenvault" {
+        return Some(format!("ErrorInfo of the domain {:?}", info.domain));
+    }
+    let Some(reason) = ErrorReason::parse(&info.reason) else {
+        return Some(format!("undocumented reason {:?}", info.reason));
+    };
+    if let Some(want) = want.filter(|w| *w != reason) {
+        return Some(format!("reason {reason:?}, not {want:?}"));
+    }
+    let field_reason = matches!(
+        reason,
+        ErrorReason::FieldMissing | ErrorReason::FieldInvalid | ErrorReason::FieldTooLong
+    );
+    let whole_request = matches!(
+        reason,
+        ErrorReason::RequestTooLarge | ErrorReason::RequestMalformed
+    );
+    // These reasons, and only these, come with INVALID_ARGUMENT.
+    if (s.code() == Code::InvalidArgument) != (field_reason || whole_request) {
+        return Some(format!(
+            "reason {} with the code {}",
+            info.reason,
+            short(s.code())
+        ));
+    }
+    let bad_request = s.get_details_bad_request();
+    if field_reason {
+        let named = bad_request.as_ref().is_some_and(|b| {
+            b.field_violations.len() == 1
+                && s.message()
+                    .starts_with(&format!("invalid {}: ", b.field_violations[0].field))
+                && info.metadata.get("field") == Some(&b.field_violations[0].field)
+        });
+        if !named {
+            return Some(format!(
+                "{} without a BadRequest naming its field: {bad_request:?}",
+                info.reason
+            ));
+        }
+    } else if bad_request.is_some() {
+        return Some(format!("a BadRequest with {}", info.reason));
+    }
+    None
+}
+
 /// Whether `got` is the answer `want` asks for.
 fn answers(want: Want, got: &Result<(), Status>) -> bool {
     match (want, got) {
@@ -1256,6 +1317,8 @@ async fn every_rpc_refuses_malformed_input(backend: Backend) {
 
         let mut failures = Vec::new();
         let mut table: BTreeMap<(String, &'static str), usize> = BTreeMap::new();
+        // How often each ErrorInfo reason was answered, for the summary.
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
         for case in &cases {
             let got = call(&tv, case.rpc, case.body.clone()).await;
             let code = got.as_ref().err().map_or(Code::Ok, Status::code);
@@ -1280,6 +1343,18 @@ async fn every_rpc_refuses_malformed_input(backend: Backend) {
                     short(code),
                     message
                 ));
+            }
+            if let Err(s) = &got {
+                let want = (case.want == Want::TooLarge).then_some(ErrorReason::RequestTooLarge);
+                if let Some(problem) = rich_error_problem(s, want) {
+                    failures.push(format!(
+                        "{name} {}: {problem} ({:.200})",
+                        case.what, message
+                    ));
+                }
+                if let Some(info) = s.get_details_error_info() {
+                    *reasons.entry(info.reason).or_default() += 1;
+                }
             }
             // The fuzzing module must predict every refusal of a request
             // the server decoded, word for word.
@@ -1331,6 +1406,20 @@ async fn every_rpc_refuses_malformed_input(backend: Backend) {
                     body.len()
                 ));
             }
+            if let Err(s) = &got {
+                let want = matches!(verdict, Verdict::Undecodable(_))
+                    .then_some(ErrorReason::RequestMalformed);
+                if let Some(problem) = rich_error_problem(s, want) {
+                    failures.push(format!(
+                        "{name} with a {}-byte garbage body: {problem} ({:.200})",
+                        body.len(),
+                        s.message()
+                    ));
+                }
+                if let Some(info) = s.get_details_error_info() {
+                    *reasons.entry(info.reason).or_default() += 1;
+                }
+            }
         }
         let elapsed = started.elapsed();
 
@@ -1340,6 +1429,10 @@ async fn every_rpc_refuses_malformed_input(backend: Backend) {
         let mut summary = String::new();
         for ((rpc, code), n) in &table {
             let _ = writeln!(summary, "  {rpc:<42} {code:<18} x{n}");
+        }
+        let _ = writeln!(summary, "  ErrorInfo reasons:");
+        for (reason, n) in &reasons {
+            let _ = writeln!(summary, "    {reason:<40} x{n}");
         }
         println!(
             "malformed RPC input ({backend:?}): {} cases and {} garbage bodies \

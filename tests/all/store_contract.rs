@@ -605,3 +605,98 @@ both_backends!(
     lease_prune_steps,
     expired_leases_are_pruned_oldest_first_in_steps
 );
+
+/// The bulk import path writes every field as the one-row path does (nulls
+/// included), and a batch with one collision writes nothing.
+async fn bulk_import_round_trips_every_field_and_is_all_or_nothing(backend: Backend) {
+    use std::time::Duration;
+
+    use tokenvault::crypto::SecretString;
+    use tokenvault::domain::{AccountId, ScopeSet, Timestamp};
+    use tokenvault::vault::NewConnection;
+
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let v = &tv.vault;
+    let scopes = ScopeSet::parse_spaced(
+        "https://www.googleapis.com/auth/calendar.events https://www.googleapis.com/auth/calendar.readonly",
+    )
+    .unwrap();
+    let new = |i: usize, status: ConnectionStatus, refresh: bool| NewConnection {
+        tenant: TenantId::parse("bulk").unwrap(),
+        account: AccountId::parse(&format!("user{i}")).unwrap(),
+        integration: Integration::Calendar,
+        google_subject: format!("sub{i}"),
+        google_email: format!("user{i}@example.test"),
+        granted_scopes: scopes.clone(),
+        status,
+        access_token: SecretString::new(format!("ya29.bulk-{i}")),
+        access_expires_at: Timestamp::now().plus(Duration::from_secs(3600)),
+        refresh_token: refresh.then(|| SecretString::new(format!("1//bulk-{i}"))),
+    };
+    let batch = vec![
+        new(0, ConnectionStatus::Active, true),
+        new(1, ConnectionStatus::ConsentRequired, false),
+        new(2, ConnectionStatus::Active, false),
+    ];
+    let imported = v.connection_import(batch).await.unwrap();
+    assert_eq!(imported.len(), 3);
+    for (i, record) in imported.iter().enumerate() {
+        let stored = v.store().connection_get(&record.id).await.unwrap().unwrap();
+        assert_eq!(&stored, record, "connection {i} as imported");
+        let secrets = v.store().secrets_get(&record.id).await.unwrap().unwrap();
+        assert!(!secrets.wrapped_dek.is_empty());
+        assert_eq!(
+            secrets.refresh_token.is_some(),
+            i == 0,
+            "refresh token of {i}"
+        );
+        let opened = v.access_token_open(&record.id).await.unwrap();
+        assert_eq!(opened.access_token.expose(), format!("ya29.bulk-{i}"));
+    }
+    assert_eq!(
+        imported[1].status_reason.as_deref(),
+        Some("no_refresh_token"),
+        "a status reason travels through the bulk path"
+    );
+
+    // user3 is new, user0 collides with a live connection: nothing of the
+    // batch is written.
+    let before = v
+        .store()
+        .connection_list(
+            &ConnectionFilter::default(),
+            &PageRequest {
+                after: None,
+                limit: 100,
+            },
+        )
+        .await
+        .unwrap()
+        .len();
+    let clash = vec![
+        new(3, ConnectionStatus::Active, true),
+        new(0, ConnectionStatus::Active, true),
+    ];
+    v.connection_import(clash)
+        .await
+        .expect_err("a batch colliding with a live connection is refused");
+    let after = v
+        .store()
+        .connection_list(
+            &ConnectionFilter::default(),
+            &PageRequest {
+                after: None,
+                limit: 100,
+            },
+        )
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(before, after, "a refused batch writes no row");
+}
+both_backends!(
+    bulk_import_round_trips,
+    bulk_import_round_trips_every_field_and_is_all_or_nothing
+);

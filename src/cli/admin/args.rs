@@ -243,8 +243,9 @@ pub enum AuditCommand {
         /// How many entries.
         #[arg(short = 'n', long = "lines", default_value_t = 20)]
         lines: usize,
-        /// Keep printing new entries (polls every second) until interrupted.
-        #[arg(long)]
+        /// Keep printing new entries until interrupted, from one stream that the
+        /// vault audits once, when it opens.
+        #[arg(short = 'f', long)]
         follow: bool,
     },
     /// Entries matching every filter given, oldest first.
@@ -295,14 +296,17 @@ pub struct AuditQuery {
     pub limit: usize,
 }
 
-/// `--outcome`.
+/// `--outcome`; the words the tables and JSON show (`success`, `failure`)
+/// are accepted too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutcomeArg {
-    /// Allowed and carried out.
+    /// Allowed and carried out (shown as `success`).
+    #[value(alias = "success")]
     Ok,
     /// Refused by authentication or policy.
     Denied,
-    /// Allowed but failed.
+    /// Allowed but failed (shown as `failure`).
+    #[value(alias = "failure")]
     Failed,
 }
 

@@ -10,13 +10,7 @@ impl Admin {
         json: impl FnOnce() -> Value,
         table: impl FnOnce(&mut dyn Write) -> io::Result<()>,
     ) -> Result<(), CliError> {
-        let mut out = io::stdout().lock();
-        match self.output {
-            OutputFormat::Json => output::write_json(&mut out, &json()),
-            OutputFormat::Table => table(&mut out),
-        }
-        .and_then(|()| out.flush())
-        .map_err(write_failed)
+        output::print(self.output, json, table)
     }
 
     pub(super) fn print_receipt(&self, r: &pb::DeletionReceipt) -> Result<(), CliError> {
@@ -312,21 +306,29 @@ impl Admin {
         }
     }
 
-    /// Polls KeyStatus until `run` has completed or failed.
+    /// Polls KeyStatus until `run` has completed or failed, showing its
+    /// progress on stderr (a bar on a terminal, plain lines elsewhere) and
+    /// ending with one line saying how it ended.
     pub(super) async fn wait_for_rotation(
         &mut self,
         mut run: pb::RotationProgress,
     ) -> Result<pb::RotationProgress, CliError> {
-        let progress = show_progress();
+        let mut progress = Progress::start(
+            format!("rotating to v{}", run.target_version),
+            "wrapped keys",
+            run.done,
+            run.total,
+        );
         let running = pb::RotationState::Running as i32;
         while run.state == running {
-            if progress {
-                eprint!("\r{}", rotation_progress_line(&run));
-            }
             tokio::time::sleep(ROTATION_POLL).await;
+            // An early return drops `progress`, which clears its bar.
             let status = self.key_status().await?;
             match status.rotation {
-                Some(latest) if latest.run_id == run.run_id => run = latest,
+                Some(latest) if latest.run_id == run.run_id => {
+                    run = latest;
+                    progress.update(run.done, run.total);
+                }
                 Some(latest) => {
                     return Err(CliError::failed(format!(
                         "rotation {} was superseded by rotation {}",
@@ -341,9 +343,15 @@ impl Admin {
                 }
             }
         }
-        if progress {
-            eprintln!("\r{}", rotation_progress_line(&run));
-        }
+        progress.finish(
+            &format!(
+                "rotation to v{} {}",
+                run.target_version,
+                output::rotation_state_text(run.state)
+            ),
+            run.done,
+            run.total,
+        );
         Ok(run)
     }
 
@@ -451,9 +459,12 @@ impl Admin {
         }
     }
 
-    /// `audit tail`: the newest `lines` entries, oldest first; then, with
-    /// `follow`, every new entry as it is appended.
+    /// `audit tail`: the newest `lines` entries, oldest first; with
+    /// `follow`, see [`Admin::audit_follow`].
     pub(super) async fn audit_tail(&mut self, lines: usize, follow: bool) -> Result<(), CliError> {
+        if follow {
+            return self.audit_follow(lines).await;
+        }
         let mut newest = Vec::new();
         let mut token = String::new();
         let mut last_seq = 0;
@@ -478,71 +489,82 @@ impl Admin {
         }
         newest.truncate(lines);
         newest.reverse();
-        let mut cursor = newest.last().map_or(last_seq, |e| e.seq);
+        self.print(
+            || {
+                json!({
+                    "entries": newest.iter().map(output::audit_entry_json).collect::<Vec<_>>(),
+                    "last_seq": last_seq,
+                })
+            },
+            |out| {
+                let mut table = output::audit_table();
+                for e in &newest {
+                    table.row(output::audit_row(e));
+                }
+                table.write(out)
+            },
+        )
+    }
 
-        let mut out = io::stdout();
+    /// `audit tail --follow`: one `FollowAudit` stream, which the vault
+    /// audits once, when it opens (its own entry is the newest of the
+    /// backlog), however long it runs. The newest `lines` entries are printed
+    /// first (a table, or one JSON line each), then every new entry as it is
+    /// appended, until interrupted or the stream fails.
+    pub(super) async fn audit_follow(&mut self, lines: usize) -> Result<(), CliError> {
+        let rpc = "FollowAudit";
+        let mut stream = answer(
+            rpc,
+            self.client
+                .follow_audit(pb::FollowAuditRequest {
+                    after_seq: None,
+                    backlog: u32::try_from(lines).unwrap_or(u32::MAX),
+                })
+                .await,
+        )?;
         let json = self.output == OutputFormat::Json;
-        let mut table = output::audit_table();
-        for e in &newest {
-            table.row(output::audit_row(e));
-        }
-        if !follow {
-            return self.print(
-                || {
-                    json!({
-                        "entries": newest.iter().map(output::audit_entry_json).collect::<Vec<_>>(),
-                        "last_seq": last_seq,
-                    })
-                },
-                |out| table.write(out),
-            );
-        }
-        if json {
-            for e in &newest {
-                output::write_json_line(&mut out, &output::audit_entry_json(e))
-                    .map_err(write_failed)?;
-            }
-        } else {
-            table.write(&mut out).map_err(write_failed)?;
-        }
-        out.flush().map_err(write_failed)?;
-        let mut widths = table.widths();
+        let mut out = io::stdout();
+        // The backlog is printed as one table once it is complete; later rows
+        // are padded to the widths printed so far.
+        let mut backlog = output::audit_table();
+        let mut widths: Option<Vec<usize>> = None;
         loop {
-            tokio::time::sleep(FOLLOW_POLL).await;
-            let mut token = String::new();
-            loop {
-                let r = self
-                    .query_audit(pb::QueryAuditRequest {
-                        after_seq: Some(cursor),
-                        page_size: page_size(0, 0),
-                        page_token: token,
-                        ..Default::default()
-                    })
-                    .await?;
+            let batch = match stream.message().await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => {
+                    return Err(CliError::new(
+                        Exit::Unreachable,
+                        format!("{rpc}: the vault ended the stream"),
+                    ));
+                }
+                Err(status) => return Err(CliError::status(rpc, &status)),
+            };
+            if json {
+                for e in &batch.entries {
+                    output::write_json_line(&mut out, &output::audit_entry_json(e))
+                        .map_err(write_failed)?;
+                }
+            } else if let Some(widths) = widths.as_mut() {
                 let mut rows = output::audit_table();
-                for e in &r.entries {
-                    cursor = cursor.max(e.seq);
-                    if json {
-                        output::write_json_line(&mut out, &output::audit_entry_json(e))
-                            .map_err(write_failed)?;
-                    } else {
-                        rows.row(output::audit_row(e));
-                    }
+                for e in &batch.entries {
+                    rows.row(output::audit_row(e));
                 }
-                if !json {
-                    widths = widths
-                        .iter()
-                        .zip(rows.widths())
-                        .map(|(a, b)| (*a).max(b))
-                        .collect();
-                    rows.write_rows(&mut out, &widths).map_err(write_failed)?;
+                *widths = widths
+                    .iter()
+                    .zip(rows.widths())
+                    .map(|(a, b)| (*a).max(b))
+                    .collect();
+                rows.write_rows(&mut out, widths).map_err(write_failed)?;
+            } else {
+                for e in &batch.entries {
+                    backlog.row(output::audit_row(e));
                 }
-                out.flush().map_err(write_failed)?;
-                if r.next_page_token.is_empty() {
-                    break;
+                if batch.caught_up {
+                    backlog.write(&mut out).map_err(write_failed)?;
+                    widths = Some(backlog.widths());
                 }
-                token = r.next_page_token;
             }
+            out.flush().map_err(write_failed)?;
         }
     }
 
@@ -583,7 +605,7 @@ impl Admin {
                 written += 1;
             }
             if progress {
-                eprint!("\rexported {written}/{last} entries");
+                let _ = write!(io::stderr(), "\rexported {written}/{last} entries");
             }
             if r.next_page_token.is_empty() {
                 break;
@@ -591,7 +613,7 @@ impl Admin {
             token = r.next_page_token;
         }
         if progress {
-            eprintln!();
+            let _ = writeln!(io::stderr());
         }
         sink.flush().map_err(write_failed)?;
         drop(sink);

@@ -3,10 +3,13 @@
 //! account deletion, deletion receipts, key-encryption keys and the audit log.
 //!
 //! Results go to stdout (a table, or with `--output json` one JSON document;
-//! see [`super::output`]); progress goes to stderr, and only when stderr is a
-//! terminal. Destructive commands (`accounts delete`, `keys destroy`) ask for
-//! the account id or the key version to be typed on a terminal, and refuse to
-//! run without one unless `--yes` is given.
+//! see [`super::output`]); progress goes to stderr: `keys rotate --wait`
+//! draws a progress bar on a terminal and writes plain lines elsewhere (see
+//! [`super::progress`]), `audit export` counts on a terminal only.
+//! `audit tail --follow` reads one `FollowAudit` stream, which the vault
+//! audits once, when it opens. Destructive commands (`accounts delete`,
+//! `keys destroy`) ask for the account id or the key version to be typed on a
+//! terminal, and refuse to run without one unless `--yes` is given.
 
 mod args;
 mod commands;
@@ -22,31 +25,16 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use super::client::{AdminClient, ClientSettings, ConnectionFlags};
-use super::exit::CliError;
+use super::exit::{CliError, Exit};
 use super::output::{self, Fields, OutputFormat};
+use super::progress::Progress;
 use crate::proto::v1 as pb;
 
 /// The largest page the vault serves.
 const MAX_PAGE: usize = crate::limits::MAX_PAGE_SIZE as usize;
 
-/// `rotating to v2: 120/450 wrapped keys (26%)`, for a terminal.
-fn rotation_progress_line(run: &pb::RotationProgress) -> String {
-    let percent = run
-        .done
-        .saturating_mul(100)
-        .checked_div(run.total)
-        .unwrap_or(100);
-    format!(
-        "rotating to v{}: {}/{} wrapped keys ({percent}%)",
-        run.target_version, run.done, run.total
-    )
-}
-
 /// How often `keys rotate --wait` asks for progress.
 const ROTATION_POLL: Duration = Duration::from_millis(500);
-
-/// How often `audit tail --follow` asks for new entries.
-const FOLLOW_POLL: Duration = Duration::from_secs(1);
 
 /// Runs an admin command to completion.
 pub async fn run(args: AdminArgs) -> Result<(), CliError> {
@@ -178,7 +166,7 @@ where
     }
 }
 
-/// Whether progress may be drawn on stderr.
+/// Whether the `audit export` count may be drawn (with `\r`) on stderr.
 fn show_progress() -> bool {
     io::stderr().is_terminal()
 }
@@ -199,7 +187,10 @@ fn more_note(out: &mut dyn Write, more: bool, shown: usize) -> io::Result<()> {
     }
     if more {
         // On stderr: stdout keeps only the table.
-        eprintln!("(first {shown} shown; there are more: raise --limit, or --limit 0 for all)");
+        let _ = writeln!(
+            io::stderr(),
+            "(first {shown} shown; there are more: raise --limit, or --limit 0 for all)"
+        );
     }
     Ok(())
 }

@@ -36,6 +36,7 @@ impl Dev {
             channel,
             env_file: args.env_file.clone(),
             file,
+            output: args.output,
         })
     }
 
@@ -112,17 +113,17 @@ impl Dev {
         )?;
         let auth_url = Url::parse(&begun.authorization_url)
             .map_err(|e| CliError::failed(format!("{rpc}: the authorization URL: {e}")))?;
-        println!(
+        self.say(&format!(
             "-> {rpc} as {}: state valid until {}",
             APP.identity,
             output::ts_text(begun.state_expires_at.as_ref())
-        );
-        println!(
+        ))?;
+        self.say(&format!(
             "-> the browser goes to Google: {}{} (scope={})",
             auth_url.origin().ascii_serialization(),
             auth_url.path(),
             query_value(&auth_url, "scope").unwrap_or_default()
-        );
+        ))?;
 
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -146,12 +147,14 @@ impl Dev {
                 ))
             })?;
         match query_value(&location, "error") {
-            Some(error) => println!("-> Google refused (error={error}); back to the vault"),
-            None => println!(
+            Some(error) => self.say(&format!(
+                "-> Google refused (error={error}); back to the vault"
+            ))?,
+            None => self.say(&format!(
                 "-> Google (simulated) signed the user in and got consent; back to {}{}",
                 location.origin().ascii_serialization(),
                 location.path()
-            ),
+            ))?,
         }
 
         let callback = http.get(location.as_str()).send().await.map_err(|e| {
@@ -163,7 +166,9 @@ impl Dev {
             .split_once("<p>")
             .and_then(|(_, rest)| rest.split_once("</p>"))
             .map_or("", |(text, _)| text);
-        println!("-> the vault's callback answered {status}: {page}");
+        self.say(&format!(
+            "-> the vault's callback answered {status}: {page}"
+        ))?;
         if !status.is_success() {
             return Err(CliError::failed(format!(
                 "the connection failed: the vault's callback answered {status}"
@@ -194,8 +199,10 @@ impl Dev {
                     .unwrap_or_default()
             })
             .ok_or_else(|| CliError::failed(format!("{rpc}: no connection after the callback")))?;
-        println!();
-        print_fields(&connection_fields(&connection))
+        self.result(
+            || output::connection_json(&connection),
+            &connection_fields(&connection),
+        )
     }
 
     /// `dev lease`: a token for a purpose, as that purpose's worker. The
@@ -221,7 +228,10 @@ impl Dev {
             scopes
         };
         let rpc = "LeaseService.LeaseToken";
-        println!("-> {rpc} as {} (purpose {purpose})", worker.identity);
+        self.say(&format!(
+            "-> {rpc} as {} (purpose {purpose})",
+            worker.identity
+        ))?;
         let mut lease = answer(
             rpc,
             self.leases(worker)?
@@ -234,6 +244,7 @@ impl Dev {
                 .await,
         )?;
         let token = Zeroizing::new(std::mem::take(&mut lease.access_token));
+        let json = output::lease_json(&lease, &connection, &purpose, token.len());
         let mut f = Fields::new();
         f.add("lease_id", lease.lease_id.clone())
             .add("connection_id", connection)
@@ -254,7 +265,8 @@ impl Dev {
                     token.len()
                 ),
             );
-        print_fields(&f)
+        drop(token);
+        output::print(self.output, || json, |out| f.write(out))
     }
 
     /// `dev disconnect`: Disconnect as the app; unless `ack` is false, each
@@ -284,12 +296,12 @@ impl Dev {
                 output::list_text(&receipt.required_consumers)
             )
         };
-        println!(
+        self.say(&format!(
             "-> {rpc} as {}: tokens destroyed at {}, receipt {} ({waiting})",
             APP.identity,
             output::ts_text(receipt.tokens_destroyed_at.as_ref()),
             receipt.receipt_id,
-        );
+        ))?;
         if ack {
             let acked: Vec<&str> = receipt
                 .consumer_acks
@@ -299,11 +311,15 @@ impl Dev {
             for consumer in &receipt.required_consumers {
                 if acked.contains(&consumer.as_str()) {
                     // Disconnecting again answers the same receipt.
-                    println!("-> {consumer} has acknowledged this deletion already");
+                    self.say(&format!(
+                        "-> {consumer} has acknowledged this deletion already"
+                    ))?;
                     continue;
                 }
                 let Ok(role) = consumer_role(consumer) else {
-                    println!("-> no dev key acts as {consumer}: the receipt waits for it");
+                    self.say(&format!(
+                        "-> no dev key acts as {consumer}: the receipt waits for it"
+                    ))?;
                     continue;
                 };
                 let target = Target {
@@ -350,8 +366,7 @@ impl Dev {
                 "details",
                 format!("tokenvault admin receipts show {}", receipt.receipt_id),
             );
-        println!();
-        print_fields(&f)
+        self.result(|| output::receipt_json(&receipt), &f)
     }
 
     /// Watches `consumer`'s events from its acknowledged position and
@@ -363,7 +378,7 @@ impl Dev {
         role: &DevRole,
         consumer: &str,
         target: Option<Target<'_>>,
-    ) -> Result<Option<u64>, CliError> {
+    ) -> Result<Acked, CliError> {
         let mut events = self.events(role)?;
         let mut stream = answer(
             "EventService.Watch",
@@ -374,9 +389,13 @@ impl Dev {
                 })
                 .await,
         )?;
-        println!("-> {consumer} (as {}) watches its events:", role.identity);
+        self.say(&format!(
+            "-> {consumer} (as {}) watches its events:",
+            role.identity
+        ))?;
         let deadline = Instant::now() + SETTLE;
         let mut last = None;
+        let mut shown = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let wait = if target.is_some() {
@@ -403,7 +422,8 @@ impl Dev {
                 .as_ref()
                 .is_none_or(|t| t.connection == event.connection_id)
             {
-                println!("     {}", event_text(&event));
+                self.say(&format!("     {}", event_text(&event)))?;
+                shown.push(event);
             }
             if done {
                 break;
@@ -411,7 +431,10 @@ impl Dev {
         }
         drop(stream);
         let Some(cursor) = last else {
-            return Ok(None);
+            return Ok(Acked {
+                events: shown,
+                position: None,
+            });
         };
         let acked = answer(
             "EventService.Ack",
@@ -422,7 +445,7 @@ impl Dev {
                 })
                 .await,
         )?;
-        println!(
+        self.say(&format!(
             "-> {consumer} acknowledged {} (EventService.Ack up to #{})",
             if target.is_some() {
                 "the deletion"
@@ -430,7 +453,10 @@ impl Dev {
                 "its events"
             },
             acked.position
-        );
-        Ok(Some(acked.position))
+        ))?;
+        Ok(Acked {
+            events: shown,
+            position: Some(acked.position),
+        })
     }
 }

@@ -13,6 +13,11 @@
 //! does not set. Dev mode refuses anything but loopback listeners, TLS,
 //! PostgreSQL and other keyring providers: it is for a laptop, not a host.
 //!
+//! Each `dev` command narrates its steps (`-> …` lines) and ends with its
+//! result; with `--output json` the result is one JSON document on stdout (in
+//! the words of [`super::output`]) and the narration goes to stderr. A leased
+//! token is never printed, only its length.
+//!
 //! The simulator is compiled in only with the `google-sim` feature (the tests
 //! turn it on); a binary built without it refuses `serve --dev` and `dev …`
 //! with one line saying how to build one that has it.
@@ -38,7 +43,7 @@ use zeroize::Zeroizing;
 
 use super::client::{API_KEY_ENV, DEFAULT_TIMEOUT, SERVER_ENV};
 use super::exit::CliError;
-use super::output::{self, Fields};
+use super::output::{self, Fields, OutputFormat};
 use crate::config::{ApiKeyConfig, Config, ConfigError, KeyringProviderKind};
 use crate::crypto::SecretString;
 use crate::grpc::Authenticator;
@@ -143,6 +148,18 @@ pub struct DevArgs {
         default_value = DEFAULT_ENV_FILE
     )]
     pub env_file: PathBuf,
+    /// How to print results: `json` prints one JSON document on stdout and
+    /// the steps on stderr.
+    #[arg(
+        short = 'o',
+        long,
+        global = true,
+        env = output::OUTPUT_ENV,
+        value_enum,
+        default_value_t,
+        help_heading = "Output"
+    )]
+    pub output: OutputFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: DevCommand,
@@ -243,10 +260,20 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         DevCommand::Ack { consumer } => {
             let role = consumer_role(&consumer)?;
             let acked = dev.acknowledge(role, &consumer, None).await?;
-            if acked.is_none() {
-                println!("{consumer}: nothing to acknowledge");
-            }
-            Ok(())
+            output::print(
+                dev.output,
+                || {
+                    serde_json::json!({
+                        "consumer": consumer,
+                        "events": acked.events.iter().map(output::event_json).collect::<Vec<_>>(),
+                        "position": acked.position,
+                    })
+                },
+                |out| match acked.position {
+                    Some(_) => Ok(()),
+                    None => writeln!(out, "{consumer}: nothing to acknowledge"),
+                },
+            )
         }
     }
 }
@@ -274,6 +301,15 @@ struct Dev {
     channel: Channel,
     env_file: PathBuf,
     file: HashMap<String, Zeroizing<String>>,
+    /// How results are printed (and where the narration goes).
+    output: OutputFormat,
+}
+
+/// What `Dev::acknowledge` did: the events it showed and the position it
+/// acknowledged (`None`: there was nothing to acknowledge).
+struct Acked {
+    events: Vec<pb::Event>,
+    position: Option<u64>,
 }
 
 /// The deletion `dev disconnect` waits for.
@@ -368,12 +404,37 @@ fn connection_fields(c: &pb::Connection) -> Fields {
     f
 }
 
-fn print_fields(fields: &Fields) -> Result<(), CliError> {
-    let mut stdout = std::io::stdout().lock();
-    fields
-        .write(&mut stdout)
-        .and_then(|()| stdout.flush())
-        .map_err(CliError::output)
+impl Dev {
+    /// One step of the tour, for the person following it: a line on stdout,
+    /// or on stderr with `--output json` (stdout then holds only the JSON
+    /// document; a failure to write the step there is ignored).
+    fn say(&self, line: &str) -> Result<(), CliError> {
+        match self.output {
+            OutputFormat::Table => {
+                let mut stdout = std::io::stdout().lock();
+                writeln!(stdout, "{line}")
+                    .and_then(|()| stdout.flush())
+                    .map_err(CliError::output)
+            }
+            OutputFormat::Json => {
+                let _ = writeln!(std::io::stderr(), "{line}");
+                Ok(())
+            }
+        }
+    }
+
+    /// The command's result: `json`, or (after an empty line that sets it off
+    /// from the steps) the fields.
+    fn result(
+        &self,
+        json: impl FnOnce() -> serde_json::Value,
+        fields: &Fields,
+    ) -> Result<(), CliError> {
+        output::print(self.output, json, |out| {
+            writeln!(out)?;
+            fields.write(out)
+        })
+    }
 }
 
 /// The `export NAME=VALUE` lines of the env file (`TOKENVAULT_CLI_*` only);
