@@ -222,7 +222,7 @@ fn parse_request(rpc: Rpc, bytes: &[u8]) -> Result<(), Refusal> {
                 parse::<pb::CompleteAuthorizationRequest, CompleteAuthorizationRequest>(bytes)?;
             state(req.state.expose())?;
         }
-        Rpc::GetConnection | Rpc::AdminGetConnection => {
+        Rpc::GetConnection => {
             parse::<pb::GetConnectionRequest, GetConnectionRequest>(bytes)?;
         }
         Rpc::ListConnections => {
@@ -231,10 +231,10 @@ fn parse_request(rpc: Rpc, bytes: &[u8]) -> Result<(), Refusal> {
         Rpc::Disconnect => {
             parse::<pb::DisconnectRequest, DisconnectRequest>(bytes)?;
         }
-        Rpc::DeleteAccount | Rpc::AdminDeleteAccount => {
+        Rpc::DeleteAccount => {
             parse::<pb::DeleteAccountRequest, DeleteAccountRequest>(bytes)?;
         }
-        Rpc::GetDeletionReceipt | Rpc::AdminGetDeletionReceipt => {
+        Rpc::GetDeletionReceipt => {
             parse::<pb::GetDeletionReceiptRequest, GetDeletionReceiptRequest>(bytes)?;
         }
         Rpc::LeaseToken => {
@@ -254,10 +254,19 @@ fn parse_request(rpc: Rpc, bytes: &[u8]) -> Result<(), Refusal> {
             parse::<pb::AckRequest, AckRequest>(bytes)?;
         }
         Rpc::AdminListConnections => {
-            parse::<pb::AdminListConnectionsRequest, ListConnectionsRequest>(bytes)?;
+            parse::<pb::AdminServiceListConnectionsRequest, ListConnectionsRequest>(bytes)?;
+        }
+        Rpc::AdminGetConnection => {
+            parse::<pb::AdminServiceGetConnectionRequest, GetConnectionRequest>(bytes)?;
         }
         Rpc::RevokeConnection => {
             parse::<pb::RevokeConnectionRequest, DisconnectRequest>(bytes)?;
+        }
+        Rpc::AdminDeleteAccount => {
+            parse::<pb::AdminServiceDeleteAccountRequest, DeleteAccountRequest>(bytes)?;
+        }
+        Rpc::AdminGetDeletionReceipt => {
+            parse::<pb::AdminServiceGetDeletionReceiptRequest, GetDeletionReceiptRequest>(bytes)?;
         }
         Rpc::ListDeletionReceipts => {
             parse::<pb::ListDeletionReceiptsRequest, ListDeletionReceiptsRequest>(bytes)?;

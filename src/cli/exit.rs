@@ -103,6 +103,12 @@ impl CliError {
         Self::new(Exit::Failed, message)
     }
 
+    /// An answer to `rpc` without `field`, a message the vault always sets
+    /// (exit 1).
+    pub fn missing_field(rpc: &str, field: &str) -> Self {
+        Self::failed(format!("{rpc}: the vault's answer has no {field}"))
+    }
+
     /// A gRPC error answered to `rpc`: the status message (the vault puts no
     /// secret in one) and the code's canonical name.
     pub fn status(rpc: &str, status: &tonic::Status) -> Self {

@@ -367,8 +367,8 @@ pub fn lease_json(
     })
 }
 
-/// `tokenvault.v1.Event`.
-pub fn event_json(e: &pb::Event) -> Value {
+/// `tokenvault.v1.WatchResponse`.
+pub fn event_json(e: &pb::WatchResponse) -> Value {
     json!({
         "cursor": e.cursor,
         "kind": enum_json!(pb::EventKind, "EVENT_KIND_", e.kind),
@@ -982,7 +982,7 @@ mod tests {
             key_status_json(&pb::KeyStatusResponse::default()),
             key_report_json(&pb::KeyReportResponse::default()),
             verify_json(&pb::VerifyAuditResponse::default()),
-            event_json(&pb::Event::default()),
+            event_json(&pb::WatchResponse::default()),
         ];
         for doc in documents {
             let text = doc.to_string();

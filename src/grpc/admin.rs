@@ -78,8 +78,8 @@ impl Admin {
 impl pb::admin_service_server::AdminService for Admin {
     async fn list_connections(
         &self,
-        request: Request<pb::AdminListConnectionsRequest>,
-    ) -> Result<Response<pb::AdminListConnectionsResponse>, Status> {
+        request: Request<pb::AdminServiceListConnectionsRequest>,
+    ) -> Result<Response<pb::AdminServiceListConnectionsResponse>, Status> {
         self.begin(
             &request,
             "AdminService.ListConnections",
@@ -99,7 +99,7 @@ impl pb::admin_service_server::AdminService for Admin {
             details.last().map(|d| d.connection.id.as_str()),
             &page_key,
         );
-        Ok(Response::new(pb::AdminListConnectionsResponse {
+        Ok(Response::new(pb::AdminServiceListConnectionsResponse {
             connections: details.iter().map(convert::connection_detail).collect(),
             next_page_token: next,
         }))
@@ -107,8 +107,8 @@ impl pb::admin_service_server::AdminService for Admin {
 
     async fn get_connection(
         &self,
-        request: Request<pb::GetConnectionRequest>,
-    ) -> Result<Response<pb::ConnectionDetail>, Status> {
+        request: Request<pb::AdminServiceGetConnectionRequest>,
+    ) -> Result<Response<pb::AdminServiceGetConnectionResponse>, Status> {
         self.begin(
             &request,
             "AdminService.GetConnection",
@@ -118,13 +118,15 @@ impl pb::admin_service_server::AdminService for Admin {
         .await?;
         let id = GetConnectionRequest::try_from(request.into_inner())?.connection;
         let detail = self.0.vault.connection_detail(&id).await?;
-        Ok(Response::new(convert::connection_detail(&detail)))
+        Ok(Response::new(pb::AdminServiceGetConnectionResponse {
+            connection: Some(convert::connection_detail(&detail)),
+        }))
     }
 
     async fn revoke_connection(
         &self,
         request: Request<pb::RevokeConnectionRequest>,
-    ) -> Result<Response<pb::DeletionReceipt>, Status> {
+    ) -> Result<Response<pb::RevokeConnectionResponse>, Status> {
         let caller = self
             .begin(
                 &request,
@@ -143,13 +145,15 @@ impl pb::admin_service_server::AdminService for Admin {
                 &req.reason,
             )
             .await?;
-        Ok(Response::new(convert::receipt(vault, &done.receipt)))
+        Ok(Response::new(pb::RevokeConnectionResponse {
+            receipt: Some(convert::receipt(vault, &done.receipt)),
+        }))
     }
 
     async fn delete_account(
         &self,
-        request: Request<pb::DeleteAccountRequest>,
-    ) -> Result<Response<pb::DeletionReceipt>, Status> {
+        request: Request<pb::AdminServiceDeleteAccountRequest>,
+    ) -> Result<Response<pb::AdminServiceDeleteAccountResponse>, Status> {
         let target = format!(
             "{}/{}",
             request.get_ref().tenant_id,
@@ -168,13 +172,15 @@ impl pb::admin_service_server::AdminService for Admin {
                 &req.reason,
             )
             .await?;
-        Ok(Response::new(convert::receipt(vault, &done.receipt)))
+        Ok(Response::new(pb::AdminServiceDeleteAccountResponse {
+            receipt: Some(convert::receipt(vault, &done.receipt)),
+        }))
     }
 
     async fn get_deletion_receipt(
         &self,
-        request: Request<pb::GetDeletionReceiptRequest>,
-    ) -> Result<Response<pb::DeletionReceipt>, Status> {
+        request: Request<pb::AdminServiceGetDeletionReceiptRequest>,
+    ) -> Result<Response<pb::AdminServiceGetDeletionReceiptResponse>, Status> {
         self.begin(
             &request,
             "AdminService.GetDeletionReceipt",
@@ -185,7 +191,9 @@ impl pb::admin_service_server::AdminService for Admin {
         let id = GetDeletionReceiptRequest::try_from(request.into_inner())?.receipt;
         let vault = &self.0.vault;
         let receipt = vault.receipt_get(&id).await?;
-        Ok(Response::new(convert::receipt(vault, &receipt)))
+        Ok(Response::new(pb::AdminServiceGetDeletionReceiptResponse {
+            receipt: Some(convert::receipt(vault, &receipt)),
+        }))
     }
 
     async fn list_deletion_receipts(
@@ -233,18 +241,20 @@ impl pb::admin_service_server::AdminService for Admin {
     async fn rotate_keys(
         &self,
         request: Request<pb::RotateKeysRequest>,
-    ) -> Result<Response<pb::RotationProgress>, Status> {
+    ) -> Result<Response<pb::RotateKeysResponse>, Status> {
         let caller = self
             .begin(&request, "AdminService.RotateKeys", ADMIN, "keys")
             .await?;
         let run = self.0.vault.keys().rotate(&caller.actor()).await?;
-        Ok(Response::new(convert::rotation(&run)))
+        Ok(Response::new(pb::RotateKeysResponse {
+            rotation: Some(convert::rotation(&run)),
+        }))
     }
 
     async fn retire_key(
         &self,
         request: Request<pb::RetireKeyRequest>,
-    ) -> Result<Response<pb::KeyVersionInfo>, Status> {
+    ) -> Result<Response<pb::RetireKeyResponse>, Status> {
         let raw = request.get_ref().version;
         let caller = self
             .begin(
@@ -256,13 +266,15 @@ impl pb::admin_service_server::AdminService for Admin {
             .await?;
         let version = RetireKeyRequest::try_from(request.into_inner())?.version;
         self.0.vault.keys().retire(version, &caller.actor()).await?;
-        Ok(Response::new(self.key_version_info(version).await?))
+        Ok(Response::new(pb::RetireKeyResponse {
+            version: Some(self.key_version_info(version).await?),
+        }))
     }
 
     async fn destroy_key(
         &self,
         request: Request<pb::DestroyKeyRequest>,
-    ) -> Result<Response<pb::KeyVersionInfo>, Status> {
+    ) -> Result<Response<pb::DestroyKeyResponse>, Status> {
         let raw = request.get_ref().version;
         let caller = self
             .begin(
@@ -278,7 +290,9 @@ impl pb::admin_service_server::AdminService for Admin {
             .keys()
             .destroy(version, &caller.actor())
             .await?;
-        Ok(Response::new(self.key_version_info(version).await?))
+        Ok(Response::new(pb::DestroyKeyResponse {
+            version: Some(self.key_version_info(version).await?),
+        }))
     }
 
     async fn key_report(

@@ -54,7 +54,7 @@ impl pb::connection_service_server::ConnectionService for Connections {
     async fn complete_authorization(
         &self,
         request: Request<pb::CompleteAuthorizationRequest>,
-    ) -> Result<Response<pb::Connection>, Status> {
+    ) -> Result<Response<pb::CompleteAuthorizationResponse>, Status> {
         let rpc = "ConnectionService.CompleteAuthorization";
         let caller = self
             .0
@@ -74,16 +74,18 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .authorization_complete(completer, req.state.expose(), req.completion)
             .await?;
         let detail = self.0.vault.connection_detail(&record.id).await?;
-        Ok(Response::new(convert::connection_listed(
-            &detail,
-            detail.access_expires_at,
-        )))
+        Ok(Response::new(pb::CompleteAuthorizationResponse {
+            connection: Some(convert::connection_listed(
+                &detail,
+                detail.access_expires_at,
+            )),
+        }))
     }
 
     async fn get_connection(
         &self,
         request: Request<pb::GetConnectionRequest>,
-    ) -> Result<Response<pb::Connection>, Status> {
+    ) -> Result<Response<pb::GetConnectionResponse>, Status> {
         let rpc = "ConnectionService.GetConnection";
         let caller = self
             .0
@@ -105,7 +107,9 @@ impl pb::connection_service_server::ConnectionService for Connections {
                 "",
             )
             .await?;
-        Ok(Response::new(shown))
+        Ok(Response::new(pb::GetConnectionResponse {
+            connection: Some(shown),
+        }))
     }
 
     async fn list_connections(
@@ -160,7 +164,7 @@ impl pb::connection_service_server::ConnectionService for Connections {
     async fn disconnect(
         &self,
         request: Request<pb::DisconnectRequest>,
-    ) -> Result<Response<pb::DeletionReceipt>, Status> {
+    ) -> Result<Response<pb::DisconnectResponse>, Status> {
         let rpc = "ConnectionService.Disconnect";
         let caller = self
             .0
@@ -177,13 +181,15 @@ impl pb::connection_service_server::ConnectionService for Connections {
                 &req.reason,
             )
             .await?;
-        Ok(Response::new(convert::receipt(vault, &done.receipt)))
+        Ok(Response::new(pb::DisconnectResponse {
+            receipt: Some(convert::receipt(vault, &done.receipt)),
+        }))
     }
 
     async fn delete_account(
         &self,
         request: Request<pb::DeleteAccountRequest>,
-    ) -> Result<Response<pb::DeletionReceipt>, Status> {
+    ) -> Result<Response<pb::DeleteAccountResponse>, Status> {
         let rpc = "ConnectionService.DeleteAccount";
         let caller = self
             .0
@@ -200,13 +206,15 @@ impl pb::connection_service_server::ConnectionService for Connections {
                 &req.reason,
             )
             .await?;
-        Ok(Response::new(convert::receipt(vault, &done.receipt)))
+        Ok(Response::new(pb::DeleteAccountResponse {
+            receipt: Some(convert::receipt(vault, &done.receipt)),
+        }))
     }
 
     async fn get_deletion_receipt(
         &self,
         request: Request<pb::GetDeletionReceiptRequest>,
-    ) -> Result<Response<pb::DeletionReceipt>, Status> {
+    ) -> Result<Response<pb::GetDeletionReceiptResponse>, Status> {
         let rpc = "ConnectionService.GetDeletionReceipt";
         let caller = self
             .0
@@ -220,6 +228,8 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .audit()
             .record(&caller.actor(), "receipt.get", id.as_str(), Outcome::Ok, "")
             .await?;
-        Ok(Response::new(convert::receipt(vault, &receipt)))
+        Ok(Response::new(pb::GetDeletionReceiptResponse {
+            receipt: Some(convert::receipt(vault, &receipt)),
+        }))
     }
 }

@@ -462,9 +462,9 @@ fn upstream_pb(u: UpstreamState) -> pb::UpstreamRevocationState {
 }
 
 /// An event as watchers receive it.
-pub fn event(e: &EventRecord) -> pb::Event {
+pub fn event(e: &EventRecord) -> pb::WatchResponse {
     let ev = &e.event;
-    pb::Event {
+    pb::WatchResponse {
         cursor: u64::try_from(e.cursor).unwrap_or(0),
         kind: event_kind_pb(ev.kind) as i32,
         occurred_at: Some(ts(ev.occurred_at)),

@@ -65,7 +65,7 @@ impl Events {
 
 #[tonic::async_trait]
 impl pb::event_service_server::EventService for Events {
-    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
     async fn watch(
         &self,

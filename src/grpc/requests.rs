@@ -166,6 +166,16 @@ impl TryFrom<pb::GetConnectionRequest> for GetConnectionRequest {
     }
 }
 
+impl TryFrom<pb::AdminServiceGetConnectionRequest> for GetConnectionRequest {
+    type Error = VaultError;
+
+    fn try_from(req: pb::AdminServiceGetConnectionRequest) -> Result<Self, VaultError> {
+        Ok(Self {
+            connection: ConnectionId::parse(&req.connection_id)?,
+        })
+    }
+}
+
 /// `ConnectionService.ListConnections` (always one tenant's) and
 /// `AdminService.ListConnections` (any filter), parsed.
 #[derive(Debug)]
@@ -215,10 +225,10 @@ impl TryFrom<pb::ListConnectionsRequest> for ListConnectionsRequest {
     }
 }
 
-impl TryFrom<pb::AdminListConnectionsRequest> for ListConnectionsRequest {
+impl TryFrom<pb::AdminServiceListConnectionsRequest> for ListConnectionsRequest {
     type Error = VaultError;
 
-    fn try_from(req: pb::AdminListConnectionsRequest) -> Result<Self, VaultError> {
+    fn try_from(req: pb::AdminServiceListConnectionsRequest) -> Result<Self, VaultError> {
         let filter = ConnectionFilter {
             tenant: req.tenant_id.as_deref().map(TenantId::parse).transpose()?,
             account: req
@@ -290,18 +300,32 @@ pub struct DeleteAccountRequest {
     pub reason: String,
 }
 
+impl DeleteAccountRequest {
+    fn parse(tenant_id: &str, account_id: &str, reason: String) -> Result<Self, VaultError> {
+        let tenant = TenantId::parse(tenant_id)?;
+        let account = AccountId::parse(account_id)?;
+        convert::reason_text(&reason)?;
+        Ok(Self {
+            tenant,
+            account,
+            reason,
+        })
+    }
+}
+
 impl TryFrom<pb::DeleteAccountRequest> for DeleteAccountRequest {
     type Error = VaultError;
 
     fn try_from(req: pb::DeleteAccountRequest) -> Result<Self, VaultError> {
-        let tenant = TenantId::parse(&req.tenant_id)?;
-        let account = AccountId::parse(&req.account_id)?;
-        convert::reason_text(&req.reason)?;
-        Ok(Self {
-            tenant,
-            account,
-            reason: req.reason,
-        })
+        Self::parse(&req.tenant_id, &req.account_id, req.reason)
+    }
+}
+
+impl TryFrom<pb::AdminServiceDeleteAccountRequest> for DeleteAccountRequest {
+    type Error = VaultError;
+
+    fn try_from(req: pb::AdminServiceDeleteAccountRequest) -> Result<Self, VaultError> {
+        Self::parse(&req.tenant_id, &req.account_id, req.reason)
     }
 }
 
@@ -317,6 +341,16 @@ impl TryFrom<pb::GetDeletionReceiptRequest> for GetDeletionReceiptRequest {
     type Error = VaultError;
 
     fn try_from(req: pb::GetDeletionReceiptRequest) -> Result<Self, VaultError> {
+        Ok(Self {
+            receipt: ReceiptId::parse(&req.receipt_id)?,
+        })
+    }
+}
+
+impl TryFrom<pb::AdminServiceGetDeletionReceiptRequest> for GetDeletionReceiptRequest {
+    type Error = VaultError;
+
+    fn try_from(req: pb::AdminServiceGetDeletionReceiptRequest) -> Result<Self, VaultError> {
         Ok(Self {
             receipt: ReceiptId::parse(&req.receipt_id)?,
         })
@@ -808,7 +842,7 @@ mod tests {
             ))),
             format!("invalid actor: at most {MAX_AUDIT_FILTER_BYTES} bytes")
         );
-        let subject = |s: String| pb::AdminListConnectionsRequest {
+        let subject = |s: String| pb::AdminServiceListConnectionsRequest {
             google_subject: Some(s),
             ..Default::default()
         };

@@ -7,6 +7,7 @@ mod authorize;
 mod connections;
 mod deletion;
 mod events;
+mod expiring;
 mod keys;
 mod lease;
 mod rate;

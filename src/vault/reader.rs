@@ -20,10 +20,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::expiring::ExpiringMap;
 use crate::domain::{ConnectionId, ConnectionStatus, ErrorReason, VaultError};
 use crate::store::{ConnectionRecord, LeaseStore, SecretsRecord};
 
@@ -47,40 +48,36 @@ pub(super) struct LeaseRead {
     pub cached: bool,
 }
 
-/// A cached record and when it was read.
-struct Entry {
-    conn: Arc<ConnectionRecord>,
-    secrets: Arc<SecretsRecord>,
-    read_at: Instant,
-}
+/// A cached record: the connection and its sealed secrets.
+type Entry = (Arc<ConnectionRecord>, Arc<SecretsRecord>);
 
-/// Sealed records of ACTIVE connections, by id.
+/// Sealed records of ACTIVE connections, by id, each kept for the TTL (see
+/// [`ExpiringMap`] for how a full cache makes room).
 struct SealedCache {
-    entries: Mutex<HashMap<ConnectionId, Entry>>,
-    ttl: Duration,
-    capacity: usize,
+    entries: Mutex<ExpiringMap<ConnectionId, Entry>>,
+    enabled: bool,
 }
 
 impl SealedCache {
-    fn enabled(&self) -> bool {
-        !self.ttl.is_zero() && self.capacity > 0
+    fn new(ttl: Duration, capacity: usize) -> Self {
+        let entries = ExpiringMap::new(ttl, capacity);
+        Self {
+            enabled: entries.enabled(),
+            entries: Mutex::new(entries),
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Entry>> {
+    fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ExpiringMap<ConnectionId, Entry>> {
         // A panic while holding the lock leaves a map that is still usable.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get(&self, id: &ConnectionId) -> Option<(Arc<ConnectionRecord>, Arc<SecretsRecord>)> {
-        let mut entries = self.lock();
-        match entries.get(id) {
-            Some(e) if e.read_at.elapsed() < self.ttl => Some((e.conn.clone(), e.secrets.clone())),
-            Some(_) => {
-                entries.remove(id);
-                None
-            }
-            None => None,
-        }
+    fn get(&self, id: &ConnectionId) -> Option<Entry> {
+        self.lock().get(id).cloned()
     }
 
     /// Keeps a record just read, if its connection is ACTIVE and holds an
@@ -89,23 +86,8 @@ impl SealedCache {
         if conn.status != ConnectionStatus::Active || secrets.access_token.is_none() {
             return;
         }
-        let mut entries = self.lock();
-        if entries.len() >= self.capacity && !entries.contains_key(&conn.id) {
-            entries.retain(|_, e| e.read_at.elapsed() < self.ttl);
-            if entries.len() >= self.capacity {
-                // Full of live entries: start over rather than track recency on
-                // every hit; the next leases refill what they use.
-                entries.clear();
-            }
-        }
-        entries.insert(
-            conn.id.clone(),
-            Entry {
-                conn: conn.clone(),
-                secrets: secrets.clone(),
-                read_at: Instant::now(),
-            },
-        );
+        self.lock()
+            .put(conn.id.clone(), (conn.clone(), secrets.clone()));
     }
 
     fn forget(&self, id: &ConnectionId) {
@@ -128,11 +110,7 @@ impl LeaseReader {
         tokio::spawn(run(store, rx));
         Self {
             tx,
-            cache: SealedCache {
-                entries: Mutex::new(HashMap::new()),
-                ttl,
-                capacity,
-            },
+            cache: SealedCache::new(ttl, capacity),
         }
     }
 

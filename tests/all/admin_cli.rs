@@ -791,7 +791,7 @@ async fn audit_commands(backend: Backend) {
     let marker = unknown_id("conn_");
     let err = tv
         .admin(As::Admin)
-        .get_connection(pb::GetConnectionRequest {
+        .get_connection(pb::AdminServiceGetConnectionRequest {
             connection_id: marker.clone(),
         })
         .await
@@ -1027,7 +1027,7 @@ async fn completions_and_help() {
 /// `page_size`: the ids on each page.
 async fn admin_pages(
     tv: &TestVault,
-    filter: pb::AdminListConnectionsRequest,
+    filter: pb::AdminServiceListConnectionsRequest,
     page_size: i32,
 ) -> Vec<Vec<pb::ConnectionDetail>> {
     let mut pages = Vec::new();
@@ -1035,7 +1035,7 @@ async fn admin_pages(
     loop {
         let page = tv
             .admin(As::Admin)
-            .list_connections(pb::AdminListConnectionsRequest {
+            .list_connections(pb::AdminServiceListConnectionsRequest {
                 page_size,
                 page_token: token.clone(),
                 ..filter.clone()
@@ -1108,7 +1108,9 @@ async fn admin_list_filters_return_full_pages(backend: Backend) {
             })
             .await
             .expect("disconnect")
-            .into_inner();
+            .into_inner()
+            .receipt
+            .unwrap();
         deleted.push((ids[i].clone(), receipt.receipt_id));
     }
 
@@ -1137,7 +1139,7 @@ async fn admin_list_filters_return_full_pages(backend: Backend) {
     // By Google account: six live ones (one of the seven was disconnected,
     // and tombstones forget their subject).
     let live_shared: Vec<String> = shared.iter().filter(|id| **id != ids[5]).cloned().collect();
-    let by_subject = pb::AdminListConnectionsRequest {
+    let by_subject = pb::AdminServiceListConnectionsRequest {
         google_subject: Some("sub-shared".into()),
         ..Default::default()
     };
@@ -1169,7 +1171,7 @@ async fn admin_list_filters_return_full_pages(backend: Backend) {
     }
 
     // By status: the four tombstones, each naming its receipt and holding nothing.
-    let tombstones = pb::AdminListConnectionsRequest {
+    let tombstones = pb::AdminServiceListConnectionsRequest {
         tenant_id: Some("pages".into()),
         status: Some(pb::ConnectionStatus::Deleted as i32),
         ..Default::default()
@@ -1197,7 +1199,7 @@ async fn admin_list_filters_return_full_pages(backend: Backend) {
         .filter(|id| !want.contains(id))
         .cloned()
         .collect();
-    let tenant = pb::AdminListConnectionsRequest {
+    let tenant = pb::AdminServiceListConnectionsRequest {
         tenant_id: Some("pages".into()),
         ..Default::default()
     };
@@ -1207,7 +1209,7 @@ async fn admin_list_filters_return_full_pages(backend: Backend) {
         &live,
         "tenant, page size 7",
     );
-    let all = pb::AdminListConnectionsRequest {
+    let all = pb::AdminServiceListConnectionsRequest {
         include_deleted: true,
         ..tenant
     };
@@ -1324,7 +1326,7 @@ async fn a_follow_is_audited_once(backend: Backend) {
     let marker = unknown_id("conn_");
     let err = tv
         .admin(As::Admin)
-        .get_connection(pb::GetConnectionRequest {
+        .get_connection(pb::AdminServiceGetConnectionRequest {
             connection_id: marker.clone(),
         })
         .await

@@ -214,7 +214,9 @@ async fn fixtures(tv: &TestVault) -> Fixtures {
         })
         .await
         .expect("disconnect the fixture connection")
-        .into_inner();
+        .into_inner()
+        .receipt
+        .unwrap();
     let head = tv
         .vault
         .store()
@@ -253,6 +255,18 @@ async fn call(tv: &TestVault, fx: &Fixtures, who: Option<As>, rpc: &str) -> Resu
         receipt_id: fx.receipt.clone(),
     };
     let throwaway = || pb::DeleteAccountRequest {
+        tenant_id: "acme".into(),
+        account_id: "throwaway".into(),
+        reason: "authz matrix".into(),
+    };
+    // AdminService's copies of the three requests above.
+    let admin_get = || pb::AdminServiceGetConnectionRequest {
+        connection_id: fx.calendar.clone(),
+    };
+    let admin_receipt = || pb::AdminServiceGetDeletionReceiptRequest {
+        receipt_id: fx.receipt.clone(),
+    };
+    let admin_throwaway = || pb::AdminServiceDeleteAccountRequest {
         tenant_id: "acme".into(),
         account_id: "throwaway".into(),
         reason: "authz matrix".into(),
@@ -328,11 +342,13 @@ async fn call(tv: &TestVault, fx: &Fixtures, who: Option<As>, rpc: &str) -> Resu
             .await
             .map(drop),
         "AdminService/ListConnections" => admin
-            .list_connections(pb::AdminListConnectionsRequest::default())
+            .list_connections(pb::AdminServiceListConnectionsRequest::default())
             .await
             .map(drop),
-        "AdminService/GetConnection" => admin.get_connection(get()).await.map(drop),
-        "AdminService/GetDeletionReceipt" => admin.get_deletion_receipt(receipt()).await.map(drop),
+        "AdminService/GetConnection" => admin.get_connection(admin_get()).await.map(drop),
+        "AdminService/GetDeletionReceipt" => {
+            admin.get_deletion_receipt(admin_receipt()).await.map(drop)
+        }
         "AdminService/ListDeletionReceipts" => admin
             .list_deletion_receipts(pb::ListDeletionReceiptsRequest::default())
             .await
@@ -365,7 +381,7 @@ async fn call(tv: &TestVault, fx: &Fixtures, who: Option<As>, rpc: &str) -> Resu
             })
             .await
             .map(drop),
-        "AdminService/DeleteAccount" => admin.delete_account(throwaway()).await.map(drop),
+        "AdminService/DeleteAccount" => admin.delete_account(admin_throwaway()).await.map(drop),
         // No such version: NOT_FOUND once past the role check, nothing changes.
         "AdminService/RetireKey" => admin
             .retire_key(pb::RetireKeyRequest { version: 999 })

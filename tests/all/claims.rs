@@ -93,7 +93,9 @@ async fn status_of(tv: &TestVault, id: &str) -> pb::ConnectionStatus {
         })
         .await
         .expect("GetConnection")
-        .into_inner();
+        .into_inner()
+        .connection
+        .unwrap();
     pb::ConnectionStatus::try_from(c.status).unwrap()
 }
 

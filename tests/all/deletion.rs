@@ -118,7 +118,9 @@ async fn delete_account_removes_everything_and_completes_on_acks(backend: Backen
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .receipt
+        .unwrap();
     let mut ids = vec![cal.connection_id.clone(), mail.connection_id.clone()];
     ids.sort();
     assert_eq!(r.connection_ids, ids);
@@ -143,7 +145,9 @@ async fn delete_account_removes_everything_and_completes_on_acks(backend: Backen
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .connection
+        .unwrap();
     assert_eq!(tombstone.status, pb::ConnectionStatus::Deleted as i32);
     assert_eq!(tombstone.deletion_receipt_id, r.receipt_id);
 
@@ -205,7 +209,9 @@ async fn delete_account_removes_everything_and_completes_on_acks(backend: Backen
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .receipt
+        .unwrap();
     assert_eq!(again.receipt_id, r.receipt_id);
     let still = tv
         .connections(As::App)
@@ -214,7 +220,9 @@ async fn delete_account_removes_everything_and_completes_on_acks(backend: Backen
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .connection
+        .unwrap();
     assert_eq!(still.status, pb::ConnectionStatus::Active as i32);
 }
 both_backends!(
@@ -311,7 +319,9 @@ async fn status_of(tv: &TestVault, id: &str) -> pb::ConnectionStatus {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .connection
+        .unwrap();
     pb::ConnectionStatus::try_from(c.status).unwrap()
 }
 
@@ -559,7 +569,9 @@ async fn the_outbox_finishes_a_revocation_after_a_sigkill(backend: Backend) {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .receipt
+        .unwrap();
     assert_eq!(upstream(&r), pb::UpstreamRevocationState::Pending, "{r:?}");
     first.signal("KILL");
     first.wait(Duration::from_secs(10));
@@ -587,7 +599,9 @@ async fn the_outbox_finishes_a_revocation_after_a_sigkill(backend: Backend) {
             })
             .await
             .unwrap()
-            .into_inner();
+            .into_inner()
+            .receipt
+            .unwrap();
         if upstream(&now) == pb::UpstreamRevocationState::Confirmed {
             break;
         }

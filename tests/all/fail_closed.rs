@@ -262,7 +262,9 @@ async fn a_deletion_that_fails_half_way_changes_nothing(backend: Backend) {
         })
         .await
         .expect("delete account")
-        .into_inner();
+        .into_inner()
+        .receipt
+        .unwrap();
     assert!(!receipt.receipt_id.is_empty());
     assert_eq!(
         raw.scalar("SELECT COUNT(*) FROM connection_secrets").await,
@@ -440,6 +442,8 @@ async fn a_risc_event_whose_write_the_database_refuses_is_redelivered(backend: B
         .await
         .unwrap()
         .into_inner()
+        .connection
+        .unwrap()
         .status;
     assert_eq!(status, pb::ConnectionStatus::RevokedUpstream as i32);
     assert_eq!(

@@ -108,6 +108,8 @@ async fn a_group_readable_database_is_narrowed_to_its_owner_at_start() {
         })
         .await
         .expect("the connection stored before the restart")
-        .into_inner();
+        .into_inner()
+        .connection
+        .unwrap();
     assert_eq!(got.connection_id, seeded.id.to_string());
 }

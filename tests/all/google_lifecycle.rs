@@ -90,12 +90,14 @@ async fn get(tv: &TestVault, id: &str) -> pb::Connection {
         .await
         .unwrap()
         .into_inner()
+        .connection
+        .unwrap()
 }
 
 /// What the admin API says about a connection's secrets.
 async fn detail(tv: &TestVault, tenant: &str, id: &str) -> pb::ConnectionDetail {
     tv.admin(As::Admin)
-        .list_connections(pb::AdminListConnectionsRequest {
+        .list_connections(pb::AdminServiceListConnectionsRequest {
             tenant_id: Some(tenant.into()),
             include_deleted: true,
             ..Default::default()
@@ -183,7 +185,9 @@ async fn invalid_grant_leaves_the_connection_revoked_upstream_until_the_user_rec
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .receipt
+        .unwrap();
     assert_eq!(
         receipt.reason,
         pb::DeletionReason::UserRevokedAtGoogle as i32
@@ -263,7 +267,9 @@ async fn deleting_an_account_revokes_its_google_grant_once(backend: Backend) {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .receipt
+        .unwrap();
     assert_eq!(
         sim.calls(Endpoint::Revoke),
         1,
@@ -360,6 +366,8 @@ async fn concurrent_disconnects_of_one_grant_revoke_it_once(backend: Backend) {
                 .await
                 .unwrap()
                 .into_inner()
+                .receipt
+                .unwrap()
         }
     };
     let (a, b) = tokio::join!(
@@ -644,7 +652,9 @@ async fn every_successful_read_rpc_is_audited(backend: Backend) {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .receipt
+        .unwrap();
     let before_get = audit_actions(&tv, "connection.get").await.len();
     get(&tv, &c.connection_id).await;
     let gets = audit_actions(&tv, "connection.get").await;

@@ -418,7 +418,9 @@ async fn a_rotation_completes_on_every_replica(provider: Provider) {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .receipt
+        .unwrap();
     let before = a.key_status().await;
     let v1 = before.versions.iter().find(|v| v.version == 1).unwrap();
     assert!(v1.oauth_state_keys >= 1 && v1.outbox_keys == 1, "{v1:?}");
@@ -501,7 +503,9 @@ async fn a_rotation_completes_on_every_replica(provider: Provider) {
             })
             .await
             .unwrap()
-            .into_inner();
+            .into_inner()
+            .receipt
+            .unwrap();
         if r.upstream_revocations[0].state == pb::UpstreamRevocationState::Confirmed as i32 {
             break;
         }
@@ -684,7 +688,9 @@ async fn a_rotation_whose_replica_is_killed_is_taken_over_by_a_live_one() {
         .rotate_keys(pb::RotateKeysRequest {})
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .rotation
+        .unwrap();
     let deadline = Deadline::new(
         "the rotation has started rewrapping",
         Duration::from_secs(20),
@@ -748,7 +754,9 @@ async fn a_paused_rotation_owner_that_resumes_after_a_takeover_does_no_row_twice
         .rotate_keys(pb::RotateKeysRequest {})
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .rotation
+        .unwrap();
     let deadline = Deadline::new(
         "the rotation has started rewrapping",
         Duration::from_secs(20),

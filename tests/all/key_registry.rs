@@ -190,7 +190,9 @@ async fn a_replica_that_loses_a_version_stops_serving_and_recovers(backend: Back
         .rotate_keys(pb::RotateKeysRequest {})
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .rotation
+        .unwrap();
     assert_eq!(run.target_version, 2, "the version prepared earlier");
     crate::support::wait_for_rotation(&a.vault, Duration::from_secs(30)).await;
 

@@ -542,7 +542,8 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         InvalidStored("state"),
     );
 
-    // GetConnection, on both services.
+    // GetConnection, on both services (AdminService's request is a copy of
+    // ConnectionService's, the same on the wire).
     for r in [Rpc::GetConnection, Rpc::AdminGetConnection] {
         let m = pb::GetConnectionRequest::default();
         let set = |m: &mut pb::GetConnectionRequest, v| m.connection_id = v;
@@ -659,7 +660,8 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         Invalid("reason"),
     );
 
-    // DeleteAccount, on both services: a bad reason must not delete alice.
+    // DeleteAccount, on both services (the same request on the wire): a bad
+    // reason must not delete alice.
     for r in [Rpc::DeleteAccount, Rpc::AdminDeleteAccount] {
         let m = pb::DeleteAccountRequest {
             tenant_id: "acme".into(),
@@ -692,7 +694,7 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         );
     }
 
-    // GetDeletionReceipt, on both services.
+    // GetDeletionReceipt, on both services (the same request on the wire).
     for r in [Rpc::GetDeletionReceipt, Rpc::AdminGetDeletionReceipt] {
         let m = pb::GetDeletionReceiptRequest::default();
         let set = |m: &mut pb::GetDeletionReceiptRequest, v| m.receipt_id = v;
@@ -866,8 +868,8 @@ fn cases(fx: &Fixture) -> Vec<Case> {
 
     // AdminService.ListConnections
     let r = Rpc::AdminListConnections;
-    let m = pb::AdminListConnectionsRequest::default();
-    let set = |m: &mut pb::AdminListConnectionsRequest, v| m.tenant_id = Some(v);
+    let m = pb::AdminServiceListConnectionsRequest::default();
+    let set = |m: &mut pb::AdminServiceListConnectionsRequest, v| m.tenant_id = Some(v);
     c.text(
         r,
         &m,
@@ -876,7 +878,7 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         bad_external(),
         Invalid("tenant_id"),
     );
-    let set = |m: &mut pb::AdminListConnectionsRequest, v| m.account_id = Some(v);
+    let set = |m: &mut pb::AdminServiceListConnectionsRequest, v| m.account_id = Some(v);
     c.text(
         r,
         &m,
@@ -885,11 +887,11 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         bad_external(),
         Invalid("account_id"),
     );
-    let set = |m: &mut pb::AdminListConnectionsRequest, v| m.integration = Some(v);
+    let set = |m: &mut pb::AdminServiceListConnectionsRequest, v| m.integration = Some(v);
     c.numbers(r, &m, "integration", set, [0, 99], Invalid("integration"));
-    let set = |m: &mut pb::AdminListConnectionsRequest, v| m.status = Some(v);
+    let set = |m: &mut pb::AdminServiceListConnectionsRequest, v| m.status = Some(v);
     c.numbers(r, &m, "status", set, [0, 42, -3], Invalid("status"));
-    let set = |m: &mut pb::AdminListConnectionsRequest, v| m.page_size = v;
+    let set = |m: &mut pb::AdminServiceListConnectionsRequest, v| m.page_size = v;
     c.numbers(r, &m, "page_size", set, [-1], Invalid("page_size"));
     c.text(
         r,
@@ -902,7 +904,7 @@ fn cases(fx: &Fixture) -> Vec<Case> {
     // An exact-match filter, applied in memory, of at most the longest
     // subject OpenID Connect allows.
     let subjects = vec![("128 KiB with NUL", format!("\0{}", a(BIG)))];
-    let set = |m: &mut pb::AdminListConnectionsRequest, v| m.google_subject = Some(v);
+    let set = |m: &mut pb::AdminServiceListConnectionsRequest, v| m.google_subject = Some(v);
     c.text(
         r,
         &m,
@@ -2239,7 +2241,7 @@ pub(crate) fn valid_requests() -> Vec<(Rpc, Vec<u8>)> {
         ),
         (
             Rpc::AdminListConnections,
-            pb::AdminListConnectionsRequest {
+            pb::AdminServiceListConnectionsRequest {
                 tenant_id: Some("acme".into()),
                 account_id: None,
                 integration: Some(1),
@@ -2253,7 +2255,7 @@ pub(crate) fn valid_requests() -> Vec<(Rpc, Vec<u8>)> {
         ),
         (
             Rpc::AdminGetConnection,
-            pb::GetConnectionRequest {
+            pb::AdminServiceGetConnectionRequest {
                 connection_id: conn.clone(),
             }
             .encode_to_vec(),
@@ -2268,7 +2270,7 @@ pub(crate) fn valid_requests() -> Vec<(Rpc, Vec<u8>)> {
         ),
         (
             Rpc::AdminDeleteAccount,
-            pb::DeleteAccountRequest {
+            pb::AdminServiceDeleteAccountRequest {
                 tenant_id: "acme".into(),
                 account_id: "bob".into(),
                 reason: String::new(),
@@ -2277,7 +2279,7 @@ pub(crate) fn valid_requests() -> Vec<(Rpc, Vec<u8>)> {
         ),
         (
             Rpc::AdminGetDeletionReceipt,
-            pb::GetDeletionReceiptRequest {
+            pb::AdminServiceGetDeletionReceiptRequest {
                 receipt_id: format!("rcpt_{}", new_uuid()),
             }
             .encode_to_vec(),

@@ -299,7 +299,9 @@ async fn mtls_identities_from_san(backend: Backend) {
         })
         .await
         .expect("app reads the connection")
-        .into_inner();
+        .into_inner()
+        .connection
+        .unwrap();
     assert_eq!(got.connection_id, id);
     // The app may not lease.
     let err = LeaseServiceClient::new(app)
@@ -704,7 +706,9 @@ async fn sighup_reloads_the_policy() {
         })
         .await
         .expect("the app keeps its role from the policy in force")
-        .into_inner();
+        .into_inner()
+        .connection
+        .unwrap();
     assert_eq!(got.connection_id, id);
 
     // Both reloads are audited.

@@ -330,7 +330,9 @@ async fn invalid_grant_on_refresh_revokes_the_connection_and_destroys_its_tokens
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .connection
+        .unwrap();
     // The same cascade as a disconnect, with the reason recorded and nothing
     // to revoke at Google (the user already did).
     assert_eq!(now.status, pb::ConnectionStatus::RevokedUpstream as i32);
@@ -352,7 +354,9 @@ async fn invalid_grant_on_refresh_revokes_the_connection_and_destroys_its_tokens
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .receipt
+        .unwrap();
     assert_eq!(
         receipt.upstream_revocations[0].state,
         pb::UpstreamRevocationState::NotNeeded as i32

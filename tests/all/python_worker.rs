@@ -603,7 +603,9 @@ async fn the_python_worker_over_mutual_tls(backend: Backend) {
         })
         .await
         .expect("disconnect as the app")
-        .into_inner();
+        .into_inner()
+        .receipt
+        .unwrap();
     let status = worker.finish(WORKER_LIMIT);
     assert_worker_did_its_job(
         &worker,
@@ -625,7 +627,9 @@ async fn the_python_worker_over_mutual_tls(backend: Backend) {
         })
         .await
         .expect("GetDeletionReceipt")
-        .into_inner();
+        .into_inner()
+        .receipt
+        .unwrap();
     assert!(
         shown
             .consumer_acks

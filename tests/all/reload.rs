@@ -115,7 +115,7 @@ async fn sighup_reloads_api_keys_and_audits_what_changed() {
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     // Another key still authenticates (the auditor's did, to read the log).
     AdminServiceClient::with_interceptor(channel.clone(), bearer(As::Admin))
-        .list_connections(pb::AdminListConnectionsRequest::default())
+        .list_connections(pb::AdminServiceListConnectionsRequest::default())
         .await
         .expect("the admin's key still works after the reload");
 

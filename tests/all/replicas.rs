@@ -264,6 +264,8 @@ impl Replica {
             .await
             .unwrap_or_else(|e| panic!("disconnect {connection_id} on {}: {e:?}", self.name))
             .into_inner()
+            .receipt
+            .unwrap()
     }
 
     async fn receipt(&self, receipt_id: &str) -> pb::DeletionReceipt {
@@ -274,10 +276,12 @@ impl Replica {
             .await
             .unwrap()
             .into_inner()
+            .receipt
+            .unwrap()
     }
 
     /// A Watch stream of every event, from the consumer's stored position.
-    async fn watch(&self) -> tonic::Streaming<pb::Event> {
+    async fn watch(&self) -> tonic::Streaming<pb::WatchResponse> {
         self.events()
             .watch(pb::WatchRequest {
                 consumer: CONSUMER.into(),
@@ -807,9 +811,9 @@ const WITHIN: Duration = Duration::from_millis(1_000 + 250);
 /// Reads a Watch stream until the CONNECTION_DELETED event of `connection`;
 /// returns that connection's events in order.
 async fn until_deleted(
-    stream: &mut tonic::Streaming<pb::Event>,
+    stream: &mut tonic::Streaming<pb::WatchResponse>,
     connection: &str,
-) -> Vec<pb::Event> {
+) -> Vec<pb::WatchResponse> {
     let mut seen = Vec::new();
     loop {
         let event = stream
@@ -904,7 +908,8 @@ async fn a_deletion_on_one_replica_reaches_watchers_on_the_others_within_a_secon
             "on {replica}"
         );
     }
-    let cursors = |events: &[pb::Event]| events.iter().map(|e| e.cursor).collect::<Vec<_>>();
+    let cursors =
+        |events: &[pb::WatchResponse]| events.iter().map(|e| e.cursor).collect::<Vec<_>>();
     assert_eq!(
         cursors(b_events.as_slice()),
         cursors(c_events.as_slice()),
@@ -982,7 +987,8 @@ async fn outbox_workers_on_three_replicas_revoke_each_grant_exactly_once() {
         .collect();
     let mut receipts = Vec::new();
     for call in disconnects {
-        receipts.push(call.await.unwrap().expect("disconnect").into_inner());
+        let answer = call.await.unwrap().expect("disconnect").into_inner();
+        receipts.push(answer.receipt.unwrap());
     }
     for r in &receipts {
         let [upstream] = r.upstream_revocations.as_slice() else {

@@ -138,7 +138,9 @@ async fn rotation_rewraps_every_dek_while_reads_continue(backend: Backend) {
         .rotate_keys(pb::RotateKeysRequest {})
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .rotation
+        .unwrap();
     assert_eq!(run.target_version, 2);
     assert_eq!(run.total, CONNECTIONS as u64);
     // Asking again while it runs (the pacing guarantees it still does)
@@ -147,7 +149,9 @@ async fn rotation_rewraps_every_dek_while_reads_continue(backend: Backend) {
         .rotate_keys(pb::RotateKeysRequest {})
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .rotation
+        .unwrap();
     assert_eq!(
         again.state,
         pb::RotationState::Running as i32,
@@ -205,13 +209,17 @@ async fn rotation_rewraps_every_dek_while_reads_continue(backend: Backend) {
         .retire_key(pb::RetireKeyRequest { version: 1 })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .version
+        .unwrap();
     assert_eq!(v1.state, pb::KeyState::Retired as i32);
     let v1 = admin
         .destroy_key(pb::DestroyKeyRequest { version: 1 })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .version
+        .unwrap();
     assert_eq!(v1.state, pb::KeyState::Destroyed as i32);
     let keyring: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tv.keyring_path()).unwrap()).unwrap();
@@ -356,7 +364,9 @@ async fn a_rotation_killed_midway_resumes_after_restart(backend: Backend) {
         .rotate_keys(pb::RotateKeysRequest {})
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .rotation
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let progress = admin

@@ -52,7 +52,11 @@ fn watch(consumer: &str, after: Option<u64>) -> pb::WatchRequest {
 }
 
 /// The next `n` events, failing if they do not come within a few seconds each.
-async fn take(stream: &mut tonic::Streaming<pb::Event>, n: usize, what: &str) -> Vec<pb::Event> {
+async fn take(
+    stream: &mut tonic::Streaming<pb::WatchResponse>,
+    n: usize,
+    what: &str,
+) -> Vec<pb::WatchResponse> {
     let mut got = Vec::new();
     while got.len() < n {
         match next_event(stream, Duration::from_secs(5)).await {
@@ -64,7 +68,7 @@ async fn take(stream: &mut tonic::Streaming<pb::Event>, n: usize, what: &str) ->
 }
 
 /// Asserts the stream stays quiet (nothing more is sent to it for now).
-async fn quiet(stream: &mut tonic::Streaming<pb::Event>, what: &str) {
+async fn quiet(stream: &mut tonic::Streaming<pb::WatchResponse>, what: &str) {
     if let Some(e) = next_event(stream, Duration::from_millis(600)).await {
         panic!("{what}: unexpected event {e:?}");
     }
@@ -324,7 +328,12 @@ async fn ask_everything(tv: &TestVault, id: &str) -> Vec<(&'static str, (Code, S
         (
             "AdminService.GetConnection",
             shape(
-                tv.admin(As::Worker).get_connection(get()).await.map(drop),
+                tv.admin(As::Worker)
+                    .get_connection(pb::AdminServiceGetConnectionRequest {
+                        connection_id: id.into(),
+                    })
+                    .await
+                    .map(drop),
                 id,
             ),
         ),

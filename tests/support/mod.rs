@@ -661,6 +661,8 @@ pub async fn disconnect(tv: &TestVault, id: &str) -> tokenvault::proto::v1::Dele
         .await
         .expect("disconnect")
         .into_inner()
+        .receipt
+        .unwrap()
 }
 
 /// A deletion receipt, as the app sees it.
@@ -672,6 +674,8 @@ pub async fn receipt(tv: &TestVault, id: &str) -> tokenvault::proto::v1::Deletio
         .await
         .expect("GetDeletionReceipt")
         .into_inner()
+        .receipt
+        .unwrap()
 }
 
 /// Polls a receipt until `done` holds; panics after `limit`, naming `what`.
@@ -734,9 +738,9 @@ pub async fn audit_fill_to(tv: &TestVault, seq: i64) {
 
 /// The next event on a Watch stream, or `None` if none comes `within`.
 pub async fn next_event(
-    stream: &mut tonic::Streaming<tokenvault::proto::v1::Event>,
+    stream: &mut tonic::Streaming<tokenvault::proto::v1::WatchResponse>,
     within: std::time::Duration,
-) -> Option<tokenvault::proto::v1::Event> {
+) -> Option<tokenvault::proto::v1::WatchResponse> {
     tokio::time::timeout(within, stream.message())
         .await
         .ok()

@@ -36,7 +36,7 @@ impl Admin {
                 let client = self.client.clone();
                 let (found, more) = collect(args.limit, |page_size, page_token| {
                     let mut client = client.clone();
-                    let request = pb::AdminListConnectionsRequest {
+                    let request = pb::AdminServiceListConnectionsRequest {
                         tenant_id: args.tenant.clone(),
                         account_id: args.account.clone(),
                         integration: args.integration.map(|i| i.proto() as i32),
@@ -73,9 +73,11 @@ impl Admin {
                 let d = answer(
                     "GetConnection",
                     self.client
-                        .get_connection(pb::GetConnectionRequest { connection_id: id })
+                        .get_connection(pb::AdminServiceGetConnectionRequest { connection_id: id })
                         .await,
-                )?;
+                )?
+                .connection
+                .ok_or_else(|| CliError::missing_field("GetConnection", "connection"))?;
                 self.print(
                     || output::connection_detail_json(&d),
                     |out| output::connection_fields(&d).write(out),
@@ -90,7 +92,9 @@ impl Admin {
                             reason,
                         })
                         .await,
-                )?;
+                )?
+                .receipt
+                .ok_or_else(|| CliError::missing_field("RevokeConnection", "receipt"))?;
                 self.print_receipt(&r)
             }
         }
@@ -107,13 +111,15 @@ impl Admin {
                 let r = answer(
                     "DeleteAccount",
                     self.client
-                        .delete_account(pb::DeleteAccountRequest {
+                        .delete_account(pb::AdminServiceDeleteAccountRequest {
                             tenant_id: tenant,
                             account_id: account,
                             reason,
                         })
                         .await,
-                )?;
+                )?
+                .receipt
+                .ok_or_else(|| CliError::missing_field("DeleteAccount", "receipt"))?;
                 self.print_receipt(&r)
             }
         }
@@ -125,9 +131,13 @@ impl Admin {
                 let r = answer(
                     "GetDeletionReceipt",
                     self.client
-                        .get_deletion_receipt(pb::GetDeletionReceiptRequest { receipt_id: id })
+                        .get_deletion_receipt(pb::AdminServiceGetDeletionReceiptRequest {
+                            receipt_id: id,
+                        })
                         .await,
-                )?;
+                )?
+                .receipt
+                .ok_or_else(|| CliError::missing_field("GetDeletionReceipt", "receipt"))?;
                 self.print_receipt(&r)
             }
             ReceiptsCommand::List {
@@ -222,7 +232,9 @@ impl Admin {
                 let mut run = answer(
                     "RotateKeys",
                     self.client.rotate_keys(pb::RotateKeysRequest {}).await,
-                )?;
+                )?
+                .rotation
+                .ok_or_else(|| CliError::missing_field("RotateKeys", "rotation"))?;
                 if wait {
                     run = self.wait_for_rotation(run).await?;
                 }
@@ -244,7 +256,9 @@ impl Admin {
                     self.client
                         .retire_key(pb::RetireKeyRequest { version })
                         .await,
-                )?;
+                )?
+                .version
+                .ok_or_else(|| CliError::missing_field("RetireKey", "version"))?;
                 self.print_key_version(&v)
             }
             AdminKeysCommand::Destroy { version, yes: _ } => {
@@ -253,7 +267,9 @@ impl Admin {
                     self.client
                         .destroy_key(pb::DestroyKeyRequest { version })
                         .await,
-                )?;
+                )?
+                .version
+                .ok_or_else(|| CliError::missing_field("DestroyKey", "version"))?;
                 self.print_key_version(&v)
             }
             AdminKeysCommand::Report => {

@@ -287,7 +287,9 @@ impl Dev {
                 reason,
             })
             .await,
-        )?;
+        )?
+        .receipt
+        .ok_or_else(|| CliError::missing_field(rpc, "receipt"))?;
         let waiting = if receipt.status == pb::ReceiptStatus::Complete as i32 {
             "complete".to_owned()
         } else {
@@ -340,7 +342,9 @@ impl Dev {
                     receipt_id: receipt.receipt_id.clone(),
                 })
                 .await,
-            )?;
+            )?
+            .receipt
+            .ok_or_else(|| CliError::missing_field(rpc, "receipt"))?;
             if !ack || r.status == pb::ReceiptStatus::Complete as i32 || Instant::now() > deadline {
                 break r;
             }

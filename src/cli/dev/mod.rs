@@ -308,7 +308,7 @@ struct Dev {
 /// What `Dev::acknowledge` did: the events it showed and the position it
 /// acknowledged (`None`: there was nothing to acknowledge).
 struct Acked {
-    events: Vec<pb::Event>,
+    events: Vec<pb::WatchResponse>,
     position: Option<u64>,
 }
 
@@ -353,7 +353,7 @@ fn short(name: Option<&str>, prefix: &str, value: i32) -> String {
 }
 
 /// `#7  connection_deleted  conn_…  receipt rcpt_…`.
-fn event_text(e: &pb::Event) -> String {
+fn event_text(e: &pb::WatchResponse) -> String {
     let kind = short(
         pb::EventKind::try_from(e.kind)
             .ok()

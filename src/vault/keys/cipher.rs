@@ -15,15 +15,16 @@
 //!   dropped when their connection is deleted or rewrapped or their version
 //!   leaves service; cached keys are zeroized when the last holder drops.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::crypto::{
     DekContext, KekVersion, Key256, SecretString, TokenKind, WrappedDek, open, seal,
 };
 use crate::domain::{ConnectionId, ReceiptId, TenantId, VaultError};
 use crate::store::{ConnectionRecord, WrappedKeyOwner};
+use crate::vault::expiring::ExpiringMap;
 
 /// Seals and opens the secrets of one owner under that owner's DEK. Made by
 /// the key manager ([`super::KeyManager::new_cipher`],
@@ -147,11 +148,11 @@ impl KeyContext {
     }
 }
 
-/// Unwrapped connection DEKs, by connection.
+/// Unwrapped connection DEKs, by connection, each kept for the TTL (see
+/// [`ExpiringMap`] for how a full cache makes room).
 pub(super) struct DekCache {
-    entries: Mutex<HashMap<ConnectionId, CachedDek>>,
-    ttl: Duration,
-    capacity: usize,
+    entries: Mutex<ExpiringMap<ConnectionId, CachedDek>>,
+    enabled: bool,
     /// Moves on every drop, so an unwrap that was in flight when its connection was
     /// dropped does not put the key back.
     epoch: std::sync::atomic::AtomicU64,
@@ -161,22 +162,21 @@ struct CachedDek {
     version: KekVersion,
     wrapped: Vec<u8>,
     key: Arc<Key256>,
-    at: Instant,
 }
 
 impl DekCache {
     /// A cache holding at most `capacity` keys, each for at most `ttl`
     /// (either zero: no caching).
     pub(super) fn new(ttl: Duration, capacity: usize) -> Self {
+        let entries = ExpiringMap::new(ttl, capacity);
         Self {
-            entries: Mutex::new(HashMap::new()),
-            ttl,
-            capacity,
+            enabled: entries.enabled(),
+            entries: Mutex::new(entries),
             epoch: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, CachedDek>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ExpiringMap<ConnectionId, CachedDek>> {
         // A panic while holding the lock leaves a map that is still usable.
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -187,19 +187,16 @@ impl DekCache {
     }
 
     fn enabled(&self) -> bool {
-        !self.ttl.is_zero() && self.capacity > 0
+        self.enabled
     }
 
     pub(super) fn get(&self, id: &ConnectionId, wrapped: &WrappedDek) -> Option<Arc<Key256>> {
         if !self.enabled() {
             return None;
         }
-        let entries = self.lock();
+        let mut entries = self.lock();
         let e = entries.get(id)?;
-        (e.at.elapsed() < self.ttl
-            && e.version == wrapped.kek_version
-            && e.wrapped == wrapped.bytes)
-            .then(|| e.key.clone())
+        (e.version == wrapped.kek_version && e.wrapped == wrapped.bytes).then(|| e.key.clone())
     }
 
     /// The epoch to pass to [`DekCache::put`] for an unwrap that starts now.
@@ -222,22 +219,12 @@ impl DekCache {
         if self.epoch() != epoch {
             return;
         }
-        if entries.len() >= self.capacity && !entries.contains_key(id) {
-            entries.retain(|_, e| e.at.elapsed() < self.ttl);
-            if entries.len() >= self.capacity {
-                // Full of live entries: make room by dropping any one.
-                if let Some(victim) = entries.keys().next().cloned() {
-                    entries.remove(&victim);
-                }
-            }
-        }
-        entries.insert(
+        entries.put(
             id.clone(),
             CachedDek {
                 version: wrapped.kek_version,
                 wrapped: wrapped.bytes.clone(),
                 key,
-                at: Instant::now(),
             },
         );
     }
@@ -252,7 +239,7 @@ impl DekCache {
     pub(super) fn keep_only(&self, usable: &BTreeSet<KekVersion>) {
         let mut entries = self.lock();
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        entries.retain(|_, e| usable.contains(&e.version) && e.at.elapsed() < self.ttl);
+        entries.retain(|e| usable.contains(&e.version));
     }
 }
 
@@ -307,7 +294,9 @@ mod tests {
         assert_eq!(c.lock().len(), 2, "capacity holds");
         let usable: BTreeSet<KekVersion> = [KekVersion::new(2).unwrap()].into();
         c.keep_only(&usable);
-        assert!(c.lock().values().all(|e| e.version.get() == 2));
+        assert_eq!(c.lock().len(), 1, "only the version 2 key is left");
+        assert!(c.get(&ids[1], &wrapped(2, 1)).is_some());
+        assert!(c.get(&ids[2], &wrapped(1, 1)).is_none());
 
         let expired = cache(Duration::from_millis(1), 10);
         expired.put(
@@ -326,6 +315,6 @@ mod tests {
             Arc::new(Key256::from_bytes([4; 32])),
             off.epoch(),
         );
-        assert!(off.lock().is_empty(), "a zero TTL turns the cache off");
+        assert_eq!(off.lock().len(), 0, "a zero TTL turns the cache off");
     }
 }
