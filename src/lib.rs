@@ -27,7 +27,8 @@
 //! - `proto`: the generated `tokenvault.v1` API and its descriptor set.
 //! - `server`: binds the listeners, serves, and shuts down gracefully.
 //! - `store`: the `Store` trait with its SQLite and PostgreSQL backends.
-//! - `telemetry`: tracing set-up, the Prometheus metrics recorder and the process metrics.
+//! - `telemetry`: tracing set-up, OpenTelemetry trace export (OTLP), the Prometheus metrics
+//!   recorder and the process metrics.
 //! - `vault`: the use cases: authorization flow, leases, deletion, events, keys, RISC, sweeper.
 
 #![forbid(unsafe_code)]

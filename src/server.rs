@@ -174,6 +174,9 @@ impl RunningServer {
             );
         }
         self.vault.shutdown().await;
+        // The spans of everything above, drained and stopped, are exported
+        // before the process ends (a no-op when no traces are exported).
+        crate::telemetry::traces::shutdown().await;
         tracing::info!("tokenvault stopped");
     }
 }
@@ -269,12 +272,13 @@ pub async fn start_with(config: &Config, vault: Arc<Vault>) -> Result<RunningSer
     let routes = grpc::routes(ctx, health_service)
         .map_err(|e| StartError(format!("cannot build reflection service: {e}")))?;
 
-    // Every call is measured (`grpc_server_*`), after the routes have
+    // Every call runs in its span (the trace's server span when traces are
+    // exported) and is measured (`grpc_server_*`), after the routes have
     // rewritten their refusals: the code counted is the code sent.
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .tcp_nodelay(true)
-        .trace_fn(grpc_span)
+        .layer(grpc::RpcSpanLayer::new(grpc_span))
         .layer(grpc::RpcMetricsLayer);
     let grpc_task = {
         let incoming = grpc::transport::incoming(
@@ -379,7 +383,8 @@ fn http_tls(
 /// The span every gRPC request runs in: its method and a request id, taken
 /// from a well-formed `x-request-id` header (the caller's trace of it) or
 /// made up. Nothing else of the request is recorded: headers carry
-/// credentials.
+/// credentials. `otel.name` and `otel.kind` are filled in only when traces
+/// are exported (see `grpc::trace_context`).
 fn grpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
     let given = request
         .headers()
@@ -395,7 +400,13 @@ fn grpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
         Some(v) => v.to_owned(),
         None => next_request_id(),
     };
-    tracing::info_span!("grpc", rpc = %request.uri().path(), request_id = %id)
+    tracing::info_span!(
+        "grpc",
+        rpc = %request.uri().path(),
+        request_id = %id,
+        otel.name = tracing::field::Empty,
+        otel.kind = tracing::field::Empty
+    )
 }
 
 /// A fresh request id: a random per-process start plus a counter, so that

@@ -22,6 +22,11 @@
 //! who can rewrite the database; the writer also appends each one to the
 //! audit witness, a file outside the database, after its batch commits (see
 //! the `witness` module for when, and for what happens when that fails).
+//!
+//! Traced (when traces are exported): an append's wait for its group commit
+//! is an `audit_append` span in the caller's trace (a lease's, say); each
+//! group commit, which serves many callers, is an `audit_commit` trace of
+//! its own, linked to the `audit_append` span of every entry it commits.
 
 pub mod archive;
 mod checkpoint;
@@ -34,6 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use ring::digest;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
 
 pub use checkpoint::CheckpointSigner;
 pub use verify::{VerifyReport, verify_chain, verify_with_witness};
@@ -47,6 +53,7 @@ use crate::domain::{Timestamp, VaultError};
 use crate::store::{
     AuditCheckpoint, AuditDraft, AuditStore, Backend, LeaseGrant, SealedEntry, Store,
 };
+use crate::telemetry::traces::{self, Link};
 
 /// The most entries committed in one group.
 const MAX_GROUP: usize = 512;
@@ -114,6 +121,8 @@ struct Job {
     draft: AuditDraft,
     lease: Option<LeaseGrant>,
     reply: Reply,
+    /// The span waiting for the commit, which the commit's span links to.
+    link: Link,
 }
 
 /// Why an append did not take.
@@ -208,7 +217,19 @@ impl AuditLog {
         let signer = CheckpointSigner::new(keyring.as_ref(), checkpoint_every);
         let sealer = Arc::new(Sealer { keyring, signer });
         let witness_path = witness.as_ref().map(|w| Arc::<Path>::from(w.path()));
-        let writer = writer(store.clone(), sealer.clone(), rx, fault.clone(), witness);
+        // `db.system.name` of the commits' spans.
+        let system = match store.backend() {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgresql",
+        };
+        let writer = writer(
+            store.clone(),
+            sealer.clone(),
+            rx,
+            fault.clone(),
+            witness,
+            system,
+        );
         match store.backend() {
             Backend::Sqlite => {
                 let failed = |what: &str, e: std::io::Error| {
@@ -308,6 +329,12 @@ impl AuditLog {
         }
     }
 
+    #[tracing::instrument(
+        name = "audit_append",
+        level = "debug",
+        skip_all,
+        fields(otel.kind = "client", db.operation.name = "audit_append")
+    )]
     async fn append(
         &self,
         actor: &Actor,
@@ -325,6 +352,7 @@ impl AuditLog {
                 draft,
                 lease,
                 reply,
+                link: Link::current(),
             })
             .await
             .map_err(|_| VaultError::AuditUnavailable("audit writer stopped".to_owned()))?;
@@ -354,6 +382,7 @@ async fn writer(
     mut rx: mpsc::Receiver<Job>,
     fault: Arc<AtomicBool>,
     mut witness: Option<Witness>,
+    system: &'static str,
 ) {
     let every = sealer.signer.every();
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_GROUP);
@@ -367,6 +396,17 @@ async fn writer(
         let mut drafts: Vec<AuditDraft> = Vec::with_capacity(entries);
         let mut leases: Vec<LeaseGrant> = Vec::new();
         let mut replies: Vec<(Option<usize>, Reply)> = Vec::with_capacity(entries);
+        // One commit for many callers: a trace of its own, linked to each
+        // caller's wait (`audit_append`).
+        let span = tracing::debug_span!(
+            parent: None,
+            "audit_commit",
+            otel.kind = "client",
+            db.system.name = system,
+            db.operation.name = "audit_append",
+            db.operation.batch.size = i64::try_from(entries).unwrap_or(i64::MAX)
+        );
+        traces::link_all(&span, batch.iter().map(|job| &job.link));
         for job in batch.drain(..) {
             drafts.push(job.draft);
             let waits_on = job.lease.map(|g| {
@@ -404,6 +444,7 @@ async fn writer(
             };
             store
                 .audit_append(&drafts, &leases, &seal)
+                .instrument(span)
                 .await
                 .map_err(|e| {
                     if matches!(e, VaultError::Unavailable(_)) {

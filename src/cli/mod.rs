@@ -152,8 +152,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Serve { config, dev: false } => {
             let config = load(config.as_deref())?;
             config.prepare_data_dir().map_err(|e| e.to_string())?;
-            crate::telemetry::init(&config.log);
             runtime()?.block_on(async {
+                // Inside the runtime: a trace exporter's channel runs on it.
+                crate::telemetry::init_serving(&config.log, &config.tracing)?;
                 first_start_keyring(&config).await?;
                 crate::server::serve(&config)
                     .await

@@ -130,6 +130,8 @@ pub struct Config {
     pub database_url: Option<String>,
     /// Logging.
     pub log: LogConfig,
+    /// Distributed traces (OpenTelemetry, OTLP): off by default.
+    pub tracing: TracingConfig,
     /// Key-encryption keys.
     pub keyring: KeyringConfig,
     /// TLS for both listeners.
@@ -169,6 +171,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./tokenvault-data"),
             database_url: None,
             log: LogConfig::default(),
+            tracing: TracingConfig::default(),
             keyring: KeyringConfig::default(),
             tls: TlsConfig::default(),
             server: ServerConfig::default(),
@@ -625,6 +628,62 @@ impl Config {
             ));
         }
         check_log_level(&self.log.level).map_err(|e| ConfigError::new("log.level", e))?;
+        self.validate_tracing()?;
+        Ok(())
+    }
+
+    /// `[tracing]`: an endpoint that is an http(s) URL of a host without
+    /// credentials in it (the URL is logged), a service name, a ratio and a
+    /// timeout in range.
+    fn validate_tracing(&self) -> Result<(), ConfigError> {
+        let t = &self.tracing;
+        if let Some(endpoint) = &t.otlp_endpoint {
+            let setting = "tracing.otlp_endpoint";
+            let url = oauth2::url::Url::parse(endpoint).map_err(|e| {
+                ConfigError::new(
+                    setting,
+                    format!("not a URL ({e}); leave it unset to export no traces"),
+                )
+            })?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(ConfigError::new(
+                    setting,
+                    "must be an http:// or https:// URL of the collector's OTLP/gRPC port, \
+                     e.g. http://127.0.0.1:4317",
+                ));
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(ConfigError::new(
+                    setting,
+                    "must not hold credentials (give the collector's headers in \
+                     OTEL_EXPORTER_OTLP_HEADERS)",
+                ));
+            }
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err(ConfigError::new(
+                    setting,
+                    "must not have a query or fragment",
+                ));
+            }
+        }
+        if t.service_name.trim().is_empty() || t.service_name.len() > 255 {
+            return Err(ConfigError::new(
+                "tracing.service_name",
+                "must be 1 to 255 characters",
+            ));
+        }
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(ConfigError::new(
+                "tracing.sample_ratio",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        if !(100..=60_000).contains(&t.export_timeout_ms) {
+            return Err(ConfigError::new(
+                "tracing.export_timeout_ms",
+                "must be between 100 and 60000",
+            ));
+        }
         Ok(())
     }
 
@@ -830,6 +889,78 @@ mod tests {
         sample.source_file = None;
         let defaults = Config::default();
         assert_eq!(format!("{sample:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_its_settings_are_checked() {
+        let c = Config::load_from(None, env(&[])).unwrap();
+        assert!(
+            c.tracing.otlp_endpoint.is_none(),
+            "no export unless configured"
+        );
+        assert_eq!(c.tracing.service_name, "tokenvault");
+        assert!((c.tracing.sample_ratio - 1.0).abs() < f64::EPSILON);
+        assert_eq!(c.tracing.export_timeout_ms, 10_000);
+
+        let c = load_toml(
+            "[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\n",
+            &[
+                ("TOKENVAULT_TRACING__SAMPLE_RATIO", "0.25"),
+                ("TOKENVAULT_TRACING__SERVICE_NAME", "vault-eu"),
+                ("TOKENVAULT_TRACING__EXPORT_TIMEOUT_MS", "2500"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.tracing.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert!((c.tracing.sample_ratio - 0.25).abs() < f64::EPSILON);
+        assert_eq!(c.tracing.service_name, "vault-eu");
+        assert_eq!(c.tracing.export_timeout_ms, 2_500);
+        let c = load_toml(
+            "",
+            &[(
+                "TOKENVAULT_TRACING__OTLP_ENDPOINT",
+                "https://otel.internal:4317",
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            c.tracing.otlp_endpoint.as_deref(),
+            Some("https://otel.internal:4317")
+        );
+
+        for (toml, setting) in [
+            ("[tracing]\notlp_endpoint = \"\"\n", "tracing.otlp_endpoint"),
+            (
+                "[tracing]\notlp_endpoint = \"collector:4317\"\n",
+                "tracing.otlp_endpoint",
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"grpc://127.0.0.1:4317\"\n",
+                "tracing.otlp_endpoint",
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"https://user:pw@otel.internal:4317\"\n",
+                "tracing.otlp_endpoint",
+            ),
+            ("[tracing]\nsample_ratio = 1.5\n", "tracing.sample_ratio"),
+            ("[tracing]\nsample_ratio = -0.1\n", "tracing.sample_ratio"),
+            ("[tracing]\nservice_name = \"\"\n", "tracing.service_name"),
+            (
+                "[tracing]\nexport_timeout_ms = 0\n",
+                "tracing.export_timeout_ms",
+            ),
+            (
+                "[tracing]\notlp_endpont = \"http://x:1\"\n",
+                "tracing.otlp_endpont",
+            ),
+        ] {
+            let e = load_toml(toml, &[]).unwrap_err();
+            assert_eq!(e.setting, setting, "{toml}: {e}");
+            assert!(!e.to_string().contains("pw@"), "{e}");
+        }
     }
 
     #[test]

@@ -37,6 +37,38 @@ impl Default for LogConfig {
     }
 }
 
+/// `[tracing]`: distributed traces exported over OTLP/gRPC (see
+/// `crate::telemetry`). Off unless `otlp_endpoint` is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// The OTLP/gRPC endpoint of a collector or agent
+    /// (`http://127.0.0.1:4317`, or `https://…` verified against the Mozilla
+    /// roots); unset: no trace is exported and nothing is traced beyond the
+    /// log lines.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` resource attribute of every exported span.
+    pub service_name: String,
+    /// The share of traces recorded (0.0 to 1.0) among those a caller did
+    /// not already decide: a `traceparent` from the caller carries its
+    /// sampling decision, which is followed (parent-based sampling).
+    pub sample_ratio: f64,
+    /// How long one export to the endpoint may take, and how long shutdown
+    /// waits for the last one (milliseconds).
+    pub export_timeout_ms: u64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "tokenvault".to_owned(),
+            sample_ratio: 1.0,
+            export_timeout_ms: 10_000,
+        }
+    }
+}
+
 /// Which keyring provider holds the KEKs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

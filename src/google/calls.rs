@@ -83,9 +83,15 @@ impl CallTimer {
         }
     }
 
-    /// Records the call as ended with `status`.
+    /// Records the call as ended with `status`, and Google's HTTP status
+    /// on the span of the call (`http.response.status_code`, where the
+    /// current span declares it: see `GoogleClient`).
     pub(crate) fn finish(mut self, status: CallStatus) {
         self.finished = true;
+        if let CallStatus::Http(code) = status {
+            // Signed: exported spans take integers as i64 only.
+            tracing::Span::current().record("http.response.status_code", i64::from(code));
+        }
         self.record(status);
     }
 

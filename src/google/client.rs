@@ -198,6 +198,17 @@ impl GoogleClient {
     }
 
     /// Exchanges an authorization code (with its PKCE verifier).
+    #[tracing::instrument(
+        name = "google_token",
+        level = "debug",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            google.endpoint = "token",
+            http.request.method = "POST",
+            http.response.status_code = tracing::field::Empty
+        )
+    )]
     pub async fn exchange_code(
         &self,
         code: &str,
@@ -214,6 +225,17 @@ impl GoogleClient {
     }
 
     /// Refreshes an access token.
+    #[tracing::instrument(
+        name = "google_refresh",
+        level = "debug",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            google.endpoint = "refresh",
+            http.request.method = "POST",
+            http.response.status_code = tracing::field::Empty
+        )
+    )]
     pub async fn refresh(&self, refresh_token: &str) -> Result<TokenGrant, GoogleError> {
         let rt = RefreshToken::new(refresh_token.to_owned());
         let http = self.timed(GoogleEndpoint::Refresh);
@@ -233,6 +255,17 @@ impl GoogleClient {
     /// (A plain form POST: `oauth2` refuses revocation URLs that are not
     /// https, which rules out a loopback simulator.) Google answers 400
     /// `invalid_token` for a token that is already revoked or unknown.
+    #[tracing::instrument(
+        name = "google_revoke",
+        level = "debug",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            google.endpoint = "revoke",
+            http.request.method = "POST",
+            http.response.status_code = tracing::field::Empty
+        )
+    )]
     pub async fn revoke(&self, token: &str) -> Result<(), GoogleError> {
         let timer = CallTimer::start(GoogleEndpoint::Revoke);
         let sent = self

@@ -1,7 +1,9 @@
 //! The gRPC transport: thin handlers that authenticate the caller, parse the
 //! request into domain types (once, in `requests.rs`), call the vault and
 //! convert the result. Errors become `tonic::Status` in one place
-//! (`status.rs`); every call is measured in one place (`rpc_metrics.rs`).
+//! (`status.rs`); every call is measured in one place (`rpc_metrics.rs`)
+//! and runs in one span, the trace's server span when traces are exported
+//! (`trace_context.rs`).
 
 mod admin;
 pub mod auth;
@@ -13,6 +15,7 @@ pub mod refusals;
 pub mod requests;
 pub mod rpc_metrics;
 mod status;
+pub mod trace_context;
 pub mod transport;
 
 use std::sync::Arc;
@@ -27,6 +30,7 @@ use crate::vault::Vault;
 
 pub use auth::{Authenticator, Caller, Role};
 pub use rpc_metrics::RpcMetricsLayer;
+pub use trace_context::RpcSpanLayer;
 
 /// What every handler needs.
 pub struct Context {

@@ -340,6 +340,17 @@ impl Method {
     }
 }
 
+/// The fully qualified service and the method of a path the server serves
+/// (`/tokenvault.v1.LeaseService/LeaseToken` gives
+/// `("tokenvault.v1.LeaseService", "LeaseToken")`); `None` for any other
+/// path. The names come from the served descriptor sets, never from the
+/// caller (the call's trace span is named with them).
+pub(crate) fn served_method(path: &str) -> Option<(&'static str, &'static str)> {
+    methods()
+        .get(path)
+        .map(|m| (m.service.as_str(), m.method.as_str()))
+}
+
 /// The methods the server serves, by path (`/package.Service/Method`).
 fn methods() -> &'static HashMap<String, Method> {
     static METHODS: OnceLock<HashMap<String, Method>> = OnceLock::new();

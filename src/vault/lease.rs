@@ -478,6 +478,12 @@ impl Vault {
 
     /// An access token valid until at least `want`, refreshing (once,
     /// across every caller and replica) when the stored one is not.
+    #[tracing::instrument(
+        name = "refresh",
+        level = "debug",
+        skip_all,
+        fields(connection = %conn.id)
+    )]
     pub(super) async fn fresh_access_token(
         &self,
         conn: &ConnectionRecord,

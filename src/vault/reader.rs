@@ -17,16 +17,23 @@
 //! the audit log's group commit). Up to [`IN_FLIGHT`] batches are read at
 //! once, so a new batch gathers while the previous one is still in the
 //! database.
+//!
+//! Traced (when traces are exported): a lease's wait for its row is a
+//! `lease_lookup` span in the lease's trace; each batch is a
+//! `lease_lookup_batch` trace of its own, linked to the `lease_lookup` spans
+//! it answers.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
 
 use super::expiring::ExpiringMap;
 use crate::domain::{ConnectionId, ConnectionStatus, ErrorReason, VaultError};
 use crate::store::{ConnectionRecord, LeaseStore, SecretsRecord};
+use crate::telemetry::traces::{self, Link};
 
 /// The most ids read in one query.
 const MAX_BATCH: usize = 256;
@@ -36,6 +43,10 @@ const IN_FLIGHT: usize = 3;
 
 type Found = Option<(ConnectionRecord, Option<SecretsRecord>)>;
 type Reply = oneshot::Sender<Result<Found, String>>;
+
+/// One lease's request for a row: the id, where the row goes, and the span
+/// waiting for it.
+type Request = (ConnectionId, Reply, Link);
 
 /// What the lease path reads: the connection and its sealed secrets, and
 /// whether they came from the cache (and so may be out of date).
@@ -97,7 +108,7 @@ impl SealedCache {
 
 /// Handle to the lease path's reads.
 pub(super) struct LeaseReader {
-    tx: mpsc::Sender<(ConnectionId, Reply)>,
+    tx: mpsc::Sender<Request>,
     cache: SealedCache,
 }
 
@@ -132,19 +143,7 @@ impl LeaseReader {
             }
             metrics::counter!("tokenvault_lease_cache_total", "result" => "miss").increment(1);
         }
-        let (reply, rx) = oneshot::channel();
-        let stopped = || {
-            VaultError::Unavailable("the vault is shutting down".into())
-                .because(ErrorReason::ShuttingDown)
-        };
-        self.tx
-            .send((id.clone(), reply))
-            .await
-            .map_err(|_| stopped())?;
-        let found = rx.await.map_err(|_| stopped())?.map_err(|e| {
-            VaultError::Unavailable(format!("database: {e}").into())
-                .because(ErrorReason::DatabaseUnavailable)
-        })?;
+        let found = self.lookup(id).await?;
         Ok(found.map(|(conn, secrets)| {
             let (conn, secrets) = (Arc::new(conn), secrets.map(Arc::new));
             if self.cache.enabled()
@@ -160,6 +159,30 @@ impl LeaseReader {
         }))
     }
 
+    /// Queues `id` for the next batched read and waits for its row: the
+    /// lease path's database call group.
+    #[tracing::instrument(
+        name = "lease_lookup",
+        level = "debug",
+        skip_all,
+        fields(otel.kind = "client", db.operation.name = "lease_lookup")
+    )]
+    async fn lookup(&self, id: &ConnectionId) -> Result<Found, VaultError> {
+        let (reply, rx) = oneshot::channel();
+        let stopped = || {
+            VaultError::Unavailable("the vault is shutting down".into())
+                .because(ErrorReason::ShuttingDown)
+        };
+        self.tx
+            .send((id.clone(), reply, Link::current()))
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?.map_err(|e| {
+            VaultError::Unavailable(format!("database: {e}").into())
+                .because(ErrorReason::DatabaseUnavailable)
+        })
+    }
+
     /// Drops a connection's cached record (deleted, found out of date, or
     /// its token refreshed).
     pub(super) fn forget(&self, id: &ConnectionId) {
@@ -167,7 +190,7 @@ impl LeaseReader {
     }
 }
 
-async fn run(store: Arc<dyn LeaseStore>, mut rx: mpsc::Receiver<(ConnectionId, Reply)>) {
+async fn run(store: Arc<dyn LeaseStore>, mut rx: mpsc::Receiver<Request>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -185,12 +208,22 @@ async fn run(store: Arc<dyn LeaseStore>, mut rx: mpsc::Receiver<(ConnectionId, R
     }
 }
 
-async fn read_batch(store: &dyn LeaseStore, batch: Vec<(ConnectionId, Reply)>) {
-    let mut ids: Vec<ConnectionId> = batch.iter().map(|(id, _)| id.clone()).collect();
+async fn read_batch(store: &dyn LeaseStore, batch: Vec<Request>) {
+    let mut ids: Vec<ConnectionId> = batch.iter().map(|(id, _, _)| id.clone()).collect();
     ids.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
     ids.dedup();
+    // One read for many leases: a trace of its own, linked to each lease's
+    // wait (`lease_lookup`).
+    let span = tracing::debug_span!(
+        parent: None,
+        "lease_lookup_batch",
+        otel.kind = "client",
+        db.operation.name = "lease_lookup",
+        db.operation.batch.size = i64::try_from(ids.len()).unwrap_or(i64::MAX)
+    );
+    traces::link_all(&span, batch.iter().map(|(_, _, link)| link));
     let started = std::time::Instant::now();
-    let result = store.lease_lookup(&ids).await;
+    let result = store.lease_lookup(&ids).instrument(span).await;
     metrics::histogram!("tokenvault_lease_read_batch_seconds")
         .record(started.elapsed().as_secs_f64());
     metrics::histogram!("tokenvault_lease_read_batch_ids").record(ids.len() as f64);
@@ -207,7 +240,7 @@ async fn read_batch(store: &dyn LeaseStore, batch: Vec<(ConnectionId, Reply)>) {
                     (conn.id.clone(), (conn, secrets))
                 })
                 .collect();
-            for (id, reply) in batch {
+            for (id, reply, _) in batch {
                 // Usually one request per id: move the row out; clone for repeats.
                 let row = if unique {
                     found.remove(&id)
@@ -219,7 +252,7 @@ async fn read_batch(store: &dyn LeaseStore, batch: Vec<(ConnectionId, Reply)>) {
         }
         Err(e) => {
             let e = e.to_string();
-            for (_, reply) in batch {
+            for (_, reply, _) in batch {
                 let _ = reply.send(Err(e.clone()));
             }
         }

@@ -53,6 +53,7 @@ impl Vault {
     }
 
     /// One pass of the sweeper (see the module documentation).
+    #[tracing::instrument(name = "refresh_sweep", level = "debug", skip_all)]
     pub async fn refresh_sweep_pass(&self) -> Result<SweepReport, VaultError> {
         let cfg = &self.settings.refresh;
         let rate = u64::from(cfg.max_calls_per_second.max(1));

@@ -29,6 +29,7 @@ mod metrics;
 mod mtls;
 mod oauth;
 mod oauth_states;
+mod otlp;
 mod plaintext;
 mod properties;
 mod python_worker;

@@ -11,8 +11,11 @@ pub fn serve() -> Result<(), CliError> {
     require_simulator()?;
     let config = dev_config()?;
     config.prepare_data_dir().map_err(|e| e.to_string())?;
-    crate::telemetry::init(&config.log);
-    crate::cli::runtime()?.block_on(serve_dev(config))
+    crate::cli::runtime()?.block_on(async move {
+        // Inside the runtime: a trace exporter's channel runs on it.
+        crate::telemetry::init_serving(&config.log, &config.tracing)?;
+        serve_dev(config).await
+    })
 }
 
 /// The configuration from the environment (no file), with dev mode's data
