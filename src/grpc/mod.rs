@@ -7,6 +7,7 @@
 
 mod admin;
 pub mod auth;
+pub mod call_end;
 mod connection;
 pub mod convert;
 mod events;

@@ -28,18 +28,18 @@
 //!   installed (`crate::server` installs it before it serves).
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::OnceLock;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, Request, Response};
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::Body;
 use metrics::{Counter, Histogram};
 use prost::Message as _;
 use tonic::Code;
 use tower_service::Service;
+
+use super::call_end::{CallEnd, EndBody, EndFuture};
 
 /// The layer that measures every RPC of the server it wraps.
 #[derive(Clone, Copy, Debug, Default)]
@@ -65,9 +65,9 @@ where
     S::Future: Unpin,
     ResBody: Body,
 {
-    type Response = Response<MeteredBody<ResBody>>;
+    type Response = Response<EndBody<ResBody, Call>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = EndFuture<S::Future, Call>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -77,114 +77,14 @@ where
         let call = methods()
             .get(request.uri().path())
             .map(|method| Call::start(method, request.headers()));
-        ResponseFuture {
-            inner: self.inner.call(request),
-            call,
-        }
+        EndFuture::new(self.inner.call(request), call)
     }
-}
-
-/// The response future of [`RpcMetrics`]: a call dropped before its
-/// response is recorded as cancelled (or past its deadline).
-pub struct ResponseFuture<F> {
-    inner: F,
-    call: Option<Call>,
-}
-
-impl<F, B, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>> + Unpin,
-    B: Body,
-{
-    type Output = Result<Response<MeteredBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let result = ready!(Pin::new(&mut this.inner).poll(cx));
-        let call = this.call.take();
-        Poll::Ready(match result {
-            Ok(response) => Ok(metered(response, call)),
-            Err(e) => {
-                if let Some(call) = call {
-                    call.finish(Code::Unknown);
-                }
-                Err(e)
-            }
-        })
-    }
-}
-
-/// Records a call whose status is in the response's headers (trailers-only)
-/// or that has no body to carry trailers; leaves the others to the body.
-fn metered<B: Body>(response: Response<B>, call: Option<Call>) -> Response<MeteredBody<B>> {
-    let call = match (call, status(response.headers())) {
-        (Some(call), Some(code)) => {
-            call.finish(code);
-            None
-        }
-        (Some(call), None) if response.body().is_end_stream() => {
-            call.finish(Code::Unknown);
-            None
-        }
-        (call, _) => call,
-    };
-    response.map(|inner| MeteredBody { inner, call })
-}
-
-/// A response body that records its call when the trailers pass, when it
-/// ends without them, or when it is dropped first.
-pub struct MeteredBody<B> {
-    inner: B,
-    call: Option<Call>,
-}
-
-impl<B> Body for MeteredBody<B>
-where
-    B: Body + Unpin,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        let code = match &polled {
-            Poll::Pending => None,
-            Poll::Ready(Some(Ok(frame))) => frame
-                .trailers_ref()
-                .map(|trailers| status(trailers).unwrap_or(Code::Unknown)),
-            Poll::Ready(Some(Err(_)) | None) => Some(Code::Unknown),
-        };
-        if let Some(code) = code
-            && let Some(call) = this.call.take()
-        {
-            call.finish(code);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The `grpc-status` of headers or trailers (`Unknown` if it is not a code).
-fn status(headers: &HeaderMap) -> Option<Code> {
-    headers
-        .get("grpc-status")
-        .map(|v| Code::from_bytes(v.as_bytes()))
 }
 
 /// A call being measured: counted as started when it is made, recorded as
-/// handled exactly once, by [`Call::finish`] or else when dropped.
-struct Call {
+/// handled exactly once, when it ends (see [`super::call_end`]) or else when
+/// dropped.
+pub struct Call {
     method: &'static Method,
     started: Instant,
     /// The client's deadline (`grpc-timeout`), if it sent one.
@@ -205,11 +105,6 @@ impl Call {
         }
     }
 
-    /// Records the call as ended with `code`.
-    fn finish(mut self, code: Code) {
-        self.record(code);
-    }
-
     fn record(&mut self, code: Code) {
         if self.recorded {
             return;
@@ -219,6 +114,12 @@ impl Call {
         self.method
             .handling()
             .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl CallEnd for Call {
+    fn finish(mut self, code: Code) {
+        self.record(code);
     }
 }
 
@@ -445,7 +346,6 @@ mod tests {
         assert_eq!(names[0], "OK");
         assert_eq!(names[1], "Canceled");
         assert_eq!(names[16], "Unauthenticated");
-        assert_eq!(status(&HeaderMap::new()), None);
     }
 
     #[test]

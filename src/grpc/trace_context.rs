@@ -17,15 +17,14 @@
 //! Invariant: no header but `traceparent` and `tracestate` is read, and the
 //! span's attributes are the method's names and the status code only.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
-use axum::http::{HeaderMap, Request, Response};
-use hyper::body::{Body, Frame, SizeHint};
+use axum::http::{Request, Response};
+use hyper::body::Body;
 use tonic::Code;
 use tower_service::Service;
 
+use super::call_end::{CallEnd, EndBody, EndFuture};
 use crate::telemetry::traces;
 
 /// Makes the span of one call from its head (URI and headers; no body).
@@ -74,9 +73,9 @@ where
     S::Future: Unpin,
     ResBody: Body,
 {
-    type Response = Response<TracedBody<ResBody>>;
+    type Response = Response<EndBody<ResBody, Call>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = EndFuture<S::Future, Call>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -97,117 +96,14 @@ where
             let _entered = span.enter();
             self.inner.call(Request::from_parts(parts, body))
         };
-        ResponseFuture {
-            inner,
-            call: Some(Call::new(span)),
-        }
+        EndFuture::new(inner, Some(Call::new(span)))
     }
 }
 
-/// The response future of [`RpcSpan`]: polled inside the call's span.
-pub struct ResponseFuture<F> {
-    inner: F,
-    call: Option<Call>,
-}
-
-impl<F, B, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>> + Unpin,
-    B: Body,
-{
-    type Output = Result<Response<TracedBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let polled = {
-            let _entered = this.call.as_ref().map(|call| call.span.enter());
-            Pin::new(&mut this.inner).poll(cx)
-        };
-        let result = ready!(polled);
-        let call = this.call.take();
-        Poll::Ready(match result {
-            Ok(response) => Ok(traced(response, call)),
-            Err(e) => {
-                if let Some(call) = call {
-                    call.finish(Code::Unknown);
-                }
-                Err(e)
-            }
-        })
-    }
-}
-
-/// Ends a call whose status is in the response's headers (trailers-only)
-/// or that has no body to carry trailers; leaves the others to the body.
-fn traced<B: Body>(response: Response<B>, call: Option<Call>) -> Response<TracedBody<B>> {
-    let call = match (call, status(response.headers())) {
-        (Some(call), Some(code)) => {
-            call.finish(code);
-            None
-        }
-        (Some(call), None) if response.body().is_end_stream() => {
-            call.finish(Code::Unknown);
-            None
-        }
-        (call, _) => call,
-    };
-    response.map(|inner| TracedBody { inner, call })
-}
-
-/// A response body that ends its call's span when the trailers pass, when
-/// it ends without them, or when it is dropped first.
-pub struct TracedBody<B> {
-    inner: B,
-    call: Option<Call>,
-}
-
-impl<B> Body for TracedBody<B>
-where
-    B: Body + Unpin,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        let code = match &polled {
-            Poll::Pending => None,
-            Poll::Ready(Some(Ok(frame))) => frame
-                .trailers_ref()
-                .map(|trailers| status(trailers).unwrap_or(Code::Unknown)),
-            Poll::Ready(Some(Err(_)) | None) => Some(Code::Unknown),
-        };
-        if let Some(code) = code
-            && let Some(call) = this.call.take()
-        {
-            call.finish(code);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The `grpc-status` of headers or trailers (`Unknown` if it is not a code).
-fn status(headers: &HeaderMap) -> Option<Code> {
-    headers
-        .get("grpc-status")
-        .map(|v| Code::from_bytes(v.as_bytes()))
-}
-
-/// A call in progress: its span, ended with a status code exactly once, by
-/// [`Call::finish`] or else when dropped (`Cancelled`).
-struct Call {
+/// A call in progress: its span, entered while the response is made and
+/// ended with a status code exactly once, when the call ends (see
+/// [`super::call_end`]) or else when dropped (`Cancelled`).
+pub struct Call {
     span: tracing::Span,
     finished: bool,
 }
@@ -219,11 +115,18 @@ impl Call {
             finished: false,
         }
     }
+}
 
+impl CallEnd for Call {
     /// Records that the call ended with `code`; the span closes with it.
     fn finish(mut self, code: Code) {
         self.finished = true;
         traces::rpc_finished(&self.span, code);
+    }
+
+    fn poll_in<T>(&self, poll: impl FnOnce() -> T) -> T {
+        let _entered = self.span.enter();
+        poll()
     }
 }
 
@@ -232,20 +135,5 @@ impl Drop for Call {
         if !self.finished {
             traces::rpc_finished(&self.span, Code::Cancelled);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_codes_are_read_from_headers_and_trailers() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(status(&headers), None);
-        headers.insert("grpc-status", "5".parse().unwrap());
-        assert_eq!(status(&headers), Some(Code::NotFound));
-        headers.insert("grpc-status", "x".parse().unwrap());
-        assert_eq!(status(&headers), Some(Code::Unknown));
     }
 }
