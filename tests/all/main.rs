@@ -30,6 +30,7 @@ mod mtls;
 mod oauth;
 mod oauth_states;
 mod otlp;
+mod packaging;
 mod plaintext;
 mod properties;
 mod python_worker;
