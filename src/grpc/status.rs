@@ -179,6 +179,7 @@ pub(super) fn add_error_info(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::exit::code_name;
     use crate::crypto::{CryptoError, KekVersion};
 
     #[test]
@@ -482,29 +483,6 @@ mod tests {
             R::DecryptionFailed => VaultError::Crypto(CryptoError::Decrypt).into(),
             R::MethodNotImplemented => VaultError::Unimplemented("LeaseService.LeaseToken").into(),
             R::Internal => VaultError::Internal("x".into()).into(),
-        }
-    }
-
-    /// The code's name as the README and gRPC spell it.
-    fn code_name(code: Code) -> &'static str {
-        match code {
-            Code::Ok => "OK",
-            Code::Cancelled => "CANCELLED",
-            Code::Unknown => "UNKNOWN",
-            Code::InvalidArgument => "INVALID_ARGUMENT",
-            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            Code::NotFound => "NOT_FOUND",
-            Code::AlreadyExists => "ALREADY_EXISTS",
-            Code::PermissionDenied => "PERMISSION_DENIED",
-            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-            Code::FailedPrecondition => "FAILED_PRECONDITION",
-            Code::Aborted => "ABORTED",
-            Code::OutOfRange => "OUT_OF_RANGE",
-            Code::Unimplemented => "UNIMPLEMENTED",
-            Code::Internal => "INTERNAL",
-            Code::Unavailable => "UNAVAILABLE",
-            Code::DataLoss => "DATA_LOSS",
-            Code::Unauthenticated => "UNAUTHENTICATED",
         }
     }
 

@@ -7,11 +7,12 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::serve_cli::BIN;
+use crate::support::cli::{field, ok, tokenvault};
 
 /// A running `tokenvault serve --dev` and what it printed.
 struct DevServe {
@@ -98,54 +99,6 @@ impl Drop for DevServe {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The client-side variables a test step may pass on; every other
-/// `TOKENVAULT_CLI_*` variable is removed so a step sees only what it is given.
-const CLI_VARS: [&str; 7] = [
-    "TOKENVAULT_CLI_SERVER",
-    "TOKENVAULT_CLI_APP_KEY",
-    "TOKENVAULT_CLI_WORKER_KEY",
-    "TOKENVAULT_CLI_EMAIL_WORKER_KEY",
-    "TOKENVAULT_CLI_API_KEY",
-    "TOKENVAULT_CLI_DEV_ENV_FILE",
-    "TOKENVAULT_CLI_ADMIN_CONFIG",
-];
-
-/// Runs `tokenvault <args>` in `cwd` with exactly the given client variables.
-fn tokenvault(cwd: &Path, args: &[&str], env: &BTreeMap<String, String>) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).current_dir(cwd).stdin(Stdio::null());
-    for var in CLI_VARS {
-        cmd.env_remove(var);
-    }
-    // No ~/.config/tokenvault/admin.toml of the machine running the tests.
-    cmd.env("XDG_CONFIG_HOME", cwd.join("no-config"));
-    cmd.envs(env);
-    cmd.output().expect("run tokenvault")
-}
-
-/// Stdout of a step that must succeed.
-fn ok(step: &str, out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{step}: {:?}\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-/// The value of a `name  value` line.
-fn field<'a>(text: &'a str, name: &str) -> &'a str {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .filter(|rest| rest.starts_with(' '))
-                .map(str::trim)
-        })
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }
 
 #[test]

@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ use tokenvault::proto::v1::connection_service_client::ConnectionServiceClient;
 use crate::both_backends;
 use crate::mtls::{Pki, tls_channel};
 use crate::serve_cli::BIN;
+use crate::support::cli::{field, ok, tokenvault};
 use crate::support::{As, Backend, Bearer, seed_connection, spawn_vault_with};
 
 /// The example worker.
@@ -384,45 +385,6 @@ impl Drop for DevVault {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Runs `tokenvault <args>` in `cwd` with exactly the given client
-/// variables (the `dev` commands read the rest from the dev env file).
-fn tokenvault(cwd: &Path, args: &[&str], env: &BTreeMap<String, String>) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).current_dir(cwd).stdin(Stdio::null());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("TOKENVAULT_CLI_") {
-            cmd.env_remove(name);
-        }
-    }
-    // No ~/.config/tokenvault/admin.toml of the machine running the tests.
-    cmd.env("XDG_CONFIG_HOME", cwd.join("no-config"));
-    cmd.envs(env);
-    cmd.output().expect("run tokenvault")
-}
-
-/// Stdout of a step that must succeed.
-fn ok(step: &str, out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{step}: {:?}\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-/// The value of a `name  value` line.
-fn field<'a>(text: &'a str, name: &str) -> &'a str {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .filter(|rest| rest.starts_with(' '))
-                .map(str::trim)
-        })
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }
 
 #[test]
