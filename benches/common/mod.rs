@@ -5,6 +5,11 @@
 
 use sqlx::Connection as _;
 
+/// The product's allocator (`src/main.rs`), so that a benchmark measures the
+/// vault as it runs.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// A fresh database URL for the backend, and what to drop afterwards
 /// (PostgreSQL: the admin URL and the database name). PostgreSQL comes from
 /// `TV_TEST_POSTGRES_URL` (default postgres://postgres@127.0.0.1:5432/postgres).
