@@ -295,7 +295,7 @@ impl AuditLog {
     ) -> Result<LeaseRecorded, VaultError> {
         self.append(
             actor,
-            "lease.grant",
+            crate::store::audit::LEASE_GRANT,
             target,
             Outcome::Ok,
             detail,

@@ -99,13 +99,35 @@ macro_rules! minted_id {
                 parse_minted($field, $prefix, value).map(Self)
             }
 
-            /// A string that sorts above every id minted before `at` and
-            /// below those minted after (UUIDv7 text sorts by time).
+            /// The 16 bytes of the id's UUID: how compact rows store it.
+            /// Byte order is UUIDv7 time order, so keys of ids minted later
+            /// sort after.
+            #[allow(dead_code, reason = "not every id type is stored as a key")]
+            pub fn key(&self) -> [u8; 16] {
+                // Minted and parsed ids are the prefix and a UUID; an id read
+                // back from storage was one of those.
+                uuid::Uuid::try_parse(self.0.get($prefix.len()..).unwrap_or_default())
+                    .map(|u| *u.as_bytes())
+                    .unwrap_or_default()
+            }
+
+            /// Rebuilds an id from its [`Self::key`], read back from storage.
+            #[allow(dead_code, reason = "not every id type is stored as a key")]
+            pub fn from_key(key: &[u8]) -> Result<Self, VaultError> {
+                let uuid = uuid::Uuid::from_slice(key).map_err(|_| {
+                    VaultError::Storage(format!("a stored {} is not 16 bytes", $field))
+                })?;
+                Ok(Self(format!("{}{}", $prefix, uuid)))
+            }
+
+            /// A key that sorts above the key of every id minted before `at`
+            /// and below those minted after (UUIDv7 bytes sort by time).
             #[allow(dead_code, reason = "not every id type is pruned by age")]
-            pub fn minted_before(at: crate::domain::Timestamp) -> String {
+            pub fn key_minted_before(at: crate::domain::Timestamp) -> [u8; 16] {
                 let millis = u64::try_from(at.as_micros() / 1_000).unwrap_or(0);
-                let bound = uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid();
-                format!("{}{}", $prefix, bound)
+                *uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10])
+                    .into_uuid()
+                    .as_bytes()
             }
 
             /// The identifier as stored and sent.
@@ -189,5 +211,26 @@ mod tests {
         assert_eq!(ConnectionId::parse(id.as_str()).unwrap(), id);
         assert!(ConnectionId::parse("lease_8c4bd4f4-2a64-4f43-9c59-5a1fbc2a0c4c").is_err());
         assert!(ConnectionId::parse("conn_not-a-uuid").is_err());
+    }
+
+    #[test]
+    fn keys_round_trip_and_sort_by_minting_time() {
+        use crate::domain::Timestamp;
+        let before = LeaseId::key_minted_before(Timestamp::now());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let id = LeaseId::generate();
+        assert_eq!(LeaseId::from_key(&id.key()).unwrap(), id);
+        assert!(before < id.key());
+        assert!(
+            id.key()
+                < LeaseId::key_minted_before(
+                    Timestamp::now().plus(std::time::Duration::from_millis(2))
+                )
+        );
+        // Any spelling of the UUID names the same key.
+        let upper =
+            LeaseId::parse(&id.as_str().to_uppercase().replacen("LEASE_", "lease_", 1)).unwrap();
+        assert_eq!(upper.key(), id.key());
+        assert!(LeaseId::from_key(&[0; 15]).is_err());
     }
 }

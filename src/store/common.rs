@@ -220,20 +220,22 @@ pub(in crate::store) async fn revoke_open_leases(
     template: &NewEvent,
     events: &mut Vec<NewEvent>,
 ) -> StoreResult<()> {
-    let revoked: Vec<String> = sqlx::query_scalar(
+    let revoked: Vec<Vec<u8>> = sqlx::query_scalar(
         "UPDATE leases SET revoked_at = $1, revoke_reason = $2 \
          WHERE connection_id = $3 AND revoked_at IS NULL AND expires_at > $1 RETURNING lease_id",
     )
     .bind(at.as_micros())
     .bind(reason)
-    .bind(connection.as_str())
+    .bind(connection.key().as_slice())
     .fetch_all(&mut **tx)
     .await?;
-    events.extend(revoked.into_iter().map(|lease| NewEvent {
-        kind: EventKind::LeaseRevoked,
-        lease_id: Some(LeaseId::from_stored(lease)),
-        ..template.clone()
-    }));
+    for lease in revoked {
+        events.push(NewEvent {
+            kind: EventKind::LeaseRevoked,
+            lease_id: Some(LeaseId::from_key(&lease)?),
+            ..template.clone()
+        });
+    }
     Ok(())
 }
 

@@ -286,7 +286,7 @@ pub(in crate::store) async fn connection_details_of(
     f.sql = format!(
         "SELECT c.*, s.access_expires_at, d.kek_version, \
          CAST(CASE WHEN s.refresh_token IS NULL THEN 0 ELSE 1 END AS BIGINT) AS has_refresh_token, \
-         (SELECT COUNT(*) FROM leases l WHERE l.connection_id = c.connection_id \
+         (SELECT COUNT(*) FROM leases l WHERE l.connection_id = {} \
           AND l.expires_at > ${at_bind} AND l.revoked_at IS NULL) AS open_leases, \
          (SELECT rc.receipt_id FROM receipt_connections rc WHERE rc.connection_id = c.connection_id \
           ORDER BY rc.receipt_id LIMIT 1) AS receipt_id \
@@ -294,6 +294,7 @@ pub(in crate::store) async fn connection_details_of(
          LEFT JOIN connection_secrets s ON s.connection_id = c.connection_id \
          LEFT JOIN connection_deks d ON d.connection_id = c.connection_id \
          ORDER BY c.connection_id",
+        connection_key("c.connection_id"),
         f.sql
     );
     let rows = f.query().fetch_all(pool).await?;

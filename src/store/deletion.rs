@@ -505,11 +505,12 @@ impl DeletionStore for StoreImpl {
                 n += sqlx::query(sql).bind(r).execute(&mut *tx).await?.rows_affected();
             }
         }
-        n += sqlx::query(
+        n += sqlx::query(sqlx::AssertSqlSafe(format!(
             "DELETE FROM connections WHERE status IN ('deleted', 'revoked_upstream') AND deleted_at < $1 \
              AND NOT EXISTS (SELECT 1 FROM receipt_connections rc WHERE rc.connection_id = connections.connection_id) \
-             AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.connection_id = connections.connection_id)",
-        )
+             AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.connection_id = {})",
+            connection_key("connections.connection_id")
+        )))
         .bind(b)
         .execute(&mut *tx)
         .await?

@@ -14,9 +14,16 @@
 //!   (`deletion.rs`) and a RISC suspension (`risc.rs`);
 //! - pruned once expired: [`LeaseStore::lease_prune`].
 //!
+//! A lease row is compact (migration 0010): the lease and connection ids as
+//! the 16 bytes of their UUIDs ([`LeaseId::key`]), the holder, the expiry and
+//! how it ended. Its purpose, scopes and token fingerprint are in the grant's
+//! audit entry, written in the same statement. Lease ids are UUIDv7, so the
+//! primary key is in grant order and serves as the time index.
+//!
 //! Invariants: no lease is recorded for a connection that is not ACTIVE and
 //! unchanged in the same transaction; a lease ends once (released, revoked
-//! or expired, whichever comes first).
+//! or expired, whichever comes first); every lease open at a time `t` was
+//! granted after `t - lease.max_ttl_seconds`.
 
 use async_trait::async_trait;
 use sqlx::Row as _;
@@ -41,10 +48,13 @@ pub trait LeaseStore: Send + Sync {
     /// (`None`: no such lease).
     async fn lease_release(&self, id: &LeaseId, at: Timestamp) -> StoreResult<Option<Timestamp>>;
 
-    /// Leases neither revoked nor expired at `at` (of one connection, when given).
+    /// Leases neither revoked nor expired at `at` (of one connection, when
+    /// given), among those granted after `granted_after` (no lease lives
+    /// longer than `lease.max_ttl_seconds`, so that bound loses none).
     async fn lease_open_count(
         &self,
         at: Timestamp,
+        granted_after: Timestamp,
         connection: Option<&ConnectionId>,
     ) -> StoreResult<i64>;
 
@@ -96,13 +106,9 @@ pub(in crate::store) static LEASE_LOOKUP: std::sync::LazyLock<String> = std::syn
 
 pub(in crate::store) fn lease_from_row(row: &Row) -> StoreResult<LeaseRecord> {
     Ok(LeaseRecord {
-        lease_id: LeaseId::from_stored(row.try_get("lease_id")?),
-        connection_id: ConnectionId::from_stored(row.try_get("connection_id")?),
+        lease_id: LeaseId::from_key(row.try_get("lease_id")?)?,
+        connection_id: ConnectionId::from_key(row.try_get("connection_id")?)?,
         caller: row.try_get("caller")?,
-        purpose: row.try_get("purpose")?,
-        scopes: row.try_get("scopes")?,
-        token_fingerprint: row.try_get("token_fingerprint")?,
-        granted_at: ts(row.try_get("granted_at")?),
         expires_at: ts(row.try_get("expires_at")?),
         revoked_at: opt_ts(row.try_get("revoked_at")?),
         revoke_reason: row.try_get("revoke_reason")?,
@@ -151,7 +157,7 @@ impl LeaseStore for StoreImpl {
 
     async fn lease_get(&self, id: &LeaseId) -> StoreResult<Option<LeaseRecord>> {
         let row = sqlx::query("SELECT * FROM leases WHERE lease_id = $1")
-            .bind(id.as_str())
+            .bind(id.key().as_slice())
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(lease_from_row).transpose()
@@ -162,7 +168,7 @@ impl LeaseStore for StoreImpl {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT expires_at, revoked_at FROM leases WHERE lease_id = $1{FOR_UPDATE}"
         )))
-        .bind(id.as_str())
+        .bind(id.key().as_slice())
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
@@ -180,7 +186,7 @@ impl LeaseStore for StoreImpl {
              WHERE lease_id = $2 AND revoked_at IS NULL",
         )
         .bind(at.as_micros())
-        .bind(id.as_str())
+        .bind(id.key().as_slice())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -190,21 +196,26 @@ impl LeaseStore for StoreImpl {
     async fn lease_open_count(
         &self,
         at: Timestamp,
+        granted_after: Timestamp,
         connection: Option<&ConnectionId>,
     ) -> StoreResult<i64> {
+        let after = LeaseId::key_minted_before(granted_after);
         Ok(match connection {
             None => sqlx::query_scalar(
-                "SELECT COUNT(*) FROM leases WHERE expires_at > $1 AND revoked_at IS NULL",
+                "SELECT COUNT(*) FROM leases WHERE lease_id >= $1 AND expires_at > $2 \
+                 AND revoked_at IS NULL",
             )
+            .bind(after.as_slice())
             .bind(at.as_micros())
             .fetch_one(&self.pool)
             .await?,
             Some(c) => sqlx::query_scalar(
-                "SELECT COUNT(*) FROM leases WHERE expires_at > $1 AND revoked_at IS NULL \
-                 AND connection_id = $2",
+                "SELECT COUNT(*) FROM leases WHERE connection_id = $1 AND revoked_at IS NULL \
+                 AND lease_id >= $2 AND expires_at > $3",
             )
+            .bind(c.key().as_slice())
+            .bind(after.as_slice())
             .bind(at.as_micros())
-            .bind(c.as_str())
             .fetch_one(&self.pool)
             .await?,
         })
@@ -221,7 +232,7 @@ impl LeaseStore for StoreImpl {
             "DELETE FROM leases WHERE lease_id IN (SELECT lease_id FROM leases \
              WHERE lease_id < $1 AND expires_at < $2 ORDER BY lease_id LIMIT $3)",
         )
-        .bind(LeaseId::minted_before(granted_before))
+        .bind(LeaseId::key_minted_before(granted_before).as_slice())
         .bind(before.as_micros())
         .bind(limit)
         .execute(&mut *tx)

@@ -11,7 +11,7 @@ use self::dialect::Db;
 use super::audit::{Appended, SealedBatch, SealedRow, seal_batch};
 use super::common::ChainHead;
 use super::common::postgres::{HotConnections, read_audit_head};
-use crate::domain::{Timestamp, VaultError};
+use crate::domain::{LeaseId, Timestamp, VaultError};
 use crate::store::{AuditDraft, AuditSealer, LeaseGrant, LeaseRecord, StoreResult};
 
 /// What the SQL shared by both backends needs to know about this one
@@ -38,6 +38,11 @@ pub(super) mod dialect {
     // with a smaller cursor.
     pub(in crate::store) const EVENT_ORDER_LOCK: Option<&str> =
         Some("SELECT pg_advisory_xact_lock(7431001)");
+    // A connection id (`conn_<uuid>`) in `column` as a lease row stores it:
+    // its UUID's 16 bytes.
+    pub(in crate::store) fn connection_key(column: &str) -> String {
+        format!("decode(replace(substr({column}, 6), '-', ''), 'hex')")
+    }
 
     pub(in crate::store) use super::{
         LOCK_AUDIT_HEAD, append_locked, append_on, prepare_audit_connection,
@@ -168,14 +173,12 @@ const APPEND_AUDIT: &str = "WITH head AS ( \
          $20::bytea[]) \
        WHERE EXISTS (SELECT 1 FROM head)), \
      granted AS ( \
-       INSERT INTO leases (lease_id, connection_id, caller, purpose, scopes, \
-         token_fingerprint, granted_at, expires_at) \
-       SELECT v.lease_id, v.connection_id, v.caller, v.purpose, v.scopes, \
-         v.token_fingerprint, v.granted_at, v.expires_at \
-       FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $25::text[], \
-         $26::text[], $27::bigint[], $28::bigint[], $29::bigint[]) \
-         AS v (lease_id, connection_id, caller, purpose, scopes, token_fingerprint, \
-         granted_at, expires_at, connection_version) \
+       INSERT INTO leases (lease_id, connection_id, caller, expires_at) \
+       SELECT v.lease_key, v.connection_key, v.caller, v.expires_at \
+       FROM unnest($21::bytea[], $22::text[], $23::bytea[], $24::text[], $25::bigint[], \
+         $26::bigint[]) \
+         AS v (lease_key, connection_id, connection_key, caller, expires_at, \
+         connection_version) \
        JOIN connections c ON c.connection_id = v.connection_id \
        WHERE c.status = 'active' AND c.updated_at = v.connection_version \
          AND EXISTS (SELECT 1 FROM head) \
@@ -253,6 +256,12 @@ async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
     let bytes = |f: for<'r> fn(&'r SealedRow<'r>) -> &'r [u8]| e.iter().map(f).collect::<Vec<_>>();
     let lease_text =
         |f: fn(&LeaseRecord) -> &str| leases.iter().map(|g| f(&g.lease)).collect::<Vec<_>>();
+    let lease_key = |f: fn(&LeaseRecord) -> [u8; 16]| {
+        leases
+            .iter()
+            .map(|g| f(&g.lease).to_vec())
+            .collect::<Vec<_>>()
+    };
     let lease_time = |f: fn(&LeaseGrant) -> Timestamp| {
         leases.iter().map(|g| f(g).as_micros()).collect::<Vec<_>>()
     };
@@ -289,13 +298,10 @@ async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
                 .collect::<Vec<_>>(),
         )
         .bind(k.iter().map(|c| c.signature.as_slice()).collect::<Vec<_>>())
-        .bind(lease_text(|l| l.lease_id.as_str()))
+        .bind(lease_key(|l| l.lease_id.key()))
         .bind(lease_text(|l| l.connection_id.as_str()))
+        .bind(lease_key(|l| l.connection_id.key()))
         .bind(lease_text(|l| &l.caller))
-        .bind(lease_text(|l| &l.purpose))
-        .bind(lease_text(|l| &l.scopes))
-        .bind(lease_text(|l| &l.token_fingerprint))
-        .bind(lease_time(|g| g.lease.granted_at))
         .bind(lease_time(|g| g.lease.expires_at))
         .bind(lease_time(|g| g.connection_version))
         .fetch_one(db)
@@ -303,7 +309,12 @@ async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
     if !row.try_get::<bool, _>("appended")? {
         return Ok(None);
     }
-    Ok(Some(row.try_get("leases")?))
+    let keys: Vec<Vec<u8>> = row.try_get("leases")?;
+    let recorded = keys
+        .iter()
+        .map(|k| LeaseId::from_key(k).map(|id| id.to_string()))
+        .collect::<StoreResult<_>>()?;
+    Ok(Some(recorded))
 }
 
 #[cfg(test)]

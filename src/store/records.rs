@@ -516,7 +516,9 @@ pub struct RefreshedTokens<'a> {
     pub next_check_at: Timestamp,
 }
 
-/// A lease as recorded: never the token, only an HMAC naming it.
+/// A lease row: what a release and a deletion read back. Its purpose,
+/// scopes and token fingerprint are in the grant's audit entry (`lease.grant`,
+/// whose detail names the lease id), not repeated here.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LeaseRecord {
     /// The lease id.
@@ -525,14 +527,6 @@ pub struct LeaseRecord {
     pub connection_id: ConnectionId,
     /// The identity holding it.
     pub caller: String,
-    /// The stated purpose.
-    pub purpose: String,
-    /// The leased scopes, space-separated.
-    pub scopes: String,
-    /// HMAC of the access token (`tokenvault_fingerprint`).
-    pub token_fingerprint: String,
-    /// When granted.
-    pub granted_at: Timestamp,
     /// When it ends on its own.
     pub expires_at: Timestamp,
     /// When the vault or the holder ended it early.

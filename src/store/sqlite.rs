@@ -37,6 +37,11 @@ pub(super) mod dialect {
     // a watcher reading "after cursor N" never skips an event committed later
     // with a smaller cursor.
     pub(in crate::store) const EVENT_ORDER_LOCK: Option<&str> = None;
+    // A connection id (`conn_<uuid>`) in `column` as a lease row stores it:
+    // its UUID's 16 bytes.
+    pub(in crate::store) fn connection_key(column: &str) -> String {
+        format!("unhex(replace(substr({column}, 6), '-', ''))")
+    }
 
     pub(in crate::store) use super::{
         LOCK_AUDIT_HEAD, append_locked, append_on, prepare_audit_connection,
@@ -297,9 +302,9 @@ impl SqliteStore {
 /// still ACTIVE and unchanged since the lease path read it.
 const HOLDING_LEASES: &str = "SELECT v.value ->> 0 FROM jsonb_each($1) AS v \
      JOIN connections c ON c.connection_id = v.value ->> 1 \
-     WHERE c.status = 'active' AND c.updated_at = v.value ->> 8";
+     WHERE c.status = 'active' AND c.updated_at = v.value ->> 6";
 
-/// The whole batch in one statement (migration 0005): it aborts, writing
+/// The whole batch in one statement (migrations 0005 and 0010): it aborts, writing
 /// nothing, unless the head is still `from` and every lease still holds.
 const APPEND_BATCH: &str = "INSERT INTO audit_append_batch \
      (from_seq, from_hash, to_seq, to_hash, entries, checkpoints, leases) \
@@ -469,11 +474,9 @@ fn lease_rows(leases: &[LeaseGrant]) -> StoreResult<String> {
             (
                 l.lease_id.as_str(),
                 l.connection_id.as_str(),
+                hex::encode(l.lease_id.key()),
+                hex::encode(l.connection_id.key()),
                 &l.caller,
-                &l.purpose,
-                &l.scopes,
-                &l.token_fingerprint,
-                l.granted_at.as_micros(),
                 l.expires_at.as_micros(),
                 g.connection_version.as_micros(),
             )

@@ -364,7 +364,10 @@ impl Vault {
             tracing::debug!(pruned, "lease rows past retention deleted");
             self.store.reclaim(&["leases"]).await?;
         }
-        let open = self.store.lease_open_count(now, None).await?;
+        let open = self
+            .store
+            .lease_open_count(now, now.minus(secs(lease.max_ttl_seconds)), None)
+            .await?;
         metrics::gauge!("tokenvault_open_leases").set(open as f64);
         let mut consumers: Vec<String> = self
             .settings

@@ -187,7 +187,7 @@ async fn a_failing_audit_append_stops_the_operation(backend: Backend) {
     assert_eq!(
         tv.vault
             .store()
-            .lease_open_count(Timestamp::now(), None)
+            .lease_open_count(Timestamp::now(), Timestamp::from_micros(0), None)
             .await
             .unwrap(),
         0

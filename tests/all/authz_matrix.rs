@@ -547,7 +547,7 @@ async fn every_denial_is_audited(backend: Backend) {
     let open_before = tv
         .vault
         .store()
-        .lease_open_count(Timestamp::now(), None)
+        .lease_open_count(Timestamp::now(), Timestamp::from_micros(0), None)
         .await
         .expect("count open leases");
     let start = audit_seq(&tv).await;
@@ -758,7 +758,7 @@ async fn every_denial_is_audited(backend: Backend) {
     let open_after = tv
         .vault
         .store()
-        .lease_open_count(Timestamp::now(), None)
+        .lease_open_count(Timestamp::now(), Timestamp::from_micros(0), None)
         .await
         .expect("count open leases");
     if open_after != open_before {

@@ -209,7 +209,7 @@ async fn a_replica_never_leases_from_a_record_another_replica_changed(backend: B
     let open = tv
         .vault
         .store()
-        .lease_open_count(Timestamp::now(), Some(&conn.id))
+        .lease_open_count(Timestamp::now(), Timestamp::from_micros(0), Some(&conn.id))
         .await
         .unwrap();
     assert_eq!(open, 1, "only the first lease is recorded");
@@ -426,16 +426,38 @@ async fn leases_are_recorded_without_the_token_and_release_early(backend: Backen
         .unwrap()
         .expect("lease row");
     assert_eq!(record.caller, As::Worker.identity());
-    assert_eq!(record.purpose, "calendar_sync");
-    assert_eq!(record.scopes, CALENDAR_SCOPE);
-    assert!(!record.token_fingerprint.contains(token));
+    assert_eq!(record.connection_id, conn.id);
+    // Purpose, scopes and the token's fingerprint are in the grant's entry,
+    // which names the lease.
+    let grants = tv
+        .vault
+        .store()
+        .audit_query(
+            &tokenvault::store::AuditFilter {
+                action_prefix: Some("lease.grant".into()),
+                target: Some(conn.id.to_string()),
+                ..Default::default()
+            },
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(grants.len(), 1, "{grants:?}");
+    let detail = &grants[0].draft.detail;
+    assert!(
+        detail.starts_with(&format!(
+            "lease={id} purpose=calendar_sync scopes={CALENDAR_SCOPE} token="
+        )),
+        "{detail}"
+    );
+    assert!(!detail.contains(token), "{detail}");
     let until = lease.lease_expires_at.unwrap();
     assert!(until.seconds <= lease.token_expires_at.unwrap().seconds);
     assert!(until.seconds <= Timestamp::now().seconds_nanos().0 + 900 + 1);
     assert_eq!(
         tv.vault
             .store()
-            .lease_open_count(Timestamp::now(), None)
+            .lease_open_count(Timestamp::now(), Timestamp::from_micros(0), None)
             .await
             .unwrap(),
         1
@@ -477,7 +499,7 @@ async fn leases_are_recorded_without_the_token_and_release_early(backend: Backen
     assert_eq!(
         tv.vault
             .store()
-            .lease_open_count(Timestamp::now(), None)
+            .lease_open_count(Timestamp::now(), Timestamp::from_micros(0), None)
             .await
             .unwrap(),
         0

@@ -401,6 +401,13 @@ fn lease_named(detail: &str) -> String {
         .to_owned()
 }
 
+/// A lease id from the 16 bytes a lease row stores.
+fn lease_id(key: &[u8]) -> String {
+    tokenvault::domain::LeaseId::from_key(key)
+        .expect("a lease key")
+        .to_string()
+}
+
 /// What the database holds about one connection's leases.
 #[derive(Debug)]
 struct Ledger {
@@ -419,15 +426,18 @@ struct Ledger {
 
 impl Ledger {
     async fn read(db: &sqlx::PgPool, connection: &str) -> Self {
-        let rows = sqlx::query_as::<_, (String, Option<i64>, Option<String>)>(
+        let key = tokenvault::domain::ConnectionId::parse(connection)
+            .expect("a connection id")
+            .key();
+        let rows = sqlx::query_as::<_, (Vec<u8>, Option<i64>, Option<String>)>(
             "SELECT lease_id, revoked_at, revoke_reason FROM leases WHERE connection_id = $1",
         )
-        .bind(connection)
+        .bind(key.as_slice())
         .fetch_all(db)
         .await
         .expect("read lease rows")
         .into_iter()
-        .map(|(id, revoked_at, reason)| (id, (revoked_at, reason)))
+        .map(|(key, revoked_at, reason)| (lease_id(&key), (revoked_at, reason)))
         .collect();
         let grants = sqlx::query_scalar::<_, String>(
             "SELECT detail FROM audit_log WHERE action = 'lease.grant' AND target = $1 ORDER BY seq",

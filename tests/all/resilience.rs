@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::Row as _;
-use tokenvault::domain::Integration;
+use tokenvault::domain::{ConnectionId, Integration, LeaseId};
 use tokenvault::google::sim::{Endpoint, Fault};
 use tokenvault::proto::v1 as pb;
 use tokenvault::proto::v1::lease_service_client::LeaseServiceClient;
@@ -707,7 +707,13 @@ async fn postgres_restart_under_lease_load_fails_fast_recovers_and_loses_nothing
             .await
             .unwrap()
             .into_iter()
-            .map(|r| (r.get(0), r.get(1)))
+            .map(|r| {
+                let (lease, connection): (Vec<u8>, Vec<u8>) = (r.get(0), r.get(1));
+                (
+                    LeaseId::from_key(&lease).unwrap().to_string(),
+                    ConnectionId::from_key(&connection).unwrap().to_string(),
+                )
+            })
             .collect();
     for (lease, connection) in &granted {
         assert_eq!(

@@ -241,10 +241,6 @@ fn calendar_lease(conn: &tokenvault::store::ConnectionRecord) -> tokenvault::sto
         lease_id: LeaseId::generate(),
         connection_id: conn.id.clone(),
         caller: "spiffe://test.local/worker".into(),
-        purpose: "calendar_sync".into(),
-        scopes: "calendar.events".into(),
-        token_fingerprint: "f".repeat(32),
-        granted_at: Timestamp::now(),
         expires_at: Timestamp::now().plus(std::time::Duration::from_secs(60)),
         revoked_at: None,
         revoke_reason: None,
@@ -700,3 +696,135 @@ both_backends!(
     bulk_import_round_trips,
     bulk_import_round_trips_every_field_and_is_all_or_nothing
 );
+
+/// Migration 0010 rewrites lease rows into the compact form: each lease open
+/// or ended before the upgrade is still found by its id, still counts as
+/// open (or ended) for its connection, and can still be revoked; a row whose
+/// ids are not `<prefix><uuid>` (none was ever minted so) is not carried.
+async fn lease_rows_survive_the_compact_migration(backend: Backend) {
+    use std::time::Duration;
+    use tokenvault::domain::{ConnectionId, LeaseId, Timestamp};
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = crate::support::fresh_database(backend, dir.path()).await else {
+        return;
+    };
+    let _guard = crate::support::DropDatabase::new(&url);
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(match backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        });
+    let mut before = sqlx::migrate::Migrator::new(source.as_path())
+        .await
+        .unwrap();
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| m.version < 10)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    let conn = ConnectionId::generate();
+    let open = LeaseId::generate();
+    let released = LeaseId::generate();
+    let now = Timestamp::now();
+    let expires = now.plus(Duration::from_secs(600));
+    let rows = [
+        (open.to_string(), None, None),
+        (
+            released.to_string(),
+            Some(now.as_micros()),
+            Some("released"),
+        ),
+        ("lease_legacy".to_owned(), None, None),
+    ];
+    const INSERT: &str = "INSERT INTO leases (lease_id, connection_id, caller, purpose, scopes, \
+         token_fingerprint, granted_at, expires_at, revoked_at, revoke_reason) \
+         VALUES ($1, $2, 'spiffe://test.local/worker', 'calendar_sync', 'calendar.events', \
+         'ffff', $3, $4, $5, $6)";
+    macro_rules! seed {
+        ($pool:expr) => {{
+            let pool = $pool;
+            before.run(&pool).await.expect("migrations 0001-0009");
+            for (id, revoked_at, reason) in &rows {
+                sqlx::query(INSERT)
+                    .bind(id.as_str())
+                    .bind(conn.as_str())
+                    .bind(now.as_micros())
+                    .bind(expires.as_micros())
+                    .bind(*revoked_at)
+                    .bind(*reason)
+                    .execute(&pool)
+                    .await
+                    .expect("an old-format lease row");
+            }
+            pool.close().await;
+        }};
+    }
+    match backend {
+        Backend::Sqlite => {
+            use std::str::FromStr as _;
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
+                .unwrap()
+                .create_if_missing(true);
+            seed!(sqlx::SqlitePool::connect_with(options).await.unwrap());
+        }
+        Backend::Postgres => seed!(sqlx::PgPool::connect(&url).await.unwrap()),
+    }
+
+    let store = tokenvault::store::open(&url)
+        .await
+        .expect("migrate to 0010");
+    let got = store
+        .lease_get(&open)
+        .await
+        .unwrap()
+        .expect("the open lease");
+    assert_eq!(got.connection_id, conn);
+    assert_eq!(got.caller, "spiffe://test.local/worker");
+    assert_eq!(got.expires_at, expires);
+    assert_eq!(got.revoked_at, None);
+    let ended = store
+        .lease_get(&released)
+        .await
+        .unwrap()
+        .expect("the released lease");
+    assert_eq!(ended.revoked_at, Some(now));
+    assert_eq!(ended.revoke_reason.as_deref(), Some("released"));
+    let epoch = Timestamp::from_micros(0);
+    assert_eq!(
+        store
+            .lease_open_count(Timestamp::now(), epoch, Some(&conn))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .lease_open_count(Timestamp::now(), epoch, None)
+            .await
+            .unwrap(),
+        1
+    );
+    // Only granted after the bound: the carried lease was minted before it.
+    let later = Timestamp::now().plus(Duration::from_secs(1));
+    assert_eq!(
+        store
+            .lease_open_count(Timestamp::now(), later, None)
+            .await
+            .unwrap(),
+        0
+    );
+    // A release now ends it.
+    let at = Timestamp::now();
+    assert_eq!(store.lease_release(&open, at).await.unwrap(), Some(at));
+    assert_eq!(
+        store
+            .lease_open_count(Timestamp::now(), epoch, None)
+            .await
+            .unwrap(),
+        0
+    );
+}
+both_backends!(compact_migration, lease_rows_survive_the_compact_migration);
