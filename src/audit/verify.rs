@@ -50,8 +50,9 @@ impl VerifyReport {
 }
 
 /// Verifies entries `from_seq..=to_seq` (clamped to the chain head). Starting
-/// above 1 trusts the stored `prev_hash` of the first entry, which its own MAC
-/// covers. Every signed checkpoint in the range must match the entry it
+/// above 1 takes the first entry's previous hash from the entry before it as
+/// stored (or from the archive's last segment), which the first entry's own
+/// hash and MAC must then agree with. Every signed checkpoint in the range must match the entry it
 /// names, and no checkpoint may lie beyond the chain head (a truncated log).
 ///
 /// Entries up to the last archived segment's are the archive's to prove

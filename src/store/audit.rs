@@ -2,12 +2,18 @@
 //! head.
 //!
 //! Invariants: an entry's sequence number is the head's plus one and its
-//! `prev_hash` is the head's hash; a batch is written only if the head is
+//! hash covers the head's hash; a batch is written only if the head is
 //! still the one it was sealed onto (compare-and-swap), otherwise it is
 //! sealed again under the lock; the store computes no hash or MAC itself
 //! (the caller's `AuditSealer` does), so it never holds the audit key.
 //! Each backend's append statement lives with its dialect (`sqlite.rs`,
 //! `postgres.rs`).
+//!
+//! An entry's previous hash is not stored (migration 0011): it is the hash
+//! of the entry before, so every read computes it from that entry, from the
+//! last archived segment when that entry was pruned, or as the genesis hash
+//! for entry 1 ([`AUDIT_ROWS`]). An entry with none of these reads back with
+//! an empty previous hash, which no verification accepts.
 
 use async_trait::async_trait;
 use sqlx::FromRow as _;
@@ -26,7 +32,6 @@ pub const LEASE_GRANT: &str = "lease.grant";
 /// One audit entry sealed onto the chain.
 pub(in crate::store) struct SealedRow<'a> {
     pub(in crate::store) seq: i64,
-    pub(in crate::store) prev_hash: Vec<u8>,
     pub(in crate::store) entry_hash: Vec<u8>,
     pub(in crate::store) mac: Vec<u8>,
     pub(in crate::store) draft: &'a AuditDraft,
@@ -65,10 +70,9 @@ pub(in crate::store) fn seal_batch<'a>(
         seq += 1;
         let sealed = sealer(seq, &prev, draft);
         checkpoints.extend(sealed.checkpoint);
-        let prev_hash = std::mem::replace(&mut prev, sealed.entry_hash.clone());
+        prev.clone_from(&sealed.entry_hash);
         entries.push(SealedRow {
             seq,
-            prev_hash,
             entry_hash: sealed.entry_hash,
             mac: sealed.mac,
             draft,
@@ -152,6 +156,18 @@ pub trait AuditStore: Send + Sync {
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
 
 for_each_backend! {
+/// The head of every read of whole entries (`audit_log a`): each row with its
+/// previous hash computed (see the module documentation).
+pub(in crate::store) static AUDIT_ROWS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT a.*, COALESCE( \
+           (SELECT p.entry_hash FROM audit_log p WHERE p.seq = a.seq - 1), \
+           (SELECT s.last_hash FROM audit_segments s WHERE s.last_seq = a.seq - 1), \
+           {NO_PREDECESSOR}) AS prev_hash \
+         FROM audit_log a"
+    )
+});
+
 impl StoreImpl {
     /// Appends on the audit writer's held connection (each backend's
     /// `append_on` seals and writes), holding the backend's write guard; the
@@ -200,9 +216,10 @@ impl AuditStore for StoreImpl {
     }
 
     async fn audit_range(&self, from_seq: i64, to_seq: i64, limit: i64) -> StoreResult<Vec<AuditRow>> {
-        let rows = sqlx::query(
-            "SELECT * FROM audit_log WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{} WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+            *AUDIT_ROWS
+        )))
         .bind(from_seq)
         .bind(to_seq)
         .bind(limit)
@@ -212,7 +229,7 @@ impl AuditStore for StoreImpl {
     }
 
     async fn audit_query(&self, filter: &AuditFilter, limit: i64) -> StoreResult<Vec<AuditRow>> {
-        let mut f = Filter::new("SELECT * FROM audit_log");
+        let mut f = Filter::new(&AUDIT_ROWS);
         if let Some(a) = &filter.actor {
             f.push("actor = ?", FilterValue::Text(a.clone()));
         }

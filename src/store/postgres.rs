@@ -43,6 +43,10 @@ pub(super) mod dialect {
     pub(in crate::store) fn connection_key(column: &str) -> String {
         format!("decode(replace(substr({column}, 6), '-', ''), 'hex')")
     }
+    // The previous hash of an entry with no entry or segment before it: the
+    // genesis hash (32 zero bytes) for entry 1, else empty (a broken link).
+    pub(in crate::store) const NO_PREDECESSOR: &str =
+        "CASE WHEN a.seq = 1 THEN decode(repeat('00', 32), 'hex') ELSE ''::bytea END";
 
     pub(in crate::store) use super::{
         LOCK_AUDIT_HEAD, append_locked, append_on, prepare_audit_connection,
@@ -163,20 +167,20 @@ const APPEND_AUDIT: &str = "WITH head AS ( \
        WHERE id = 1 AND seq = $3 AND entry_hash = $4 RETURNING 1), \
      entries AS ( \
        INSERT INTO audit_log \
-         (seq, at, actor, role, action, target, outcome, detail, prev_hash, entry_hash, mac) \
+         (seq, at, actor, role, action, target, outcome, detail, entry_hash, mac) \
        SELECT * FROM unnest($5::bigint[], $6::bigint[], $7::text[], $8::text[], $9::text[], \
-         $10::text[], $11::text[], $12::text[], $13::bytea[], $14::bytea[], $15::bytea[]) \
+         $10::text[], $11::text[], $12::text[], $13::bytea[], $14::bytea[]) \
        WHERE EXISTS (SELECT 1 FROM head)), \
      checkpoints AS ( \
        INSERT INTO audit_checkpoints (seq, entry_hash, signed_at, public_key, signature) \
-       SELECT * FROM unnest($16::bigint[], $17::bytea[], $18::bigint[], $19::bytea[], \
-         $20::bytea[]) \
+       SELECT * FROM unnest($15::bigint[], $16::bytea[], $17::bigint[], $18::bytea[], \
+         $19::bytea[]) \
        WHERE EXISTS (SELECT 1 FROM head)), \
      granted AS ( \
        INSERT INTO leases (lease_id, connection_id, caller, expires_at) \
        SELECT v.lease_key, v.connection_key, v.caller, v.expires_at \
-       FROM unnest($21::bytea[], $22::text[], $23::bytea[], $24::text[], $25::bigint[], \
-         $26::bigint[]) \
+       FROM unnest($20::bytea[], $21::text[], $22::bytea[], $23::text[], $24::bigint[], \
+         $25::bigint[]) \
          AS v (lease_key, connection_id, connection_key, caller, expires_at, \
          connection_version) \
        JOIN connections c ON c.connection_id = v.connection_id \
@@ -278,7 +282,6 @@ async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
         .bind(text(|d| &d.target))
         .bind(text(|d| &d.outcome))
         .bind(text(|d| &d.detail))
-        .bind(bytes(|r| &r.prev_hash))
         .bind(bytes(|r| &r.entry_hash))
         .bind(bytes(|r| &r.mac))
         .bind(k.iter().map(|c| c.seq).collect::<Vec<_>>())

@@ -42,6 +42,10 @@ pub(super) mod dialect {
     pub(in crate::store) fn connection_key(column: &str) -> String {
         format!("unhex(replace(substr({column}, 6), '-', ''))")
     }
+    // The previous hash of an entry with no entry or segment before it: the
+    // genesis hash (32 zero bytes) for entry 1, else empty (a broken link).
+    pub(in crate::store) const NO_PREDECESSOR: &str =
+        "CASE WHEN a.seq = 1 THEN zeroblob(32) ELSE x'' END";
 
     pub(in crate::store) use super::{
         LOCK_AUDIT_HEAD, append_locked, append_on, prepare_audit_connection,
@@ -304,7 +308,7 @@ const HOLDING_LEASES: &str = "SELECT v.value ->> 0 FROM jsonb_each($1) AS v \
      JOIN connections c ON c.connection_id = v.value ->> 1 \
      WHERE c.status = 'active' AND c.updated_at = v.value ->> 6";
 
-/// The whole batch in one statement (migrations 0005 and 0010): it aborts, writing
+/// The whole batch in one statement (migrations 0005, 0010 and 0011): it aborts, writing
 /// nothing, unless the head is still `from` and every lease still holds.
 const APPEND_BATCH: &str = "INSERT INTO audit_append_batch \
      (from_seq, from_hash, to_seq, to_hash, entries, checkpoints, leases) \
@@ -456,7 +460,6 @@ fn entry_rows(batch: &SealedBatch<'_>) -> StoreResult<String> {
                 &d.target,
                 &d.outcome,
                 &d.detail,
-                hex::encode(&e.prev_hash),
                 hex::encode(&e.entry_hash),
                 hex::encode(&e.mac),
             )

@@ -71,7 +71,7 @@ async fn checkpoints_match_the_chain_and_reveal_a_truncated_tail(backend: Backen
     let raw = RawDb::open(&tv).await;
     raw.execute(
         "UPDATE audit_checkpoints SET entry_hash = \
-         (SELECT prev_hash FROM audit_log WHERE seq = 10) WHERE seq = 10",
+         (SELECT entry_hash FROM audit_log WHERE seq = 9) WHERE seq = 10",
     )
     .await;
     let edited = verify(&tv, None, None).await;

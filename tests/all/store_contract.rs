@@ -699,11 +699,16 @@ both_backends!(
 
 /// Migration 0010 rewrites lease rows into the compact form: each lease open
 /// or ended before the upgrade is still found by its id, still counts as
-/// open (or ended) for its connection, and can still be revoked; a row whose
-/// ids are not `<prefix><uuid>` (none was ever minted so) is not carried.
+/// open (or ended) for its connection, and can still be released; a row
+/// whose ids are not `<prefix><uuid>` (none was ever minted so) is not
+/// carried. Migration 0011 stops storing each audit entry's previous hash:
+/// a chain written before it still verifies after it, and an entry edited
+/// afterwards is still named.
 async fn lease_rows_survive_the_compact_migration(backend: Backend) {
     use std::time::Duration;
+    use tokenvault::crypto::{KeyringProvider, LocalKeyring, MacPurpose};
     use tokenvault::domain::{ConnectionId, LeaseId, Timestamp};
+    use tokenvault::store::AuditDraft;
     let dir = tempfile::tempdir().unwrap();
     let Some(url) = crate::support::fresh_database(backend, dir.path()).await else {
         return;
@@ -739,6 +744,27 @@ async fn lease_rows_survive_the_compact_migration(backend: Backend) {
         ),
         ("lease_legacy".to_owned(), None, None),
     ];
+    // A chain of three entries as the vault wrote it before 0011.
+    let keyring = LocalKeyring::init(dir.path().join("keyring.json")).unwrap();
+    let mut chain = Vec::new();
+    let mut prev = vec![0u8; 32];
+    for seq in 1..=3i64 {
+        let draft = AuditDraft {
+            at: now,
+            actor: "tokenvault".into(),
+            role: "system".into(),
+            action: "test.before".into(),
+            target: format!("t{seq}"),
+            outcome: "ok".into(),
+            detail: String::new(),
+        };
+        let hash = tokenvault::audit::entry_hash(seq, &prev, &draft);
+        let mac = keyring.mac(MacPurpose::AuditChain, &hash).to_vec();
+        chain.push((seq, draft, prev.clone(), hash.clone(), mac));
+        prev = hash;
+    }
+    const ENTRY: &str = "INSERT INTO audit_log (seq, at, actor, role, action, target, outcome, \
+         detail, prev_hash, entry_hash, mac) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
     const INSERT: &str = "INSERT INTO leases (lease_id, connection_id, caller, purpose, scopes, \
          token_fingerprint, granted_at, expires_at, revoked_at, revoke_reason) \
          VALUES ($1, $2, 'spiffe://test.local/worker', 'calendar_sync', 'calendar.events', \
@@ -759,6 +785,28 @@ async fn lease_rows_survive_the_compact_migration(backend: Backend) {
                     .await
                     .expect("an old-format lease row");
             }
+            for (seq, d, prev, hash, mac) in &chain {
+                sqlx::query(ENTRY)
+                    .bind(*seq)
+                    .bind(d.at.as_micros())
+                    .bind(&d.actor)
+                    .bind(&d.role)
+                    .bind(&d.action)
+                    .bind(&d.target)
+                    .bind(&d.outcome)
+                    .bind(&d.detail)
+                    .bind(prev.as_slice())
+                    .bind(hash.as_slice())
+                    .bind(mac.as_slice())
+                    .execute(&pool)
+                    .await
+                    .expect("an entry with its previous hash");
+            }
+            sqlx::query("UPDATE audit_head SET seq = 3, entry_hash = $1 WHERE id = 1")
+                .bind(prev.as_slice())
+                .execute(&pool)
+                .await
+                .unwrap();
             pool.close().await;
         }};
     }
@@ -826,5 +874,37 @@ async fn lease_rows_survive_the_compact_migration(backend: Backend) {
             .unwrap(),
         0
     );
+
+    // The chain reads back with each previous hash, and verifies.
+    let rows = store.audit_range(1, 3, 10).await.unwrap();
+    let stored: Vec<_> = rows.iter().map(|r| (r.seq, r.prev_hash.clone())).collect();
+    let written: Vec<_> = chain.iter().map(|c| (c.0, c.2.clone())).collect();
+    assert_eq!(stored, written);
+    let report = tokenvault::audit::verify_chain(store.as_ref(), &keyring, 1, None)
+        .await
+        .unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.entries_checked, 3);
+    // An entry edited after the upgrade is named.
+    const EDIT: &str = "UPDATE audit_log SET target = 'x' WHERE seq = 2";
+    match backend {
+        Backend::Sqlite => {
+            use std::str::FromStr as _;
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url).unwrap();
+            let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+            sqlx::query(EDIT).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&url).await.unwrap();
+            sqlx::query(EDIT).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+    let report = tokenvault::audit::verify_chain(store.as_ref(), &keyring, 1, None)
+        .await
+        .unwrap();
+    assert_eq!(report.first_broken_seq, Some(2), "{report:?}");
+    store.close().await;
 }
 both_backends!(compact_migration, lease_rows_survive_the_compact_migration);
