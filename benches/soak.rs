@@ -5,7 +5,7 @@
 //! cargo bench --locked --bench soak -- [--backend sqlite|postgres] [--minutes 10]
 //!     [--rate 500] [--connections 1000] [--channels 4] [--max-in-flight 1024]
 //!     [--deadline-ms 5000] [--interval 60] [--rss-from N]
-//!     [--hot-retention SECONDS [--archive-interval 10]] [--lease-ttl 900]
+//!     [--hot-retention SECONDS [--archive-interval 10]] [--lease-ttl 900] [--dbstat]
 //! ```
 //!
 //! PostgreSQL: `TV_TEST_POSTGRES_URL` (default
@@ -30,7 +30,8 @@
 //!    failed (by gRPC code), the p50/p99/max latency of the calls that
 //!    completed in that interval (client-side), the process RSS (`VmRSS` of
 //!    /proc/self/status: server and client together) and the database's size
-//!    (SQLite file + WAL, or `pg_database_size`).
+//!    (SQLite's database file, or `pg_database_size`; neither counts the
+//!    backend's WAL).
 //! 4. At the end: totals, RSS at start, after seeding, after the first
 //!    interval and at the end, its growth to the end from the first interval,
 //!    from half-way and from the last third, and a verdict line: PASS when no
@@ -51,6 +52,14 @@
 //! database's growth from then to the end (judged: < 10 %), the archive's
 //! size and an `audit verify` over archive and live table (judged: it
 //! passes).
+//!
+//! On SQLite each interval's line also shows the database file's free
+//! pages and the WAL file, whose largest size is judged against its bound
+//! (`journal_size_limit`, 64 MiB): the file keeps the most the WAL has held
+//! up to that, so it grows in steps until then and is bounded, not flat.
+//! `--dbstat` adds, per interval, the space each table and index takes
+//! (SQLite's `dbstat`, which reads every page: a diagnostic that costs the
+//! soak some CPU).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -75,6 +84,9 @@ const TICK: Duration = Duration::from_millis(5);
 const MAX_RSS_GROWTH: f64 = 0.10;
 /// Verdict: the achieved rate must be at least this share of `--rate`.
 const MIN_RATE_SHARE: f64 = 0.99;
+/// Verdict (SQLite, `--hot-retention`): the most the WAL file may take at
+/// the end of an interval (the store's `journal_size_limit`).
+const MAX_WAL_BYTES: u64 = 64 * 1024 * 1024;
 
 struct Args {
     backend: String,
@@ -94,6 +106,8 @@ struct Args {
     archive_interval: u64,
     /// `lease.max_ttl_seconds`.
     lease_ttl: u64,
+    /// SQLite: print each table's and index's size every interval.
+    dbstat: bool,
 }
 
 fn args() -> Args {
@@ -110,6 +124,7 @@ fn args() -> Args {
         hot_retention: None,
         archive_interval: 10,
         lease_ttl: 900,
+        dbstat: false,
     };
     let mut it = std::env::args().skip(1);
     fn num<T: std::str::FromStr>(v: Option<String>, flag: &str) -> T {
@@ -130,6 +145,7 @@ fn args() -> Args {
             "--hot-retention" => a.hot_retention = Some(num(it.next(), "--hot-retention")),
             "--archive-interval" => a.archive_interval = num(it.next(), "--archive-interval"),
             "--lease-ttl" => a.lease_ttl = num(it.next(), "--lease-ttl"),
+            "--dbstat" => a.dbstat = true,
             _ => {} // cargo bench passes --bench
         }
     }
@@ -161,24 +177,20 @@ fn mib(kib: Option<u64>) -> String {
     kib.map_or_else(|| "?".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0))
 }
 
-/// The database's size on disk: SQLite's file and its WAL, or PostgreSQL's
+/// The database's size on disk: SQLite's database file, or PostgreSQL's
 /// `pg_database_size` (through a one-connection pool of the soak's own).
+/// Neither counts the WAL: PostgreSQL's is outside the database, and
+/// SQLite's is reported and judged on its own ([`DbSize::wal_bytes`]).
 enum DbSize {
-    Sqlite(std::path::PathBuf),
+    /// The file, and a read-only connection of the soak's own to it.
+    Sqlite(std::path::PathBuf, sqlx::SqlitePool),
     Postgres(sqlx::PgPool),
 }
 
 impl DbSize {
     async fn bytes(&self) -> Option<u64> {
         match self {
-            DbSize::Sqlite(path) => {
-                let wal = path.with_extension("db-wal");
-                [path.as_path(), wal.as_path()]
-                    .iter()
-                    .filter_map(|p| std::fs::metadata(p).ok())
-                    .map(|m| m.len())
-                    .reduce(|a, b| a + b)
-            }
+            DbSize::Sqlite(path, _) => std::fs::metadata(path).ok().map(|m| m.len()),
             DbSize::Postgres(pool) => {
                 sqlx::query_scalar::<_, i64>("SELECT pg_database_size(current_database())")
                     .fetch_one(pool)
@@ -187,6 +199,53 @@ impl DbSize {
                     .and_then(|b| u64::try_from(b).ok())
             }
         }
+    }
+
+    /// SQLite: the size of the WAL file.
+    fn wal_bytes(&self) -> Option<u64> {
+        match self {
+            DbSize::Sqlite(path, _) => std::fs::metadata(path.with_extension("db-wal"))
+                .ok()
+                .map(|m| m.len()),
+            DbSize::Postgres(_) => None,
+        }
+    }
+
+    /// SQLite: the database file, the part of it on the free list, and the
+    /// WAL, in MiB (`file 150.2 (free 3.1) + WAL 12.0`), and with `tables`,
+    /// every table's and index's size from `dbstat`, largest first.
+    async fn parts(&self, tables: bool) -> Option<String> {
+        let DbSize::Sqlite(path, pool) = self else {
+            return None;
+        };
+        let mib = |b: i64| b as f64 / 1048576.0;
+        let len = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len() as i64);
+        let page: i64 = sqlx::query_scalar("PRAGMA page_size")
+            .fetch_one(pool)
+            .await
+            .ok()?;
+        let free: i64 = sqlx::query_scalar("PRAGMA freelist_count")
+            .fetch_one(pool)
+            .await
+            .ok()?;
+        let mut text = format!(
+            "file {:.1} (free {:.1}) + WAL {:.1}",
+            mib(len(path)),
+            mib(free * page),
+            mib(len(&path.with_extension("db-wal")))
+        );
+        if tables {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT name, SUM(pgsize) AS bytes FROM dbstat GROUP BY name ORDER BY bytes DESC",
+            )
+            .fetch_all(pool)
+            .await
+            .ok()?;
+            for (name, bytes) in rows.iter().filter(|(_, b)| mib(*b) >= 0.1) {
+                text.push_str(&format!("; {name} {:.1}", mib(*bytes)));
+            }
+        }
+        Some(text)
     }
 }
 
@@ -292,8 +351,39 @@ async fn main() {
     // 1. Database, configuration, server, connections.
     let dir = tempfile::tempdir().expect("tempdir");
     let (url, cleanup) = database(&a.backend, dir.path()).await;
+    let rng = SystemRandom::new();
+    let archive_dir = dir.path().join("archive");
+    let (server, key) = start_worker_vault_with(
+        dir.path(),
+        url.clone(),
+        &rng,
+        &common::BenchKeyring::Local,
+        |c| {
+            c.lease.max_ttl_seconds = a.lease_ttl;
+            if let Some(keep) = a.hot_retention {
+                c.audit.archive_dir = Some(archive_dir.clone());
+                c.audit.hot_retention_seconds = keep;
+                c.audit.archive_interval_seconds = a.archive_interval;
+                c.lease.record_retention_seconds = keep;
+            }
+        },
+    )
+    .await;
+    // After the server, which creates the SQLite file.
     let db_size = match &cleanup {
-        None => DbSize::Sqlite(dir.path().join("bench.db")),
+        None => {
+            let file = dir.path().join("bench.db");
+            let reader = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(
+                    sqlx::sqlite::SqliteConnectOptions::new()
+                        .filename(&file)
+                        .read_only(true),
+                )
+                .await
+                .expect("open the bench database to measure it");
+            DbSize::Sqlite(file, reader)
+        }
         Some(_) => DbSize::Postgres(
             sqlx::postgres::PgPoolOptions::new()
                 .max_connections(1)
@@ -302,19 +392,6 @@ async fn main() {
                 .expect("connect to the bench database"),
         ),
     };
-    let rng = SystemRandom::new();
-    let archive_dir = dir.path().join("archive");
-    let (server, key) =
-        start_worker_vault_with(dir.path(), url, &rng, &common::BenchKeyring::Local, |c| {
-            c.lease.max_ttl_seconds = a.lease_ttl;
-            if let Some(keep) = a.hot_retention {
-                c.audit.archive_dir = Some(archive_dir.clone());
-                c.audit.hot_retention_seconds = keep;
-                c.audit.archive_interval_seconds = a.archive_interval;
-                c.lease.record_retention_seconds = keep;
-            }
-        })
-        .await;
     if let Some(keep) = a.hot_retention {
         println!(
             "audit archive on: entries and lease rows kept {keep} s, archived every {} s, \
@@ -356,6 +433,8 @@ async fn main() {
     let window = Arc::new(Mutex::new(Window::default()));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(a.max_in_flight));
     let mut totals = Totals::default();
+    // SQLite: the largest the WAL file was at the end of an interval.
+    let mut wal_max: Option<u64> = None;
     let mut pick = {
         let mut seed = [0u8; 8];
         rng.fill(&mut seed).expect("system randomness");
@@ -419,6 +498,10 @@ async fn main() {
                 db_size.bytes().await,
                 &mut totals,
             );
+            if let Some(parts) = db_size.parts(a.dbstat).await {
+                println!("         db: {parts}");
+            }
+            wal_max = wal_max.max(db_size.wal_bytes());
             sent_in_window = 0;
             next_report += a.interval;
         }
@@ -443,6 +526,10 @@ async fn main() {
             db_size.bytes().await,
             &mut totals,
         );
+        if let Some(parts) = db_size.parts(a.dbstat).await {
+            println!("         db: {parts}");
+        }
+        wal_max = wal_max.max(db_size.wal_bytes());
     }
     let rss_end = rss_kib();
 
@@ -545,6 +632,20 @@ async fn main() {
                 totals.db.len()
             )),
         }
+        if let Some(wal) = wal_max {
+            println!(
+                "WAL: at most {:.1} MiB at the end of an interval (bound {:.0} MiB)",
+                wal as f64 / 1048576.0,
+                MAX_WAL_BYTES as f64 / 1048576.0
+            );
+            if wal > MAX_WAL_BYTES {
+                missed.push(format!(
+                    "the WAL reached {:.1} MiB > {:.0} MiB",
+                    wal as f64 / 1048576.0,
+                    MAX_WAL_BYTES as f64 / 1048576.0
+                ));
+            }
+        }
         let archived: u64 = std::fs::read_dir(&archive_dir)
             .map(|d| {
                 d.filter_map(|e| e.ok()?.metadata().ok())
@@ -587,8 +688,9 @@ async fn main() {
 
     // 4. Shut down and clean up.
     drop(clients);
-    if let DbSize::Postgres(pool) = db_size {
-        pool.close().await;
+    match db_size {
+        DbSize::Postgres(pool) => pool.close().await,
+        DbSize::Sqlite(_, pool) => pool.close().await,
     }
     server.shutdown().await;
     if let Some((admin, name)) = cleanup {
