@@ -10,10 +10,12 @@
 //!
 //! `--replicas N` (PostgreSQL, local keyring) starts N − 1 more vault
 //! processes (`tokenvault serve`) on the first vault's database and keyring
-//! file after the workloads below, and measures leases against the first
-//! vault alone and spread over all N, alternately (1, N, N, 1) with the same
-//! `--concurrency`: throughput, latency and the audit chain head conflicts
-//! per batch over every replica (`tokenvault_audit_head_conflicts_total` over
+//! file after the workloads below, warms their caches with one unmeasured
+//! phase spread over all N, and measures leases against the first vault
+//! alone and spread over all N, alternately (1, N, N, 1) with the same
+//! `--concurrency`: throughput, latency, the machine's CPU time per lease,
+//! entries per audit batch and the audit chain head conflicts per batch over
+//! every replica (`tokenvault_audit_head_conflicts_total` over
 //! `tokenvault_audit_batch_entries_count`, from each one's `/metrics`).
 //!
 //! `--scale-to N` (e.g. 1000000) seeds a second vault of the same backend
@@ -1253,7 +1255,9 @@ async fn flood_phases(a: &Args, v: &BenchVault) {
 /// alone and spread over all N, alternately (1, N, N, 1), with the same
 /// client concurrency; for each, the head conflicts per audit batch summed
 /// over every replica's `/metrics` (a batch whose chain head another
-/// replica moved is sealed again under the lock).
+/// replica moved is sealed again under the lock), the entries per batch and
+/// the machine's CPU time per lease (every process: the replicas' and
+/// PostgreSQL's too).
 async fn replica_phases(a: &Args, v: &BenchVault) {
     let n = a.replicas;
     let started = Instant::now();
@@ -1279,11 +1283,20 @@ async fn replica_phases(a: &Args, v: &BenchVault) {
             spread.push(endpoint.connect().await.expect("connect to a replica"));
         }
     }
+    // The new replicas start with empty record and DEK caches, which the
+    // first vault has long filled: one unmeasured phase over all of them
+    // fills theirs, so that no measured phase pays for it.
+    let warm = run(Kind::Lease, a, &spread, &v.bearer, &v.ids).await;
+    println!(
+        "  warm-up over every replica: {:.0} leases/s (not counted)",
+        warm.throughput()
+    );
     let mut endpoints = vec![v.server.http_addr];
     endpoints.extend(others.iter().map(|r| r.http));
-    const NAMES: [&str; 2] = [
+    const NAMES: [&str; 3] = [
         "tokenvault_audit_head_conflicts_total",
         "tokenvault_audit_batch_entries_count",
+        "tokenvault_audit_batch_entries_sum",
     ];
     let (mut alone, mut fleet) = (Vec::new(), Vec::new());
     let (mut alone_counts, mut fleet_counts) = ([0.0; 2], [0.0; 2]);
@@ -1293,8 +1306,9 @@ async fn replica_phases(a: &Args, v: &BenchVault) {
         let report = run(Kind::Lease, a, channels, &v.bearer, &v.ids).await;
         let after = replicas::metric_sums(&endpoints, &NAMES).await;
         let (conflicts, batches) = (after[0] - before[0], after[1] - before[1]);
+        let entries = after[2] - before[2];
         println!(
-            "  phase {}: {} {:>8.0} leases/s  p99 {:.2} ms  errors {}  head conflicts {conflicts:.0} in {batches:.0} batches",
+            "  phase {}: {} {:>8.0} leases/s  p99 {:.2} ms  errors {}  head conflicts {conflicts:.0} in {batches:.0} batches ({:.1} entries each)  machine CPU {} per lease",
             i + 1,
             if many {
                 format!("{n} replicas")
@@ -1303,7 +1317,11 @@ async fn replica_phases(a: &Args, v: &BenchVault) {
             },
             report.throughput(),
             report.p99,
-            report.error_count()
+            report.error_count(),
+            entries / batches.max(1.0),
+            report
+                .machine_us_per_call()
+                .map_or_else(|| "?".to_owned(), |us| format!("{us:.0} µs"))
         );
         let counts = if many {
             &mut fleet_counts
