@@ -201,6 +201,15 @@ impl DbSize {
         }
     }
 
+    /// SQLite: prints an interval's [`DbSize::parts`] line and folds the WAL's
+    /// size into `wal_max`, the largest seen at the end of an interval.
+    async fn report_parts(&self, tables: bool, wal_max: &mut Option<u64>) {
+        if let Some(parts) = self.parts(tables).await {
+            println!("         db: {parts}");
+        }
+        *wal_max = (*wal_max).max(self.wal_bytes());
+    }
+
     /// SQLite: the size of the WAL file.
     fn wal_bytes(&self) -> Option<u64> {
         match self {
@@ -228,11 +237,12 @@ impl DbSize {
             .fetch_one(pool)
             .await
             .ok()?;
+        let wal = self.wal_bytes().map_or(0, |b| b as i64);
         let mut text = format!(
             "file {:.1} (free {:.1}) + WAL {:.1}",
             mib(len(path)),
             mib(free * page),
-            mib(len(&path.with_extension("db-wal")))
+            mib(wal)
         );
         if tables {
             let rows: Vec<(String, i64)> = sqlx::query_as(
@@ -498,10 +508,7 @@ async fn main() {
                 db_size.bytes().await,
                 &mut totals,
             );
-            if let Some(parts) = db_size.parts(a.dbstat).await {
-                println!("         db: {parts}");
-            }
-            wal_max = wal_max.max(db_size.wal_bytes());
+            db_size.report_parts(a.dbstat, &mut wal_max).await;
             sent_in_window = 0;
             next_report += a.interval;
         }
@@ -526,10 +533,7 @@ async fn main() {
             db_size.bytes().await,
             &mut totals,
         );
-        if let Some(parts) = db_size.parts(a.dbstat).await {
-            println!("         db: {parts}");
-        }
-        wal_max = wal_max.max(db_size.wal_bytes());
+        db_size.report_parts(a.dbstat, &mut wal_max).await;
     }
     let rss_end = rss_kib();
 
@@ -633,17 +637,10 @@ async fn main() {
             )),
         }
         if let Some(wal) = wal_max {
-            println!(
-                "WAL: at most {:.1} MiB at the end of an interval (bound {:.0} MiB)",
-                wal as f64 / 1048576.0,
-                MAX_WAL_BYTES as f64 / 1048576.0
-            );
+            let (most, bound) = (wal as f64 / 1048576.0, MAX_WAL_BYTES as f64 / 1048576.0);
+            println!("WAL: at most {most:.1} MiB at the end of an interval (bound {bound:.0} MiB)");
             if wal > MAX_WAL_BYTES {
-                missed.push(format!(
-                    "the WAL reached {:.1} MiB > {:.0} MiB",
-                    wal as f64 / 1048576.0,
-                    MAX_WAL_BYTES as f64 / 1048576.0
-                ));
+                missed.push(format!("the WAL reached {most:.1} MiB > {bound:.0} MiB"));
             }
         }
         let archived: u64 = std::fs::read_dir(&archive_dir)
