@@ -25,10 +25,13 @@
 //! archivers racing on one directory never overwrite each other's file; the
 //! loser removes its own.
 //!
-//! Verification walks the segments the database records, in order from
-//! entry 1, then the live table, as one chain: the first break anywhere is
-//! named — a segment file missing, cut short, edited, renamed or swapped
-//! with another — with the entry where it happens.
+//! Each chain of the log (see `store::audit`) has its own series of
+//! segments, archived and verified on its own; a segment never spans two
+//! chains. Verification walks each chain's segments the database records,
+//! in order from the chain's first entry, then its live entries, as one
+//! chain: the first break anywhere is named — a segment file missing, cut
+//! short, edited, renamed or swapped with another — with the entry where it
+//! happens.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -39,10 +42,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::KeyringProvider;
 use crate::domain::{Timestamp, VaultError};
-use crate::store::audit::GENESIS_HASH;
+use crate::store::audit::{GENESIS_HASH, chain_of, chain_range};
 use crate::store::{AuditCheckpoint, AuditDraft, AuditFilter, AuditRow, AuditSegment, AuditStore};
 
 use super::Sealer;
+use super::chains::{self, CrossRef};
 use super::verify::{check_checkpoint, check_entry};
 use super::witness::WitnessRecord;
 
@@ -166,23 +170,33 @@ pub struct WrittenSegment {
     pub path: PathBuf,
 }
 
-/// Writes the next segment: the oldest unarchived entries older than the
-/// hot retention (at most `segment_max_entries`, never the chain head).
-/// `None` when there is nothing to archive yet. An entry that does not link
-/// to the one before, or whose MAC does not verify, stops the archive with
-/// an error naming it: the archive never seals a broken chain.
+/// Writes chain `chain`'s next segment: its oldest unarchived entries older
+/// than the hot retention (at most `segment_max_entries`, never the chain's
+/// head, whose head row names it). `None` when there is nothing to archive
+/// yet. An entry that does not link to the one before, or whose MAC does
+/// not verify, stops the archive with an error naming it: the archive never
+/// seals a broken chain.
 pub async fn write_next_segment(
     store: &dyn AuditStore,
     sealer: &Sealer,
     settings: &ArchiveSettings,
     replica: &str,
+    chain: i64,
     now: Timestamp,
 ) -> Result<Option<WrittenSegment>, VaultError> {
-    let (mut next, mut prev) = match store.audit_segment_last().await? {
+    let (mut next, mut prev) = match store.audit_segment_last(chain).await? {
         Some(s) => (s.last_seq + 1, s.last_hash),
-        None => (1, GENESIS_HASH.to_vec()),
+        None => (*chain_range(chain).start(), GENESIS_HASH.to_vec()),
     };
-    let (head, _) = store.audit_head().await?;
+    let Some(head) = store
+        .audit_heads()
+        .await?
+        .into_iter()
+        .find(|h| h.chain == chain)
+        .map(|h| h.seq)
+    else {
+        return Ok(None);
+    };
     let cutoff = now.minus(settings.hot_retention).as_micros();
     let first = next;
     let prev_of_first = prev.clone();
@@ -353,17 +367,23 @@ pub struct ArchiveReport {
     pub checkpoints: BTreeMap<i64, AuditCheckpoint>,
     /// Seals verified.
     pub seals: u64,
+    /// The references the archived entries make to other chains'
+    /// checkpoints (see the `chains` module).
+    pub refs: Vec<CrossRef>,
+    /// The ranges of entries verified, one per chain (both inclusive).
+    pub verified: Vec<(i64, i64)>,
     /// The first break: the entry and what is wrong there.
     pub broken: Option<(i64, String)>,
     /// Files in the directory that no recorded segment names.
     pub unrecorded: Vec<String>,
 }
 
-/// Verifies the archive's segments as the database records them, in order
-/// from entry 1, against the files in `dir`: every file present, whole,
-/// unchanged (its SHA-256), each entry linking to the one before with a
-/// valid hash and MAC, every checkpoint and seal signed by `public_key`.
-/// Stops at the first break.
+/// Verifies the archive's segments as the database records them (in
+/// sequence order: chain by chain), each chain's from its first entry,
+/// against the files in `dir`: every file present, whole, unchanged (its
+/// SHA-256), each entry linking to the one before with a valid hash and MAC,
+/// every checkpoint and seal signed by `public_key`. Stops at the first
+/// break.
 pub async fn verify_archive(
     segments: &[AuditSegment],
     dir: &Path,
@@ -371,10 +391,20 @@ pub async fn verify_archive(
     public_key: &[u8],
 ) -> ArchiveReport {
     let mut report = ArchiveReport::default();
+    let mut chain = None;
     let mut expected = 1;
     let mut prev = GENESIS_HASH.to_vec();
     for s in segments {
-        if s.first_seq != expected || s.prev_hash != prev {
+        if chain != Some(chain_of(s.first_seq)) {
+            chain = Some(chain_of(s.first_seq));
+            expected = *chain_range(chain_of(s.first_seq)).start();
+            prev = GENESIS_HASH.to_vec();
+            report.verified.push((expected, expected - 1));
+        }
+        if s.first_seq != expected
+            || s.prev_hash != prev
+            || chain_of(s.last_seq) != chain_of(expected)
+        {
             report.broken = Some((
                 expected,
                 format!(
@@ -429,6 +459,9 @@ pub async fn verify_archive(
         report.segments += 1;
         expected = s.last_seq + 1;
         prev = s.last_hash.clone();
+        if let Some(range) = report.verified.last_mut() {
+            range.1 = s.last_seq;
+        }
     }
     if let Ok(mut entries) = tokio::fs::read_dir(dir).await {
         let recorded: std::collections::HashSet<&str> =
@@ -522,6 +555,9 @@ fn check_segment(
                     ));
                 }
                 let hash = check_entry(keyring, &row).map_err(|why| (row.seq, why.to_owned()))?;
+                report
+                    .refs
+                    .extend(chains::references(&row).map_err(|why| (row.seq, why))?);
                 report.entries += 1;
                 prev = hash;
                 expected += 1;

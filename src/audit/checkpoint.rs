@@ -50,12 +50,18 @@ impl CheckpointSigner {
         self.key.public_key().as_ref().to_vec()
     }
 
-    /// A signed checkpoint for entry `seq` when it falls on a checkpoint position.
+    /// A signed checkpoint for entry `seq` when it falls on a checkpoint
+    /// position: every `every`-th entry of its chain.
     pub fn checkpoint(&self, seq: i64, entry_hash: &[u8]) -> Option<AuditCheckpoint> {
-        if seq % self.every != 0 {
+        if !self.is_position(seq) {
             return None;
         }
         Some(self.sign(seq, entry_hash))
+    }
+
+    /// Whether entry `seq` falls on a checkpoint position.
+    pub fn is_position(&self, seq: i64) -> bool {
+        crate::store::audit::chain_position(seq) % self.every == 0
     }
 
     /// A signed checkpoint for entry `seq`, wherever it falls (the seal that
@@ -108,6 +114,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let signer = CheckpointSigner::new(&keyring(dir.path()), 10);
         assert!(signer.checkpoint(9, &[1; 32]).is_none());
+        // Positions count within a chain: chain 1's 10th entry, not 2^40 + 10.
+        let chain_1 = *crate::store::audit::chain_range(1).start() - 1;
+        assert!(signer.checkpoint(chain_1 + 10, &[1; 32]).is_some());
+        assert!(signer.checkpoint(chain_1 + 9, &[1; 32]).is_none());
         let c = signer.checkpoint(20, &[1; 32]).unwrap();
         assert!(signature_valid(&c, &signer.public_key()));
 

@@ -18,6 +18,11 @@
 //! the lease section). On PostgreSQL the writer's connection does its I/O
 //! through the shared runtime's reactor, so the loop stays a task there.
 //!
+//! On PostgreSQL each vault process's writer appends to a chain of its own
+//! (see `store::audit`); whenever its chain reaches a checkpoint position it
+//! also appends an entry naming the other chains' latest checkpoints (see
+//! the `chains` module), which is what ties the chains into one log.
+//!
 //! Signed checkpoints kept in the database cannot prove its tail to someone
 //! who can rewrite the database; the writer also appends each one to the
 //! audit witness, a file outside the database, after its batch commits (see
@@ -29,6 +34,7 @@
 //! its own, linked to the `audit_append` span of every entry it commits.
 
 pub mod archive;
+pub mod chains;
 mod checkpoint;
 mod verify;
 mod witness;
@@ -422,26 +428,13 @@ async fn writer(
         {
             unreachable = None;
         }
-        // The checkpoints sealed for this batch, for the witness, in sealing
-        // order (the store seals a batch again when another appender moved
-        // the head first).
-        let sealed: std::sync::Mutex<Vec<AuditCheckpoint>> = std::sync::Mutex::new(Vec::new());
-        let witnessing = witness.is_some();
+        let sealed = Sealed::new(witness.is_some());
         let result = if fault.load(Ordering::SeqCst) {
             Err("injected audit failure".to_owned())
         } else if let Some((_, why)) = &unreachable {
             Err(why.clone())
         } else {
-            let seal = |seq: i64, prev: &[u8], d: &AuditDraft| {
-                let entry = sealer.seal(seq, prev, d);
-                if witnessing
-                    && let Some(c) = &entry.checkpoint
-                    && let Ok(mut s) = sealed.lock()
-                {
-                    s.push(c.clone());
-                }
-                entry
-            };
+            let seal = |seq: i64, prev: &[u8], d: &AuditDraft| sealed.seal(&sealer, seq, prev, d);
             store
                 .audit_append(&drafts, &leases, &seal)
                 .instrument(span)
@@ -458,15 +451,13 @@ async fn writer(
         metrics::histogram!("tokenvault_audit_batch_entries").record(entries as f64);
         match result {
             Ok((seqs, recorded)) => {
-                if let Some(w) = witness.as_mut() {
-                    let sealed = sealed
-                        .into_inner()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let committed = committed_checkpoints(sealed, &seqs);
-                    if !committed.is_empty() {
-                        w.after_commit(&*store, committed, every).await;
-                    }
-                }
+                sealed
+                    .witness(witness.as_mut(), &*store, &seqs, every)
+                    .await;
+                let crossed = seqs
+                    .last()
+                    .filter(|_| seqs.iter().any(|&s| sealer.signer.is_position(s)))
+                    .map(|&last| crate::store::audit::chain_of(last));
                 let recorded: std::collections::HashSet<String> = recorded.into_iter().collect();
                 for ((waits_on, reply), seq) in replies.into_iter().zip(seqs) {
                     let outcome = match waits_on {
@@ -477,6 +468,9 @@ async fn writer(
                     };
                     let _ = reply.send(outcome);
                 }
+                if let Some(chain) = crossed {
+                    cross_reference(&*store, &sealer, witness.as_mut(), every, chain).await;
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, entries, "audit append failed; operations refused");
@@ -484,6 +478,89 @@ async fn writer(
                     let _ = reply.send(Err(Refusal::Failed(e.clone())));
                 }
             }
+        }
+    }
+}
+
+/// Appends chain `chain`'s cross-reference entry (see the `chains` module),
+/// witnessing any checkpoint it lands on. A failure is logged and left: the
+/// entry is the vault's own, and the chain's next checkpoint writes one
+/// again.
+async fn cross_reference(
+    store: &dyn AuditStore,
+    sealer: &Sealer,
+    witness: Option<&mut Witness>,
+    every: i64,
+    chain: i64,
+) {
+    let draft = match chains::draft(store, chain).await {
+        Ok(Some(draft)) => draft,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, chain, "audit: reading the other chains' checkpoints failed");
+            return;
+        }
+    };
+    let sealed = Sealed::new(witness.is_some());
+    let seal = |seq: i64, prev: &[u8], d: &AuditDraft| sealed.seal(sealer, seq, prev, d);
+    match store
+        .audit_append(std::slice::from_ref(&draft), &[], &seal)
+        .await
+    {
+        Ok((seqs, _)) => sealed.witness(witness, store, &seqs, every).await,
+        Err(e) => {
+            tracing::warn!(error = %e, chain, "audit: appending the cross-reference entry failed");
+        }
+    }
+}
+
+/// The checkpoints sealed for one append, kept for the witness when there
+/// is one, in sealing order (the store seals a batch again when another
+/// appender moved the head first).
+struct Sealed {
+    keep: bool,
+    checkpoints: std::sync::Mutex<Vec<AuditCheckpoint>>,
+}
+
+impl Sealed {
+    fn new(keep: bool) -> Self {
+        Self {
+            keep,
+            checkpoints: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Seals as `sealer` does, keeping the checkpoint sealed, if any.
+    fn seal(&self, sealer: &Sealer, seq: i64, prev: &[u8], d: &AuditDraft) -> SealedEntry {
+        let entry = sealer.seal(seq, prev, d);
+        if self.keep
+            && let Some(c) = &entry.checkpoint
+            && let Ok(mut kept) = self.checkpoints.lock()
+        {
+            kept.push(c.clone());
+        }
+        entry
+    }
+
+    /// Appends to `witness` the checkpoints of the append that committed as
+    /// `seqs`.
+    async fn witness(
+        self,
+        witness: Option<&mut Witness>,
+        store: &dyn AuditStore,
+        seqs: &[i64],
+        every: i64,
+    ) {
+        let Some(w) = witness else {
+            return;
+        };
+        let sealed = self
+            .checkpoints
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let committed = committed_checkpoints(sealed, seqs);
+        if !committed.is_empty() {
+            w.after_commit(store, committed, every).await;
         }
     }
 }

@@ -49,6 +49,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::Timestamp;
+use crate::store::audit::chain_of;
 use crate::store::{AuditCheckpoint, AuditStore};
 
 /// The tracing target every witnessed checkpoint is logged under.
@@ -169,10 +170,13 @@ impl Witness {
             return;
         };
         let mut checkpoints = Vec::new();
-        // More than one interval since the last checkpoint witnessed: the
-        // ones in between were left out by a failed append, or written by
-        // another transaction or replica.
-        if first.saturating_sub(self.last_seq) > every {
+        // More than one interval since the last checkpoint witnessed, on the
+        // same chain: the ones in between were left out by a failed append,
+        // or written by another transaction or replica. (A writer that moved
+        // to another chain, after its connection was replaced, starts
+        // witnessing that chain where it starts writing it.)
+        let same_chain = chain_of(first) == chain_of(self.last_seq);
+        if same_chain && first.saturating_sub(self.last_seq) > every {
             match store.audit_checkpoints(self.last_seq + 1, first - 1).await {
                 Ok(missed) => checkpoints = missed,
                 Err(e) => {

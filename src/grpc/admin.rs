@@ -15,14 +15,13 @@ use super::convert::{self, PageToken};
 use super::requests::{
     DeleteAccountRequest, DestroyKeyRequest, DisconnectRequest, GetConnectionRequest,
     GetDeletionReceiptRequest, ListConnectionsRequest, ListDeletionReceiptsRequest,
-    QueryAuditRequest, RetireKeyRequest, VerifyAuditRequest,
+    QueryAuditRequest, RetireKeyRequest, VerifyAuditRequest, follow_from,
 };
 use crate::audit::Outcome;
 use crate::crypto::KekVersion;
 use crate::domain::{DeletionReason, VaultError};
 use crate::proto::v1 as pb;
 use crate::store::{DeletionTarget, ReceiptFilter};
-use crate::vault::FollowFrom;
 
 pub(super) struct Admin(pub Arc<Context>);
 
@@ -337,13 +336,7 @@ impl pb::admin_service_server::AdminService for Admin {
         self.begin(&request, "AdminService.FollowAudit", READERS, "audit")
             .await?;
         let req = request.into_inner();
-        let from = match req.after_seq {
-            Some(seq) => FollowFrom::After(
-                i64::try_from(seq)
-                    .map_err(|_| VaultError::invalid("after_seq", "at most 2^63 - 1"))?,
-            ),
-            None => FollowFrom::Newest(req.backlog),
-        };
+        let from = follow_from(&req)?;
         let rx = self.0.vault.audit_follow(from).await?;
         let stream = ReceiverStream::new(rx).map(|item| match item {
             Ok(batch) => Ok(pb::FollowAuditResponse {

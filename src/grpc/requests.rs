@@ -47,7 +47,7 @@ use crate::limits::{
 };
 use crate::proto::v1 as pb;
 use crate::store::{AuditFilter, ConnectionFilter, PageRequest};
-use crate::vault::{Completion, WatchRequest};
+use crate::vault::{Completion, FollowFrom, WatchRequest};
 
 /// Refuses a repeated field with more than `max` elements before any is
 /// parsed; the message names the field and the limit and counts what was
@@ -679,6 +679,32 @@ impl TryFrom<pb::QueryAuditRequest> for QueryAuditRequest {
             page_key,
         })
     }
+}
+
+/// Where `AdminService.FollowAudit` starts: after `after_seq` and every one
+/// of `after_seqs` (at most one per chain the log can hold), or with the
+/// newest `backlog` entries of each chain.
+pub fn follow_from(req: &pb::FollowAuditRequest) -> Result<FollowFrom, VaultError> {
+    let max = usize::try_from(crate::store::audit::MAX_CHAINS).unwrap_or(usize::MAX);
+    if req.after_seqs.len() > max {
+        return Err(VaultError::too_long(
+            "after_seqs",
+            format!("at most {max} entries, one per chain"),
+        ));
+    }
+    if req.after_seq.is_none() && req.after_seqs.is_empty() {
+        return Ok(FollowFrom::Newest(req.backlog));
+    }
+    let seqs = req
+        .after_seq
+        .iter()
+        .map(|s| ("after_seq", *s))
+        .chain(req.after_seqs.iter().map(|s| ("after_seqs", *s)))
+        .map(|(field, seq)| {
+            i64::try_from(seq).map_err(|_| VaultError::invalid(field, "at most 2^63 - 1"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(FollowFrom::After(seqs))
 }
 
 /// `AdminService.VerifyAudit`, parsed.

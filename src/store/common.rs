@@ -92,8 +92,9 @@ for_each_backend! {
 /// A connection kept checked out of the pool for a hot path (the audit
 /// writer, the lease reader). A pooled query pays a checkout and, when the
 /// connection goes back, a ping round trip; a held connection pays them once.
-/// It goes back to the pool (which tests it) after any error, so a broken
-/// connection is replaced by a fresh one on the next use.
+/// It is closed after any error, so a broken connection is replaced by a
+/// fresh one on the next use, and whatever the session held (the audit
+/// writer's claim on its chain, on PostgreSQL) ends with it.
 #[derive(Default)]
 pub(in crate::store) struct HeldConnection(tokio::sync::Mutex<Option<sqlx::pool::PoolConnection<Db>>>);
 
@@ -116,9 +117,11 @@ impl HeldConnection {
         Some(Held::fill(guard, pool).await)
     }
 
-    /// Returns the connection to the pool (before the pool closes).
+    /// Closes the connection (before the pool closes).
     pub(in crate::store) async fn release(&self) {
-        self.0.lock().await.take();
+        if let Some(mut conn) = self.0.lock().await.take() {
+            conn.close_on_drop();
+        }
     }
 }
 
@@ -141,10 +144,14 @@ impl<'a> Held<'a> {
         }
     }
 
-    /// Gives the connection back to the pool after an error.
-    pub(in crate::store) fn discard_on_error<T>(mut self, result: StoreResult<T>) -> StoreResult<T> {
-        if result.is_err() {
-            self.guard.take();
+    /// Closes the connection after an error, waiting a moment for the
+    /// close to reach the server (so that what the session held is released
+    /// before the next use opens another).
+    pub(in crate::store) async fn discard_on_error<T>(mut self, result: StoreResult<T>) -> StoreResult<T> {
+        if result.is_err()
+            && let Some(conn) = self.guard.take()
+        {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn.close()).await;
         }
         result
     }
@@ -168,11 +175,13 @@ impl HotConnections {
     }
 }
 
+/// Reads chain `chain`'s head with `sql` (which binds the chain as `$1`).
 pub(in crate::store) async fn read_audit_head<'c, E: sqlx::Executor<'c, Database = Db>>(
     db: E,
     sql: &'static str,
+    chain: i64,
 ) -> StoreResult<ChainHead> {
-    match sqlx::query_as::<_, (i64, Vec<u8>)>(sql).fetch_optional(db).await? {
+    match sqlx::query_as::<_, (i64, Vec<u8>)>(sql).bind(chain).fetch_optional(db).await? {
         Some(head) => Ok(head),
         None => Err(VaultError::Internal("audit_head row missing".into())),
     }

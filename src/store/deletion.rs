@@ -67,9 +67,11 @@ impl DeletionStore for StoreImpl {
     ) -> StoreResult<DeletionOutcome> {
         let (_guard, mut tx) = self.begin_write().await?;
         // The deletion's `deletion.done` entry is appended in this
-        // transaction; the chain head is taken first, in the audit writer's
-        // lock order (head, then connection rows).
-        let head = read_audit_head(&mut *tx, LOCK_AUDIT_HEAD).await?;
+        // transaction, to the chain this process's audit writer appends to;
+        // the chain head is taken first, in the audit writer's lock order
+        // (head, then connection rows).
+        let chain = self.writer_chain.load(std::sync::atomic::Ordering::Relaxed);
+        let head = read_audit_head(&mut *tx, LOCK_AUDIT_HEAD, chain).await?;
         let at = req.at.as_micros();
         let key = req.target.subject_key();
         let (tenant, account, targets) = match &req.target {
@@ -332,8 +334,18 @@ impl DeletionStore for StoreImpl {
             ),
             ..req.done.clone()
         };
-        append_locked(&mut tx, head, std::slice::from_ref(&done), &[], sealer).await?;
+        let (to, _, _) =
+            append_locked(&mut tx, chain, head.clone(), std::slice::from_ref(&done), &[], sealer)
+                .await?;
         tx.commit().await?;
+        // When the writer's cached head was the one this entry extends, it
+        // is this entry now: the writer's next batch goes on without a
+        // conflict.
+        if let Ok(mut cached) = self.head_cache.lock()
+            && cached.as_ref() == Some(&head)
+        {
+            *cached = Some(to);
+        }
         release(_guard);
         self.scrub().await;
         Ok(DeletionOutcome::Deleted {

@@ -137,7 +137,7 @@ impl LeaseStore for StoreImpl {
                     Ok(conn) => query.fetch_all(conn).await.map_err(VaultError::from),
                     Err(e) => Err(e),
                 };
-                held.discard_on_error(rows)?
+                held.discard_on_error(rows).await?
             }
             None => query.fetch_all(&self.pool).await?,
         };

@@ -44,9 +44,10 @@ pub(super) mod dialect {
         format!("decode(replace(substr({column}, 6), '-', ''), 'hex')")
     }
     // The previous hash of an entry with no entry or segment before it: the
-    // genesis hash (32 zero bytes) for entry 1, else empty (a broken link).
-    pub(in crate::store) const NO_PREDECESSOR: &str =
-        "CASE WHEN a.seq = 1 THEN decode(repeat('00', 32), 'hex') ELSE ''::bytea END";
+    // genesis hash (32 zero bytes) for a chain's first entry (position 1: the low
+    // `CHAIN_BITS` bits, 2^40 - 1 = 1099511627775), else empty (a broken link).
+    pub(in crate::store) const NO_PREDECESSOR: &str = "CASE WHEN (a.seq & 1099511627775) = 1 THEN decode(repeat('00', 32), 'hex') \
+         ELSE ''::bytea END";
 
     pub(in crate::store) use super::{
         LOCK_AUDIT_HEAD, append_locked, append_on, prepare_audit_connection,
@@ -64,6 +65,10 @@ pub struct PostgresStore {
     pub(super) pool: sqlx::PgPool,
     /// The audit chain head this process last wrote (see `audit_append`).
     pub(super) head_cache: std::sync::Mutex<Option<ChainHead>>,
+    /// The audit chain this process's writer appends to (see `store::audit`).
+    pub(super) writer_chain: std::sync::atomic::AtomicI64,
+    /// Whether the writer has claimed `writer_chain` (since it started).
+    pub(super) writer_claimed: std::sync::atomic::AtomicBool,
     /// Connections the audit writer and the lease reader keep checked out.
     pub(super) hot: HotConnections,
 }
@@ -101,6 +106,8 @@ impl PostgresStore {
         Ok(Self {
             pool,
             head_cache: std::sync::Mutex::new(None),
+            writer_chain: std::sync::atomic::AtomicI64::new(0),
+            writer_claimed: std::sync::atomic::AtomicBool::new(false),
             hot: HotConnections::default(),
         })
     }
@@ -157,14 +164,15 @@ impl PostgresStore {
 }
 
 /// Appends one sealed batch in a single statement (one round trip, its own
-/// transaction): moves the chain head by compare-and-swap and, only if that
+/// transaction): moves the chain's head (`$26`: its row, the chain + 1) by
+/// compare-and-swap and, only if that
 /// succeeded, inserts the entries, their checkpoints and the lease rows
 /// whose connection is still ACTIVE and unchanged since the lease path read
 /// it (locking that row against a concurrent disconnect). Rows travel as
 /// arrays, so the text is the same for any batch.
 const APPEND_AUDIT: &str = "WITH head AS ( \
        UPDATE audit_head SET seq = $1, entry_hash = $2 \
-       WHERE id = 1 AND seq = $3 AND entry_hash = $4 RETURNING 1), \
+       WHERE id = $26::bigint AND seq = $3 AND entry_hash = $4 RETURNING 1), \
      entries AS ( \
        INSERT INTO audit_log \
          (seq, at, actor, role, action, target, outcome, detail, entry_hash, mac) \
@@ -191,17 +199,84 @@ const APPEND_AUDIT: &str = "WITH head AS ( \
      SELECT EXISTS (SELECT 1 FROM head) AS appended, \
        ARRAY(SELECT lease_id FROM granted) AS leases";
 
-/// Nothing to set up on the audit writer's PostgreSQL connection.
-pub(super) async fn prepare_audit_connection(_conn: &mut sqlx::PgConnection) -> StoreResult<()> {
-    Ok(())
+/// The advisory-lock class (the first of the two keys) of the audit writers'
+/// chain claims; the second key is the chain.
+const CHAIN_CLAIM: i32 = 7_431_002;
+
+/// How long a writer whose connection was replaced waits for its old
+/// session's claim on its chain to end before it claims another.
+const RECLAIM_WAIT: Duration = Duration::from_secs(2);
+
+/// Claims an audit chain for the writer whose connection this is, and
+/// returns it: the chain it wrote before (`previous`) when its session-level
+/// advisory lock ([`CHAIN_CLAIM`], chain) comes free within
+/// [`RECLAIM_WAIT`], else the lowest chain whose lock no other session
+/// holds, with its head row made if it is new. The claim lasts as long as
+/// the session: the writer's connection is closed after any error (see
+/// `HeldConnection`), and the claim with it; waiting for the old session's
+/// end keeps a writer on its chain across such errors rather than starting
+/// a chain per error.
+///
+/// Replicas thus append to chains of their own and never move each other's
+/// head. Correctness does not rest on the claim: every append still
+/// compare-and-swaps its chain's head, so two sessions that ever wrote one
+/// chain (a claim lost with a connection the server had not yet noticed was
+/// gone) would only make each other seal again.
+pub(super) async fn prepare_audit_connection(
+    conn: &mut sqlx::PgConnection,
+    previous: Option<i64>,
+) -> StoreResult<i64> {
+    async fn try_claim(conn: &mut sqlx::PgConnection, chain: i64) -> StoreResult<bool> {
+        let key = i32::try_from(chain).unwrap_or(i32::MAX);
+        Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(CHAIN_CLAIM)
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await?)
+    }
+    let mut reclaimed = None;
+    if let Some(chain) = previous {
+        let until = tokio::time::Instant::now() + RECLAIM_WAIT;
+        while reclaimed.is_none() {
+            if try_claim(conn, chain).await? {
+                reclaimed = Some(chain);
+            } else if tokio::time::Instant::now() >= until {
+                break;
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    for chain in reclaimed.into_iter().chain(0..super::audit::MAX_CHAINS) {
+        if Some(chain) == reclaimed || try_claim(conn, chain).await? {
+            sqlx::query(
+                "INSERT INTO audit_head (id, seq, entry_hash) \
+                 VALUES ($1::bigint + 1, $1::bigint << 40, decode(repeat('00', 32), 'hex')) \
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(chain)
+            .execute(&mut *conn)
+            .await?;
+            tracing::info!(chain, "audit writer claimed its chain");
+            return Ok(chain);
+        }
+    }
+    Err(VaultError::Unavailable(
+        format!(
+            "every one of the {} audit chains is claimed by another session",
+            super::audit::MAX_CHAINS
+        )
+        .into(),
+    ))
 }
 
-/// Appends on `conn`: with the head this process wrote last (`cached`), one
-/// statement does it all unless another replica moved the head since; then,
-/// and when nothing is cached, the head is locked (`FOR UPDATE`) in a
-/// transaction and the batch sealed onto it.
+/// Appends on `conn` to chain `chain`: with the head this process wrote last
+/// (`cached`), one statement does it all unless another appender moved the
+/// head since; then, and when nothing is cached, the head is locked (`FOR
+/// UPDATE`) in a transaction and the batch sealed onto it.
 pub(super) async fn append_on(
     conn: &mut sqlx::PgConnection,
+    chain: i64,
     cached: Option<ChainHead>,
     drafts: &[AuditDraft],
     leases: &[LeaseGrant],
@@ -210,38 +285,41 @@ pub(super) async fn append_on(
     use sqlx::Connection as _;
     if let Some(head) = cached {
         let batch = seal_batch(head, drafts, sealer);
-        if let Some(recorded) = append_batch(&mut *conn, &batch, leases).await? {
+        if let Some(recorded) = append_batch(&mut *conn, chain, &batch, leases).await? {
             return Ok(batch.appended(recorded));
         }
-        // Another appender (a replica, a deletion's own entry) moved the
-        // head: the batch is sealed again under the lock.
+        // Another appender (a deletion's own entry, a session that wrote
+        // this chain before) moved the head: the batch is sealed again under
+        // the lock.
         metrics::counter!("tokenvault_audit_head_conflicts_total").increment(1);
     }
     let mut tx = conn.begin().await?;
-    let head = read_audit_head(&mut *tx, LOCK_AUDIT_HEAD).await?;
-    let appended = append_locked(&mut tx, head, drafts, leases, sealer).await?;
+    let head = read_audit_head(&mut *tx, LOCK_AUDIT_HEAD, chain).await?;
+    let appended = append_locked(&mut tx, chain, head, drafts, leases, sealer).await?;
     tx.commit().await?;
     Ok(appended)
 }
 
-/// Reads the audit chain head and locks it until the transaction ends: the
-/// first statement of a transaction that appends an entry of its own, so that
-/// it takes the head before any row the audit writer locks after it.
+/// Reads a chain's head (`$1`) and locks it until the transaction ends: the
+/// first statement of a transaction that appends an entry of its own (a
+/// deletion's), so that it takes the head before any row an audit writer
+/// locks after it.
 pub(super) const LOCK_AUDIT_HEAD: &str =
-    "SELECT seq, entry_hash FROM audit_head WHERE id = 1 FOR UPDATE";
+    "SELECT seq, entry_hash FROM audit_head WHERE id = CAST($1 AS BIGINT) + 1 FOR UPDATE";
 
-/// Appends `drafts` (and the `leases` that still hold) on `conn`, inside a
-/// transaction that has held the head locked since it read `head` with
-/// [`LOCK_AUDIT_HEAD`].
+/// Appends `drafts` (and the `leases` that still hold) to chain `chain` on
+/// `conn`, inside a transaction that has held its head locked since it read
+/// `head` with [`LOCK_AUDIT_HEAD`].
 pub(super) async fn append_locked(
     conn: &mut sqlx::PgConnection,
+    chain: i64,
     head: ChainHead,
     drafts: &[AuditDraft],
     leases: &[LeaseGrant],
     sealer: AuditSealer<'_>,
 ) -> StoreResult<Appended> {
     let batch = seal_batch(head, drafts, sealer);
-    let recorded = append_batch(&mut *conn, &batch, leases)
+    let recorded = append_batch(&mut *conn, chain, &batch, leases)
         .await?
         .ok_or_else(|| VaultError::Internal("the locked audit chain head moved".into()))?;
     Ok(batch.appended(recorded))
@@ -251,6 +329,7 @@ pub(super) async fn append_locked(
 /// longer the batch's start and nothing was written.
 async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
     db: E,
+    chain: i64,
     batch: &SealedBatch<'_>,
     leases: &[LeaseGrant],
 ) -> StoreResult<Option<Vec<String>>> {
@@ -307,6 +386,7 @@ async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
         .bind(lease_text(|l| &l.caller))
         .bind(lease_time(|g| g.lease.expires_at))
         .bind(lease_time(|g| g.connection_version))
+        .bind(chain + 1)
         .fetch_one(db)
         .await?;
     if !row.try_get::<bool, _>("appended")? {

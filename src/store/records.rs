@@ -374,6 +374,18 @@ pub struct SealedEntry {
     pub checkpoint: Option<AuditCheckpoint>,
 }
 
+/// The head of one audit chain: its last entry (position 0 and the genesis
+/// hash while the chain is empty).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditHead {
+    /// The chain (see `crate::store::audit` for how sequence numbers carry it).
+    pub chain: i64,
+    /// The sequence number of its last entry.
+    pub seq: i64,
+    /// That entry's hash.
+    pub entry_hash: Vec<u8>,
+}
+
 /// A signed checkpoint of the audit chain.
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct AuditCheckpoint {

@@ -43,9 +43,10 @@ pub(super) mod dialect {
         format!("unhex(replace(substr({column}, 6), '-', ''))")
     }
     // The previous hash of an entry with no entry or segment before it: the
-    // genesis hash (32 zero bytes) for entry 1, else empty (a broken link).
+    // genesis hash (32 zero bytes) for a chain's first entry (position 1: the low
+    // `CHAIN_BITS` bits, 2^40 - 1 = 1099511627775), else empty (a broken link).
     pub(in crate::store) const NO_PREDECESSOR: &str =
-        "CASE WHEN a.seq = 1 THEN zeroblob(32) ELSE x'' END";
+        "CASE WHEN (a.seq & 1099511627775) = 1 THEN zeroblob(32) ELSE x'' END";
 
     pub(in crate::store) use super::{
         LOCK_AUDIT_HEAD, append_locked, append_on, prepare_audit_connection,
@@ -60,6 +61,10 @@ pub struct SqliteStore {
     pub(super) write_lock: Arc<Mutex<()>>,
     /// The audit chain head this process last wrote (see `audit_append`).
     pub(super) head_cache: std::sync::Mutex<Option<ChainHead>>,
+    /// The audit chain this process's writer appends to (see `store::audit`).
+    pub(super) writer_chain: std::sync::atomic::AtomicI64,
+    /// Whether the writer has claimed `writer_chain` (since it started).
+    pub(super) writer_claimed: std::sync::atomic::AtomicBool,
     /// Connections the audit writer and the lease reader keep checked out.
     /// All audit appends go through one connection, whose page cache then
     /// stays warm (SQLite drops a connection's cache whenever another
@@ -156,6 +161,8 @@ impl SqliteStore {
             pool,
             write_lock,
             head_cache: std::sync::Mutex::new(None),
+            writer_chain: std::sync::atomic::AtomicI64::new(0),
+            writer_claimed: std::sync::atomic::AtomicBool::new(false),
             hot: HotConnections::default(),
             checkpointer,
         })
@@ -320,16 +327,16 @@ const APPEND_BATCH: &str = "INSERT INTO audit_append_batch \
      (from_seq, from_hash, to_seq, to_hash, entries, checkpoints, leases) \
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
-const READ_AUDIT_HEAD: &str = "SELECT seq, entry_hash FROM audit_head WHERE id = 1";
-
-/// Reads the audit chain head in a write transaction (`BEGIN IMMEDIATE`
-/// already excludes every other writer).
-pub(super) const LOCK_AUDIT_HEAD: &str = READ_AUDIT_HEAD;
+/// Reads a chain's head (`$1`; a SQLite store has chain 0 only) in a write
+/// transaction (`BEGIN IMMEDIATE` already excludes every other writer).
+pub(super) const LOCK_AUDIT_HEAD: &str =
+    "SELECT seq, entry_hash FROM audit_head WHERE id = CAST($1 AS BIGINT) + 1";
 
 /// Appends `drafts` (and every one of `leases`) on `conn`, inside a write
 /// transaction that read `head` with [`LOCK_AUDIT_HEAD`].
 pub(super) async fn append_locked(
     conn: &mut sqlx::SqliteConnection,
+    _chain: i64,
     head: ChainHead,
     drafts: &[AuditDraft],
     leases: &[LeaseGrant],
@@ -358,11 +365,16 @@ pub(super) async fn append_locked(
 /// Pages that do not stay cached are read back from the OS cache. A writer
 /// connection handed back to the pool after an error keeps the setting, which
 /// costs the pool's other users nothing but speed.
-pub(super) async fn prepare_audit_connection(conn: &mut sqlx::SqliteConnection) -> StoreResult<()> {
+///
+/// Returns the chain the writer appends to: a SQLite store has one, chain 0.
+pub(super) async fn prepare_audit_connection(
+    conn: &mut sqlx::SqliteConnection,
+    _previous: Option<i64>,
+) -> StoreResult<i64> {
     sqlx::query("PRAGMA cache_size = -2048")
         .execute(&mut *conn)
         .await?;
-    Ok(())
+    Ok(0)
 }
 
 /// Seals `drafts` onto the chain head and writes them, with the lease rows,
@@ -376,6 +388,7 @@ pub(super) async fn prepare_audit_connection(conn: &mut sqlx::SqliteConnection) 
 /// argument), so each is prepared once per connection.
 pub(super) async fn append_on(
     conn: &mut sqlx::SqliteConnection,
+    _chain: i64,
     cached: Option<ChainHead>,
     drafts: &[AuditDraft],
     leases: &[LeaseGrant],
@@ -398,7 +411,7 @@ pub(super) async fn append_on(
         }
     }
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    let head = read_audit_head(&mut *tx, LOCK_AUDIT_HEAD).await?;
+    let head = read_audit_head(&mut *tx, LOCK_AUDIT_HEAD, 0).await?;
     let recorded: Vec<String> = if leases.is_empty() {
         Vec::new()
     } else {
@@ -412,7 +425,7 @@ pub(super) async fn append_on(
         .filter(|g| recorded.iter().any(|id| id == g.lease.lease_id.as_str()))
         .cloned()
         .collect();
-    let appended = append_locked(&mut tx, head, drafts, &holding, sealer).await?;
+    let appended = append_locked(&mut tx, 0, head, drafts, &holding, sealer).await?;
     tx.commit().await?;
     Ok(appended)
 }

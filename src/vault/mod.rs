@@ -77,8 +77,9 @@ struct Settings {
 type ArchiveTurn = tokio::sync::Mutex<()>;
 
 impl Vault {
-    /// Audit entries matching `filter` (at most `limit`), and the sequence
-    /// number of the newest entry in the log.
+    /// Audit entries matching `filter` (at most `limit`), in sequence order
+    /// (chain by chain, see `store::audit`), and the highest sequence number
+    /// in the log.
     pub async fn audit_query(
         &self,
         filter: &store::AuditFilter,
@@ -86,45 +87,76 @@ impl Vault {
     ) -> Result<(Vec<store::AuditRow>, i64), VaultError> {
         let Some(archive) = &self.settings.archive else {
             let rows = self.store().audit_query(filter, limit).await?;
-            let (last_seq, _) = self.store().audit_head().await?;
-            return Ok((rows, last_seq));
+            return Ok((rows, self.audit_newest().await?));
         };
         // Archived entries are read from the archive, the rest from the
         // live table (which may still hold archived entries the prune has
-        // not reached: they are the archive's).
-        // The segment list is read only when the query reaches the archive
-        // (a follower polling for new entries does not).
-        let archived_to = self
-            .store()
-            .audit_segment_last()
-            .await?
-            .map_or(0, |s| s.last_seq);
-        let mut live_filter = filter.clone();
-        live_filter.after_seq = Some(filter.after_seq.unwrap_or(0).max(archived_to));
+        // not reached: they are the archive's). The segment list is read
+        // only when the query reaches the archive (a follower polling for
+        // new entries does not).
+        let after = filter.after_seq.unwrap_or(0);
+        let before = filter.before_seq.unwrap_or(i64::MAX);
+        let mut archived = Vec::new();
+        for head in self.store().audit_heads().await? {
+            if let Some(s) = self.store().audit_segment_last(head.chain).await? {
+                let first = *store::audit::chain_range(head.chain).start();
+                if first < before && s.last_seq > after {
+                    archived.push((first, s.last_seq));
+                }
+            }
+        }
         let want = usize::try_from(limit).unwrap_or(0);
-        let reaches_archive = filter.after_seq.unwrap_or(0) < archived_to;
-        let from_archive = |want: usize| async move {
-            if !reaches_archive || want == 0 {
-                return Ok(Vec::new());
-            }
-            let segments = self.store().audit_segments().await?;
-            crate::audit::archive::query(&segments, &archive.dir, filter, want).await
-        };
-        let rows = if filter.ascending {
-            let mut rows = from_archive(want).await?;
-            let rest = want.saturating_sub(rows.len());
-            if rest > 0 {
-                rows.extend(self.store().audit_query(&live_filter, rest as i64).await?);
-            }
-            rows
+        let from_archive = if archived.is_empty() || want == 0 {
+            Vec::new()
         } else {
-            let mut rows = self.store().audit_query(&live_filter, limit).await?;
-            rows.extend(from_archive(want.saturating_sub(rows.len())).await?);
-            rows
+            let segments = self.store().audit_segments().await?;
+            crate::audit::archive::query(&segments, &archive.dir, filter, want).await?
         };
-        // The head after the rows: no row is newer than it.
-        let (last_seq, _) = self.store().audit_head().await?;
-        Ok((rows, last_seq))
+        // The live rows, less those of archived ranges; a page that lost
+        // some to that is read on until it is full or the table ends.
+        let mut live_filter = filter.clone();
+        let mut from_live = Vec::new();
+        while from_live.len() < want {
+            let page = self.store().audit_query(&live_filter, limit).await?;
+            let complete = page.len() < want;
+            let Some(last) = page.last().map(|r| r.seq) else {
+                break;
+            };
+            from_live.extend(
+                page.into_iter()
+                    .filter(|r| !archived.iter().any(|(lo, hi)| (*lo..=*hi).contains(&r.seq))),
+            );
+            if complete {
+                break;
+            }
+            if filter.ascending {
+                live_filter.after_seq = Some(last);
+            } else {
+                live_filter.before_seq = Some(last);
+            }
+        }
+        let mut rows = from_archive;
+        rows.extend(from_live);
+        if filter.ascending {
+            rows.sort_by_key(|r| r.seq);
+        } else {
+            rows.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        }
+        rows.truncate(want);
+        // The heads after the rows: no row is newer than they are.
+        Ok((rows, self.audit_newest().await?))
+    }
+
+    /// The highest sequence number in the log (its newest chain's head).
+    async fn audit_newest(&self) -> Result<i64, VaultError> {
+        Ok(self
+            .store()
+            .audit_heads()
+            .await?
+            .iter()
+            .map(|h| h.seq)
+            .max()
+            .unwrap_or(0))
     }
 
     /// Checks the audit chain from `from_seq` to `to_seq` (the head when
@@ -184,7 +216,12 @@ impl Vault {
             config.audit.checkpoint_every,
             Some(witness),
         )?;
-        let (head, _) = store.audit_head().await?;
+        let head = store
+            .audit_heads()
+            .await?
+            .into_iter()
+            .find(|h| h.chain == store::audit::chain_of(witnessed))
+            .map_or(0, |h| h.seq);
         if witnessed > head {
             tracing::error!(
                 witness = %witness_path.display(),
@@ -398,18 +435,46 @@ impl Vault {
     /// the archived entries from the live table in short steps. Does nothing
     /// without `audit.archive_dir`.
     pub async fn audit_archive_pass(&self) -> Result<ArchivePass, VaultError> {
-        use crate::audit::{Actor, Outcome, archive};
         let mut pass = ArchivePass::default();
         let Some(settings) = &self.settings.archive else {
             return Ok(pass);
         };
         let _turn = self.archive_turn.lock().await;
+        // Each chain is archived on its own (see `store::audit`).
+        for head in self.store.audit_heads().await? {
+            self.archive_chain(settings, &head, &mut pass).await?;
+        }
+        pass.pruned = paced(|| async {
+            let pruned = self.store.audit_prune_archived(PRUNE_STEP).await?;
+            metrics::counter!("tokenvault_audit_pruned_entries_total").increment(pruned);
+            Ok(pruned)
+        })
+        .await?;
+        if pass.pruned > 0 {
+            self.store
+                .reclaim(&["audit_log", "audit_checkpoints"])
+                .await?;
+        }
+        Ok(pass)
+    }
+
+    /// Archives chain `head.chain`'s entries past the hot retention, segment
+    /// by segment (see [`Vault::audit_archive_pass`]).
+    async fn archive_chain(
+        &self,
+        settings: &crate::audit::archive::ArchiveSettings,
+        head: &store::AuditHead,
+        pass: &mut ArchivePass,
+    ) -> Result<(), VaultError> {
+        use crate::audit::{Actor, Outcome, archive};
+        let chain_start = *store::audit::chain_range(head.chain).start();
         while !*self.stopping.borrow() {
             let Some(w) = archive::write_next_segment(
                 self.store.as_ref(),
                 self.audit.sealer(),
                 settings,
                 &self.instance_id,
+                head.chain,
                 crate::domain::Timestamp::now(),
             )
             .await?
@@ -430,9 +495,9 @@ impl Vault {
             // names it.
             let continues = self
                 .store
-                .audit_segment_last()
+                .audit_segment_last(head.chain)
                 .await?
-                .map_or(s.first_seq == 1, |last| {
+                .map_or(s.first_seq == chain_start, |last| {
                     last.last_seq + 1 == s.first_seq && last.last_hash == s.prev_hash
                 });
             if !continues {
@@ -480,7 +545,7 @@ impl Vault {
                         ),
                     )
                     .await?;
-                return recorded.map(|_| pass);
+                return recorded.map(|_| ());
             }
             pass.segments += 1;
             pass.entries += entries;
@@ -489,18 +554,7 @@ impl Vault {
                 break;
             }
         }
-        pass.pruned = paced(|| async {
-            let pruned = self.store.audit_prune_archived(PRUNE_STEP).await?;
-            metrics::counter!("tokenvault_audit_pruned_entries_total").increment(pruned);
-            Ok(pruned)
-        })
-        .await?;
-        if pass.pruned > 0 {
-            self.store
-                .reclaim(&["audit_log", "audit_checkpoints"])
-                .await?;
-        }
-        Ok(pass)
+        Ok(())
     }
 
     /// Tells watchers and background tasks that the vault is stopping.

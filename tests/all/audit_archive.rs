@@ -84,7 +84,7 @@ async fn archive_prune_and_verify_as_one_chain(backend: Backend) {
     let ranges: Vec<(i64, i64)> = segments.iter().map(|s| (s.first_seq, s.last_seq)).collect();
     assert_eq!(ranges, vec![(1, 10), (11, 20), (21, 30)]);
     assert_eq!(
-        store.audit_segment_last().await.unwrap().as_ref(),
+        store.audit_segment_last(0).await.unwrap().as_ref(),
         segments.last()
     );
     let files = segment_files(&dir);
@@ -94,7 +94,7 @@ async fn archive_prune_and_verify_as_one_chain(backend: Backend) {
         assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", f.display());
     }
     // The live table starts after the archive, without its checkpoints.
-    assert_eq!(store.audit_first_live().await.unwrap(), Some(31));
+    assert_eq!(store.audit_first_live(0).await.unwrap(), Some(31));
     assert!(store.audit_checkpoints(1, 30).await.unwrap().is_empty());
     let (head, _) = store.audit_head().await.unwrap();
     assert_eq!(head, 33);
@@ -308,7 +308,7 @@ async fn archiving_fails_closed_and_loses_races_safely(backend: Backend) {
     assert!(failed.is_err(), "{failed:?}");
     assert!(segment_files(&dir).is_empty(), "{:?}", segment_files(&dir));
     assert!(store.audit_segments().await.unwrap().is_empty());
-    assert_eq!(store.audit_first_live().await.unwrap(), Some(1));
+    assert_eq!(store.audit_first_live(0).await.unwrap(), Some(1));
 
     // Two passes at once on one replica take turns.
     let (a, b) = tokio::join!(tv.vault.audit_archive_pass(), tv.vault.audit_archive_pass());

@@ -367,6 +367,7 @@ async fn call(tv: &TestVault, fx: &Fixtures, who: Option<As>, rpc: &str) -> Resu
             .follow_audit(pb::FollowAuditRequest {
                 after_seq: None,
                 backlog: 1,
+                after_seqs: Vec::new(),
             })
             .await
             .map(drop),

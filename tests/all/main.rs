@@ -6,6 +6,7 @@ mod support;
 
 mod admin_cli;
 mod audit_archive;
+mod audit_chains;
 mod audit_log;
 mod audit_witness;
 mod authz_matrix;

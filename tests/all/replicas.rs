@@ -188,6 +188,13 @@ impl Replica {
     }
 
     /// `EventService` as the calendar sync worker.
+    fn admin(&self) -> pb::admin_service_client::AdminServiceClient<Authed> {
+        pb::admin_service_client::AdminServiceClient::with_interceptor(
+            self.channel.clone(),
+            bearer(As::Admin),
+        )
+    }
+
     fn events(&self) -> pb::event_service_client::EventServiceClient<Authed> {
         pb::event_service_client::EventServiceClient::with_interceptor(
             self.channel.clone(),
@@ -806,6 +813,36 @@ async fn a_lease_storm_racing_a_disconnect_gets_no_lease_after_it_and_records_ev
         ledger.voids.len() as u64,
         "one lease.void entry per stale cached record"
     );
+
+    // Each replica appended to an audit chain of its own: no lease batch of
+    // B or C waited on another appender's head (A's chain also takes its
+    // deletion's own entry), and the log verifies as one, cross-chain
+    // references and all.
+    for r in [&b, &c] {
+        assert_eq!(
+            r.counter("tokenvault_audit_head_conflicts_total", &[])
+                .await,
+            0,
+            "{}'s audit batches met another appender's head",
+            r.name
+        );
+    }
+    let db = fleet.db().await;
+    let chains: Vec<i64> =
+        sqlx::query_scalar("SELECT CAST(id AS BIGINT) - 1 FROM audit_head ORDER BY id")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    db.close().await;
+    assert_eq!(chains, vec![0, 1, 2], "a chain per replica");
+    let report = b
+        .admin()
+        .verify_audit(pb::VerifyAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.ok, "{report:?}");
+    assert!(report.detail.contains("in 3 chains"), "{report:?}");
     stop_all([a, b, c]).await;
 }
 

@@ -535,6 +535,7 @@ impl Admin {
                 .follow_audit(pb::FollowAuditRequest {
                     after_seq: None,
                     backlog: u32::try_from(lines).unwrap_or(u32::MAX),
+                    after_seqs: Vec::new(),
                 })
                 .await,
         )?;
