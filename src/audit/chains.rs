@@ -13,10 +13,15 @@
 //! chain was cut short (or removed) below a point another chain recorded; a
 //! reference whose hash differs means the chain was rewritten. A reader of
 //! the merged log sees each entry's place among the others' checkpoints.
+//!
+//! The writer also appends the checkpoints it names to its audit witness
+//! (see the `witness` module), so each replica's witness holds a recent
+//! checkpoint of every chain, outside the database: a chain cut together
+//! with the references to it is still named by `audit verify` there.
 
 use crate::domain::VaultError;
 use crate::store::audit::chain_of;
-use crate::store::{AuditDraft, AuditRow, AuditStore};
+use crate::store::{AuditCheckpoint, AuditDraft, AuditRow, AuditStore};
 
 use super::{Actor, AuditLog, Outcome};
 
@@ -34,33 +39,43 @@ pub struct CrossRef {
     pub entry_hash: Vec<u8>,
 }
 
-/// The cross-reference entry chain `own` appends now: every other chain's
-/// latest checkpoint, or `None` when no other chain has one.
-pub async fn draft(store: &dyn AuditStore, own: i64) -> Result<Option<AuditDraft>, VaultError> {
+/// The cross-reference entry chain `own` appends now, with the checkpoints
+/// it names: every other chain's latest; `None` when no other chain has one.
+pub async fn draft(
+    store: &dyn AuditStore,
+    own: i64,
+) -> Result<Option<(AuditDraft, Vec<AuditCheckpoint>)>, VaultError> {
     let mut named = Vec::new();
     for head in store.audit_heads().await? {
         if head.chain == own {
             continue;
         }
         if let Some(c) = store.audit_checkpoint_last(head.chain).await? {
-            named.push(format!(
-                "chain {} checkpoint {} entry_hash {}",
-                head.chain,
-                c.seq,
-                hex::encode(&c.entry_hash)
-            ));
+            named.push(c);
         }
     }
     if named.is_empty() {
         return Ok(None);
     }
-    Ok(Some(AuditLog::draft(
+    let detail: Vec<String> = named
+        .iter()
+        .map(|c| {
+            format!(
+                "chain {} checkpoint {} entry_hash {}",
+                chain_of(c.seq),
+                c.seq,
+                hex::encode(&c.entry_hash)
+            )
+        })
+        .collect();
+    let draft = AuditLog::draft(
         &Actor::system(),
         CROSS_REFERENCE,
         &format!("chain {own}"),
         Outcome::Ok,
-        named.join("; "),
-    )))
+        detail.join("; "),
+    );
+    Ok(Some((draft, named)))
 }
 
 /// The references a verified entry makes: none unless it is a

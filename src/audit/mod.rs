@@ -482,10 +482,10 @@ async fn writer(
     }
 }
 
-/// Appends chain `chain`'s cross-reference entry (see the `chains` module),
-/// witnessing any checkpoint it lands on. A failure is logged and left: the
-/// entry is the vault's own, and the chain's next checkpoint writes one
-/// again.
+/// Appends chain `chain`'s cross-reference entry (see the `chains` module)
+/// and witnesses the other chains' checkpoints it names, and any checkpoint
+/// it lands on. A failure is logged and left: the entry is the vault's own,
+/// and the chain's next checkpoint writes one again.
 async fn cross_reference(
     store: &dyn AuditStore,
     sealer: &Sealer,
@@ -493,8 +493,8 @@ async fn cross_reference(
     every: i64,
     chain: i64,
 ) {
-    let draft = match chains::draft(store, chain).await {
-        Ok(Some(draft)) => draft,
+    let (draft, named) = match chains::draft(store, chain).await {
+        Ok(Some(drafted)) => drafted,
         Ok(None) => return,
         Err(e) => {
             tracing::warn!(error = %e, chain, "audit: reading the other chains' checkpoints failed");
@@ -507,7 +507,12 @@ async fn cross_reference(
         .audit_append(std::slice::from_ref(&draft), &[], &seal)
         .await
     {
-        Ok((seqs, _)) => sealed.witness(witness, store, &seqs, every).await,
+        Ok((seqs, _)) => {
+            if let Some(w) = witness {
+                w.other_chains(named).await;
+                sealed.witness(Some(w), store, &seqs, every).await;
+            }
+        }
         Err(e) => {
             tracing::warn!(error = %e, chain, "audit: appending the cross-reference entry failed");
         }

@@ -114,6 +114,16 @@ async fn verify_live(
     segments: &[AuditSegment],
     mut collected: Collected,
 ) -> Result<(VerifyReport, Collected), VaultError> {
+    // Each chain's newest checkpoint is read before the heads: one committed
+    // by then is at or below its chain's head read next, unless entries
+    // were taken away (read after, a busy chain's newest checkpoint could be
+    // past the head read while another chain was walked).
+    let mut newest_checkpoints = BTreeMap::new();
+    for head in store.audit_heads().await? {
+        if let Some(c) = store.audit_checkpoint_last(head.chain).await? {
+            newest_checkpoints.insert(head.chain, c);
+        }
+    }
     // One statement, so one snapshot of every head: an entry of one chain
     // read below names only checkpoints of another at or below its head.
     let heads = store.audit_heads().await?;
@@ -153,9 +163,9 @@ async fn verify_live(
             keyring,
             &public_key,
             head,
-            from_seq,
-            to_seq,
+            (from_seq, to_seq),
             archived,
+            newest_checkpoints.remove(&head.chain),
             &mut collected,
         )
         .await?;
@@ -208,16 +218,17 @@ struct Walked {
 }
 
 /// Walks chain `head.chain`'s live entries in `from_seq..=to_seq`, after
-/// its archive ending at `archived`.
+/// its archive ending at `archived`; `newest_checkpoint` is the chain's
+/// newest checkpoint as read before `head`.
 #[allow(clippy::too_many_arguments)]
 async fn verify_one(
     store: &dyn AuditStore,
     keyring: &dyn KeyringProvider,
     public_key: &[u8],
     head: &AuditHead,
-    from_seq: i64,
-    to_seq: Option<i64>,
+    (from_seq, to_seq): (i64, Option<i64>),
     archived: Option<(i64, Vec<u8>)>,
+    newest_checkpoint: Option<AuditCheckpoint>,
     collected: &mut Collected,
 ) -> Result<Walked, VaultError> {
     let range = chain_range(head.chain);
@@ -237,7 +248,7 @@ async fn verify_one(
     };
 
     // A checkpoint beyond the head vouches for entries that are gone.
-    if let Some(last) = store.audit_checkpoint_last(head.chain).await?
+    if let Some(last) = newest_checkpoint
         && last.seq > head.seq
     {
         let why = if signature_valid(&last, public_key) {

@@ -16,8 +16,8 @@
 //! `entry_hash`, `signed_at` (RFC 3339 with microseconds, UTC),
 //! `public_key`, `signature` (hex), and `replica` (the vault process that
 //! wrote the line). Replicas on one PostgreSQL database each append to their
-//! own witness the checkpoints they wrote, and those they find in the
-//! database that their witness does not hold yet. Every line is also logged
+//! own witness the checkpoints of their chain, and the other chains' newest
+//! at each of their own. Every line is also logged
 //! at `info` under the target [`LOG_TARGET`], so a log pipeline that ships
 //! the vault's logs off the host keeps a copy too.
 //!
@@ -34,12 +34,16 @@
 //! `tokenvault_audit_witness_errors_total`. Health has no degraded state, and
 //! taking a serving replica out of rotation for its witness would turn a disk
 //! problem into an outage, so health stays as it is: alert on the counter.
-//! No checkpoint is lost: the writer keeps the highest sequence number it
-//! witnessed (at start, read from the file's last line) and, at the next
-//! checkpoint, first appends every checkpoint after it that the database
-//! holds. The same catch-up witnesses checkpoints that other transactions
-//! wrote (a deletion's own `deletion.done` entry, another replica's
-//! appends), at this writer's next checkpoint.
+//! No checkpoint of the writer's chain is lost: the writer keeps the highest
+//! sequence number it witnessed (at start, read from the file's last line)
+//! and, at the next checkpoint, first appends every checkpoint of its chain
+//! after it that the database holds. The same catch-up witnesses checkpoints
+//! that other transactions wrote to its chain (a deletion's own
+//! `deletion.done` entry). On a fleet, where each replica writes a chain of
+//! its own (see `store::audit`), each writer also witnesses the other
+//! chains' newest checkpoints whenever it names them in its cross-reference
+//! entry (see `super::chains`): every witness holds a recent checkpoint of
+//! every chain.
 
 use std::fs::File;
 use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
@@ -116,8 +120,11 @@ pub struct Witness {
     /// the end, whoever else appends.
     file: Arc<File>,
     replica: String,
-    /// The highest sequence number witnessed (at start, the file's last line's).
+    /// The highest sequence number witnessed of this writer's chain (at
+    /// start, the file's last line's).
     last_seq: i64,
+    /// The newest checkpoint witnessed of each other chain, since start.
+    others: std::collections::BTreeMap<i64, i64>,
     /// Whether the file may end inside a line (a crash or a failed append cut
     /// it off): the next append starts on a new line.
     torn: bool,
@@ -141,6 +148,7 @@ impl Witness {
             file: Arc::new(file),
             replica: replica.to_owned(),
             last_seq,
+            others: std::collections::BTreeMap::new(),
             torn,
             behind: false,
         })
@@ -188,11 +196,48 @@ impl Witness {
             }
         }
         checkpoints.extend(committed);
+        if self.write(&checkpoints).await {
+            // The newest of this writer's own chain (one it moved to
+            // replaces the chain it wrote before).
+            let newest = checkpoints.iter().map(|c| c.seq).max().unwrap_or(0);
+            self.last_seq = if chain_of(newest) == chain_of(self.last_seq) {
+                self.last_seq.max(newest)
+            } else {
+                newest
+            };
+            metrics::gauge!("tokenvault_audit_witness_seq").set(self.last_seq as f64);
+        }
+    }
+
+    /// Appends the other chains' newest checkpoints (`others`, as this
+    /// writer's cross-reference entry names them; see `super::chains`) that
+    /// this witness does not hold yet. So every replica's witness holds, at
+    /// most a checkpoint interval behind, a recent checkpoint of every chain,
+    /// and a chain cut below it is named by `audit verify` on any replica.
+    pub(super) async fn other_chains(&mut self, others: Vec<AuditCheckpoint>) {
+        let new: Vec<AuditCheckpoint> = others
+            .into_iter()
+            .filter(|c| {
+                self.others
+                    .get(&chain_of(c.seq))
+                    .is_none_or(|seen| c.seq > *seen)
+            })
+            .collect();
+        if !new.is_empty() && self.write(&new).await {
+            for c in new {
+                self.others.insert(chain_of(c.seq), c.seq);
+            }
+        }
+    }
+
+    /// Appends `checkpoints` and syncs the file; false (logged and counted)
+    /// when that failed.
+    async fn write(&mut self, checkpoints: &[AuditCheckpoint]) -> bool {
         let mut text = String::new();
         if self.torn {
             text.push('\n');
         }
-        for c in &checkpoints {
+        for c in checkpoints {
             let record = WitnessRecord::new(c, &self.replica);
             tracing::info!(
                 target: LOG_TARGET,
@@ -211,7 +256,7 @@ impl Witness {
                 }
                 Err(e) => {
                     self.failed(&format!("encoding checkpoint {}: {e}", c.seq));
-                    return;
+                    return false;
                 }
             }
         }
@@ -230,14 +275,13 @@ impl Witness {
                 }
                 self.behind = false;
                 self.torn = false;
-                let newest = checkpoints.iter().map(|c| c.seq).max().unwrap_or(0);
-                self.last_seq = self.last_seq.max(newest);
-                metrics::gauge!("tokenvault_audit_witness_seq").set(self.last_seq as f64);
+                true
             }
             Err(e) => {
                 // The append may have stopped inside a line.
                 self.torn = true;
                 self.failed(&format!("appending to the file: {e}"));
+                false
             }
         }
     }

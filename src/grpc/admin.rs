@@ -15,7 +15,7 @@ use super::convert::{self, PageToken};
 use super::requests::{
     DeleteAccountRequest, DestroyKeyRequest, DisconnectRequest, GetConnectionRequest,
     GetDeletionReceiptRequest, ListConnectionsRequest, ListDeletionReceiptsRequest,
-    QueryAuditRequest, RetireKeyRequest, VerifyAuditRequest, follow_from,
+    QueryAuditRequest, RetireKeyRequest, VerifyAuditRequest, audit_page_after, follow_from,
 };
 use crate::audit::Outcome;
 use crate::crypto::KekVersion;
@@ -316,10 +316,10 @@ impl pb::admin_service_server::AdminService for Admin {
             page_key,
         } = QueryAuditRequest::try_from(request.into_inner())?;
         let (rows, last_seq) = self.0.vault.audit_query(&filter, page.limit).await?;
-        let last = rows.last().map(|r| r.seq.to_string());
+        let after = audit_page_after(&filter.resume, &rows);
         Ok(Response::new(pb::QueryAuditResponse {
             entries: rows.iter().map(convert::audit_entry).collect(),
-            next_page_token: PageToken::next(&page, rows.len(), last.as_deref(), &page_key),
+            next_page_token: PageToken::next(&page, rows.len(), after.as_deref(), &page_key),
             last_seq: u64::try_from(last_seq).unwrap_or(0),
         }))
     }

@@ -655,6 +655,7 @@ impl TryFrom<pb::QueryAuditRequest> for QueryAuditRequest {
             before_seq: None,
             after_seq: req.after_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX)),
             ascending: !req.newest_first,
+            resume: std::collections::BTreeMap::new(),
         };
         if let (Some(since), Some(until)) = (filter.since, filter.until)
             && since > until
@@ -664,14 +665,7 @@ impl TryFrom<pb::QueryAuditRequest> for QueryAuditRequest {
         let page_key = format!("{filter:?}");
         let page = PageToken::request(req.page_size, &req.page_token, &page_key)?;
         if let Some(after) = &page.after {
-            let seq: i64 = after
-                .parse()
-                .map_err(|_| VaultError::invalid("page_token", "malformed"))?;
-            if filter.ascending {
-                filter.after_seq = Some(filter.after_seq.map_or(seq, |a| a.max(seq)));
-            } else {
-                filter.before_seq = Some(seq);
-            }
+            filter.resume = audit_positions(after)?;
         }
         Ok(Self {
             filter,
@@ -705,6 +699,39 @@ pub fn follow_from(req: &pb::FollowAuditRequest) -> Result<FollowFrom, VaultErro
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(FollowFrom::After(seqs))
+}
+
+/// The positions a `QueryAudit` page token carries (see [`audit_page_after`]):
+/// for each chain of the log, the last entry of it already read.
+fn audit_positions(after: &str) -> Result<std::collections::BTreeMap<i64, i64>, VaultError> {
+    use crate::store::audit::{MAX_CHAINS, chain_of};
+    let malformed = || VaultError::invalid("page_token", "malformed");
+    let mut positions = std::collections::BTreeMap::new();
+    for part in after.split(',') {
+        let seq: i64 = part.parse().map_err(|_| malformed())?;
+        let chain = chain_of(seq);
+        if seq < 1 || chain >= MAX_CHAINS || positions.insert(chain, seq).is_some() {
+            return Err(malformed());
+        }
+    }
+    Ok(positions)
+}
+
+/// What a `QueryAudit` page token says after a page of `rows` read past
+/// `resume`: each chain's last entry read so far, by sequence number.
+pub fn audit_page_after(
+    resume: &std::collections::BTreeMap<i64, i64>,
+    rows: &[crate::store::AuditRow],
+) -> Option<String> {
+    if rows.is_empty() {
+        return None;
+    }
+    let mut positions = resume.clone();
+    for r in rows {
+        positions.insert(crate::store::audit::chain_of(r.seq), r.seq);
+    }
+    let list: Vec<String> = positions.values().map(i64::to_string).collect();
+    Some(list.join(","))
 }
 
 /// `AdminService.VerifyAudit`, parsed.

@@ -196,7 +196,7 @@ pub trait AuditStore: Send + Sync {
     async fn audit_first_live(&self, chain: i64) -> StoreResult<Option<i64>>;
 }
 
-/// The previous-hash of entry 1.
+/// The previous-hash of each chain's first entry.
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
 
 for_each_backend! {

@@ -88,7 +88,19 @@ impl PostgresStore {
             // over, retry). The vault never waits on anything but the
             // database inside a transaction, so a live replica never idles
             // in one for this long.
-            .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]);
+            //
+            // A replica whose host vanishes (a power loss, a partition)
+            // cannot close its sessions; with the kernel's default TCP
+            // keepalive the server would notice after some two hours, and
+            // its audit writer's claim on its chain would last as long. The
+            // server probes an idle client after 10 s, every 5 s, and ends
+            // the session after 3 unanswered probes.
+            .options([
+                ("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION),
+                ("tcp_keepalives_idle", "10"),
+                ("tcp_keepalives_interval", "5"),
+                ("tcp_keepalives_count", "3"),
+            ]);
         let target = connect_target(&options);
         let pool = PgPoolOptions::new()
             .max_connections(16)

@@ -463,6 +463,10 @@ pub struct AuditFilter {
     pub after_seq: Option<i64>,
     /// Oldest first instead of newest first.
     pub ascending: bool,
+    /// Continues a read page by page: by chain (see `crate::store::audit`),
+    /// the entry of that chain after which (in the filter's order) to go on.
+    /// Applied by `Vault::audit_query`; the store's query ignores it.
+    pub resume: std::collections::BTreeMap<i64, i64>,
 }
 
 /// A pending OAuth authorization (state stored hashed, verifier sealed).

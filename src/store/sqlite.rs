@@ -363,8 +363,7 @@ pub(super) async fn append_locked(
 /// recycling the group's least-recently-used pages rather than adding its
 /// own, not a hard cap.
 /// Pages that do not stay cached are read back from the OS cache. A writer
-/// connection handed back to the pool after an error keeps the setting, which
-/// costs the pool's other users nothing but speed.
+/// connection is closed after an error, and the setting with it.
 ///
 /// Returns the chain the writer appends to: a SQLite store has one, chain 0.
 pub(super) async fn prepare_audit_connection(

@@ -10,8 +10,9 @@
 //!
 //! Entries committed on other replicas reach the follower through the same
 //! reads (the database is the only source), so there is no in-process
-//! notification to miss; the cost is one indexed read of the head of the log
-//! per follower every [`AUDIT_FOLLOW_POLL`].
+//! notification to miss; the cost, per follower every [`AUDIT_FOLLOW_POLL`],
+//! is one read of the chains' heads and one indexed read of each chain's
+//! newest entries (with the archive on, also of each chain's last segment).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -126,20 +127,27 @@ impl Vault {
             for chain in chains {
                 let range = chain_range(chain);
                 let position = *positions.entry(chain).or_insert(range.start() - 1);
+                // At most `PAGE` entries per message, whatever the chains.
+                let room = PAGE - i64::try_from(rows.len()).unwrap_or(PAGE);
+                if room <= 0 {
+                    full = true;
+                    reached &= backlog_to.get(&chain).is_none_or(|to| position >= *to);
+                    continue;
+                }
                 let filter = AuditFilter {
                     after_seq: Some(position),
                     before_seq: Some(range.end().saturating_add(1)),
                     ascending: true,
                     ..AuditFilter::default()
                 };
-                let page = match self.audit_query(&filter, PAGE).await {
+                let page = match self.audit_query(&filter, room).await {
                     Ok((page, _)) => page,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
                         return;
                     }
                 };
-                let page_full = i64::try_from(page.len()).is_ok_and(|n| n >= PAGE);
+                let page_full = i64::try_from(page.len()).is_ok_and(|n| n >= room);
                 let at = page.last().map_or(position, |last| last.seq.max(position));
                 positions.insert(chain, at);
                 // A page that is not full holds everything there is.

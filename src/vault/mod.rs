@@ -77,32 +77,51 @@ struct Settings {
 type ArchiveTurn = tokio::sync::Mutex<()>;
 
 impl Vault {
-    /// Audit entries matching `filter` (at most `limit`), in sequence order
-    /// (chain by chain, see `store::audit`), and the highest sequence number
-    /// in the log.
+    /// Audit entries matching `filter` (at most `limit`), and the highest
+    /// sequence number in the log. The chains of a fleet's log (see
+    /// `store::audit`) are merged by time, oldest or newest first as the
+    /// filter asks, each chain's entries in their order; `filter.resume`
+    /// continues each chain after the entry it names.
     pub async fn audit_query(
         &self,
         filter: &store::AuditFilter,
         limit: i64,
     ) -> Result<(Vec<store::AuditRow>, i64), VaultError> {
+        let heads = self.store().audit_heads().await?;
+        let mut chains = Vec::with_capacity(heads.len());
+        for head in &heads {
+            if let Some(f) = chain_filter(filter, head.chain) {
+                chains.push(self.audit_query_chain(&f, head.chain, limit).await?);
+            }
+        }
+        let rows = merge_by_time(chains, filter.ascending, limit);
+        // The heads after the rows: no row is newer than they are.
+        Ok((rows, self.audit_newest().await?))
+    }
+
+    /// [`Vault::audit_query`] within one chain (`filter` bounds it there):
+    /// from the archive and the live table, in sequence order.
+    async fn audit_query_chain(
+        &self,
+        filter: &store::AuditFilter,
+        chain: i64,
+        limit: i64,
+    ) -> Result<Vec<store::AuditRow>, VaultError> {
         let Some(archive) = &self.settings.archive else {
-            let rows = self.store().audit_query(filter, limit).await?;
-            return Ok((rows, self.audit_newest().await?));
+            return self.store().audit_query(filter, limit).await;
         };
         // Archived entries are read from the archive, the rest from the
         // live table (which may still hold archived entries the prune has
         // not reached: they are the archive's). The segment list is read
-        // only when the query reaches the archive (a follower polling for
-        // new entries does not).
+        // only when the query reaches a chain's archived range (a follower
+        // polling for new entries reads each chain's last segment only).
         let after = filter.after_seq.unwrap_or(0);
         let before = filter.before_seq.unwrap_or(i64::MAX);
         let mut archived = Vec::new();
-        for head in self.store().audit_heads().await? {
-            if let Some(s) = self.store().audit_segment_last(head.chain).await? {
-                let first = *store::audit::chain_range(head.chain).start();
-                if first < before && s.last_seq > after {
-                    archived.push((first, s.last_seq));
-                }
+        if let Some(s) = self.store().audit_segment_last(chain).await? {
+            let first = *store::audit::chain_range(chain).start();
+            if first < before && s.last_seq > after {
+                archived.push((first, s.last_seq));
             }
         }
         let want = usize::try_from(limit).unwrap_or(0);
@@ -143,8 +162,7 @@ impl Vault {
             rows.sort_by_key(|r| std::cmp::Reverse(r.seq));
         }
         rows.truncate(want);
-        // The heads after the rows: no row is newer than they are.
-        Ok((rows, self.audit_newest().await?))
+        Ok(rows)
     }
 
     /// The highest sequence number in the log (its newest chain's head).
@@ -568,6 +586,69 @@ impl Vault {
         self.keys.shutdown().await;
         self.store.close().await;
     }
+}
+
+/// `filter` bounded to chain `chain` and continued where `filter.resume`
+/// says; `None` when nothing of the chain can match.
+fn chain_filter(filter: &store::AuditFilter, chain: i64) -> Option<store::AuditFilter> {
+    let range = store::audit::chain_range(chain);
+    let mut after = filter.after_seq.unwrap_or(i64::MIN).max(range.start() - 1);
+    let mut before = filter
+        .before_seq
+        .unwrap_or(i64::MAX)
+        .min(range.end().saturating_add(1));
+    if let Some(&at) = filter.resume.get(&chain) {
+        if filter.ascending {
+            after = after.max(at);
+        } else {
+            before = before.min(at);
+        }
+    }
+    if after.saturating_add(1) >= before {
+        return None;
+    }
+    Some(store::AuditFilter {
+        after_seq: Some(after),
+        before_seq: Some(before),
+        resume: std::collections::BTreeMap::new(),
+        ..filter.clone()
+    })
+}
+
+/// Merges the chains' rows (each in its chain's order) by time, oldest or
+/// newest first, keeping each chain's order: at most `limit` rows, of each
+/// chain a prefix of its rows, so that a page continues each chain after the
+/// last of its rows taken.
+fn merge_by_time(
+    chains: Vec<Vec<store::AuditRow>>,
+    ascending: bool,
+    limit: i64,
+) -> Vec<store::AuditRow> {
+    let want = usize::try_from(limit).unwrap_or(0);
+    let mut chains: Vec<std::iter::Peekable<std::vec::IntoIter<store::AuditRow>>> = chains
+        .into_iter()
+        .map(|rows| rows.into_iter().peekable())
+        .collect();
+    let mut rows = Vec::with_capacity(want);
+    while rows.len() < want {
+        let next = chains
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, c)| c.peek().map(|r| (i, (r.draft.at.as_micros(), r.seq))))
+            .reduce(|best, candidate| {
+                let earlier = candidate.1 < best.1;
+                if earlier == ascending {
+                    candidate
+                } else {
+                    best
+                }
+            });
+        let Some((i, _)) = next else {
+            break;
+        };
+        rows.extend(chains[i].next());
+    }
+    rows
 }
 
 /// Removes a segment file that no recorded segment names (one that does was

@@ -42,7 +42,8 @@ async fn record(v: &Vault, who: &str, n: usize) -> Vec<i64> {
 }
 
 /// A vault whose writer holds chain 0, and a second vault on its database,
-/// whose writer holds chain 1.
+/// whose writer holds chain 1 (with a witness file of its own, as a replica
+/// on another host has).
 async fn two_writers(
     adjust: impl FnOnce(&mut tokenvault::config::Config),
 ) -> Option<(TestVault, Arc<Vault>)> {
@@ -52,7 +53,9 @@ async fn two_writers(
     })
     .await?;
     assert_eq!(chain_of(record(&tv.vault, "a", 1).await[0]), 0);
-    let other = Vault::open(&tv.config).await.expect("second vault");
+    let mut config = tv.config.clone();
+    config.audit.witness_file = Some(tv.dir.path().join("other-witness.jsonl"));
+    let other = Vault::open(&config).await.expect("second vault");
     assert_eq!(chain_of(record(&other, "b", 1).await[0]), 1);
     Some((tv, other))
 }
@@ -119,6 +122,23 @@ async fn each_writer_appends_to_a_chain_of_its_own_and_the_chains_verify_as_one_
     let report = verify(&tv.vault).await;
     assert!(report.ok(), "{report:?}");
     assert!(report.entries_checked >= 122, "{report:?}");
+    // The first vault's witness holds a checkpoint of the second's chain
+    // too, and the verification with it agrees.
+    let witnessed = tokenvault::audit::read_witness(&tv.config.audit_witness_path())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        witnessed
+            .checkpoints
+            .iter()
+            .any(|w| chain_of(w.checkpoint.seq) == 1),
+        "{:?}",
+        witnessed.checkpoints
+    );
+    let with_witness = tv.vault.audit_verify(1, None).await.unwrap();
+    assert!(with_witness.ok(), "{with_witness:?}");
+    assert!(with_witness.checkpoints_witnessed > 0, "{with_witness:?}");
     assert!(report.detail.contains("in 2 chains"), "{report:?}");
     assert!(
         !report.detail.contains(" 0 cross-references"),
@@ -227,8 +247,8 @@ async fn each_chain_is_archived_in_segments_of_its_own_and_verified_read_as_one_
     else {
         return;
     };
-    record(&other, "b", 24).await;
-    record(&tv.vault, "a", 24).await;
+    let b = record(&other, "b", 24).await;
+    let a = record(&tv.vault, "a", 24).await;
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     let pass = tv.vault.audit_archive_pass().await.unwrap();
     assert!(pass.segments >= 4, "{pass:?}");
@@ -251,7 +271,7 @@ async fn each_chain_is_archived_in_segments_of_its_own_and_verified_read_as_one_
     assert!(report.detail.contains("chain 1:"), "{report:?}");
 
     // One read of everything: archive and live table, both chains, each
-    // entry once, in sequence order.
+    // entry once, merged by time, each chain's in sequence order.
     let (rows, newest) = tv
         .vault
         .audit_query(
@@ -264,8 +284,10 @@ async fn each_chain_is_archived_in_segments_of_its_own_and_verified_read_as_one_
         .await
         .unwrap();
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
-    assert!(seqs.last().is_some_and(|last| *last <= newest));
+    // Chain 1's entries were all written before chain 0's.
+    let at = |seq: i64| seqs.iter().position(|s| *s == seq).unwrap();
+    assert!(at(*b.last().unwrap()) < at(a[0]), "{seqs:?}");
+    assert!(seqs.iter().all(|s| *s <= newest));
     for chain in [0, 1] {
         let of_chain: Vec<i64> = seqs
             .iter()
@@ -363,5 +385,80 @@ async fn a_follow_sees_every_chain_and_resumes_each_where_it_left_off() {
         .await
         .unwrap_err();
     assert!(past.to_string().contains("past the newest entry"), "{past}");
+    other.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_merge_the_chains_by_time_and_page_through_each_once() {
+    use tokenvault::proto::v1 as pb;
+    let Some((tv, other)) = two_writers(|_| {}).await else {
+        return;
+    };
+    // Alternate the writers, so the newest entries are in both chains.
+    for _ in 0..6 {
+        record(&tv.vault, "a", 1).await;
+        record(&other, "b", 1).await;
+    }
+    let bearer = crate::support::Bearer(Some(
+        format!("Bearer {}", crate::support::As::Auditor.key())
+            .parse()
+            .unwrap(),
+    ));
+    let mut admin =
+        pb::admin_service_client::AdminServiceClient::with_interceptor(tv.channel.clone(), bearer);
+    let page = |token: String| pb::QueryAuditRequest {
+        action: Some("test.append".to_owned()),
+        newest_first: true,
+        page_size: 3,
+        page_token: token,
+        ..Default::default()
+    };
+    let first = admin
+        .query_audit(page(String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    let chains: BTreeSet<i64> = first
+        .entries
+        .iter()
+        .map(|e| chain_of(e.seq as i64))
+        .collect();
+    assert_eq!(
+        chains,
+        BTreeSet::from([0, 1]),
+        "the newest of both chains: {first:?}"
+    );
+
+    // Every page on: each entry once, each chain's in its order, newest first.
+    let mut seen: Vec<pb::AuditEntry> = first.entries;
+    let mut token = first.next_page_token;
+    while !token.is_empty() {
+        let next = admin.query_audit(page(token)).await.unwrap().into_inner();
+        seen.extend(next.entries);
+        token = next.next_page_token;
+    }
+    for chain in [0, 1] {
+        let of_chain: Vec<u64> = seen
+            .iter()
+            .map(|e| e.seq)
+            .filter(|s| chain_of(*s as i64) == chain)
+            .collect();
+        assert_eq!(of_chain.len(), 7, "chain {chain}: {of_chain:?}");
+        assert!(
+            of_chain.windows(2).all(|w| w[0] > w[1]),
+            "chain {chain}: {of_chain:?}"
+        );
+    }
+    let times: Vec<i64> = seen
+        .iter()
+        .map(|e| {
+            let at = e.at.as_ref().unwrap();
+            at.seconds * 1_000_000 + i64::from(at.nanos / 1_000)
+        })
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {times:?}"
+    );
     other.shutdown().await;
 }

@@ -187,7 +187,7 @@ impl Replica {
         )
     }
 
-    /// `EventService` as the calendar sync worker.
+    /// `AdminService` as the admin.
     fn admin(&self) -> pb::admin_service_client::AdminServiceClient<Authed> {
         pb::admin_service_client::AdminServiceClient::with_interceptor(
             self.channel.clone(),
@@ -195,6 +195,7 @@ impl Replica {
         )
     }
 
+    /// `EventService` as the calendar sync worker.
     fn events(&self) -> pb::event_service_client::EventServiceClient<Authed> {
         pb::event_service_client::EventServiceClient::with_interceptor(
             self.channel.clone(),
