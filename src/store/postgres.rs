@@ -246,12 +246,12 @@ pub(super) async fn prepare_audit_connection(
             .fetch_one(&mut *conn)
             .await?)
     }
-    let mut reclaimed = None;
+    let mut claimed = None;
     if let Some(chain) = previous {
         let until = tokio::time::Instant::now() + RECLAIM_WAIT;
-        while reclaimed.is_none() {
+        while claimed.is_none() {
             if try_claim(conn, chain).await? {
-                reclaimed = Some(chain);
+                claimed = Some(chain);
             } else if tokio::time::Instant::now() >= until {
                 break;
             } else {
@@ -259,27 +259,33 @@ pub(super) async fn prepare_audit_connection(
             }
         }
     }
-    for chain in reclaimed.into_iter().chain(0..super::audit::MAX_CHAINS) {
-        if Some(chain) == reclaimed || try_claim(conn, chain).await? {
-            sqlx::query(
-                "INSERT INTO audit_head (id, seq, entry_hash) \
-                 VALUES ($1::bigint + 1, $1::bigint << 40, decode(repeat('00', 32), 'hex')) \
-                 ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(chain)
-            .execute(&mut *conn)
-            .await?;
-            tracing::info!(chain, "audit writer claimed its chain");
-            return Ok(chain);
+    if claimed.is_none() {
+        for chain in 0..super::audit::MAX_CHAINS {
+            if try_claim(conn, chain).await? {
+                claimed = Some(chain);
+                break;
+            }
         }
     }
-    Err(VaultError::Unavailable(
-        format!(
-            "every one of the {} audit chains is claimed by another session",
-            super::audit::MAX_CHAINS
-        )
-        .into(),
-    ))
+    let Some(chain) = claimed else {
+        return Err(VaultError::Unavailable(
+            format!(
+                "every one of the {} audit chains is claimed by another session",
+                super::audit::MAX_CHAINS
+            )
+            .into(),
+        ));
+    };
+    sqlx::query(
+        "INSERT INTO audit_head (id, seq, entry_hash) \
+         VALUES ($1::bigint + 1, $1::bigint << 40, decode(repeat('00', 32), 'hex')) \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(chain)
+    .execute(&mut *conn)
+    .await?;
+    tracing::info!(chain, "audit writer claimed its chain");
+    Ok(chain)
 }
 
 /// Appends on `conn` to chain `chain`: with the head this process wrote last

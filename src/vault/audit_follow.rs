@@ -140,8 +140,8 @@ impl Vault {
                     ascending: true,
                     ..AuditFilter::default()
                 };
-                let page = match self.audit_query(&filter, room).await {
-                    Ok((page, _)) => page,
+                let page = match self.audit_query_chain(&filter, chain, room).await {
+                    Ok(page) => page,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
                         return;

@@ -101,7 +101,7 @@ impl Vault {
 
     /// [`Vault::audit_query`] within one chain (`filter` bounds it there):
     /// from the archive and the live table, in sequence order.
-    async fn audit_query_chain(
+    pub(super) async fn audit_query_chain(
         &self,
         filter: &store::AuditFilter,
         chain: i64,
@@ -110,59 +110,39 @@ impl Vault {
         let Some(archive) = &self.settings.archive else {
             return self.store().audit_query(filter, limit).await;
         };
-        // Archived entries are read from the archive, the rest from the
-        // live table (which may still hold archived entries the prune has
-        // not reached: they are the archive's). The segment list is read
-        // only when the query reaches a chain's archived range (a follower
-        // polling for new entries reads each chain's last segment only).
-        let after = filter.after_seq.unwrap_or(0);
-        let before = filter.before_seq.unwrap_or(i64::MAX);
-        let mut archived = Vec::new();
-        if let Some(s) = self.store().audit_segment_last(chain).await? {
-            let first = *store::audit::chain_range(chain).start();
-            if first < before && s.last_seq > after {
-                archived.push((first, s.last_seq));
-            }
-        }
-        let want = usize::try_from(limit).unwrap_or(0);
-        let from_archive = if archived.is_empty() || want == 0 {
-            Vec::new()
-        } else {
-            let segments = self.store().audit_segments().await?;
-            crate::audit::archive::query(&segments, &archive.dir, filter, want).await?
-        };
-        // The live rows, less those of archived ranges; a page that lost
-        // some to that is read on until it is full or the table ends.
+        // The chain's archived entries are read from the archive, the rest
+        // from the live table (which may still hold archived entries the
+        // prune has not reached: they are the archive's). The segment list
+        // is read only when the query reaches the archive (a follower
+        // polling for new entries does not).
+        let archived_to = self
+            .store()
+            .audit_segment_last(chain)
+            .await?
+            .map_or(0, |s| s.last_seq);
         let mut live_filter = filter.clone();
-        let mut from_live = Vec::new();
-        while from_live.len() < want {
-            let page = self.store().audit_query(&live_filter, limit).await?;
-            let complete = page.len() < want;
-            let Some(last) = page.last().map(|r| r.seq) else {
-                break;
-            };
-            from_live.extend(
-                page.into_iter()
-                    .filter(|r| !archived.iter().any(|(lo, hi)| (*lo..=*hi).contains(&r.seq))),
-            );
-            if complete {
-                break;
+        live_filter.after_seq = Some(filter.after_seq.unwrap_or(0).max(archived_to));
+        let want = usize::try_from(limit).unwrap_or(0);
+        let reaches_archive = filter.after_seq.unwrap_or(0) < archived_to;
+        let from_archive = |want: usize| async move {
+            if !reaches_archive || want == 0 {
+                return Ok(Vec::new());
             }
-            if filter.ascending {
-                live_filter.after_seq = Some(last);
-            } else {
-                live_filter.before_seq = Some(last);
-            }
-        }
-        let mut rows = from_archive;
-        rows.extend(from_live);
+            let segments = self.store().audit_segments().await?;
+            crate::audit::archive::query(&segments, &archive.dir, filter, want).await
+        };
         if filter.ascending {
-            rows.sort_by_key(|r| r.seq);
+            let mut rows = from_archive(want).await?;
+            let rest = want.saturating_sub(rows.len());
+            if rest > 0 {
+                rows.extend(self.store().audit_query(&live_filter, rest as i64).await?);
+            }
+            Ok(rows)
         } else {
-            rows.sort_by_key(|r| std::cmp::Reverse(r.seq));
+            let mut rows = self.store().audit_query(&live_filter, limit).await?;
+            rows.extend(from_archive(want.saturating_sub(rows.len())).await?);
+            Ok(rows)
         }
-        rows.truncate(want);
-        Ok(rows)
     }
 
     /// The highest sequence number in the log (its newest chain's head).
