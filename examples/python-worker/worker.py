@@ -18,7 +18,7 @@ code to keep in step with the protos.
 
 `--once` is the test mode: list the services through server reflection
 (v1alpha), lease one connection, wait until that connection is disconnected
-(LEASE_REVOKED for the lease, then CONNECTION_DELETED), drop the token, purge,
+(LEASE_REVOKED for the connection, then CONNECTION_DELETED), drop the token, purge,
 ack, release, and exit 0; exit 1 with a message saying what did not happen.
 
 Exit statuses: 0 done, 1 failed (the message says why), 2 bad command line,

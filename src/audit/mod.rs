@@ -289,9 +289,10 @@ impl AuditLog {
         }
     }
 
-    /// Appends a lease grant together with the lease row, in the same
-    /// transaction: the lease exists only if its grant is audited, and is
-    /// recorded only if its connection is still ACTIVE and unchanged.
+    /// Appends a lease grant, which is the lease's record (one compact row,
+    /// see `store::leases`): the lease exists only if its grant is audited,
+    /// and is recorded only if its connection is still ACTIVE and unchanged
+    /// in the same transaction.
     pub async fn record_lease(
         &self,
         actor: &Actor,
@@ -395,9 +396,9 @@ async fn writer(
     // Set while the database is known to be unreachable: until when, and why.
     let mut unreachable: Option<(std::time::Instant, String)> = None;
     while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
-        // The jobs' parts are moved, not copied: the drafts and lease rows to
-        // the store, the replies kept here with the index of the lease row
-        // each one waits on.
+        // The jobs' parts are moved, not copied: the drafts and lease grants
+        // to the store (each grant told its entry's index), the replies kept
+        // here with the index of the grant each one waits on.
         let entries = batch.len();
         let mut drafts: Vec<AuditDraft> = Vec::with_capacity(entries);
         let mut leases: Vec<LeaseGrant> = Vec::new();
@@ -414,8 +415,10 @@ async fn writer(
         );
         traces::link_all(&span, batch.iter().map(|job| &job.link));
         for job in batch.drain(..) {
+            let entry = drafts.len();
             drafts.push(job.draft);
-            let waits_on = job.lease.map(|g| {
+            let waits_on = job.lease.map(|mut g| {
+                g.entry = entry;
                 leases.push(g);
                 leases.len() - 1
             });

@@ -332,9 +332,10 @@ pub struct LeaseConfig {
     pub cache_ttl_seconds: u64,
     /// The most records that cache holds.
     pub cache_entries: usize,
-    /// How long a lease's row is kept after the lease expired (its grant
-    /// stays in the audit log). `ReleaseLease` of a lease whose row is gone
-    /// answers NOT_FOUND.
+    /// How long a lease's record (its grant's audit entry) stays in the live
+    /// database at least after the lease expired: the archiver prunes it
+    /// with the archived entries (with `audit.archive_dir` set), not before.
+    /// `ReleaseLease` of a lease whose record is gone answers NOT_FOUND.
     pub record_retention_seconds: u64,
 }
 
@@ -439,7 +440,7 @@ pub struct DeletionConfig {
     pub revoke_give_up_days: u64,
     /// Receipts still incomplete after this long are overdue (admin API, metrics).
     pub receipt_sla_hours: u64,
-    /// Tombstones, receipts, lease rows and acknowledged events are kept this long.
+    /// Tombstones, receipts and acknowledged events are kept this long.
     pub retention_days: u64,
 }
 

@@ -91,7 +91,11 @@ impl pb::admin_service_server::AdminService for Admin {
             page,
             page_key,
         } = ListConnectionsRequest::try_from(request.into_inner())?;
-        let details = self.0.vault.connection_details(&filter, &page).await?;
+        let details = self
+            .0
+            .vault
+            .connection_details(&filter, &page, true)
+            .await?;
         let next = PageToken::next(
             &page,
             details.len(),
@@ -116,7 +120,7 @@ impl pb::admin_service_server::AdminService for Admin {
         )
         .await?;
         let id = GetConnectionRequest::try_from(request.into_inner())?.connection;
-        let detail = self.0.vault.connection_detail(&id).await?;
+        let detail = self.0.vault.connection_detail(&id, true).await?;
         Ok(Response::new(pb::AdminServiceGetConnectionResponse {
             connection: Some(convert::connection_detail(&detail)),
         }))

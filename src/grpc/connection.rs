@@ -73,7 +73,7 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .vault
             .authorization_complete(completer, req.state.expose(), req.completion)
             .await?;
-        let detail = self.0.vault.connection_detail(&record.id).await?;
+        let detail = self.0.vault.connection_detail(&record.id, false).await?;
         Ok(Response::new(pb::CompleteAuthorizationResponse {
             connection: Some(convert::connection_listed(
                 &detail,
@@ -93,7 +93,7 @@ impl pb::connection_service_server::ConnectionService for Connections {
             .authorize(&self.0.vault, &request, rpc, APP)
             .await?;
         let id = GetConnectionRequest::try_from(request.into_inner())?.connection;
-        let detail = self.0.vault.connection_detail(&id).await?;
+        let detail = self.0.vault.connection_detail(&id, false).await?;
         let shown = convert::connection_listed(&detail, detail.access_expires_at);
         // Reads are audited too; no entry, no answer.
         self.0
@@ -127,7 +127,11 @@ impl pb::connection_service_server::ConnectionService for Connections {
             page,
             page_key,
         } = ListConnectionsRequest::try_from(request.into_inner())?;
-        let details = self.0.vault.connection_details(&filter, &page).await?;
+        let details = self
+            .0
+            .vault
+            .connection_details(&filter, &page, false)
+            .await?;
         let next = PageToken::next(
             &page,
             details.len(),

@@ -12,7 +12,7 @@
 //! An entry's previous hash is not stored (migration 0011): it is the hash
 //! of the entry before, so every read computes it from that entry, from the
 //! last archived segment when that entry was pruned, or as the genesis hash
-//! for the first entry of a chain ([`AUDIT_ROWS`]). An entry with none of
+//! for the first entry of a chain (`audit_rows`). An entry with none of
 //! these reads back with an empty previous hash, which no verification
 //! accepts.
 //!
@@ -26,12 +26,19 @@
 //! process's audit writer claims a chain of its own (see `postgres.rs`), so
 //! replicas never move each other's head; a deletion transaction's own
 //! entry goes to the chain of the process that runs it.
+//!
+//! Entries live in two tables (migration 0013): a recorded lease's grant is
+//! a compact row of `leases`, read back through the `lease_entries` view as
+//! exactly the entry that was sealed ([`rebuilds`] decides, before it is
+//! stored so); every other entry is a text row of `audit_log`. A sequence
+//! number is in one of them; every read of entries reads both.
 
 use async_trait::async_trait;
 use sqlx::FromRow as _;
 
 use crate::store::common::ChainHead;
 
+use crate::domain::{ConnectionId, LeaseId, Timestamp};
 use crate::store::{
     AuditCheckpoint, AuditDraft, AuditFilter, AuditHead, AuditRow, AuditSealer, AuditSegment,
     LeaseGrant, StoreResult,
@@ -90,6 +97,88 @@ impl SealedBatch<'_> {
         let seqs = self.entries.iter().map(|e| e.seq).collect();
         (self.to, seqs, recorded)
     }
+}
+
+/// The `lease_profiles` id of each lease grant of a batch, by the index of
+/// its entry (see [`LeaseGrant::entry`]).
+pub(in crate::store) type Profiles = std::collections::HashMap<usize, i64>;
+
+/// Whether `draft` is exactly the entry that `lease_entries` (migration
+/// 0013) rebuilds from the compact row of `grant`: only then is the grant's
+/// entry stored as that row, so that every read of it hashes to what was
+/// sealed. A grant whose entry is not (which the lease path never writes)
+/// is stored as a text entry, and its lease is not recorded.
+pub(in crate::store) fn rebuilds(draft: &AuditDraft, grant: &LeaseGrant) -> bool {
+    let lease = &grant.lease;
+    let token_ok = grant.token.len() == 32
+        && grant
+            .token
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    token_ok
+        && draft.action == LEASE_GRANT
+        && draft.outcome == "ok"
+        && ConnectionId::from_key(&lease.connection_id.key())
+            .is_ok_and(|c| c.as_str() == draft.target && c == lease.connection_id)
+        && LeaseId::from_key(&lease.lease_id.key()).is_ok_and(|l| l == lease.lease_id)
+        && draft.detail
+            == crate::store::lease_grant_detail(
+                &lease.lease_id,
+                &grant.purpose,
+                &grant.scopes,
+                &grant.token,
+            )
+}
+
+/// A recorded lease's compact row: the grant, its sealed entry and its
+/// profile id.
+pub(in crate::store) struct LeaseEntry<'b> {
+    pub(in crate::store) grant: &'b LeaseGrant,
+    pub(in crate::store) entry: &'b SealedRow<'b>,
+    pub(in crate::store) profile: i64,
+}
+
+impl LeaseEntry<'_> {
+    /// The token fingerprint's 16 bytes ([`rebuilds`] checked its form).
+    pub(in crate::store) fn token(&self) -> Vec<u8> {
+        hex::decode(&self.grant.token).unwrap_or_default()
+    }
+}
+
+/// The leases of `batch` to record as compact rows (each with the entry it
+/// replaces): those of `leases` with a profile whose entry [`rebuilds`].
+pub(in crate::store) fn lease_entries<'b>(
+    batch: &'b SealedBatch<'b>,
+    leases: &'b [LeaseGrant],
+    profiles: &Profiles,
+) -> Vec<LeaseEntry<'b>> {
+    leases
+        .iter()
+        .filter_map(|grant| {
+            let entry = batch.entries.get(grant.entry)?;
+            let profile = *profiles.get(&grant.entry)?;
+            rebuilds(entry.draft, grant).then_some(LeaseEntry {
+                grant,
+                entry,
+                profile,
+            })
+        })
+        .collect()
+}
+
+/// For each entry of `batch`, whether it is one of `compact`'s (stored as a
+/// lease's compact row, not as a text entry).
+pub(in crate::store) fn compacted(
+    batch: &SealedBatch<'_>,
+    compact: &[LeaseEntry<'_>],
+) -> Vec<bool> {
+    let mut out = vec![false; batch.entries.len()];
+    for l in compact {
+        if let Some(c) = out.get_mut(l.grant.entry) {
+            *c = true;
+        }
+    }
+    out
 }
 
 pub(in crate::store) fn seal_batch<'a>(
@@ -187,9 +276,16 @@ pub trait AuditStore: Send + Sync {
 
     /// Deletes from the live table at most `limit` archived entries, oldest
     /// first in each chain, with their checkpoints; returns how many entries
-    /// it deleted. Each chain's deletion is one short transaction, so that
-    /// pruning a segment does not hold the write lock the lease path needs.
-    async fn audit_prune_archived(&self, limit: i64) -> StoreResult<u64>;
+    /// it deleted. A lease grant's entry is its lease's record, so a chain's
+    /// pruning stops before the first lease that had not expired before
+    /// `leases_expired_before`. Each chain's deletion is one short
+    /// transaction, so that pruning a segment does not hold the write lock
+    /// the lease path needs.
+    async fn audit_prune_archived(
+        &self,
+        limit: i64,
+        leases_expired_before: Timestamp,
+    ) -> StoreResult<u64>;
 
     /// The lowest sequence number of chain `chain` in the live table (`None`
     /// when it has none).
@@ -199,18 +295,101 @@ pub trait AuditStore: Send + Sync {
 /// The previous-hash of each chain's first entry.
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
 
+/// The columns of an entry, in the order `audit_log` and `lease_entries`
+/// both give them.
+const ENTRY_COLUMNS: &str =
+    "a.seq, a.at, a.actor, a.role, a.action, a.target, a.outcome, a.detail, a.entry_hash, a.mac";
+
+/// Inserts a lease profile, or finds it, and returns its id.
+const UPSERT_PROFILE: &str = "INSERT INTO lease_profiles (actor, role, purpose, scopes) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT (actor, role, purpose, scopes) \
+     DO UPDATE SET actor = excluded.actor RETURNING id";
+
+/// How many lease profiles a store keeps in memory; past that, a grant of a
+/// profile not yet cached looks its id up.
+const PROFILES_CACHED: usize = 65_536;
+
 for_each_backend! {
-/// The head of every read of whole entries (`audit_log a`): each row with its
-/// previous hash computed (see the module documentation).
-pub(in crate::store) static AUDIT_ROWS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+/// A read of whole entries from `source` (`audit_log` or `lease_entries`,
+/// as `a`): each row with its previous hash computed (see the module
+/// documentation), from whichever table holds the entry before.
+fn audit_rows(source: &str) -> String {
     format!(
-        "SELECT a.*, COALESCE( \
+        "SELECT {ENTRY_COLUMNS}, COALESCE( \
            (SELECT p.entry_hash FROM audit_log p WHERE p.seq = a.seq - 1), \
+           (SELECT p.entry_hash FROM leases p WHERE p.seq = a.seq - 1), \
            (SELECT s.last_hash FROM audit_segments s WHERE s.last_seq = a.seq - 1), \
            {NO_PREDECESSOR}) AS prev_hash \
-         FROM audit_log a"
+         FROM {source} a"
     )
-});
+}
+
+/// Whole entries matching `filter` (a `WHERE` clause) from both tables that
+/// hold entries, in sequence order (`order`: `ASC` or `DESC`), at most
+/// `$limit`: one statement whose two parts each read at most `$limit` rows
+/// in key order (so neither sorts the rest of its range), merged.
+pub(in crate::store) fn entries_where(filter: &str, order: &str, limit: usize) -> String {
+    format!(
+        "SELECT * FROM ({}{filter} ORDER BY a.seq {order} LIMIT ${limit}) AS texts \
+         UNION ALL \
+         SELECT * FROM ({}{filter} ORDER BY a.seq {order} LIMIT ${limit}) AS grants \
+         ORDER BY seq {order} LIMIT ${limit}",
+        audit_rows("audit_log"),
+        audit_rows("lease_entries")
+    )
+}
+
+/// The stored hash of entry `$1`, from whichever table holds it.
+const ENTRY_HASH: &str = "SELECT COALESCE( \
+       (SELECT entry_hash FROM audit_log WHERE seq = $1), \
+       (SELECT entry_hash FROM leases WHERE seq = $1))";
+
+impl StoreImpl {
+    /// The profile id of each lease grant in `leases` (see [`Profiles`]):
+    /// from this store's cache, else found or made on `conn`.
+    async fn lease_profiles(
+        &self,
+        conn: &mut <Db as sqlx::Database>::Connection,
+        drafts: &[AuditDraft],
+        leases: &[LeaseGrant],
+    ) -> StoreResult<Profiles> {
+        let mut out = Profiles::with_capacity(leases.len());
+        for grant in leases {
+            let Some(draft) = drafts.get(grant.entry) else {
+                continue;
+            };
+            let key = format!(
+                "{}\0{}\0{}\0{}",
+                draft.actor, draft.role, grant.purpose, grant.scopes
+            );
+            let cached = self
+                .profile_ids
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&key).copied());
+            let id = match cached {
+                Some(id) => id,
+                None => {
+                    let id: i64 = sqlx::query_scalar(UPSERT_PROFILE)
+                        .bind(&draft.actor)
+                        .bind(&draft.role)
+                        .bind(&grant.purpose)
+                        .bind(&grant.scopes)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    if let Ok(mut m) = self.profile_ids.lock()
+                        && m.len() < PROFILES_CACHED
+                    {
+                        m.insert(key, id);
+                    }
+                    id
+                }
+            };
+            out.insert(grant.entry, id);
+        }
+        Ok(out)
+    }
+}
 
 impl StoreImpl {
     /// Appends on the audit writer's held connection (each backend's
@@ -243,7 +422,8 @@ impl StoreImpl {
             // A head cached for another chain (before the writer's
             // connection was replaced) is no head of this one.
             let cached = cached.filter(|(seq, _)| chain_of(*seq) == chain);
-            append_on(conn, chain, cached, drafts, leases, sealer).await
+            let profiles = self.lease_profiles(&mut *conn, drafts, leases).await?;
+            append_on(conn, chain, cached, drafts, leases, &profiles, sealer).await
         }
         .await;
         held.discard_on_error(result).await
@@ -290,9 +470,10 @@ impl AuditStore for StoreImpl {
     }
 
     async fn audit_range(&self, from_seq: i64, to_seq: i64, limit: i64) -> StoreResult<Vec<AuditRow>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{} WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3",
-            *AUDIT_ROWS
+        let rows = sqlx::query(sqlx::AssertSqlSafe(entries_where(
+            " WHERE a.seq >= $1 AND a.seq <= $2",
+            "ASC",
+            3,
         )))
         .bind(from_seq)
         .bind(to_seq)
@@ -303,41 +484,44 @@ impl AuditStore for StoreImpl {
     }
 
     async fn audit_query(&self, filter: &AuditFilter, limit: i64) -> StoreResult<Vec<AuditRow>> {
-        let mut f = Filter::new(&AUDIT_ROWS);
+        let mut f = Filter::new("");
         if let Some(a) = &filter.actor {
-            f.push("actor = ?", FilterValue::Text(a.clone()));
+            f.push("a.actor = ?", FilterValue::Text(a.clone()));
         }
         if let Some(p) = &filter.action_prefix {
             // Range scan instead of LIKE so no pattern characters need escaping.
-            f.push("action >= ?", FilterValue::Text(p.clone()));
-            f.push("action < ?", FilterValue::Text(format!("{p}\u{10FFFF}")));
+            f.push("a.action >= ?", FilterValue::Text(p.clone()));
+            f.push("a.action < ?", FilterValue::Text(format!("{p}\u{10FFFF}")));
             // The index by action leaves out lease grants (migration 0010):
             // a query that cannot match them says so, and may use it.
             if !LEASE_GRANT.starts_with(p.as_str()) {
-                f.sql.push_str(" AND action <> 'lease.grant'");
+                f.sql.push_str(" AND a.action <> 'lease.grant'");
             }
         }
         if let Some(t) = &filter.target {
-            f.push("target = ?", FilterValue::Text(t.clone()));
+            f.push("a.target = ?", FilterValue::Text(t.clone()));
         }
         if let Some(s) = filter.since {
-            f.push("at >= ?", FilterValue::Int(s.as_micros()));
+            f.push("a.at >= ?", FilterValue::Int(s.as_micros()));
         }
         if let Some(u) = filter.until {
-            f.push("at < ?", FilterValue::Int(u.as_micros()));
+            f.push("a.at < ?", FilterValue::Int(u.as_micros()));
         }
         if let Some(o) = &filter.outcome {
-            f.push("outcome = ?", FilterValue::Text(o.clone()));
+            f.push("a.outcome = ?", FilterValue::Text(o.clone()));
         }
         if let Some(b) = filter.before_seq {
-            f.push("seq < ?", FilterValue::Int(b));
+            f.push("a.seq < ?", FilterValue::Int(b));
         }
         if let Some(a) = filter.after_seq {
-            f.push("seq > ?", FilterValue::Int(a));
+            f.push("a.seq > ?", FilterValue::Int(a));
         }
-        f.sql.push_str(if filter.ascending { " ORDER BY seq" } else { " ORDER BY seq DESC" });
         f.binds.push(FilterValue::Int(limit));
-        f.sql.push_str(&format!(" LIMIT ${}", f.binds.len()));
+        f.sql = entries_where(
+            &f.sql,
+            if filter.ascending { "ASC" } else { "DESC" },
+            f.binds.len(),
+        );
         let rows = f.query().fetch_all(&self.pool).await?;
         rows.iter().map(|r| Ok(AuditRow::from_row(r)?)).collect()
     }
@@ -427,11 +611,10 @@ impl AuditStore for StoreImpl {
         if !continues {
             return Ok(false);
         }
-        let live: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT entry_hash FROM audit_log WHERE seq = $1")
-                .bind(segment.last_seq)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let live: Option<Vec<u8>> = sqlx::query_scalar(ENTRY_HASH)
+            .bind(segment.last_seq)
+            .fetch_one(&mut *tx)
+            .await?;
         if live.as_deref() != Some(segment.last_hash.as_slice()) {
             return Ok(false);
         }
@@ -455,7 +638,11 @@ impl AuditStore for StoreImpl {
         Ok(inserted == 1)
     }
 
-    async fn audit_prune_archived(&self, limit: i64) -> StoreResult<u64> {
+    async fn audit_prune_archived(
+        &self,
+        limit: i64,
+        leases_expired_before: Timestamp,
+    ) -> StoreResult<u64> {
         // Each chain's last archived entry (a chain's segments are in order).
         let archived: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT MAX(last_seq) FROM audit_segments GROUP BY first_seq >> {CHAIN_BITS} \
@@ -473,19 +660,45 @@ impl AuditStore for StoreImpl {
             if first > archived {
                 continue;
             }
-            let upto = archived.min(first.saturating_add(budget - 1));
+            let mut upto = archived.min(first.saturating_add(budget - 1));
+            // A lease still open, or within its record's retention, keeps
+            // its entry and every later one of its chain.
+            let kept: Option<i64> = sqlx::query_scalar(
+                "SELECT MIN(seq) FROM leases WHERE seq >= $1 AND seq <= $2 AND expires_at >= $3",
+            )
+            .bind(first)
+            .bind(upto)
+            .bind(leases_expired_before.as_micros())
+            .fetch_one(&self.pool)
+            .await?;
+            if let Some(kept) = kept {
+                upto = kept - 1;
+            }
+            if upto < first {
+                continue;
+            }
             let (_guard, mut tx) = self.begin_write().await?;
             sqlx::query("DELETE FROM audit_checkpoints WHERE seq >= $1 AND seq <= $2")
                 .bind(chain_range(chain).start())
                 .bind(upto)
                 .execute(&mut *tx)
                 .await?;
-            let n = sqlx::query("DELETE FROM audit_log WHERE seq >= $1 AND seq <= $2")
+            let mut n = 0;
+            for table in ["audit_log", "leases"] {
+                n += sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM {table} WHERE seq >= $1 AND seq <= $2"
+                )))
                 .bind(first)
                 .bind(upto)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
+            }
+            sqlx::query("DELETE FROM lease_releases WHERE seq >= $1 AND seq <= $2")
+                .bind(first)
+                .bind(upto)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             deleted += n;
             budget -= i64::try_from(n).unwrap_or(budget);
@@ -498,13 +711,21 @@ impl AuditStore for StoreImpl {
 
     async fn audit_first_live(&self, chain: i64) -> StoreResult<Option<i64>> {
         let range = chain_range(chain);
-        Ok(
-            sqlx::query_scalar("SELECT MIN(seq) FROM audit_log WHERE seq >= $1 AND seq <= $2")
-                .bind(range.start())
-                .bind(range.end())
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        let mut first: Option<i64> = None;
+        for table in ["audit_log", "leases"] {
+            let min: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT MIN(seq) FROM {table} WHERE seq >= $1 AND seq <= $2"
+            )))
+            .bind(range.start())
+            .bind(range.end())
+            .fetch_one(&self.pool)
+            .await?;
+            first = match (first, min) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(first)
     }
 }
 }

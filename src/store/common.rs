@@ -15,7 +15,7 @@ use sqlx::Row as _;
 
 use crate::crypto::KekVersion;
 use crate::domain::{
-    AccountId, ConnectionId, ConnectionStatus, EventKind, Integration, LeaseId, ScopeSet, TenantId,
+    AccountId, ConnectionId, ConnectionStatus, EventKind, Integration, ScopeSet, TenantId,
     Timestamp, VaultError,
 };
 use crate::store::{Backend, ConnectionRecord, NewEvent, SecretsRecord, StoreResult};
@@ -85,6 +85,7 @@ pub(in crate::store) const CONNECTION_COLUMNS: &str = "connection_id, tenant_id,
 pub(in crate::store) enum FilterValue {
     Text(String),
     Int(i64),
+    Bytes(Vec<u8>),
 }
 
 for_each_backend! {
@@ -219,8 +220,10 @@ pub(in crate::store) async fn insert_events(tx: &mut sqlx::Transaction<'static, 
     Ok(cursors)
 }
 
-/// Ends a connection's open leases inside a write transaction and queues a
-/// LEASE_REVOKED event, copied from `template`, for each.
+/// Ends a connection's open leases inside a write transaction: sets its
+/// revocation cut-off (every lease of it granted up to `at` is revoked; see
+/// `leases.rs`) and queues one LEASE_REVOKED event, copied from `template`,
+/// that names the connection and the cut-off rather than each lease.
 pub(in crate::store) async fn revoke_open_leases(
     tx: &mut sqlx::Transaction<'static, Db>,
     connection: &ConnectionId,
@@ -229,22 +232,20 @@ pub(in crate::store) async fn revoke_open_leases(
     template: &NewEvent,
     events: &mut Vec<NewEvent>,
 ) -> StoreResult<()> {
-    let revoked: Vec<Vec<u8>> = sqlx::query_scalar(
-        "UPDATE leases SET revoked_at = $1, revoke_reason = $2 \
-         WHERE connection_id = $3 AND revoked_at IS NULL AND expires_at > $1 RETURNING lease_id",
+    sqlx::query(
+        "UPDATE connections SET leases_revoked_at = $1, leases_revoke_reason = $2 \
+         WHERE connection_id = $3",
     )
     .bind(at.as_micros())
     .bind(reason)
-    .bind(connection.key().as_slice())
-    .fetch_all(&mut **tx)
+    .bind(connection.as_str())
+    .execute(&mut **tx)
     .await?;
-    for lease in revoked {
-        events.push(NewEvent {
-            kind: EventKind::LeaseRevoked,
-            lease_id: Some(LeaseId::from_key(&lease)?),
-            ..template.clone()
-        });
-    }
+    events.push(NewEvent {
+        kind: EventKind::LeaseRevoked,
+        lease_id: None,
+        ..template.clone()
+    });
     Ok(())
 }
 
@@ -363,6 +364,7 @@ impl Filter {
             q = match b {
                 FilterValue::Text(s) => q.bind(s.as_str()),
                 FilterValue::Int(i) => q.bind(*i),
+                FilterValue::Bytes(b) => q.bind(b.as_slice()),
             };
         }
         q

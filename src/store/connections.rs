@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use sqlx::Row as _;
 
 use crate::crypto::KekVersion;
-use crate::domain::{AccountId, ConnectionId, Integration, ReceiptId, TenantId, Timestamp};
+use crate::domain::{
+    AccountId, ConnectionId, Integration, LeaseId, ReceiptId, TenantId, Timestamp,
+};
 use crate::store::{
     ConnectionDetailRecord, ConnectionFilter, ConnectionRecord, PageRequest, SecretsRecord,
     StoreResult,
@@ -47,21 +49,24 @@ pub trait ConnectionStore: Send + Sync {
         page: &PageRequest,
     ) -> StoreResult<Vec<ConnectionRecord>>;
 
-    /// As [`Store::connection_list`], each with its administrative detail
-    /// (leases counted as open at `at`), in one query.
+    /// As [`Store::connection_list`], each with its administrative detail,
+    /// in one query. With `leases` (`at`, `granted_after`), the leases open
+    /// at `at` among those granted after `granted_after` are counted (a scan
+    /// of that window's leases per connection: leases have no index by
+    /// connection); without, `open_leases` is 0.
     async fn connection_details(
         &self,
         filter: &ConnectionFilter,
         page: &PageRequest,
-        at: Timestamp,
+        leases: Option<(Timestamp, Timestamp)>,
     ) -> StoreResult<Vec<ConnectionDetailRecord>>;
 
     /// One connection by id, tombstones included, with its administrative
-    /// detail (leases counted as open at `at`), in one query.
+    /// detail (`leases` as for [`Store::connection_details`]), in one query.
     async fn connection_detail(
         &self,
         id: &ConnectionId,
-        at: Timestamp,
+        leases: Option<(Timestamp, Timestamp)>,
     ) -> StoreResult<Option<ConnectionDetailRecord>>;
 
     /// The wrapped DEK and sealed tokens of a live connection.
@@ -273,28 +278,47 @@ pub(in crate::store) fn connection_filter(filter: &ConnectionFilter, page: &Page
 
 /// The connections `f` selects (a query of [`CONNECTION_COLUMNS`]), each with
 /// its secrets' expiry and key version, refresh-token presence, leases open
-/// at `at` and deletion receipt, in one query.
+/// (see [`Store::connection_details`]) and deletion receipt, in one query.
 pub(in crate::store) async fn connection_details_of(
     pool: &sqlx::Pool<Db>,
     mut f: Filter,
-    at: Timestamp,
+    leases: Option<(Timestamp, Timestamp)>,
 ) -> StoreResult<Vec<ConnectionDetailRecord>> {
     // The connections first, exactly as `f` reads them; then, per row, its
     // secrets, open leases and receipt.
-    f.binds.push(FilterValue::Int(at.as_micros()));
-    let at_bind = f.binds.len();
+    let open_leases = match leases {
+        None => "CAST(0 AS BIGINT)".to_owned(),
+        Some((at, granted_after)) => {
+            f.binds.push(FilterValue::Int(at.as_micros()));
+            let at_bind = f.binds.len();
+            f.binds.push(FilterValue::Bytes(
+                LeaseId::key_minted_before(granted_after).to_vec(),
+            ));
+            let after_bind = f.binds.len();
+            format!(
+                "CASE WHEN c.status IN ('deleted', 'revoked_upstream', 'suspended') \
+                 THEN CAST(0 AS BIGINT) ELSE \
+                 (SELECT COUNT(*) FROM leases l WHERE l.lease_id >= {} \
+                  AND l.connection_id = {} AND l.expires_at > ${at_bind} \
+                  AND NOT EXISTS (SELECT 1 FROM lease_releases r \
+                    WHERE r.seq = l.seq AND r.released_at <= ${at_bind}) \
+                  AND NOT EXISTS (SELECT 1 FROM connections x \
+                    WHERE x.connection_id = c.connection_id AND x.leases_revoked_at >= l.at)) END",
+                uuid_param(after_bind),
+                connection_uuid("c.connection_id")
+            )
+        }
+    };
     f.sql = format!(
         "SELECT c.*, s.access_expires_at, d.kek_version, \
          CAST(CASE WHEN s.refresh_token IS NULL THEN 0 ELSE 1 END AS BIGINT) AS has_refresh_token, \
-         (SELECT COUNT(*) FROM leases l WHERE l.connection_id = {} \
-          AND l.expires_at > ${at_bind} AND l.revoked_at IS NULL) AS open_leases, \
+         {open_leases} AS open_leases, \
          (SELECT rc.receipt_id FROM receipt_connections rc WHERE rc.connection_id = c.connection_id \
           ORDER BY rc.receipt_id LIMIT 1) AS receipt_id \
          FROM ({}) c \
          LEFT JOIN connection_secrets s ON s.connection_id = c.connection_id \
          LEFT JOIN connection_deks d ON d.connection_id = c.connection_id \
          ORDER BY c.connection_id",
-        connection_key("c.connection_id"),
         f.sql
     );
     let rows = f.query().fetch_all(pool).await?;
@@ -470,19 +494,19 @@ impl ConnectionStore for StoreImpl {
         &self,
         filter: &ConnectionFilter,
         page: &PageRequest,
-        at: Timestamp,
+        leases: Option<(Timestamp, Timestamp)>,
     ) -> StoreResult<Vec<ConnectionDetailRecord>> {
-        connection_details_of(&self.pool, connection_filter(filter, page), at).await
+        connection_details_of(&self.pool, connection_filter(filter, page), leases).await
     }
 
     async fn connection_detail(
         &self,
         id: &ConnectionId,
-        at: Timestamp,
+        leases: Option<(Timestamp, Timestamp)>,
     ) -> StoreResult<Option<ConnectionDetailRecord>> {
         let mut f = Filter::new(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"));
         f.push("connection_id = ?", FilterValue::Text(id.as_str().to_owned()));
-        Ok(connection_details_of(&self.pool, f, at).await?.pop())
+        Ok(connection_details_of(&self.pool, f, leases).await?.pop())
     }
 
     async fn secrets_get(&self, id: &ConnectionId) -> StoreResult<Option<SecretsRecord>> {

@@ -1,24 +1,27 @@
 //! Lease records and the lease path's batched read of connections with
 //! their sealed secrets.
 //!
-//! Every place a lease row is written:
-//! - granted: only with its audit entry, in one statement that also moves
+//! A lease's record is one row of `leases` (migration 0013), which is also
+//! its grant's audit entry: the entry's sequence number, time, hash and MAC,
+//! the lease and connection ids as 16 bytes, the expiry, the token
+//! fingerprint and a `lease_profiles` id naming who it was granted to and
+//! for which purpose and scopes. Every place a lease is written:
+//! - granted: only as its audit entry, in the one statement that also moves
 //!   the chain head: PostgreSQL's `APPEND_AUDIT` (`postgres.rs`), SQLite's
 //!   `APPEND_BATCH` into the `audit_append_batch` view whose trigger inserts
-//!   the rows (migration 0005), or, when that statement is refused, the same
+//!   the rows (migration 0013), or, when that statement is refused, the same
 //!   statement under the write lock after `HOLDING_LEASES` (`sqlite.rs`);
-//!   each inserts a lease only if its connection is still ACTIVE and
+//!   each records a lease only if its connection is still ACTIVE and
 //!   unchanged since the lease path read it;
-//! - released: [`LeaseStore::lease_release`];
-//! - revoked: `revoke_open_leases` (`common.rs`), called by a deletion
-//!   (`deletion.rs`) and a RISC suspension (`risc.rs`);
-//! - pruned once expired: [`LeaseStore::lease_prune`].
+//! - released: a row of `lease_releases` ([`LeaseStore::lease_release`]);
+//! - revoked: by its connection, not one by one: a deletion or suspension
+//!   sets the connection's `leases_revoked_at` cut-off (`revoke_open_leases`
+//!   in `common.rs`), which ends every lease of it granted up to then;
+//! - pruned with the audit entries it is, once archived and expired past
+//!   `lease.record_retention_seconds` (`AuditStore::audit_prune_archived`).
 //!
-//! A lease row is compact (migration 0010): the lease and connection ids as
-//! the 16 bytes of their UUIDs ([`LeaseId::key`]), the holder, the expiry and
-//! how it ended. Its purpose, scopes and token fingerprint are in the grant's
-//! audit entry, written in the same statement. Lease ids are UUIDv7, so the
-//! primary key is in grant order and serves as the time index.
+//! Lease ids are UUIDv7, so their index is in grant order and serves as the
+//! time index of the open-lease counts.
 //!
 //! Invariants: no lease is recorded for a connection that is not ACTIVE and
 //! unchanged in the same transaction; a lease ends once (released, revoked
@@ -41,33 +44,27 @@ pub trait LeaseStore: Send + Sync {
         ids: &[ConnectionId],
     ) -> StoreResult<Vec<(ConnectionRecord, Option<SecretsRecord>)>>;
 
-    /// One lease.
+    /// One lease, with how it ended if it did: released, or revoked when
+    /// its connection's cut-off is at or after its grant or the connection
+    /// is no longer ACTIVE (a lease whose connection row was pruned reads as
+    /// ended at its expiry).
     async fn lease_get(&self, id: &LeaseId) -> StoreResult<Option<LeaseRecord>>;
 
     /// Ends a lease now unless it already ended; returns when it ended
     /// (`None`: no such lease).
     async fn lease_release(&self, id: &LeaseId, at: Timestamp) -> StoreResult<Option<Timestamp>>;
 
-    /// Leases neither revoked nor expired at `at` (of one connection, when
-    /// given), among those granted after `granted_after` (no lease lives
-    /// longer than `lease.max_ttl_seconds`, so that bound loses none).
+    /// Leases neither released, revoked nor expired at `at` (of one
+    /// connection, when given), among those granted after `granted_after`
+    /// (no lease lives longer than `lease.max_ttl_seconds`, so that bound
+    /// loses none). A lease granted while its connection was being revoked
+    /// may be counted until it expires (see [`LeaseStore::lease_get`]).
     async fn lease_open_count(
         &self,
         at: Timestamp,
         granted_after: Timestamp,
         connection: Option<&ConnectionId>,
     ) -> StoreResult<i64>;
-
-    /// Deletes at most `limit` lease rows that expired before `before`,
-    /// oldest first, among those granted before `granted_before`: lease ids
-    /// are time-ordered, so the rows are found by a range of the primary key
-    /// and each call is one short transaction.
-    async fn lease_prune(
-        &self,
-        before: Timestamp,
-        granted_before: Timestamp,
-        limit: i64,
-    ) -> StoreResult<u64>;
 }
 
 for_each_backend! {
@@ -104,16 +101,22 @@ pub(in crate::store) static LEASE_LOOKUP: std::sync::LazyLock<String> = std::syn
     )
 });
 
-pub(in crate::store) fn lease_from_row(row: &Row) -> StoreResult<LeaseRecord> {
-    Ok(LeaseRecord {
-        lease_id: LeaseId::from_key(row.try_get("lease_id")?)?,
-        connection_id: ConnectionId::from_key(row.try_get("connection_id")?)?,
-        caller: row.try_get("caller")?,
-        expires_at: ts(row.try_get("expires_at")?),
-        revoked_at: opt_ts(row.try_get("revoked_at")?),
-        revoke_reason: row.try_get("revoke_reason")?,
-    })
-}
+/// The statuses of a connection whose every lease is revoked: a deletion or
+/// a suspension set its cut-off too.
+pub(in crate::store) const LEASES_REVOKED: [&str; 3] = ["deleted", "revoked_upstream", "suspended"];
+
+/// A lease `l` (a row of `leases`) neither released nor revoked at `$2`: no
+/// release by then, and no revocation cut-off of its connection at or after
+/// its grant (the partial index on `leases_revoked_at` finds the few
+/// connections revoked since).
+pub(in crate::store) static LEASE_NOT_ENDED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM lease_releases r WHERE r.seq = l.seq AND r.released_at <= $2) \
+         AND NOT EXISTS (SELECT 1 FROM connections c WHERE c.leases_revoked_at >= l.at \
+           AND {} = l.connection_id)",
+        connection_uuid("c.connection_id")
+    )
+});
 
 #[async_trait]
 impl LeaseStore for StoreImpl {
@@ -156,41 +159,93 @@ impl LeaseStore for StoreImpl {
     }
 
     async fn lease_get(&self, id: &LeaseId) -> StoreResult<Option<LeaseRecord>> {
-        let row = sqlx::query("SELECT * FROM leases WHERE lease_id = $1")
-            .bind(id.key().as_slice())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(lease_from_row).transpose()
-    }
-
-    async fn lease_release(&self, id: &LeaseId, at: Timestamp) -> StoreResult<Option<Timestamp>> {
-        let (_guard, mut tx) = self.begin_write().await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT expires_at, revoked_at FROM leases WHERE lease_id = $1{FOR_UPDATE}"
+            "SELECT {} AS connection_key, p.actor, l.at, l.expires_at, r.released_at \
+             FROM leases l JOIN lease_profiles p ON p.id = l.profile \
+             LEFT JOIN lease_releases r ON r.seq = l.seq WHERE l.lease_id = {}",
+            uuid_bytes("l.connection_id"),
+            uuid_param(1)
         )))
         .bind(id.key().as_slice())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else {
             return Ok(None);
         };
-        let expires = ts(row.try_get("expires_at")?);
-        if let Some(revoked) = opt_ts(row.try_get("revoked_at")?) {
-            return Ok(Some(revoked));
+        let connection_id = ConnectionId::from_key(row.try_get("connection_key")?)?;
+        let granted = ts(row.try_get("at")?);
+        let expires_at = ts(row.try_get("expires_at")?);
+        let released = opt_ts(row.try_get("released_at")?);
+        // The connection's revocation cut-off ends every lease granted up to
+        // it; a deleted or suspended one has none open (whatever the clocks
+        // stamped). A connection gone altogether was pruned long after its
+        // leases expired.
+        let revocation: Option<(String, Option<i64>, Option<i64>, Option<String>, Option<String>)> =
+            sqlx::query_as(
+                "SELECT status, leases_revoked_at, deleted_at, leases_revoke_reason, status_reason \
+                 FROM connections WHERE connection_id = $1",
+            )
+            .bind(connection_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        let revoked = match revocation {
+            None => Some((expires_at, "expired".to_owned())),
+            Some((status, cut, deleted, why, status_reason)) => {
+                let cut = cut.map(ts);
+                if cut.is_some_and(|c| c >= granted) || LEASES_REVOKED.contains(&status.as_str()) {
+                    let when = cut.or(deleted.map(ts)).unwrap_or(granted);
+                    Some((when, why.or(status_reason).unwrap_or(status)))
+                } else {
+                    None
+                }
+            }
+        };
+        let (revoked_at, revoke_reason) = match (released, revoked) {
+            (Some(r), Some((v, why))) if v < r => (Some(v), Some(why)),
+            (Some(r), _) => (Some(r), Some("released".to_owned())),
+            (None, Some((v, why))) => (Some(v), Some(why)),
+            (None, None) => (None, None),
+        };
+        Ok(Some(LeaseRecord {
+            lease_id: id.clone(),
+            connection_id,
+            caller: row.try_get("actor")?,
+            expires_at,
+            revoked_at,
+            revoke_reason,
+        }))
+    }
+
+    async fn lease_release(&self, id: &LeaseId, at: Timestamp) -> StoreResult<Option<Timestamp>> {
+        let Some(lease) = self.lease_get(id).await? else {
+            return Ok(None);
+        };
+        if let Some(ended) = lease.revoked_at {
+            return Ok(Some(ended.min(lease.expires_at)));
         }
-        if expires <= at {
-            return Ok(Some(expires));
+        if lease.expires_at <= at {
+            return Ok(Some(lease.expires_at));
         }
-        sqlx::query(
-            "UPDATE leases SET revoked_at = $1, revoke_reason = 'released' \
-             WHERE lease_id = $2 AND revoked_at IS NULL",
-        )
+        let (_guard, mut tx) = self.begin_write().await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO lease_releases (seq, released_at) \
+             SELECT seq, $1 FROM leases WHERE lease_id = {} ON CONFLICT (seq) DO NOTHING",
+            uuid_param(2)
+        )))
         .bind(at.as_micros())
         .bind(id.key().as_slice())
         .execute(&mut *tx)
         .await?;
+        let released: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT r.released_at FROM lease_releases r JOIN leases l ON l.seq = r.seq \
+             WHERE l.lease_id = {}",
+            uuid_param(1)
+        )))
+        .bind(id.key().as_slice())
+        .fetch_optional(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(Some(at))
+        Ok(Some(released.map_or(at, ts)))
     }
 
     async fn lease_open_count(
@@ -200,46 +255,22 @@ impl LeaseStore for StoreImpl {
         connection: Option<&ConnectionId>,
     ) -> StoreResult<i64> {
         let after = LeaseId::key_minted_before(granted_after);
-        Ok(match connection {
-            None => sqlx::query_scalar(
-                "SELECT COUNT(*) FROM leases WHERE lease_id >= $1 AND expires_at > $2 \
-                 AND revoked_at IS NULL",
-            )
+        let mut sql = format!(
+            "SELECT COUNT(*) FROM leases l WHERE l.lease_id >= {} AND l.expires_at > $2 \
+             AND {}",
+            uuid_param(1),
+            *LEASE_NOT_ENDED
+        );
+        if connection.is_some() {
+            sql.push_str(&format!(" AND l.connection_id = {}", uuid_param(3)));
+        }
+        let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .bind(after.as_slice())
-            .bind(at.as_micros())
-            .fetch_one(&self.pool)
-            .await?,
-            Some(c) => sqlx::query_scalar(
-                "SELECT COUNT(*) FROM leases WHERE connection_id = $1 AND revoked_at IS NULL \
-                 AND lease_id >= $2 AND expires_at > $3",
-            )
-            .bind(c.key().as_slice())
-            .bind(after.as_slice())
-            .bind(at.as_micros())
-            .fetch_one(&self.pool)
-            .await?,
-        })
-    }
-
-    async fn lease_prune(
-        &self,
-        before: Timestamp,
-        granted_before: Timestamp,
-        limit: i64,
-    ) -> StoreResult<u64> {
-        let (_guard, mut tx) = self.begin_write().await?;
-        let n = sqlx::query(
-            "DELETE FROM leases WHERE lease_id IN (SELECT lease_id FROM leases \
-             WHERE lease_id < $1 AND expires_at < $2 ORDER BY lease_id LIMIT $3)",
-        )
-        .bind(LeaseId::key_minted_before(granted_before).as_slice())
-        .bind(before.as_micros())
-        .bind(limit)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(n)
+            .bind(at.as_micros());
+        if let Some(c) = connection {
+            q = q.bind(c.key().to_vec());
+        }
+        Ok(q.fetch_one(&self.pool).await?)
     }
 }
 }

@@ -8,11 +8,13 @@ use sqlx::Row as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use self::dialect::Db;
-use super::audit::{Appended, SealedBatch, SealedRow, seal_batch};
+use super::audit::{
+    Appended, LeaseEntry, Profiles, SealedBatch, SealedRow, lease_entries, seal_batch,
+};
 use super::common::ChainHead;
 use super::common::postgres::{HotConnections, read_audit_head};
-use crate::domain::{LeaseId, Timestamp, VaultError};
-use crate::store::{AuditDraft, AuditSealer, LeaseGrant, LeaseRecord, StoreResult};
+use crate::domain::{LeaseId, VaultError};
+use crate::store::{AuditDraft, AuditSealer, LeaseGrant, StoreResult};
 
 /// What the SQL shared by both backends needs to know about this one
 /// (see `for_each_backend!`).
@@ -38,10 +40,18 @@ pub(super) mod dialect {
     // with a smaller cursor.
     pub(in crate::store) const EVENT_ORDER_LOCK: Option<&str> =
         Some("SELECT pg_advisory_xact_lock(7431001)");
-    // A connection id (`conn_<uuid>`) in `column` as a lease row stores it:
-    // its UUID's 16 bytes.
-    pub(in crate::store) fn connection_key(column: &str) -> String {
-        format!("decode(replace(substr({column}, 6), '-', ''), 'hex')")
+    // A UUID-valued column of the compact lease rows as its 16 bytes, and a
+    // parameter of 16 bytes as such a column's value (PostgreSQL's `uuid`).
+    pub(in crate::store) fn uuid_bytes(column: &str) -> String {
+        format!("uuid_send({column})")
+    }
+    pub(in crate::store) fn uuid_param(n: usize) -> String {
+        format!("CAST(encode(${n}, 'hex') AS uuid)")
+    }
+    // A connection id (`conn_<uuid>`) in `column` as a compact lease row's
+    // `connection_id` holds it.
+    pub(in crate::store) fn connection_uuid(column: &str) -> String {
+        format!("CAST(substr({column}, 6) AS uuid)")
     }
     // The previous hash of an entry with no entry or segment before it: the
     // genesis hash (32 zero bytes) for a chain's first entry (position 1: the low
@@ -65,6 +75,9 @@ pub struct PostgresStore {
     pub(super) pool: sqlx::PgPool,
     /// The audit chain head this process last wrote (see `audit_append`).
     pub(super) head_cache: std::sync::Mutex<Option<ChainHead>>,
+    /// Lease profile ids (`lease_profiles`) by actor, role, purpose and
+    /// scopes, as the audit writer found or made them.
+    pub(super) profile_ids: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// The audit chain this process's writer appends to (see `store::audit`).
     pub(super) writer_chain: std::sync::atomic::AtomicI64,
     /// Whether the writer has claimed `writer_chain` (since it started).
@@ -118,6 +131,7 @@ impl PostgresStore {
         Ok(Self {
             pool,
             head_cache: std::sync::Mutex::new(None),
+            profile_ids: std::sync::Mutex::new(std::collections::HashMap::new()),
             writer_chain: std::sync::atomic::AtomicI64::new(0),
             writer_claimed: std::sync::atomic::AtomicBool::new(false),
             hot: HotConnections::default(),
@@ -176,40 +190,51 @@ impl PostgresStore {
 }
 
 /// Appends one sealed batch in a single statement (one round trip, its own
-/// transaction): moves the chain's head (`$26`: its row, the chain + 1) by
-/// compare-and-swap and, only if that
-/// succeeded, inserts the entries, their checkpoints and the lease rows
-/// whose connection is still ACTIVE and unchanged since the lease path read
-/// it (locking that row against a concurrent disconnect). Rows travel as
-/// arrays, so the text is the same for any batch.
+/// transaction): moves the chain's head (`$5`: its row, the chain + 1) by
+/// compare-and-swap and, only if that succeeded, inserts the checkpoints,
+/// the compact rows of the leases whose connection is still ACTIVE and
+/// unchanged since the lease path read it (locking that row against a
+/// concurrent disconnect; migration 0013), and every other entry as text,
+/// a grant whose lease did not hold among them. Rows travel as arrays, so
+/// the text is the same for any batch.
 const APPEND_AUDIT: &str = "WITH head AS ( \
        UPDATE audit_head SET seq = $1, entry_hash = $2 \
-       WHERE id = $26::bigint AND seq = $3 AND entry_hash = $4 RETURNING 1), \
-     entries AS ( \
-       INSERT INTO audit_log \
-         (seq, at, actor, role, action, target, outcome, detail, entry_hash, mac) \
-       SELECT * FROM unnest($5::bigint[], $6::bigint[], $7::text[], $8::text[], $9::text[], \
-         $10::text[], $11::text[], $12::text[], $13::bytea[], $14::bytea[]) \
-       WHERE EXISTS (SELECT 1 FROM head)), \
-     checkpoints AS ( \
-       INSERT INTO audit_checkpoints (seq, entry_hash, signed_at, public_key, signature) \
-       SELECT * FROM unnest($15::bigint[], $16::bytea[], $17::bigint[], $18::bytea[], \
-         $19::bytea[]) \
-       WHERE EXISTS (SELECT 1 FROM head)), \
-     granted AS ( \
-       INSERT INTO leases (lease_id, connection_id, caller, expires_at) \
-       SELECT v.lease_key, v.connection_key, v.caller, v.expires_at \
-       FROM unnest($20::bytea[], $21::text[], $22::bytea[], $23::text[], $24::bigint[], \
-         $25::bigint[]) \
-         AS v (lease_key, connection_id, connection_key, caller, expires_at, \
-         connection_version) \
+       WHERE id = $5::bigint AND seq = $3 AND entry_hash = $4 RETURNING 1), \
+     holds AS ( \
+       SELECT v.i FROM unnest($22::bigint[], $23::text[], $24::bigint[]) \
+         AS v (i, connection_id, connection_version) \
        JOIN connections c ON c.connection_id = v.connection_id \
        WHERE c.status = 'active' AND c.updated_at = v.connection_version \
          AND EXISTS (SELECT 1 FROM head) \
-       FOR SHARE OF c \
-       RETURNING lease_id) \
+       FOR SHARE OF c), \
+     entries AS ( \
+       INSERT INTO audit_log \
+         (seq, at, actor, role, action, target, outcome, detail, entry_hash, mac) \
+       SELECT e.seq, e.at, e.actor, e.role, e.action, e.target, e.outcome, e.detail, \
+         e.entry_hash, e.mac \
+       FROM unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[], \
+         $11::text[], $12::text[], $13::text[], $14::bytea[], $15::bytea[], $16::bigint[]) \
+         AS e (seq, at, actor, role, action, target, outcome, detail, entry_hash, mac, lease) \
+       WHERE EXISTS (SELECT 1 FROM head) \
+         AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.i = e.lease)), \
+     checkpoints AS ( \
+       INSERT INTO audit_checkpoints (seq, entry_hash, signed_at, public_key, signature) \
+       SELECT * FROM unnest($17::bigint[], $18::bytea[], $19::bigint[], $20::bytea[], \
+         $21::bytea[]) \
+       WHERE EXISTS (SELECT 1 FROM head)), \
+     granted AS ( \
+       INSERT INTO leases \
+         (seq, at, expires_at, profile, lease_id, connection_id, token, entry_hash, mac) \
+       SELECT l.seq, l.at, l.expires_at, l.profile, CAST(encode(l.lease_key, 'hex') AS uuid), \
+         CAST(encode(l.connection_key, 'hex') AS uuid), l.token, l.entry_hash, l.mac \
+       FROM unnest($22::bigint[], $25::bigint[], $26::bigint[], $27::bigint[], $28::bigint[], \
+         $29::bytea[], $30::bytea[], $31::bytea[], $32::bytea[], $33::bytea[]) \
+         AS l (i, seq, at, expires_at, profile, lease_key, connection_key, token, entry_hash, \
+         mac) \
+       WHERE EXISTS (SELECT 1 FROM holds h WHERE h.i = l.i) \
+       RETURNING uuid_send(lease_id) AS lease_key) \
      SELECT EXISTS (SELECT 1 FROM head) AS appended, \
-       ARRAY(SELECT lease_id FROM granted) AS leases";
+       ARRAY(SELECT lease_key FROM granted) AS leases";
 
 /// The advisory-lock class (the first of the two keys) of the audit writers'
 /// chain claims; the second key is the chain.
@@ -298,12 +323,13 @@ pub(super) async fn append_on(
     cached: Option<ChainHead>,
     drafts: &[AuditDraft],
     leases: &[LeaseGrant],
+    profiles: &Profiles,
     sealer: AuditSealer<'_>,
 ) -> StoreResult<Appended> {
     use sqlx::Connection as _;
     if let Some(head) = cached {
         let batch = seal_batch(head, drafts, sealer);
-        if let Some(recorded) = append_batch(&mut *conn, chain, &batch, leases).await? {
+        if let Some(recorded) = append_batch(&mut *conn, chain, &batch, leases, profiles).await? {
             return Ok(batch.appended(recorded));
         }
         // Another appender (a deletion's own entry, a session that wrote
@@ -313,7 +339,7 @@ pub(super) async fn append_on(
     }
     let mut tx = conn.begin().await?;
     let head = read_audit_head(&mut *tx, LOCK_AUDIT_HEAD, chain).await?;
-    let appended = append_locked(&mut tx, chain, head, drafts, leases, sealer).await?;
+    let appended = append_locked(&mut tx, chain, head, drafts, leases, profiles, sealer).await?;
     tx.commit().await?;
     Ok(appended)
 }
@@ -334,43 +360,46 @@ pub(super) async fn append_locked(
     head: ChainHead,
     drafts: &[AuditDraft],
     leases: &[LeaseGrant],
+    profiles: &Profiles,
     sealer: AuditSealer<'_>,
 ) -> StoreResult<Appended> {
     let batch = seal_batch(head, drafts, sealer);
-    let recorded = append_batch(&mut *conn, chain, &batch, leases)
+    let recorded = append_batch(&mut *conn, chain, &batch, leases, profiles)
         .await?
         .ok_or_else(|| VaultError::Internal("the locked audit chain head moved".into()))?;
     Ok(batch.appended(recorded))
 }
 
 /// Runs [`APPEND_AUDIT`] for a sealed batch: `None` when the head was no
-/// longer the batch's start and nothing was written.
+/// longer the batch's start and nothing was written; else the ids of the
+/// leases it recorded.
 async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
     db: E,
     chain: i64,
     batch: &SealedBatch<'_>,
     leases: &[LeaseGrant],
+    profiles: &Profiles,
 ) -> StoreResult<Option<Vec<String>>> {
+    let compact = lease_entries(batch, leases, profiles);
+    // Each entry's index among the compact leases (-1: a text entry).
+    let mut lease_of = vec![-1_i64; batch.entries.len()];
+    for (i, l) in compact.iter().enumerate() {
+        if let Some(slot) = lease_of.get_mut(l.grant.entry) {
+            *slot = i64::try_from(i).unwrap_or(-1);
+        }
+    }
     let e = &batch.entries;
     let k = &batch.checkpoints;
     let text = |f: fn(&AuditDraft) -> &str| e.iter().map(|r| f(r.draft)).collect::<Vec<_>>();
     let bytes = |f: for<'r> fn(&'r SealedRow<'r>) -> &'r [u8]| e.iter().map(f).collect::<Vec<_>>();
-    let lease_text =
-        |f: fn(&LeaseRecord) -> &str| leases.iter().map(|g| f(&g.lease)).collect::<Vec<_>>();
-    let lease_key = |f: fn(&LeaseRecord) -> [u8; 16]| {
-        leases
-            .iter()
-            .map(|g| f(&g.lease).to_vec())
-            .collect::<Vec<_>>()
-    };
-    let lease_time = |f: fn(&LeaseGrant) -> Timestamp| {
-        leases.iter().map(|g| f(g).as_micros()).collect::<Vec<_>>()
-    };
+    let lease_int = |f: fn(&LeaseEntry<'_>) -> i64| compact.iter().map(f).collect::<Vec<_>>();
+    let lease_bytes = |f: fn(&LeaseEntry<'_>) -> Vec<u8>| compact.iter().map(f).collect::<Vec<_>>();
     let row = sqlx::query(APPEND_AUDIT)
         .bind(batch.to.0)
         .bind(batch.to.1.as_slice())
         .bind(batch.from.0)
         .bind(batch.from.1.as_slice())
+        .bind(chain + 1)
         .bind(e.iter().map(|r| r.seq).collect::<Vec<_>>())
         .bind(e.iter().map(|r| r.draft.at.as_micros()).collect::<Vec<_>>())
         .bind(text(|d| &d.actor))
@@ -381,6 +410,7 @@ async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
         .bind(text(|d| &d.detail))
         .bind(bytes(|r| &r.entry_hash))
         .bind(bytes(|r| &r.mac))
+        .bind(lease_of)
         .bind(k.iter().map(|c| c.seq).collect::<Vec<_>>())
         .bind(
             k.iter()
@@ -398,13 +428,27 @@ async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
                 .collect::<Vec<_>>(),
         )
         .bind(k.iter().map(|c| c.signature.as_slice()).collect::<Vec<_>>())
-        .bind(lease_key(|l| l.lease_id.key()))
-        .bind(lease_text(|l| l.connection_id.as_str()))
-        .bind(lease_key(|l| l.connection_id.key()))
-        .bind(lease_text(|l| &l.caller))
-        .bind(lease_time(|g| g.lease.expires_at))
-        .bind(lease_time(|g| g.connection_version))
-        .bind(chain + 1)
+        .bind(
+            (0..compact.len())
+                .map(|i| i64::try_from(i).unwrap_or(-1))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            compact
+                .iter()
+                .map(|l| l.grant.lease.connection_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(lease_int(|l| l.grant.connection_version.as_micros()))
+        .bind(lease_int(|l| l.entry.seq))
+        .bind(lease_int(|l| l.entry.draft.at.as_micros()))
+        .bind(lease_int(|l| l.grant.lease.expires_at.as_micros()))
+        .bind(lease_int(|l| l.profile))
+        .bind(lease_bytes(|l| l.grant.lease.lease_id.key().to_vec()))
+        .bind(lease_bytes(|l| l.grant.lease.connection_id.key().to_vec()))
+        .bind(lease_bytes(|l| l.token()))
+        .bind(lease_bytes(|l| l.entry.entry_hash.clone()))
+        .bind(lease_bytes(|l| l.entry.mac.clone()))
         .fetch_one(db)
         .await?;
     if !row.try_get::<bool, _>("appended")? {

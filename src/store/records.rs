@@ -532,9 +532,9 @@ pub struct RefreshedTokens<'a> {
     pub next_check_at: Timestamp,
 }
 
-/// A lease row: what a release and a deletion read back. Its purpose,
-/// scopes and token fingerprint are in the grant's audit entry (`lease.grant`,
-/// whose detail names the lease id), not repeated here.
+/// A lease as a release reads it back: from its grant's compact row (which
+/// is also the grant's audit entry, migration 0013), its release, and its
+/// connection's revocation cut-off.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LeaseRecord {
     /// The lease id.
@@ -551,15 +551,30 @@ pub struct LeaseRecord {
     pub revoke_reason: Option<String>,
 }
 
+/// The detail of a lease grant's audit entry, exactly as `lease_entries`
+/// (migration 0013) rebuilds it from the lease's compact row.
+pub fn lease_grant_detail(lease: &LeaseId, purpose: &str, scopes: &str, token: &str) -> String {
+    format!("lease={lease} purpose={purpose} scopes={scopes} token={token}")
+}
+
 /// A lease to record with its grant's audit entry.
 #[derive(Clone, Debug)]
 pub struct LeaseGrant {
-    /// The lease row.
+    /// The lease (its revocation fields unset).
     pub lease: LeaseRecord,
     /// The connection's `updated_at` as the lease path read it: the row is
     /// recorded only if the connection is still ACTIVE and unchanged since
     /// (every change to a connection moves its `updated_at`).
     pub connection_version: Timestamp,
+    /// The purpose it was granted for, as the entry's detail names it.
+    pub purpose: String,
+    /// The scopes it grants, space-separated, as the entry's detail names them.
+    pub scopes: String,
+    /// The token's fingerprint (32 hex digits), as the entry's detail names it.
+    pub token: String,
+    /// The index of its grant entry among the entries appended with it (the
+    /// audit writer sets it; 0 for a lease appended on its own).
+    pub entry: usize,
 }
 
 /// An event to append to the log.

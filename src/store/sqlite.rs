@@ -10,7 +10,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use tokio::sync::{Mutex, MutexGuard};
 
 use self::dialect::Db;
-use super::audit::{Appended, SealedBatch, seal_batch};
+use super::audit::{
+    Appended, LeaseEntry, Profiles, SealedBatch, compacted, lease_entries, seal_batch,
+};
 use super::common::ChainHead;
 use super::common::sqlite::{HotConnections, read_audit_head};
 use crate::domain::VaultError;
@@ -37,9 +39,17 @@ pub(super) mod dialect {
     // a watcher reading "after cursor N" never skips an event committed later
     // with a smaller cursor.
     pub(in crate::store) const EVENT_ORDER_LOCK: Option<&str> = None;
-    // A connection id (`conn_<uuid>`) in `column` as a lease row stores it:
-    // its UUID's 16 bytes.
-    pub(in crate::store) fn connection_key(column: &str) -> String {
+    // A UUID-valued column of the compact lease rows as its 16 bytes, and a
+    // parameter of 16 bytes as such a column's value: SQLite stores the bytes.
+    pub(in crate::store) fn uuid_bytes(column: &str) -> String {
+        column.to_owned()
+    }
+    pub(in crate::store) fn uuid_param(n: usize) -> String {
+        format!("${n}")
+    }
+    // A connection id (`conn_<uuid>`) in `column` as a compact lease row's
+    // `connection_id` holds it.
+    pub(in crate::store) fn connection_uuid(column: &str) -> String {
         format!("unhex(replace(substr({column}, 6), '-', ''))")
     }
     // The previous hash of an entry with no entry or segment before it: the
@@ -61,6 +71,9 @@ pub struct SqliteStore {
     pub(super) write_lock: Arc<Mutex<()>>,
     /// The audit chain head this process last wrote (see `audit_append`).
     pub(super) head_cache: std::sync::Mutex<Option<ChainHead>>,
+    /// Lease profile ids (`lease_profiles`) by actor, role, purpose and
+    /// scopes, as the audit writer found or made them.
+    pub(super) profile_ids: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// The audit chain this process's writer appends to (see `store::audit`).
     pub(super) writer_chain: std::sync::atomic::AtomicI64,
     /// Whether the writer has claimed `writer_chain` (since it started).
@@ -161,6 +174,7 @@ impl SqliteStore {
             pool,
             write_lock,
             head_cache: std::sync::Mutex::new(None),
+            profile_ids: std::sync::Mutex::new(std::collections::HashMap::new()),
             writer_chain: std::sync::atomic::AtomicI64::new(0),
             writer_claimed: std::sync::atomic::AtomicBool::new(false),
             hot: HotConnections::default(),
@@ -315,14 +329,15 @@ impl SqliteStore {
     }
 }
 
-/// The ids of the leases (JSON rows, see [`lease_rows`]) whose connection is
-/// still ACTIVE and unchanged since the lease path read it.
+/// The ids of the leases (JSON rows, see [`holding_rows`]) whose connection
+/// is still ACTIVE and unchanged since the lease path read it.
 const HOLDING_LEASES: &str = "SELECT v.value ->> 0 FROM jsonb_each($1) AS v \
      JOIN connections c ON c.connection_id = v.value ->> 1 \
-     WHERE c.status = 'active' AND c.updated_at = v.value ->> 6";
+     WHERE c.status = 'active' AND c.updated_at = v.value ->> 2";
 
-/// The whole batch in one statement (migrations 0005, 0010 and 0011): it aborts, writing
-/// nothing, unless the head is still `from` and every lease still holds.
+/// The whole batch in one statement (migrations 0005, 0010, 0011 and 0013):
+/// it aborts, writing nothing, unless the head is still `from` and every
+/// recorded lease still holds.
 const APPEND_BATCH: &str = "INSERT INTO audit_append_batch \
      (from_seq, from_hash, to_seq, to_hash, entries, checkpoints, leases) \
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
@@ -340,14 +355,11 @@ pub(super) async fn append_locked(
     head: ChainHead,
     drafts: &[AuditDraft],
     leases: &[LeaseGrant],
+    profiles: &Profiles,
     sealer: AuditSealer<'_>,
 ) -> StoreResult<Appended> {
     let batch = seal_batch(head, drafts, sealer);
-    append_batch(conn, &batch, leases).await?;
-    let recorded = leases
-        .iter()
-        .map(|g| g.lease.lease_id.to_string())
-        .collect();
+    let recorded = append_batch(conn, &batch, leases, profiles).await?;
     Ok(batch.appended(recorded))
 }
 
@@ -376,34 +388,30 @@ pub(super) async fn prepare_audit_connection(
     Ok(0)
 }
 
-/// Seals `drafts` onto the chain head and writes them, with the lease rows,
-/// through [`APPEND_BATCH`]. With the head this process wrote last
-/// (`cached`), that one statement is the whole transaction. When nothing is
-/// cached, or it refused (another appender moved the head, a leased
-/// connection changed, or the database failed), it runs again inside a write
-/// transaction on `conn` that first reads the head, under SQLite's write
-/// lock, and the leases that still hold ([`HOLDING_LEASES`]), and seals and
-/// records only those. Fixed statement texts (rows travel as one JSON
-/// argument), so each is prepared once per connection.
+/// Seals `drafts` onto the chain head and writes them, each recorded lease's
+/// grant as its compact row, through [`APPEND_BATCH`]. With the head this
+/// process wrote last (`cached`), that one statement is the whole
+/// transaction. When nothing is cached, or it refused (another appender
+/// moved the head, a leased connection changed, or the database failed), it
+/// runs again inside a write transaction on `conn` that first reads the
+/// head, under SQLite's write lock, and the leases that still hold
+/// ([`HOLDING_LEASES`]), and seals and records only those; the others'
+/// grants are written as text entries. Fixed statement texts (rows travel as
+/// one JSON argument), so each is prepared once per connection.
 pub(super) async fn append_on(
     conn: &mut sqlx::SqliteConnection,
     _chain: i64,
     cached: Option<ChainHead>,
     drafts: &[AuditDraft],
     leases: &[LeaseGrant],
+    profiles: &Profiles,
     sealer: AuditSealer<'_>,
 ) -> StoreResult<Appended> {
     use sqlx::Connection as _;
     if let Some(head) = cached {
         let batch = seal_batch(head, drafts, sealer);
-        match append_batch(&mut *conn, &batch, leases).await {
-            Ok(()) => {
-                let recorded = leases
-                    .iter()
-                    .map(|g| g.lease.lease_id.to_string())
-                    .collect();
-                return Ok(batch.appended(recorded));
-            }
+        match append_batch(&mut *conn, &batch, leases, profiles).await {
+            Ok(recorded) => return Ok(batch.appended(recorded)),
             Err(e) => {
                 tracing::debug!(error = %e, "one-statement audit append refused; appending under the write lock");
             }
@@ -411,31 +419,33 @@ pub(super) async fn append_on(
     }
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     let head = read_audit_head(&mut *tx, LOCK_AUDIT_HEAD, 0).await?;
-    let recorded: Vec<String> = if leases.is_empty() {
+    let holds: Vec<String> = if leases.is_empty() {
         Vec::new()
     } else {
         sqlx::query_scalar(HOLDING_LEASES)
-            .bind(lease_rows(leases)?)
+            .bind(holding_rows(leases)?)
             .fetch_all(&mut *tx)
             .await?
     };
     let holding: Vec<LeaseGrant> = leases
         .iter()
-        .filter(|g| recorded.iter().any(|id| id == g.lease.lease_id.as_str()))
+        .filter(|g| holds.iter().any(|id| id == g.lease.lease_id.as_str()))
         .cloned()
         .collect();
-    let appended = append_locked(&mut tx, 0, head, drafts, &holding, sealer).await?;
+    let appended = append_locked(&mut tx, 0, head, drafts, &holding, profiles, sealer).await?;
     tx.commit().await?;
     Ok(appended)
 }
 
 /// Runs [`APPEND_BATCH`] for a sealed batch (its own transaction unless
-/// `conn` is inside one).
+/// `conn` is inside one); returns the ids of the leases it recorded.
 async fn append_batch(
     conn: &mut sqlx::SqliteConnection,
     batch: &SealedBatch<'_>,
     leases: &[LeaseGrant],
-) -> StoreResult<()> {
+    profiles: &Profiles,
+) -> StoreResult<Vec<String>> {
+    let compact = lease_entries(batch, leases, profiles);
     let checkpoints: Vec<_> = batch
         .checkpoints
         .iter()
@@ -454,20 +464,27 @@ async fn append_batch(
         .bind(batch.from.1.as_slice())
         .bind(batch.to.0)
         .bind(batch.to.1.as_slice())
-        .bind(entry_rows(batch)?)
+        .bind(entry_rows(batch, &compact)?)
         .bind(to_json(&checkpoints)?)
-        .bind(lease_rows(leases)?)
+        .bind(lease_rows(&compact)?)
         .execute(conn)
         .await?;
-    Ok(())
+    Ok(compact
+        .iter()
+        .map(|l| l.grant.lease.lease_id.to_string())
+        .collect())
 }
 
-/// A batch's entries as the JSON rows [`APPEND_BATCH`] reads.
-fn entry_rows(batch: &SealedBatch<'_>) -> StoreResult<String> {
+/// A batch's text entries (every one but the recorded leases' grants) as the
+/// JSON rows [`APPEND_BATCH`] reads.
+fn entry_rows(batch: &SealedBatch<'_>, compact: &[LeaseEntry<'_>]) -> StoreResult<String> {
+    let compacted = compacted(batch, compact);
     let rows: Vec<_> = batch
         .entries
         .iter()
-        .map(|e| {
+        .zip(compacted)
+        .filter(|(_, compacted)| !compacted)
+        .map(|(e, _)| {
             let d = e.draft;
             (
                 e.seq,
@@ -486,19 +503,39 @@ fn entry_rows(batch: &SealedBatch<'_>) -> StoreResult<String> {
     to_json(&rows)
 }
 
-/// Lease rows as the JSON rows [`APPEND_BATCH`] and [`HOLDING_LEASES`] read.
-fn lease_rows(leases: &[LeaseGrant]) -> StoreResult<String> {
+/// Recorded leases as the compact JSON rows [`APPEND_BATCH`] reads
+/// (migration 0013).
+fn lease_rows(compact: &[LeaseEntry<'_>]) -> StoreResult<String> {
+    let rows: Vec<_> = compact
+        .iter()
+        .map(|l| {
+            let g = l.grant;
+            (
+                g.lease.connection_id.as_str(),
+                g.connection_version.as_micros(),
+                l.entry.seq,
+                l.entry.draft.at.as_micros(),
+                l.profile,
+                hex::encode(g.lease.lease_id.key()),
+                hex::encode(g.lease.connection_id.key()),
+                g.lease.expires_at.as_micros(),
+                &g.token,
+                hex::encode(&l.entry.entry_hash),
+                hex::encode(&l.entry.mac),
+            )
+        })
+        .collect();
+    to_json(&rows)
+}
+
+/// Leases as the JSON rows [`HOLDING_LEASES`] reads.
+fn holding_rows(leases: &[LeaseGrant]) -> StoreResult<String> {
     let rows: Vec<_> = leases
         .iter()
         .map(|g| {
-            let l = &g.lease;
             (
-                l.lease_id.as_str(),
-                l.connection_id.as_str(),
-                hex::encode(l.lease_id.key()),
-                hex::encode(l.connection_id.key()),
-                &l.caller,
-                l.expires_at.as_micros(),
+                g.lease.lease_id.as_str(),
+                g.lease.connection_id.as_str(),
                 g.connection_version.as_micros(),
             )
         })

@@ -159,8 +159,8 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
         Kind::Histogram,
         "tokenvault_lease_stage_seconds",
         "Time a lease spends in each stage: read (queue and batched database read of the \
-         connection and its sealed tokens) and audit (queue and group commit of the grant \
-         with its lease row).",
+         connection and its sealed tokens) and audit (queue and group commit of the grant, \
+         which is the lease's record).",
     ),
     (
         Kind::Histogram,

@@ -177,14 +177,32 @@ impl Vault {
     /// One page of connections matching `filter`, each with what an
     /// administrator sees beside it. The filter is applied in the query, so
     /// a page is short only when it is the last.
+    ///
+    /// With `count_leases`, each counts its open leases (an administrator's
+    /// view: a scan of the open-lease window per connection).
     pub async fn connection_details(
         &self,
         filter: &crate::store::ConnectionFilter,
         page: &crate::store::PageRequest,
+        count_leases: bool,
     ) -> Result<Vec<crate::store::ConnectionDetailRecord>, VaultError> {
         self.store()
-            .connection_details(filter, page, Timestamp::now())
+            .connection_details(filter, page, self.lease_window(count_leases))
             .await
+    }
+
+    /// The window [`Vault::connection_details`] counts open leases in: now,
+    /// and the earliest grant still open (none: not counted).
+    fn lease_window(&self, count_leases: bool) -> Option<(Timestamp, Timestamp)> {
+        let now = Timestamp::now();
+        count_leases.then(|| {
+            (
+                now,
+                now.minus(std::time::Duration::from_secs(
+                    self.settings.lease.max_ttl_seconds,
+                )),
+            )
+        })
     }
 
     /// One connection by id, tombstones included, with what an
@@ -192,9 +210,10 @@ impl Vault {
     pub async fn connection_detail(
         &self,
         id: &ConnectionId,
+        count_leases: bool,
     ) -> Result<crate::store::ConnectionDetailRecord, VaultError> {
         self.store()
-            .connection_detail(id, Timestamp::now())
+            .connection_detail(id, self.lease_window(count_leases))
             .await?
             .ok_or_else(|| VaultError::not_found("connection", id))
     }

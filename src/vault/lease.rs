@@ -30,6 +30,7 @@ use crate::google::GoogleError;
 use crate::policy::{LeaseAsk, Policy};
 use crate::store::{
     ConnectionRecord, DeletionTarget, LeaseGrant, LeaseRecord, RefreshedTokens, SecretsRecord,
+    lease_grant_detail,
 };
 
 use super::Vault;
@@ -372,10 +373,7 @@ impl Vault {
             lease.access_token.expose().as_bytes(),
         );
         let scopes = lease.scopes.to_spaced();
-        let detail = format!(
-            "lease={} purpose={} scopes={scopes} token={fp}",
-            lease.lease_id, req.purpose
-        );
+        let detail = lease_grant_detail(&lease.lease_id, req.purpose.as_str(), &scopes, &fp);
         let grant = LeaseGrant {
             lease: LeaseRecord {
                 lease_id: lease.lease_id.clone(),
@@ -386,6 +384,10 @@ impl Vault {
                 revoke_reason: None,
             },
             connection_version: conn.updated_at,
+            purpose: req.purpose.as_str().to_owned(),
+            scopes,
+            token: fp,
+            entry: 0,
         };
         let audit_started = Instant::now();
         let recorded = self

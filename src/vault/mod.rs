@@ -373,8 +373,8 @@ impl Vault {
         self.keys.check_health().await
     }
 
-    /// Periodic housekeeping: deletes OAuth states that expired and lease
-    /// rows past the retention period.
+    /// Periodic housekeeping: deletes OAuth states that expired, counts open
+    /// leases, and prunes what outlived its retention.
     pub async fn maintenance(&self) -> Result<(), VaultError> {
         let now = crate::domain::Timestamp::now();
         let purged = self.store.authz_purge(now).await?;
@@ -384,21 +384,10 @@ impl Vault {
         let retention =
             std::time::Duration::from_secs(self.settings.deletion.retention_days * 86_400);
         let before = now.minus(retention);
-        // Lease rows, in short steps with room between them for the lease
-        // path. A lease expires at most lease.max_ttl_seconds after its grant.
+        // A lease's record is its grant's audit entry: the archiver prunes
+        // it (`audit_archive_pass`), once archived and past its retention.
         let lease = &self.settings.lease;
         let secs = std::time::Duration::from_secs;
-        let lease_cutoff = now.minus(secs(lease.record_retention_seconds));
-        let granted_before = lease_cutoff.minus(secs(lease.max_ttl_seconds));
-        let pruned = paced(|| {
-            self.store
-                .lease_prune(lease_cutoff, granted_before, PRUNE_STEP)
-        })
-        .await?;
-        if pruned > 0 {
-            tracing::debug!(pruned, "lease rows past retention deleted");
-            self.store.reclaim(&["leases"]).await?;
-        }
         let open = self
             .store
             .lease_open_count(now, now.minus(secs(lease.max_ttl_seconds)), None)
@@ -442,15 +431,23 @@ impl Vault {
         for head in self.store.audit_heads().await? {
             self.archive_chain(settings, &head, &mut pass).await?;
         }
+        // A lease's record (its grant's entry) stays while the lease is
+        // open and for `lease.record_retention_seconds` after it expired.
+        let lease_records_before = crate::domain::Timestamp::now().minus(
+            std::time::Duration::from_secs(self.settings.lease.record_retention_seconds),
+        );
         pass.pruned = paced(|| async {
-            let pruned = self.store.audit_prune_archived(PRUNE_STEP).await?;
+            let pruned = self
+                .store
+                .audit_prune_archived(PRUNE_STEP, lease_records_before)
+                .await?;
             metrics::counter!("tokenvault_audit_pruned_entries_total").increment(pruned);
             Ok(pruned)
         })
         .await?;
         if pass.pruned > 0 {
             self.store
-                .reclaim(&["audit_log", "audit_checkpoints"])
+                .reclaim(&["audit_log", "leases", "lease_releases", "audit_checkpoints"])
                 .await?;
         }
         Ok(pass)
@@ -642,8 +639,8 @@ async fn remove_unrecorded(store: &dyn store::Store, w: &crate::audit::archive::
     }
 }
 
-/// Rows deleted per transaction by the prunes (archived audit entries,
-/// expired lease rows).
+/// Rows deleted per transaction by the prunes (archived audit entries, the
+/// lease records among them).
 const PRUNE_STEP: i64 = 1_000;
 
 /// Runs `step` (one short delete transaction, returning the rows it deleted)

@@ -7,7 +7,7 @@
 //! anything opened), kept at most `lease.cache_ttl_seconds` and dropped at
 //! once when this vault deletes the connection, or reads an event naming it
 //! that another replica wrote. A cached record is never
-//! trusted on its own: the lease row is written, with its audit entry, only
+//! trusted on its own: the lease's record (its grant's audit entry) is written only
 //! if the connection is still ACTIVE and unchanged since the record was read
 //! (the store compares its `updated_at` in the same transaction), and the
 //! lease path retries once from the database when it is not.

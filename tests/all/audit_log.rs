@@ -116,6 +116,103 @@ fn refused(result: Result<impl std::fmt::Debug, tonic::Status>, what: &str) {
     assert!(err.message().contains("audit"), "{what}: {err:?}");
 }
 
+/// A granted lease's record is its grant's audit entry, stored as one compact
+/// row (migration 0013): it reads back as the entry that was sealed (query
+/// and verify agree), no text entry repeats it, and a change to any column
+/// the entry is rebuilt from — the token fingerprint, the connection, the
+/// profile naming actor, purpose and scopes — is named at that entry.
+async fn a_lease_record_is_its_grant_entry_and_a_change_to_it_is_named(backend: Backend) {
+    let Some(tv) = spawn_vault_with(backend, |_| {}).await else {
+        return;
+    };
+    let conn = seed_connection(&tv.vault, "t1", "u1", Integration::Calendar, "ya29.a", None).await;
+    let other = seed_connection(&tv.vault, "t1", "u2", Integration::Calendar, "ya29.b", None).await;
+    let mut leases = tv.leases(As::Worker);
+    let mut granted = Vec::new();
+    for _ in 0..3 {
+        granted.push(
+            leases
+                .lease_token(lease_request(conn.id.as_str()))
+                .await
+                .expect("lease")
+                .into_inner()
+                .lease_id,
+        );
+    }
+    let raw = RawDb::open(&tv).await;
+    assert_eq!(raw.scalar("SELECT COUNT(*) FROM leases").await, 3);
+    assert_eq!(
+        raw.scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'lease.grant'")
+            .await,
+        0,
+        "no text entry repeats a recorded lease's grant"
+    );
+    let grants = tv
+        .vault
+        .store()
+        .audit_query(
+            &tokenvault::store::AuditFilter {
+                action_prefix: Some("lease.grant".into()),
+                ascending: true,
+                ..Default::default()
+            },
+            10,
+        )
+        .await
+        .unwrap();
+    let named: Vec<&str> = grants
+        .iter()
+        .map(|g| g.draft.detail.split(' ').next().unwrap())
+        .collect();
+    let expected: Vec<String> = granted.iter().map(|id| format!("lease={id}")).collect();
+    assert_eq!(named, expected);
+    assert!(grants.iter().all(|g| g.draft.target == conn.id.as_str()
+        && g.draft.actor == As::Worker.identity()
+        && g.draft.outcome == "ok"));
+    assert!(verify(&tv, None, None).await.ok);
+
+    let seqs: Vec<i64> = grants.iter().map(|g| g.seq).collect();
+    let other_key = match backend {
+        Backend::Sqlite => format!("x'{}'", hex::encode(other.id.key())),
+        Backend::Postgres => format!("'{}'::uuid", uuid::Uuid::from_bytes(other.id.key())),
+    };
+    for (seq, edit) in [
+        (seqs[0], "token = token || token".to_owned()),
+        (seqs[1], format!("connection_id = {other_key}")),
+    ] {
+        let (column, _) = edit.split_once(" = ").unwrap();
+        let restore =
+            format!("CREATE TABLE kept AS SELECT {column} AS v FROM leases WHERE seq = {seq}");
+        raw.execute(&restore).await;
+        raw.execute(&format!("UPDATE leases SET {edit} WHERE seq = {seq}"))
+            .await;
+        let report = verify(&tv, None, None).await;
+        assert!(!report.ok, "{edit}: {report:?}");
+        assert_eq!(
+            report.first_broken_seq,
+            Some(seq as u64),
+            "{edit}: {report:?}"
+        );
+        raw.execute(&format!(
+            "UPDATE leases SET {column} = (SELECT v FROM kept) WHERE seq = {seq}"
+        ))
+        .await;
+        raw.execute("DROP TABLE kept").await;
+        assert!(verify(&tv, None, None).await.ok, "{edit} restored");
+    }
+    // The profile names who leased, for which purpose and scopes: a change
+    // to it is a change to every grant of it, named at the first.
+    raw.execute("UPDATE lease_profiles SET purpose = 'email_sync'")
+        .await;
+    let report = verify(&tv, None, None).await;
+    assert_eq!(report.first_broken_seq, Some(seqs[0] as u64), "{report:?}");
+    raw.close().await;
+}
+both_backends!(
+    lease_record_is_its_entry,
+    a_lease_record_is_its_grant_entry_and_a_change_to_it_is_named
+);
+
 async fn a_failing_audit_append_stops_the_operation(backend: Backend) {
     let Some(tv) = spawn_vault_with(backend, |_| {}).await else {
         return;

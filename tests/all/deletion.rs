@@ -465,7 +465,7 @@ async fn receipts_are_listed_and_old_ones_pruned(backend: Backend) {
     assert!(overdue.receipts.is_empty());
 
     // Once acknowledged, it is complete; past retention, it is pruned with
-    // its events (the tombstone stays while the revoked lease's row does).
+    // its events and its tombstone.
     let head = tv.vault.store().event_state().await.unwrap().head;
     assert!(
         head > 1,

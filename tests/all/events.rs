@@ -102,7 +102,11 @@ async fn a_deletion_reaches_watchers_on_another_replica_within_a_second(backend:
         )
     });
     assert_eq!(revoked.kind, pb::EventKind::LeaseRevoked as i32);
-    assert_eq!(revoked.lease_id, lease.lease_id);
+    // It names the connection and the cut-off (every lease of it granted
+    // up to then), not each lease.
+    assert_eq!(revoked.connection_id, conn.id.as_str());
+    assert_eq!(revoked.lease_id, "");
+    assert!(!lease.lease_id.is_empty());
     let deleted = next_event(
         &mut stream,
         deadline.saturating_duration_since(Instant::now()),
@@ -274,6 +278,12 @@ async fn positions_are_durable_and_acks_cumulative(backend: Backend) {
             .await
             .unwrap();
     }
+    // Each disconnect logs LEASE_REVOKED (the connection's cut-off) and
+    // CONNECTION_DELETED; this test follows the deletions.
+    let watch_req = |after: Option<u64>| pb::WatchRequest {
+        kinds: vec![pb::EventKind::ConnectionDeleted as i32],
+        ..watch_req(after)
+    };
     let mut events = tv.events(As::Worker);
     let mut stream = events.watch(watch_req(None)).await.unwrap().into_inner();
     let mut cursors = Vec::new();

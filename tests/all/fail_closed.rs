@@ -161,11 +161,9 @@ async fn a_lease_whose_record_the_database_refuses_is_not_granted(backend: Backe
         .lease_token(calendar_lease(&id))
         .await
         .expect("lease");
-    for step in [
-        ("audit_log", "INSERT", ""),
-        ("audit_head", "UPDATE", ""),
-        ("leases", "INSERT", ""),
-    ] {
+    // A granted lease's record is its grant's audit entry (a row of
+    // `leases`), written with the head's move.
+    for step in [("audit_head", "UPDATE", ""), ("leases", "INSERT", "")] {
         refused_changes_nothing(&raw, step, &[], || leases.lease_token(calendar_lease(&id))).await;
     }
     leases
@@ -173,10 +171,12 @@ async fn a_lease_whose_record_the_database_refuses_is_not_granted(backend: Backe
         .await
         .expect("a lease once the database accepts writes");
     assert_eq!(raw.scalar("SELECT COUNT(*) FROM leases").await, 2);
+    assert_eq!(raw.scalar("SELECT COUNT(*) FROM lease_entries").await, 2);
     assert_eq!(
         raw.scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'lease.grant'")
             .await,
-        2
+        0,
+        "no grant entry besides the two leases' own"
     );
 }
 both_backends!(
@@ -191,7 +191,7 @@ const DELETION_STEPS: [Step; 11] = [
     ("connection_secrets", "DELETE", ""),
     ("connection_deks", "DELETE", ""),
     ("connections", "UPDATE", ""),
-    ("leases", "UPDATE", ""),
+    ("connections", "UPDATE", "NEW.leases_revoked_at IS NOT NULL"),
     ("events", "INSERT", ""),
     ("deletion_receipts", "INSERT", ""),
     ("receipt_connections", "INSERT", ""),
@@ -293,13 +293,14 @@ async fn a_refresh_whose_write_the_database_refuses_keeps_the_old_tokens(backend
     let mut leases = tv.leases(As::Worker);
     // A failed refresh may note its error in the connection's refresh health
     // and audit the refused lease; it may not change the tokens, grant a
-    // lease or record one. With the audit log refused, the refresh itself
-    // succeeds and Google's new token is kept (a refresh is not audited);
-    // only the lease, which must be, is refused.
+    // lease or record one. With the lease's audit entry (its row of
+    // `leases`) refused, the refresh itself succeeds and Google's new token
+    // is kept (a refresh is not audited); only the lease, which must be, is
+    // refused.
     for (table, op) in [
         ("connection_secrets", "UPDATE"),
         ("connections", "UPDATE"),
-        ("audit_log", "INSERT"),
+        ("leases", "INSERT"),
     ] {
         let what = format!("refresh with {op} on {table} refused");
         let refreshes = sim.refresh_calls();
@@ -312,7 +313,7 @@ async fn a_refresh_whose_write_the_database_refuses_keeps_the_old_tokens(backend
             sim.refresh_calls() > refreshes,
             "{what}: the refused write came after a real refresh at Google"
         );
-        if table != "audit_log" {
+        if table != "leases" {
             assert_eq!(raw.secret_row(&id).await.as_ref(), Some(&stored), "{what}");
         }
         assert_eq!(raw.scalar("SELECT COUNT(*) FROM leases").await, 0, "{what}");

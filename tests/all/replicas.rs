@@ -409,64 +409,52 @@ fn lease_named(detail: &str) -> String {
         .to_owned()
 }
 
-/// A lease id from the 16 bytes a lease row stores.
-fn lease_id(key: &[u8]) -> String {
-    tokenvault::domain::LeaseId::from_key(key)
-        .expect("a lease key")
-        .to_string()
-}
-
 /// What the database holds about one connection's leases.
 #[derive(Debug)]
 struct Ledger {
-    /// Lease rows: id → (revoked_at, revoke_reason).
-    rows: BTreeMap<String, (Option<i64>, Option<String>)>,
-    /// Lease ids named by `lease.grant` audit entries, repeats kept.
+    /// Recorded leases (compact rows, each its grant's entry): ids.
+    rows: BTreeSet<String>,
+    /// Lease ids named by `lease.grant` audit entries, repeats kept: the
+    /// recorded leases' and the grants written as text entries because the
+    /// store refused to record their lease.
     grants: Vec<String>,
     /// Lease ids named by `lease.void` audit entries (a grant from a cached
     /// record that the store refused to record).
     voids: Vec<String>,
-    /// Lease ids of the connection's LEASE_REVOKED events.
-    revoked_events: Vec<String>,
+    /// The lease ids of the connection's LEASE_REVOKED events (empty: the
+    /// event names the connection and its cut-off).
+    revoked_events: Vec<Option<String>>,
     /// When the connection was deleted.
     deleted_at: Option<i64>,
+    /// The connection's lease revocation cut-off, and why.
+    revoked: (Option<i64>, Option<String>),
 }
 
 impl Ledger {
     async fn read(db: &sqlx::PgPool, connection: &str) -> Self {
-        let key = tokenvault::domain::ConnectionId::parse(connection)
-            .expect("a connection id")
-            .key();
-        let rows = sqlx::query_as::<_, (Vec<u8>, Option<i64>, Option<String>)>(
-            "SELECT lease_id, revoked_at, revoke_reason FROM leases WHERE connection_id = $1",
+        let details = async |sql: &str| -> Vec<String> {
+            sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql.to_owned()))
+                .bind(connection)
+                .fetch_all(db)
+                .await
+                .expect("read audit entries")
+                .iter()
+                .map(|d| lease_named(d.as_str()))
+                .collect()
+        };
+        let rows = details("SELECT detail FROM lease_entries WHERE target = $1 ORDER BY seq")
+            .await
+            .into_iter()
+            .collect();
+        let grants = details(
+            "SELECT detail FROM audit_log WHERE action = 'lease.grant' AND target = $1 \
+             UNION ALL SELECT detail FROM lease_entries WHERE target = $1",
         )
-        .bind(key.as_slice())
-        .fetch_all(db)
-        .await
-        .expect("read lease rows")
-        .into_iter()
-        .map(|(key, revoked_at, reason)| (lease_id(&key), (revoked_at, reason)))
-        .collect();
-        let grants = sqlx::query_scalar::<_, String>(
-            "SELECT detail FROM audit_log WHERE action = 'lease.grant' AND target = $1 ORDER BY seq",
-        )
-        .bind(connection)
-        .fetch_all(db)
-        .await
-        .expect("read lease.grant entries")
-        .iter()
-        .map(|d| lease_named(d.as_str()))
-        .collect();
-        let voids = sqlx::query_scalar::<_, String>(
+        .await;
+        let voids = details(
             "SELECT detail FROM audit_log WHERE action = 'lease.void' AND target = $1 ORDER BY seq",
         )
-        .bind(connection)
-        .fetch_all(db)
-        .await
-        .expect("read lease.void entries")
-        .iter()
-        .map(|d| lease_named(d.as_str()))
-        .collect();
+        .await;
         let revoked_events = sqlx::query_scalar::<_, Option<String>>(
             "SELECT lease_id FROM events WHERE kind = 'lease_revoked' AND connection_id = $1 \
              ORDER BY cursor",
@@ -474,51 +462,45 @@ impl Ledger {
         .bind(connection)
         .fetch_all(db)
         .await
-        .expect("read LEASE_REVOKED events")
-        .into_iter()
-        .flatten()
-        .collect();
-        let deleted_at = sqlx::query_scalar::<_, Option<i64>>(
-            "SELECT deleted_at FROM connections WHERE connection_id = $1",
-        )
-        .bind(connection)
-        .fetch_one(db)
-        .await
-        .expect("read the connection's tombstone");
+        .expect("read LEASE_REVOKED events");
+        let (deleted_at, revoked_at, reason) =
+            sqlx::query_as::<_, (Option<i64>, Option<i64>, Option<String>)>(
+                "SELECT deleted_at, leases_revoked_at, leases_revoke_reason FROM connections \
+                 WHERE connection_id = $1",
+            )
+            .bind(connection)
+            .fetch_one(db)
+            .await
+            .expect("read the connection's tombstone");
         Self {
             rows,
             grants,
             voids,
             revoked_events,
             deleted_at,
+            revoked: (revoked_at, reason),
         }
     }
 
-    /// Every lease row was ended by the deletion itself — so none was
-    /// recorded after the deletion committed — and announced by a
-    /// LEASE_REVOKED event; each row has exactly one grant entry, and each
-    /// voided grant's lease has no row.
+    /// The deletion revoked the connection's leases (its cut-off is the
+    /// deletion's time) and announced it with one LEASE_REVOKED event naming
+    /// the connection; each recorded lease has exactly one grant entry, and
+    /// each voided grant's lease has no row.
     fn assert_no_lease_outlived_the_deletion(&self) {
         let deleted_at = self.deleted_at.expect("the connection is deleted");
-        for (id, (revoked_at, reason)) in &self.rows {
-            assert_eq!(
-                (*revoked_at, reason.as_deref()),
-                (Some(deleted_at), Some("user_disconnected")),
-                "lease {id} was not ended by the deletion: it was recorded after the deletion \
-                 committed; {self:?}"
-            );
-        }
-        let rows: BTreeSet<&String> = self.rows.keys().collect();
-        let mut announced: Vec<&String> = self.revoked_events.iter().collect();
-        announced.sort();
         assert_eq!(
-            announced,
-            rows.iter().copied().collect::<Vec<_>>(),
-            "one LEASE_REVOKED event per lease row"
+            (self.revoked.0, self.revoked.1.as_deref()),
+            (Some(deleted_at), Some("user_disconnected")),
+            "the deletion is the connection's lease cut-off; {self:?}"
         );
-        for id in &rows {
+        assert_eq!(
+            self.revoked_events,
+            vec![None],
+            "one LEASE_REVOKED event, naming the connection; {self:?}"
+        );
+        for id in &self.rows {
             assert_eq!(
-                self.grants.iter().filter(|g| g == id).count(),
+                self.grants.iter().filter(|g| *g == id).count(),
                 1,
                 "lease {id}: one lease.grant entry; {self:?}"
             );
@@ -531,7 +513,7 @@ impl Ledger {
         );
         for id in &voids {
             assert!(
-                !rows.contains(id) && self.grants.contains(id),
+                !self.rows.contains(*id) && self.grants.contains(id),
                 "voided lease {id} must have a grant entry and no row: {self:?}"
             );
         }
@@ -597,7 +579,7 @@ async fn a_record_cached_on_one_replica_leases_nothing_once_another_deleted_it()
         let ledger = Ledger::read(&db, &id).await;
         ledger.assert_no_lease_outlived_the_deletion();
         assert_eq!(
-            ledger.rows.keys().collect::<BTreeSet<_>>(),
+            ledger.rows.iter().collect::<BTreeSet<_>>(),
             BTreeSet::from([&first.lease_id, &second.lease_id]),
             "only the two leases before the deletion are recorded"
         );
@@ -773,7 +755,7 @@ async fn a_lease_storm_racing_a_disconnect_gets_no_lease_after_it_and_records_ev
         .collect();
     assert_eq!(leased.len(), granted.len(), "lease ids are unique");
     assert_eq!(
-        ledger.rows.keys().collect::<BTreeSet<_>>(),
+        ledger.rows.iter().collect::<BTreeSet<_>>(),
         leased,
         "one lease row per granted lease, and none for a refused one"
     );
@@ -941,7 +923,10 @@ async fn a_deletion_on_one_replica_reaches_watchers_on_the_others_within_a_secon
             ],
             "on {replica}: {events:?}"
         );
-        assert_eq!(events[0].lease_id, lease.lease_id, "on {replica}");
+        // The connection's cut-off, not the lease B holds.
+        assert_eq!(events[0].lease_id, "", "on {replica}");
+        assert_eq!(events[0].connection_id, target, "on {replica}");
+        assert!(!lease.lease_id.is_empty());
         let deleted = &events[1];
         assert_eq!(deleted.receipt_id, receipt.receipt_id, "on {replica}");
         assert_eq!(

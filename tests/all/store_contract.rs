@@ -248,6 +248,28 @@ fn calendar_lease(conn: &tokenvault::store::ConnectionRecord) -> tokenvault::sto
     tokenvault::store::LeaseGrant {
         lease,
         connection_version: conn.updated_at,
+        purpose: "calendar.sync".into(),
+        scopes: "https://www.googleapis.com/auth/calendar.readonly".into(),
+        token: "00112233445566778899aabbccddeeff".into(),
+        entry: 0,
+    }
+}
+
+/// The grant entry the lease path writes for `g`.
+fn grant_draft(g: &tokenvault::store::LeaseGrant) -> tokenvault::store::AuditDraft {
+    tokenvault::store::AuditDraft {
+        at: tokenvault::domain::Timestamp::now(),
+        actor: g.lease.caller.clone(),
+        role: "worker".into(),
+        action: "lease.grant".into(),
+        target: g.lease.connection_id.to_string(),
+        outcome: "ok".into(),
+        detail: tokenvault::store::lease_grant_detail(
+            &g.lease.lease_id,
+            &g.purpose,
+            &g.scopes,
+            &g.token,
+        ),
     }
 }
 
@@ -258,27 +280,20 @@ async fn append_grants(
     v: &Vault,
     leases: &[tokenvault::store::LeaseGrant],
 ) -> (Vec<i64>, Vec<String>) {
-    use tokenvault::domain::Timestamp;
     use tokenvault::store::{AuditDraft, SealedEntry};
-    let drafts: Vec<AuditDraft> = leases
+    let leases: Vec<_> = leases
         .iter()
-        .map(|g| AuditDraft {
-            at: Timestamp::now(),
-            actor: g.lease.caller.clone(),
-            role: "worker".into(),
-            action: "lease.grant".into(),
-            target: g.lease.connection_id.to_string(),
-            outcome: "ok".into(),
-            detail: format!("lease={}", g.lease.lease_id),
-        })
+        .enumerate()
+        .map(|(entry, g)| tokenvault::store::LeaseGrant { entry, ..g.clone() })
         .collect();
+    let drafts: Vec<AuditDraft> = leases.iter().map(grant_draft).collect();
     let sealer = |_: i64, prev: &[u8], _: &AuditDraft| SealedEntry {
         entry_hash: prev.iter().map(|b| b.wrapping_add(1)).collect(),
         mac: vec![0; 32],
         checkpoint: None,
     };
     v.store()
-        .audit_append(&drafts, leases, &sealer)
+        .audit_append(&drafts, &leases, &sealer)
         .await
         .unwrap()
 }
@@ -349,19 +364,10 @@ async fn a_lease_read_before_its_connection_changed_is_not_recorded(backend: Bac
         mac: vec![0; 32],
         checkpoint: None,
     };
-    let draft = AuditDraft {
-        at: Timestamp::now(),
-        actor: "spiffe://test.local/worker".into(),
-        role: "worker".into(),
-        action: "lease.grant".into(),
-        target: before.id.to_string(),
-        outcome: "ok".into(),
-        detail: String::new(),
-    };
     let append = async |grant: &tokenvault::store::LeaseGrant| {
         v.store()
             .audit_append(
-                std::slice::from_ref(&draft),
+                std::slice::from_ref(&grant_draft(grant)),
                 std::slice::from_ref(grant),
                 &sealer,
             )
@@ -394,6 +400,113 @@ async fn a_lease_read_before_its_connection_changed_is_not_recorded(backend: Bac
 both_backends!(
     lease_write_checks_version,
     a_lease_read_before_its_connection_changed_is_not_recorded
+);
+
+/// Leases are revoked by their connection's cut-off, not one by one: a
+/// suspension ends every lease granted before it (read back as revoked,
+/// "suspended", and no longer open), and one granted after the connection
+/// resumed is open; a release ends a lease once; a deletion ends the rest.
+async fn a_suspension_revokes_leases_granted_before_it_and_no_later_one(backend: Backend) {
+    use tokenvault::domain::{DeletionReason, Timestamp};
+    use tokenvault::store::DeletionTarget;
+    let Some(tv) = spawn_vault(backend).await else {
+        return;
+    };
+    let v = &tv.vault;
+    let store = v.store();
+    let conn = seed_connection(v, "acme", "erin", Integration::Calendar, "ya29.e", None).await;
+    let before = calendar_lease(&conn);
+    let (_, recorded) = append_grants(v, std::slice::from_ref(&before)).await;
+    assert_eq!(recorded.len(), 1);
+    let epoch = Timestamp::from_micros(0);
+    let open = || async {
+        store
+            .lease_open_count(Timestamp::now(), epoch, Some(&conn.id))
+            .await
+            .unwrap()
+    };
+    assert_eq!(open().await, 1);
+    let suspended_at = Timestamp::now();
+    store
+        .connections_suspend("sub-acme-erin", true, "test", suspended_at)
+        .await
+        .unwrap();
+    store
+        .connections_suspend("sub-acme-erin", false, "test", Timestamp::now())
+        .await
+        .unwrap();
+    let got = store
+        .lease_get(&before.lease.lease_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.revoked_at, Some(suspended_at));
+    assert_eq!(got.revoke_reason.as_deref(), Some("suspended"));
+    assert_eq!(open().await, 0);
+    assert_eq!(
+        store
+            .lease_release(&before.lease.lease_id, Timestamp::now())
+            .await
+            .unwrap(),
+        Some(suspended_at),
+        "a revoked lease ended when it was revoked"
+    );
+
+    let resumed = store.connection_get(&conn.id).await.unwrap().unwrap();
+    let after = calendar_lease(&resumed);
+    let (_, recorded) = append_grants(v, std::slice::from_ref(&after)).await;
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(
+        store
+            .lease_get(&after.lease.lease_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at,
+        None
+    );
+    assert_eq!(open().await, 1);
+    let released_at = Timestamp::now();
+    assert_eq!(
+        store
+            .lease_release(&after.lease.lease_id, released_at)
+            .await
+            .unwrap(),
+        Some(released_at)
+    );
+    assert_eq!(
+        store
+            .lease_release(&after.lease.lease_id, Timestamp::now())
+            .await
+            .unwrap(),
+        Some(released_at),
+        "released once"
+    );
+    assert_eq!(open().await, 0);
+
+    let last = calendar_lease(&resumed);
+    append_grants(v, std::slice::from_ref(&last)).await;
+    assert_eq!(open().await, 1);
+    v.delete(
+        &Actor::system(),
+        DeletionTarget::Connection(conn.id.clone()),
+        DeletionReason::UserDisconnected,
+        "test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(open().await, 0);
+    let ended = store
+        .lease_get(&last.lease.lease_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ended.revoked_at.is_some());
+    assert_eq!(ended.revoke_reason.as_deref(), Some("user_disconnected"));
+}
+both_backends!(
+    lease_revocation_cut_off,
+    a_suspension_revokes_leases_granted_before_it_and_no_later_one
 );
 
 async fn an_append_concurrent_with_a_failing_one_lands_and_the_chain_verifies(backend: Backend) {
@@ -433,7 +546,7 @@ async fn an_append_concurrent_with_a_failing_one_lands_and_the_chain_verifies(ba
         .unwrap();
     store
         .audit_append(
-            &[draft("first grant")],
+            &[grant_draft(&lease)],
             std::slice::from_ref(&lease),
             &sealer,
         )
@@ -441,7 +554,7 @@ async fn an_append_concurrent_with_a_failing_one_lands_and_the_chain_verifies(ba
         .unwrap();
     // Batch A repeats a lease id, so the database refuses it after it took
     // the cached head; batch B is appended while A is in flight.
-    let a_drafts = [draft("duplicate grant")];
+    let a_drafts = [grant_draft(&lease)];
     let b_drafts = [draft("after the failure")];
     let (a, b) = tokio::join!(
         store.audit_append(&a_drafts, std::slice::from_ref(&lease), &sealer),
@@ -548,51 +661,77 @@ async fn sqlite_wal_starts_over_under_continuous_writes() {
     );
 }
 
-/// Expired lease rows are pruned oldest first, a bounded number per call, by
-/// a range of their time-ordered ids: a lease granted after the bound, or
-/// not yet expired, stays.
+/// A lease's record is its grant's audit entry, so it is pruned with the
+/// archived entries, oldest first and a bounded number per call, but never
+/// before the lease expired past the given bound: a chain's pruning stops at
+/// the first lease still kept, and everything after it stays too.
 async fn expired_leases_are_pruned_oldest_first_in_steps(backend: Backend) {
     use tokenvault::domain::Timestamp;
+    use tokenvault::store::AuditSegment;
     let Some(tv) = spawn_vault(backend).await else {
         return;
     };
     let v = &tv.vault;
     let conn = seed_connection(v, "acme", "alice", Integration::Calendar, "ya29.a", None).await;
+    let past = Timestamp::from_micros(Timestamp::now().as_micros() - 10_000_000);
     let mut leases = Vec::new();
-    for i in 0..6 {
+    for i in 0..7 {
         let mut g = calendar_lease(&conn);
-        // The last one has not expired.
-        if i < 5 {
-            g.lease.expires_at = Timestamp::from_micros(Timestamp::now().as_micros() - 10_000_000);
+        // Lease 5 has not expired; the others have.
+        if i != 5 {
+            g.lease.expires_at = past;
         }
         leases.push(g);
-        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     }
-    let bound = Timestamp::now();
-    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
-    // Granted after the bound, expired: stays.
-    let mut late = calendar_lease(&conn);
-    late.lease.expires_at = Timestamp::from_micros(Timestamp::now().as_micros() - 10_000_000);
-    leases.push(late);
-    let (_, recorded) = append_grants(v, &leases).await;
+    let (seqs, recorded) = append_grants(v, &leases).await;
     assert_eq!(recorded.len(), 7);
+    let store = v.store();
+    let last = *seqs.last().unwrap();
+    let last_hash = store.audit_range(last, last, 1).await.unwrap()[0]
+        .entry_hash
+        .clone();
+    // The whole chain so far is archived.
+    assert!(
+        store
+            .audit_segment_record(&AuditSegment {
+                first_seq: 1,
+                last_seq: last,
+                prev_hash: vec![0; 32],
+                last_hash,
+                file_name: "segment-test.jsonl".into(),
+                file_sha256: vec![0; 32],
+                sealed_at: Timestamp::now(),
+                sealed_by: "test".into(),
+            })
+            .await
+            .unwrap()
+    );
     let present = |i: usize| {
         let id = leases[i].lease.lease_id.clone();
-        async move { v.store().lease_get(&id).await.unwrap().is_some() }
+        async move { store.lease_get(&id).await.unwrap().is_some() }
     };
     let now = Timestamp::now();
-    assert_eq!(v.store().lease_prune(now, bound, 2).await.unwrap(), 2);
-    assert!(!present(0).await && !present(1).await && present(2).await);
-    assert_eq!(v.store().lease_prune(now, bound, 100).await.unwrap(), 3);
-    for i in 2..5 {
+    assert_eq!(store.audit_prune_archived(2, now).await.unwrap(), 2);
+    assert_eq!(store.audit_first_live(0).await.unwrap(), Some(3));
+    let pruned = store.audit_prune_archived(1000, now).await.unwrap();
+    assert_eq!(store.audit_first_live(0).await.unwrap(), Some(seqs[5]));
+    assert_eq!(pruned, u64::try_from(seqs[5] - 3).unwrap());
+    for i in 0..5 {
         assert!(!present(i).await, "lease {i} expired before the bound");
     }
     assert!(present(5).await, "not expired");
-    assert!(present(6).await, "granted after the bound");
-    assert_eq!(v.store().lease_prune(now, bound, 100).await.unwrap(), 0);
+    assert!(present(6).await, "after a lease that is kept");
+    assert_eq!(store.audit_prune_archived(1000, now).await.unwrap(), 0);
+    // Once lease 5 expired past the bound, the rest goes.
+    let later = leases[5]
+        .lease
+        .expires_at
+        .plus(std::time::Duration::from_secs(1));
+    assert_eq!(store.audit_prune_archived(1000, later).await.unwrap(), 2);
+    assert_eq!(store.audit_first_live(0).await.unwrap(), None);
     // The freed space is reusable: SQLite's free list needs nothing; on a
     // PostgreSQL server without autovacuum the store vacuums the table.
-    let reclaimed = v.store().reclaim(&["leases"]).await.unwrap();
+    let reclaimed = store.reclaim(&["leases"]).await.unwrap();
     if backend == Backend::Sqlite {
         assert!(!reclaimed);
     }
@@ -697,14 +836,12 @@ both_backends!(
     bulk_import_round_trips_every_field_and_is_all_or_nothing
 );
 
-/// Migration 0010 rewrites lease rows into the compact form: each lease open
-/// or ended before the upgrade is still found by its id, still counts as
-/// open (or ended) for its connection, and can still be released; a row
-/// whose ids are not `<prefix><uuid>` (none was ever minted so) is not
-/// carried. Migration 0011 stops storing each audit entry's previous hash:
+/// Lease rows written before migrations 0010-0013 are dropped by 0013 (a
+/// lease's record is now its grant's entry): such a lease is not found and
+/// not counted open. Migration 0011 stops storing each audit entry's previous hash:
 /// a chain written before it still verifies after it, and an entry edited
 /// afterwards is still named.
-async fn lease_rows_survive_the_compact_migration(backend: Backend) {
+async fn lease_rows_before_0013_are_dropped_and_old_chains_verify(backend: Backend) {
     use std::time::Duration;
     use tokenvault::crypto::{KeyringProvider, LocalKeyring, MacPurpose};
     use tokenvault::domain::{ConnectionId, LeaseId, Timestamp};
@@ -824,55 +961,23 @@ async fn lease_rows_survive_the_compact_migration(backend: Backend) {
     let store = tokenvault::store::open(&url)
         .await
         .expect("migrate to 0010");
-    let got = store
-        .lease_get(&open)
-        .await
-        .unwrap()
-        .expect("the open lease");
-    assert_eq!(got.connection_id, conn);
-    assert_eq!(got.caller, "spiffe://test.local/worker");
-    assert_eq!(got.expires_at, expires);
-    assert_eq!(got.revoked_at, None);
-    let ended = store
-        .lease_get(&released)
-        .await
-        .unwrap()
-        .expect("the released lease");
-    assert_eq!(ended.revoked_at, Some(now));
-    assert_eq!(ended.revoke_reason.as_deref(), Some("released"));
+    // Migration 0013 makes a lease's record its grant's audit entry; rows
+    // of the old layout cannot become entries and are dropped: such a lease
+    // is not found (it expires on time) and no longer counts as open.
+    for id in [&open, &released] {
+        assert!(store.lease_get(id).await.unwrap().is_none());
+    }
     let epoch = Timestamp::from_micros(0);
     assert_eq!(
         store
             .lease_open_count(Timestamp::now(), epoch, Some(&conn))
             .await
             .unwrap(),
-        1
-    );
-    assert_eq!(
-        store
-            .lease_open_count(Timestamp::now(), epoch, None)
-            .await
-            .unwrap(),
-        1
-    );
-    // Only granted after the bound: the carried lease was minted before it.
-    let later = Timestamp::now().plus(Duration::from_secs(1));
-    assert_eq!(
-        store
-            .lease_open_count(Timestamp::now(), later, None)
-            .await
-            .unwrap(),
         0
     );
-    // A release now ends it.
-    let at = Timestamp::now();
-    assert_eq!(store.lease_release(&open, at).await.unwrap(), Some(at));
     assert_eq!(
-        store
-            .lease_open_count(Timestamp::now(), epoch, None)
-            .await
-            .unwrap(),
-        0
+        store.lease_release(&open, Timestamp::now()).await.unwrap(),
+        None
     );
 
     // The chain reads back with each previous hash, and verifies.
@@ -907,4 +1012,7 @@ async fn lease_rows_survive_the_compact_migration(backend: Backend) {
     assert_eq!(report.first_broken_seq, Some(2), "{report:?}");
     store.close().await;
 }
-both_backends!(compact_migration, lease_rows_survive_the_compact_migration);
+both_backends!(
+    compact_migration,
+    lease_rows_before_0013_are_dropped_and_old_chains_verify
+);

@@ -43,10 +43,13 @@ async fn spawn_limited(backend: Backend) -> Option<TestVault> {
     spawn_limited_with(backend, false).await
 }
 
+/// A watch of the deletions (each disconnect also logs the connection's
+/// LEASE_REVOKED, which carries the same tenant).
 fn watch(consumer: &str, after: Option<u64>) -> pb::WatchRequest {
     pb::WatchRequest {
         consumer: consumer.into(),
         after_cursor: after,
+        kinds: vec![pb::EventKind::ConnectionDeleted as i32],
         ..Default::default()
     }
 }
