@@ -215,6 +215,13 @@ fn the_five_minute_tour_ends_with_a_completed_deletion_receipt() {
     );
     assert!(out.contains("calendar-sync acknowledged"), "{out}");
     assert!(out.contains("connection_deleted"), "{out}");
+    // LEASE_REVOKED names the connection and its cut-off, not each lease.
+    assert!(
+        out.lines().any(|l| l.contains("lease_revoked")
+            && l.contains(&connection)
+            && l.contains("leases granted up to 20")),
+        "{out}"
+    );
     let receipt = field(&out, "receipt_id").to_owned();
     assert_eq!(field(&out, "status"), "complete", "{out}");
 

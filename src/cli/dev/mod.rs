@@ -352,7 +352,8 @@ fn short(name: Option<&str>, prefix: &str, value: i32) -> String {
     }
 }
 
-/// `#7  connection_deleted  conn_…  receipt rcpt_…`.
+/// `#7  connection_deleted  conn_…  receipt rcpt_…`, or `#6  lease_revoked  conn_…
+/// leases granted up to 2026-…Z`.
 fn event_text(e: &pb::WatchResponse) -> String {
     let kind = short(
         pb::EventKind::try_from(e.kind)
@@ -364,6 +365,12 @@ fn event_text(e: &pb::WatchResponse) -> String {
     let mut text = format!("#{:<4} {kind:<20} {}", e.cursor, e.connection_id);
     if !e.lease_id.is_empty() {
         text.push_str(&format!("  lease {}", e.lease_id));
+    } else if e.kind == pb::EventKind::LeaseRevoked as i32 {
+        // The connection's cut-off: every lease of it granted until then.
+        text.push_str(&format!(
+            "  leases granted up to {}",
+            output::ts_text(e.occurred_at.as_ref())
+        ));
     }
     if !e.receipt_id.is_empty() {
         text.push_str(&format!("  receipt {}", e.receipt_id));
