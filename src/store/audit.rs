@@ -166,16 +166,16 @@ pub(in crate::store) fn lease_entries<'b>(
         .collect()
 }
 
-/// For each entry of `batch`, whether it is one of `compact`'s (stored as a
-/// lease's compact row, not as a text entry).
+/// For each entry of `batch`, the index among `compact` of the lease whose
+/// compact row it is stored as (`None`: a text entry).
 pub(in crate::store) fn compacted(
     batch: &SealedBatch<'_>,
     compact: &[LeaseEntry<'_>],
-) -> Vec<bool> {
-    let mut out = vec![false; batch.entries.len()];
-    for l in compact {
+) -> Vec<Option<usize>> {
+    let mut out = vec![None; batch.entries.len()];
+    for (i, l) in compact.iter().enumerate() {
         if let Some(c) = out.get_mut(l.grant.entry) {
-            *c = true;
+            *c = Some(i);
         }
     }
     out

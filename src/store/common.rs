@@ -88,6 +88,17 @@ pub(in crate::store) enum FilterValue {
     Bytes(Vec<u8>),
 }
 
+/// The statuses of a connection whose every lease is revoked: a deletion or
+/// a suspension set its cut-off too.
+pub(in crate::store) const LEASES_REVOKED: [&str; 3] = ["deleted", "revoked_upstream", "suspended"];
+
+/// `status IN (…)` over [`LEASES_REVOKED`], for the connection `column`
+/// names.
+pub(in crate::store) fn leases_revoked_status(column: &str) -> String {
+    let list: Vec<String> = LEASES_REVOKED.iter().map(|s| format!("'{s}'")).collect();
+    format!("{column} IN ({})", list.join(", "))
+}
+
 for_each_backend! {
     common;
 /// A connection kept checked out of the pool for a hot path (the audit
@@ -218,6 +229,19 @@ pub(in crate::store) async fn insert_events(tx: &mut sqlx::Transaction<'static, 
         cursors.push(cursor);
     }
     Ok(cursors)
+}
+
+/// A lease `l` (a row of `leases`) neither released nor revoked at the time
+/// bound as `$at`: no release by then, and no revocation cut-off of its
+/// connection at or after its grant (the partial index on
+/// `leases_revoked_at` finds the few connections revoked since).
+pub(in crate::store) fn lease_not_ended(at: usize) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM lease_releases r WHERE r.seq = l.seq AND r.released_at <= ${at}) \
+         AND NOT EXISTS (SELECT 1 FROM connections cut WHERE cut.leases_revoked_at >= l.at \
+           AND {} = l.connection_id)",
+        connection_uuid("cut.connection_id")
+    )
 }
 
 /// Ends a connection's open leases inside a write transaction: sets its

@@ -296,16 +296,13 @@ pub(in crate::store) async fn connection_details_of(
             ));
             let after_bind = f.binds.len();
             format!(
-                "CASE WHEN c.status IN ('deleted', 'revoked_upstream', 'suspended') \
-                 THEN CAST(0 AS BIGINT) ELSE \
+                "CASE WHEN {} THEN CAST(0 AS BIGINT) ELSE \
                  (SELECT COUNT(*) FROM leases l WHERE l.lease_id >= {} \
-                  AND l.connection_id = {} AND l.expires_at > ${at_bind} \
-                  AND NOT EXISTS (SELECT 1 FROM lease_releases r \
-                    WHERE r.seq = l.seq AND r.released_at <= ${at_bind}) \
-                  AND NOT EXISTS (SELECT 1 FROM connections x \
-                    WHERE x.connection_id = c.connection_id AND x.leases_revoked_at >= l.at)) END",
+                  AND l.connection_id = {} AND l.expires_at > ${at_bind} AND {}) END",
+                leases_revoked_status("c.status"),
                 uuid_param(after_bind),
-                connection_uuid("c.connection_id")
+                connection_uuid("c.connection_id"),
+                lease_not_ended(at_bind)
             )
         }
     };

@@ -46,8 +46,8 @@ pub trait LeaseStore: Send + Sync {
 
     /// One lease, with how it ended if it did: released, or revoked when
     /// its connection's cut-off is at or after its grant or the connection
-    /// is no longer ACTIVE (a lease whose connection row was pruned reads as
-    /// ended at its expiry).
+    /// is deleted, revoked upstream or suspended (a lease whose connection
+    /// row was pruned reads as ended at its expiry).
     async fn lease_get(&self, id: &LeaseId) -> StoreResult<Option<LeaseRecord>>;
 
     /// Ends a lease now unless it already ended; returns when it ended
@@ -98,23 +98,6 @@ pub(in crate::store) static LEASE_LOOKUP: std::sync::LazyLock<String> = std::syn
      LEFT JOIN connection_deks d ON d.connection_id = c.connection_id \
      LEFT JOIN connection_secrets s ON s.connection_id = c.connection_id \
      WHERE c.connection_id {ID_IN_LIST}"
-    )
-});
-
-/// The statuses of a connection whose every lease is revoked: a deletion or
-/// a suspension set its cut-off too.
-pub(in crate::store) const LEASES_REVOKED: [&str; 3] = ["deleted", "revoked_upstream", "suspended"];
-
-/// A lease `l` (a row of `leases`) neither released nor revoked at `$2`: no
-/// release by then, and no revocation cut-off of its connection at or after
-/// its grant (the partial index on `leases_revoked_at` finds the few
-/// connections revoked since).
-pub(in crate::store) static LEASE_NOT_ENDED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "NOT EXISTS (SELECT 1 FROM lease_releases r WHERE r.seq = l.seq AND r.released_at <= $2) \
-         AND NOT EXISTS (SELECT 1 FROM connections c WHERE c.leases_revoked_at >= l.at \
-           AND {} = l.connection_id)",
-        connection_uuid("c.connection_id")
     )
 });
 
@@ -259,7 +242,7 @@ impl LeaseStore for StoreImpl {
             "SELECT COUNT(*) FROM leases l WHERE l.lease_id >= {} AND l.expires_at > $2 \
              AND {}",
             uuid_param(1),
-            *LEASE_NOT_ENDED
+            lease_not_ended(2)
         );
         if connection.is_some() {
             sql.push_str(&format!(" AND l.connection_id = {}", uuid_param(3)));

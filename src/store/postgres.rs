@@ -9,7 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use self::dialect::Db;
 use super::audit::{
-    Appended, LeaseEntry, Profiles, SealedBatch, SealedRow, lease_entries, seal_batch,
+    Appended, LeaseEntry, Profiles, SealedBatch, SealedRow, compacted, lease_entries, seal_batch,
 };
 use super::common::ChainHead;
 use super::common::postgres::{HotConnections, read_audit_head};
@@ -382,12 +382,10 @@ async fn append_batch<'c, E: sqlx::Executor<'c, Database = Db>>(
 ) -> StoreResult<Option<Vec<String>>> {
     let compact = lease_entries(batch, leases, profiles);
     // Each entry's index among the compact leases (-1: a text entry).
-    let mut lease_of = vec![-1_i64; batch.entries.len()];
-    for (i, l) in compact.iter().enumerate() {
-        if let Some(slot) = lease_of.get_mut(l.grant.entry) {
-            *slot = i64::try_from(i).unwrap_or(-1);
-        }
-    }
+    let lease_of: Vec<i64> = compacted(batch, &compact)
+        .into_iter()
+        .map(|i| i.and_then(|i| i64::try_from(i).ok()).unwrap_or(-1))
+        .collect();
     let e = &batch.entries;
     let k = &batch.checkpoints;
     let text = |f: fn(&AuditDraft) -> &str| e.iter().map(|r| f(r.draft)).collect::<Vec<_>>();

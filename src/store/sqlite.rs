@@ -483,7 +483,7 @@ fn entry_rows(batch: &SealedBatch<'_>, compact: &[LeaseEntry<'_>]) -> StoreResul
         .entries
         .iter()
         .zip(compacted)
-        .filter(|(_, compacted)| !compacted)
+        .filter(|(_, lease)| lease.is_none())
         .map(|(e, _)| {
             let d = e.draft;
             (

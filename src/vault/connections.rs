@@ -187,22 +187,8 @@ impl Vault {
         count_leases: bool,
     ) -> Result<Vec<crate::store::ConnectionDetailRecord>, VaultError> {
         self.store()
-            .connection_details(filter, page, self.lease_window(count_leases))
+            .connection_details(filter, page, count_leases.then(|| self.open_lease_window()))
             .await
-    }
-
-    /// The window [`Vault::connection_details`] counts open leases in: now,
-    /// and the earliest grant still open (none: not counted).
-    fn lease_window(&self, count_leases: bool) -> Option<(Timestamp, Timestamp)> {
-        let now = Timestamp::now();
-        count_leases.then(|| {
-            (
-                now,
-                now.minus(std::time::Duration::from_secs(
-                    self.settings.lease.max_ttl_seconds,
-                )),
-            )
-        })
     }
 
     /// One connection by id, tombstones included, with what an
@@ -213,7 +199,7 @@ impl Vault {
         count_leases: bool,
     ) -> Result<crate::store::ConnectionDetailRecord, VaultError> {
         self.store()
-            .connection_detail(id, self.lease_window(count_leases))
+            .connection_detail(id, count_leases.then(|| self.open_lease_window()))
             .await?
             .ok_or_else(|| VaultError::not_found("connection", id))
     }

@@ -373,6 +373,14 @@ impl Vault {
         self.keys.check_health().await
     }
 
+    /// The window open leases are counted in: now, and the earliest grant
+    /// that can still be open (no lease outlives `lease.max_ttl_seconds`).
+    pub(crate) fn open_lease_window(&self) -> (crate::domain::Timestamp, crate::domain::Timestamp) {
+        let now = crate::domain::Timestamp::now();
+        let ttl = std::time::Duration::from_secs(self.settings.lease.max_ttl_seconds);
+        (now, now.minus(ttl))
+    }
+
     /// Periodic housekeeping: deletes OAuth states that expired, counts open
     /// leases, and prunes what outlived its retention.
     pub async fn maintenance(&self) -> Result<(), VaultError> {
@@ -386,12 +394,8 @@ impl Vault {
         let before = now.minus(retention);
         // A lease's record is its grant's audit entry: the archiver prunes
         // it (`audit_archive_pass`), once archived and past its retention.
-        let lease = &self.settings.lease;
-        let secs = std::time::Duration::from_secs;
-        let open = self
-            .store
-            .lease_open_count(now, now.minus(secs(lease.max_ttl_seconds)), None)
-            .await?;
+        let (at, granted_after) = self.open_lease_window();
+        let open = self.store.lease_open_count(at, granted_after, None).await?;
         metrics::gauge!("tokenvault_open_leases").set(open as f64);
         let mut consumers: Vec<String> = self
             .settings
